@@ -1,0 +1,223 @@
+//! Map keys and values shared by the eBPF programs and the daemon.
+//!
+//! Every type here is `#[repr(C)]`, has explicit padding and is the only
+//! definition of its layout. Conventions:
+//! - addresses are [`Addr`]: IPv6, IPv4 as IPv4-mapped (`::ffff:a.b.c.d`),
+//!   each word as it sits in the packet (network byte order);
+//! - ports are in network byte order, as read from the packet.
+#![no_std]
+
+/// An IPv6 address as four words in network byte order; IPv4 is mapped.
+pub type Addr = [u32; 4];
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// The IPv4-mapped form of an IPv4 address given in network byte order.
+#[inline(always)]
+pub const fn addr_from_ipv4_be(v4: u32) -> Addr {
+    [0, 0, u32::from_be(0x0000_ffff), v4]
+}
+
+/// The IPv4 address (network byte order) if `addr` is IPv4-mapped.
+#[inline(always)]
+pub const fn addr_ipv4_be(addr: &Addr) -> Option<u32> {
+    if addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_be(0x0000_ffff) {
+        Some(addr[3])
+    } else {
+        None
+    }
+}
+
+/// The all-zero address: a wildcard bind in [`RuleKey`].
+pub const ADDR_ANY: Addr = [0; 4];
+
+/// Most rules the kernel tables hold.
+pub const MAX_RULES: u32 = 4096;
+/// Most backends one rule may have; `BACKENDS` is indexed
+/// `rule_id * MAX_BACKENDS_PER_RULE + n`.
+pub const MAX_BACKENDS_PER_RULE: u32 = 16;
+
+/// Which rule a packet's destination matches. Looked up with the exact bind
+/// address first, then with [`ADDR_ANY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RuleKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// The rule must not be taken by the kernel path: its flows go to the relay.
+pub const RULE_F_RELAY: u32 = 1 << 0;
+/// DNAT only: the client's address is kept, replies must route back via us.
+pub const RULE_F_PRESERVE_CLIENT_IP: u32 = 1 << 1;
+/// Established flows may be carried by XDP.
+pub const RULE_F_XDP: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleValue {
+    /// Index into per-rule arrays (backends, counters); below [`MAX_RULES`].
+    pub rule_id: u32,
+    /// `RULE_F_*`.
+    pub flags: u32,
+    /// Backends in use at `BACKENDS[rule_id * MAX_BACKENDS_PER_RULE ..][..backend_count]`.
+    pub backend_count: u32,
+    /// Sum of the weights of the healthy backends; 0 means none can be picked.
+    pub total_weight: u32,
+}
+
+/// The backend may be picked.
+pub const BACKEND_F_HEALTHY: u32 = 1 << 0;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    pub addr: Addr,
+    /// The source address the forwarder uses toward this backend (SNAT).
+    /// Filled by the daemon from the routing table.
+    pub snat_addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub weight: u16,
+    /// `BACKEND_F_*`.
+    pub flags: u32,
+}
+
+/// One direction of a flow, as seen on the wire at ingress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The key of packets flowing the other way.
+    #[inline(always)]
+    pub const fn reversed(&self) -> CtKey {
+        CtKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REVERSE: u8 = 1;
+
+pub const CT_STATE_NEW: u8 = 0;
+pub const CT_STATE_ESTABLISHED: u8 = 1;
+pub const CT_STATE_CLOSING: u8 = 2;
+
+/// What to rewrite a packet matching a [`CtKey`] to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub new_src: Addr,
+    pub new_dst: Addr,
+    /// Network byte order.
+    pub new_sport: u16,
+    /// Network byte order.
+    pub new_dport: u16,
+    pub rule_id: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last packet either way.
+    pub last_seen_ns: u64,
+    /// `CT_DIR_*`.
+    pub direction: u8,
+    /// `CT_STATE_*`.
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Packets and bytes each program saw on one interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IfaceCounters {
+    pub xdp_packets: u64,
+    pub xdp_bytes: u64,
+    pub tc_packets: u64,
+    pub tc_bytes: u64,
+}
+
+/// Per-rule counters of the kernel path (per CPU, indexed by rule id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RuleCounters {
+    /// Client to backend.
+    pub packets_fwd: u64,
+    pub bytes_fwd: u64,
+    /// Backend to client.
+    pub packets_rev: u64,
+    pub bytes_rev: u64,
+    /// Flows the kernel path created.
+    pub flows: u64,
+    /// Packets of these that XDP carried (the rest went through TC).
+    pub xdp_packets: u64,
+    /// New flows left to the relay because a table was full.
+    pub fallback_full: u64,
+    /// New flows left to the relay for any other reason.
+    pub fallback_other: u64,
+}
+
+/// Global settings, the single entry of the `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// SNAT source ports, host byte order, inclusive.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Ports tried after the random start before giving up.
+    pub snat_probe_limit: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for RuleValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for IfaceCounters {}
+    unsafe impl aya::Pod for RuleCounters {}
+    unsafe impl aya::Pod for Settings {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<RuleKey>(), 20);
+        assert_eq!(size_of::<RuleValue>(), 16);
+        assert_eq!(size_of::<Backend>(), 40);
+        assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<CtValue>(), 56);
+        assert_eq!(size_of::<Settings>(), 8);
+    }
+
+    #[test]
+    fn ipv4_mapping_round_trips() {
+        let be = u32::from_ne_bytes([192, 0, 2, 7]);
+        let a = addr_from_ipv4_be(be);
+        assert_eq!(addr_ipv4_be(&a), Some(be));
+        assert_eq!(addr_ipv4_be(&ADDR_ANY), None);
+    }
+}

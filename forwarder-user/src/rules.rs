@@ -1,0 +1,162 @@
+//! The compiled rule table: what the relay and the kernel path consume.
+//!
+//! `config` turns a rule file into a [`Compiled`]; nothing else builds one.
+//! It is plain data so that both paths, `check` and the tests share it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use forwarder_common::{Backend, RuleKey, RuleValue};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number, as in the kernel maps.
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => forwarder_common::PROTO_TCP,
+            Protocol::Udp => forwarder_common::PROTO_UDP,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which path carries a rule's flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PathMode {
+    /// The kernel path where it can, the relay for the rest.
+    #[default]
+    Auto,
+    /// Same as auto, but a failure to load BPF is an error, not a fallback.
+    Kernel,
+    /// The relay only.
+    Relay,
+}
+
+impl PathMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathMode::Auto => "auto",
+            PathMode::Kernel => "kernel",
+            PathMode::Relay => "relay",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A UDP session with no datagram either way for this long ends.
+    pub udp_idle: Duration,
+    /// An established TCP flow with no traffic for this long ends.
+    pub tcp_established: Duration,
+    /// A TCP flow that saw FIN or RST is forgotten after this long.
+    pub tcp_close: Duration,
+    /// How long the relay waits for a backend's TCP handshake.
+    pub connect: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            udp_idle: Duration::from_secs(120),
+            tcp_established: Duration::from_secs(7200),
+            tcp_close: Duration::from_secs(10),
+            connect: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    /// 1..=65535; a rule with one backend has weight 1.
+    pub weight: u16,
+}
+
+/// One listening socket of the relay: one alias on one protocol.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listener {
+    /// Index into per-rule tables on both paths; below `MAX_RULES`.
+    pub rule_id: u32,
+    pub alias: String,
+    pub protocol: Protocol,
+    /// The address to listen on. `[::]` means every address, IPv4 and IPv6.
+    /// The port is never 0: ports picked at start are already filled in.
+    pub bind: SocketAddr,
+    pub backends: Vec<BackendSpec>,
+    pub timeouts: Timeouts,
+    pub path: PathMode,
+    /// DNAT only on the kernel path; the relay cannot keep the client's address.
+    pub preserve_client_ip: bool,
+}
+
+/// Daemon-wide settings of the relay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelaySettings {
+    /// UDP sessions a listener holds at most; new clients beyond are refused.
+    pub max_udp_sessions: usize,
+    /// How long live flows may finish after SIGTERM before they are closed.
+    pub drain_timeout: Duration,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        RelaySettings {
+            max_udp_sessions: 65536,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Daemon-wide settings of the kernel path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelSettings {
+    /// Entries of the conntrack map (each flow takes two).
+    pub conntrack_size: u32,
+    /// SNAT source ports, inclusive, reserved from local sockets while running.
+    pub snat_ports: (u16, u16),
+}
+
+impl Default for KernelSettings {
+    fn default() -> Self {
+        KernelSettings {
+            conntrack_size: 262_144,
+            snat_ports: (40000, 59999),
+        }
+    }
+}
+
+/// Entries for the kernel maps, in the layouts of `forwarder-common`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KernelTable {
+    pub rules: Vec<(RuleKey, RuleValue)>,
+    /// `(index into BACKENDS, entry)`; `snat_addr` is left zero for the
+    /// daemon to fill from the routing table.
+    pub backends: Vec<(u32, Backend)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Compiled {
+    /// Where the kernel path attaches; `None` means every up, non-loopback interface.
+    pub interfaces: Option<Vec<String>>,
+    pub listeners: Vec<Listener>,
+    pub kernel: KernelTable,
+    pub relay: RelaySettings,
+    pub kernel_settings: KernelSettings,
+}
