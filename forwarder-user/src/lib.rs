@@ -1,2 +1,5 @@
 //! The forwarder daemon as a library, so that its parts can be tested.
+pub mod config;
+pub mod kernel;
+pub mod relay;
 pub mod rules;

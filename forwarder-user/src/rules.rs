@@ -160,3 +160,19 @@ pub struct Compiled {
     pub relay: RelaySettings,
     pub kernel_settings: KernelSettings,
 }
+
+/// Told of the flows the relay owns, so that the kernel path leaves them
+/// alone for their whole life (a flow never switches paths mid-stream).
+/// `client` is the peer's address, `local` the address and port it sent to.
+pub trait FlowObserver: Send + Sync {
+    fn relay_flow_started(&self, protocol: Protocol, client: SocketAddr, local: SocketAddr);
+    fn relay_flow_ended(&self, protocol: Protocol, client: SocketAddr, local: SocketAddr);
+}
+
+/// The observer when there is no kernel path.
+pub struct NoKernelPath;
+
+impl FlowObserver for NoKernelPath {
+    fn relay_flow_started(&self, _: Protocol, _: SocketAddr, _: SocketAddr) {}
+    fn relay_flow_ended(&self, _: Protocol, _: SocketAddr, _: SocketAddr) {}
+}

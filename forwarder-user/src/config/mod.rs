@@ -1,0 +1,1 @@
+//! The rule file: parsing, validation, compilation into [`crate::rules::Compiled`].

@@ -1,0 +1,1 @@
+//! The kernel path, userspace side: loading, attaching and feeding the BPF programs.

@@ -1,0 +1,1 @@
+//! The relay path: userspace TCP and UDP forwarding for every rule.

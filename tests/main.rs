@@ -1,0 +1,7 @@
+//! Integration tests: real sockets on loopback, and network namespaces
+//! with real traffic (those need root).
+mod common;
+
+mod daemon;
+mod kernel_path;
+mod relay;
