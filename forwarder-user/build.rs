@@ -11,9 +11,7 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let object = std::env::var_os("FORWARDER_EBPF_OBJ")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            manifest.join("../target/ebpf/bpfel-unknown-none/release/forwarder")
-        });
+        .unwrap_or_else(|| manifest.join("../target/ebpf/bpfel-unknown-none/release/forwarder"));
     println!("cargo::rerun-if-changed={}", object.display());
     if object.is_file() {
         let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("forwarder.bpf.o");

@@ -1,5 +1,6 @@
 //! The forwarder daemon as a library, so that its parts can be tested.
 pub mod config;
+pub mod control;
 pub mod kernel;
 pub mod relay;
 pub mod rules;

@@ -215,8 +215,20 @@ impl Topology {
         let backend = Netns::new("backend");
         let client_link = veth(&forwarder, &client, 1);
         let backend_link = veth(&forwarder, &backend, 2);
-        client.ip(&["route", "add", "default", "via", &client_link.a_addr.to_string()]);
-        backend.ip(&["route", "add", "default", "via", &backend_link.a_addr.to_string()]);
+        client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &client_link.a_addr.to_string(),
+        ]);
+        backend.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &backend_link.a_addr.to_string(),
+        ]);
         Topology {
             client,
             forwarder,

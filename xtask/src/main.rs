@@ -1,1 +1,69 @@
-fn main() {}
+//! `cargo xtask`: set up the toolchain, build, run, test and bench forwarder.
+mod build;
+mod cmd;
+mod setup;
+mod test;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, run and test forwarder")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what this machine lacks: Debian's Rust with library source
+    /// (for the eBPF target), bpf-linker, and the test tools. Idempotent.
+    Setup,
+    /// Build the eBPF object, then the daemon that embeds it (release).
+    Build,
+    /// Build, then run the daemon as root on config/forwarder.yaml.
+    Run {
+        /// Rule file.
+        #[arg(short, long, default_value = "config/forwarder.yaml")]
+        config: PathBuf,
+        /// Further arguments for `forwarder run`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// fmt, clippy, unit tests, then the root-only integration tests.
+    Test {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::run(),
+        Command::Build => {
+            setup::run()?;
+            build::daemon()?;
+            Ok(())
+        }
+        Command::Run { config, args } => {
+            setup::run()?;
+            let bin = build::daemon()?;
+            build::exec_daemon(&bin, &config, &args)
+        }
+        Command::Test { filter } => {
+            setup::run()?;
+            test::run(filter.as_deref())
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+        .to_path_buf()
+}
