@@ -66,7 +66,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         &mut tally,
     );
     println!(
-        "\nxtask test: {} passed, {} failed, {} skipped",
+        "\ntests: {} passed, {} failed, {} skipped",
         tally.passed, tally.failed, tally.ignored
     );
     unit?;
