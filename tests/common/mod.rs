@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 mod netns;
+#[allow(unused_imports)]
 pub use netns::*;
 
 /// Path of the `forwarder` binary built for these tests.
