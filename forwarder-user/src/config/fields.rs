@@ -204,7 +204,15 @@ impl Ctx<'_> {
 
 /// The fields of one route, or `None` when any is wrong (errors recorded)
 /// or when the route is not a stream (warning recorded).
-pub(crate) fn route(raw: &RawRoute, defaults: &Timeouts, diag: &mut Diag) -> Option<RouteSpec> {
+///
+/// The targets of a route that fails are added to `unchecked`, so that
+/// hostnames that do not resolve are reported with the other mistakes.
+pub(crate) fn route(
+    raw: &RawRoute,
+    defaults: &Timeouts,
+    diag: &mut Diag,
+    unchecked: &mut Vec<(String, TargetSpec)>,
+) -> Option<RouteSpec> {
     let mut cx = Ctx {
         alias: &raw.alias,
         diag,
@@ -318,10 +326,11 @@ pub(crate) fn route(raw: &RawRoute, defaults: &Timeouts, diag: &mut Diag) -> Opt
                 }
                 None => Some(HostSpec::Ip(IpAddr::from([127, 0, 0, 1]))),
             };
-            if let (Some(host), Some(target)) = (spec, port_spec.and_then(|p| p.target)) {
+            if let Some(host) = spec {
                 targets.push(TargetSpec {
                     host,
-                    port: target,
+                    // 0 only when `port` is wrong, and then the route is dropped.
+                    port: port_spec.and_then(|p| p.target).unwrap_or(0),
                     weight: 1,
                     pos: h.map_or_else(|| raw.pos.clone(), |n| n.pos.clone()),
                     field: "host",
@@ -398,6 +407,7 @@ pub(crate) fn route(raw: &RawRoute, defaults: &Timeouts, diag: &mut Diag) -> Opt
     }
 
     if !cx.ok {
+        unchecked.extend(targets.into_iter().map(|t| (raw.alias.clone(), t)));
         return None;
     }
     let port_spec = port_spec?;
@@ -776,6 +786,10 @@ fn parse_healthcheck(cx: &mut Ctx<'_>, node: &Node) -> Option<HealthCheck> {
             cx.error(&field, e);
             ok = false;
         }
+    }
+    if timeout_pos.is_none() {
+        // Left out, the timeout follows a short interval down.
+        h.timeout = h.timeout.min(h.interval);
     }
     if ok && h.timeout > h.interval {
         cx.error(

@@ -105,11 +105,12 @@ fn load_with(
     let raw = source::read(text, file, base, env, &mut diag);
     let globals = settings::globals(&raw, &mut diag);
     let raw_routes = validate::unique_aliases(raw.routes, &mut diag);
+    let mut unchecked = Vec::new();
     let specs: Vec<fields::RouteSpec> = raw_routes
         .iter()
-        .filter_map(|r| fields::route(r, &globals.timeouts, &mut diag))
+        .filter_map(|r| fields::route(r, &globals.timeouts, &mut diag, &mut unchecked))
         .collect();
-    let targets = resolve::hosts(&specs, env, &mut diag);
+    let targets = resolve::hosts(&specs, &unchecked, env, &mut diag);
     validate::routes(&specs, &targets, &globals, &mut diag);
     if diag.has_errors() {
         return Err(diag.into_errors());

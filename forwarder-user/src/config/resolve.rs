@@ -9,75 +9,88 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use super::compile::Route;
 use super::env::Env;
 use super::errors::{ConfigError, Diag, quoted};
-use super::fields::RouteSpec;
+use super::fields::{RouteSpec, TargetSpec};
 use super::values::HostSpec;
 use crate::rules::{BackendSpec, Protocol};
 
+type Cache = HashMap<String, Result<IpAddr, String>>;
+
 /// Each route's targets as addresses; `None` for a route with a target that
-/// did not resolve (the error is recorded).
+/// did not resolve (the error is recorded). The `unchecked` targets, of
+/// routes that failed otherwise, are resolved only to report them.
 pub(crate) fn hosts(
     specs: &[RouteSpec],
+    unchecked: &[(String, TargetSpec)],
     env: &dyn Env,
     diag: &mut Diag,
 ) -> Vec<Option<Vec<BackendSpec>>> {
-    let mut cache: HashMap<String, Result<IpAddr, String>> = HashMap::new();
+    let mut cache = Cache::new();
+    for (alias, t) in unchecked {
+        resolve(alias, t, &mut cache, env, diag);
+    }
     specs
         .iter()
         .map(|spec| {
-            let mut out = Vec::with_capacity(spec.targets.len());
-            let mut ok = true;
-            for t in &spec.targets {
-                let ip = match &t.host {
-                    HostSpec::Ip(ip) => *ip,
-                    HostSpec::Name(name) => {
-                        let answer = cache
-                            .entry(name.clone())
-                            .or_insert_with(|| match env.resolve(name) {
-                                Ok(addrs) => {
-                                    pick_address(&addrs).ok_or_else(|| "no addresses".to_owned())
-                                }
-                                Err(e) => Err(e.to_string()),
-                            })
-                            .clone();
-                        match answer {
-                            Ok(ip) => ip,
-                            Err(why) => {
-                                diag.error(
-                                    ConfigError::new(
-                                        &t.pos,
-                                        format!("{}, which does not resolve ({why})", quoted(name)),
-                                        "a hostname that resolves now, or an IP address",
-                                    )
-                                    .alias(Some(&spec.alias))
-                                    .field(t.field),
-                                );
-                                ok = false;
-                                continue;
-                            }
-                        }
-                    }
-                };
-                if let Some(why) = unusable_target(ip) {
+            let resolved: Vec<Option<BackendSpec>> = spec
+                .targets
+                .iter()
+                .map(|t| resolve(&spec.alias, t, &mut cache, env, diag))
+                .collect();
+            resolved.into_iter().collect()
+        })
+        .collect()
+}
+
+fn resolve(
+    alias: &str,
+    t: &TargetSpec,
+    cache: &mut Cache,
+    env: &dyn Env,
+    diag: &mut Diag,
+) -> Option<BackendSpec> {
+    let ip = match &t.host {
+        HostSpec::Ip(ip) => *ip,
+        HostSpec::Name(name) => {
+            let answer = cache
+                .entry(name.clone())
+                .or_insert_with(|| match env.resolve(name) {
+                    Ok(addrs) => pick_address(&addrs).ok_or_else(|| "no addresses".to_owned()),
+                    Err(e) => Err(e.to_string()),
+                })
+                .clone();
+            match answer {
+                Ok(ip) => ip,
+                Err(why) => {
                     diag.error(
                         ConfigError::new(
                             &t.pos,
-                            format!("{} ({why})", quoted(&ip.to_string())),
-                            "a unicast address to connect to",
+                            format!("{}, which does not resolve ({why})", quoted(name)),
+                            "a hostname that resolves now, or an IP address",
                         )
-                        .alias(Some(&spec.alias))
+                        .alias(Some(alias))
                         .field(t.field),
                     );
-                    ok = false;
-                    continue;
+                    return None;
                 }
-                out.push(BackendSpec {
-                    addr: SocketAddr::new(ip, t.port),
-                    weight: t.weight,
-                });
             }
-            ok.then_some(out)
-        })
-        .collect()
+        }
+    };
+    if let Some(why) = unusable_target(ip) {
+        diag.error(
+            ConfigError::new(
+                &t.pos,
+                format!("{} ({why})", quoted(&ip.to_string())),
+                "a unicast address to connect to",
+            )
+            .alias(Some(alias))
+            .field(t.field),
+        );
+        return None;
+    }
+    Some(BackendSpec {
+        addr: SocketAddr::new(ip, t.port),
+        weight: t.weight,
+    })
 }
 
 /// The first IPv4 address if any (the kernel path starts with IPv4), else
@@ -132,7 +145,7 @@ pub(crate) fn pick_ports(
                 for p in &route.protocols {
                     claimed.insert((port, *p));
                 }
-                tracing::info!(alias = %route.alias, port, "picked listen port {port} for alias `{}`", route.alias);
+                tracing::info!("alias `{}`: picked listen port {port}", route.alias);
             }
             Err(why) => diag.error(
                 ConfigError::new(

@@ -84,11 +84,12 @@ pub fn integer(node: &Node, min: u64, max: u64) -> Result<u64, ConfigError> {
     }
 }
 
-fn port_number(part: &str) -> Option<u32> {
-    if part.is_empty() || part.len() > 6 || !part.bytes().all(|b| b.is_ascii_digit()) {
+/// Digits as a number (saturating, so that long ones are out of range).
+fn port_number(part: &str) -> Option<u64> {
+    if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    part.parse().ok()
+    Some(part.parse().unwrap_or(u64::MAX))
 }
 
 /// `listen:target`, `target` (listen 0) or `:target`; `listen:` when

@@ -228,6 +228,22 @@ const FORMS: &[(&str, &str, &[&str])] = &[
         &["0 app tcp [::]:3002 -> 10.0.0.1:80 auto"],
     ),
     (
+        "labels: inline YAML for every alias (`proxy.*: |`)",
+        "labels:
+  proxy.aliases: p, q
+  proxy.*: |
+    scheme: udp
+    host: 10.0.0.1
+  proxy.p.port: 3100:1
+  proxy.q.port: 3101:1
+  proxy.q.scheme: tcp
+",
+        &[
+            "0 p udp [::]:3100 -> 10.0.0.1:1 auto",
+            "1 q tcp [::]:3101 -> 10.0.0.1:1 auto",
+        ],
+    ),
+    (
         "labels: Docker's list form (key=value)",
         "labels:
   - proxy.aliases=dns

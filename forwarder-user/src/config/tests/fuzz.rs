@@ -54,7 +54,6 @@ labels:
   proxy.schemes: ', udp'
   proxy.game.timeouts: |
     udp_idle: 1m
-include: [godoxy-routes.yml]
 relay: {max_udp_sessions: 10, drain_timeout: 1s}
 kernel: {conntrack_size: 1024, snat_ports: 40000-59999}
 interfaces: [eth0]
