@@ -225,8 +225,13 @@ pub(crate) fn route(
             return None;
         }
     };
+    let entries = map.entries().unwrap_or_default();
+    if let Some(why) = web_route(entries, &raw.pos) {
+        cx.warn(&why.0, "scheme", why.1);
+        return None;
+    }
     let mut get: [Option<&Node>; 11] = [None; 11];
-    for (k, v) in map.entries().unwrap_or_default() {
+    for (k, v) in entries {
         let name = k.key_text();
         if let Some(i) = FIELDS.iter().position(|f| *f == name) {
             get[i] = Some(v);
@@ -262,33 +267,15 @@ pub(crate) fn route(
     let protocols = match scheme {
         Some(node) => match parse_scheme(node) {
             Ok(Scheme::Stream(p)) => Some(p),
-            Ok(Scheme::Http(s)) => {
-                cx.warn(
-                    &node.pos,
-                    "scheme",
-                    format!("scheme `{s}` is Godoxy's web proxy; forwarder carries tcp and udp only, so the route is skipped"),
-                );
-                return None;
-            }
+            Ok(Scheme::Http(_)) => None, // `web_route` took these
             Err(e) => {
                 cx.error("scheme", e);
                 None
             }
         },
-        // Godoxy: no scheme and a listen port means tcp; no listen port
-        // means http, which is not ours.
-        None => match (port, port_spec) {
-            (Some(_), Some(spec)) if spec.listen != 0 => Some(vec![Protocol::Tcp]),
-            (Some(_), None) => None,
-            _ => {
-                cx.warn(
-                    &raw.pos,
-                    "scheme",
-                    "no `scheme` and no listen port: Godoxy takes this for an http route; skipped (set `scheme: tcp` or `udp`)".into(),
-                );
-                return None;
-            }
-        },
+        // Godoxy: no scheme and a listen port means tcp (`web_route` took
+        // the routes without a listen port).
+        None => Some(vec![Protocol::Tcp]),
     };
 
     if port.is_none() {
@@ -430,6 +417,37 @@ pub(crate) fn route(
         acl: acl_value?,
         proxy_protocol: proxy_protocol_value?,
     })
+}
+
+/// Why a route is one of Godoxy's web routes, which forwarder skips
+/// without looking at its other fields: an http-like `scheme`, or no
+/// scheme and no listen port (Godoxy then takes it for http).
+fn web_route(entries: &[(Node, Node)], alias_pos: &Pos) -> Option<(Pos, String)> {
+    let field = |name: &str| entries.iter().find(|(k, _)| k.key_text() == name);
+    match field("scheme") {
+        Some((_, node)) => match parse_scheme(node) {
+            Ok(Scheme::Http(s)) => Some((
+                node.pos.clone(),
+                format!(
+                    "scheme `{s}` is Godoxy's web proxy; forwarder carries tcp and udp only, so the route is skipped"
+                ),
+            )),
+            _ => None,
+        },
+        None => {
+            let listen = match field("port") {
+                None => Some(0),
+                Some((_, p)) => values::port(p, true).ok().map(|spec| spec.listen),
+            };
+            (listen == Some(0)).then(|| {
+                (
+                    alias_pos.clone(),
+                    "no `scheme` and no listen port: Godoxy takes this for an http route; skipped (set `scheme: tcp` or `udp`)"
+                        .into(),
+                )
+            })
+        }
+    }
 }
 
 enum Scheme {

@@ -446,6 +446,7 @@ fn godoxy_fields_and_http_routes_are_skipped_with_warnings() {
     scheme: https
     host: 10.0.0.1
     port: 443
+    some_new_godoxy_field: x   # web routes are skipped unread
   site:
     host: 10.0.0.1
     port: 80
@@ -464,12 +465,12 @@ labels:
     );
     let want = [
         "test.yaml:3:13: alias `web`, field `scheme`: scheme `https` is Godoxy's web proxy",
-        "test.yaml:6:3: alias `site`, field `scheme`: no `scheme` and no listen port",
-        "test.yaml:13:5: alias `ssh`, field `homepage`: a Godoxy field that does not apply",
-        "test.yaml:14:5: alias `ssh`, field `middlewares`: a Godoxy field",
-        "test.yaml:18:3: `proxy.idle_timeout`: a Godoxy container setting",
-        "test.yaml:19:3: `com.docker.compose.project`: not a `proxy.` label",
-        "test.yaml:17:19: alias `x`, field `scheme`: scheme `fileserver`",
+        "test.yaml:7:3: alias `site`, field `scheme`: no `scheme` and no listen port",
+        "test.yaml:14:5: alias `ssh`, field `homepage`: a Godoxy field that does not apply",
+        "test.yaml:15:5: alias `ssh`, field `middlewares`: a Godoxy field",
+        "test.yaml:19:3: `proxy.idle_timeout`: a Godoxy container setting",
+        "test.yaml:20:3: `com.docker.compose.project`: not a `proxy.` label",
+        "test.yaml:18:19: alias `x`, field `scheme`: scheme `fileserver`",
     ];
     assert_eq!(w.len(), want.len(), "{w:#?}");
     for prefix in want {
