@@ -171,6 +171,28 @@ pub struct RuleCounters {
     pub fallback_full: u64,
     /// New flows left to the relay for any other reason.
     pub fallback_other: u64,
+    /// Packets of kernel flows dropped: no route any more, too big for the
+    /// egress MTU, TTL expired.
+    pub dropped: u64,
+}
+
+/// Who entered a flow in `RELAY_FLOWS`.
+pub const RELAY_OWNER_RELAY: u8 = 0;
+/// The kernel path fell back (table full, fragment, ...) and entered the
+/// flow itself, before the relay saw it; such entries expire when idle.
+pub const RELAY_OWNER_KERNEL: u8 = 1;
+
+/// A flow the relay carries, keyed by the [`CtKey`] of its client to
+/// listener direction. The kernel path leaves such flows alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RelayFlow {
+    /// `bpf_ktime_get_ns` of the last packet the kernel path saw (coarse).
+    pub last_seen_ns: u64,
+    pub rule_id: u32,
+    /// `RELAY_OWNER_*`.
+    pub owner: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Global settings, the single entry of the `SETTINGS` array.
@@ -180,9 +202,13 @@ pub struct Settings {
     /// SNAT source ports, host byte order, inclusive.
     pub snat_port_min: u16,
     pub snat_port_max: u16,
-    /// Ports tried after the random start before giving up.
+    /// Ports tried after the random start before giving up; at most
+    /// [`MAX_SNAT_PROBES`].
     pub snat_probe_limit: u32,
 }
+
+/// The kernel's bound on `Settings::snat_probe_limit`.
+pub const MAX_SNAT_PROBES: u32 = 32;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -196,6 +222,7 @@ mod pod {
     unsafe impl aya::Pod for IfaceCounters {}
     unsafe impl aya::Pod for RuleCounters {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for RelayFlow {}
 }
 
 #[cfg(test)]
@@ -211,6 +238,9 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Settings>(), 8);
+        assert_eq!(size_of::<IfaceCounters>(), 32);
+        assert_eq!(size_of::<RuleCounters>(), 72);
+        assert_eq!(size_of::<RelayFlow>(), 16);
     }
 
     #[test]

@@ -1,9 +1,9 @@
-//! Per-CPU counters: per interface (both programs).
+//! Per-CPU counters: per interface (both programs) and per rule.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use forwarder_common::IfaceCounters;
+use forwarder_common::{IfaceCounters, RuleCounters};
 
-use crate::maps::IFACE_COUNTERS;
+use crate::maps::{IFACE_COUNTERS, RULE_COUNTERS};
 
 /// Which program counts.
 #[derive(Clone, Copy)]
@@ -43,4 +43,13 @@ pub fn count_interface(ifindex: u32, hook: Hook, bytes: u64) -> bool {
         }
     }
     created
+}
+
+/// Adds to rule `rule_id`'s counters on this CPU.
+#[inline(always)]
+pub fn with_rule(rule_id: u32, f: impl FnOnce(&mut RuleCounters)) {
+    if let Some(c) = RULE_COUNTERS.get_ptr_mut(rule_id) {
+        // SAFETY: a per-CPU slot of an array; no concurrent writer on this CPU.
+        f(unsafe { &mut *c });
+    }
 }

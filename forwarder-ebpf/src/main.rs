@@ -3,11 +3,17 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod counters;
 mod maps;
+mod nat;
+mod parse;
+mod redirect;
+mod rules;
+mod tc;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
+    bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -26,15 +32,11 @@ pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Counts every packet and passes it on unchanged.
+/// The kernel path: DNAT/SNAT, conntrack and redirect for the rules'
+/// flows; everything else passes unchanged.
 #[classifier]
 pub fn forwarder_tc(ctx: TcContext) -> i32 {
-    // SAFETY: the context pointer is valid for the program's run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    if count_interface(ifindex, Hook::Tc, u64::from(ctx.len())) {
-        debug!(&ctx, "tc: first packet on ifindex {}", ifindex);
-    }
-    TC_ACT_OK
+    tc::handle(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,8 +1,16 @@
 //! Every map of the programs. Keys and values come from `forwarder-common`;
-//! userspace finds the maps by these names.
+//! userspace finds the maps by these names and sizes the conntrack and
+//! relay-flow maps at load.
 
-use aya_ebpf::{macros::map, maps::PerCpuHashMap};
-use forwarder_common::IfaceCounters;
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+};
+use forwarder_common::{
+    Backend, CtKey, CtValue, IfaceCounters, MAX_BACKENDS_PER_RULE, MAX_RULES, RelayFlow,
+    RuleCounters, RuleKey, RuleValue, Settings,
+};
 
 /// Interfaces counted at once (each attached interface takes one entry).
 pub const MAX_INTERFACES: u32 = 1024;
@@ -11,3 +19,29 @@ pub const MAX_INTERFACES: u32 = 1024;
 #[map]
 pub static IFACE_COUNTERS: PerCpuHashMap<u32, IfaceCounters> =
     PerCpuHashMap::with_max_entries(MAX_INTERFACES, 0);
+
+/// Per-rule counters, indexed by rule id.
+#[map]
+pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+/// (address, port, protocol) to rule; written by userspace.
+#[map]
+pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, 0);
+
+/// Backends at `rule_id * MAX_BACKENDS_PER_RULE + n`; written by userspace.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_RULES * MAX_BACKENDS_PER_RULE, 0);
+
+/// The one [`Settings`] entry; written by userspace.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Both directions of every kernel flow. Preallocated: the fast path never
+/// allocates, and a full table is a clean insert failure. Sized at load.
+#[map]
+pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::with_max_entries(1, 0);
+
+/// Flows the relay carries, keyed by their client to listener direction.
+/// Sized at load.
+#[map]
+pub static RELAY_FLOWS: HashMap<CtKey, RelayFlow> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);

@@ -1,10 +1,14 @@
 //! The programs' per-CPU counters, summed for `forwarder status`.
 
-use aya::maps::{MapData, PerCpuHashMap};
-use forwarder_common::IfaceCounters;
+use std::sync::atomic::Ordering;
+
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use forwarder_common::{IfaceCounters, RuleCounters};
 use serde::Serialize;
 
 use super::interfaces::Interface;
+use super::sweeper::Gauges;
+use crate::rules::Listener;
 
 /// What both programs saw on one interface.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -17,26 +21,90 @@ pub struct InterfaceCounters {
     pub tc_bytes: u64,
 }
 
+/// What the kernel path did for one rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct KernelRuleCounters {
+    pub rule_id: u32,
+    pub alias: String,
+    pub protocol: &'static str,
+    /// Client to backend.
+    pub packets_fwd: u64,
+    pub bytes_fwd: u64,
+    /// Backend to client.
+    pub packets_rev: u64,
+    pub bytes_rev: u64,
+    /// Flows the kernel path created.
+    pub flows: u64,
+    /// Packets XDP carried (none yet: XDP only counts).
+    pub xdp_packets: u64,
+    /// New flows left to the relay because a table was full.
+    pub fallback_full: u64,
+    /// New flows left to the relay for another reason (fragments, IP
+    /// options, no route, no usable backend).
+    pub fallback_other: u64,
+    /// Packets of kernel flows dropped (no route any more, TTL, MTU).
+    pub dropped: u64,
+}
+
 /// Counters of the kernel path, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KernelCounters {
     pub interfaces: Vec<InterfaceCounters>,
+    pub rules: Vec<KernelRuleCounters>,
+    /// Conntrack entries at the last sweep (two per flow).
+    pub conntrack_entries: u64,
+    /// Flows in RELAY_FLOWS at the last sweep.
+    pub relay_flow_entries: u64,
+    /// Kernel flows the sweeper expired so far.
+    pub expired_flows: u64,
 }
 
 /// Reads the counter maps.
 pub struct CounterMaps {
     pub interfaces: PerCpuHashMap<MapData, u32, IfaceCounters>,
+    pub rules: PerCpuArray<MapData, RuleCounters>,
 }
 
 impl CounterMaps {
     pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<CounterMaps> {
         Ok(CounterMaps {
             interfaces: PerCpuHashMap::try_from(take_map(ebpf, "IFACE_COUNTERS")?)?,
+            rules: PerCpuArray::try_from(take_map(ebpf, "RULE_COUNTERS")?)?,
         })
     }
 
-    pub fn read(&self, interfaces: &[Interface]) -> anyhow::Result<KernelCounters> {
-        let mut out = KernelCounters::default();
+    pub fn read(
+        &self,
+        interfaces: &[Interface],
+        listeners: &[Listener],
+        gauges: &Gauges,
+    ) -> anyhow::Result<KernelCounters> {
+        let mut out = KernelCounters {
+            conntrack_entries: gauges.conntrack_entries.load(Ordering::Relaxed),
+            relay_flow_entries: gauges.relay_flow_entries.load(Ordering::Relaxed),
+            expired_flows: gauges.expired_flows.load(Ordering::Relaxed),
+            ..KernelCounters::default()
+        };
+        for l in listeners {
+            let mut sum = KernelRuleCounters {
+                rule_id: l.rule_id,
+                alias: l.alias.clone(),
+                protocol: l.protocol.as_str(),
+                ..Default::default()
+            };
+            for c in self.rules.get(&l.rule_id, 0)?.iter() {
+                sum.packets_fwd += c.packets_fwd;
+                sum.bytes_fwd += c.bytes_fwd;
+                sum.packets_rev += c.packets_rev;
+                sum.bytes_rev += c.bytes_rev;
+                sum.flows += c.flows;
+                sum.xdp_packets += c.xdp_packets;
+                sum.fallback_full += c.fallback_full;
+                sum.fallback_other += c.fallback_other;
+                sum.dropped += c.dropped;
+            }
+            out.rules.push(sum);
+        }
         for interface in interfaces {
             let mut sum = InterfaceCounters {
                 name: interface.name.clone(),

@@ -3,42 +3,29 @@
 //! Nothing is attached: the kernel runs the program once on the bytes
 //! given and returns its verdict and the packet as it left.
 
+mod flows;
 mod packet;
 mod programs;
 
 use std::os::fd::{AsFd, AsRawFd};
 
+use aya::Ebpf;
+use aya::maps::{HashMap, PerCpuArray, PerCpuHashMap};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use aya::{Ebpf, maps::PerCpuHashMap};
-use forwarder_common::IfaceCounters;
+use forwarder_common::{CtKey, CtValue, IfaceCounters, RelayFlow, RuleCounters};
 
 use super::attach::{Attached, TC_PROGRAM, XDP_PROGRAM};
 use super::load;
+pub use super::testns::require_root;
 
 pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_PASS: u32 = 2;
 
 /// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`: the skb is CHECKSUM_COMPLETE and the
 /// kernel checks after the run that `skb->csum` still matches the bytes.
 pub const F_CHECKSUM_COMPLETE: u32 = 1 << 2;
-
-/// True when the test may load BPF; otherwise says why it is skipped
-/// (and fails under `CI=true`).
-pub fn require_root(test: &str) -> bool {
-    // SAFETY: plain getter.
-    if unsafe { libc::geteuid() } == 0 {
-        assert!(
-            !super::EBPF_OBJECT.is_empty(),
-            "{test}: this build has no eBPF object; build it first (cargo xtask build)"
-        );
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping it");
-    }
-    eprintln!("SKIPPED {test}: needs root (BPF_PROG_TEST_RUN)");
-    false
-}
 
 /// The object loaded with both programs in the kernel, nothing attached.
 pub struct Loaded {
@@ -117,6 +104,41 @@ impl Loaded {
             verdict: result.return_value,
             packet: out,
         }
+    }
+
+    /// Writes rule tables into the maps.
+    pub fn write_tables(&mut self, tables: &super::tables::Tables) {
+        super::tables::write(&mut self.ebpf, tables).expect("write the tables");
+    }
+
+    pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
+        let map: HashMap<_, CtKey, CtValue> =
+            HashMap::try_from(self.ebpf.map("CONNTRACK").expect("map")).expect("hash");
+        map.iter().map(|r| r.expect("entry")).collect()
+    }
+
+    pub fn relay_flows(&self) -> Vec<(CtKey, RelayFlow)> {
+        let map: HashMap<_, CtKey, RelayFlow> =
+            HashMap::try_from(self.ebpf.map("RELAY_FLOWS").expect("map")).expect("hash");
+        map.iter().map(|r| r.expect("entry")).collect()
+    }
+
+    /// The counters of `rule_id`, summed over CPUs.
+    pub fn rule_counters(&self, rule_id: u32) -> RuleCounters {
+        let map: PerCpuArray<_, RuleCounters> =
+            PerCpuArray::try_from(self.ebpf.map("RULE_COUNTERS").expect("map")).expect("array");
+        let mut sum = RuleCounters::default();
+        for c in map.get(&rule_id, 0).expect("rule counters").iter() {
+            sum.packets_fwd += c.packets_fwd;
+            sum.bytes_fwd += c.bytes_fwd;
+            sum.packets_rev += c.packets_rev;
+            sum.bytes_rev += c.bytes_rev;
+            sum.flows += c.flows;
+            sum.fallback_full += c.fallback_full;
+            sum.fallback_other += c.fallback_other;
+            sum.dropped += c.dropped;
+        }
+        sum
     }
 
     /// The interface counters of `ifindex`, summed over CPUs.

@@ -179,6 +179,13 @@ pub fn view(p: &[u8]) -> View {
     }
 }
 
+/// The folded one's complement sum over the pseudo-header and the L4
+/// segment, checksum field included.
+pub fn folded_sum(p: &[u8]) -> u16 {
+    let ihl = usize::from(p[ETH_LEN] & 0x0f) * 4;
+    fold(pseudo_sum(p, ETH_LEN) + sum(&p[ETH_LEN + ihl..]))
+}
+
 /// The IPv4 header checksum verifies.
 pub fn ip_csum_ok(p: &[u8]) -> bool {
     let ihl = usize::from(p[ETH_LEN] & 0x0f) * 4;
@@ -187,8 +194,7 @@ pub fn ip_csum_ok(p: &[u8]) -> bool {
 
 /// The full L4 checksum verifies (a zero UDP checksum does not count).
 pub fn l4_csum_ok(p: &[u8]) -> bool {
-    let ihl = usize::from(p[ETH_LEN] & 0x0f) * 4;
-    fold(pseudo_sum(p, ETH_LEN) + sum(&p[ETH_LEN + ihl..])) == 0xffff
+    folded_sum(p) == 0xffff
 }
 
 /// The L4 checksum field holds exactly the pseudo-header sum

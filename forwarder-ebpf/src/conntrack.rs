@@ -1,0 +1,211 @@
+//! Flow state: the conntrack pair of a kernel flow, SNAT port allocation,
+//! and the flows the relay owns.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
+use forwarder_common::{
+    ADDR_ANY, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
+    CT_STATE_NEW, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP, RELAY_OWNER_KERNEL,
+    RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, addr_ipv4_be,
+};
+
+use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS};
+use crate::parse::{TCP_FIN, TCP_RST, TCP_SYN};
+
+/// Timestamps in the maps are refreshed at most this often, so that busy
+/// flows do not write a shared cache line on every packet.
+const TOUCH_EVERY_NS: u64 = 100_000_000;
+
+const EEXIST: i32 = 17;
+
+/// Why a new flow is left to the relay.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The conntrack table or the SNAT port range is full.
+    Full,
+    /// Anything else (no usable backend, no route, ...).
+    Other,
+}
+
+/// True if the relay owns the flow of `key`; refreshes its timestamp.
+#[inline(always)]
+pub fn relay_owns(key: &CtKey, now: u64) -> bool {
+    match RELAY_FLOWS.get_ptr_mut(key) {
+        Some(flow) => {
+            // SAFETY: a value of the map; a racing writer only writes a timestamp.
+            let flow = unsafe { &mut *flow };
+            if now.wrapping_sub(flow.last_seen_ns) > TOUCH_EVERY_NS {
+                flow.last_seen_ns = now;
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Hands the flow of `key` to the relay for its whole life.
+#[inline(always)]
+pub fn give_to_relay(key: &CtKey, rule_id: u32, now: u64) {
+    let flow = RelayFlow {
+        last_seen_ns: now,
+        rule_id,
+        owner: RELAY_OWNER_KERNEL,
+        _pad: [0; 3],
+    };
+    // An existing entry (the relay's own) stays as it is.
+    let _ = RELAY_FLOWS.insert(key, &flow, u64::from(BPF_NOEXIST));
+}
+
+/// The conntrack entry of `key`, if the kernel path carries that flow.
+#[inline(always)]
+pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
+/// Records a packet of a known flow: last seen, and the TCP state.
+#[inline(always)]
+pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) {
+    // SAFETY: a value of the map; racing writers store the same kind of data.
+    let ct = unsafe { &mut *entry };
+    if now.wrapping_sub(ct.last_seen_ns) > TOUCH_EVERY_NS {
+        ct.last_seen_ns = now;
+    }
+    if proto != PROTO_TCP {
+        return;
+    }
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        if ct.state != CT_STATE_CLOSING {
+            ct.state = CT_STATE_CLOSING;
+            ct.last_seen_ns = now;
+        }
+    } else if tcp_flags & TCP_SYN != 0 && ct.direction == CT_DIR_FORWARD {
+        // A client reusing its port after a close starts over.
+        if ct.state == CT_STATE_CLOSING {
+            ct.state = CT_STATE_NEW;
+            ct.last_seen_ns = now;
+        }
+    } else if ct.direction == CT_DIR_REVERSE && ct.state == CT_STATE_NEW {
+        // The backend answered.
+        ct.state = CT_STATE_ESTABLISHED;
+        ct.last_seen_ns = now;
+    }
+}
+
+/// Creates the pair of entries of a new flow from `key` (client to
+/// listener) to `backend` and returns the forward one. SNAT takes a free
+/// port of the reserved range: a random start, then a bounded probe, each
+/// try being the no-exist insert of the reverse entry.
+#[inline(always)]
+pub fn create(
+    key: &CtKey,
+    rule: &RuleValue,
+    backend: &Backend,
+    now: u64,
+) -> Result<CtValue, Fallback> {
+    let preserve = rule.flags & RULE_F_PRESERVE_CLIENT_IP != 0;
+    let snat_addr = if preserve { key.src } else { backend.snat_addr };
+    // This path is IPv4 only; anything else is the relay's.
+    if snat_addr == ADDR_ANY
+        || addr_ipv4_be(&snat_addr).is_none()
+        || addr_ipv4_be(&backend.addr).is_none()
+    {
+        return Err(Fallback::Other);
+    }
+    let state = if key.proto == PROTO_TCP {
+        CT_STATE_NEW
+    } else {
+        CT_STATE_ESTABLISHED
+    };
+    let mut reverse_key = CtKey {
+        src: backend.addr,
+        dst: snat_addr,
+        sport: backend.port,
+        dport: key.sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    };
+    let reverse = CtValue {
+        new_src: key.dst,
+        new_dst: key.src,
+        new_sport: key.dport,
+        new_dport: key.sport,
+        rule_id: rule.rule_id,
+        last_seen_ns: now,
+        direction: CT_DIR_REVERSE,
+        state,
+        _pad: [0; 6],
+    };
+    if preserve {
+        insert_new(&reverse_key, &reverse)?;
+    } else {
+        reverse_key.dport = reserve_port(&mut reverse_key, &reverse)?;
+    }
+    let forward = CtValue {
+        new_src: snat_addr,
+        new_dst: backend.addr,
+        new_sport: reverse_key.dport,
+        new_dport: backend.port,
+        rule_id: rule.rule_id,
+        last_seen_ns: now,
+        direction: CT_DIR_FORWARD,
+        state,
+        _pad: [0; 6],
+    };
+    match CONNTRACK.insert(key, &forward, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(forward),
+        Err(e) => {
+            let _ = CONNTRACK.remove(&reverse_key);
+            if e == -EEXIST {
+                // Another CPU created this flow a moment ago: use its entry.
+                // SAFETY: copied out at once.
+                unsafe { CONNTRACK.get(key) }
+                    .copied()
+                    .ok_or(Fallback::Other)
+            } else {
+                Err(Fallback::Full)
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
+    match CONNTRACK.insert(key, value, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(()),
+        Err(e) if e == -EEXIST => Err(Fallback::Other),
+        Err(_) => Err(Fallback::Full),
+    }
+}
+
+/// Finds a free SNAT port by inserting the reverse entry with it; returns
+/// the port (network byte order) with the entry in place.
+#[inline(always)]
+fn reserve_port(reverse_key: &mut CtKey, reverse: &CtValue) -> Result<u16, Fallback> {
+    let settings = SETTINGS.get(0).ok_or(Fallback::Other)?;
+    let (min, max) = (
+        u32::from(settings.snat_port_min),
+        u32::from(settings.snat_port_max),
+    );
+    if min == 0 || max < min {
+        return Err(Fallback::Other);
+    }
+    let span = max - min + 1;
+    if span == 0 {
+        return Err(Fallback::Other);
+    }
+    // SAFETY: a helper without arguments.
+    let start = unsafe { bpf_get_prandom_u32() } % span;
+    let limit = settings.snat_probe_limit;
+    for i in 0..MAX_SNAT_PROBES {
+        if i >= limit {
+            break;
+        }
+        let port = (min + (start + i) % span) as u16;
+        reverse_key.dport = port.to_be();
+        match CONNTRACK.insert(&*reverse_key, reverse, u64::from(BPF_NOEXIST)) {
+            Ok(()) => return Ok(port.to_be()),
+            Err(e) if e == -EEXIST => continue,
+            Err(_) => return Err(Fallback::Full),
+        }
+    }
+    Err(Fallback::Full)
+}

@@ -1,0 +1,392 @@
+//! Expiring idle flows: a tokio task that removes conntrack pairs past
+//! their rule's timeouts (which frees their SNAT port) and the relay-flow
+//! entries the kernel made for flows the relay never claimed.
+
+use std::collections::HashMap as StdHashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData};
+use forwarder_common::{
+    CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_NEW, CtKey, CtValue, PROTO_TCP, RELAY_OWNER_KERNEL,
+    RelayFlow,
+};
+
+use crate::rules::Timeouts;
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into the timespec given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Timeouts by rule id.
+#[derive(Clone, Debug, Default)]
+pub struct RuleTimeouts(pub Vec<Option<Timeouts>>);
+
+impl RuleTimeouts {
+    fn get(&self, rule_id: u32) -> Timeouts {
+        self.0
+            .get(rule_id as usize)
+            .copied()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// How long a kernel flow in `state` may be idle.
+    fn flow(&self, rule_id: u32, proto: u8, state: u8) -> Duration {
+        let t = self.get(rule_id);
+        if proto != PROTO_TCP {
+            t.udp_idle
+        } else if state == CT_STATE_NEW {
+            t.connect
+        } else if state == CT_STATE_CLOSING {
+            t.tcp_close
+        } else {
+            t.tcp_established
+        }
+    }
+
+    /// How long a relay flow the kernel entered may go unclaimed and idle.
+    fn unclaimed(&self, rule_id: u32, proto: u8) -> Duration {
+        let t = self.get(rule_id);
+        if proto == PROTO_TCP {
+            t.connect
+        } else {
+            t.udp_idle
+        }
+    }
+
+    /// A sweep period that expires flows soon after their shortest timeout.
+    pub fn period(&self) -> Duration {
+        let shortest = self
+            .0
+            .iter()
+            .flatten()
+            .flat_map(|t| [t.udp_idle, t.tcp_close, t.connect])
+            .min()
+            .unwrap_or(Duration::from_secs(10));
+        (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+/// The key a flow's reverse entry has, from its forward entry's value.
+pub fn reverse_key(key: &CtKey, forward: &CtValue) -> CtKey {
+    CtKey {
+        src: forward.new_dst,
+        dst: forward.new_src,
+        sport: forward.new_dport,
+        dport: forward.new_sport,
+        proto: key.proto,
+        _pad: [0; 3],
+    }
+}
+
+/// The keys to remove from a conntrack snapshot at `now`: both entries of
+/// every pair idle past its timeout (the later of the two timestamps, the
+/// further of the two states), and reverse entries whose pair is gone.
+pub fn expired_flows(
+    entries: &StdHashMap<CtKey, CtValue>,
+    now: u64,
+    timeouts: &RuleTimeouts,
+) -> Vec<CtKey> {
+    let mut out = Vec::new();
+    let mut paired = std::collections::HashSet::new();
+    for (key, fwd) in entries
+        .iter()
+        .filter(|(_, v)| v.direction == CT_DIR_FORWARD)
+    {
+        let rkey = reverse_key(key, fwd);
+        let rev = entries.get(&rkey);
+        let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
+        let state = rev.map_or(fwd.state, |r| r.state.max(fwd.state));
+        let timeout = timeouts.flow(fwd.rule_id, key.proto, state);
+        if rev.is_some() {
+            paired.insert(rkey);
+        }
+        if now.saturating_sub(last) > timeout.as_nanos() as u64 {
+            out.push(*key);
+            if rev.is_some() {
+                out.push(rkey);
+            }
+        }
+    }
+    for (key, rev) in entries
+        .iter()
+        .filter(|(_, v)| v.direction != CT_DIR_FORWARD)
+    {
+        if paired.contains(key) {
+            continue;
+        }
+        let timeout = timeouts.flow(rev.rule_id, key.proto, rev.state);
+        if now.saturating_sub(rev.last_seen_ns) > timeout.as_nanos() as u64 {
+            out.push(*key);
+        }
+    }
+    out
+}
+
+/// The relay-flow entries the kernel made that the relay never claimed
+/// and that went idle.
+pub fn expired_relay_flows(
+    entries: &[(CtKey, RelayFlow)],
+    now: u64,
+    timeouts: &RuleTimeouts,
+) -> Vec<CtKey> {
+    entries
+        .iter()
+        .filter(|(key, flow)| {
+            flow.owner == RELAY_OWNER_KERNEL
+                && now.saturating_sub(flow.last_seen_ns)
+                    > timeouts.unclaimed(flow.rule_id, key.proto).as_nanos() as u64
+        })
+        .map(|(key, _)| *key)
+        .collect()
+}
+
+/// Sizes the sweeper saw last.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub conntrack_entries: AtomicU64,
+    pub relay_flow_entries: AtomicU64,
+    pub expired_flows: AtomicU64,
+}
+
+pub struct Sweeper {
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub relay_flows: HashMap<MapData, CtKey, RelayFlow>,
+    pub timeouts: RuleTimeouts,
+    /// Upper bound on entries read per pass (the map sizes).
+    pub limit: usize,
+    pub gauges: Arc<Gauges>,
+}
+
+impl Sweeper {
+    /// One pass; returns how many flows expired.
+    pub fn sweep(&mut self) -> usize {
+        let now = monotonic_ns();
+        let keys: Vec<CtKey> = self
+            .conntrack
+            .keys()
+            .take(self.limit)
+            .filter_map(Result::ok)
+            .collect();
+        let entries: StdHashMap<CtKey, CtValue> = keys
+            .into_iter()
+            .filter_map(|k| self.conntrack.get(&k, 0).ok().map(|v| (k, v)))
+            .collect();
+        let expired = expired_flows(&entries, now, &self.timeouts);
+        let mut flows = 0;
+        for key in &expired {
+            let Some(seen) = entries.get(key) else {
+                continue;
+            };
+            // A packet since the snapshot keeps the flow; its pair stays too
+            // because the next pass sees both again.
+            if let Ok(current) = self.conntrack.get(key, 0)
+                && current.last_seen_ns != seen.last_seen_ns
+            {
+                continue;
+            }
+            if self.conntrack.remove(key).is_ok() && seen.direction == CT_DIR_FORWARD {
+                flows += 1;
+            }
+        }
+        let relay: Vec<(CtKey, RelayFlow)> = self
+            .relay_flows
+            .iter()
+            .take(self.limit)
+            .filter_map(Result::ok)
+            .collect();
+        for key in expired_relay_flows(&relay, now, &self.timeouts) {
+            let _ = self.relay_flows.remove(&key);
+        }
+        let g = &self.gauges;
+        g.conntrack_entries.store(
+            entries.len().saturating_sub(expired.len()) as u64,
+            Ordering::Relaxed,
+        );
+        g.relay_flow_entries
+            .store(relay.len() as u64, Ordering::Relaxed);
+        g.expired_flows.fetch_add(flows as u64, Ordering::Relaxed);
+        flows
+    }
+
+    /// Sweeps every `period` on the current runtime until aborted.
+    pub fn spawn(mut self) -> tokio::task::JoinHandle<()> {
+        let period = self.timeouts.period();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // The map syscalls block; a pass over a full table takes a while.
+                self = match tokio::task::spawn_blocking(move || {
+                    let n = self.sweep();
+                    if n > 0 {
+                        tracing::debug!("kernel path: {n} idle flows expired");
+                    }
+                    self
+                })
+                .await
+                {
+                    Ok(sweeper) => sweeper,
+                    Err(_) => return,
+                };
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use forwarder_common::{CT_DIR_REVERSE, CT_STATE_ESTABLISHED, PROTO_UDP, addr_from_ipv4_be};
+
+    const S: u64 = 1_000_000_000;
+
+    fn timeouts() -> RuleTimeouts {
+        RuleTimeouts(vec![Some(Timeouts {
+            udp_idle: Duration::from_secs(30),
+            tcp_established: Duration::from_secs(600),
+            tcp_close: Duration::from_secs(5),
+            connect: Duration::from_secs(3),
+        })])
+    }
+
+    fn pair(
+        proto: u8,
+        sport: u16,
+        last_fwd: u64,
+        last_rev: u64,
+        states: (u8, u8),
+    ) -> Vec<(CtKey, CtValue)> {
+        let client = addr_from_ipv4_be(u32::from_ne_bytes([198, 18, 1, 2]));
+        let listener = addr_from_ipv4_be(u32::from_ne_bytes([198, 18, 1, 1]));
+        let snat = addr_from_ipv4_be(u32::from_ne_bytes([198, 18, 2, 1]));
+        let backend = addr_from_ipv4_be(u32::from_ne_bytes([198, 18, 2, 2]));
+        let key = CtKey {
+            src: client,
+            dst: listener,
+            sport: sport.to_be(),
+            dport: 7878u16.to_be(),
+            proto,
+            _pad: [0; 3],
+        };
+        let fwd = CtValue {
+            new_src: snat,
+            new_dst: backend,
+            new_sport: (40000 + sport).to_be(),
+            new_dport: 3478u16.to_be(),
+            rule_id: 0,
+            last_seen_ns: last_fwd,
+            direction: CT_DIR_FORWARD,
+            state: states.0,
+            _pad: [0; 6],
+        };
+        let rkey = reverse_key(&key, &fwd);
+        let rev = CtValue {
+            new_src: listener,
+            new_dst: client,
+            new_sport: key.dport,
+            new_dport: key.sport,
+            last_seen_ns: last_rev,
+            direction: CT_DIR_REVERSE,
+            state: states.1,
+            ..fwd
+        };
+        vec![(key, fwd), (rkey, rev)]
+    }
+
+    fn sorted(mut v: Vec<CtKey>) -> Vec<(u16, u16)> {
+        let mut out: Vec<(u16, u16)> = v.drain(..).map(|k| (k.sport, k.dport)).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_pair_lives_as_long_as_its_busier_side_and_its_further_state() {
+        let now = 1000 * S;
+        let est = (CT_STATE_NEW, CT_STATE_ESTABLISHED);
+        let mut entries: StdHashMap<CtKey, CtValue> = StdHashMap::new();
+        // UDP idle 31 s one way but 1 s the other: alive.
+        entries.extend(pair(PROTO_UDP, 1, now - 31 * S, now - S, (1, 1)));
+        // UDP idle 31 s both ways: expired, both entries.
+        let udp_dead = pair(PROTO_UDP, 2, now - 31 * S, now - 31 * S, (1, 1));
+        entries.extend(udp_dead.clone());
+        // TCP never answered for 4 s (connect 3 s): expired.
+        let syn_dead = pair(
+            PROTO_TCP,
+            3,
+            now - 4 * S,
+            now - 4 * S,
+            (CT_STATE_NEW, CT_STATE_NEW),
+        );
+        entries.extend(syn_dead.clone());
+        // TCP established, idle 4 s: alive.
+        entries.extend(pair(PROTO_TCP, 4, now - 4 * S, now - 4 * S, est));
+        // TCP closing (FIN seen on the reverse side) idle 6 s: expired.
+        let closed = pair(
+            PROTO_TCP,
+            5,
+            now - 6 * S,
+            now - 6 * S,
+            (CT_STATE_NEW, CT_STATE_CLOSING),
+        );
+        entries.extend(closed.clone());
+        // A reverse entry whose forward entry is gone, idle 31 s: expired.
+        let orphan = pair(PROTO_UDP, 6, now - 31 * S, now - 31 * S, (1, 1))[1];
+        entries.insert(orphan.0, orphan.1);
+        let expired = expired_flows(&entries, now, &timeouts());
+        let mut want: Vec<CtKey> = udp_dead
+            .iter()
+            .chain(&syn_dead)
+            .chain(&closed)
+            .map(|(k, _)| *k)
+            .collect();
+        want.push(orphan.0);
+        assert_eq!(sorted(expired), sorted(want));
+    }
+
+    #[test]
+    fn only_unclaimed_idle_relay_entries_expire() {
+        let now = 10_000 * S;
+        let key = |port: u16, proto: u8| CtKey {
+            sport: port.to_be(),
+            proto,
+            ..CtKey::default()
+        };
+        let flow = |owner: u8, idle: u64| RelayFlow {
+            last_seen_ns: now - idle * S,
+            rule_id: 0,
+            owner,
+            _pad: [0; 3],
+        };
+        let entries = vec![
+            (key(1, PROTO_UDP), flow(RELAY_OWNER_KERNEL, 31)),
+            (key(2, PROTO_UDP), flow(RELAY_OWNER_KERNEL, 29)),
+            (key(3, PROTO_TCP), flow(RELAY_OWNER_KERNEL, 4)),
+            (
+                key(4, PROTO_UDP),
+                flow(forwarder_common::RELAY_OWNER_RELAY, 3000),
+            ),
+        ];
+        let expired = expired_relay_flows(&entries, now, &timeouts());
+        assert_eq!(sorted(expired), vec![(1u16.to_be(), 0), (3u16.to_be(), 0)]);
+    }
+
+    #[test]
+    fn the_period_follows_the_shortest_timeout() {
+        assert_eq!(timeouts().period(), Duration::from_millis(750));
+        assert_eq!(
+            RuleTimeouts::default().period(),
+            Duration::from_millis(2500)
+        );
+    }
+}

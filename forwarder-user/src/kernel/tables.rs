@@ -1,0 +1,119 @@
+//! Filling RULES, BACKENDS and SETTINGS from the compiled rule table.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use aya::Ebpf;
+use aya::maps::{Array, HashMap};
+use forwarder_common::{
+    Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY, RuleKey, RuleValue, Settings,
+};
+
+use super::snat::{self, Egress};
+use crate::rules::{Compiled, KernelSettings};
+
+/// The kernel's tables, snat addresses filled in.
+#[derive(Debug, Default)]
+pub struct Tables {
+    pub rules: Vec<(RuleKey, RuleValue)>,
+    pub backends: Vec<(u32, Backend)>,
+    pub settings: Settings,
+}
+
+/// Settings for the SNAT range `ports` (inclusive).
+pub fn settings(kernel: &KernelSettings) -> Settings {
+    let (min, max) = kernel.snat_ports;
+    let span = u32::from(max.saturating_sub(min)) + 1;
+    Settings {
+        snat_port_min: min,
+        snat_port_max: max,
+        snat_probe_limit: span.min(MAX_SNAT_PROBES),
+    }
+}
+
+/// Looks up the route to every backend: fills `snat_addr`, and makes a
+/// rule relay-only when a backend is on this host, is not IPv4 (the kernel
+/// path is IPv4 for now) or has no route.
+pub fn prepare(compiled: &Compiled) -> Tables {
+    let mut relay_only: HashSet<u32> = HashSet::new();
+    let mut backends = Vec::with_capacity(compiled.kernel.backends.len());
+    for &(index, mut backend) in &compiled.kernel.backends {
+        let rule_id = index / MAX_BACKENDS_PER_RULE;
+        let ip = snat::ip_of(&backend.addr);
+        let addr = SocketAddr::new(ip, u16::from_be(backend.port));
+        match snat::egress(addr) {
+            Ok(Egress::From(local)) if ip.is_ipv4() && local.is_ipv4() => {
+                backend.snat_addr = snat::addr_of(local);
+            }
+            Ok(Egress::From(_)) => {
+                relay_only.insert(rule_id);
+            }
+            Ok(Egress::Local) => {
+                tracing::info!("backend {addr} is this host: its rule is carried by the relay");
+                relay_only.insert(rule_id);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "no route to backend {addr} ({e}): its rule is carried by the relay"
+                );
+                relay_only.insert(rule_id);
+            }
+        }
+        backends.push((index, backend));
+    }
+    let rules = compiled
+        .kernel
+        .rules
+        .iter()
+        .map(|&(key, mut value)| {
+            if relay_only.contains(&value.rule_id) {
+                value.flags |= RULE_F_RELAY;
+            }
+            (key, value)
+        })
+        .collect();
+    Tables {
+        rules,
+        backends,
+        settings: settings(&compiled.kernel_settings),
+    }
+}
+
+/// Writes the tables into the loaded object's maps.
+pub fn write(ebpf: &mut Ebpf, tables: &Tables) -> anyhow::Result<()> {
+    let mut rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(map(ebpf, "RULES")?)?;
+    for (key, value) in &tables.rules {
+        rules.insert(key, value, 0)?;
+    }
+    let mut backends: Array<_, Backend> = Array::try_from(map(ebpf, "BACKENDS")?)?;
+    for (index, backend) in &tables.backends {
+        backends.set(*index, backend, 0)?;
+    }
+    let mut settings: Array<_, Settings> = Array::try_from(map(ebpf, "SETTINGS")?)?;
+    settings.set(0, tables.settings, 0)?;
+    Ok(())
+}
+
+fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow::anyhow!("the eBPF object has no map `{name}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_limit_is_bounded_by_the_range_and_the_kernel() {
+        let s = settings(&KernelSettings {
+            conntrack_size: 8,
+            snat_ports: (40000, 40003),
+        });
+        assert_eq!(
+            (s.snat_port_min, s.snat_port_max, s.snat_probe_limit),
+            (40000, 40003, 4)
+        );
+        let s = settings(&KernelSettings::default());
+        assert_eq!(s.snat_probe_limit, MAX_SNAT_PROBES);
+    }
+}
