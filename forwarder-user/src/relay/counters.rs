@@ -19,7 +19,8 @@ pub struct RuleCounters {
     /// UDP datagrams of new clients dropped because the session table was
     /// full or the relay was draining.
     pub sessions_refused: AtomicU64,
-    /// Every other I/O error: resets, failed sends, sockets not created.
+    /// Every other I/O error: failed sends, sockets not created, accept
+    /// failures. A reset by an endpoint is passed on, not counted.
     pub errors: AtomicU64,
     pub active: AtomicU64,
 }
@@ -60,7 +61,8 @@ pub struct RelayRuleCounters {
     pub connect_failures: u64,
     /// New UDP sessions refused (table full, or draining).
     pub sessions_refused: u64,
-    /// Other I/O errors (resets, failed sends, sockets not created).
+    /// Other I/O errors (failed sends, sockets not created, accept
+    /// failures); a reset by an endpoint is passed on, not counted.
     pub errors: u64,
     /// Flows open now.
     pub active: u64,
