@@ -5,6 +5,15 @@
 //! `splice(2)` through a pipe (buffered where the kernel refuses); UDP keeps
 //! one session per client with its own connected upstream socket and moves
 //! datagrams in batches (recvmmsg/sendmmsg).
+//!
+//! The [`FlowObserver`] hears of every flow with canonical addresses: an
+//! IPv4 client of a dual-stack `[::]` listener is reported as IPv4, and
+//! `local` is the address the client sent to (for UDP, from the packet
+//! info), with the listener's port.
+//!
+//! Each UDP session holds an ephemeral port of its own towards its backend,
+//! so sessions per backend are bounded by `net.ipv4.ip_local_port_range`
+//! too; a session whose socket cannot be made is counted as an error.
 
 mod backend;
 mod batch;

@@ -16,6 +16,11 @@ use super::sys;
 /// unprivileged user over `fs.pipe-user-pages-soft` keeps the default).
 const PIPE_SIZE: usize = 1 << 20;
 
+/// Below this (an unprivileged user far over `fs.pipe-user-pages-soft` gets
+/// pipes of two pages), splice would move a few KiB per call: the buffered
+/// copy does better then.
+const MIN_PIPE_SIZE: usize = 64 << 10;
+
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
@@ -29,6 +34,11 @@ impl Pipe {
             Ok(size) => size,
             Err(_) => sys::pipe_size(&write)?,
         };
+        if size < MIN_PIPE_SIZE {
+            return Err(io::Error::other(format!(
+                "the kernel grants pipes of {size} bytes only (fs.pipe-user-pages-soft)"
+            )));
+        }
         Ok(Pipe { read, write, size })
     }
 }

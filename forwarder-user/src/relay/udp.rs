@@ -103,8 +103,8 @@ pub async fn serve(
     let mut batch = Datagrams::new();
     let mut sweep = tokio::time::interval(sweep_interval(l.rule.timeouts.udp_idle));
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let socket = l.socket.clone();
     while l.accepting || !l.table.is_empty() {
-        let socket = l.socket.clone();
         let event = tokio::select! {
             ready = socket.readable() => Event::Readable(ready),
             _ = sweep.tick() => Event::Sweep,
