@@ -1,6 +1,7 @@
 //! Integration tests: the daemon's command line and its answers to bad input.
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use crate::common::{self, Netns};
 
@@ -30,8 +31,13 @@ impl Drop for TempConfig {
     }
 }
 
+/// A rule the kernel path would take (a loopback target would not need it).
+/// No traffic is ever sent to its target.
 const ONE_RULE: &str =
-    "routes:\n  echo:\n    scheme: tcp\n    host: 127.0.0.1\n    port: 17001:17002\n";
+    "routes:\n  echo:\n    scheme: tcp\n    host: 198.18.9.2\n    port: 17001:17002\n";
+
+/// Bad input ends the daemon at once; this only keeps a regression from hanging.
+const EXIT_LIMIT: Duration = Duration::from_secs(30);
 
 fn stderr_lines(out: &Output) -> Vec<String> {
     String::from_utf8_lossy(&out.stderr)
@@ -64,10 +70,15 @@ fn assert_one_line_error(out: &Output, needle: &str) {
 
 #[test]
 fn a_missing_config_file_is_one_clear_line() {
-    let out = Command::new(common::forwarder_bin())
-        .args(["run", "-c", "/nonexistent/forwarder.yaml", "--relay-only"])
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        Command::new(common::forwarder_bin()).args([
+            "run",
+            "-c",
+            "/nonexistent/forwarder.yaml",
+            "--relay-only",
+        ]),
+        EXIT_LIMIT,
+    );
     assert_one_line_error(&out, "/nonexistent/forwarder.yaml");
     assert_eq!(
         out.status.code(),
@@ -104,19 +115,18 @@ fn without_root_the_kernel_path_is_refused_in_one_line() {
     // World-readable, so that `nobody` can read the file and fail on privileges alone.
     run_chmod(&cfg.dir, "755");
     run_chmod(&cfg.path, "644");
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(common::forwarder_bin())
-        .args(["run", "-c"])
-        .arg(&cfg.path)
-        .args(["--control", &cfg.control()])
-        .output()
-        .unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+    ])
+    .arg(common::forwarder_bin())
+    .args(["run", "-c"])
+    .arg(&cfg.path)
+    .args(["--control", &cfg.control()]);
+    let out = common::output_within(&mut cmd, EXIT_LIMIT);
     assert_one_line_error(&out, "needs root");
     assert_eq!(out.status.code(), Some(1));
 }
@@ -132,13 +142,11 @@ fn a_missing_interface_is_one_clear_line() {
     }
     let ns = Netns::new("noif");
     let cfg = TempConfig::new("noif", &format!("interfaces: [nosuch0]\n{ONE_RULE}"));
-    let out = ns
-        .command(common::forwarder_bin())
-        .args(["run", "-c"])
+    let mut cmd = ns.command(common::forwarder_bin());
+    cmd.args(["run", "-c"])
         .arg(&cfg.path)
-        .args(["--control", &cfg.control()])
-        .output()
-        .unwrap();
+        .args(["--control", &cfg.control()]);
+    let out = common::output_within(&mut cmd, EXIT_LIMIT);
     assert_one_line_error(&out, "interface `nosuch0` does not exist");
     assert_eq!(out.status.code(), Some(1));
 }
