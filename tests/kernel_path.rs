@@ -1,40 +1,19 @@
-//! Integration tests: the kernel path on real interfaces in namespaces.
+//! Integration tests: the kernel path on real interfaces in namespaces,
+//! as a library and through the daemon (`forwarder run` in the forwarder
+//! namespace of the client | forwarder | backend topology).
+
+mod harness;
+mod traffic;
+mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::time::Duration;
 
-use aya::programs::{SchedClassifier, TcAttachType};
 use forwarder::kernel::{KernelPath, StartOptions, TcAttach};
 use forwarder::rules::{Compiled, KernelSettings, KernelTable, RelaySettings};
 
-use crate::common::{self, Netns, Topology};
-
-/// Runs `f` on a thread that lives in `ns`; threads it starts (a tokio
-/// runtime's workers) live there too.
-fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let file = std::fs::File::open(format!("/var/run/netns/{}", ns.name))
-                .unwrap_or_else(|e| panic!("open namespace {}: {e}", ns.name));
-            // SAFETY: setns on this thread only, with a namespace descriptor.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    })
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use crate::common::{self, Topology};
+use harness::{in_netns, program_loaded, runtime, seen};
 
 fn compiled_for(interfaces: Option<Vec<String>>) -> Compiled {
     Compiled {
@@ -47,46 +26,6 @@ fn compiled_for(interfaces: Option<Vec<String>>) -> Compiled {
             ..KernelSettings::default()
         },
     }
-}
-
-/// What is attached to one interface, as the kernel reports it.
-#[derive(Debug, Default)]
-struct Seen {
-    xdp_prog: Option<u32>,
-    tcx_progs: Vec<u32>,
-    tc_filters: String,
-    clsact: bool,
-}
-
-fn seen(ns: &Netns, interface: &str) -> Seen {
-    let link = ns.exec("ip", &["-d", "-j", "link", "show", "dev", interface]);
-    let link: serde_json::Value = serde_json::from_slice(&link.stdout).unwrap();
-    let xdp_prog = link[0]["xdp"]["prog"]["id"].as_u64().map(|id| id as u32);
-    let tcx_progs = in_netns(ns, || {
-        SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
-            .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
-            .unwrap_or_default()
-    });
-    let tc_filters = String::from_utf8_lossy(
-        &ns.exec("tc", &["filter", "show", "dev", interface, "ingress"])
-            .stdout,
-    )
-    .into_owned();
-    let qdiscs = ns.exec("tc", &["qdisc", "show", "dev", interface]);
-    let clsact = String::from_utf8_lossy(&qdiscs.stdout).contains("clsact");
-    Seen {
-        xdp_prog,
-        tcx_progs,
-        tc_filters,
-        clsact,
-    }
-}
-
-fn program_loaded(id: u32) -> bool {
-    Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 /// Sends `n` datagrams from the client to the forwarder (nobody listens;
@@ -116,7 +55,7 @@ fn attach_count_detach(tc_attach: TcAttach, clsact_before: bool) {
         tc_attach,
         ..StartOptions::default()
     };
-    let rt = runtime();
+    let rt = in_netns(&topo.forwarder, runtime);
     let path = in_netns(&topo.forwarder, || {
         rt.block_on(KernelPath::start_with(&compiled, &options))
     })
@@ -223,7 +162,7 @@ fn a_missing_interface_is_a_clear_error_and_nothing_stays() {
         config_file: Some("/etc/forwarder/rules.yaml".into()),
         ..StartOptions::default()
     };
-    let rt = runtime();
+    let rt = in_netns(&topo.forwarder, runtime);
     let err = in_netns(&topo.forwarder, || {
         rt.block_on(KernelPath::start_with(&compiled, &options))
     })
@@ -251,7 +190,7 @@ fn a_failed_attach_takes_off_what_it_attached() {
         topo.client_link.a_if.clone(),
         topo.backend_link.a_if.clone(),
     );
-    let rt = runtime();
+    let rt = in_netns(&topo.forwarder, runtime);
     // A first instance holds the second interface...
     let first = in_netns(&topo.forwarder, || {
         rt.block_on(KernelPath::start(&compiled_for(Some(vec![b.clone()]))))
@@ -285,4 +224,537 @@ fn a_failed_attach_takes_off_what_it_attached() {
         "the first instance kept its TC"
     );
     in_netns(&topo.forwarder, || first.stop()).expect("stop");
+}
+
+// ---------------------------------------------------------------------------
+// Through the daemon: `forwarder run` in the forwarder namespace.
+
+use harness::{
+    Daemon, counter, eventually, forwarding_on, interface, kernel_rule, relay_rule, reserved_ports,
+};
+use traffic::{
+    BackendServers, tcp_echo_conn, tcp_echo_round, tcp_hash_transfer, udp_echo, udp_socket,
+    udp_socket_from,
+};
+
+const LISTEN_PORT: u16 = 7878;
+
+/// TCP and UDP on 7878 to the backend's 3478 (a TURN server's layout).
+fn turn_rules(topo: &Topology, extra: &str) -> String {
+    format!(
+        "interfaces: [{a}, {b}]\n\
+         relay: {{drain_timeout: 1s}}\n\
+         {extra}\
+         routes:\n\
+         \x20 turn-tcp: {{scheme: tcp, host: {backend}, port: {LISTEN_PORT}:3478}}\n\
+         \x20 turn-udp: {{scheme: udp, host: {backend}, port: {LISTEN_PORT}:3478}}\n",
+        a = topo.client_link.a_if,
+        b = topo.backend_link.a_if,
+        backend = topo.backend_addr(),
+    )
+}
+
+fn listener_addr(topo: &Topology) -> SocketAddr {
+    SocketAddr::from((topo.forwarder_addr(), LISTEN_PORT))
+}
+
+/// After a stop: nothing of ours on either interface, the programs gone,
+/// the reserved ports as they were.
+fn assert_nothing_left(topo: &Topology, programs: &[u32], reserved_before: &str) {
+    for i in [&topo.client_link.a_if, &topo.backend_link.a_if] {
+        let after = seen(&topo.forwarder, i);
+        assert!(after.nothing(), "{i}: {after:?}");
+    }
+    for &id in programs {
+        assert!(!program_loaded(id), "program {id} still loaded");
+    }
+    assert_eq!(reserved_ports(&topo.forwarder), reserved_before);
+}
+
+/// The ids of our programs on the client-side interface.
+fn our_programs(topo: &Topology) -> Vec<u32> {
+    let s = seen(&topo.forwarder, &topo.client_link.a_if);
+    let mut ids = s.tcx_progs.clone();
+    ids.extend(s.xdp_prog);
+    assert_eq!(ids.len(), 2, "XDP and TC attached: {s:?}");
+    ids
+}
+
+#[test]
+fn turn_like_tcp_and_udp_at_once_with_a_256_mib_transfer_on_the_kernel_path() {
+    if !common::require_root(
+        "turn_like_tcp_and_udp_at_once_with_a_256_mib_transfer_on_the_kernel_path",
+    ) {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let reserved_before = reserved_ports(&topo.forwarder);
+    let daemon = Daemon::start(&topo.forwarder, "turn", &turn_rules(&topo, ""));
+    assert_eq!(reserved_ports(&topo.forwarder), "40000-59999");
+    let programs = our_programs(&topo);
+    let to = listener_addr(&topo);
+    let size: u64 = 256 << 20;
+
+    let (sent, received) = in_netns(&topo.client, || {
+        std::thread::scope(|s| {
+            let bulk = s.spawn(|| tcp_hash_transfer(to, size));
+            // Meanwhile, on the same port: UDP and short TCP flows.
+            let udp = udp_socket(to);
+            for n in 0..200u32 {
+                udp_echo(&udp, format!("turn datagram {n}").as_bytes());
+            }
+            for n in 0..20u32 {
+                let mut c = tcp_echo_conn(to);
+                tcp_echo_round(&mut c, format!("turn stream {n}").as_bytes());
+            }
+            bulk.join().unwrap()
+        })
+    });
+    assert_eq!(sent, received, "SHA-256 of the 256 MiB at the backend");
+
+    let status = daemon.status();
+    let tcp = kernel_rule(&status, "turn-tcp", "tcp");
+    let udp = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(tcp, "flows"), 21, "{tcp}");
+    assert!(counter(tcp, "bytes_fwd") >= size, "{tcp}");
+    assert!(counter(tcp, "packets_rev") > 0, "{tcp}");
+    assert_eq!(counter(udp, "flows"), 1, "{udp}");
+    assert!(counter(udp, "packets_fwd") >= 200, "{udp}");
+    assert!(counter(udp, "packets_rev") >= 200, "{udp}");
+    for (alias, proto) in [("turn-tcp", "tcp"), ("turn-udp", "udp")] {
+        let k = kernel_rule(&status, alias, proto);
+        assert_eq!(
+            counter(k, "fallback_full") + counter(k, "fallback_other"),
+            0,
+            "{k}"
+        );
+        let r = relay_rule(&status, alias, proto);
+        assert_eq!(counter(r, "flows"), 0, "the relay carried nothing: {r}");
+        assert_eq!(counter(r, "bytes_to_backend"), 0, "{r}");
+    }
+    // Both programs saw the traffic on both interfaces.
+    for i in [&topo.client_link.a_if, &topo.backend_link.a_if] {
+        let c = interface(&status, i);
+        assert!(counter(c, "tc_packets") > 1000, "{c}");
+        assert!(counter(c, "xdp_packets") > 1000, "{c}");
+        assert!(
+            counter(c, "tc_bytes") > 0 && counter(c, "xdp_bytes") > 0,
+            "{c}"
+        );
+    }
+
+    daemon.stop();
+    assert_nothing_left(&topo, &programs, &reserved_before);
+}
+
+#[test]
+fn ten_thousand_udp_flows_on_the_kernel_path() {
+    if !common::require_root("ten_thousand_udp_flows_on_the_kernel_path") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(&topo.forwarder, "10k", &turn_rules(&topo, ""));
+    let to = listener_addr(&topo);
+    let flows = 10_000u32;
+    let threads = 4;
+    in_netns(&topo.client, || {
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || {
+                    for n in (t..flows).step_by(threads as usize) {
+                        // A port per flow: an ephemeral one could come back
+                        // and be the same flow again.
+                        let socket = udp_socket_from(20_000 + n as u16, to);
+                        udp_echo(&socket, format!("flow {n}").as_bytes());
+                    }
+                });
+            }
+        })
+    });
+    let status = daemon.status();
+    let k = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(k, "flows"), u64::from(flows), "{k}");
+    assert_eq!(
+        counter(k, "fallback_full") + counter(k, "fallback_other"),
+        0,
+        "{k}"
+    );
+    assert!(counter(k, "packets_rev") >= u64::from(flows), "{k}");
+    let r = relay_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(r, "flows"), 0, "{r}");
+    daemon.stop();
+}
+
+#[test]
+fn fragmented_datagrams_go_to_the_relay_for_the_whole_flow() {
+    if !common::require_root("fragmented_datagrams_go_to_the_relay_for_the_whole_flow") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(&topo.forwarder, "frag", &turn_rules(&topo, ""));
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        let socket = udp_socket(to);
+        // 4,000 bytes over MTU 1500: three fragments each way.
+        for n in 0..5u8 {
+            udp_echo(&socket, &vec![n; 4000]);
+        }
+        // Then small datagrams of the same flow stay with the relay.
+        for n in 0..5u32 {
+            udp_echo(&socket, format!("small {n}").as_bytes());
+        }
+    });
+    let status = daemon.status();
+    let k = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(k, "flows"), 0, "the kernel took nothing: {k}");
+    assert!(counter(k, "fallback_other") >= 1, "{k}");
+    let r = relay_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(r, "flows"), 1, "{r}");
+    assert!(counter(r, "bytes_to_backend") >= 5 * 4000 + 5 * 7, "{r}");
+    assert!(counter(r, "bytes_to_client") >= 5 * 4000, "{r}");
+    daemon.stop();
+}
+
+#[test]
+fn with_a_tiny_conntrack_table_overflow_flows_still_work_through_the_relay() {
+    if !common::require_root(
+        "with_a_tiny_conntrack_table_overflow_flows_still_work_through_the_relay",
+    ) {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    // Room for two flows.
+    let rules = turn_rules(&topo, "kernel: {conntrack_size: 4}\n");
+    let daemon = Daemon::start(&topo.forwarder, "tiny", &rules);
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        // All open at once, each used twice, so none can end early.
+        let mut conns: Vec<_> = (0..10).map(|_| tcp_echo_conn(to)).collect();
+        for round in 0..2 {
+            for (n, c) in conns.iter_mut().enumerate() {
+                tcp_echo_round(c, format!("conn {n} round {round}").as_bytes());
+            }
+        }
+        let sockets: Vec<_> = (0..5).map(|_| udp_socket(to)).collect();
+        for (n, s) in sockets.iter().enumerate() {
+            udp_echo(s, format!("udp {n}").as_bytes());
+            udp_echo(s, format!("udp {n} again").as_bytes());
+        }
+    });
+    let status = daemon.status();
+    let tcp = kernel_rule(&status, "turn-tcp", "tcp");
+    assert_eq!(counter(tcp, "flows"), 2, "{tcp}");
+    assert_eq!(counter(tcp, "fallback_full"), 8, "{tcp}");
+    assert_eq!(counter(relay_rule(&status, "turn-tcp", "tcp"), "flows"), 8);
+    let udp = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(udp, "flows"), 0, "{udp}");
+    assert_eq!(counter(udp, "fallback_full"), 5, "{udp}");
+    assert_eq!(counter(relay_rule(&status, "turn-udp", "udp"), "flows"), 5);
+    daemon.stop();
+}
+
+#[test]
+fn a_relay_rule_is_carried_by_the_relay_only() {
+    if !common::require_root("a_relay_rule_is_carried_by_the_relay_only") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let yaml = format!(
+        "interfaces: [{a}, {b}]\n\
+         relay: {{drain_timeout: 1s}}\n\
+         routes:\n\
+         \x20 kernel: {{scheme: udp, host: {backend}, port: 7878:3478}}\n\
+         \x20 relayed: {{scheme: 'tcp,udp', host: {backend}, port: 7879:3478, path: relay}}\n",
+        a = topo.client_link.a_if,
+        b = topo.backend_link.a_if,
+        backend = topo.backend_addr(),
+    );
+    let daemon = Daemon::start(&topo.forwarder, "relayrule", &yaml);
+    let relayed = SocketAddr::from((topo.forwarder_addr(), 7879));
+    in_netns(&topo.client, || {
+        let mut c = tcp_echo_conn(relayed);
+        tcp_echo_round(&mut c, b"through the relay");
+        udp_echo(&udp_socket(relayed), b"through the relay too");
+        udp_echo(&udp_socket(listener_addr(&topo)), b"through the kernel");
+    });
+    let status = daemon.status();
+    for proto in ["tcp", "udp"] {
+        let k = kernel_rule(&status, "relayed", proto);
+        for c in ["flows", "packets_fwd", "fallback_full", "fallback_other"] {
+            assert_eq!(counter(k, c), 0, "{c}: {k}");
+        }
+        assert_eq!(counter(relay_rule(&status, "relayed", proto), "flows"), 1);
+    }
+    assert_eq!(counter(kernel_rule(&status, "kernel", "udp"), "flows"), 1);
+    assert_eq!(counter(relay_rule(&status, "kernel", "udp"), "flows"), 0);
+    daemon.stop();
+}
+
+#[test]
+fn stop_leaves_nothing_behind_and_a_new_start_works() {
+    if !common::require_root("stop_leaves_nothing_behind_and_a_new_start_works") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    // Someone else's reservation must survive us.
+    topo.forwarder
+        .sysctl("net.ipv4.ip_local_reserved_ports", "1000-1010,2222");
+    let before = reserved_ports(&topo.forwarder);
+    assert_eq!(before, "1000-1010,2222");
+    let _servers = BackendServers::start(&topo.backend);
+    let to = listener_addr(&topo);
+    for round in 0..2 {
+        let daemon = Daemon::start(
+            &topo.forwarder,
+            &format!("restart{round}"),
+            &turn_rules(&topo, ""),
+        );
+        assert_eq!(
+            reserved_ports(&topo.forwarder),
+            "1000-1010,2222,40000-59999"
+        );
+        let programs = our_programs(&topo);
+        in_netns(&topo.client, || {
+            let mut c = tcp_echo_conn(to);
+            tcp_echo_round(&mut c, b"before stop");
+            udp_echo(&udp_socket(to), b"before stop");
+        });
+        let status = daemon.status();
+        assert_eq!(counter(kernel_rule(&status, "turn-tcp", "tcp"), "flows"), 1);
+        assert_eq!(counter(kernel_rule(&status, "turn-udp", "udp"), "flows"), 1);
+        daemon.stop();
+        assert_nothing_left(&topo, &programs, &before);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Checksums as packets really travel.
+
+/// Every veth end without checksum offload, TSO, GSO or GRO: each packet
+/// carries a full checksum that the receiving stack verifies in software,
+/// so a wrong one is dropped and counted in InCsumErrors.
+#[test]
+fn checksums_hold_when_every_receiver_verifies_them() {
+    if !common::require_root("checksums_hold_when_every_receiver_verifies_them") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    in_netns(&topo.client, || wire::offloads_off(&topo.client_link.b_if));
+    in_netns(&topo.backend, || {
+        wire::offloads_off(&topo.backend_link.b_if)
+    });
+    in_netns(&topo.forwarder, || {
+        wire::offloads_off(&topo.client_link.a_if);
+        wire::offloads_off(&topo.backend_link.a_if);
+    });
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(&topo.forwarder, "swcsum", &turn_rules(&topo, ""));
+    let to = listener_addr(&topo);
+    let size: u64 = 32 << 20;
+    let (sent, received) = in_netns(&topo.client, || {
+        let udp = udp_socket(to);
+        // Odd and even lengths, so the padding byte of the sum is covered.
+        for len in 1..=64usize {
+            udp_echo(&udp, &vec![len as u8; len * 17]);
+        }
+        // A sender that leaves the UDP checksum zero (SO_NO_CHECK).
+        let bare = udp_socket(to);
+        let one: i32 = 1;
+        // SAFETY: setting an int option on a live socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&bare),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&one as *const i32).cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0);
+        for n in 0..20u32 {
+            udp_echo(&bare, format!("no checksum {n}").as_bytes());
+        }
+        let mut c = tcp_echo_conn(to);
+        tcp_echo_round(&mut c, b"odd length!");
+        tcp_hash_transfer(to, size)
+    });
+    assert_eq!(sent, received);
+    assert_eq!(wire::csum_errors(&topo.backend), (0, 0), "at the backend");
+    assert_eq!(wire::csum_errors(&topo.client), (0, 0), "at the client");
+    let status = daemon.status();
+    assert_eq!(counter(kernel_rule(&status, "turn-tcp", "tcp"), "flows"), 2);
+    assert_eq!(counter(kernel_rule(&status, "turn-udp", "udp"), "flows"), 2);
+    assert_eq!(counter(relay_rule(&status, "turn-tcp", "tcp"), "flows"), 0);
+    daemon.stop();
+}
+
+/// With the default offloads, local senders leave the L4 checksum to be
+/// filled in later (CHECKSUM_PARTIAL: the field holds the pseudo-header
+/// sum). The rewrite must keep that sum right; captured at the receivers,
+/// every frame's checksum field is checked as what it claims to be.
+#[test]
+fn checksum_partial_packets_carry_the_right_pseudo_header_sum() {
+    if !common::require_root("checksum_partial_packets_carry_the_right_pseudo_header_sum") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(&topo.forwarder, "partial", &turn_rules(&topo, ""));
+    let at_backend = in_netns(&topo.backend, || {
+        wire::Capture::open(&topo.backend_link.b_if)
+    });
+    let at_client = in_netns(&topo.client, || wire::Capture::open(&topo.client_link.b_if));
+    let to = listener_addr(&topo);
+    let (sent, received) = in_netns(&topo.client, || {
+        let udp = udp_socket(to);
+        for len in [1usize, 2, 3, 100, 1001, 1400] {
+            udp_echo(&udp, &vec![7u8; len]);
+        }
+        let mut c = tcp_echo_conn(to);
+        for n in 0..20u32 {
+            tcp_echo_round(&mut c, &vec![n as u8; 3000 + n as usize]);
+        }
+        tcp_hash_transfer(to, 4 << 20)
+    });
+    assert_eq!(sent, received);
+    let mut partial = 0;
+    let mut full = 0;
+    for (side, capture) in [("backend", &at_backend), ("client", &at_client)] {
+        for frame in capture.drain() {
+            match wire::check(&frame) {
+                None => {}
+                Some(Ok(())) if frame.partial => partial += 1,
+                Some(Ok(())) => full += 1,
+                Some(Err(why)) => panic!("a frame at the {side}: {why}"),
+            }
+        }
+    }
+    assert!(partial > 0, "no CHECKSUM_PARTIAL frame seen ({full} full)");
+    assert!(partial + full > 100, "{partial} + {full} frames checked");
+    let status = daemon.status();
+    assert_eq!(counter(kernel_rule(&status, "turn-tcp", "tcp"), "flows"), 2);
+    daemon.stop();
+}
+
+// ---------------------------------------------------------------------------
+// The kernel path starting under a relay that already carries flows.
+
+#[test]
+fn flows_the_relay_carries_when_the_kernel_path_starts_stay_with_the_relay() {
+    if !common::require_root(
+        "flows_the_relay_carries_when_the_kernel_path_starts_stay_with_the_relay",
+    ) {
+        return;
+    }
+    use forwarder::kernel::RelayFlows;
+    use forwarder::relay::Relay;
+    use std::sync::Arc;
+
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let compiled = forwarder::config::load_str(&turn_rules(&topo, ""), "midflow.yaml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Its workers, where the relay's tasks connect, live in that namespace.
+    let rt = in_netns(&topo.forwarder, runtime);
+    let flows = Arc::new(RelayFlows::new());
+    let relay = in_netns(&topo.forwarder, || {
+        rt.block_on(Relay::start(
+            &compiled.listeners,
+            compiled.relay,
+            flows.clone(),
+        ))
+    })
+    .expect("relay");
+    let to = listener_addr(&topo);
+
+    // Flows open before the kernel path exists: the relay's.
+    let (mut old_tcp, old_udp) = in_netns(&topo.client, || {
+        let mut c = tcp_echo_conn(to);
+        tcp_echo_round(&mut c, b"before");
+        let u = udp_socket(to);
+        udp_echo(&u, b"before");
+        (c, u)
+    });
+    eventually("the relay reports both flows", || flows.len() == 2);
+
+    let options = StartOptions {
+        relay_flows: Some(flows.clone()),
+        ..StartOptions::default()
+    };
+    let kernel = in_netns(&topo.forwarder, || {
+        rt.block_on(KernelPath::start_with(&compiled, &options))
+    })
+    .expect("kernel path");
+    let relay_before: Vec<_> = relay.counters();
+
+    in_netns(&topo.client, || {
+        for n in 0..10u32 {
+            tcp_echo_round(&mut old_tcp, format!("after {n}").as_bytes());
+            udp_echo(&old_udp, format!("after {n}").as_bytes());
+        }
+        // New flows: the kernel path's.
+        let mut c = tcp_echo_conn(to);
+        tcp_echo_round(&mut c, b"new");
+        udp_echo(&udp_socket(to), b"new");
+    });
+    let k = kernel.counters().unwrap();
+    for r in &k.rules {
+        assert_eq!(r.flows, 1, "only the new flow is the kernel's: {r:?}");
+    }
+    let relay_after = relay.counters();
+    for (before, after) in relay_before.iter().zip(&relay_after) {
+        assert_eq!(after.flows, 1, "{after:?}");
+        assert!(
+            after.bytes_to_backend > before.bytes_to_backend,
+            "the old flow went on through the relay: {before:?} -> {after:?}"
+        );
+    }
+    drop((old_tcp, old_udp));
+    in_netns(&topo.forwarder, || kernel.stop()).expect("stop");
+    rt.block_on(relay.shutdown(Duration::ZERO));
+}
+
+#[test]
+fn the_programs_log_through_the_daemon() {
+    if !common::require_root("the_programs_log_through_the_daemon") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start_logging(
+        &topo.forwarder,
+        "log",
+        &turn_rules(&topo, ""),
+        "info,forwarder::ebpf=debug",
+    );
+    let to = listener_addr(&topo);
+    let client_port = in_netns(&topo.client, || {
+        let u = udp_socket(to);
+        udp_echo(&u, b"log me");
+        u.local_addr().unwrap().port()
+    });
+    eventually("the new flow is logged", || {
+        daemon.log_text().contains(&format!(
+            "rule 1: new flow {}:{client_port} -> {}:3478",
+            topo.client_link.b_addr,
+            topo.backend_addr()
+        ))
+    });
+    let log = daemon.stop();
+    assert!(log.contains("forwarder::ebpf"), "{log}");
 }

@@ -8,7 +8,7 @@ use forwarder_common::{
     RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, addr_ipv4_be,
 };
 
-use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS};
+use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, Scratch};
 use crate::parse::{TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Timestamps in the maps are refreshed at most this often, so that busy
@@ -90,17 +90,18 @@ pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) {
     }
 }
 
-/// Creates the pair of entries of a new flow from `key` (client to
-/// listener) to `backend` and returns the forward one. SNAT takes a free
+/// Creates the pair of entries of a new flow from `s.key` (client to
+/// listener) to `backend`; the forward one is left in `s.ct`. SNAT takes a free
 /// port of the reserved range: a random start, then a bounded probe, each
 /// try being the no-exist insert of the reverse entry.
-#[inline(always)]
+#[inline(never)]
 pub fn create(
-    key: &CtKey,
     rule: &RuleValue,
     backend: &Backend,
     now: u64,
-) -> Result<CtValue, Fallback> {
+    s: &mut Scratch,
+) -> Result<(), Fallback> {
+    let key = &s.key;
     let preserve = rule.flags & RULE_F_PRESERVE_CLIENT_IP != 0;
     let snat_addr = if preserve { key.src } else { backend.snat_addr };
     // This path is IPv4 only; anything else is the relay's.
@@ -115,7 +116,7 @@ pub fn create(
     } else {
         CT_STATE_ESTABLISHED
     };
-    let mut reverse_key = CtKey {
+    s.reverse_key = CtKey {
         src: backend.addr,
         dst: snat_addr,
         sport: backend.port,
@@ -123,7 +124,7 @@ pub fn create(
         proto: key.proto,
         _pad: [0; 3],
     };
-    let reverse = CtValue {
+    s.reverse = CtValue {
         new_src: key.dst,
         new_dst: key.src,
         new_sport: key.dport,
@@ -135,14 +136,14 @@ pub fn create(
         _pad: [0; 6],
     };
     if preserve {
-        insert_new(&reverse_key, &reverse)?;
+        insert_new(&s.reverse_key, &s.reverse)?;
     } else {
-        reverse_key.dport = reserve_port(&mut reverse_key, &reverse)?;
+        reserve_port(&mut s.reverse_key, &s.reverse)?;
     }
-    let forward = CtValue {
+    s.ct = CtValue {
         new_src: snat_addr,
         new_dst: backend.addr,
-        new_sport: reverse_key.dport,
+        new_sport: s.reverse_key.dport,
         new_dport: backend.port,
         rule_id: rule.rule_id,
         last_seen_ns: now,
@@ -150,19 +151,17 @@ pub fn create(
         state,
         _pad: [0; 6],
     };
-    match CONNTRACK.insert(key, &forward, u64::from(BPF_NOEXIST)) {
-        Ok(()) => Ok(forward),
+    match CONNTRACK.insert(key, &s.ct, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(()),
         Err(e) => {
-            let _ = CONNTRACK.remove(&reverse_key);
-            if e == -EEXIST {
-                // Another CPU created this flow a moment ago: use its entry.
-                // SAFETY: copied out at once.
-                unsafe { CONNTRACK.get(key) }
-                    .copied()
-                    .ok_or(Fallback::Other)
-            } else {
-                Err(Fallback::Full)
+            let _ = CONNTRACK.remove(&s.reverse_key);
+            if e != -EEXIST {
+                return Err(Fallback::Full);
             }
+            // Another CPU created this flow a moment ago: use its entry.
+            // SAFETY: copied out at once.
+            s.ct = *unsafe { CONNTRACK.get(key) }.ok_or(Fallback::Other)?;
+            Ok(())
         }
     }
 }
@@ -176,10 +175,10 @@ fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
     }
 }
 
-/// Finds a free SNAT port by inserting the reverse entry with it; returns
-/// the port (network byte order) with the entry in place.
+/// Finds a free SNAT port by inserting the reverse entry with it; leaves
+/// the port in `reverse_key.dport` with the entry in place.
 #[inline(always)]
-fn reserve_port(reverse_key: &mut CtKey, reverse: &CtValue) -> Result<u16, Fallback> {
+fn reserve_port(reverse_key: &mut CtKey, reverse: &CtValue) -> Result<(), Fallback> {
     let settings = SETTINGS.get(0).ok_or(Fallback::Other)?;
     let (min, max) = (
         u32::from(settings.snat_port_min),
@@ -202,7 +201,7 @@ fn reserve_port(reverse_key: &mut CtKey, reverse: &CtValue) -> Result<u16, Fallb
         let port = (min + (start + i) % span) as u16;
         reverse_key.dport = port.to_be();
         match CONNTRACK.insert(&*reverse_key, reverse, u64::from(BPF_NOEXIST)) {
-            Ok(()) => return Ok(port.to_be()),
+            Ok(()) => return Ok(()),
             Err(e) if e == -EEXIST => continue,
             Err(_) => return Err(Fallback::Full),
         }

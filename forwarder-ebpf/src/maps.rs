@@ -3,7 +3,7 @@
 //! relay-flow maps at load.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_NO_PREALLOC, bpf_fib_lookup, bpf_redir_neigh},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
 };
@@ -45,3 +45,29 @@ pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::with_max_entries(1, 0);
 /// Sized at load.
 #[map]
 pub static RELAY_FLOWS: HashMap<CtKey, RelayFlow> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
+
+/// Per-CPU working space for values too big for the 512-byte stack.
+/// Private to the programs: userspace never reads it, so it is no shared
+/// layout (those live in forwarder-common).
+#[repr(C)]
+pub struct Scratch {
+    /// The conntrack key of the packet's direction.
+    pub key: CtKey,
+    pub fib: bpf_fib_lookup,
+    pub neigh: bpf_redir_neigh,
+    /// The entry a packet is rewritten to.
+    pub ct: CtValue,
+    /// A new flow's reverse entry and key.
+    pub reverse: CtValue,
+    pub reverse_key: CtKey,
+}
+
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's scratch space.
+#[inline(always)]
+pub fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: a per-CPU slot; one program run uses it at a time on a CPU.
+    SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}

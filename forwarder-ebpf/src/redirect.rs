@@ -9,31 +9,38 @@ use aya_ebpf::{
     programs::TcContext,
 };
 
+use crate::maps::Scratch;
+
 const AF_INET: u8 = 2;
 
-/// Where a packet leaves.
-pub struct Route {
-    ifindex: u32,
-    neigh: bpf_redir_neigh,
+/// A packet to route: addresses and ports in network byte order.
+pub struct Flow {
+    pub ifindex: u32,
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub tot_len: u16,
 }
 
-/// The route from `src` to `dst` (network byte order) for a packet that
-/// arrived on `ifindex`, or the FIB's refusal (no route, forwarding off on
-/// the interface, too big for the egress MTU, a local destination, ...).
+/// Looks up the route of `flow` (which arrived on `flow.ifindex`) into
+/// `s`, or returns the FIB's refusal (no route, forwarding off on the
+/// interface, too big for the egress MTU, a local destination, ...).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub fn route(
-    ctx: &TcContext,
-    ifindex: u32,
-    src: u32,
-    dst: u32,
-    proto: u8,
-    sport: u16,
-    dport: u16,
-    tot_len: u16,
-) -> Result<Route, i64> {
+pub fn route(ctx: &TcContext, flow: &Flow, s: &mut Scratch) -> Result<(), i64> {
+    let (ifindex, src, dst, proto, sport, dport, tot_len) = (
+        flow.ifindex,
+        flow.src,
+        flow.dst,
+        flow.proto,
+        flow.sport,
+        flow.dport,
+        flow.tot_len,
+    );
     // SAFETY: a plain C struct; all-zero is a valid value.
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    s.fib = unsafe { core::mem::zeroed() };
+    let params = &mut s.fib;
     params.family = AF_INET;
     params.l4_protocol = proto;
     params.sport = sport;
@@ -46,7 +53,7 @@ pub fn route(
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb.cast(),
-            &mut params,
+            params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -55,7 +62,8 @@ pub fn route(
         return Err(rc);
     }
     // SAFETY: a plain C struct; all-zero is a valid value.
-    let mut neigh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    s.neigh = unsafe { core::mem::zeroed() };
+    let (params, neigh) = (&s.fib, &mut s.neigh);
     neigh.nh_family = u32::from(params.family);
     // SAFETY: the FIB wrote the next hop in the family it set.
     unsafe {
@@ -65,20 +73,17 @@ pub fn route(
             neigh.__bindgen_anon_1.ipv6_nh = params.__bindgen_anon_4.ipv6_dst;
         }
     }
-    Ok(Route {
-        ifindex: params.ifindex,
-        neigh,
-    })
+    Ok(())
 }
 
-/// Redirects the packet out of the route's interface; the TC verdict.
+/// Redirects the packet out of the interface `route` found; the TC verdict.
 #[inline(always)]
-pub fn send(route: &mut Route) -> i32 {
+pub fn send(s: &mut Scratch) -> i32 {
     // SAFETY: the helper reads `neigh`, of the size given.
     unsafe {
         bpf_redirect_neigh(
-            route.ifindex,
-            &mut route.neigh,
+            s.fib.ifindex,
+            &mut s.neigh,
             core::mem::size_of::<bpf_redir_neigh>() as i32,
             0,
         ) as i32

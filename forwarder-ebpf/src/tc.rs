@@ -15,10 +15,18 @@ use forwarder_common::{
 
 use crate::conntrack::{self, Fallback};
 use crate::counters::{Hook, count_interface, with_rule};
+use crate::maps::{Scratch, scratch};
 use crate::nat;
 use crate::parse::{self, Packet, TCP_ACK, TCP_SYN, Unfit};
-use crate::redirect;
+use crate::redirect::{self, Flow};
 use crate::rules;
+
+/// One packet on its way through the pipeline.
+struct Work {
+    pkt: Packet,
+    ifindex: u32,
+    now: u64,
+}
 
 pub fn handle(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
@@ -29,20 +37,27 @@ pub fn handle(ctx: &TcContext) -> i32 {
     let Some(pkt) = parse::parse(ctx) else {
         return TC_ACT_OK as i32;
     };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let key = pkt.key();
-    if conntrack::relay_owns(&key, now) {
+    let Some(s) = scratch() else {
+        return TC_ACT_OK as i32;
+    };
+    s.key = pkt.key();
+    let w = Work {
+        pkt,
+        ifindex,
+        // SAFETY: a helper without arguments.
+        now: unsafe { bpf_ktime_get_ns() },
+    };
+    if conntrack::relay_owns(&s.key, w.now) {
         return TC_ACT_OK as i32;
     }
-    if pkt.unfit != Unfit::None {
-        unfit(ctx, &pkt, &key, now);
+    if w.pkt.unfit != Unfit::None {
+        unfit(ctx, &w, s);
         return TC_ACT_OK as i32;
     }
-    if let Some(entry) = conntrack::lookup(&key) {
-        return known_flow(ctx, &pkt, entry, ifindex, now);
+    if let Some(entry) = conntrack::lookup(&s.key) {
+        return known_flow(ctx, &w, entry, s);
     }
-    let Some(rule) = rules::lookup(&pkt) else {
+    let Some(rule) = rules::lookup(&w.pkt) else {
         return TC_ACT_OK as i32;
     };
     if rule.flags & RULE_F_RELAY != 0 {
@@ -50,62 +65,67 @@ pub fn handle(ctx: &TcContext) -> i32 {
     }
     // Only a SYN opens a TCP flow; anything else without an entry is a
     // flow the relay (or nobody) has.
-    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if w.pkt.proto == PROTO_TCP && w.pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return TC_ACT_OK as i32;
     }
-    new_flow(ctx, &pkt, &key, &rule, ifindex, now)
+    new_flow(ctx, &w, &rule, s)
 }
+
+// The stages below are separate BPF functions, each with its own stack
+// frame: together they would not fit the 512 bytes of one.
 
 /// A fragment or a header with options: the relay gets the flow, if it is
 /// one of ours and not already the kernel's.
-#[inline(always)]
-fn unfit(ctx: &TcContext, pkt: &Packet, key: &CtKey, now: u64) {
-    let Some(rule) = rules::lookup(pkt) else {
+#[inline(never)]
+fn unfit(ctx: &TcContext, w: &Work, s: &mut Scratch) {
+    let Some(rule) = rules::lookup(&w.pkt) else {
         return;
     };
-    if rule.flags & RULE_F_RELAY != 0 || conntrack::lookup(key).is_some() {
+    if rule.flags & RULE_F_RELAY != 0 || conntrack::lookup(&s.key).is_some() {
         return;
     }
-    conntrack::give_to_relay(key, rule.rule_id, now);
+    conntrack::give_to_relay(&s.key, rule.rule_id, w.now);
     with_rule(rule.rule_id, |c| c.fallback_other += 1);
     debug!(
         ctx,
         "rule {}: fragment or IP options from {:i}:{}, flow left to the relay",
         rule.rule_id,
-        u32::from_be(pkt.src),
-        u16::from_be(pkt.sport)
+        u32::from_be(w.pkt.src),
+        u16::from_be(w.pkt.sport)
     );
 }
 
-#[inline(always)]
-fn known_flow(ctx: &TcContext, pkt: &Packet, entry: *mut CtValue, ifindex: u32, now: u64) -> i32 {
+#[inline(never)]
+fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> i32 {
+    let pkt = &w.pkt;
     // SAFETY: copied out at once.
-    let ct = unsafe { *entry };
+    s.ct = unsafe { *entry };
+    let (rule_id, direction) = (s.ct.rule_id, s.ct.direction);
     if pkt.ttl <= 1 {
-        return drop(ctx, ct.rule_id, "TTL expired");
+        return drop(ctx, rule_id, "TTL expired");
     }
-    let (Some(src), Some(dst)) = (addr_ipv4_be(&ct.new_src), addr_ipv4_be(&ct.new_dst)) else {
-        return drop(ctx, ct.rule_id, "not IPv4");
+    let (Some(src), Some(dst)) = (addr_ipv4_be(&s.ct.new_src), addr_ipv4_be(&s.ct.new_dst)) else {
+        return drop(ctx, rule_id, "not IPv4");
     };
-    let Ok(mut route) = redirect::route(
-        ctx,
-        ifindex,
+    let flow = Flow {
+        ifindex: w.ifindex,
         src,
         dst,
-        pkt.proto,
-        ct.new_sport,
-        ct.new_dport,
-        pkt.tot_len,
-    ) else {
-        return drop(ctx, ct.rule_id, "no route");
+        proto: pkt.proto,
+        sport: s.ct.new_sport,
+        dport: s.ct.new_dport,
+        tot_len: pkt.tot_len,
     };
-    conntrack::touch(entry, pkt.proto, pkt.tcp_flags, now);
-    if nat::rewrite(ctx, pkt, &ct).is_err() {
-        return drop(ctx, ct.rule_id, "rewrite failed");
+    if redirect::route(ctx, &flow, s).is_err() {
+        return drop(ctx, rule_id, "no route");
+    }
+    conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now);
+    if nat::rewrite(ctx, pkt, &s.ct).is_err() {
+        return drop(ctx, rule_id, "rewrite failed");
     }
     let bytes = u64::from(ctx.len());
-    with_rule(ct.rule_id, |c| {
-        if ct.direction == CT_DIR_FORWARD {
+    with_rule(rule_id, |c| {
+        if direction == CT_DIR_FORWARD {
             c.packets_fwd += 1;
             c.bytes_fwd += bytes;
         } else {
@@ -113,20 +133,14 @@ fn known_flow(ctx: &TcContext, pkt: &Packet, entry: *mut CtValue, ifindex: u32, 
             c.bytes_rev += bytes;
         }
     });
-    redirect::send(&mut route)
+    redirect::send(s)
 }
 
-#[inline(always)]
-fn new_flow(
-    ctx: &TcContext,
-    pkt: &Packet,
-    key: &CtKey,
-    rule: &RuleValue,
-    ifindex: u32,
-    now: u64,
-) -> i32 {
+#[inline(never)]
+fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32 {
+    let (pkt, now) = (&w.pkt, w.now);
     let Some(backend) = rules::pick_backend(rule) else {
-        return fall_back(ctx, key, rule.rule_id, now, Fallback::Other);
+        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
     };
     let src = if rule.flags & RULE_F_PRESERVE_CLIENT_IP != 0 {
         Some(pkt.src)
@@ -134,30 +148,29 @@ fn new_flow(
         addr_ipv4_be(&backend.snat_addr)
     };
     let (Some(src), Some(dst)) = (src, addr_ipv4_be(&backend.addr)) else {
-        return fall_back(ctx, key, rule.rule_id, now, Fallback::Other);
+        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
     };
     // Packets for us with TTL 1 are fine for the relay, not for forwarding.
     if pkt.ttl <= 1 {
-        return fall_back(ctx, key, rule.rule_id, now, Fallback::Other);
+        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
     }
     // Route first: an unroutable backend must not cost a conntrack entry.
-    let Ok(mut route) = redirect::route(
-        ctx,
-        ifindex,
+    let flow = Flow {
+        ifindex: w.ifindex,
         src,
         dst,
-        pkt.proto,
-        pkt.sport,
-        backend.port,
-        pkt.tot_len,
-    ) else {
-        return fall_back(ctx, key, rule.rule_id, now, Fallback::Other);
+        proto: pkt.proto,
+        sport: pkt.sport,
+        dport: backend.port,
+        tot_len: pkt.tot_len,
     };
-    let forward = match conntrack::create(key, rule, &backend, now) {
-        Ok(forward) => forward,
-        Err(why) => return fall_back(ctx, key, rule.rule_id, now, why),
-    };
-    if nat::rewrite(ctx, pkt, &forward).is_err() {
+    if redirect::route(ctx, &flow, s).is_err() {
+        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
+    }
+    if let Err(why) = conntrack::create(rule, &backend, now, s) {
+        return fall_back(ctx, &s.key, rule.rule_id, now, why);
+    }
+    if nat::rewrite(ctx, pkt, &s.ct).is_err() {
         return drop(ctx, rule.rule_id, "rewrite failed");
     }
     let bytes = u64::from(ctx.len());
@@ -175,9 +188,9 @@ fn new_flow(
         u32::from_be(dst),
         u16::from_be(backend.port),
         u32::from_be(src),
-        u16::from_be(forward.new_sport)
+        u16::from_be(s.ct.new_sport)
     );
-    redirect::send(&mut route)
+    redirect::send(s)
 }
 
 /// Leaves a new flow to the relay for its whole life.

@@ -142,6 +142,11 @@ impl Attached {
         let Some(mut ebpf) = self.ebpf.take() else {
             return Ok(());
         };
+        let program_ids: Vec<u32> = [TC_PROGRAM, XDP_PROGRAM]
+            .iter()
+            .filter_map(|name| ebpf.program(name)?.info().ok())
+            .map(|info| info.id())
+            .collect();
         for on in self.on.drain(..).rev() {
             let name = &on.interface.name;
             let gone = super::interfaces::ifindex(name) != Some(on.interface.ifindex);
@@ -167,6 +172,14 @@ impl Attached {
                     "cannot remove the clsact qdisc we added to {name}: {e}"
                 ));
             }
+        }
+        // A link a forked child still holds a reference to would stay.
+        match super::links::detach_links_of(&program_ids) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("{n} links of ours were still attached; detached"),
+            Err(e) => note(anyhow::anyhow!(
+                "cannot detach the links of our programs: {e}"
+            )),
         }
         // Unloads the programs and closes the maps.
         drop(ebpf);

@@ -51,10 +51,11 @@ pub fn check_object() -> anyhow::Result<()> {
 }
 
 /// Parses the object and creates its maps (programs are loaded later).
-pub fn load(sizes: Sizes) -> anyhow::Result<Ebpf> {
+/// `log_level` is the most verbose aya-log level the programs emit.
+pub fn load(sizes: Sizes, log_level: u8) -> anyhow::Result<Ebpf> {
     check_object()?;
     check_privileges()?;
-    let level = super::log::ebpf_log_level();
+    let level = log_level;
     EbpfLoader::new()
         .map_max_entries("CONNTRACK", sizes.conntrack)
         .map_max_entries("RELAY_FLOWS", sizes.relay_flows)

@@ -9,6 +9,7 @@
 mod attach;
 mod counters;
 mod interfaces;
+mod links;
 mod load;
 mod log;
 mod qdisc;
@@ -110,9 +111,9 @@ impl KernelPath {
         let conntrack_size = settings.conntrack_size.max(2);
         let sizes = load::Sizes {
             conntrack: conntrack_size,
-            relay_flows: conntrack_size,
+            relay_flows: relay_flows_size(compiled),
         };
-        let mut ebpf = load::load(sizes)?;
+        let mut ebpf = load::load(sizes, log::ebpf_log_level())?;
         let relay_flows = options.relay_flows.clone().unwrap_or_default();
         let gauges = Arc::new(Gauges::default());
         let mut tasks = Vec::new();
@@ -227,6 +228,27 @@ impl Drop for KernelPath {
         self.attached.take();
         self.reserved.take();
     }
+}
+
+/// Room for every flow the relay may carry: its UDP session bound, and at
+/// least as many as the kernel's own table (the relay takes its overflow).
+/// The map allocates per entry, so the size costs nothing until used.
+fn relay_flows_size(compiled: &Compiled) -> u32 {
+    const FLOOR: u32 = 65_536;
+    const CEILING: u32 = 1 << 24;
+    let udp_listeners = compiled
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == crate::rules::Protocol::Udp)
+        .count();
+    let udp = compiled
+        .relay
+        .max_udp_sessions
+        .saturating_mul(udp_listeners);
+    let want = (udp as u64)
+        .max(u64::from(compiled.kernel_settings.conntrack_size))
+        .max(u64::from(FLOOR));
+    want.min(u64::from(CEILING)) as u32
 }
 
 /// bpf_fib_lookup refuses to route packets that arrived on an interface

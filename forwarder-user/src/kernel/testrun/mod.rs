@@ -40,11 +40,20 @@ pub struct Run {
 }
 
 impl Loaded {
+    /// Loaded with every log statement live: the verifier sees the largest
+    /// program the daemon can run (with `RUST_LOG=trace`).
     pub fn new(conntrack: u32) -> Loaded {
-        let mut ebpf = load::load(load::Sizes {
-            conntrack,
-            relay_flows: conntrack,
-        })
+        Loaded::with_log_level(conntrack, aya_log::Level::Trace as u8)
+    }
+
+    pub fn with_log_level(conntrack: u32, log_level: u8) -> Loaded {
+        let mut ebpf = load::load(
+            load::Sizes {
+                conntrack,
+                relay_flows: conntrack,
+            },
+            log_level,
+        )
         .expect("load the eBPF object");
         Attached::load_programs(&mut ebpf).expect("load the programs");
         Loaded { ebpf }

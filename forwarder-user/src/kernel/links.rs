@@ -1,0 +1,73 @@
+//! Forcing links of our programs off an interface.
+//!
+//! Closing a link's descriptor detaches it only when no other reference
+//! exists; a process forked at that moment (before its exec closes the
+//! inherited descriptor) keeps it attached a little longer. `BPF_LINK_DETACH`
+//! detaches at once, whoever still holds the link.
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use aya::programs::loaded_links;
+
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+#[repr(C)]
+#[derive(Default)]
+struct Attr {
+    first: u32,
+    second: u32,
+    third: u32,
+    _pad: [u32; 5],
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
+    // SAFETY: the attr is a live, zero-padded bpf_attr prefix of the size given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Detaches every link of the programs `program_ids`; returns how many.
+pub fn detach_links_of(program_ids: &[u32]) -> io::Result<usize> {
+    let mut detached = 0;
+    for info in loaded_links().filter_map(Result::ok) {
+        if !program_ids.contains(&info.program_id()) {
+            continue;
+        }
+        let mut get = Attr {
+            first: info.id(),
+            ..Attr::default()
+        };
+        let fd = match bpf(BPF_LINK_GET_FD_BY_ID, &mut get) {
+            Ok(fd) => fd,
+            // Gone meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        // SAFETY: a descriptor the kernel just gave us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut detach = Attr {
+            first: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+            ..Attr::default()
+        };
+        match bpf(BPF_LINK_DETACH, &mut detach) {
+            Ok(_) => detached += 1,
+            // Already detached (ENOLINK), or a link type without detach.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOLINK | libc::EOPNOTSUPP)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(detached)
+}

@@ -1,0 +1,277 @@
+//! Running code in namespaces, the daemon in the forwarder namespace, and
+//! reading what the kernel has attached.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+
+use crate::common::{self, ChildGuard, Netns, Topology};
+
+/// Every wait in these tests gives up after this, to fail rather than hang.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+fn enter(ns_name: &str) {
+    let file = std::fs::File::open(format!("/var/run/netns/{ns_name}"))
+        .unwrap_or_else(|e| panic!("open namespace {ns_name}: {e}"));
+    // SAFETY: setns on this thread only, with a namespace descriptor.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// Runs `f` on a thread that lives in `ns`; threads it starts (a tokio
+/// runtime's workers) live there too.
+pub fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter(&ns.name);
+            f()
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    })
+}
+
+/// Starts a long-lived thread in `ns`.
+pub fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        enter(&name);
+        f()
+    })
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The kernel path needs IPv4 forwarding on the interfaces it serves
+/// (bpf_fib_lookup refuses to route otherwise).
+pub fn forwarding_on(topo: &Topology) {
+    topo.forwarder.sysctl("net.ipv4.ip_forward", "1");
+}
+
+/// What is attached to one interface, as the kernel reports it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub xdp_prog: Option<u32>,
+    pub tcx_progs: Vec<u32>,
+    pub tc_filters: String,
+    pub clsact: bool,
+}
+
+impl Seen {
+    pub fn nothing(&self) -> bool {
+        self.xdp_prog.is_none()
+            && self.tcx_progs.is_empty()
+            && !self.tc_filters.contains("forwarder")
+            && !self.clsact
+    }
+}
+
+pub fn seen(ns: &Netns, interface: &str) -> Seen {
+    let link = ns.exec("ip", &["-d", "-j", "link", "show", "dev", interface]);
+    let link: serde_json::Value = serde_json::from_slice(&link.stdout).unwrap();
+    let xdp_prog = link[0]["xdp"]["prog"]["id"].as_u64().map(|id| id as u32);
+    let tcx_progs = in_netns(ns, || {
+        SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
+            .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+            .unwrap_or_default()
+    });
+    let tc_filters = String::from_utf8_lossy(
+        &ns.exec("tc", &["filter", "show", "dev", interface, "ingress"])
+            .stdout,
+    )
+    .into_owned();
+    let qdiscs = ns.exec("tc", &["qdisc", "show", "dev", interface]);
+    let clsact = String::from_utf8_lossy(&qdiscs.stdout).contains("clsact");
+    Seen {
+        xdp_prog,
+        tcx_progs,
+        tc_filters,
+        clsact,
+    }
+}
+
+pub fn program_loaded(id: u32) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+pub fn reserved_ports(ns: &Netns) -> String {
+    let out = ns.exec("cat", &["/proc/sys/net/ipv4/ip_local_reserved_ports"]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `forwarder run` in the forwarder namespace, on a rule file of its own.
+pub struct Daemon {
+    child: Option<ChildGuard>,
+    dir: PathBuf,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until it answers `status`.
+    pub fn start(ns: &Netns, name: &str, yaml: &str) -> Daemon {
+        Daemon::start_logging(ns, name, yaml, "info")
+    }
+
+    /// [`Daemon::start`] with `RUST_LOG=rust_log`.
+    pub fn start_logging(ns: &Netns, name: &str, yaml: &str, rust_log: &str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("fwdt-{}-kp-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("forwarder.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let control = dir.join("control.sock");
+        let log = dir.join("daemon.log");
+        let mut cmd = ns.command(common::forwarder_bin());
+        cmd.arg("run")
+            .arg("-c")
+            .arg(&config)
+            .arg("--control")
+            .arg(&control)
+            .env("RUST_LOG", rust_log)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut daemon = Daemon {
+            child: Some(ChildGuard::spawn(&mut cmd)),
+            dir,
+            control,
+            log,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if daemon.query().is_some() {
+                return daemon;
+            }
+            if let Some(status) = daemon.child.as_mut().unwrap().child.try_wait().unwrap() {
+                panic!("the daemon exited ({status}):\n{}", daemon.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not answer in {WAIT:?}:\n{}",
+                daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn query(&self) -> Option<serde_json::Value> {
+        let out = Command::new(common::forwarder_bin())
+            .args(["status", "--json", "--control"])
+            .arg(&self.control)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The status document (`forwarder status --json`).
+    pub fn status(&self) -> serde_json::Value {
+        self.query()
+            .unwrap_or_else(|| panic!("no status:\n{}", self.log_text()))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, and the daemon must exit cleanly; returns its log.
+    pub fn stop(mut self) -> String {
+        let mut guard = self.child.take().unwrap();
+        guard.signal(libc::SIGTERM).unwrap();
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = guard.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not stop in {WAIT:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = self.log_text();
+        assert!(status.success(), "the daemon failed ({status}):\n{log}");
+        log
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        drop(self.child.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The kernel counters of the rule `alias`/`protocol` in a status document.
+pub fn kernel_rule<'a>(
+    status: &'a serde_json::Value,
+    alias: &str,
+    protocol: &str,
+) -> &'a serde_json::Value {
+    find_rule(&status["kernel"]["rules"], alias, protocol)
+}
+
+/// The relay counters of the rule `alias`/`protocol` in a status document.
+pub fn relay_rule<'a>(
+    status: &'a serde_json::Value,
+    alias: &str,
+    protocol: &str,
+) -> &'a serde_json::Value {
+    find_rule(&status["relay"], alias, protocol)
+}
+
+fn find_rule<'a>(
+    rules: &'a serde_json::Value,
+    alias: &str,
+    protocol: &str,
+) -> &'a serde_json::Value {
+    rules
+        .as_array()
+        .and_then(|rules| {
+            rules
+                .iter()
+                .find(|r| r["alias"] == alias && r["protocol"] == protocol)
+        })
+        .unwrap_or_else(|| panic!("no rule {alias}/{protocol} in {rules}"))
+}
+
+pub fn counter(rule: &serde_json::Value, name: &str) -> u64 {
+    rule[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {rule}"))
+}
+
+/// The interface counters of `name` in a status document.
+pub fn interface<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["kernel"]["interfaces"]
+        .as_array()
+        .and_then(|all| all.iter().find(|i| i["name"] == name))
+        .unwrap_or_else(|| panic!("no interface {name} in {status}"))
+}
+
+/// Polls until `f` holds or [`WAIT`] passes.
+pub fn eventually(why: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {why}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
