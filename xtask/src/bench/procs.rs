@@ -188,6 +188,29 @@ impl Drop for Proc {
     }
 }
 
+const DIR_PREFIX: &str = "forwarder-bench-";
+
+/// Directories of earlier runs that were killed before they could clean up.
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(DIR_PREFIX))
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// A directory for configs, logs and sockets, removed on drop.
 pub struct TempDir {
     pub path: PathBuf,
@@ -195,7 +218,8 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new() -> Result<TempDir> {
-        let path = std::env::temp_dir().join(format!("forwarder-bench-{}", std::process::id()));
+        remove_stale_dirs();
+        let path = std::env::temp_dir().join(format!("{DIR_PREFIX}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
         Ok(TempDir { path })
