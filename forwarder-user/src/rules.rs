@@ -99,6 +99,8 @@ pub struct Listener {
     /// The address to listen on. `[::]` means every address, IPv4 and IPv6.
     /// The port is never 0: ports picked at start are already filled in.
     pub bind: SocketAddr,
+    /// The rule asked for listen port 0 and `bind`'s port was picked at load.
+    pub listen_picked: bool,
     pub backends: Vec<BackendSpec>,
     pub timeouts: Timeouts,
     pub path: PathMode,

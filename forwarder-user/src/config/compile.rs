@@ -1,0 +1,148 @@
+//! Validated routes to what both paths consume: the relay's listeners and
+//! the kernel's map entries. Pure: no files, no DNS, no sockets.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use forwarder_common::{
+    ADDR_ANY, Addr, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, RULE_F_PRESERVE_CLIENT_IP,
+    RULE_F_RELAY, RuleKey, RuleValue, addr_from_ipv4_be,
+};
+
+use super::fields::{Acl, HealthCheck, ProxyProtocol};
+use super::validate::is_loopback;
+use crate::rules::{
+    BackendSpec, Compiled, KernelSettings, KernelTable, Listener, PathMode, Protocol,
+    RelaySettings, Timeouts,
+};
+
+/// A whole validated rule file, hosts resolved and listen ports fixed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub interfaces: Option<Vec<String>>,
+    pub routes: Vec<Route>,
+    pub relay: RelaySettings,
+    pub kernel: KernelSettings,
+}
+
+/// One validated route (alias); `protocols` makes one rule each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    pub alias: String,
+    /// In the order written; at least one, no repeats.
+    pub protocols: Vec<Protocol>,
+    /// `None`: every address, IPv4 and IPv6 (`[::]`).
+    pub bind: Option<IpAddr>,
+    /// Never 0 when compiled.
+    pub listen: u16,
+    /// The listen port was picked at load.
+    pub listen_picked: bool,
+    /// 1 to `MAX_BACKENDS_PER_RULE`.
+    pub backends: Vec<BackendSpec>,
+    pub timeouts: Timeouts,
+    pub path: PathMode,
+    pub preserve_client_ip: bool,
+    /// Reserved for later issues: parsed and validated, not compiled yet.
+    pub healthcheck: Option<HealthCheck>,
+    pub acl: Acl,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// The rule table of `config`. Rule ids run from 0 in file order, one per
+/// (alias, protocol). Validation guarantees what this relies on: fewer than
+/// `MAX_RULES` rules, 1 to `MAX_BACKENDS_PER_RULE` backends, listen ports
+/// not 0, and no two rules with the same kernel key.
+pub fn compile(config: &Config) -> Compiled {
+    let mut listeners = Vec::new();
+    let mut kernel = KernelTable::default();
+    let mut rule_id: u32 = 0;
+    for route in &config.routes {
+        debug_assert!(
+            route.listen != 0,
+            "listen port of `{}` not picked",
+            route.alias
+        );
+        debug_assert!(route.backends.len() <= MAX_BACKENDS_PER_RULE as usize);
+        let relay_only = route.path == PathMode::Relay
+            || route.backends.iter().any(|b| is_loopback(b.addr.ip()));
+        let mut flags = 0;
+        if relay_only {
+            flags |= RULE_F_RELAY;
+        }
+        if route.preserve_client_ip {
+            flags |= RULE_F_PRESERVE_CLIENT_IP;
+        }
+        for &protocol in &route.protocols {
+            let bind = SocketAddr::new(
+                route.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+                route.listen,
+            );
+            kernel.rules.push((
+                RuleKey {
+                    addr: key_addr(route.bind),
+                    port: route.listen.to_be(),
+                    proto: protocol.ip_proto(),
+                    _pad: 0,
+                },
+                RuleValue {
+                    rule_id,
+                    flags,
+                    backend_count: route.backends.len() as u32,
+                    total_weight: route.backends.iter().map(|b| u32::from(b.weight)).sum(),
+                },
+            ));
+            for (n, b) in route.backends.iter().enumerate() {
+                kernel.backends.push((
+                    rule_id * MAX_BACKENDS_PER_RULE + n as u32,
+                    Backend {
+                        addr: addr_of(b.addr.ip()),
+                        snat_addr: ADDR_ANY,
+                        port: b.addr.port().to_be(),
+                        weight: b.weight,
+                        flags: BACKEND_F_HEALTHY,
+                    },
+                ));
+            }
+            listeners.push(Listener {
+                rule_id,
+                alias: route.alias.clone(),
+                protocol,
+                bind,
+                listen_picked: route.listen_picked,
+                backends: route.backends.clone(),
+                timeouts: route.timeouts,
+                path: route.path,
+                preserve_client_ip: route.preserve_client_ip,
+            });
+            rule_id += 1;
+        }
+    }
+    Compiled {
+        interfaces: config.interfaces.clone(),
+        listeners,
+        kernel,
+        relay: config.relay,
+        kernel_settings: config.kernel,
+    }
+}
+
+/// The kernel key's address: any unspecified bind is the wildcard.
+fn key_addr(bind: Option<IpAddr>) -> Addr {
+    match bind {
+        None => ADDR_ANY,
+        Some(ip) if ip.to_canonical().is_unspecified() => ADDR_ANY,
+        Some(ip) => addr_of(ip),
+    }
+}
+
+/// An address as the maps hold it: IPv6 words in network byte order, IPv4
+/// mapped.
+pub fn addr_of(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => addr_from_ipv4_be(u32::from_ne_bytes(v4.octets())),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [word(0), word(4), word(8), word(12)]
+        }
+    }
+}

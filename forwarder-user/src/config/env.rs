@@ -1,0 +1,84 @@
+//! What loading needs from the machine: files, DNS, free ports.
+//!
+//! Behind a trait so that tests can answer DNS without a network; the
+//! daemon uses [`System`].
+
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
+use std::path::Path;
+
+use crate::rules::Protocol;
+
+/// The range Linux picks ephemeral ports from when the file cannot be read.
+const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
+
+pub(crate) trait Env {
+    fn read(&self, path: &Path) -> io::Result<String>;
+    /// The addresses of a hostname; none is an error.
+    fn resolve(&self, host: &str) -> io::Result<Vec<IpAddr>>;
+    /// The kernel's ephemeral port range, inclusive.
+    fn ephemeral_range(&self) -> (u16, u16);
+    /// Whether `addr` can be bound for `protocol` now (the socket is closed
+    /// again at once).
+    fn probe(&self, addr: SocketAddr, protocol: Protocol) -> io::Result<()>;
+}
+
+/// The real machine.
+pub(crate) struct System;
+
+impl Env for System {
+    fn read(&self, path: &Path) -> io::Result<String> {
+        std::fs::read_to_string(path)
+    }
+
+    fn resolve(&self, host: &str) -> io::Result<Vec<IpAddr>> {
+        let addrs: Vec<IpAddr> = (host, 0).to_socket_addrs()?.map(|a| a.ip()).collect();
+        if addrs.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));
+        }
+        Ok(addrs)
+    }
+
+    fn ephemeral_range(&self) -> (u16, u16) {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| parse_port_range(&s))
+            .unwrap_or(DEFAULT_EPHEMERAL)
+    }
+
+    fn probe(&self, addr: SocketAddr, protocol: Protocol) -> io::Result<()> {
+        match protocol {
+            Protocol::Tcp => TcpListener::bind(addr).map(drop),
+            Protocol::Udp => UdpSocket::bind(addr).map(drop),
+        }
+    }
+}
+
+/// `ip_local_port_range`: two numbers separated by blanks.
+pub(crate) fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    let mut it = s.split_whitespace().map(|p| p.parse::<u16>());
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi)), None) if 0 < lo && lo <= hi => Some((lo, hi)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_file_format() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(parse_port_range("1 2 3"), None);
+        assert_eq!(parse_port_range("9 1"), None);
+        let (lo, hi) = System.ephemeral_range();
+        assert!(lo <= hi);
+    }
+
+    #[test]
+    fn localhost_resolves() {
+        let addrs = System.resolve("localhost").unwrap();
+        assert!(addrs.iter().all(|a| a.is_loopback()), "{addrs:?}");
+    }
+}

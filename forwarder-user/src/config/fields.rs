@@ -1,0 +1,886 @@
+//! A route's fields, whatever form they were written in, checked one by one.
+//!
+//! Fields forwarder uses: `scheme`, `port`, `host`, `bind`, `backends`,
+//! `path`, `timeouts`, `preserve_client_ip`; reserved for later and checked
+//! now: `healthcheck`, `acl`, `proxy_protocol`. Godoxy's fields that do not
+//! apply to streams are accepted and ignored with a warning; anything else
+//! is an error with a "did you mean".
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use forwarder_common::MAX_BACKENDS_PER_RULE;
+
+use super::errors::{ConfigError, Diag, Pos, closest, quoted};
+use super::source::RawRoute;
+use super::values::{self, Cidr, HostSpec};
+use super::yaml::{Node, Value};
+use crate::rules::{PathMode, Protocol, Timeouts};
+
+pub(crate) const FIELDS: &[&str] = &[
+    "scheme",
+    "host",
+    "port",
+    "bind",
+    "backends",
+    "path",
+    "timeouts",
+    "preserve_client_ip",
+    "healthcheck",
+    "acl",
+    "proxy_protocol",
+];
+
+/// Godoxy route fields (and per-route idle-sleep settings) that mean
+/// nothing for a stream forwarder.
+const GODOXY_IGNORED: &[&str] = &[
+    "alias",
+    "root",
+    "spa",
+    "index",
+    "no_tls_verify",
+    "response_header_timeout",
+    "disable_compression",
+    "ssl_server_name",
+    "ssl_trusted_certificate",
+    "ssl_certificate",
+    "ssl_certificate_key",
+    "ssl_protocols",
+    "path_patterns",
+    "rules",
+    "rule_file",
+    "load_balance",
+    "middlewares",
+    "homepage",
+    "access_log",
+    "relay_proxy_protocol_header",
+    "tls_termination",
+    "agent",
+    "proxmox",
+    "idlewatcher",
+    "inbound_mtls_profile",
+    "container",
+    "provider",
+    "idle_timeout",
+    "wake_timeout",
+    "stop_method",
+    "stop_timeout",
+    "stop_signal",
+    "start_endpoint",
+    "depends_on",
+    "no_loading_page",
+];
+
+const HTTP_SCHEMES: &[&str] = &["http", "https", "h2c", "fileserver"];
+const SCHEME_ALLOWED: &str = "`tcp`, `udp`, or both: `tcp,udp`";
+const TIMEOUT_FIELDS: &[&str] = &["udp_idle", "tcp_established", "tcp_close", "connect"];
+const HEALTHCHECK_FIELDS: &[&str] = &["disabled", "interval", "timeout", "retries"];
+const HEALTHCHECK_IGNORED: &[&str] = &["path", "use_get"];
+const ACL_FIELDS: &[&str] = &["allow", "deny"];
+const BACKEND_ALLOWED: &str =
+    "`host:port`, `host:port weight=N`, or a mapping {host, port, weight} (weight 1–65535)";
+
+/// How often and how a backend is checked (reserved: parsed, not yet used).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub disabled: bool,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Failed checks before a backend is taken out; Godoxy's -1 means at once.
+    pub retries: i32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            disabled: false,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+            retries: 3,
+        }
+    }
+}
+
+/// Which clients may use a rule (reserved: parsed, not yet used).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Acl {
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+}
+
+/// PROXY protocol header sent to the backend (reserved: parsed, not yet used).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+/// One target of a route, host not yet resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct TargetSpec {
+    pub host: HostSpec,
+    pub port: u16,
+    pub weight: u16,
+    pub pos: Pos,
+    /// `host` or `backends`.
+    pub field: &'static str,
+}
+
+/// A route whose every field is valid on its own.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct RouteSpec {
+    pub alias: String,
+    pub alias_pos: Pos,
+    pub protocols: Vec<Protocol>,
+    pub bind: Option<IpAddr>,
+    pub bind_pos: Pos,
+    /// 0: picked at start.
+    pub listen: u16,
+    pub port_pos: Pos,
+    pub targets: Vec<TargetSpec>,
+    pub targets_pos: Pos,
+    pub timeouts: Timeouts,
+    pub path: PathMode,
+    pub path_pos: Pos,
+    pub preserve_client_ip: bool,
+    pub preserve_pos: Pos,
+    pub healthcheck: Option<HealthCheck>,
+    pub acl: Acl,
+    pub proxy_protocol: ProxyProtocol,
+}
+
+/// Errors for one alias.
+struct Ctx<'a> {
+    alias: &'a str,
+    diag: &'a mut Diag,
+    ok: bool,
+}
+
+impl Ctx<'_> {
+    fn error(&mut self, field: &str, e: ConfigError) {
+        self.ok = false;
+        self.diag.error(e.alias(Some(self.alias)).field(field));
+    }
+
+    fn errors(&mut self, field: &str, es: Vec<ConfigError>) {
+        for e in es {
+            self.error(field, e);
+        }
+    }
+
+    fn warn(&mut self, pos: &Pos, field: &str, message: String) {
+        self.diag.warn(pos, Some(self.alias), Some(field), message);
+    }
+
+    /// Runs a parser and records its error.
+    fn take<T>(&mut self, field: &str, r: Result<T, ConfigError>) -> Option<T> {
+        r.map_err(|e| self.error(field, e)).ok()
+    }
+
+    fn unknown(&mut self, prefix: &str, key: &Node, known: &[&str], extra: &[&str]) {
+        let name = key.key_text();
+        let field = if prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let hint = closest(name, known)
+            .or_else(|| closest(name, extra))
+            .map(|c| format!("did you mean `{c}`?"));
+        let list: Vec<String> = known.iter().map(|k| format!("`{k}`")).collect();
+        self.error(
+            &field,
+            ConfigError::new(
+                &key.pos,
+                format!("unknown field {}", quoted(name)),
+                list.join(", "),
+            )
+            .maybe_hint(hint),
+        );
+    }
+}
+
+/// The fields of one route, or `None` when any is wrong (errors recorded)
+/// or when the route is not a stream (warning recorded).
+///
+/// The targets of a route that fails are added to `unchecked`, so that
+/// hostnames that do not resolve are reported with the other mistakes.
+pub(crate) fn route(
+    raw: &RawRoute,
+    defaults: &Timeouts,
+    diag: &mut Diag,
+    unchecked: &mut Vec<(String, TargetSpec)>,
+) -> Option<RouteSpec> {
+    let mut cx = Ctx {
+        alias: &raw.alias,
+        diag,
+        ok: true,
+    };
+    let map = match values::mapping(&raw.fields, "a mapping of route fields") {
+        Ok(map) => map.into_owned(),
+        Err(es) => {
+            cx.errors("", es);
+            return None;
+        }
+    };
+    let entries = map.entries().unwrap_or_default();
+    if let Some(why) = web_route(entries, &raw.pos) {
+        cx.warn(&why.0, "scheme", why.1);
+        return None;
+    }
+    let mut get: [Option<&Node>; 11] = [None; 11];
+    for (k, v) in entries {
+        let name = k.key_text();
+        if let Some(i) = FIELDS.iter().position(|f| *f == name) {
+            get[i] = Some(v);
+        } else if GODOXY_IGNORED.contains(&name) {
+            cx.warn(
+                &k.pos,
+                name,
+                "a Godoxy field that does not apply to tcp/udp routes; ignored".into(),
+            );
+        } else {
+            cx.unknown("", k, FIELDS, GODOXY_IGNORED);
+        }
+    }
+    let [
+        scheme,
+        host,
+        port,
+        bind,
+        backends,
+        path,
+        timeouts,
+        preserve,
+        healthcheck,
+        acl,
+        proxy_protocol,
+    ] = get;
+
+    let port_spec = match port {
+        Some(p) => cx.take("port", values::port(p, backends.is_some())),
+        None => None,
+    };
+
+    let protocols = match scheme {
+        Some(node) => match parse_scheme(node) {
+            Ok(Scheme::Stream(p)) => Some(p),
+            Ok(Scheme::Http(_)) => None, // `web_route` took these
+            Err(e) => {
+                cx.error("scheme", e);
+                None
+            }
+        },
+        // Godoxy: no scheme and a listen port means tcp (`web_route` took
+        // the routes without a listen port).
+        None => Some(vec![Protocol::Tcp]),
+    };
+
+    if port.is_none() {
+        cx.error(
+            "port",
+            ConfigError::new(&raw.pos, "no `port`", values::PORT_ALLOWED),
+        );
+    }
+
+    let bind_ip = bind.and_then(|b| cx.take("bind", values::ip(b)));
+    let mut targets = Vec::new();
+    let mut targets_pos = raw.pos.clone();
+    match (host, backends) {
+        (Some(h), Some(b)) => cx.error(
+            "backends",
+            ConfigError::new(
+                &b.pos,
+                "both `host` and `backends`",
+                "one of them: `backends` replaces `host`",
+            )
+            .hint(format!("`host` is at {}", h.pos)),
+        ),
+        (_, Some(b)) => {
+            targets_pos = b.pos.clone();
+            let default_port = port_spec.and_then(|p| p.target);
+            if let Some(t) = parse_backends(&mut cx, b, default_port) {
+                targets = t;
+            }
+        }
+        (h, None) => {
+            let spec = match h {
+                Some(node) => {
+                    targets_pos = node.pos.clone();
+                    cx.take("host", values::host(node))
+                }
+                None => Some(HostSpec::Ip(IpAddr::from([127, 0, 0, 1]))),
+            };
+            if let Some(host) = spec {
+                targets.push(TargetSpec {
+                    host,
+                    // 0 only when `port` is wrong, and then the route is dropped.
+                    port: port_spec.and_then(|p| p.target).unwrap_or(0),
+                    weight: 1,
+                    pos: h.map_or_else(|| raw.pos.clone(), |n| n.pos.clone()),
+                    field: "host",
+                });
+            }
+        }
+    }
+
+    let path_mode = path.and_then(|p| {
+        let t = p.as_str().map(|s| s.trim().to_ascii_lowercase());
+        let r = match t.as_deref() {
+            Some("auto") => Ok(PathMode::Auto),
+            Some("kernel") => Ok(PathMode::Kernel),
+            Some("relay") => Ok(PathMode::Relay),
+            _ => Err(ConfigError::new(
+                &p.pos,
+                p.describe(),
+                "`auto`, `kernel` or `relay`",
+            )),
+        };
+        cx.take("path", r)
+    });
+    let preserve_value = preserve.and_then(|p| cx.take("preserve_client_ip", values::boolean(p)));
+    let timeouts_value = match timeouts {
+        Some(t) => parse_timeouts(t, *defaults, &mut |f, e| cx.error(f, e)),
+        None => Some(*defaults),
+    };
+    let healthcheck_value = healthcheck.and_then(|h| parse_healthcheck(&mut cx, h));
+    let acl_value = match acl {
+        Some(a) => parse_acl(&mut cx, a),
+        None => Some(Acl::default()),
+    };
+    let proxy_protocol_value = match proxy_protocol {
+        Some(p) => {
+            let t = p.as_str().map(|s| s.trim().to_ascii_lowercase());
+            let r = match t.as_deref() {
+                Some("off" | "false") => Ok(ProxyProtocol::Off),
+                Some("v1") => Ok(ProxyProtocol::V1),
+                Some("v2") => Ok(ProxyProtocol::V2),
+                _ => Err(ConfigError::new(
+                    &p.pos,
+                    p.describe(),
+                    "`off`, `v1` or `v2`",
+                )),
+            };
+            cx.take("proxy_protocol", r)
+        }
+        None => Some(ProxyProtocol::Off),
+    };
+
+    // Fields that only make sense together.
+    if let (Some(ProxyProtocol::V1), Some(protocols), Some(p)) =
+        (proxy_protocol_value, &protocols, proxy_protocol)
+        && protocols.contains(&Protocol::Udp)
+    {
+        cx.error(
+            "proxy_protocol",
+            ConfigError::new(
+                &p.pos,
+                "`v1` on a udp route",
+                "`v2` (v1 cannot describe udp)",
+            ),
+        );
+    }
+    if let (Some(true), Some(PathMode::Relay), Some(p)) = (preserve_value, path_mode, preserve) {
+        cx.error(
+            "preserve_client_ip",
+            ConfigError::new(
+                &p.pos,
+                "`true` with `path: relay`",
+                "`false`: the relay cannot keep the client's address; only the kernel path can",
+            ),
+        );
+    }
+
+    if !cx.ok {
+        unchecked.extend(targets.into_iter().map(|t| (raw.alias.clone(), t)));
+        return None;
+    }
+    let port_spec = port_spec?;
+    Some(RouteSpec {
+        alias: raw.alias.clone(),
+        alias_pos: raw.pos.clone(),
+        protocols: protocols?,
+        bind: bind_ip,
+        bind_pos: bind.map_or_else(|| raw.pos.clone(), |b| b.pos.clone()),
+        listen: port_spec.listen,
+        port_pos: port.map_or_else(|| raw.pos.clone(), |p| p.pos.clone()),
+        targets,
+        targets_pos,
+        timeouts: timeouts_value?,
+        path: path_mode.unwrap_or_default(),
+        path_pos: path.map_or_else(|| raw.pos.clone(), |p| p.pos.clone()),
+        preserve_client_ip: preserve_value.unwrap_or(false),
+        preserve_pos: preserve.map_or_else(|| raw.pos.clone(), |p| p.pos.clone()),
+        healthcheck: healthcheck_value,
+        acl: acl_value?,
+        proxy_protocol: proxy_protocol_value?,
+    })
+}
+
+/// Why a route is one of Godoxy's web routes, which forwarder skips
+/// without looking at its other fields: an http-like `scheme`, or no
+/// scheme and no listen port (Godoxy then takes it for http).
+fn web_route(entries: &[(Node, Node)], alias_pos: &Pos) -> Option<(Pos, String)> {
+    let field = |name: &str| entries.iter().find(|(k, _)| k.key_text() == name);
+    match field("scheme") {
+        Some((_, node)) => match parse_scheme(node) {
+            Ok(Scheme::Http(s)) => Some((
+                node.pos.clone(),
+                format!(
+                    "scheme `{s}` is Godoxy's web proxy; forwarder carries tcp and udp only, so the route is skipped"
+                ),
+            )),
+            _ => None,
+        },
+        None => {
+            let listen = match field("port") {
+                None => Some(0),
+                Some((_, p)) => values::port(p, true).ok().map(|spec| spec.listen),
+            };
+            (listen == Some(0)).then(|| {
+                (
+                    alias_pos.clone(),
+                    "no `scheme` and no listen port: Godoxy takes this for an http route; skipped (set `scheme: tcp` or `udp`)"
+                        .into(),
+                )
+            })
+        }
+    }
+}
+
+enum Scheme {
+    Stream(Vec<Protocol>),
+    Http(String),
+}
+
+/// `tcp`, `udp`, `tcp,udp`, `udp,tcp` (or a list); Godoxy's web schemes
+/// are reported so that the route can be skipped.
+fn parse_scheme(node: &Node) -> Result<Scheme, ConfigError> {
+    let items = values::list(node, true, SCHEME_ALLOWED)?;
+    if items.is_empty() {
+        return Err(ConfigError::new(&node.pos, node.describe(), SCHEME_ALLOWED));
+    }
+    let mut protocols = Vec::new();
+    for item in &items {
+        let name = item.as_str().unwrap_or("").to_ascii_lowercase();
+        let p = match name.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            s if HTTP_SCHEMES.contains(&s) && items.len() == 1 => return Ok(Scheme::Http(name)),
+            s => {
+                let hint = closest(s, &["tcp", "udp"]).map(|c| format!("did you mean `{c}`?"));
+                let found = if items.len() == 1 {
+                    quoted(s)
+                } else {
+                    format!("{} in {}", quoted(s), node.describe())
+                };
+                return Err(ConfigError::new(&item.pos, found, SCHEME_ALLOWED).maybe_hint(hint));
+            }
+        };
+        if protocols.contains(&p) {
+            return Err(ConfigError::new(
+                &item.pos,
+                format!("{} twice in {}", quoted(p.as_str()), node.describe()),
+                SCHEME_ALLOWED,
+            ));
+        }
+        protocols.push(p);
+    }
+    Ok(Scheme::Stream(protocols))
+}
+
+/// `backends:` a list of `host:port [weight=N]` or {host, port, weight}.
+fn parse_backends(
+    cx: &mut Ctx<'_>,
+    node: &Node,
+    default_port: Option<u16>,
+) -> Option<Vec<TargetSpec>> {
+    let items: Vec<Node> = match &node.value {
+        Value::Seq(items) => items
+            .iter()
+            .flat_map(|i| match i.as_str() {
+                Some(s) => values::split(i, s, false),
+                None => vec![i.clone()],
+            })
+            .collect(),
+        Value::Str(s) => values::split(node, s, false),
+        _ => {
+            cx.error(
+                "backends",
+                ConfigError::new(
+                    &node.pos,
+                    node.describe(),
+                    format!("a list of {BACKEND_ALLOWED}"),
+                ),
+            );
+            return None;
+        }
+    };
+    if items.is_empty() {
+        cx.error(
+            "backends",
+            ConfigError::new(
+                &node.pos,
+                "an empty list",
+                format!("1 to {MAX_BACKENDS_PER_RULE} backends"),
+            ),
+        );
+        return None;
+    }
+    if items.len() > MAX_BACKENDS_PER_RULE as usize {
+        cx.error(
+            "backends",
+            ConfigError::new(
+                &node.pos,
+                format!("{} backends", items.len()),
+                format!("at most {MAX_BACKENDS_PER_RULE} backends per route"),
+            ),
+        );
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for item in &items {
+        match parse_backend(cx, item, default_port) {
+            Some(t) => out.push(t),
+            None => ok = false,
+        }
+    }
+    ok.then_some(out)
+}
+
+fn parse_backend(cx: &mut Ctx<'_>, item: &Node, default_port: Option<u16>) -> Option<TargetSpec> {
+    let no_port = |cx: &mut Ctx<'_>, found: String| {
+        cx.error(
+            "backends",
+            ConfigError::new(&item.pos, found, BACKEND_ALLOWED)
+                .hint("give each backend a port, or a target port in `port: listen:target`"),
+        );
+    };
+    match &item.value {
+        Value::Str(s) => {
+            let mut words = s.split_whitespace();
+            let addr = words.next().unwrap_or("");
+            let mut weight = 1;
+            for w in words {
+                match w.strip_prefix("weight=").map(str::parse::<u16>) {
+                    Some(Ok(n)) if n > 0 => weight = n,
+                    _ => {
+                        cx.error(
+                            "backends",
+                            ConfigError::new(&item.pos, quoted(s), BACKEND_ALLOWED),
+                        );
+                        return None;
+                    }
+                }
+            }
+            let Some((host, port)) = split_host_port(addr) else {
+                cx.error(
+                    "backends",
+                    ConfigError::new(&item.pos, quoted(s), BACKEND_ALLOWED),
+                );
+                return None;
+            };
+            let Some(host) = values::parse_host(host) else {
+                cx.error(
+                    "backends",
+                    ConfigError::new(
+                        &item.pos,
+                        format!("{} (bad host)", quoted(s)),
+                        BACKEND_ALLOWED,
+                    ),
+                );
+                return None;
+            };
+            let port = match port {
+                Some(p) => match p.parse::<u16>() {
+                    Ok(p) if p > 0 => p,
+                    _ => {
+                        cx.error(
+                            "backends",
+                            ConfigError::new(
+                                &item.pos,
+                                format!("{} (bad port)", quoted(s)),
+                                BACKEND_ALLOWED,
+                            ),
+                        );
+                        return None;
+                    }
+                },
+                None => match default_port {
+                    Some(p) => p,
+                    None => {
+                        no_port(cx, format!("{} without a port", quoted(s)));
+                        return None;
+                    }
+                },
+            };
+            Some(TargetSpec {
+                host,
+                port,
+                weight,
+                pos: item.pos.clone(),
+                field: "backends",
+            })
+        }
+        Value::Map(entries) => {
+            let (mut host, mut port, mut weight) = (None, default_port, 1u16);
+            let mut ok = true;
+            for (k, v) in entries {
+                match k.key_text() {
+                    "host" => {
+                        host = cx.take("backends.host", values::host(v)).or_else(|| {
+                            ok = false;
+                            None
+                        })
+                    }
+                    "port" => match cx.take("backends.port", values::integer(v, 1, 65535)) {
+                        Some(p) => port = Some(p as u16),
+                        None => ok = false,
+                    },
+                    "weight" => match cx.take("backends.weight", values::integer(v, 1, 65535)) {
+                        Some(w) => weight = w as u16,
+                        None => ok = false,
+                    },
+                    _ => {
+                        cx.unknown("backends", k, &["host", "port", "weight"], &[]);
+                        ok = false;
+                    }
+                }
+            }
+            if !ok {
+                return None;
+            }
+            let Some(host) = host else {
+                cx.error(
+                    "backends",
+                    ConfigError::new(&item.pos, "a backend without `host`", BACKEND_ALLOWED),
+                );
+                return None;
+            };
+            let Some(port) = port else {
+                no_port(cx, "a backend without `port`".into());
+                return None;
+            };
+            Some(TargetSpec {
+                host,
+                port,
+                weight,
+                pos: item.pos.clone(),
+                field: "backends",
+            })
+        }
+        _ => {
+            cx.error(
+                "backends",
+                ConfigError::new(&item.pos, item.describe(), BACKEND_ALLOWED),
+            );
+            None
+        }
+    }
+}
+
+/// `host:port`, `[v6]:port`, `host`, `[v6]` or a bare IPv6 address.
+fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        return match after {
+            "" => Some((v6, None)),
+            a => Some((v6, Some(a.strip_prefix(':')?))),
+        };
+    }
+    match s.matches(':').count() {
+        0 => Some((s, None)),
+        1 => s.split_once(':').map(|(h, p)| (h, Some(p))),
+        _ => Some((s, None)),
+    }
+}
+
+/// `timeouts: {udp_idle, tcp_established, tcp_close, connect}` over `base`.
+pub(crate) fn parse_timeouts(
+    node: &Node,
+    base: Timeouts,
+    error: &mut dyn FnMut(&str, ConfigError),
+) -> Option<Timeouts> {
+    let map = match values::mapping(
+        node,
+        "a mapping of udp_idle, tcp_established, tcp_close, connect",
+    ) {
+        Ok(m) => m.into_owned(),
+        Err(es) => {
+            es.into_iter().for_each(|e| error("timeouts", e));
+            return None;
+        }
+    };
+    let mut t = base;
+    let mut ok = true;
+    for (k, v) in map.entries().unwrap_or_default() {
+        let name = k.key_text();
+        let field = format!("timeouts.{name}");
+        let slot = match name {
+            "udp_idle" => &mut t.udp_idle,
+            "tcp_established" => &mut t.tcp_established,
+            "tcp_close" => &mut t.tcp_close,
+            "connect" => &mut t.connect,
+            _ => {
+                let list: Vec<String> = TIMEOUT_FIELDS.iter().map(|k| format!("`{k}`")).collect();
+                error(
+                    &field,
+                    ConfigError::new(
+                        &k.pos,
+                        format!("unknown field {}", quoted(name)),
+                        list.join(", "),
+                    )
+                    .maybe_hint(
+                        closest(name, TIMEOUT_FIELDS).map(|c| format!("did you mean `{c}`?")),
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+        };
+        match values::duration(v, false) {
+            Ok(d) => *slot = d,
+            Err(e) => {
+                error(&field, e);
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(t)
+}
+
+fn parse_healthcheck(cx: &mut Ctx<'_>, node: &Node) -> Option<HealthCheck> {
+    let map = match values::mapping(node, "a mapping of disabled, interval, timeout, retries") {
+        Ok(m) => m.into_owned(),
+        Err(es) => {
+            cx.errors("healthcheck", es);
+            return None;
+        }
+    };
+    let mut h = HealthCheck::default();
+    let mut ok = true;
+    let mut timeout_pos = None;
+    for (k, v) in map.entries().unwrap_or_default() {
+        let name = k.key_text();
+        let field = format!("healthcheck.{name}");
+        let r = match name {
+            "disabled" => values::boolean(v).map(|b| h.disabled = b),
+            "interval" => values::duration(v, false).map(|d| h.interval = d),
+            "timeout" => {
+                timeout_pos = Some(v.pos.clone());
+                values::duration(v, false).map(|d| h.timeout = d)
+            }
+            "retries" => values::integer(v, 0, 1000)
+                .map(|n| h.retries = n as i32)
+                .or_else(|e| {
+                    if v.as_str().map(str::trim) == Some("-1") {
+                        h.retries = -1;
+                        Ok(())
+                    } else {
+                        Err(ConfigError {
+                            allowed: "-1 (fail at once) or 0 to 1000".into(),
+                            ..e
+                        })
+                    }
+                }),
+            n if HEALTHCHECK_IGNORED.contains(&n) => {
+                cx.warn(
+                    &k.pos,
+                    &field,
+                    "an HTTP-only Godoxy health check setting; ignored".into(),
+                );
+                Ok(())
+            }
+            _ => {
+                cx.unknown("healthcheck", k, HEALTHCHECK_FIELDS, HEALTHCHECK_IGNORED);
+                ok = false;
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            cx.error(&field, e);
+            ok = false;
+        }
+    }
+    if timeout_pos.is_none() {
+        // Left out, the timeout follows a short interval down.
+        h.timeout = h.timeout.min(h.interval);
+    }
+    if ok && h.timeout > h.interval {
+        cx.error(
+            "healthcheck.timeout",
+            ConfigError::new(
+                timeout_pos.as_ref().unwrap_or(&node.pos),
+                format!(
+                    "{} (longer than the interval {})",
+                    quoted(&values::format_duration(h.timeout)),
+                    values::format_duration(h.interval)
+                ),
+                "a timeout no longer than `interval`",
+            ),
+        );
+        ok = false;
+    }
+    ok.then_some(h)
+}
+
+fn parse_acl(cx: &mut Ctx<'_>, node: &Node) -> Option<Acl> {
+    let map = match values::mapping(node, "a mapping of allow and deny lists") {
+        Ok(m) => m.into_owned(),
+        Err(es) => {
+            cx.errors("acl", es);
+            return None;
+        }
+    };
+    let mut acl = Acl::default();
+    let mut ok = true;
+    for (k, v) in map.entries().unwrap_or_default() {
+        let name = k.key_text();
+        let field = format!("acl.{name}");
+        let list = match name {
+            "allow" => &mut acl.allow,
+            "deny" => &mut acl.deny,
+            _ => {
+                cx.unknown("acl", k, ACL_FIELDS, &[]);
+                ok = false;
+                continue;
+            }
+        };
+        let items = match values::list(v, true, "a list of CIDRs") {
+            Ok(items) => items,
+            Err(e) => {
+                cx.error(&field, e);
+                ok = false;
+                continue;
+            }
+        };
+        for item in items {
+            match values::cidr(&item) {
+                Ok(c) => list.push(c),
+                Err(e) => {
+                    cx.error(&field, e);
+                    ok = false;
+                }
+            }
+        }
+    }
+    ok.then_some(acl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(split_host_port("a:1"), Some(("a", Some("1"))));
+        assert_eq!(split_host_port("a"), Some(("a", None)));
+        assert_eq!(split_host_port("[::1]:80"), Some(("::1", Some("80"))));
+        assert_eq!(split_host_port("[::1]"), Some(("::1", None)));
+        assert_eq!(split_host_port("2001:db8::1"), Some(("2001:db8::1", None)));
+        assert_eq!(split_host_port("[::1]x"), None);
+    }
+}

@@ -1,0 +1,166 @@
+//! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `timeouts`.
+//! Each is optional; what is left out keeps the defaults of `rules.rs`.
+
+use super::errors::{ConfigError, Diag, Pos, closest, quoted};
+use super::fields::parse_timeouts;
+use super::source::RawFile;
+use super::values;
+use super::yaml::Node;
+use crate::rules::{KernelSettings, RelaySettings, Timeouts};
+
+const RELAY_FIELDS: &[&str] = &["max_udp_sessions", "drain_timeout"];
+const KERNEL_FIELDS: &[&str] = &["conntrack_size", "snat_ports"];
+const SNAT_ALLOWED: &str = "`min-max` within 1024–65535, min ≤ max (e.g. `40000-59999`)";
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+
+#[derive(Debug, Default)]
+pub(crate) struct Globals {
+    pub interfaces: Option<Vec<String>>,
+    pub relay: RelaySettings,
+    pub kernel: KernelSettings,
+    /// The defaults for every route's `timeouts`.
+    pub timeouts: Timeouts,
+    /// Where `kernel.snat_ports` is written, if it is.
+    pub snat_pos: Option<Pos>,
+}
+
+pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
+    let mut g = Globals::default();
+    if let Some(node) = &raw.interfaces {
+        g.interfaces = interfaces(node, diag);
+    }
+    if let Some(node) = &raw.relay {
+        for (k, v) in section(node, "relay", RELAY_FIELDS, diag) {
+            let field = format!("relay.{}", k.key_text());
+            let r = match k.key_text() {
+                "max_udp_sessions" => values::integer(&v, 1, 16_777_216)
+                    .map(|n| g.relay.max_udp_sessions = n as usize),
+                _ => values::duration(&v, true).map(|d| g.relay.drain_timeout = d),
+            };
+            if let Err(e) = r {
+                diag.error(e.field(field));
+            }
+        }
+    }
+    if let Some(node) = &raw.kernel {
+        for (k, v) in section(node, "kernel", KERNEL_FIELDS, diag) {
+            let field = format!("kernel.{}", k.key_text());
+            let r = match k.key_text() {
+                "conntrack_size" => {
+                    values::integer(&v, 2, 16_777_216).map(|n| g.kernel.conntrack_size = n as u32)
+                }
+                _ => snat_ports(&v).map(|r| {
+                    g.kernel.snat_ports = r;
+                    g.snat_pos = Some(v.pos.clone());
+                }),
+            };
+            if let Err(e) = r {
+                diag.error(e.field(field));
+            }
+        }
+    }
+    if let Some(node) = &raw.timeouts
+        && let Some(t) = parse_timeouts(node, Timeouts::default(), &mut |f, e| {
+            diag.error(e.field(f))
+        })
+    {
+        g.timeouts = t;
+    }
+    g
+}
+
+/// The known fields of a section; unknown ones are reported.
+fn section(node: &Node, name: &str, known: &[&str], diag: &mut Diag) -> Vec<(Node, Node)> {
+    let allowed = format!("a mapping of {}", known.join(", "));
+    let map = match values::mapping(node, &allowed) {
+        Ok(m) => m.into_owned(),
+        Err(es) => {
+            es.into_iter().for_each(|e| diag.error(e.field(name)));
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for (k, v) in map.entries().unwrap_or_default() {
+        if known.contains(&k.key_text()) {
+            out.push((k.clone(), v.clone()));
+        } else {
+            let list: Vec<String> = known.iter().map(|f| format!("`{f}`")).collect();
+            diag.error(
+                ConfigError::new(
+                    &k.pos,
+                    format!("unknown field {}", quoted(k.key_text())),
+                    list.join(", "),
+                )
+                .field(format!("{name}.{}", k.key_text()))
+                .maybe_hint(closest(k.key_text(), known).map(|c| format!("did you mean `{c}`?"))),
+            );
+        }
+    }
+    out
+}
+
+fn snat_ports(node: &Node) -> Result<(u16, u16), ConfigError> {
+    let t = values::text(node, SNAT_ALLOWED)?.trim();
+    let bad = || ConfigError::new(&node.pos, quoted(t), SNAT_ALLOWED);
+    let (lo, hi) = t.split_once('-').ok_or_else(bad)?;
+    let lo: u32 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u32 = hi.trim().parse().map_err(|_| bad())?;
+    if !(1024..=65535).contains(&lo) || !(1024..=65535).contains(&hi) || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo as u16, hi as u16))
+}
+
+fn interfaces(node: &Node, diag: &mut Diag) -> Option<Vec<String>> {
+    let items = match values::list(node, true, "a list of interface names") {
+        Ok(items) => items,
+        Err(e) => {
+            diag.error(e.field("interfaces"));
+            return None;
+        }
+    };
+    if items.is_empty() {
+        diag.error(
+            ConfigError::new(
+                &node.pos,
+                "an empty list",
+                "interface names; leave `interfaces` out to attach to every interface",
+            )
+            .field("interfaces"),
+        );
+        return None;
+    }
+    let mut names: Vec<String> = Vec::new();
+    for item in items {
+        let name = item.as_str().unwrap_or("");
+        let valid = !name.is_empty()
+            && name.len() <= IFNAME_MAX
+            && name != "."
+            && name != ".."
+            && !name.contains(['/', ':'])
+            && !name.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !valid {
+            diag.error(
+                ConfigError::new(
+                    &item.pos,
+                    quoted(name),
+                    format!("an interface name of 1–{IFNAME_MAX} bytes without `/`, `:` or blanks"),
+                )
+                .field("interfaces"),
+            );
+        } else if names.iter().any(|n| n == name) {
+            diag.error(
+                ConfigError::new(
+                    &item.pos,
+                    format!("{} twice", quoted(name)),
+                    "each interface once",
+                )
+                .field("interfaces"),
+            );
+        } else {
+            names.push(name.to_owned());
+        }
+    }
+    Some(names)
+}

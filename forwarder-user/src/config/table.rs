@@ -1,0 +1,103 @@
+//! The compiled rule table as `forwarder check` prints it.
+
+use std::fmt::Write;
+
+use forwarder_common::RULE_F_RELAY;
+
+use super::values::format_duration;
+use crate::rules::{Compiled, Listener, PathMode};
+
+/// One line per rule: id, alias, protocol, bind:listen → target(s), path;
+/// then the daemon-wide settings.
+pub fn table(compiled: &Compiled) -> String {
+    let header = ["ID", "ALIAS", "PROTO", "LISTEN", "", "TARGET", "PATH"];
+    let mut rows: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    for l in &compiled.listeners {
+        rows.push([
+            l.rule_id.to_string(),
+            l.alias.clone(),
+            l.protocol.to_string(),
+            listen_text(l),
+            "→".into(),
+            targets_text(l),
+            path_text(compiled, l),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    if compiled.listeners.is_empty() {
+        out.push_str("(no rules)\n");
+    } else {
+        for row in &rows {
+            let mut line = String::new();
+            for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                let _ = write!(line, "{cell:<w$}");
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
+    let interfaces = match &compiled.interfaces {
+        None => "every up, non-loopback interface".to_owned(),
+        Some(names) => names.join(", "),
+    };
+    let r = &compiled.relay;
+    let k = &compiled.kernel_settings;
+    let _ = writeln!(out, "\ninterfaces: {interfaces}");
+    let _ = writeln!(
+        out,
+        "relay: max_udp_sessions {}, drain_timeout {}",
+        r.max_udp_sessions,
+        format_duration(r.drain_timeout)
+    );
+    let _ = writeln!(
+        out,
+        "kernel: conntrack_size {}, snat_ports {}-{}",
+        k.conntrack_size, k.snat_ports.0, k.snat_ports.1
+    );
+    out
+}
+
+fn listen_text(l: &Listener) -> String {
+    if l.listen_picked {
+        format!("{} (picked)", l.bind)
+    } else {
+        l.bind.to_string()
+    }
+}
+
+fn targets_text(l: &Listener) -> String {
+    if l.backends.len() == 1 {
+        return l.backends[0].addr.to_string();
+    }
+    l.backends
+        .iter()
+        .map(|b| format!("{} (weight {})", b.addr, b.weight))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn path_text(compiled: &Compiled, l: &Listener) -> String {
+    let relay_flag = compiled
+        .kernel
+        .rules
+        .iter()
+        .find(|(_, v)| v.rule_id == l.rule_id)
+        .is_some_and(|(_, v)| v.flags & RULE_F_RELAY != 0);
+    let mut text = match (l.path, relay_flag) {
+        (PathMode::Auto, true) => "relay (loopback target)".to_owned(),
+        (path, _) => path.as_str().to_owned(),
+    };
+    if l.preserve_client_ip {
+        text.push_str(", client ip kept");
+    }
+    text
+}

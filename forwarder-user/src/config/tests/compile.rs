@@ -1,0 +1,277 @@
+//! The pure compile step, on hand-made validated routes.
+
+use std::net::{IpAddr, SocketAddr};
+
+use forwarder_common::{
+    ADDR_ANY, BACKEND_F_HEALTHY, MAX_BACKENDS_PER_RULE, PROTO_TCP, PROTO_UDP,
+    RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, addr_ipv4_be,
+};
+
+use crate::config::{Acl, Config, ProxyProtocol, Route, addr_of, compile};
+use crate::rules::{BackendSpec, KernelSettings, PathMode, Protocol, RelaySettings, Timeouts};
+
+fn route(
+    alias: &str,
+    protocols: &[Protocol],
+    bind: Option<&str>,
+    listen: u16,
+    backends: &[(&str, u16)],
+) -> Route {
+    Route {
+        alias: alias.into(),
+        protocols: protocols.to_vec(),
+        bind: bind.map(|b| b.parse().unwrap()),
+        listen,
+        listen_picked: false,
+        backends: backends
+            .iter()
+            .map(|(a, w)| BackendSpec {
+                addr: a.parse().unwrap(),
+                weight: *w,
+            })
+            .collect(),
+        timeouts: Timeouts::default(),
+        path: PathMode::Auto,
+        preserve_client_ip: false,
+        healthcheck: None,
+        acl: Acl::default(),
+        proxy_protocol: ProxyProtocol::Off,
+    }
+}
+
+fn config(routes: Vec<Route>) -> Config {
+    Config {
+        interfaces: None,
+        routes,
+        relay: RelaySettings::default(),
+        kernel: KernelSettings::default(),
+    }
+}
+
+#[test]
+fn one_rule_per_alias_and_protocol_with_sequential_ids() {
+    let c = compile(&config(vec![
+        route(
+            "turn",
+            &[Protocol::Tcp, Protocol::Udp],
+            None,
+            7878,
+            &[("10.0.0.5:3478", 1)],
+        ),
+        route(
+            "dns",
+            &[Protocol::Udp],
+            Some("192.0.2.1"),
+            53,
+            &[("10.0.0.53:53", 1)],
+        ),
+    ]));
+    let got: Vec<_> = c
+        .listeners
+        .iter()
+        .map(|l| (l.rule_id, l.alias.as_str(), l.protocol, l.bind))
+        .collect();
+    let any: SocketAddr = "[::]:7878".parse().unwrap();
+    assert_eq!(
+        got,
+        [
+            (0, "turn", Protocol::Tcp, any),
+            (1, "turn", Protocol::Udp, any),
+            (2, "dns", Protocol::Udp, "192.0.2.1:53".parse().unwrap()),
+        ]
+    );
+    let keys: Vec<_> = c
+        .kernel
+        .rules
+        .iter()
+        .map(|(k, v)| (k.proto, v.rule_id))
+        .collect();
+    assert_eq!(keys, [(PROTO_TCP, 0), (PROTO_UDP, 1), (PROTO_UDP, 2)]);
+}
+
+#[test]
+fn keys_hold_ipv4_mapped_or_ipv6_addresses_and_network_order_ports() {
+    let c = compile(&config(vec![
+        route("any", &[Protocol::Tcp], None, 0x1234, &[("10.0.0.1:80", 1)]),
+        route(
+            "v4any",
+            &[Protocol::Tcp],
+            Some("0.0.0.0"),
+            1001,
+            &[("10.0.0.1:80", 1)],
+        ),
+        route(
+            "v6any",
+            &[Protocol::Tcp],
+            Some("::"),
+            1002,
+            &[("10.0.0.1:80", 1)],
+        ),
+        route(
+            "v4",
+            &[Protocol::Tcp],
+            Some("192.0.2.1"),
+            1003,
+            &[("10.0.0.1:80", 1)],
+        ),
+        route(
+            "v6",
+            &[Protocol::Udp],
+            Some("2001:db8::1"),
+            1004,
+            &[("[2001:db8::2]:53", 1)],
+        ),
+    ]));
+    let k: Vec<_> = c.kernel.rules.iter().map(|(k, _)| *k).collect();
+    assert_eq!(k[0].addr, ADDR_ANY);
+    assert_eq!(
+        k[0].port.to_ne_bytes(),
+        [0x12, 0x34],
+        "port in network order"
+    );
+    assert_eq!(k[1].addr, ADDR_ANY);
+    assert_eq!(k[2].addr, ADDR_ANY);
+    assert_eq!(
+        addr_ipv4_be(&k[3].addr),
+        Some(u32::from_ne_bytes([192, 0, 2, 1]))
+    );
+    let v6 = k[4].addr;
+    let bytes: Vec<u8> = v6.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    assert_eq!(
+        bytes,
+        "2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets()
+    );
+    assert_eq!(addr_ipv4_be(&v6), None);
+    assert!(k.iter().all(|k| k._pad == 0));
+    assert_eq!(
+        c.listeners[1].bind,
+        "0.0.0.0:1001".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(
+        c.listeners[2].bind,
+        "[::]:1002".parse::<SocketAddr>().unwrap()
+    );
+}
+
+#[test]
+fn backends_sit_at_rule_id_times_max_with_weights() {
+    let c = compile(&config(vec![
+        route("a", &[Protocol::Tcp], None, 1, &[("10.0.0.1:80", 1)]),
+        route(
+            "lb",
+            &[Protocol::Tcp, Protocol::Udp],
+            None,
+            2,
+            &[("10.0.0.2:8080", 3), ("[2001:db8::3]:81", 2)],
+        ),
+    ]));
+    let m = MAX_BACKENDS_PER_RULE;
+    let index: Vec<u32> = c.kernel.backends.iter().map(|(i, _)| *i).collect();
+    assert_eq!(index, [0, m, m + 1, 2 * m, 2 * m + 1]);
+    let (_, b) = c.kernel.backends[1];
+    assert_eq!(b.addr, addr_of("10.0.0.2".parse().unwrap()));
+    assert_eq!(b.port, 8080u16.to_be());
+    assert_eq!(b.weight, 3);
+    assert_eq!(b.flags, BACKEND_F_HEALTHY);
+    assert_eq!(b.snat_addr, ADDR_ANY, "the daemon fills it");
+    let values: Vec<_> = c
+        .kernel
+        .rules
+        .iter()
+        .map(|(_, v)| (v.backend_count, v.total_weight))
+        .collect();
+    assert_eq!(values, [(1, 1), (2, 5), (2, 5)]);
+}
+
+#[test]
+fn relay_and_preserve_flags() {
+    let mut relay = route("relay", &[Protocol::Tcp], None, 1, &[("10.0.0.1:80", 1)]);
+    relay.path = PathMode::Relay;
+    let loopback = route(
+        "lo",
+        &[Protocol::Tcp],
+        None,
+        2,
+        &[("10.0.0.1:80", 1), ("127.0.0.2:80", 1)],
+    );
+    let mapped_lo = route(
+        "lo6",
+        &[Protocol::Tcp],
+        None,
+        3,
+        &[("[::ffff:127.0.0.1]:80", 1)],
+    );
+    let mut keep = route("keep", &[Protocol::Udp], None, 4, &[("10.0.0.1:80", 1)]);
+    keep.preserve_client_ip = true;
+    keep.path = PathMode::Kernel;
+    let plain = route("plain", &[Protocol::Udp], None, 5, &[("[::1]:80", 1)]);
+    let c = compile(&config(vec![relay, loopback, mapped_lo, keep, plain]));
+    let flags: Vec<u32> = c.kernel.rules.iter().map(|(_, v)| v.flags).collect();
+    assert_eq!(
+        flags,
+        [
+            RULE_F_RELAY,
+            RULE_F_RELAY,
+            RULE_F_RELAY,
+            RULE_F_PRESERVE_CLIENT_IP,
+            RULE_F_RELAY
+        ]
+    );
+    assert!(c.listeners[3].preserve_client_ip);
+    assert_eq!(c.listeners[3].path, PathMode::Kernel);
+}
+
+#[test]
+fn settings_pass_through_and_compile_is_deterministic() {
+    let mut cfg = config(vec![route(
+        "a",
+        &[Protocol::Tcp],
+        None,
+        1,
+        &[("10.0.0.1:80", 1)],
+    )]);
+    cfg.interfaces = Some(vec!["eth0".into()]);
+    cfg.kernel.snat_ports = (20000, 20999);
+    cfg.routes[0].listen_picked = true;
+    let a = compile(&cfg);
+    assert_eq!(a, compile(&cfg));
+    assert_eq!(a.interfaces, cfg.interfaces);
+    assert_eq!(a.kernel_settings.snat_ports, (20000, 20999));
+    assert!(a.listeners[0].listen_picked);
+    let _: IpAddr = a.listeners[0].backends[0].addr.ip();
+}
+
+#[test]
+fn the_table_shows_every_rule() {
+    let mut lb = route(
+        "lb",
+        &[Protocol::Tcp],
+        Some("192.0.2.1"),
+        80,
+        &[("10.0.0.1:80", 1), ("10.0.0.2:80", 2)],
+    );
+    lb.preserve_client_ip = true;
+    let mut picked = route("echo", &[Protocol::Udp], None, 33333, &[("127.0.0.1:7", 1)]);
+    picked.listen_picked = true;
+    let t = crate::config::table(&compile(&config(vec![lb, picked])));
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(
+        lines[0],
+        "ID  ALIAS  PROTO  LISTEN                  TARGET                                          PATH"
+    );
+    assert_eq!(
+        lines[1],
+        "0   lb     tcp    192.0.2.1:80         →  10.0.0.1:80 (weight 1), 10.0.0.2:80 (weight 2)  auto, client ip kept"
+    );
+    assert_eq!(
+        lines[2],
+        "1   echo   udp    [::]:33333 (picked)  →  127.0.0.1:7                                     relay (loopback target)"
+    );
+    assert!(t.contains("interfaces: every up, non-loopback interface"));
+    assert!(t.contains("kernel: conntrack_size 262144, snat_ports 40000-59999"));
+    let empty = crate::config::table(&compile(&config(vec![])));
+    assert!(empty.starts_with("(no rules)\n"), "{empty}");
+}

@@ -1,0 +1,188 @@
+//! Checks across routes: aliases named twice, two rules claiming the same
+//! (bind, port, protocol), the rule limit of the kernel tables, listen ports
+//! inside the SNAT range, and targets a path cannot reach.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use forwarder_common::MAX_RULES;
+
+use super::errors::{ConfigError, Diag, Pos, quoted};
+use super::fields::RouteSpec;
+use super::settings::Globals;
+use super::source::RawRoute;
+use crate::rules::{BackendSpec, PathMode};
+
+/// The routes with their alias named once; a second route of the same
+/// alias is an error naming the first.
+pub(crate) fn unique_aliases(routes: Vec<RawRoute>, diag: &mut Diag) -> Vec<RawRoute> {
+    let mut seen: HashMap<String, Pos> = HashMap::new();
+    routes
+        .into_iter()
+        .filter(|r| match seen.get(&r.alias) {
+            Some(first) => {
+                diag.error(
+                    ConfigError::new(
+                        &r.pos,
+                        format!("alias {} a second time", quoted(&r.alias)),
+                        "each alias once across routes, labels and included files",
+                    )
+                    .alias(Some(&r.alias))
+                    .hint(format!("first at {first}")),
+                );
+                false
+            }
+            None => {
+                seen.insert(r.alias.clone(), r.pos.clone());
+                true
+            }
+        })
+        .collect()
+}
+
+/// What a bind address covers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    /// `[::]`: every address, IPv4 and IPv6.
+    Dual,
+    /// `0.0.0.0`: every IPv4 address.
+    AnyV4,
+    One(IpAddr),
+}
+
+fn cover(bind: Option<IpAddr>) -> Cover {
+    match bind.map(|b| b.to_canonical()) {
+        None => Cover::Dual,
+        Some(ip) if ip.is_unspecified() && ip.is_ipv6() => Cover::Dual,
+        Some(ip) if ip.is_unspecified() => Cover::AnyV4,
+        Some(ip) => Cover::One(ip),
+    }
+}
+
+fn overlap(a: Cover, b: Cover) -> bool {
+    match (a, b) {
+        (Cover::Dual, _) | (_, Cover::Dual) => true,
+        (Cover::AnyV4, Cover::AnyV4) => true,
+        (Cover::AnyV4, Cover::One(ip)) | (Cover::One(ip), Cover::AnyV4) => ip.is_ipv4(),
+        (Cover::One(x), Cover::One(y)) => x == y,
+    }
+}
+
+pub(crate) fn bind_text(bind: Option<IpAddr>, port: u16) -> String {
+    match bind {
+        None => format!("[::]:{port}"),
+        Some(ip @ IpAddr::V4(_)) => format!("{ip}:{port}"),
+        Some(ip @ IpAddr::V6(_)) => format!("[{ip}]:{port}"),
+    }
+}
+
+/// `targets[i]` are the resolved targets of `specs[i]` (`None`: unresolved).
+pub(crate) fn routes(
+    specs: &[RouteSpec],
+    targets: &[Option<Vec<BackendSpec>>],
+    globals: &Globals,
+    diag: &mut Diag,
+) {
+    rule_limit(specs, diag);
+    conflicts(specs, diag);
+    let (lo, hi) = globals.kernel.snat_ports;
+    for (spec, targets) in specs.iter().zip(targets) {
+        if spec.listen != 0 && (lo..=hi).contains(&spec.listen) {
+            let whose = match &globals.snat_pos {
+                Some(p) => format!("`kernel.snat_ports` at {p} is {lo}-{hi}"),
+                None => format!("`kernel.snat_ports` is {lo}-{hi} by default"),
+            };
+            diag.error(
+                ConfigError::new(&spec.port_pos, format!("listen port {} inside the SNAT range", spec.listen), "a listen port outside `kernel.snat_ports` (the kernel path uses those as source ports)")
+                    .alias(Some(&spec.alias))
+                    .field("port")
+                    .hint(whose),
+            );
+        }
+        let Some(targets) = targets else { continue };
+        let loopback = targets.iter().find(|b| is_loopback(b.addr.ip()));
+        if let Some(b) = loopback {
+            if spec.path == PathMode::Kernel {
+                diag.error(
+                    ConfigError::new(
+                        &spec.path_pos,
+                        format!("`kernel` with the loopback target {}", b.addr),
+                        "`auto` or `relay`: only the relay reaches loopback targets",
+                    )
+                    .alias(Some(&spec.alias))
+                    .field("path"),
+                );
+            }
+            if spec.preserve_client_ip {
+                diag.error(
+                    ConfigError::new(&spec.preserve_pos, format!("`true` with the loopback target {}", b.addr), "`false`: loopback targets go through the relay, which cannot keep the client's address")
+                        .alias(Some(&spec.alias))
+                        .field("preserve_client_ip"),
+                );
+            }
+        }
+    }
+}
+
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+fn rule_limit(specs: &[RouteSpec], diag: &mut Diag) {
+    let mut count: u64 = 0;
+    for spec in specs {
+        count += spec.protocols.len() as u64;
+        if count > u64::from(MAX_RULES) {
+            diag.error(
+                ConfigError::new(
+                    &spec.alias_pos,
+                    format!("rule number {count} (one rule per alias and protocol)"),
+                    format!("at most {MAX_RULES} rules, the size of the kernel tables"),
+                )
+                .alias(Some(&spec.alias)),
+            );
+            return;
+        }
+    }
+}
+
+/// Two rules on the same port and protocol whose bind addresses overlap:
+/// the second bind would fail, and the kernel could not tell them apart.
+fn conflicts(specs: &[RouteSpec], diag: &mut Diag) {
+    let mut by_port: HashMap<u16, Vec<usize>> = HashMap::new();
+    for (i, spec) in specs.iter().enumerate() {
+        if spec.listen == 0 {
+            continue;
+        }
+        let earlier = by_port.entry(spec.listen).or_default();
+        for &j in earlier.iter() {
+            let other = &specs[j];
+            let shared: Vec<&str> = spec
+                .protocols
+                .iter()
+                .filter(|p| other.protocols.contains(p))
+                .map(|p| p.as_str())
+                .collect();
+            if shared.is_empty() || !overlap(cover(spec.bind), cover(other.bind)) {
+                continue;
+            }
+            let protos = shared.join(",");
+            diag.error(
+                ConfigError::new(
+                    &spec.port_pos,
+                    format!(
+                        "{protos} {}, which alias `{}` also claims ({protos} {})",
+                        bind_text(spec.bind, spec.listen),
+                        other.alias,
+                        bind_text(other.bind, other.listen)
+                    ),
+                    "one rule per (bind, port, protocol); a wildcard bind covers every address of its family",
+                )
+                .alias(Some(&spec.alias))
+                .field("port")
+                .hint(format!("alias `{}` is at {}", other.alias, other.port_pos)),
+            );
+        }
+        earlier.push(i);
+    }
+}
