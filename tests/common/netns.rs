@@ -243,6 +243,18 @@ impl Topology {
         }
     }
 
+    /// GRO on at the client's and the backend's ends of the links. On veth
+    /// that also turns NAPI on, without which frames an XDP program in the
+    /// forwarder redirects into a link are dropped (unless the far end has
+    /// an XDP program of its own). A NIC needs no such step. Needs ethtool.
+    pub fn accept_xdp_redirects(&self) {
+        let client_if = self.client_link.b_if.as_str();
+        let backend_if = self.backend_link.b_if.as_str();
+        self.client.exec("ethtool", &["-K", client_if, "gro", "on"]);
+        self.backend
+            .exec("ethtool", &["-K", backend_if, "gro", "on"]);
+    }
+
     /// The forwarder's address as the client sees it.
     pub fn forwarder_addr(&self) -> Ipv4Addr {
         self.client_link.a_addr

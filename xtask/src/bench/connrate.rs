@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::netns::Netns;
+use super::pin::{self, Side};
 use super::procs;
 
 pub const PORT: u16 = 5300;
@@ -59,6 +60,7 @@ impl Server {
             .map(|_| {
                 let (listener, stop) = (listener.clone(), stop.clone());
                 std::thread::spawn(move || {
+                    let _ = pin::this_thread(Side::Backend);
                     while !stop.load(Ordering::Relaxed) {
                         if let Ok((mut conn, _)) = listener.accept() {
                             let _ = conn.write_all(b"x");
@@ -118,6 +120,7 @@ pub fn run(ns: &Netns, target: Ipv4Addr, max: u64, limit: Duration) -> Result<f6
             let (name, started, done) = (ns.name.clone(), started.clone(), done.clone());
             std::thread::spawn(move || {
                 enter(&name)?;
+                pin::this_thread(Side::Client)?;
                 while begin.elapsed() < limit
                     && procs::check_interrupted().is_ok()
                     && started.fetch_add(1, Ordering::Relaxed) < max

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
 use super::netns::Netns;
+use super::pin::{self, Side};
 use super::procs;
 
 pub const PORT: u16 = 5201;
@@ -79,7 +80,7 @@ pub fn server_args(addr: Ipv4Addr) -> Vec<String> {
 }
 
 fn client(ns: &Netns, target: Ipv4Addr, seconds: u64, extra: &[&str]) -> Result<String> {
-    let mut cmd = ns.command("iperf3");
+    let mut cmd = pin::command(ns, Side::Client, "iperf3");
     cmd.args(["-c", &target.to_string(), "-p", &PORT.to_string()])
         .args([
             "-t",

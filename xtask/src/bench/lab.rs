@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use super::netns::{Netns, Topology};
+use super::pin::{self, Side};
 use super::procs::{self, Proc};
 use super::{connrate, iperf, sockperf};
 
@@ -24,6 +25,9 @@ impl Lab {
     /// `ip_forward`: whether the forwarder namespace routes between its links.
     pub fn new(dir: &Path, ip_forward: bool) -> Result<Lab> {
         let topo = Topology::new();
+        // For every contender alike, so that the kernel path's XDP
+        // redirects arrive as they would on a NIC.
+        topo.accept_xdp_redirects();
         topo.forwarder
             .sysctl("net.ipv4.ip_forward", if ip_forward { "1" } else { "0" });
         // Room for the connection test's ports, on the client and on proxies.
@@ -32,16 +36,16 @@ impl Lab {
         }
         let backend = topo.backend_addr();
         let ns = &topo.backend;
-        let iperf = spawn(
+        let iperf = spawn_server(
             ns,
             "iperf3",
             &iperf::server_args(backend),
             &dir.join("iperf3.log"),
         )?;
         let udp_args = sockperf::server_args(backend, false);
-        let sockperf_udp = spawn(ns, "sockperf", &udp_args, &dir.join("sockperf-udp.log"))?;
+        let sockperf_udp = spawn_server(ns, "sockperf", &udp_args, &dir.join("sockperf-udp.log"))?;
         let tcp_args = sockperf::server_args(backend, true);
-        let sockperf_tcp = spawn(ns, "sockperf", &tcp_args, &dir.join("sockperf-tcp.log"))?;
+        let sockperf_tcp = spawn_server(ns, "sockperf", &tcp_args, &dir.join("sockperf-tcp.log"))?;
         let connect_server = connrate::Server::start(&topo.backend, backend)?;
         let mut servers = vec![iperf, sockperf_udp, sockperf_tcp];
         wait_listening(
@@ -63,6 +67,13 @@ pub fn spawn(ns: &Netns, program: &str, args: &[String], log: &Path) -> Result<P
     cmd.args(args);
     let name = program.rsplit('/').next().unwrap_or(program);
     Proc::spawn(&mut cmd, name, log)
+}
+
+/// A traffic server in the backend, on the backend's CPU.
+fn spawn_server(ns: &Netns, program: &str, args: &[String], log: &Path) -> Result<Proc> {
+    let mut cmd = pin::command(ns, Side::Backend, program);
+    cmd.args(args);
+    Proc::spawn(&mut cmd, program, log)
 }
 
 /// Ports with a socket in `state` (hex, as in /proc/net/{tcp,udp}: 0A is

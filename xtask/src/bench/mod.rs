@@ -11,6 +11,7 @@ mod lab;
 mod measure;
 #[path = "../../../tests/common/netns.rs"]
 mod netns;
+mod pin;
 mod procs;
 mod report;
 mod rss;
@@ -78,7 +79,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("cargo xtask bench needs root: it creates network namespaces");
     }
     procs::install_signal_handlers();
-    let mut packages = vec!["iproute2", "iperf3", "sockperf"];
+    let mut packages = vec!["iproute2", "ethtool", "iperf3", "sockperf"];
     packages.extend(contenders.iter().flat_map(|c| c.packages));
     tools::ensure(&packages)?;
     let forwarder_bin = if contenders.iter().any(|c| c.is_forwarder()) {
@@ -185,6 +186,9 @@ fn run_contender(
 const EXPLANATION: &str = "
 ## What the figures are
 
+- Each contender runs in fresh namespaces: client 198.18.1.2 - forwarder
+  198.18.1.1 | 198.18.2.1 - backend 198.18.2.2, veth links with GRO on at the
+  client's and backend's ends (so XDP redirects arrive, as on a NIC).
 - Every figure is the median over `--repeat` runs; the ratio in brackets is to
   direct routing's figure (for time and memory, lower is better).
 - TCP Gbit/s: one iperf3 stream for the run's seconds, as the receiver counted.

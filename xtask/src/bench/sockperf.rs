@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use super::netns::Netns;
+use super::pin::{self, Side};
 use super::procs;
 
 pub const PORT: u16 = 11111;
@@ -75,7 +76,7 @@ pub fn server_args(addr: Ipv4Addr, tcp: bool) -> Vec<String> {
 }
 
 pub fn ping_pong(ns: &Netns, target: Ipv4Addr, tcp: bool, seconds: u64) -> Result<Latency> {
-    let mut cmd = ns.command("sockperf");
+    let mut cmd = pin::command(ns, Side::Client, "sockperf");
     cmd.args([
         "ping-pong",
         "-i",

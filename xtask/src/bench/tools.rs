@@ -8,6 +8,10 @@ use crate::cmd;
 /// Debian packages and what the bench uses them for.
 pub const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "the network namespaces"),
+    (
+        "ethtool",
+        "GRO on the veth ends, so that XDP redirects arrive",
+    ),
     ("iperf3", "TCP throughput and UDP packet rate"),
     ("sockperf", "request/response latency"),
     ("nftables", "the nftables DNAT contender"),
