@@ -14,20 +14,20 @@ mod netns;
 mod pin;
 mod procs;
 mod report;
+mod results;
 mod rss;
 mod sockperf;
 mod stats;
 mod tools;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use self::contenders::{ALL, Contender, Started};
 use self::measure::{Figure, Measure, Note, Samples, Traffic};
-use crate::{build, cmd, setup, workspace_root};
+use crate::{build, setup};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -108,16 +108,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect();
     let mut figures: Vec<Figure> = measures.iter().flat_map(|m| m.figures()).copied().collect();
     figures.push(Figure::RssMib);
-    let baseline = rows.iter().find(|r| r.name == "direct");
-    let text = format!(
-        "# forwarder bench\n\n{}\n{}\n## Targets\n\n{}\n{}",
-        machine(&args, load.trim()),
-        report::table(&rows, &figures, baseline),
-        report::targets(&rows),
-        EXPLANATION
+    let options = format!(
+        "{} s per run, {} run(s), at most {} connections",
+        args.seconds, args.repeat, args.connections
     );
+    let text = results::document(&rows, &figures, &options, load.trim());
     println!("\n{text}");
-    let path = write_results(&text)?;
+    let path = results::write(&text)?;
     eprintln!("bench: written to {}", path.display());
     Ok(())
 }
@@ -173,78 +170,24 @@ fn run_contender(
             continue;
         }
         for (figure, outcome) in measure::run(m, &traffic)? {
+            progress(figure, &outcome);
             samples.record(figure, outcome);
         }
         procs::sleep(Duration::from_millis(300))?;
     }
     if let Some(rss) = rss {
-        samples.record(Figure::RssMib, Ok(rss.peak_kib() as f64 / 1024.0));
+        let mib = Ok(rss.peak_kib() as f64 / 1024.0);
+        progress(Figure::RssMib, &mib);
+        samples.record(Figure::RssMib, mib);
     }
     Ok(())
 }
 
-const EXPLANATION: &str = "
-## What the figures are
-
-- Each contender runs in fresh namespaces: client 198.18.1.2 - forwarder
-  198.18.1.1 | 198.18.2.1 - backend 198.18.2.2, veth links with GRO on at the
-  client's and backend's ends (so XDP redirects arrive, as on a NIC).
-- Every figure is the median over `--repeat` runs; the ratio in brackets is to
-  direct routing's figure (for time and memory, lower is better).
-- TCP Gbit/s: one iperf3 stream for the run's seconds, as the receiver counted.
-- UDP 64 B kpps: iperf3 `-u -l 64 -b 0`; datagrams the receiver got per second
-  (sent minus lost).
-- CPU ns/seg, ns/pkt: busy time of the whole machine (/proc/stat: user, nice,
-  system, irq, softirq, steal) over the iperf3 run, divided by the UDP datagrams
-  received, or for TCP by the bytes received over 1448 (one 1500-byte-MTU
-  segment). Sender, forwarder and receiver share the cores, so this is what
-  forwarding one packet cost in total; other load on the machine adds to it.
-- RTT: sockperf ping-pong, 64-byte messages, one in flight, round-trip times.
-- TCP conn/s: connections opened from the client, answered by the backend with
-  one byte and closed; each counted once the client read the byte and the
-  close. Two client threads, bounded by `--connections` and the run's seconds.
-- RSS MiB: the peak of the summed VmRSS of every process in the forwarder
-  namespace (the daemon, nginx's master and workers, HAProxy, socat and its
-  forks), sampled every 200 ms while the contender ran.
-";
-
-/// Machine, load and options, so that two reports can be compared.
-fn machine(args: &BenchArgs, load: &str) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let commit = cmd::output(
-        Command::new("git")
-            .current_dir(workspace_root())
-            .args(["describe", "--always", "--dirty"]),
-    )
-    .unwrap_or_default();
-    format!(
-        "- machine: {cpu}, {cores} cores, kernel {}\n- commit: {}\n- load average before: {load}\n\
-         - {} s per run, {} run(s), at most {} connections\n",
-        kernel.trim(),
-        commit.trim(),
-        args.seconds,
-        args.repeat,
-        args.connections
-    )
-}
-
-fn write_results(text: &str) -> Result<PathBuf> {
-    let dir = workspace_root().join("bench-results");
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let path = dir.join(format!("{}.md", report::timestamp(now)));
-    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
-    Ok(path)
+/// One figure of this run, as it comes.
+fn progress(figure: Figure, outcome: &Result<f64, Note>) {
+    let text = match outcome {
+        Ok(v) => format!("{v:.*}", figure.decimals()),
+        Err(note) => note.text(),
+    };
+    eprintln!("  {}: {text}", figure.header());
 }

@@ -168,28 +168,6 @@ pub fn targets(rows: &[Row]) -> String {
     out
 }
 
-/// `2024-05-01T12-00-00Z` for a time in seconds since the epoch (UTC).
-pub fn timestamp(epoch_secs: u64) -> String {
-    let days = (epoch_secs / 86_400) as i64;
-    let secs = epoch_secs % 86_400;
-    // Howard Hinnant's days-to-civil: 400-year eras from 0000-03-01.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,12 +249,5 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("≤ 0.8× nftables: met (0.70×)"), "{text}");
-    }
-
-    #[test]
-    fn timestamps_in_utc() {
-        assert_eq!(timestamp(0), "1970-01-01T00-00-00Z");
-        assert_eq!(timestamp(951_782_400), "2000-02-29T00-00-00Z");
-        assert_eq!(timestamp(1_714_564_800 + 3661), "2024-05-01T13-01-01Z");
     }
 }
