@@ -1,0 +1,190 @@
+//! Which backend a new flow goes to, and whether a backend's failure was
+//! already reported.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use crate::rules::BackendSpec;
+
+/// Picks backends by weight: over every `total weight` flows each backend
+/// gets exactly its weight, spread out rather than in runs (a stride that
+/// is coprime with the total walks all positions in a scattered order).
+pub struct BackendPicker {
+    backends: Vec<SocketAddr>,
+    /// `ends[i]`: the sum of the weights of backends `0..=i`.
+    ends: Vec<u64>,
+    total: u64,
+    stride: u64,
+    next: AtomicU64,
+    /// One per backend: set while it fails, so a failure is logged once.
+    down: Vec<Alarm>,
+}
+
+impl BackendPicker {
+    /// `specs` must not be empty; a weight of 0 counts as 1.
+    pub fn new(specs: &[BackendSpec]) -> BackendPicker {
+        assert!(!specs.is_empty(), "a listener needs a backend");
+        let mut ends = Vec::with_capacity(specs.len());
+        let mut total = 0u64;
+        for s in specs {
+            total += u64::from(s.weight.max(1));
+            ends.push(total);
+        }
+        BackendPicker {
+            backends: specs.iter().map(|s| s.addr).collect(),
+            ends,
+            total,
+            stride: coprime_stride(total),
+            next: AtomicU64::new(0),
+            down: specs.iter().map(|_| Alarm::default()).collect(),
+        }
+    }
+
+    /// The backend for a new flow: `(index, address)`.
+    pub fn pick(&self) -> (usize, SocketAddr) {
+        if self.backends.len() == 1 {
+            return (0, self.backends[0]);
+        }
+        let n = self.next.fetch_add(1, Relaxed) % self.total;
+        let pos = n * self.stride % self.total;
+        let i = self.ends.partition_point(|&end| end <= pos);
+        (i, self.backends[i])
+    }
+
+    /// The alarm that says backend `index` is failing.
+    pub fn down(&self, index: usize) -> &Alarm {
+        &self.down[index]
+    }
+
+    /// `a, b (weight 3)`: for logs.
+    pub fn describe(specs: &[BackendSpec]) -> String {
+        let list: Vec<String> = specs
+            .iter()
+            .map(|s| {
+                if specs.len() > 1 {
+                    format!("{} (weight {})", s.addr, s.weight)
+                } else {
+                    s.addr.to_string()
+                }
+            })
+            .collect();
+        list.join(", ")
+    }
+}
+
+/// About 0.618 of `total` (spreads best), moved up to the next value coprime with it.
+fn coprime_stride(total: u64) -> u64 {
+    if total <= 2 {
+        return 1;
+    }
+    let mut s = (total * 618 / 1000).max(1);
+    while gcd(s, total) != 1 {
+        s += 1;
+    }
+    s
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// A condition reported once when it starts and once when it ends, however
+/// often it is hit in between (a backend down, a session table full).
+#[derive(Default)]
+pub struct Alarm(AtomicBool);
+
+impl Alarm {
+    /// True when the condition was not raised before: log it now.
+    pub fn raise(&self) -> bool {
+        !self.0.swap(true, Relaxed)
+    }
+
+    /// True when the condition was raised: log that it ended.
+    pub fn clear(&self) -> bool {
+        // A load first keeps the common case (never raised) a plain read.
+        self.0.load(Relaxed) && self.0.swap(false, Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn specs(weights: &[u16]) -> Vec<BackendSpec> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| BackendSpec {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
+                weight,
+            })
+            .collect()
+    }
+
+    fn counts(picker: &BackendPicker, picks: usize, n: usize) -> Vec<usize> {
+        let mut c = vec![0; n];
+        for _ in 0..picks {
+            c[picker.pick().0] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn every_cycle_gives_each_backend_its_weight() {
+        for weights in [
+            &[1u16, 1][..],
+            &[3, 1],
+            &[5, 2, 1],
+            &[1, 100],
+            &[7, 7, 7, 7],
+        ] {
+            let picker = BackendPicker::new(&specs(weights));
+            let total: usize = weights.iter().map(|&w| w as usize).sum();
+            let got = counts(&picker, total * 3, weights.len());
+            let want: Vec<usize> = weights.iter().map(|&w| w as usize * 3).collect();
+            assert_eq!(got, want, "weights {weights:?}");
+        }
+    }
+
+    #[test]
+    fn picks_are_spread_not_in_runs() {
+        let picker = BackendPicker::new(&specs(&[3, 1]));
+        let seq: Vec<usize> = (0..4).map(|_| picker.pick().0).collect();
+        // Backend 1 is not last in a run of three 0s then a 1 every time:
+        // within the first cycle it shows up before position 3.
+        assert!(seq[..3].contains(&1), "{seq:?}");
+        let picker = BackendPicker::new(&specs(&[1, 1]));
+        let seq: Vec<usize> = (0..4).map(|_| picker.pick().0).collect();
+        assert_eq!(seq, [0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn single_backend_and_zero_weight() {
+        let picker = BackendPicker::new(&specs(&[9]));
+        assert!((0..5).all(|_| picker.pick().0 == 0));
+        let picker = BackendPicker::new(&specs(&[0, 1]));
+        assert_eq!(counts(&picker, 4, 2), [2, 2]);
+    }
+
+    #[test]
+    fn stride_is_coprime() {
+        for total in 1..500 {
+            assert_eq!(gcd(coprime_stride(total), total), 1, "total {total}");
+        }
+    }
+
+    #[test]
+    fn alarm_reports_start_and_end_once() {
+        let alarm = Alarm::default();
+        assert!(!alarm.clear());
+        assert!(alarm.raise());
+        assert!(!alarm.raise());
+        assert!(!alarm.raise());
+        assert!(alarm.clear());
+        assert!(!alarm.clear());
+        assert!(alarm.raise());
+    }
+}

@@ -1,0 +1,72 @@
+//! Buffers for moving datagrams in batches (one recvmmsg/sendmmsg per batch),
+//! allocated once per listener or worker thread, never per packet.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Datagrams per recvmmsg/sendmmsg call.
+pub const BATCH: usize = 32;
+
+/// Room for one datagram: more than the largest UDP payload over IPv4
+/// (65,507) or IPv6 (65,527), so a datagram is never truncated.
+pub const SLOT: usize = 65_536;
+
+/// The destination of a received datagram, from `IP_PKTINFO` or
+/// `IPV6_PKTINFO`: where the client sent to, so the reply can leave from there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PacketInfo {
+    /// On an IPv4 socket: `addr` is the header's destination, `spec_dst` the
+    /// local address the kernel matched (they differ for broadcasts).
+    V4 { addr: Ipv4Addr, spec_dst: Ipv4Addr },
+    /// On an IPv6 socket, IPv4 clients of a dual-stack socket included
+    /// (their address comes as `::ffff:a.b.c.d`).
+    V6 { addr: Ipv6Addr, ifindex: u32 },
+}
+
+impl PacketInfo {
+    /// The address the client sent to, IPv4 unmapped.
+    pub fn local_ip(&self) -> IpAddr {
+        match *self {
+            PacketInfo::V4 { addr, .. } => IpAddr::V4(addr),
+            PacketInfo::V6 { addr, .. } => match addr.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(addr),
+            },
+        }
+    }
+}
+
+/// Up to [`BATCH`] received datagrams: payloads in fixed slots, with their
+/// lengths, senders and destinations.
+pub struct Datagrams {
+    pub data: Box<[u8]>,
+    pub len: [usize; BATCH],
+    pub peer: [Option<SocketAddr>; BATCH],
+    pub dst: [Option<PacketInfo>; BATCH],
+    pub count: usize,
+}
+
+impl Datagrams {
+    pub fn new() -> Box<Datagrams> {
+        Box::new(Datagrams {
+            data: vec![0; BATCH * SLOT].into_boxed_slice(),
+            len: [0; BATCH],
+            peer: [None; BATCH],
+            dst: [None; BATCH],
+            count: 0,
+        })
+    }
+
+    pub fn payload(&self, i: usize) -> &[u8] {
+        &self.data[i * SLOT..i * SLOT + self.len[i]]
+    }
+
+    /// The payloads of datagrams `from..to`.
+    pub fn payloads(&self, from: usize, to: usize) -> impl Iterator<Item = &[u8]> {
+        (from..to).map(|i| self.payload(i))
+    }
+
+    /// Total payload bytes of datagrams `from..to`.
+    pub fn bytes(&self, from: usize, to: usize) -> u64 {
+        self.len[from..to].iter().map(|&l| l as u64).sum()
+    }
+}

@@ -1,0 +1,69 @@
+//! Per-rule counters of the relay: atomics added to once per splice or
+//! batch, read as a snapshot for the status socket.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+use crate::rules::Protocol;
+
+/// The live counters of one listener.
+#[derive(Default)]
+pub struct RuleCounters {
+    /// TCP connections accepted or UDP sessions created.
+    pub flows: AtomicU64,
+    pub bytes_to_backend: AtomicU64,
+    pub bytes_to_client: AtomicU64,
+    /// TCP connects to a backend that were refused, unreachable or timed out.
+    pub connect_failures: AtomicU64,
+    /// UDP datagrams of new clients dropped because the session table was
+    /// full or the relay was draining.
+    pub sessions_refused: AtomicU64,
+    /// Every other I/O error: failed sends, sockets not created, accept
+    /// failures. A reset by an endpoint is passed on, not counted.
+    pub errors: AtomicU64,
+    pub active: AtomicU64,
+}
+
+impl RuleCounters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn snapshot(&self, rule_id: u32, alias: &str, protocol: Protocol) -> RelayRuleCounters {
+        RelayRuleCounters {
+            rule_id,
+            alias: alias.to_owned(),
+            protocol: protocol.as_str(),
+            flows: self.flows.load(Relaxed),
+            bytes_to_backend: self.bytes_to_backend.load(Relaxed),
+            bytes_to_client: self.bytes_to_client.load(Relaxed),
+            connect_failures: self.connect_failures.load(Relaxed),
+            sessions_refused: self.sessions_refused.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            active: self.active.load(Relaxed),
+        }
+    }
+}
+
+/// A snapshot of one listener's counters.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RelayRuleCounters {
+    pub rule_id: u32,
+    pub alias: String,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: &'static str,
+    /// TCP connections accepted or UDP sessions created, since start.
+    pub flows: u64,
+    pub bytes_to_backend: u64,
+    pub bytes_to_client: u64,
+    /// TCP connects to a backend that failed (refused, unreachable, timed out).
+    pub connect_failures: u64,
+    /// New UDP sessions refused (table full, or draining).
+    pub sessions_refused: u64,
+    /// Other I/O errors (failed sends, sockets not created, accept
+    /// failures); a reset by an endpoint is passed on, not counted.
+    pub errors: u64,
+    /// Flows open now.
+    pub active: u64,
+}

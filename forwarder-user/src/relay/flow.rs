@@ -1,0 +1,78 @@
+//! What every flow of a listener shares, and the guard that accounts for a
+//! flow's life (active count, the kernel path's observer) even when its
+//! task is aborted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tracing::debug;
+
+use super::backend::BackendPicker;
+use super::counters::RuleCounters;
+use super::sys::canonical;
+use crate::rules::{FlowObserver, Listener, Protocol, Timeouts};
+
+/// One listener's rule, as its flows need it.
+pub struct RuleCtx {
+    pub rule_id: u32,
+    pub alias: String,
+    pub protocol: Protocol,
+    pub backends: BackendPicker,
+    pub timeouts: Timeouts,
+    pub counters: RuleCounters,
+    pub observer: Arc<dyn FlowObserver>,
+}
+
+impl RuleCtx {
+    pub fn new(listener: &Listener, observer: Arc<dyn FlowObserver>) -> RuleCtx {
+        RuleCtx {
+            rule_id: listener.rule_id,
+            alias: listener.alias.clone(),
+            protocol: listener.protocol,
+            backends: BackendPicker::new(&listener.backends),
+            timeouts: listener.timeouts,
+            counters: RuleCounters::default(),
+            observer,
+        }
+    }
+
+    pub fn error(&self) {
+        RuleCounters::add(&self.counters.errors, 1);
+    }
+}
+
+/// Lives as long as one flow: counts it and tells the observer when it
+/// starts and ends. Addresses are canonical (IPv4 clients of a dual-stack
+/// socket as IPv4).
+pub struct FlowGuard {
+    rule: Arc<RuleCtx>,
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl FlowGuard {
+    pub fn start(rule: &Arc<RuleCtx>, client: SocketAddr, local: SocketAddr) -> FlowGuard {
+        let (client, local) = (canonical(client), canonical(local));
+        RuleCounters::add(&rule.counters.flows, 1);
+        RuleCounters::add(&rule.counters.active, 1);
+        rule.observer
+            .relay_flow_started(rule.protocol, client, local);
+        debug!(alias = %rule.alias, protocol = %rule.protocol, %client, %local, "flow started");
+        FlowGuard {
+            rule: rule.clone(),
+            client,
+            local,
+        }
+    }
+}
+
+impl Drop for FlowGuard {
+    fn drop(&mut self) {
+        let rule = &self.rule;
+        rule.counters.active.fetch_sub(1, Relaxed);
+        rule.observer
+            .relay_flow_ended(rule.protocol, self.client, self.local);
+        debug!(alias = %rule.alias, protocol = %rule.protocol, client = %self.client, "flow ended");
+    }
+}

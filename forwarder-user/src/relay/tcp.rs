@@ -1,0 +1,319 @@
+//! TCP: accept, connect to a backend, copy both ways (splice, or buffered
+//! where splice is refused), half-close, idle timeout.
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+use super::Phase;
+use super::backend::Alarm;
+use super::buffered::copy_one_way;
+use super::counters::RuleCounters;
+use super::flow::{FlowGuard, RuleCtx};
+use super::idle::{IdleClock, Millis};
+use super::next_phase;
+use super::splice::{Pipe, SpliceEnd, splice_one_way};
+
+/// Serves one listener until the relay closes, or drains and has no flow left.
+pub async fn serve(listener: TcpListener, rule: Arc<RuleCtx>, mut phase: watch::Receiver<Phase>) {
+    let mut flows = JoinSet::new();
+    let mut listener = Some(listener);
+    let accept_failing = Alarm::default();
+    while listener.is_some() || !flows.is_empty() {
+        tokio::select! {
+            accepted = accept(&listener), if listener.is_some() => match accepted {
+                Ok((stream, peer)) => {
+                    accept_failing.clear();
+                    flows.spawn(flow(stream, peer, rule.clone()));
+                }
+                Err(e) => accept_error(&rule, &accept_failing, e).await,
+            },
+            Some(joined) = flows.join_next(), if !flows.is_empty() => {
+                if let Err(e) = joined
+                    && e.is_panic()
+                {
+                    error!(alias = %rule.alias, "tcp flow panicked: {e}");
+                }
+            },
+            next = next_phase(&mut phase) => match next {
+                Phase::Serving => {}
+                Phase::Draining => {
+                    if listener.take().is_some() {
+                        debug!(alias = %rule.alias, flows = flows.len(), "tcp listener closed, draining");
+                    }
+                }
+                Phase::Closing => break,
+            },
+        }
+    }
+    // Closing: whatever still runs is cut off (sockets closed as tasks drop).
+    flows.shutdown().await;
+}
+
+async fn accept(listener: &Option<TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn accept_error(rule: &RuleCtx, failing: &Alarm, e: io::Error) {
+    rule.error();
+    let out_of_resources = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if !out_of_resources {
+        // The client went away before we took it: nothing to worry about.
+        debug!(alias = %rule.alias, "accept: {e}");
+        return;
+    }
+    if failing.raise() {
+        warn!(alias = %rule.alias, "cannot accept tcp connections: {e}; retrying");
+    }
+    // The connection waits in the backlog; give the process a moment to free descriptors.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
+    let local = match client.local_addr() {
+        Ok(local) => local,
+        Err(e) => {
+            // Reset by the client already.
+            debug!(alias = %rule.alias, %peer, "accepted socket gone: {e}");
+            rule.error();
+            return;
+        }
+    };
+    let guard = FlowGuard::start(&rule, peer, local);
+    let (index, backend_addr) = rule.backends.pick();
+    let connect = tokio::time::timeout(rule.timeouts.connect, TcpStream::connect(backend_addr));
+    let backend = match connect.await {
+        Ok(Ok(backend)) => backend,
+        Ok(Err(e)) => return connect_failed(&rule, index, backend_addr, client, &e.to_string()),
+        Err(_) => {
+            let why = format!("no answer within {:?}", rule.timeouts.connect);
+            return connect_failed(&rule, index, backend_addr, client, &why);
+        }
+    };
+    if rule.backends.down(index).clear() {
+        info!(alias = %rule.alias, backend = %backend_addr, "backend answers again");
+    }
+    // A relay must not hold back small writes; the endpoints chose their own pacing.
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+    debug!(alias = %rule.alias, client = %guard.client, backend = %backend_addr, "tcp connected");
+    match relay_streams(&client, &backend, &rule, CopyMode::Splice).await {
+        Ended::Closed => {
+            debug!(alias = %rule.alias, client = %guard.client, "tcp closed by both ends")
+        }
+        Ended::Idle => debug!(
+            alias = %rule.alias, client = %guard.client,
+            "tcp idle for {:?}, closed", rule.timeouts.tcp_established
+        ),
+        Ended::Failed(e) => {
+            // An end that resets is the endpoints' business (iperf3 does it
+            // on every test); anything else is the relay's error.
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) {
+                rule.error();
+            }
+            debug!(alias = %rule.alias, client = %guard.client, "tcp flow failed: {e}; resetting both ends");
+            // The end still open learns of the failure as a reset, not a clean close.
+            let _ = client.set_zero_linger();
+            let _ = backend.set_zero_linger();
+        }
+    }
+}
+
+/// The client is reset at once so that it does not wait for data that never comes.
+fn connect_failed(rule: &RuleCtx, index: usize, backend: SocketAddr, client: TcpStream, why: &str) {
+    RuleCounters::add(&rule.counters.connect_failures, 1);
+    if rule.backends.down(index).raise() {
+        warn!(
+            alias = %rule.alias, %backend,
+            "cannot connect to backend: {why}; its clients are reset until it answers"
+        );
+    } else {
+        debug!(alias = %rule.alias, %backend, "cannot connect to backend: {why}");
+    }
+    let _ = client.set_zero_linger();
+    drop(client);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyMode {
+    /// splice through a pipe, buffered where the kernel refuses.
+    Splice,
+    /// Always through a userspace buffer (the relay itself falls back to it
+    /// per flow; tests force it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Buffered,
+}
+
+#[derive(Debug)]
+pub enum Ended {
+    /// Both directions saw FIN and delivered everything.
+    Closed,
+    /// No byte either way for the idle timeout.
+    Idle,
+    Failed(io::Error),
+}
+
+/// Copies both ways until both ends closed, one failed or the flow idled out.
+pub async fn relay_streams(
+    client: &TcpStream,
+    backend: &TcpStream,
+    rule: &RuleCtx,
+    mode: CopyMode,
+) -> Ended {
+    let clock = IdleClock::new(Millis::now());
+    let counters = &rule.counters;
+    let up = one_way(client, backend, &counters.bytes_to_backend, &clock, mode);
+    let down = one_way(backend, client, &counters.bytes_to_client, &clock, mode);
+    tokio::select! {
+        both = async { tokio::try_join!(up, down) } => match both {
+            Ok(_) => Ended::Closed,
+            Err(e) => Ended::Failed(e),
+        },
+        _ = clock.expired(rule.timeouts.tcp_established) => Ended::Idle,
+    }
+}
+
+/// One direction until FIN, which then goes on to `dst` as a write shutdown
+/// while the other direction keeps flowing.
+async fn one_way(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    clock: &IdleClock,
+    mode: CopyMode,
+) -> io::Result<()> {
+    let pending = match mode {
+        CopyMode::Buffered => Some(Vec::new()),
+        CopyMode::Splice => match Pipe::new() {
+            Ok(pipe) => match splice_one_way(src, dst, &pipe, moved, clock).await? {
+                SpliceEnd::Eof => None,
+                SpliceEnd::Refused { pending } => {
+                    debug!("splice refused for this flow; copying through a buffer");
+                    Some(pending)
+                }
+            },
+            Err(e) => {
+                debug!("no pipe for splice ({e}); copying through a buffer");
+                Some(Vec::new())
+            }
+        },
+    };
+    if let Some(pending) = pending {
+        copy_one_way(src, dst, pending, moved, clock).await?;
+    }
+    match SockRef::from(dst).shutdown(Shutdown::Write) {
+        // The peer is gone entirely; the other direction finds out itself.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{BackendSpec, Listener, NoKernelPath, PathMode, Protocol, Timeouts};
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn rule(idle: Duration) -> RuleCtx {
+        let listener = Listener {
+            rule_id: 0,
+            alias: "unit".into(),
+            protocol: Protocol::Tcp,
+            bind: "127.0.0.1:1".parse().unwrap(),
+            backends: vec![BackendSpec {
+                addr: "127.0.0.1:2".parse().unwrap(),
+                weight: 1,
+            }],
+            timeouts: Timeouts {
+                tcp_established: idle,
+                ..Timeouts::default()
+            },
+            path: PathMode::Relay,
+            preserve_client_ip: false,
+            listen_picked: false,
+        };
+        RuleCtx::new(&listener, Arc::new(NoKernelPath))
+    }
+
+    /// A connected pair of loopback sockets: (the end we hold, the end the relay holds).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// client <-> [relay: c, b] <-> backend, copied in `mode`. The client
+    /// sends and half-closes; the backend answers after seeing the FIN.
+    async fn half_close_through(mode: CopyMode) {
+        let rule = rule(Duration::from_secs(30));
+        let (mut client, c) = pair().await;
+        let (b, mut backend) = pair().await;
+        let relay = relay_streams(&c, &b, &rule, mode);
+        let ends = async {
+            let request: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+            client.write_all(&request).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            backend.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, request);
+            backend.write_all(b"answer after FIN").await.unwrap();
+            backend.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, b"answer after FIN");
+        };
+        let (ended, ()) = tokio::join!(relay, ends);
+        assert!(matches!(ended, Ended::Closed), "{ended:?}");
+        assert_eq!(rule.counters.bytes_to_backend.load(Relaxed), 300_000);
+        assert_eq!(rule.counters.bytes_to_client.load(Relaxed), 16);
+    }
+
+    #[tokio::test]
+    async fn buffered_copy_carries_data_and_half_close() {
+        half_close_through(CopyMode::Buffered).await;
+    }
+
+    #[tokio::test]
+    async fn splice_copy_carries_data_and_half_close() {
+        half_close_through(CopyMode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn idle_flow_ends() {
+        let rule = rule(Duration::from_millis(100));
+        let (_client, c) = pair().await;
+        let (b, _backend) = pair().await;
+        let ended = relay_streams(&c, &b, &rule, CopyMode::Splice).await;
+        assert!(matches!(ended, Ended::Idle), "{ended:?}");
+    }
+
+    #[tokio::test]
+    async fn a_reset_fails_the_flow() {
+        let rule = rule(Duration::from_secs(30));
+        let (client, c) = pair().await;
+        let (b, _backend) = pair().await;
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let ended = relay_streams(&c, &b, &rule, CopyMode::Buffered).await;
+        assert!(matches!(ended, Ended::Failed(_)), "{ended:?}");
+    }
+}

@@ -1,0 +1,454 @@
+//! UDP: one session per client (and local address it sent to), each with
+//! its own connected upstream socket. The listener task reads client
+//! datagrams in batches and owns the session table (creation, idle sweep);
+//! one task per session carries the replies back.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, Id, JoinError, JoinSet};
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, error, info, warn};
+
+use super::backend::Alarm;
+use super::batch::{Datagrams, PacketInfo};
+use super::counters::RuleCounters;
+use super::flow::{FlowGuard, RuleCtx};
+use super::idle::{IdleClock, Millis, sweep_interval};
+use super::sessions::SessionTable;
+use super::socket::connect_udp;
+use super::{Phase, next_phase, sys};
+
+/// Batches read in one go before the task lets others run.
+const ROUNDS: usize = 16;
+
+/// A client as the relay tells it apart: its address and the local address
+/// it sent to (so a reply leaves from there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct SessionKey {
+    client: SocketAddr,
+    local: Option<IpAddr>,
+}
+
+impl SessionKey {
+    fn of(batch: &Datagrams, i: usize) -> Option<SessionKey> {
+        Some(SessionKey {
+            client: batch.peer[i]?,
+            local: batch.dst[i].map(|d| d.local_ip()),
+        })
+    }
+}
+
+struct Session {
+    upstream: UdpSocket,
+    /// The client's address as the listener socket knows it.
+    client: SocketAddr,
+    /// Where the client sent to: the source of every reply.
+    source: Option<PacketInfo>,
+    clock: IdleClock,
+}
+
+struct Entry {
+    session: Arc<Session>,
+    task: Id,
+    abort: AbortHandle,
+}
+
+struct UdpListener {
+    socket: Arc<UdpSocket>,
+    bound: SocketAddr,
+    rule: Arc<RuleCtx>,
+    table: SessionTable<SessionKey, Entry>,
+    tasks: JoinSet<SessionKey>,
+    accepting: bool,
+    table_full: Alarm,
+}
+
+enum Event {
+    Readable(io::Result<()>),
+    Sweep,
+    Joined(Result<(Id, SessionKey), JoinError>),
+    Phase(Phase),
+}
+
+/// Serves one listener until the relay closes, or drains and has no session left.
+pub async fn serve(
+    socket: UdpSocket,
+    rule: Arc<RuleCtx>,
+    max_sessions: usize,
+    mut phase: watch::Receiver<Phase>,
+) {
+    let bound = match socket.local_addr() {
+        Ok(addr) => addr,
+        Err(e) => {
+            error!(alias = %rule.alias, "udp listener has no address: {e}");
+            return;
+        }
+    };
+    let mut l = UdpListener {
+        socket: Arc::new(socket),
+        bound,
+        rule,
+        table: SessionTable::new(max_sessions),
+        tasks: JoinSet::new(),
+        accepting: true,
+        table_full: Alarm::default(),
+    };
+    let mut batch = Datagrams::new();
+    let mut sweep = tokio::time::interval(sweep_interval(l.rule.timeouts.udp_idle));
+    sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let socket = l.socket.clone();
+    while l.accepting || !l.table.is_empty() {
+        let event = tokio::select! {
+            ready = socket.readable() => Event::Readable(ready),
+            _ = sweep.tick() => Event::Sweep,
+            Some(joined) = l.tasks.join_next_with_id(), if !l.tasks.is_empty() => Event::Joined(joined),
+            next = next_phase(&mut phase) => Event::Phase(next),
+        };
+        match event {
+            Event::Readable(Ok(())) => l.receive(&mut batch).await,
+            Event::Readable(Err(e)) => {
+                error!(alias = %l.rule.alias, "udp listener failed: {e}");
+                break;
+            }
+            Event::Sweep => l.sweep(),
+            Event::Joined(joined) => l.session_task_ended(joined),
+            Event::Phase(Phase::Serving) => {}
+            Event::Phase(Phase::Draining) => {
+                l.accepting = false;
+                debug!(alias = %l.rule.alias, sessions = l.table.len(), "udp listener draining");
+            }
+            Event::Phase(Phase::Closing) => break,
+        }
+    }
+    // Closing (or drained): end every session still there.
+    l.table.drain();
+    l.tasks.shutdown().await;
+}
+
+impl UdpListener {
+    /// Reads client datagrams until none is left (or a round limit) and
+    /// forwards them, each to its client's session.
+    async fn receive(&mut self, batch: &mut Datagrams) {
+        let fd = self.socket.as_raw_fd();
+        for _ in 0..ROUNDS {
+            let n = match self
+                .socket
+                .try_io(Interest::READABLE, || sys::recv_batch(fd, batch))
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    self.rule.error();
+                    debug!(alias = %self.rule.alias, "udp receive: {e}");
+                    return;
+                }
+            };
+            self.forward(batch, n).await;
+        }
+    }
+
+    /// Sends datagrams `0..n` upstream; a run of datagrams of one client
+    /// goes out with one sendmmsg.
+    async fn forward(&mut self, batch: &Datagrams, n: usize) {
+        let now = Millis::now();
+        let mut i = 0;
+        while i < n {
+            let Some(key) = SessionKey::of(batch, i) else {
+                i += 1;
+                continue;
+            };
+            let session = match self.table.get(&key) {
+                Some(entry) => entry.session.clone(),
+                None => match self.open(key, batch.dst[i]) {
+                    Some(session) => session,
+                    None => {
+                        i += 1;
+                        continue;
+                    }
+                },
+            };
+            let mut end = i + 1;
+            while end < n && SessionKey::of(batch, end) == Some(key) {
+                end += 1;
+            }
+            session.clock.touch(now);
+            send_upstream(&session, batch, i, end, &self.rule).await;
+            i = end;
+        }
+    }
+
+    /// A new session for `key`, unless refused (draining, table full) or
+    /// its socket cannot be made.
+    fn open(&mut self, key: SessionKey, dst: Option<PacketInfo>) -> Option<Arc<Session>> {
+        let rule = &self.rule;
+        if !self.accepting {
+            RuleCounters::add(&rule.counters.sessions_refused, 1);
+            return None;
+        }
+        if self.table.is_full() {
+            RuleCounters::add(&rule.counters.sessions_refused, 1);
+            if self.table_full.raise() {
+                warn!(
+                    alias = %rule.alias, max = self.table.len(),
+                    "udp session table full; new clients are refused until sessions end"
+                );
+            }
+            return None;
+        }
+        let (index, backend) = rule.backends.pick();
+        let upstream = match connect_udp(backend) {
+            Ok(upstream) => upstream,
+            Err(e) => {
+                rule.error();
+                if rule.backends.down(index).raise() {
+                    warn!(alias = %rule.alias, %backend, "cannot open a udp socket to the backend: {e}");
+                }
+                return None;
+            }
+        };
+        if rule.backends.down(index).clear() {
+            info!(alias = %rule.alias, %backend, "backend reachable again");
+        }
+        let local = SocketAddr::new(key.local.unwrap_or(self.bound.ip()), self.bound.port());
+        let guard = FlowGuard::start(rule, key.client, local);
+        let session = Arc::new(Session {
+            upstream,
+            client: key.client,
+            source: dst,
+            clock: IdleClock::new(Millis::now()),
+        });
+        debug!(alias = %rule.alias, client = %guard.client, %backend, "udp session opened");
+        let abort = self.tasks.spawn(replies(
+            session.clone(),
+            self.socket.clone(),
+            rule.clone(),
+            guard,
+            key,
+        ));
+        let entry = Entry {
+            session: session.clone(),
+            task: abort.id(),
+            abort,
+        };
+        // Not full: checked above.
+        let _ = self.table.insert(key, entry);
+        Some(session)
+    }
+
+    /// Ends the sessions without a datagram either way for the idle timeout.
+    fn sweep(&mut self) {
+        let now = Millis::now();
+        let idle = self.rule.timeouts.udp_idle;
+        for (key, entry) in self
+            .table
+            .remove_where(|e| e.session.clock.is_idle(now, idle))
+        {
+            entry.abort.abort();
+            debug!(alias = %self.rule.alias, client = %sys::canonical(key.client), "udp session idle, ended");
+        }
+        if !self.table.is_full() && self.table_full.clear() {
+            info!(alias = %self.rule.alias, "udp session table has room again");
+        }
+    }
+
+    /// A session task that ended by itself (its socket failed) leaves the table.
+    fn session_task_ended(&mut self, joined: Result<(Id, SessionKey), JoinError>) {
+        let (id, key) = match joined {
+            Ok(ended) => ended,
+            Err(e) if e.is_cancelled() => return,
+            Err(e) => {
+                error!(alias = %self.rule.alias, "udp session panicked: {e}");
+                let id = e.id();
+                let gone: Vec<_> = self.table.remove_where(|entry| entry.task == id);
+                drop(gone);
+                return;
+            }
+        };
+        if self.table.get(&key).is_some_and(|entry| entry.task == id) {
+            self.table.remove(&key);
+        }
+    }
+}
+
+/// Sends datagrams `from..to` of `batch` on the session's upstream socket, in order.
+async fn send_upstream(
+    session: &Session,
+    batch: &Datagrams,
+    from: usize,
+    to: usize,
+    rule: &RuleCtx,
+) {
+    let fd = session.upstream.as_raw_fd();
+    let mut at = from;
+    // The first try goes straight to the socket: a new one is writable
+    // before tokio has heard so from epoll.
+    let mut wait = false;
+    let mut refused_before = false;
+    while at < to {
+        let sent = if wait {
+            if session.upstream.writable().await.is_err() {
+                break;
+            }
+            session.upstream.try_io(Interest::WRITABLE, || {
+                sys::send_batch(fd, batch.payloads(at, to), None, None)
+            })
+        } else {
+            sys::send_batch(fd, batch.payloads(at, to), None, None)
+        };
+        match sent {
+            Ok(k) => {
+                RuleCounters::add(&rule.counters.bytes_to_backend, batch.bytes(at, at + k));
+                at += k;
+                wait = false;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait = true,
+            // An ICMP error of an earlier datagram, reported now: this one
+            // was not sent, try it once more.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) && !refused_before => {
+                rule.error();
+                refused_before = true;
+            }
+            Err(e) => {
+                rule.error();
+                debug!(alias = %rule.alias, "udp send to backend: {e}; datagram dropped");
+                at += 1;
+                refused_before = false;
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Reply batches of the session tasks running on this thread; used only
+    /// between two awaits, so one per thread is enough.
+    static REPLIES: RefCell<Box<Datagrams>> = RefCell::new(Datagrams::new());
+}
+
+/// Carries the backend's replies to the client, from the address the
+/// client sent to. Returns when the upstream socket fails; ends earlier
+/// when the listener aborts it (idle, closing).
+async fn replies(
+    session: Arc<Session>,
+    listener: Arc<UdpSocket>,
+    rule: Arc<RuleCtx>,
+    guard: FlowGuard,
+    key: SessionKey,
+) -> SessionKey {
+    let _guard = guard;
+    // Replies the listener socket had no room for, kept in order.
+    let mut spill: Vec<Vec<u8>> = Vec::new();
+    loop {
+        if let Err(e) = session.upstream.readable().await {
+            rule.error();
+            debug!(alias = %rule.alias, "udp session socket failed: {e}");
+            return key;
+        }
+        if let Err(e) = reply_batches(&session, &listener, &rule, &mut spill) {
+            rule.error();
+            debug!(alias = %rule.alias, "udp session socket failed: {e}");
+            return key;
+        }
+        if !spill.is_empty() {
+            send_spill(&mut spill, &session, &listener, &rule).await;
+        }
+    }
+}
+
+/// Reads reply batches until none is left, sending each to the client
+/// with one sendmmsg. What the listener socket has no room for goes to `spill`.
+fn reply_batches(
+    session: &Session,
+    listener: &UdpSocket,
+    rule: &RuleCtx,
+    spill: &mut Vec<Vec<u8>>,
+) -> io::Result<()> {
+    let (up_fd, out_fd) = (session.upstream.as_raw_fd(), listener.as_raw_fd());
+    REPLIES.with_borrow_mut(|batch| {
+        for _ in 0..ROUNDS {
+            let n = match session
+                .upstream
+                .try_io(Interest::READABLE, || sys::recv_batch(up_fd, batch))
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                // The backend's port was closed (ICMP); the session stays
+                // for when it comes back.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                    rule.error();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            session.clock.touch(Millis::now());
+            let mut at = 0;
+            while at < n {
+                match sys::send_batch(
+                    out_fd,
+                    batch.payloads(at, n),
+                    Some(&session.client),
+                    session.source.as_ref(),
+                ) {
+                    Ok(k) => {
+                        RuleCounters::add(&rule.counters.bytes_to_client, batch.bytes(at, at + k));
+                        at += k;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        spill.extend(batch.payloads(at, n).map(<[u8]>::to_vec));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        rule.error();
+                        debug!(alias = %rule.alias, "udp send to client: {e}; datagram dropped");
+                        at += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The slow path: waits for room on the listener socket for spilled replies.
+async fn send_spill(
+    spill: &mut Vec<Vec<u8>>,
+    session: &Session,
+    listener: &UdpSocket,
+    rule: &RuleCtx,
+) {
+    let fd = listener.as_raw_fd();
+    let mut at = 0;
+    while at < spill.len() {
+        if listener.writable().await.is_err() {
+            break;
+        }
+        let sent = listener.try_io(Interest::WRITABLE, || {
+            sys::send_batch(
+                fd,
+                spill[at..].iter().map(Vec::as_slice),
+                Some(&session.client),
+                session.source.as_ref(),
+            )
+        });
+        match sent {
+            Ok(k) => {
+                let bytes: usize = spill[at..at + k].iter().map(Vec::len).sum();
+                RuleCounters::add(&rule.counters.bytes_to_client, bytes as u64);
+                at += k;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                rule.error();
+                debug!(alias = %rule.alias, "udp send to client: {e}; datagram dropped");
+                at += 1;
+            }
+        }
+    }
+    spill.clear();
+}
