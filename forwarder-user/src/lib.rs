@@ -1,6 +1,7 @@
 //! The forwarder daemon as a library, so that its parts can be tested.
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod kernel;
 pub mod relay;
 pub mod rules;

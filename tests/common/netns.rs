@@ -264,3 +264,26 @@ impl Topology {
         self.backend_link.b_addr
     }
 }
+
+/// Runs `cmd` to completion, killing it and failing the test if it takes
+/// longer than `limit` (say, a daemon that should have exited but serves on).
+pub fn output_within(cmd: &mut Command, limit: std::time::Duration) -> Output {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("collect the output of {cmd:?}: {e}")),
+        Err(_) => {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = waiter.join();
+            panic!("{cmd:?} still runs after {limit:?}");
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The programs run on crafted packets with `BPF_PROG_TEST_RUN` (root).
+//!
+//! Nothing is attached: the kernel runs the program once on the bytes
+//! given and returns its verdict and the packet as it left.
+
+mod packet;
+mod programs;
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use aya::{Ebpf, maps::PerCpuHashMap};
+use forwarder_common::IfaceCounters;
+
+use super::attach::{Attached, TC_PROGRAM, XDP_PROGRAM};
+use super::load;
+
+pub const TC_ACT_OK: u32 = 0;
+pub const XDP_PASS: u32 = 2;
+
+/// `BPF_F_TEST_SKB_CHECKSUM_COMPLETE`: the skb is CHECKSUM_COMPLETE and the
+/// kernel checks after the run that `skb->csum` still matches the bytes.
+pub const F_CHECKSUM_COMPLETE: u32 = 1 << 2;
+
+/// True when the test may load BPF; otherwise says why it is skipped
+/// (and fails under `CI=true`).
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: plain getter.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            !super::EBPF_OBJECT.is_empty(),
+            "{test}: this build has no eBPF object; build it first (cargo xtask build)"
+        );
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: needs root, and CI=true forbids skipping it");
+    }
+    eprintln!("SKIPPED {test}: needs root (BPF_PROG_TEST_RUN)");
+    false
+}
+
+/// The object loaded with both programs in the kernel, nothing attached.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+}
+
+/// What a run returned.
+#[derive(Debug)]
+pub struct Run {
+    pub verdict: u32,
+    pub packet: Vec<u8>,
+}
+
+impl Loaded {
+    pub fn new(conntrack: u32) -> Loaded {
+        let mut ebpf = load::load(load::Sizes {
+            conntrack,
+            relay_flows: conntrack,
+        })
+        .expect("load the eBPF object");
+        Attached::load_programs(&mut ebpf).expect("load the programs");
+        Loaded { ebpf }
+    }
+
+    fn tc(&self) -> &SchedClassifier {
+        self.ebpf
+            .program(TC_PROGRAM)
+            .expect("tc program")
+            .try_into()
+            .expect("a classifier")
+    }
+
+    /// Runs the TC program once on `packet`.
+    pub fn run_tc(&self, packet: &[u8]) -> Run {
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = self
+            .tc()
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN of the TC program");
+        out.truncate(result.data_size_out as usize);
+        Run {
+            verdict: result.return_value,
+            packet: out,
+        }
+    }
+
+    /// Runs the TC program with test-run `flags` (aya's options cannot
+    /// carry them, so this is the raw `bpf(2)` call). `Err` is the errno.
+    pub fn run_tc_flags(&self, packet: &[u8], flags: u32) -> Result<Run, i32> {
+        let fd = self.tc().fd().expect("loaded").as_fd().as_raw_fd();
+        raw_test_run(fd, packet, flags)
+    }
+
+    /// Runs the XDP program once on `packet`.
+    pub fn run_xdp(&self, packet: &[u8]) -> Run {
+        let xdp: &Xdp = self
+            .ebpf
+            .program(XDP_PROGRAM)
+            .expect("xdp program")
+            .try_into()
+            .expect("an xdp program");
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = xdp
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN of the XDP program");
+        out.truncate(result.data_size_out as usize);
+        Run {
+            verdict: result.return_value,
+            packet: out,
+        }
+    }
+
+    /// The interface counters of `ifindex`, summed over CPUs.
+    pub fn iface_counters(&self, ifindex: u32) -> IfaceCounters {
+        let map: PerCpuHashMap<_, u32, IfaceCounters> =
+            PerCpuHashMap::try_from(self.ebpf.map("IFACE_COUNTERS").expect("map"))
+                .expect("per-cpu hash");
+        let mut sum = IfaceCounters::default();
+        if let Ok(per_cpu) = map.get(&ifindex, 0) {
+            for c in per_cpu.iter() {
+                sum.xdp_packets += c.xdp_packets;
+                sum.xdp_bytes += c.xdp_bytes;
+                sum.tc_packets += c.tc_packets;
+                sum.tc_bytes += c.tc_bytes;
+            }
+        }
+        sum
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+
+fn raw_test_run(prog_fd: i32, packet: &[u8], flags: u32) -> Result<Run, i32> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut attr = TestAttr {
+        prog_fd: prog_fd as u32,
+        data_size_in: packet.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: packet.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        flags,
+        ..Default::default()
+    };
+    // SAFETY: the attr points at live buffers of the sizes given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &mut attr as *mut TestAttr,
+            std::mem::size_of::<TestAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok(Run {
+        verdict: attr.retval,
+        packet: out,
+    })
+}

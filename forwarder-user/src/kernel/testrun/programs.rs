@@ -1,0 +1,75 @@
+//! Both programs count and pass traffic they have no rule for.
+
+use std::net::Ipv4Addr;
+
+use super::packet::{Spec, TCP_ACK};
+use super::*;
+
+const LO: u32 = 1;
+
+#[test]
+fn tc_and_xdp_count_and_pass_unmatched_packets_unchanged() {
+    if !require_root("tc_and_xdp_count_and_pass_unmatched_packets_unchanged") {
+        return;
+    }
+    let loaded = Loaded::new(1024);
+    let packet = Spec::tcp(
+        (Ipv4Addr::new(192, 0, 2, 1), 1234),
+        (Ipv4Addr::new(192, 0, 2, 2), 80),
+        TCP_ACK,
+    )
+    .build();
+    let runs = 3;
+    for _ in 0..runs {
+        let tc = loaded.run_tc(&packet);
+        assert_eq!(tc.verdict, TC_ACT_OK);
+        assert_eq!(tc.packet, packet, "TC left the packet as it was");
+        let xdp = loaded.run_xdp(&packet);
+        assert_eq!(xdp.verdict, XDP_PASS);
+        assert_eq!(xdp.packet, packet, "XDP left the packet as it was");
+    }
+    // The kernel checks skb->csum after a CHECKSUM_COMPLETE run.
+    let complete = loaded
+        .run_tc_flags(&packet, F_CHECKSUM_COMPLETE)
+        .expect("a CHECKSUM_COMPLETE run");
+    assert_eq!((complete.verdict, &complete.packet), (TC_ACT_OK, &packet));
+    // Test runs see the namespace's loopback as the interface.
+    let c = loaded.iface_counters(LO);
+    assert_eq!(c.tc_packets, runs + 1);
+    assert_eq!(c.xdp_packets, runs);
+    assert_eq!(c.tc_bytes, (runs + 1) * packet.len() as u64);
+    assert_eq!(c.xdp_bytes, runs * packet.len() as u64);
+}
+
+#[test]
+fn garbage_and_truncated_frames_pass_unchanged() {
+    if !require_root("garbage_and_truncated_frames_pass_unchanged") {
+        return;
+    }
+    let loaded = Loaded::new(1024);
+    let full = Spec::udp(
+        (Ipv4Addr::new(192, 0, 2, 1), 1234),
+        (Ipv4Addr::new(192, 0, 2, 2), 53),
+    )
+    .build();
+    // Every truncation of a valid frame after the IPv4 header (test runs
+    // refuse shorter IPv4 frames), headers that lie, and no IPv4 at all.
+    let mut frames: Vec<Vec<u8>> = (34..full.len()).map(|n| full[..n].to_vec()).collect();
+    for (at, byte) in [(14, 0x44), (14, 0x65), (14, 0x4f), (16, 0xff), (16, 0x00)] {
+        let mut bad = full.clone();
+        bad[at] = byte; // ihl 4, version 6, ihl 15, total length lies
+        frames.push(bad);
+    }
+    frames.push(vec![0xff; 60]);
+    let mut arp = full.clone();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    frames.push(arp);
+    for frame in frames {
+        let tc = loaded.run_tc(&frame);
+        assert_eq!(tc.verdict, TC_ACT_OK, "frame of {} bytes", frame.len());
+        assert_eq!(tc.packet, frame);
+        let xdp = loaded.run_xdp(&frame);
+        assert_eq!(xdp.verdict, XDP_PASS);
+        assert_eq!(xdp.packet, frame);
+    }
+}
