@@ -126,6 +126,8 @@ pub struct Running {
     /// Where the client sends its traffic.
     pub target: Ipv4Addr,
     pub procs: Vec<Proc>,
+    /// For a row about the kernel path: how to tell the relay stood in.
+    pub kernel_watch: Option<forwarder::KernelWatch>,
 }
 
 impl Running {
@@ -171,6 +173,7 @@ pub fn start(
             return Ok(Started::Running(Running {
                 target: backend,
                 procs: Vec::new(),
+                kernel_watch: None,
             }));
         }
         Setup::Nftables => {
@@ -222,6 +225,7 @@ pub fn start(
     let mut running = Running {
         target: listen,
         procs,
+        kernel_watch: None,
     };
     let udp = if c.no_udp.is_some() {
         Vec::new()

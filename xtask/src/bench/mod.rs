@@ -169,14 +169,19 @@ fn run_contender(
             samples.note_all(m.figures(), &Note::Failed(format!("{e:#}")));
             continue;
         }
-        for (figure, outcome) in measure::run(m, &traffic)? {
+        let watch = running.kernel_watch.as_ref();
+        for (figure, outcome) in forwarder::on_kernel_path(watch, || measure::run(m, &traffic))? {
             progress(figure, &outcome);
             samples.record(figure, outcome);
         }
         procs::sleep(Duration::from_millis(300))?;
     }
     if let Some(rss) = rss {
-        let mib = Ok(rss.peak_kib() as f64 / 1024.0);
+        let dropped = running.kernel_watch.as_ref().and_then(|w| w.dropped());
+        let mib = match dropped {
+            Some(why) => Err(Note::NotApplicable(why)),
+            None => Ok(rss.peak_kib() as f64 / 1024.0),
+        };
         progress(Figure::RssMib, &mib);
         samples.record(Figure::RssMib, mib);
     }

@@ -156,16 +156,13 @@ impl Proc {
         Ok(())
     }
 
-    /// The last lines of the log, on one line.
+    /// The last line of the log: where programs say why they stopped.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-        let tail = &lines[lines.len().saturating_sub(3)..];
-        if tail.is_empty() {
-            "no output".to_string()
-        } else {
-            tail.join(" / ")
-        }
+        text.lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .map_or_else(|| "no output".to_string(), |l| l.trim().to_string())
     }
 }
 
