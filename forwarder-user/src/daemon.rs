@@ -48,7 +48,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     } else {
         start_kernel_path(&compiled, &opts).await?
     };
-    let observer: Arc<dyn FlowObserver> = Arc::new(NoKernelPath);
+    let observer: Arc<dyn FlowObserver> = match &kernel {
+        Some(k) => k.observer(),
+        None => Arc::new(NoKernelPath),
+    };
     let kernel = kernel.map(Arc::new);
 
     let relay = match Relay::start(&compiled.listeners, compiled.relay, observer).await {
