@@ -10,6 +10,8 @@
 /// An IPv6 address as four words in network byte order; IPv4 is mapped.
 pub type Addr = [u32; 4];
 
+pub mod csum;
+
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 

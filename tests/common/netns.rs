@@ -47,7 +47,8 @@ fn ip(args: &[&str]) -> Output {
     run(Command::new("ip").args(args))
 }
 
-/// Namespaces of earlier runs whose process is gone.
+/// Namespaces of earlier runs whose process is gone, and what still runs
+/// in them.
 fn remove_stale_namespaces() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -62,6 +63,7 @@ fn remove_stale_namespaces() {
             let pid = rest.split('-').next().and_then(|p| p.parse::<i32>().ok());
             let alive = pid.is_some_and(|p| unsafe { libc::kill(p, 0) } == 0);
             if !alive {
+                kill_all_inside(name);
                 let _ = Command::new("ip").args(["netns", "del", name]).status();
             }
         }
@@ -116,19 +118,21 @@ impl Netns {
     }
 }
 
+/// SIGKILL to every process in the namespace `name`.
+fn kill_all_inside(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Kill whatever still runs inside, so nothing outlives the test.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
+        kill_all_inside(&self.name);
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .stderr(Stdio::null())
@@ -237,6 +241,18 @@ impl Topology {
             client_link,
             backend_link,
         }
+    }
+
+    /// GRO on at the client's and the backend's ends of the links. On veth
+    /// that also turns NAPI on, without which frames an XDP program in the
+    /// forwarder redirects into a link are dropped (unless the far end has
+    /// an XDP program of its own). A NIC needs no such step. Needs ethtool.
+    pub fn accept_xdp_redirects(&self) {
+        let client_if = self.client_link.b_if.as_str();
+        let backend_if = self.backend_link.b_if.as_str();
+        self.client.exec("ethtool", &["-K", client_if, "gro", "on"]);
+        self.backend
+            .exec("ethtool", &["-K", backend_if, "gro", "on"]);
     }
 
     /// The forwarder's address as the client sees it.

@@ -1,4 +1,5 @@
 //! `cargo xtask`: set up the toolchain, build, run, test and bench forwarder.
+mod bench;
 mod build;
 mod cmd;
 mod setup;
@@ -37,6 +38,9 @@ enum Command {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Measure forwarder against direct routing, nftables, nginx, HAProxy
+    /// and socat in network namespaces (root); writes bench-results/.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -57,6 +61,7 @@ fn main() -> Result<()> {
             setup::run()?;
             test::run(filter.as_deref())
         }
+        Command::Bench(args) => bench::run(args),
     }
 }
 
