@@ -758,3 +758,53 @@ fn the_programs_log_through_the_daemon() {
     let log = daemon.stop();
     assert!(log.contains("forwarder::ebpf"), "{log}");
 }
+
+#[test]
+fn idle_flows_expire_and_give_their_snat_port_back() {
+    if !common::require_root("idle_flows_expire_and_give_their_snat_port_back") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    // One SNAT port: one kernel flow to the backend at a time.
+    let rules = turn_rules(
+        &topo,
+        "kernel: {snat_ports: 40000-40000}\n\
+         timeouts: {udp_idle: 1s, tcp_close: 1s, connect: 1s}\n",
+    );
+    let daemon = Daemon::start(&topo.forwarder, "expiry", &rules);
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        udp_echo(&udp_socket_from(5000, to), b"takes the port");
+        // The range is used up: this one is the relay's.
+        udp_echo(&udp_socket_from(5001, to), b"overflow");
+    });
+    let k = |status: &serde_json::Value| kernel_rule(status, "turn-udp", "udp").clone();
+    let status = daemon.status();
+    assert_eq!(counter(&k(&status), "flows"), 1);
+    assert_eq!(counter(&k(&status), "fallback_full"), 1);
+    eventually("the idle flow expires", || {
+        let s = daemon.status();
+        s["kernel"]["expired_flows"].as_u64() == Some(1)
+            && s["kernel"]["conntrack_entries"].as_u64() == Some(0)
+    });
+    in_netns(&topo.client, || {
+        udp_echo(&udp_socket_from(5002, to), b"the port is free again");
+    });
+    let status = daemon.status();
+    assert_eq!(counter(&k(&status), "flows"), 2, "{}", k(&status));
+    assert_eq!(counter(&k(&status), "fallback_full"), 1);
+
+    // A TCP flow that closed goes after tcp_close, and frees the port too.
+    in_netns(&topo.client, || {
+        let mut c = tcp_echo_conn(to);
+        tcp_echo_round(&mut c, b"short-lived");
+    });
+    eventually("the closed TCP flow and the UDP flow expire", || {
+        let s = daemon.status();
+        s["kernel"]["expired_flows"].as_u64() == Some(3)
+            && s["kernel"]["conntrack_entries"].as_u64() == Some(0)
+    });
+    daemon.stop();
+}
