@@ -1,9 +1,16 @@
 //! Reading a frame's headers at XDP, by direct packet access. Only what XDP
 //! may carry parses: IPv4 without options or fragmentation, TCP or UDP
-//! with the whole L4 header present.
+//! with the whole L4 header present and a complete checksum.
+//!
+//! A sender on this host with checksum offload hands a veth frames whose
+//! L4 checksum field holds only the pseudo-header sum (CHECKSUM_PARTIAL).
+//! XDP cannot see that mark, and a frame it redirects loses it, so the
+//! receiver would see a bad checksum: such frames are left to TC, whose
+//! skb keeps the mark. A complete checksum equals that sum only by a
+//! 1 in 65536 chance, and then TC carries the packet, which is still right.
 
 use aya_ebpf::programs::XdpContext;
-use forwarder_common::{PROTO_TCP, PROTO_UDP};
+use forwarder_common::{PROTO_TCP, PROTO_UDP, csum};
 
 use crate::parse::{ETH_LEN, IP_LEN, L4_OFF, Packet, Unfit};
 
@@ -47,21 +54,24 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
     let proto = ip[9];
     let mut tcp_flags = 0;
     let mut udp_no_csum = false;
-    let ports = if proto == PROTO_TCP {
+    let (ports, l4_csum) = if proto == PROTO_TCP {
         let tcp: *const [u8; TCP_LEN] = ptr_at(ctx, L4_OFF)?;
         // SAFETY: as above.
         let tcp = unsafe { *tcp };
         tcp_flags = tcp[13];
-        [tcp[0], tcp[1], tcp[2], tcp[3]]
+        ([tcp[0], tcp[1], tcp[2], tcp[3]], [tcp[16], tcp[17]])
     } else if proto == PROTO_UDP {
         let udp: *const [u8; UDP_LEN] = ptr_at(ctx, L4_OFF)?;
         // SAFETY: as above.
         let udp = unsafe { *udp };
         udp_no_csum = udp[6] == 0 && udp[7] == 0;
-        [udp[0], udp[1], udp[2], udp[3]]
+        ([udp[0], udp[1], udp[2], udp[3]], [udp[6], udp[7]])
     } else {
         return None;
     };
+    if !udp_no_csum && is_pseudo_header_sum(&ip, tot_len, u16::from_ne_bytes(l4_csum)) {
+        return None;
+    }
     Some(Packet {
         src: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
         dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
@@ -74,4 +84,22 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
         udp_no_csum,
         unfit: Unfit::None,
     })
+}
+
+/// True if `field` holds just the pseudo-header sum of the IPv4 header
+/// `ip` (a CHECKSUM_PARTIAL frame). Words as they sit in memory, like
+/// `forwarder_common::csum`.
+#[inline(always)]
+fn is_pseudo_header_sum(ip: &[u8; IP_LEN], tot_len: u16, field: u16) -> bool {
+    let word = |i: usize| u32::from(u16::from_ne_bytes([ip[i], ip[i + 1]]));
+    let l4_len = (tot_len - IP_LEN as u16).to_be_bytes();
+    let sum = word(12)
+        + word(14)
+        + word(16)
+        + word(18)
+        + u32::from(u16::from_ne_bytes([0, ip[9]]))
+        + u32::from(u16::from_ne_bytes(l4_len));
+    let folded = csum::fold(sum);
+    // 0 and 0xffff are both zero in one's complement.
+    folded == field || (folded == 0 && field == 0xffff) || (folded == 0xffff && field == 0)
 }

@@ -162,6 +162,11 @@ fn xdp_carries_established_tcp_both_ways_and_leaves_the_rest_to_tc() {
         );
         assert!(l4_csum_ok(&back.packet), "TCP checksum");
 
+        let partial = Spec::tcp(client(50000), listener(), TCP_ACK)
+            .csum(Csum::Partial)
+            .build();
+        assert_passed(&k.run_xdp_from(&partial, lo), &partial, "partial checksum");
+
         // Teardown is TC's, and so is a packet about to expire.
         let fin = Spec::tcp(client(50000), listener(), TCP_ACK | TCP_FIN).build();
         assert_passed(&k.run_xdp_from(&fin, lo), &fin, "FIN");
@@ -224,7 +229,12 @@ fn xdp_carries_udp_from_the_second_datagram_and_keeps_a_zero_checksum() {
         );
         assert_eq!(view(&out.packet).l4_csum, 0, "no checksum stays none");
 
-        // Fragments and IP options of the same flow go up unchanged.
+        // A sender's offloaded checksum (only the pseudo-header sum) is
+        // TC's to keep; so are fragments and IP options.
+        let partial = Spec::udp(client(50001), listener())
+            .csum(Csum::Partial)
+            .build();
+        assert_passed(&k.run_xdp_from(&partial, lo), &partial, "partial checksum");
         let mut fragment = Spec::udp(client(50001), listener());
         fragment.frag = 0x2000;
         let fragment = fragment.build();
