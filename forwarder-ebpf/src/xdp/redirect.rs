@@ -53,6 +53,8 @@ pub fn can_send(ingress: u32, s: &Scratch) -> bool {
 }
 
 /// The verdict that sends the frame out of the interface `route` found.
+/// `can_send` checked the devmap first (the daemon fills it once, before
+/// attaching), so the redirect's fallback verdict is never taken.
 #[inline(always)]
 pub fn send(ingress: u32, s: &Scratch) -> u32 {
     if s.fib.ifindex == ingress {
