@@ -334,6 +334,24 @@ fn turn_like_tcp_and_udp_at_once_with_a_256_mib_transfer_on_the_xdp_path() {
     }
 }
 
+#[test]
+fn senders_with_checksum_offload_stay_on_tc_under_path_xdp() {
+    if !common::require_root("senders_with_checksum_offload_stay_on_tc_under_path_xdp") {
+        return;
+    }
+    let topo = Topology::new();
+    // Redirects would arrive, but the senders leave checksums partial.
+    topo.client
+        .exec("ethtool", &["-K", &topo.client_link.b_if, "gro", "on"]);
+    topo.backend
+        .exec("ethtool", &["-K", &topo.backend_link.b_if, "gro", "on"]);
+    let status = turn_like_run(&topo, "xdp");
+    for (alias, proto) in [("turn-tcp", "tcp"), ("turn-udp", "udp")] {
+        let k = kernel_rule(&status, alias, proto);
+        assert_eq!(counter(k, "xdp_packets"), 0, "{k}");
+    }
+}
+
 /// The TURN-like run on `path`: a 256 MiB TCP transfer with UDP and short
 /// TCP flows on the same port at once, through the daemon. Checks what
 /// holds on any kernel path (the data, the flows, nothing for the relay,
