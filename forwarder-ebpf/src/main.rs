@@ -11,25 +11,18 @@ mod parse;
 mod redirect;
 mod rules;
 mod tc;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::xdp_action,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use aya_log_ebpf::debug;
 
-use counters::{Hook, count_interface};
-
-/// Counts every packet and passes it on unchanged.
+/// The XDP accelerator for established kernel flows; everything else
+/// passes on to TC unchanged.
 #[xdp]
 pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let ifindex = ctx.ingress_ifindex() as u32;
-    if count_interface(ifindex, Hook::Xdp, bytes) {
-        debug!(&ctx, "xdp: first packet on ifindex {}", ifindex);
-    }
-    xdp_action::XDP_PASS
+    xdp::handle(&ctx)
 }
 
 /// The kernel path: DNAT/SNAT, conntrack and redirect for the rules'

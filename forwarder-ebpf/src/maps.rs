@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_fib_lookup, bpf_redir_neigh},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, PerCpuArray, PerCpuHashMap},
 };
 use forwarder_common::{
     Backend, CtKey, CtValue, IfaceCounters, MAX_BACKENDS_PER_RULE, MAX_RULES, RelayFlow,
@@ -71,3 +71,14 @@ pub fn scratch() -> Option<&'static mut Scratch> {
     // SAFETY: a per-CPU slot; one program run uses it at a time on a CPU.
     SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
+
+/// The interfaces XDP may redirect to (those the daemon attached to), by
+/// ifindex; written by userspace. A frame for any other interface goes up
+/// to TC.
+#[map]
+pub static XDP_EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+
+/// Each rule's `RULE_F_*` flags by rule id; written by userspace. XDP
+/// needs them for replies too, which match no `RULES` key.
+#[map]
+pub static RULE_FLAGS: Array<u32> = Array::with_max_entries(MAX_RULES, 0);

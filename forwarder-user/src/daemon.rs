@@ -18,7 +18,7 @@ use crate::config;
 use crate::control::{ControlSocket, StatusFn};
 use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, StartOptions};
 use crate::relay::Relay;
-use crate::rules::{Compiled, FlowObserver, NoKernelPath, PathMode};
+use crate::rules::{Compiled, FlowObserver, NoKernelPath};
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -114,7 +114,7 @@ async fn start_kernel_path(
     let required_by = compiled
         .listeners
         .iter()
-        .find(|l| l.path == PathMode::Kernel)
+        .find(|l| l.path.requires_kernel())
         .map(|l| l.alias.clone());
     let options = StartOptions {
         config_file: Some(opts.config.display().to_string()),

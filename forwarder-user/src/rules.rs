@@ -47,6 +47,11 @@ pub enum PathMode {
     Kernel,
     /// The relay only.
     Relay,
+    /// Like `kernel`, with TC alone carrying the rule's flows.
+    Tc,
+    /// Like `kernel`, with the XDP accelerator carrying the established
+    /// flows' packets (TC the rest).
+    Xdp,
 }
 
 impl PathMode {
@@ -55,7 +60,14 @@ impl PathMode {
             PathMode::Auto => "auto",
             PathMode::Kernel => "kernel",
             PathMode::Relay => "relay",
+            PathMode::Tc => "tc",
+            PathMode::Xdp => "xdp",
         }
+    }
+
+    /// The rule needs the kernel path: a failure to load BPF is an error.
+    pub fn requires_kernel(self) -> bool {
+        matches!(self, PathMode::Kernel | PathMode::Tc | PathMode::Xdp)
     }
 }
 

@@ -247,12 +247,17 @@ impl Topology {
     /// that also turns NAPI on, without which frames an XDP program in the
     /// forwarder redirects into a link are dropped (unless the far end has
     /// an XDP program of its own). A NIC needs no such step. Needs ethtool.
+    ///
+    /// Also checksum offload off there, so that the forwarder gets complete
+    /// checksums, as from a NIC: XDP leaves frames with only the
+    /// pseudo-header sum (CHECKSUM_PARTIAL) to TC.
     pub fn accept_xdp_redirects(&self) {
         let client_if = self.client_link.b_if.as_str();
         let backend_if = self.backend_link.b_if.as_str();
-        self.client.exec("ethtool", &["-K", client_if, "gro", "on"]);
-        self.backend
-            .exec("ethtool", &["-K", backend_if, "gro", "on"]);
+        for (ns, i) in [(&self.client, client_if), (&self.backend, backend_if)] {
+            ns.exec("ethtool", &["-K", i, "gro", "on"]);
+            ns.exec("ethtool", &["-K", i, "tx", "off"]);
+        }
     }
 
     /// The forwarder's address as the client sees it.

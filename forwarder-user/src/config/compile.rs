@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use forwarder_common::{
     ADDR_ANY, Addr, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, RULE_F_PRESERVE_CLIENT_IP,
-    RULE_F_RELAY, RuleKey, RuleValue, addr_from_ipv4_be,
+    RULE_F_RELAY, RULE_F_XDP, RuleKey, RuleValue, addr_from_ipv4_be,
 };
 
 use super::fields::{Acl, HealthCheck, ProxyProtocol};
@@ -70,6 +70,9 @@ pub fn compile(config: &Config) -> Compiled {
         }
         if route.preserve_client_ip {
             flags |= RULE_F_PRESERVE_CLIENT_IP;
+        }
+        if route.path == PathMode::Xdp {
+            flags |= RULE_F_XDP;
         }
         for &protocol in &route.protocols {
             let bind = SocketAddr::new(

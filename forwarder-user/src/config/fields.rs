@@ -332,10 +332,12 @@ pub(crate) fn route(
             Some("auto") => Ok(PathMode::Auto),
             Some("kernel") => Ok(PathMode::Kernel),
             Some("relay") => Ok(PathMode::Relay),
+            Some("tc") => Ok(PathMode::Tc),
+            Some("xdp") => Ok(PathMode::Xdp),
             _ => Err(ConfigError::new(
                 &p.pos,
                 p.describe(),
-                "`auto`, `kernel` or `relay`",
+                "`auto`, `kernel`, `relay`, `tc` or `xdp`",
             )),
         };
         cx.take("path", r)

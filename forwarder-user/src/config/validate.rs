@@ -11,7 +11,7 @@ use super::errors::{ConfigError, Diag, Pos, quoted};
 use super::fields::RouteSpec;
 use super::settings::Globals;
 use super::source::RawRoute;
-use crate::rules::{BackendSpec, PathMode};
+use crate::rules::BackendSpec;
 
 /// The routes with their alias named once; a second route of the same
 /// alias is an error naming the first.
@@ -102,11 +102,15 @@ pub(crate) fn routes(
         let Some(targets) = targets else { continue };
         let loopback = targets.iter().find(|b| is_loopback(b.addr.ip()));
         if let Some(b) = loopback {
-            if spec.path == PathMode::Kernel {
+            if spec.path.requires_kernel() {
                 diag.error(
                     ConfigError::new(
                         &spec.path_pos,
-                        format!("`kernel` with the loopback target {}", b.addr),
+                        format!(
+                            "`{}` with the loopback target {}",
+                            spec.path.as_str(),
+                            b.addr
+                        ),
                         "`auto` or `relay`: only the relay reaches loopback targets",
                     )
                     .alias(Some(&spec.alias))

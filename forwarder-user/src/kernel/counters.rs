@@ -35,7 +35,7 @@ pub struct KernelRuleCounters {
     pub bytes_rev: u64,
     /// Flows the kernel path created.
     pub flows: u64,
-    /// Packets XDP carried (none yet: XDP only counts).
+    /// Of these packets, those XDP carried (TC carried the rest).
     pub xdp_packets: u64,
     /// New flows left to the relay because a table was full.
     pub fallback_full: u64,

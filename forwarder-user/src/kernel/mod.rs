@@ -18,6 +18,7 @@ mod snat;
 mod sweeper;
 mod sysctl;
 mod tables;
+mod xdp;
 
 use std::sync::Arc;
 
@@ -120,6 +121,8 @@ impl KernelPath {
         let result = (|| {
             tasks.push(log::spawn(&mut ebpf)?);
             tables::write(&mut ebpf, &tables)?;
+            xdp::write_rule_flags(&mut ebpf, &tables.rules)?;
+            xdp::write_egress(&mut ebpf, &interfaces)?;
             let counters = CounterMaps::take(&mut ebpf)?;
             let conntrack = HashMap::try_from(counters::take_map(&mut ebpf, "CONNTRACK")?)?;
             let relay_map = counters::take_map(&mut ebpf, "RELAY_FLOWS")?;

@@ -13,8 +13,9 @@ const EXPLANATION: &str = "
 ## What the figures are
 
 - Each contender runs in fresh namespaces: client 198.18.1.2 - forwarder
-  198.18.1.1 | 198.18.2.1 - backend 198.18.2.2, veth links with GRO on at the
-  client's and backend's ends (so XDP redirects arrive, as on a NIC). The
+  198.18.1.1 | 198.18.2.1 - backend 198.18.2.2, veth links with GRO on and
+  checksum offload off at the client's and backend's ends (so XDP redirects
+  arrive and checksums come complete, as from a NIC). The
   client's tools run on the first CPU, the backend's on the last, as on two
   machines; proxies and the daemon run where the scheduler puts them.
 - Every figure is the median over `--repeat` runs; the ratio in brackets is to

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use forwarder_common::{
     ADDR_ANY, BACKEND_F_HEALTHY, MAX_BACKENDS_PER_RULE, PROTO_TCP, PROTO_UDP,
-    RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, addr_ipv4_be,
+    RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RULE_F_XDP, addr_ipv4_be,
 };
 
 use crate::config::{Acl, Config, ProxyProtocol, Route, addr_of, compile};
@@ -222,6 +222,38 @@ fn relay_and_preserve_flags() {
     );
     assert!(c.listeners[3].preserve_client_ip);
     assert_eq!(c.listeners[3].path, PathMode::Kernel);
+}
+
+#[test]
+fn only_path_xdp_lets_xdp_carry_a_rule() {
+    let paths = [
+        (PathMode::Auto, 0),
+        (PathMode::Kernel, 0),
+        (PathMode::Tc, 0),
+        (PathMode::Xdp, RULE_F_XDP),
+        (PathMode::Relay, RULE_F_RELAY),
+    ];
+    let routes = paths
+        .iter()
+        .enumerate()
+        .map(|(n, &(path, _))| {
+            let mut r = route(
+                path.as_str(),
+                &[Protocol::Udp],
+                None,
+                n as u16 + 1,
+                &[("10.0.0.1:80", 1)],
+            );
+            r.path = path;
+            r
+        })
+        .collect();
+    let c = compile(&config(routes));
+    let flags: Vec<u32> = c.kernel.rules.iter().map(|(_, v)| v.flags).collect();
+    let want: Vec<u32> = paths.iter().map(|&(_, f)| f).collect();
+    assert_eq!(flags, want);
+    assert!(PathMode::Tc.requires_kernel() && PathMode::Xdp.requires_kernel());
+    assert!(!PathMode::Auto.requires_kernel() && !PathMode::Relay.requires_kernel());
 }
 
 #[test]

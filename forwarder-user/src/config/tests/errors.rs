@@ -229,15 +229,17 @@ routes:
   e: {scheme: tcp, port: 5:5, preserve_client_ip: yes}
   f: {scheme: tcp, host: localhost, port: 6:6, preserve_client_ip: true}
   g: {scheme: tcp, host: 224.0.0.1, port: 7:7}
+  h: {scheme: udp, port: 8:8, path: xdp}
 ",
         &[
             ("test.yaml:2:37: alias `a`, field `path`: found `kernel` with the loopback target 127.0.0.1:1; allowed `auto` or `relay`", &[]),
-            ("test.yaml:3:53: alias `b`, field `path`: found `fast`; allowed `auto`, `kernel` or `relay`", &[]),
+            ("test.yaml:3:53: alias `b`, field `path`: found `fast`; allowed `auto`, `kernel`, `relay`, `tc` or `xdp`", &[]),
             ("test.yaml:4:80: alias `c`, field `preserve_client_ip`: found `true` with `path: relay`", &[]),
             ("test.yaml:5:63: alias `d`, field `proxy_protocol`: found `v1` on a udp route; allowed `v2`", &[]),
             ("test.yaml:6:51: alias `e`, field `preserve_client_ip`: found `yes`; allowed `true` or `false`", &[]),
             ("test.yaml:7:68: alias `f`, field `preserve_client_ip`: found `true` with the loopback target 127.0.0.1:6", &[]),
             ("test.yaml:8:26: alias `g`, field `host`: found `224.0.0.1` (multicast)", &[]),
+            ("test.yaml:9:37: alias `h`, field `path`: found `xdp` with the loopback target 127.0.0.1:8; allowed `auto` or `relay`", &[]),
         ],
     ),
     (

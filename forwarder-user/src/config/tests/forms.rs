@@ -107,6 +107,17 @@ const FORMS: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (
+        "route map: the kernel path pinned to TC or to XDP, any case",
+        "routes:
+  pinned-tc: {scheme: tcp, host: 10.0.0.5, port: 7878:3478, path: tc}
+  pinned-xdp: {scheme: udp, host: 10.0.0.5, port: 7878:3478, path: XDP}
+",
+        &[
+            "0 pinned-tc tcp [::]:7878 -> 10.0.0.5:3478 tc",
+            "1 pinned-xdp udp [::]:7878 -> 10.0.0.5:3478 xdp",
+        ],
+    ),
+    (
         "route map: Godoxy templates (x-) and YAML merge keys",
         "routes:
   x-common: &common

@@ -17,19 +17,19 @@ use crate::kernel::snat::addr_of;
 use crate::kernel::tables::Tables;
 use crate::kernel::testns::{in_fresh_netns, ip};
 
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
-const LISTENER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
-const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
-const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+pub(super) const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+pub(super) const LISTENER: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+pub(super) const SNAT: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+pub(super) const BACKEND: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
 const BACKEND2: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 3);
-const LISTEN_PORT: u16 = 7878;
-const BACKEND_PORT: u16 = 3478;
-const TCP_RULE: u32 = 0;
-const UDP_RULE: u32 = 1;
-const SNAT_PORTS: (u16, u16) = (40000, 40099);
+pub(super) const LISTEN_PORT: u16 = 7878;
+pub(super) const BACKEND_PORT: u16 = 3478;
+pub(super) const TCP_RULE: u32 = 0;
+pub(super) const UDP_RULE: u32 = 1;
+pub(super) const SNAT_PORTS: (u16, u16) = (40000, 40099);
 
 /// Makes the current (fresh) namespace a router between the two /24s.
-fn router() {
+pub(super) fn router() {
     for (dev, addr, peer, mac) in [
         ("up0", "198.18.1.1/24", "198.18.1.2", "02:00:00:00:01:02"),
         ("dn0", "198.18.2.1/24", "198.18.2.2", "02:00:00:00:02:02"),
@@ -69,9 +69,9 @@ fn router() {
 }
 
 /// A rule, its value and its backends at their BACKENDS index.
-type RuleRows = Vec<(RuleKey, RuleValue, Vec<(u32, Backend)>)>;
+pub(super) type RuleRows = Vec<(RuleKey, RuleValue, Vec<(u32, Backend)>)>;
 
-fn rule(proto: u8, rule_id: u32, flags: u32, backends: &[(Ipv4Addr, u16)]) -> RuleRows {
+pub(super) fn rule(proto: u8, rule_id: u32, flags: u32, backends: &[(Ipv4Addr, u16)]) -> RuleRows {
     let key = RuleKey {
         addr: addr_of(LISTENER.into()),
         port: LISTEN_PORT.to_be(),
@@ -103,7 +103,7 @@ fn rule(proto: u8, rule_id: u32, flags: u32, backends: &[(Ipv4Addr, u16)]) -> Ru
     vec![(key, value, backends)]
 }
 
-fn tables(rules: RuleRows, ports: (u16, u16)) -> Tables {
+pub(super) fn tables(rules: RuleRows, ports: (u16, u16)) -> Tables {
     let mut t = Tables {
         settings: Settings {
             snat_port_min: ports.0,
@@ -120,13 +120,13 @@ fn tables(rules: RuleRows, ports: (u16, u16)) -> Tables {
 }
 
 /// TCP rule 0 and UDP rule 1 on 198.18.1.1:7878 to 198.18.2.2:3478.
-fn standard(flags: u32) -> Tables {
+pub(super) fn standard(flags: u32) -> Tables {
     let mut r = rule(PROTO_TCP, TCP_RULE, flags, &[(BACKEND, 1)]);
     r.extend(rule(PROTO_UDP, UDP_RULE, flags, &[(BACKEND, 1)]));
     tables(r, SNAT_PORTS)
 }
 
-fn with_router<T: Send>(
+pub(super) fn with_router<T: Send>(
     conntrack: u32,
     tables: Tables,
     f: impl FnOnce(&mut Loaded) -> T + Send,
@@ -139,11 +139,11 @@ fn with_router<T: Send>(
     })
 }
 
-fn client(port: u16) -> (Ipv4Addr, u16) {
+pub(super) fn client(port: u16) -> (Ipv4Addr, u16) {
     (CLIENT, port)
 }
 
-fn listener() -> (Ipv4Addr, u16) {
+pub(super) fn listener() -> (Ipv4Addr, u16) {
     (LISTENER, LISTEN_PORT)
 }
 

@@ -6,6 +6,7 @@
 mod flows;
 mod packet;
 mod programs;
+mod xdp;
 
 use std::os::fd::{AsFd, AsRawFd};
 
@@ -118,6 +119,7 @@ impl Loaded {
     /// Writes rule tables into the maps.
     pub fn write_tables(&mut self, tables: &super::tables::Tables) {
         super::tables::write(&mut self.ebpf, tables).expect("write the tables");
+        super::xdp::write_rule_flags(&mut self.ebpf, &tables.rules).expect("write the rule flags");
     }
 
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
@@ -143,6 +145,7 @@ impl Loaded {
             sum.packets_rev += c.packets_rev;
             sum.bytes_rev += c.bytes_rev;
             sum.flows += c.flows;
+            sum.xdp_packets += c.xdp_packets;
             sum.fallback_full += c.fallback_full;
             sum.fallback_other += c.fallback_other;
             sum.dropped += c.dropped;

@@ -1,0 +1,151 @@
+//! The XDP accelerator: packets of flows that are established in conntrack
+//! are rewritten and sent on right here, in both directions, for rules
+//! with `RULE_F_XDP`. Everything else goes up to TC unchanged: new flows,
+//! TCP before the backend answered, SYN/FIN/RST (TC keeps the flow's
+//! state), fragments, IP options, an unresolved neighbour, an egress
+//! interface outside `XDP_EGRESS`.
+//!
+//! UDP flows are established from their first datagram (there is no
+//! handshake to wait for): TC creates the flow, XDP carries the rest.
+
+mod nat;
+mod parse;
+mod redirect;
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_log_ebpf::debug;
+use forwarder_common::{
+    CT_DIR_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, PROTO_TCP, RULE_F_XDP,
+    addr_ipv4_be,
+};
+
+use crate::conntrack;
+use crate::counters::{Hook, count_interface, with_rule};
+use crate::maps::{RULE_FLAGS, Scratch, scratch};
+use crate::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::redirect::Flow;
+
+const PASS: u32 = xdp_action::XDP_PASS;
+
+/// One frame on its way through the pipeline.
+struct Work {
+    pkt: Packet,
+    ifindex: u32,
+    bytes: u64,
+}
+
+pub fn handle(ctx: &XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    if count_interface(ifindex, Hook::Xdp, bytes) {
+        debug!(ctx, "xdp: first packet on ifindex {}", ifindex);
+    }
+    let Some(pkt) = parse::parse(ctx) else {
+        return PASS;
+    };
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return PASS;
+    }
+    // TC counts the drop of an expiring packet.
+    if pkt.ttl <= 1 {
+        return PASS;
+    }
+    let Some(s) = scratch() else {
+        return PASS;
+    };
+    s.key = pkt.key();
+    let Some(entry) = conntrack::lookup(&s.key) else {
+        return PASS;
+    };
+    let w = Work {
+        pkt,
+        ifindex,
+        bytes,
+    };
+    carry(ctx, &w, entry, s)
+}
+
+/// Sends on a packet of a known flow, if the flow is XDP's to carry.
+#[inline(never)]
+fn carry(ctx: &XdpContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> u32 {
+    let (pkt, ifindex, bytes) = (&w.pkt, w.ifindex, w.bytes);
+    // SAFETY: copied out at once.
+    s.ct = unsafe { *entry };
+    let (rule_id, direction) = (s.ct.rule_id, s.ct.direction);
+    if !xdp_allowed(rule_id) || !established(entry, pkt.proto, s) {
+        return PASS;
+    }
+    let (Some(src), Some(dst)) = (addr_ipv4_be(&s.ct.new_src), addr_ipv4_be(&s.ct.new_dst)) else {
+        return PASS;
+    };
+    let flow = Flow {
+        ifindex,
+        src,
+        dst,
+        proto: pkt.proto,
+        sport: s.ct.new_sport,
+        dport: s.ct.new_dport,
+        tot_len: pkt.tot_len,
+    };
+    if redirect::route(ctx, &flow, s).is_err() || !redirect::can_send(ifindex, s) {
+        return PASS;
+    }
+    if nat::rewrite(ctx, pkt, &s.ct, &s.fib).is_none() {
+        return PASS;
+    }
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    conntrack::touch(entry, pkt.proto, pkt.tcp_flags, now);
+    with_rule(rule_id, |c| {
+        if direction == CT_DIR_FORWARD {
+            c.packets_fwd += 1;
+            c.bytes_fwd += bytes;
+        } else {
+            c.packets_rev += 1;
+            c.bytes_rev += bytes;
+        }
+        c.xdp_packets += 1;
+    });
+    redirect::send(ifindex, s)
+}
+
+/// The rule lets XDP carry its flows (`path: xdp`).
+#[inline(always)]
+fn xdp_allowed(rule_id: u32) -> bool {
+    RULE_FLAGS
+        .get(rule_id)
+        .is_some_and(|flags| flags & RULE_F_XDP != 0)
+}
+
+/// True if the flow of `s.ct` (the value at `entry`) is established. A TCP
+/// forward entry is not told when the backend answers, its reverse pair
+/// is: when that one is established, so is the forward one from now on.
+#[inline(always)]
+fn established(entry: *mut CtValue, proto: u8, s: &mut Scratch) -> bool {
+    let ct = &s.ct;
+    if ct.state == CT_STATE_ESTABLISHED {
+        return true;
+    }
+    if proto != PROTO_TCP || ct.state != CT_STATE_NEW || ct.direction != CT_DIR_FORWARD {
+        return false;
+    }
+    s.reverse_key = CtKey {
+        src: ct.new_dst,
+        dst: ct.new_src,
+        sport: ct.new_dport,
+        dport: ct.new_sport,
+        proto,
+        _pad: [0; 3],
+    };
+    let Some(reverse) = conntrack::lookup(&s.reverse_key) else {
+        return false;
+    };
+    // SAFETY: values of the map; a racing writer stores a state as well.
+    unsafe {
+        if (*reverse).state != CT_STATE_ESTABLISHED {
+            return false;
+        }
+        (*entry).state = CT_STATE_ESTABLISHED;
+    }
+    true
+}
