@@ -155,6 +155,22 @@ pub struct IfaceCounters {
     pub tc_bytes: u64,
 }
 
+impl IfaceCounters {
+    /// Adds `other` field by field (summing the per-CPU copies).
+    pub fn add(&mut self, other: &IfaceCounters) {
+        let IfaceCounters {
+            xdp_packets,
+            xdp_bytes,
+            tc_packets,
+            tc_bytes,
+        } = *other;
+        self.xdp_packets += xdp_packets;
+        self.xdp_bytes += xdp_bytes;
+        self.tc_packets += tc_packets;
+        self.tc_bytes += tc_bytes;
+    }
+}
+
 /// Per-rule counters of the kernel path (per CPU, indexed by rule id).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -176,6 +192,33 @@ pub struct RuleCounters {
     /// Packets of kernel flows dropped: no route any more, too big for the
     /// egress MTU, TTL expired.
     pub dropped: u64,
+}
+
+impl RuleCounters {
+    /// Adds `other` field by field (summing the per-CPU copies).
+    pub fn add(&mut self, other: &RuleCounters) {
+        // Destructured in full, so that a new field cannot be left out.
+        let RuleCounters {
+            packets_fwd,
+            bytes_fwd,
+            packets_rev,
+            bytes_rev,
+            flows,
+            xdp_packets,
+            fallback_full,
+            fallback_other,
+            dropped,
+        } = *other;
+        self.packets_fwd += packets_fwd;
+        self.bytes_fwd += bytes_fwd;
+        self.packets_rev += packets_rev;
+        self.bytes_rev += bytes_rev;
+        self.flows += flows;
+        self.xdp_packets += xdp_packets;
+        self.fallback_full += fallback_full;
+        self.fallback_other += fallback_other;
+        self.dropped += dropped;
+    }
 }
 
 /// Who entered a flow in `RELAY_FLOWS`.

@@ -46,6 +46,55 @@ pub struct KernelRuleCounters {
     pub dropped: u64,
 }
 
+impl KernelRuleCounters {
+    fn new(listener: &Listener, sum: &RuleCounters) -> KernelRuleCounters {
+        let RuleCounters {
+            packets_fwd,
+            bytes_fwd,
+            packets_rev,
+            bytes_rev,
+            flows,
+            xdp_packets,
+            fallback_full,
+            fallback_other,
+            dropped,
+        } = *sum;
+        KernelRuleCounters {
+            rule_id: listener.rule_id,
+            alias: listener.alias.clone(),
+            protocol: listener.protocol.as_str(),
+            packets_fwd,
+            bytes_fwd,
+            packets_rev,
+            bytes_rev,
+            flows,
+            xdp_packets,
+            fallback_full,
+            fallback_other,
+            dropped,
+        }
+    }
+}
+
+impl InterfaceCounters {
+    fn new(interface: &Interface, sum: &IfaceCounters) -> InterfaceCounters {
+        let IfaceCounters {
+            xdp_packets,
+            xdp_bytes,
+            tc_packets,
+            tc_bytes,
+        } = *sum;
+        InterfaceCounters {
+            name: interface.name.clone(),
+            ifindex: interface.ifindex,
+            xdp_packets,
+            xdp_bytes,
+            tc_packets,
+            tc_bytes,
+        }
+    }
+}
+
 /// Counters of the kernel path, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct KernelCounters {
@@ -86,45 +135,25 @@ impl CounterMaps {
             ..KernelCounters::default()
         };
         for l in listeners {
-            let mut sum = KernelRuleCounters {
-                rule_id: l.rule_id,
-                alias: l.alias.clone(),
-                protocol: l.protocol.as_str(),
-                ..Default::default()
-            };
+            let mut sum = RuleCounters::default();
             for c in self.rules.get(&l.rule_id, 0)?.iter() {
-                sum.packets_fwd += c.packets_fwd;
-                sum.bytes_fwd += c.bytes_fwd;
-                sum.packets_rev += c.packets_rev;
-                sum.bytes_rev += c.bytes_rev;
-                sum.flows += c.flows;
-                sum.xdp_packets += c.xdp_packets;
-                sum.fallback_full += c.fallback_full;
-                sum.fallback_other += c.fallback_other;
-                sum.dropped += c.dropped;
+                sum.add(c);
             }
-            out.rules.push(sum);
+            out.rules.push(KernelRuleCounters::new(l, &sum));
         }
         for interface in interfaces {
-            let mut sum = InterfaceCounters {
-                name: interface.name.clone(),
-                ifindex: interface.ifindex,
-                ..Default::default()
-            };
+            let mut sum = IfaceCounters::default();
             match self.interfaces.get(&interface.ifindex, 0) {
                 Ok(per_cpu) => {
                     for c in per_cpu.iter() {
-                        sum.xdp_packets += c.xdp_packets;
-                        sum.xdp_bytes += c.xdp_bytes;
-                        sum.tc_packets += c.tc_packets;
-                        sum.tc_bytes += c.tc_bytes;
+                        sum.add(c);
                     }
                 }
                 // No packet yet on this interface.
                 Err(aya::maps::MapError::KeyNotFound) => {}
                 Err(e) => return Err(e.into()),
             }
-            out.interfaces.push(sum);
+            out.interfaces.push(InterfaceCounters::new(interface, &sum));
         }
         Ok(out)
     }

@@ -140,15 +140,7 @@ impl Loaded {
             PerCpuArray::try_from(self.ebpf.map("RULE_COUNTERS").expect("map")).expect("array");
         let mut sum = RuleCounters::default();
         for c in map.get(&rule_id, 0).expect("rule counters").iter() {
-            sum.packets_fwd += c.packets_fwd;
-            sum.bytes_fwd += c.bytes_fwd;
-            sum.packets_rev += c.packets_rev;
-            sum.bytes_rev += c.bytes_rev;
-            sum.flows += c.flows;
-            sum.xdp_packets += c.xdp_packets;
-            sum.fallback_full += c.fallback_full;
-            sum.fallback_other += c.fallback_other;
-            sum.dropped += c.dropped;
+            sum.add(c);
         }
         sum
     }
@@ -161,10 +153,7 @@ impl Loaded {
         let mut sum = IfaceCounters::default();
         if let Ok(per_cpu) = map.get(&ifindex, 0) {
             for c in per_cpu.iter() {
-                sum.xdp_packets += c.xdp_packets;
-                sum.xdp_bytes += c.xdp_bytes;
-                sum.tc_packets += c.tc_packets;
-                sum.tc_bytes += c.tc_bytes;
+                sum.add(c);
             }
         }
         sum
