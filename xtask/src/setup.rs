@@ -19,7 +19,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("rust-web-src", "the core library source for -Z build-std"),
     ("iproute2", "network namespaces for the tests"),
     ("iperf3", "the tests' dual-protocol client"),
-    ("socat", "the tests"),
+    ("ethtool", "the tests' veth offload settings for XDP"),
     ("bpftool", "the tests' check that nothing stays attached"),
 ];
 
