@@ -21,6 +21,9 @@ pub struct Flow {
     pub proto: u8,
     pub sport: u16,
     pub dport: u16,
+    /// The IP total length the FIB checks against the egress MTU; 0 makes
+    /// the kernel check the skb itself, which passes a GRO/GSO skb whose
+    /// segments fit (its header's total length may be up to 64 KiB).
     pub tot_len: u16,
 }
 

@@ -21,6 +21,9 @@ use crate::parse::{self, Packet, TCP_ACK, TCP_SYN, Unfit};
 use crate::redirect::{self, Flow};
 use crate::rules;
 
+/// Lets the FIB check the skb against the MTU: TC sees GRO/GSO skbs.
+const SKB_MTU_CHECK: u16 = 0;
+
 /// One packet on its way through the pipeline.
 struct Work {
     pkt: Packet,
@@ -114,7 +117,7 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
         proto: pkt.proto,
         sport: s.ct.new_sport,
         dport: s.ct.new_dport,
-        tot_len: pkt.tot_len,
+        tot_len: SKB_MTU_CHECK,
     };
     if redirect::route(ctx, &flow, s).is_err() {
         return drop(ctx, rule_id, "no route");
@@ -162,7 +165,7 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
         proto: pkt.proto,
         sport: pkt.sport,
         dport: backend.port,
-        tot_len: pkt.tot_len,
+        tot_len: SKB_MTU_CHECK,
     };
     if redirect::route(ctx, &flow, s).is_err() {
         return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
