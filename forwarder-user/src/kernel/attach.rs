@@ -69,12 +69,13 @@ impl Attached {
         Ok(())
     }
 
-    /// Attaches XDP and TC ingress to every interface, or to none: on an
-    /// error whatever was attached is taken off again.
+    /// Attaches TC ingress, and XDP if `with_xdp`, to every interface, or
+    /// to none: on an error whatever was attached is taken off again.
     pub fn attach(
         ebpf: Ebpf,
         interfaces: &[Interface],
         mode: TcAttach,
+        with_xdp: bool,
     ) -> anyhow::Result<Attached> {
         let mut attached = Attached {
             on: Vec::new(),
@@ -89,24 +90,26 @@ impl Attached {
                 clsact_added: false,
             });
             // On error `attached` drops here and detaches everything.
-            attached.attach_one(tcx)?;
+            attached.attach_one(tcx, with_xdp)?;
         }
         Ok(attached)
     }
 
-    fn attach_one(&mut self, tcx: bool) -> anyhow::Result<()> {
+    fn attach_one(&mut self, tcx: bool, with_xdp: bool) -> anyhow::Result<()> {
         let ebpf = self.ebpf.as_mut().expect("programs present until detach");
         let on = self.on.last_mut().expect("pushed by the caller");
         let name = on.interface.name.clone();
-        let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
-        on.xdp = Some(
-            xdp.attach_to_if_index(on.interface.ifindex, XdpMode::default())
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot attach XDP to {name}: {e} (does it already have an XDP program?)"
-                    )
-                })?,
-        );
+        if with_xdp {
+            let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
+            on.xdp = Some(
+                xdp.attach_to_if_index(on.interface.ifindex, XdpMode::default())
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot attach XDP to {name}: {e} (does it already have an XDP program?)"
+                        )
+                    })?,
+            );
+        }
         let tc: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?.try_into()?;
         let options = if tcx {
             TcAttachOptions::TcxOrder(LinkOrder::default())
@@ -120,8 +123,9 @@ impl Attached {
         );
         tracing::debug!(
             interface = %name,
-            "kernel path attached: XDP and TC ingress ({})",
-            if tcx { "tcx" } else { "netlink" }
+            "kernel path attached: TC ingress ({}){}",
+            if tcx { "tcx" } else { "netlink" },
+            if with_xdp { " and XDP" } else { "" }
         );
         Ok(())
     }

@@ -2,8 +2,8 @@
 //!
 //! [`KernelPath::start`] loads the embedded object, fills the rule tables
 //! (with the source address toward each backend), reserves the SNAT ports,
-//! attaches the TC and XDP programs and runs the log reader and the
-//! conntrack sweeper; [`KernelPath::stop`] (or dropping it) undoes all of it.
+//! attaches the TC program (and XDP, where a rule asks for it), and runs
+//! the log reader and the conntrack sweeper; [`KernelPath::stop`] (or dropping it) undoes all of it.
 //! Start and stop must run in the same network namespace (the daemon's).
 
 mod attach;
@@ -23,6 +23,7 @@ mod xdp;
 use std::sync::Arc;
 
 use aya::maps::{HashMap, MapData};
+use forwarder_common::{RULE_F_RELAY, RULE_F_XDP};
 use tokio::task::JoinHandle;
 
 pub use attach::{TC_PROGRAM, TcAttach, XDP_PROGRAM};
@@ -45,6 +46,16 @@ pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder.bpf.o"));
 #[cfg(not(forwarder_ebpf))]
 pub static EBPF_OBJECT: &[u8] = &[];
+
+/// XDP is attached only when a rule the kernel path takes asks for it:
+/// on veth an XDP program makes every frame take the slower NAPI path, and
+/// an interface has room for one XDP program, which may be someone else's.
+fn wants_xdp(tables: &tables::Tables) -> bool {
+    tables
+        .rules
+        .iter()
+        .any(|(_, v)| v.flags & RULE_F_XDP != 0 && v.flags & RULE_F_RELAY == 0)
+}
 
 /// Choices beyond the rule table.
 #[derive(Clone, Default)]
@@ -76,9 +87,9 @@ impl KernelPath {
     /// Loads EBPF_OBJECT, fills RULES/BACKENDS/SETTINGS from
     /// `compiled.kernel` (+ snat addresses), sizes the conntrack map from
     /// `compiled.kernel_settings`, reserves the SNAT ports, attaches TC
-    /// ingress + XDP to the interfaces, and spawns the logger and the
-    /// sweeper on the current tokio runtime. On any error nothing stays
-    /// attached or changed.
+    /// ingress (and XDP if a rule wants it) to the interfaces, and spawns
+    /// the logger and the sweeper on the current tokio runtime. On any
+    /// error nothing stays attached or changed.
     pub async fn start(compiled: &Compiled) -> anyhow::Result<KernelPath> {
         Self::start_with(compiled, &StartOptions::default()).await
     }
@@ -109,6 +120,7 @@ impl KernelPath {
             );
         }
         let tables = tables::prepare(compiled);
+        let with_xdp = wants_xdp(&tables);
         let conntrack_size = settings.conntrack_size.max(2);
         let sizes = load::Sizes {
             conntrack: conntrack_size,
@@ -132,7 +144,7 @@ impl KernelPath {
             // Ports first: no flow may get a port a local socket holds.
             let reserved = ReservedPorts::reserve(settings.snat_ports)?;
             relay_flows.attach(relay_map)?;
-            let attached = Attached::attach(ebpf, &interfaces, options.tc_attach)?;
+            let attached = Attached::attach(ebpf, &interfaces, options.tc_attach, with_xdp)?;
             let sweeper = Sweeper {
                 conntrack,
                 relay_flows: sweeper_view,
@@ -158,11 +170,12 @@ impl KernelPath {
         let relay_rules = tables
             .rules
             .iter()
-            .filter(|(_, v)| v.flags & forwarder_common::RULE_F_RELAY != 0)
+            .filter(|(_, v)| v.flags & RULE_F_RELAY != 0)
             .count();
         tracing::info!(
-            "kernel path attached to {}: {} rules ({} relay only), SNAT ports {}-{}, conntrack {}",
+            "kernel path attached to {}{}: {} rules ({} relay only), SNAT ports {}-{}, conntrack {}",
             names.join(", "),
+            if with_xdp { " (TC and XDP)" } else { " (TC)" },
             tables.rules.len(),
             relay_rules,
             settings.snat_ports.0,
