@@ -250,6 +250,13 @@ pub struct Settings {
     /// Ports tried after the random start before giving up; at most
     /// [`MAX_SNAT_PROBES`].
     pub snat_probe_limit: u32,
+    /// When no probed port is free, the port of a closed TCP flow (FIN or
+    /// RST seen both ways) may go to the new flow if the old one has been
+    /// idle at least this long, as Linux reuses a TIME_WAIT port...
+    pub closed_reuse_after_ns: u64,
+    /// ...and less than this long: older ones are the sweeper's, which must
+    /// never remove a pair the kernel just handed on. 0: no reuse.
+    pub closed_reuse_before_ns: u64,
 }
 
 /// The kernel's bound on `Settings::snat_probe_limit`.
@@ -282,7 +289,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 40);
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 56);
-        assert_eq!(size_of::<Settings>(), 8);
+        assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<IfaceCounters>(), 32);
         assert_eq!(size_of::<RuleCounters>(), 72);
         assert_eq!(size_of::<RelayFlow>(), 16);

@@ -5,7 +5,7 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use forwarder_common::{
     ADDR_ANY, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
     CT_STATE_NEW, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP, RELAY_OWNER_KERNEL,
-    RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, addr_ipv4_be,
+    RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings, addr_ipv4_be,
 };
 
 use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, Scratch};
@@ -93,7 +93,7 @@ pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) {
 /// Creates the pair of entries of a new flow from `s.key` (client to
 /// listener) to `backend`; the forward one is left in `s.ct`. SNAT takes a free
 /// port of the reserved range: a random start, then a bounded probe, each
-/// try being the no-exist insert of the reverse entry.
+/// try being the no-exist insert of the reverse entry (see `reserve_port`).
 #[inline(never)]
 pub fn create(
     rule: &RuleValue,
@@ -101,9 +101,12 @@ pub fn create(
     now: u64,
     s: &mut Scratch,
 ) -> Result<(), Fallback> {
-    let key = &s.key;
     let preserve = rule.flags & RULE_F_PRESERVE_CLIENT_IP != 0;
-    let snat_addr = if preserve { key.src } else { backend.snat_addr };
+    let snat_addr = if preserve {
+        s.key.src
+    } else {
+        backend.snat_addr
+    };
     // This path is IPv4 only; anything else is the relay's.
     if snat_addr == ADDR_ANY
         || addr_ipv4_be(&snat_addr).is_none()
@@ -111,7 +114,7 @@ pub fn create(
     {
         return Err(Fallback::Other);
     }
-    let state = if key.proto == PROTO_TCP {
+    let state = if s.key.proto == PROTO_TCP {
         CT_STATE_NEW
     } else {
         CT_STATE_ESTABLISHED
@@ -120,15 +123,15 @@ pub fn create(
         src: backend.addr,
         dst: snat_addr,
         sport: backend.port,
-        dport: key.sport,
-        proto: key.proto,
+        dport: s.key.sport,
+        proto: s.key.proto,
         _pad: [0; 3],
     };
     s.reverse = CtValue {
-        new_src: key.dst,
-        new_dst: key.src,
-        new_sport: key.dport,
-        new_dport: key.sport,
+        new_src: s.key.dst,
+        new_dst: s.key.src,
+        new_sport: s.key.dport,
+        new_dport: s.key.sport,
         rule_id: rule.rule_id,
         last_seen_ns: now,
         direction: CT_DIR_REVERSE,
@@ -138,7 +141,7 @@ pub fn create(
     if preserve {
         insert_new(&s.reverse_key, &s.reverse)?;
     } else {
-        reserve_port(&mut s.reverse_key, &s.reverse)?;
+        reserve_port(s, now)?;
     }
     s.ct = CtValue {
         new_src: snat_addr,
@@ -151,7 +154,7 @@ pub fn create(
         state,
         _pad: [0; 6],
     };
-    match CONNTRACK.insert(key, &s.ct, u64::from(BPF_NOEXIST)) {
+    match CONNTRACK.insert(&s.key, &s.ct, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(()),
         Err(e) => {
             let _ = CONNTRACK.remove(&s.reverse_key);
@@ -160,7 +163,7 @@ pub fn create(
             }
             // Another CPU created this flow a moment ago: use its entry.
             // SAFETY: copied out at once.
-            s.ct = *unsafe { CONNTRACK.get(key) }.ok_or(Fallback::Other)?;
+            s.ct = *unsafe { CONNTRACK.get(&s.key) }.ok_or(Fallback::Other)?;
             Ok(())
         }
     }
@@ -176,9 +179,11 @@ fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
 }
 
 /// Finds a free SNAT port by inserting the reverse entry with it; leaves
-/// the port in `reverse_key.dport` with the entry in place.
+/// the port in `s.reverse_key.dport` with the entry in place. When every
+/// probed port is taken, the first one held by a closed flow that has
+/// been quiet long enough is taken over.
 #[inline(always)]
-fn reserve_port(reverse_key: &mut CtKey, reverse: &CtValue) -> Result<(), Fallback> {
+fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     let settings = SETTINGS.get(0).ok_or(Fallback::Other)?;
     let (min, max) = (
         u32::from(settings.snat_port_min),
@@ -194,17 +199,81 @@ fn reserve_port(reverse_key: &mut CtKey, reverse: &CtValue) -> Result<(), Fallba
     // SAFETY: a helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() } % span;
     let limit = settings.snat_probe_limit;
+    let mut reusable: u16 = 0;
     for i in 0..MAX_SNAT_PROBES {
         if i >= limit {
             break;
         }
         let port = (min + (start + i) % span) as u16;
-        reverse_key.dport = port.to_be();
-        match CONNTRACK.insert(&*reverse_key, reverse, u64::from(BPF_NOEXIST)) {
+        s.reverse_key.dport = port.to_be();
+        match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
             Ok(()) => return Ok(()),
-            Err(e) if e == -EEXIST => continue,
+            Err(e) if e == -EEXIST => {
+                if reusable == 0 && closed_and_quiet(&s.reverse_key, settings, now) {
+                    reusable = port;
+                }
+            }
             Err(_) => return Err(Fallback::Full),
         }
     }
-    Err(Fallback::Full)
+    if reusable == 0 {
+        return Err(Fallback::Full);
+    }
+    s.reverse_key.dport = reusable.to_be();
+    take_over(s, settings, now)?;
+    match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
+        Ok(()) => Ok(()),
+        // Another CPU took the port first.
+        Err(_) => Err(Fallback::Full),
+    }
+}
+
+/// True if the entry of `key` belongs to a TCP flow closed in this
+/// direction and idle within the reuse window.
+#[inline(always)]
+fn closed_and_quiet(key: &CtKey, settings: &Settings, now: u64) -> bool {
+    if key.proto != PROTO_TCP || settings.closed_reuse_before_ns == 0 {
+        return false;
+    }
+    // SAFETY: read at once; a racing writer only refreshes fields.
+    match unsafe { CONNTRACK.get(key) } {
+        Some(ct) => {
+            let idle = now.wrapping_sub(ct.last_seen_ns);
+            ct.state == CT_STATE_CLOSING
+                && idle >= settings.closed_reuse_after_ns
+                && idle < settings.closed_reuse_before_ns
+        }
+        None => false,
+    }
+}
+
+/// Removes the closed flow that holds `s.reverse_key`, both entries, if
+/// its client side is closed and quiet too; the port is then free.
+#[inline(always)]
+fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallback> {
+    // SAFETY: read at once, field by field (the stack has no room for a copy).
+    let Some(old) = (unsafe { CONNTRACK.get(&s.reverse_key) }) else {
+        // Swept meanwhile: the port is free.
+        return Ok(());
+    };
+    if old.direction != CT_DIR_REVERSE || !closed_and_quiet(&s.reverse_key, settings, now) {
+        return Err(Fallback::Full);
+    }
+    s.old_key.src = old.new_dst;
+    s.old_key.dst = old.new_src;
+    s.old_key.sport = old.new_dport;
+    s.old_key.dport = old.new_sport;
+    s.old_key.proto = s.reverse_key.proto;
+    s.old_key._pad = [0; 3];
+    // SAFETY: read at once.
+    if let Some(fwd) = unsafe { CONNTRACK.get(&s.old_key) } {
+        // The client's side must be closed and quiet too, and still this
+        // pair's (a client reusing its port starts a flow over).
+        if fwd.new_sport != s.reverse_key.dport || !closed_and_quiet(&s.old_key, settings, now) {
+            return Err(Fallback::Full);
+        }
+        let _ = CONNTRACK.remove(&s.old_key);
+    }
+    let _ = CONNTRACK.remove(&s.reverse_key);
+    Ok(())
 }

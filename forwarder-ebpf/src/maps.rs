@@ -60,6 +60,8 @@ pub struct Scratch {
     /// A new flow's reverse entry and key.
     pub reverse: CtValue,
     pub reverse_key: CtKey,
+    /// The forward key of a closed flow whose SNAT port is taken over.
+    pub old_key: CtKey,
 }
 
 #[map]

@@ -29,12 +29,13 @@ pub fn lookup(pkt: &Packet) -> Option<RuleValue> {
 }
 
 /// A healthy backend of `rule`, picked by weight; one backend is the
-/// common case and needs no random number.
+/// common case and needs no random number. The map's own entry, not a
+/// copy: the caller's stack frame has no room for one.
 #[inline(always)]
-pub fn pick_backend(rule: &RuleValue) -> Option<Backend> {
+pub fn pick_backend(rule: &RuleValue) -> Option<&'static Backend> {
     let base = rule.rule_id.wrapping_mul(MAX_BACKENDS_PER_RULE);
     if rule.backend_count == 1 {
-        let b = *BACKENDS.get(base)?;
+        let b = BACKENDS.get(base)?;
         return (b.flags & BACKEND_F_HEALTHY != 0).then_some(b);
     }
     if rule.total_weight == 0 {
@@ -54,7 +55,7 @@ pub fn pick_backend(rule: &RuleValue) -> Option<Backend> {
         }
         let weight = u32::from(b.weight);
         if ticket < weight {
-            return Some(*b);
+            return Some(b);
         }
         ticket -= weight;
     }

@@ -170,7 +170,7 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
     if redirect::route(ctx, &flow, s).is_err() {
         return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
     }
-    if let Err(why) = conntrack::create(rule, &backend, now, s) {
+    if let Err(why) = conntrack::create(rule, backend, now, s) {
         return fall_back(ctx, &s.key, rule.rule_id, now, why);
     }
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {

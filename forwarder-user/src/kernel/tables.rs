@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap};
@@ -10,7 +11,7 @@ use forwarder_common::{
 };
 
 use super::snat::{self, Egress};
-use crate::rules::{Compiled, KernelSettings};
+use crate::rules::{Compiled, KernelSettings, Protocol, Timeouts};
 
 /// The kernel's tables, snat addresses filled in.
 #[derive(Debug, Default)]
@@ -20,15 +21,43 @@ pub struct Tables {
     pub settings: Settings,
 }
 
-/// Settings for the SNAT range `ports` (inclusive).
-pub fn settings(kernel: &KernelSettings) -> Settings {
+/// A closed flow's SNAT port may go to a new flow after this much quiet
+/// (Linux reuses a TIME_WAIT port for a new connection after 1 s too).
+pub const CLOSED_REUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// The kernel stops reusing a closed flow's port this long before the
+/// sweeper may remove it, so that the two never act on one pair.
+pub const SWEEPER_GUARD: Duration = Duration::from_secs(1);
+
+/// Settings for the SNAT range `ports` (inclusive), with port reuse of
+/// closed flows up to `shortest_tcp_close` (the least `tcp_close` of any rule).
+pub fn settings(kernel: &KernelSettings, shortest_tcp_close: Duration) -> Settings {
     let (min, max) = kernel.snat_ports;
     let span = u32::from(max.saturating_sub(min)) + 1;
+    let reuse_before = shortest_tcp_close.saturating_sub(SWEEPER_GUARD);
+    let (after, before) = if reuse_before > CLOSED_REUSE_AFTER {
+        (CLOSED_REUSE_AFTER, reuse_before)
+    } else {
+        (Duration::ZERO, Duration::ZERO)
+    };
     Settings {
         snat_port_min: min,
         snat_port_max: max,
         snat_probe_limit: span.min(MAX_SNAT_PROBES),
+        closed_reuse_after_ns: after.as_nanos() as u64,
+        closed_reuse_before_ns: before.as_nanos() as u64,
     }
+}
+
+/// The least `tcp_close` of the TCP rules (the default where there is none).
+fn shortest_tcp_close(compiled: &Compiled) -> Duration {
+    compiled
+        .listeners
+        .iter()
+        .filter(|l| l.protocol == Protocol::Tcp)
+        .map(|l| l.timeouts.tcp_close)
+        .min()
+        .unwrap_or(Timeouts::default().tcp_close)
 }
 
 /// Looks up the route to every backend: fills `snat_addr`, and makes a
@@ -75,7 +104,7 @@ pub fn prepare(compiled: &Compiled) -> Tables {
     Tables {
         rules,
         backends,
-        settings: settings(&compiled.kernel_settings),
+        settings: settings(&compiled.kernel_settings, shortest_tcp_close(compiled)),
     }
 }
 
@@ -105,15 +134,36 @@ mod tests {
 
     #[test]
     fn the_probe_limit_is_bounded_by_the_range_and_the_kernel() {
-        let s = settings(&KernelSettings {
-            conntrack_size: 8,
-            snat_ports: (40000, 40003),
-        });
+        let close = Timeouts::default().tcp_close;
+        let s = settings(
+            &KernelSettings {
+                conntrack_size: 8,
+                snat_ports: (40000, 40003),
+            },
+            close,
+        );
         assert_eq!(
             (s.snat_port_min, s.snat_port_max, s.snat_probe_limit),
             (40000, 40003, 4)
         );
-        let s = settings(&KernelSettings::default());
+        let s = settings(&KernelSettings::default(), close);
         assert_eq!(s.snat_probe_limit, MAX_SNAT_PROBES);
+    }
+
+    #[test]
+    fn closed_ports_are_reused_between_a_second_of_quiet_and_the_sweepers_turn() {
+        let kernel = KernelSettings::default();
+        let s = settings(&kernel, Duration::from_secs(10));
+        assert_eq!(s.closed_reuse_after_ns, 1_000_000_000);
+        assert_eq!(s.closed_reuse_before_ns, 9_000_000_000);
+        // No window left: no reuse at all.
+        for close in [
+            Duration::from_secs(2),
+            Duration::from_millis(500),
+            Duration::ZERO,
+        ] {
+            let s = settings(&kernel, close);
+            assert_eq!((s.closed_reuse_after_ns, s.closed_reuse_before_ns), (0, 0));
+        }
     }
 }

@@ -11,7 +11,7 @@ use forwarder_common::{
     RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RuleKey, RuleValue, Settings,
 };
 
-use super::packet::{Csum, Spec, TCP_ACK, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
+use super::packet::{Csum, Spec, TCP_ACK, TCP_FIN, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
 use super::*;
 use crate::kernel::snat::addr_of;
 use crate::kernel::tables::Tables;
@@ -109,6 +109,8 @@ pub(super) fn tables(rules: RuleRows, ports: (u16, u16)) -> Tables {
             snat_port_min: ports.0,
             snat_port_max: ports.1,
             snat_probe_limit: u32::from(ports.1 - ports.0 + 1).min(32),
+            closed_reuse_after_ns: 1_000_000_000,
+            closed_reuse_before_ns: 9_000_000_000,
         },
         ..Tables::default()
     };
@@ -207,7 +209,7 @@ fn tcp_forward_and_reverse_rewrite_with_valid_checksums() {
         );
 
         // A FIN moves the flow to closing.
-        let fin = Spec::tcp(client(50000), listener(), TCP_ACK | 0x01).build();
+        let fin = Spec::tcp(client(50000), listener(), TCP_ACK | TCP_FIN).build();
         assert_forwarded(&k.run_tc(&fin), PROTO_TCP, &fin);
         assert!(
             k.conntrack()
@@ -461,6 +463,111 @@ fn a_full_snat_port_range_leaves_new_flows_to_the_relay() {
         assert_eq!(k.rule_counters(UDP_RULE).fallback_full, 1);
         // The failed probes left no entry behind.
         assert_eq!(k.conntrack().len(), 4);
+    });
+}
+
+/// Sets every conntrack entry's last packet `ago` before now.
+fn age_conntrack(k: &mut Loaded, ago: std::time::Duration) {
+    let then = crate::kernel::sweeper::monotonic_ns() - ago.as_nanos() as u64;
+    let entries = k.conntrack();
+    let mut map: aya::maps::HashMap<_, CtKey, CtValue> =
+        aya::maps::HashMap::try_from(k.ebpf.map_mut("CONNTRACK").unwrap()).unwrap();
+    for (key, mut value) in entries {
+        value.last_seen_ns = then;
+        map.insert(key, value, 0).unwrap();
+    }
+}
+
+/// A TCP flow from `cport` through the one SNAT port 40000, its handshake
+/// done, then FIN from the client, and from the backend if `both`.
+fn one_port_flow_then_fin(k: &mut Loaded, cport: u16, both: bool) {
+    let syn = Spec::tcp(client(cport), listener(), TCP_SYN).build();
+    assert_eq!(assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn), 40000);
+    let from_backend = |flags| Spec::tcp((BACKEND, BACKEND_PORT), (SNAT, 40000), flags).build();
+    assert_eq!(
+        k.run_tc(&from_backend(TCP_SYN | TCP_ACK)).verdict,
+        TC_ACT_REDIRECT
+    );
+    let fin = Spec::tcp(client(cport), listener(), TCP_ACK | TCP_FIN).build();
+    assert_eq!(k.run_tc(&fin).verdict, TC_ACT_REDIRECT);
+    if both {
+        assert_eq!(
+            k.run_tc(&from_backend(TCP_ACK | TCP_FIN)).verdict,
+            TC_ACT_REDIRECT
+        );
+    }
+}
+
+fn one_snat_port() -> Tables {
+    let mut t = standard(0);
+    t.settings.snat_port_min = 40000;
+    t.settings.snat_port_max = 40000;
+    t.settings.snat_probe_limit = 1;
+    t
+}
+
+#[test]
+fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
+    if !require_root("a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second") {
+        return;
+    }
+    with_router(1024, one_snat_port(), |k| {
+        one_port_flow_then_fin(k, 50060, true);
+        // Closed both ways but not yet quiet for a second: the port is held.
+        let early = Spec::tcp(client(50061), listener(), TCP_SYN).build();
+        let out = k.run_tc(&early);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &early));
+        assert_eq!(k.rule_counters(TCP_RULE).fallback_full, 1);
+
+        age_conntrack(k, std::time::Duration::from_secs(2));
+        let syn = Spec::tcp(client(50062), listener(), TCP_SYN).build();
+        assert_eq!(assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn), 40000);
+        // The old pair is gone whole; the new flow's pair took its place.
+        let ct = k.conntrack();
+        assert_eq!(ct.len(), 2, "{ct:?}");
+        assert!(ct.iter().all(|(_, v)| v.state == CT_STATE_NEW), "{ct:?}");
+        let forward: Vec<u16> = ct
+            .iter()
+            .filter(|(_, v)| v.direction == CT_DIR_FORWARD)
+            .map(|(key, _)| u16::from_be(key.sport))
+            .collect();
+        assert_eq!(forward, vec![50062]);
+        // The backend's answer reaches the new client.
+        let syn_ack = Spec::tcp((BACKEND, BACKEND_PORT), (SNAT, 40000), TCP_SYN | TCP_ACK).build();
+        let back = k.run_tc(&syn_ack);
+        assert_eq!(back.verdict, TC_ACT_REDIRECT);
+        assert_eq!(view(&back.packet).dport, 50062);
+        // A late segment of the old client no longer maps to the port.
+        let late = Spec::tcp(client(50060), listener(), TCP_ACK).build();
+        let out = k.run_tc(&late);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &late));
+        assert_eq!(k.rule_counters(TCP_RULE).flows, 2);
+    });
+}
+
+#[test]
+fn a_half_closed_or_sweepable_flow_keeps_its_port() {
+    if !require_root("a_half_closed_or_sweepable_flow_keeps_its_port") {
+        return;
+    }
+    with_router(1024, one_snat_port(), |k| {
+        // Only the client sent FIN: the backend may still be sending.
+        one_port_flow_then_fin(k, 50070, false);
+        age_conntrack(k, std::time::Duration::from_secs(2));
+        let syn = Spec::tcp(client(50071), listener(), TCP_SYN).build();
+        let out = k.run_tc(&syn);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &syn));
+
+        // Closed both ways, but idle so long that it is the sweeper's.
+        let from_backend =
+            Spec::tcp((BACKEND, BACKEND_PORT), (SNAT, 40000), TCP_ACK | TCP_FIN).build();
+        assert_eq!(k.run_tc(&from_backend).verdict, TC_ACT_REDIRECT);
+        age_conntrack(k, std::time::Duration::from_secs(9));
+        let syn = Spec::tcp(client(50072), listener(), TCP_SYN).build();
+        let out = k.run_tc(&syn);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &syn));
+        assert_eq!(k.conntrack().len(), 2, "the old pair stays for the sweeper");
+        assert_eq!(k.rule_counters(TCP_RULE).fallback_full, 2);
     });
 }
 

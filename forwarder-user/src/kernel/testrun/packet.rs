@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 pub const ETH_LEN: usize = 14;
 pub const IP_LEN: usize = 20;
 
+pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 

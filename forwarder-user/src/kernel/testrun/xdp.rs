@@ -11,7 +11,7 @@ use super::flows::{
     BACKEND, BACKEND_PORT, CLIENT, LISTEN_PORT, LISTENER, SNAT, SNAT_PORTS, TCP_RULE, UDP_RULE,
     client, listener, rule, standard, tables, with_router,
 };
-use super::packet::{Csum, Spec, TCP_ACK, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
+use super::packet::{Csum, Spec, TCP_ACK, TCP_FIN, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
 use super::*;
 use crate::kernel::interfaces::{Interface, ifindex};
 use crate::kernel::testns::ip;
@@ -20,7 +20,6 @@ use crate::kernel::xdp::write_egress;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
-const TCP_FIN: u8 = 0x01;
 /// The MAC addresses `flows::router` gives the client and the backend.
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
