@@ -199,6 +199,7 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     // SAFETY: a helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() } % span;
     let limit = settings.snat_probe_limit;
+    let may_reuse = s.reverse_key.proto == PROTO_TCP && settings.closed_reuse_before_ns != 0;
     let mut reusable: u16 = 0;
     for i in 0..MAX_SNAT_PROBES {
         if i >= limit {
@@ -209,7 +210,12 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
         match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
             Ok(()) => return Ok(()),
             Err(e) if e == -EEXIST => {
-                if reusable == 0 && closed_and_quiet(&s.reverse_key, settings, now) {
+                // SAFETY: read at once.
+                if may_reuse
+                    && reusable == 0
+                    && unsafe { CONNTRACK.get(&s.reverse_key) }
+                        .is_some_and(|ct| closed_and_quiet(ct, settings, now))
+                {
                     reusable = port;
                 }
             }
@@ -228,23 +234,14 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     }
 }
 
-/// True if the entry of `key` belongs to a TCP flow closed in this
-/// direction and idle within the reuse window.
+/// True if `ct` saw FIN or RST in its direction and has been idle within
+/// the reuse window.
 #[inline(always)]
-fn closed_and_quiet(key: &CtKey, settings: &Settings, now: u64) -> bool {
-    if key.proto != PROTO_TCP || settings.closed_reuse_before_ns == 0 {
-        return false;
-    }
-    // SAFETY: read at once; a racing writer only refreshes fields.
-    match unsafe { CONNTRACK.get(key) } {
-        Some(ct) => {
-            let idle = now.wrapping_sub(ct.last_seen_ns);
-            ct.state == CT_STATE_CLOSING
-                && idle >= settings.closed_reuse_after_ns
-                && idle < settings.closed_reuse_before_ns
-        }
-        None => false,
-    }
+fn closed_and_quiet(ct: &CtValue, settings: &Settings, now: u64) -> bool {
+    let idle = now.wrapping_sub(ct.last_seen_ns);
+    ct.state == CT_STATE_CLOSING
+        && idle >= settings.closed_reuse_after_ns
+        && idle < settings.closed_reuse_before_ns
 }
 
 /// Removes the closed flow that holds `s.reverse_key`, both entries, if
@@ -256,7 +253,8 @@ fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallb
         // Swept meanwhile: the port is free.
         return Ok(());
     };
-    if old.direction != CT_DIR_REVERSE || !closed_and_quiet(&s.reverse_key, settings, now) {
+    // Checked again: another CPU may have handed the port on meanwhile.
+    if old.direction != CT_DIR_REVERSE || !closed_and_quiet(old, settings, now) {
         return Err(Fallback::Full);
     }
     s.old_key.src = old.new_dst;
@@ -269,7 +267,7 @@ fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallb
     if let Some(fwd) = unsafe { CONNTRACK.get(&s.old_key) } {
         // The client's side must be closed and quiet too, and still this
         // pair's (a client reusing its port starts a flow over).
-        if fwd.new_sport != s.reverse_key.dport || !closed_and_quiet(&s.old_key, settings, now) {
+        if fwd.new_sport != s.reverse_key.dport || !closed_and_quiet(fwd, settings, now) {
             return Err(Fallback::Full);
         }
         let _ = CONNTRACK.remove(&s.old_key);
