@@ -61,32 +61,52 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
     CONNTRACK.get_ptr_mut(key)
 }
 
-/// Records a packet of a known flow: last seen, and the TCP state.
+/// Records a packet of a known flow: last seen, and the TCP state. True
+/// if the packet's FIN or RST just closed this direction.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) {
+pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) -> bool {
     // SAFETY: a value of the map; racing writers store the same kind of data.
     let ct = unsafe { &mut *entry };
     if now.wrapping_sub(ct.last_seen_ns) > TOUCH_EVERY_NS {
         ct.last_seen_ns = now;
     }
     if proto != PROTO_TCP {
-        return;
+        return false;
     }
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         if ct.state != CT_STATE_CLOSING {
             ct.state = CT_STATE_CLOSING;
             ct.last_seen_ns = now;
+            return true;
         }
     } else if tcp_flags & TCP_SYN != 0 && ct.direction == CT_DIR_FORWARD {
         // A client reusing its port after a close starts over.
         if ct.state == CT_STATE_CLOSING {
             ct.state = CT_STATE_NEW;
+            ct.closed_first = 0;
             ct.last_seen_ns = now;
         }
     } else if ct.direction == CT_DIR_REVERSE && ct.state == CT_STATE_NEW {
         // The backend answered.
         ct.state = CT_STATE_ESTABLISHED;
         ct.last_seen_ns = now;
+    }
+    false
+}
+
+/// After `touch` closed the direction of `entry`: marks it as the one
+/// that closed first if the other direction is still open. `pair_key` is
+/// scratch space for the other entry's key.
+#[inline(always)]
+pub fn note_close(entry: *mut CtValue, proto: u8, pair_key: &mut CtKey) {
+    // SAFETY: a value of the map; racing writers store the same kind of data.
+    let ct = unsafe { &mut *entry };
+    *pair_key = ct.pair_key(proto);
+    // SAFETY: read at once.
+    let other_closed =
+        unsafe { CONNTRACK.get(pair_key) }.is_some_and(|o| o.state == CT_STATE_CLOSING);
+    if !other_closed {
+        ct.closed_first = 1;
     }
 }
 
@@ -136,7 +156,8 @@ pub fn create(
         last_seen_ns: now,
         direction: CT_DIR_REVERSE,
         state,
-        _pad: [0; 6],
+        closed_first: 0,
+        _pad: [0; 5],
     };
     if preserve {
         insert_new(&s.reverse_key, &s.reverse)?;
@@ -152,7 +173,8 @@ pub fn create(
         last_seen_ns: now,
         direction: CT_DIR_FORWARD,
         state,
-        _pad: [0; 6],
+        closed_first: 0,
+        _pad: [0; 5],
     };
     match CONNTRACK.insert(&s.key, &s.ct, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(()),
@@ -245,10 +267,11 @@ fn closed_and_quiet(ct: &CtValue, settings: &Settings, now: u64) -> bool {
 }
 
 /// Removes the closed flow that holds `s.reverse_key`, both entries, if
-/// its client side is closed and quiet too; the port is then free.
+/// its client side is closed and quiet too and closed first; the port is
+/// then free.
 #[inline(always)]
 fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallback> {
-    // SAFETY: read at once, field by field (the stack has no room for a copy).
+    // SAFETY: read in place (the stack has no room for a copy).
     let Some(old) = (unsafe { CONNTRACK.get(&s.reverse_key) }) else {
         // Swept meanwhile: the port is free.
         return Ok(());
@@ -257,21 +280,23 @@ fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallb
     if old.direction != CT_DIR_REVERSE || !closed_and_quiet(old, settings, now) {
         return Err(Fallback::Full);
     }
-    s.old_key.src = old.new_dst;
-    s.old_key.dst = old.new_src;
-    s.old_key.sport = old.new_dport;
-    s.old_key.dport = old.new_sport;
-    s.old_key.proto = s.reverse_key.proto;
-    s.old_key._pad = [0; 3];
+    s.old_key = old.pair_key(s.reverse_key.proto);
     // SAFETY: read at once.
-    if let Some(fwd) = unsafe { CONNTRACK.get(&s.old_key) } {
-        // The client's side must be closed and quiet too, and still this
-        // pair's (a client reusing its port starts a flow over).
-        if fwd.new_sport != s.reverse_key.dport || !closed_and_quiet(fwd, settings, now) {
-            return Err(Fallback::Full);
-        }
-        let _ = CONNTRACK.remove(&s.old_key);
+    let Some(fwd) = (unsafe { CONNTRACK.get(&s.old_key) }) else {
+        return Err(Fallback::Full);
+    };
+    // The client's side must be closed and quiet too, still this pair's
+    // (a client reusing its port starts a flow over), and the client must
+    // have closed first: then the backend closed passively and holds no
+    // TIME_WAIT that would turn the new flow's SYN away.
+    if fwd.new_sport != s.reverse_key.dport
+        || !closed_and_quiet(fwd, settings, now)
+        || fwd.closed_first == 0
+        || old.closed_first != 0
+    {
+        return Err(Fallback::Full);
     }
+    let _ = CONNTRACK.remove(&s.old_key);
     let _ = CONNTRACK.remove(&s.reverse_key);
     Ok(())
 }

@@ -122,7 +122,9 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
     if redirect::route(ctx, &flow, s).is_err() {
         return drop(ctx, rule_id, "no route");
     }
-    conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now);
+    if conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now) {
+        conntrack::note_close(entry, pkt.proto, &mut s.reverse_key);
+    }
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
         return drop(ctx, rule_id, "rewrite failed");
     }

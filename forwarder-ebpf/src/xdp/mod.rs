@@ -15,7 +15,7 @@ mod redirect;
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use aya_log_ebpf::debug;
 use forwarder_common::{
-    CT_DIR_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, PROTO_TCP, RULE_F_XDP,
+    CT_DIR_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtValue, PROTO_TCP, RULE_F_XDP,
     addr_ipv4_be,
 };
 
@@ -95,7 +95,8 @@ fn carry(ctx: &XdpContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> u3
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    conntrack::touch(entry, pkt.proto, pkt.tcp_flags, now);
+    // FIN and RST are TC's: XDP never closes a flow.
+    let _ = conntrack::touch(entry, pkt.proto, pkt.tcp_flags, now);
     with_rule(rule_id, |c| {
         if direction == CT_DIR_FORWARD {
             c.packets_fwd += 1;
@@ -129,14 +130,7 @@ fn established(entry: *mut CtValue, proto: u8, s: &mut Scratch) -> bool {
     if proto != PROTO_TCP || ct.state != CT_STATE_NEW || ct.direction != CT_DIR_FORWARD {
         return false;
     }
-    s.reverse_key = CtKey {
-        src: ct.new_dst,
-        dst: ct.new_src,
-        sport: ct.new_dport,
-        dport: ct.new_sport,
-        proto,
-        _pad: [0; 3],
-    };
+    s.reverse_key = ct.pair_key(proto);
     let Some(reverse) = conntrack::lookup(&s.reverse_key) else {
         return false;
     };

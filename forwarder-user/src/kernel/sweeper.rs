@@ -76,18 +76,6 @@ impl RuleTimeouts {
     }
 }
 
-/// The key a flow's reverse entry has, from its forward entry's value.
-pub fn reverse_key(key: &CtKey, forward: &CtValue) -> CtKey {
-    CtKey {
-        src: forward.new_dst,
-        dst: forward.new_src,
-        sport: forward.new_dport,
-        dport: forward.new_sport,
-        proto: key.proto,
-        _pad: [0; 3],
-    }
-}
-
 /// The keys to remove from a conntrack snapshot at `now`: both entries of
 /// every pair idle past its timeout (the later of the two timestamps, the
 /// further of the two states), and reverse entries whose pair is gone.
@@ -102,7 +90,7 @@ pub fn expired_flows(
         .iter()
         .filter(|(_, v)| v.direction == CT_DIR_FORWARD)
     {
-        let rkey = reverse_key(key, fwd);
+        let rkey = fwd.pair_key(key.proto);
         let rev = entries.get(&rkey);
         let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
         let state = rev.map_or(fwd.state, |r| r.state.max(fwd.state));
@@ -288,9 +276,10 @@ mod tests {
             last_seen_ns: last_fwd,
             direction: CT_DIR_FORWARD,
             state: states.0,
-            _pad: [0; 6],
+            closed_first: 0,
+            _pad: [0; 5],
         };
-        let rkey = reverse_key(&key, &fwd);
+        let rkey = fwd.pair_key(key.proto);
         let rev = CtValue {
             new_src: listener,
             new_dst: client,

@@ -6,9 +6,10 @@
 use std::net::Ipv4Addr;
 
 use forwarder_common::{
-    ADDR_ANY, BACKEND_F_HEALTHY, Backend, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, MAX_BACKENDS_PER_RULE, PROTO_TCP, PROTO_UDP, RELAY_OWNER_KERNEL,
-    RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RuleKey, RuleValue, Settings,
+    ADDR_ANY, BACKEND_F_HEALTHY, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, PROTO_TCP,
+    PROTO_UDP, RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RuleKey, RuleValue,
+    Settings,
 };
 
 use super::packet::{Csum, Spec, TCP_ACK, TCP_FIN, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
@@ -108,7 +109,7 @@ pub(super) fn tables(rules: RuleRows, ports: (u16, u16)) -> Tables {
         settings: Settings {
             snat_port_min: ports.0,
             snat_port_max: ports.1,
-            snat_probe_limit: u32::from(ports.1 - ports.0 + 1).min(32),
+            snat_probe_limit: u32::from(ports.1 - ports.0 + 1).min(MAX_SNAT_PROBES),
             closed_reuse_after_ns: 1_000_000_000,
             closed_reuse_before_ns: 9_000_000_000,
         },
@@ -478,24 +479,21 @@ fn age_conntrack(k: &mut Loaded, ago: std::time::Duration) {
     }
 }
 
-/// A TCP flow from `cport` through the one SNAT port 40000, its handshake
-/// done, then FIN from the client, and from the backend if `both`.
-fn one_port_flow_then_fin(k: &mut Loaded, cport: u16, both: bool) {
+/// A TCP flow from `cport` through the one SNAT port 40000, handshake done.
+fn one_port_flow(k: &mut Loaded, cport: u16) {
     let syn = Spec::tcp(client(cport), listener(), TCP_SYN).build();
     assert_eq!(assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn), 40000);
-    let from_backend = |flags| Spec::tcp((BACKEND, BACKEND_PORT), (SNAT, 40000), flags).build();
-    assert_eq!(
-        k.run_tc(&from_backend(TCP_SYN | TCP_ACK)).verdict,
-        TC_ACT_REDIRECT
-    );
-    let fin = Spec::tcp(client(cport), listener(), TCP_ACK | TCP_FIN).build();
-    assert_eq!(k.run_tc(&fin).verdict, TC_ACT_REDIRECT);
-    if both {
-        assert_eq!(
-            k.run_tc(&from_backend(TCP_ACK | TCP_FIN)).verdict,
-            TC_ACT_REDIRECT
-        );
-    }
+    from_backend(k, TCP_SYN | TCP_ACK);
+}
+
+fn from_client(k: &mut Loaded, cport: u16, flags: u8) {
+    let p = Spec::tcp(client(cport), listener(), flags).build();
+    assert_eq!(k.run_tc(&p).verdict, TC_ACT_REDIRECT);
+}
+
+fn from_backend(k: &mut Loaded, flags: u8) {
+    let p = Spec::tcp((BACKEND, BACKEND_PORT), (SNAT, 40000), flags).build();
+    assert_eq!(k.run_tc(&p).verdict, TC_ACT_REDIRECT);
 }
 
 fn one_snat_port() -> Tables {
@@ -506,17 +504,31 @@ fn one_snat_port() -> Tables {
     t
 }
 
+/// A SYN from `cport` finds the one SNAT port taken: the relay gets it.
+fn assert_port_held(k: &mut Loaded, cport: u16) {
+    let syn = Spec::tcp(client(cport), listener(), TCP_SYN).build();
+    let out = k.run_tc(&syn);
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &syn));
+}
+
 #[test]
 fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
     if !require_root("a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second") {
         return;
     }
     with_router(1024, one_snat_port(), |k| {
-        one_port_flow_then_fin(k, 50060, true);
+        one_port_flow(k, 50060);
+        from_client(k, 50060, TCP_ACK | TCP_FIN);
+        from_backend(k, TCP_ACK | TCP_FIN);
+        let mut closed_first: Vec<(u8, u8)> = k
+            .conntrack()
+            .iter()
+            .map(|(_, v)| (v.direction, v.closed_first))
+            .collect();
+        closed_first.sort();
+        assert_eq!(closed_first, vec![(CT_DIR_FORWARD, 1), (CT_DIR_REVERSE, 0)]);
         // Closed both ways but not yet quiet for a second: the port is held.
-        let early = Spec::tcp(client(50061), listener(), TCP_SYN).build();
-        let out = k.run_tc(&early);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &early));
+        assert_port_held(k, 50061);
         assert_eq!(k.rule_counters(TCP_RULE).fallback_full, 1);
 
         age_conntrack(k, std::time::Duration::from_secs(2));
@@ -525,7 +537,11 @@ fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
         // The old pair is gone whole; the new flow's pair took its place.
         let ct = k.conntrack();
         assert_eq!(ct.len(), 2, "{ct:?}");
-        assert!(ct.iter().all(|(_, v)| v.state == CT_STATE_NEW), "{ct:?}");
+        assert!(
+            ct.iter()
+                .all(|(_, v)| v.state == CT_STATE_NEW && v.closed_first == 0),
+            "{ct:?}"
+        );
         let forward: Vec<u16> = ct
             .iter()
             .filter(|(_, v)| v.direction == CT_DIR_FORWARD)
@@ -546,28 +562,45 @@ fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
 }
 
 #[test]
-fn a_half_closed_or_sweepable_flow_keeps_its_port() {
-    if !require_root("a_half_closed_or_sweepable_flow_keeps_its_port") {
+fn a_port_stays_with_a_half_closed_backend_closed_or_sweepable_flow() {
+    if !require_root("a_port_stays_with_a_half_closed_backend_closed_or_sweepable_flow") {
         return;
     }
+    // Only the client sent FIN: the backend may still be sending.
     with_router(1024, one_snat_port(), |k| {
-        // Only the client sent FIN: the backend may still be sending.
-        one_port_flow_then_fin(k, 50070, false);
+        one_port_flow(k, 50070);
+        from_client(k, 50070, TCP_ACK | TCP_FIN);
         age_conntrack(k, std::time::Duration::from_secs(2));
-        let syn = Spec::tcp(client(50071), listener(), TCP_SYN).build();
-        let out = k.run_tc(&syn);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &syn));
-
-        // Closed both ways, but idle so long that it is the sweeper's.
-        let from_backend =
-            Spec::tcp((BACKEND, BACKEND_PORT), (SNAT, 40000), TCP_ACK | TCP_FIN).build();
-        assert_eq!(k.run_tc(&from_backend).verdict, TC_ACT_REDIRECT);
+        assert_port_held(k, 50071);
+    });
+    // The backend closed first: it holds TIME_WAIT for the port, and a new
+    // flow's SYN on it could be answered with a bare ACK.
+    with_router(1024, one_snat_port(), |k| {
+        one_port_flow(k, 50080);
+        from_backend(k, TCP_ACK | TCP_FIN);
+        from_client(k, 50080, TCP_ACK | TCP_FIN);
+        let closed_first: Vec<(u8, u8)> = k
+            .conntrack()
+            .iter()
+            .map(|(_, v)| (v.direction, v.closed_first))
+            .collect();
+        assert!(
+            closed_first.contains(&(CT_DIR_FORWARD, 0)),
+            "{closed_first:?}"
+        );
+        age_conntrack(k, std::time::Duration::from_secs(2));
+        assert_port_held(k, 50081);
+    });
+    // Closed both ways, client first, but idle so long that it is the
+    // sweeper's.
+    with_router(1024, one_snat_port(), |k| {
+        one_port_flow(k, 50090);
+        from_client(k, 50090, TCP_ACK | TCP_FIN);
+        from_backend(k, TCP_ACK | TCP_FIN);
         age_conntrack(k, std::time::Duration::from_secs(9));
-        let syn = Spec::tcp(client(50072), listener(), TCP_SYN).build();
-        let out = k.run_tc(&syn);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &syn));
+        assert_port_held(k, 50091);
         assert_eq!(k.conntrack().len(), 2, "the old pair stays for the sweeper");
-        assert_eq!(k.rule_counters(TCP_RULE).fallback_full, 2);
+        assert_eq!(k.rule_counters(TCP_RULE).fallback_full, 1);
     });
 }
 
