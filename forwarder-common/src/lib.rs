@@ -272,8 +272,9 @@ pub struct Settings {
     /// [`MAX_SNAT_PROBES`].
     pub snat_probe_limit: u32,
     /// When no probed port is free, the port of a closed TCP flow (FIN or
-    /// RST seen both ways) may go to the new flow if the old one has been
-    /// idle at least this long, as Linux reuses a TIME_WAIT port...
+    /// RST seen both ways, the client's first) may go to the new flow if
+    /// the old one has been idle at least this long, as Linux reuses a
+    /// TIME_WAIT port...
     pub closed_reuse_after_ns: u64,
     /// ...and less than this long: older ones are the sweeper's, which must
     /// never remove a pair the kernel just handed on. 0: no reuse.

@@ -3,7 +3,8 @@
 //! [`KernelPath::start`] loads the embedded object, fills the rule tables
 //! (with the source address toward each backend), reserves the SNAT ports,
 //! attaches the TC program (and XDP, where a rule asks for it), and runs
-//! the log reader and the conntrack sweeper; [`KernelPath::stop`] (or dropping it) undoes all of it.
+//! the log reader and the conntrack sweeper; [`KernelPath::stop`] (or
+//! dropping it) undoes all of it.
 //! Start and stop must run in the same network namespace (the daemon's).
 
 mod attach;
