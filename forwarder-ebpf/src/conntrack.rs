@@ -61,52 +61,80 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
     CONNTRACK.get_ptr_mut(key)
 }
 
-/// Records a packet of a known flow: last seen, and the TCP state. True
-/// if the packet's FIN or RST just closed this direction.
+/// What a packet did to the state of its direction of a flow.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    None,
+    /// Its FIN or RST closed this direction.
+    Closed,
+    /// A SYN from the client started the closed flow over (the client
+    /// reused its port).
+    Restarted,
+}
+
+/// Records a packet of a known flow: last seen, and the TCP state.
 #[inline(always)]
-pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) -> bool {
+pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) -> Change {
     // SAFETY: a value of the map; racing writers store the same kind of data.
     let ct = unsafe { &mut *entry };
     if now.wrapping_sub(ct.last_seen_ns) > TOUCH_EVERY_NS {
         ct.last_seen_ns = now;
     }
     if proto != PROTO_TCP {
-        return false;
+        return Change::None;
     }
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         if ct.state != CT_STATE_CLOSING {
             ct.state = CT_STATE_CLOSING;
             ct.last_seen_ns = now;
-            return true;
+            return Change::Closed;
         }
     } else if tcp_flags & TCP_SYN != 0 && ct.direction == CT_DIR_FORWARD {
-        // A client reusing its port after a close starts over.
         if ct.state == CT_STATE_CLOSING {
             ct.state = CT_STATE_NEW;
             ct.closed_first = 0;
             ct.last_seen_ns = now;
+            return Change::Restarted;
         }
     } else if ct.direction == CT_DIR_REVERSE && ct.state == CT_STATE_NEW {
         // The backend answered.
         ct.state = CT_STATE_ESTABLISHED;
         ct.last_seen_ns = now;
     }
-    false
+    Change::None
 }
 
-/// After `touch` closed the direction of `entry`: marks it as the one
-/// that closed first if the other direction is still open. `pair_key` is
-/// scratch space for the other entry's key.
+/// Follows up a [`Change`] of `entry` on the other direction's entry, whose
+/// key goes into the scratch `pair_key`:
+/// - `Closed`: marks `entry` as the side that closed first if the other
+///   side is still open;
+/// - `Restarted`: starts the other side over too, so that the backend's
+///   answer establishes the flow again and it lives by the established
+///   timeout, not the closing one.
 #[inline(always)]
-pub fn note_close(entry: *mut CtValue, proto: u8, pair_key: &mut CtKey) {
+pub fn follow_up(entry: *mut CtValue, change: Change, proto: u8, now: u64, pair_key: &mut CtKey) {
+    if change == Change::None {
+        return;
+    }
     // SAFETY: a value of the map; racing writers store the same kind of data.
     let ct = unsafe { &mut *entry };
     *pair_key = ct.pair_key(proto);
-    // SAFETY: read at once.
-    let other_closed =
-        unsafe { CONNTRACK.get(pair_key) }.is_some_and(|o| o.state == CT_STATE_CLOSING);
-    if !other_closed {
-        ct.closed_first = 1;
+    let Some(other) = CONNTRACK.get_ptr_mut(pair_key) else {
+        if change == Change::Closed {
+            ct.closed_first = 1;
+        }
+        return;
+    };
+    // SAFETY: as above.
+    let other = unsafe { &mut *other };
+    if change == Change::Closed {
+        if other.state != CT_STATE_CLOSING {
+            ct.closed_first = 1;
+        }
+    } else {
+        other.state = CT_STATE_NEW;
+        other.closed_first = 0;
+        other.last_seen_ns = now;
     }
 }
 

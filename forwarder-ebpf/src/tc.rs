@@ -122,9 +122,8 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
     if redirect::route(ctx, &flow, s).is_err() {
         return drop(ctx, rule_id, "no route");
     }
-    if conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now) {
-        conntrack::note_close(entry, pkt.proto, &mut s.reverse_key);
-    }
+    let change = conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now);
+    conntrack::follow_up(entry, change, pkt.proto, w.now, &mut s.reverse_key);
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
         return drop(ctx, rule_id, "rewrite failed");
     }

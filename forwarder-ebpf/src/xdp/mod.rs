@@ -95,7 +95,7 @@ fn carry(ctx: &XdpContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> u3
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    // FIN and RST are TC's: XDP never closes a flow.
+    // SYN, FIN and RST are TC's: XDP never changes a flow's state here.
     let _ = conntrack::touch(entry, pkt.proto, pkt.tcp_flags, now);
     with_rule(rule_id, |c| {
         if direction == CT_DIR_FORWARD {

@@ -562,6 +562,48 @@ fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
 }
 
 #[test]
+fn a_client_reusing_its_port_after_a_close_starts_both_entries_over() {
+    if !require_root("a_client_reusing_its_port_after_a_close_starts_both_entries_over") {
+        return;
+    }
+    with_router(1024, one_snat_port(), |k| {
+        one_port_flow(k, 50100);
+        from_backend(k, TCP_ACK | TCP_FIN);
+        from_client(k, 50100, TCP_ACK | TCP_FIN);
+        // The same client port again, at once: the same pair, started over.
+        let syn = Spec::tcp(client(50100), listener(), TCP_SYN).build();
+        assert_eq!(assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn), 40000);
+        let states = |k: &Loaded| {
+            let mut v: Vec<(u8, u8, u8)> = k
+                .conntrack()
+                .iter()
+                .map(|(_, v)| (v.direction, v.state, v.closed_first))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(
+            states(k),
+            vec![
+                (CT_DIR_FORWARD, CT_STATE_NEW, 0),
+                (CT_DIR_REVERSE, CT_STATE_NEW, 0)
+            ]
+        );
+        // The backend's answer establishes it again, so the sweeper gives
+        // it the established timeout, not the closing one.
+        from_backend(k, TCP_SYN | TCP_ACK);
+        assert_eq!(
+            states(k),
+            vec![
+                (CT_DIR_FORWARD, CT_STATE_NEW, 0),
+                (CT_DIR_REVERSE, CT_STATE_ESTABLISHED, 0)
+            ]
+        );
+        assert_eq!(k.rule_counters(TCP_RULE).flows, 1);
+    });
+}
+
+#[test]
 fn a_port_stays_with_a_half_closed_backend_closed_or_sweepable_flow() {
     if !require_root("a_port_stays_with_a_half_closed_backend_closed_or_sweepable_flow") {
         return;
