@@ -504,6 +504,17 @@ fn one_snat_port() -> Tables {
     t
 }
 
+/// (direction, state, closed_first) of every conntrack entry, sorted.
+fn entry_states(k: &Loaded) -> Vec<(u8, u8, u8)> {
+    let mut v: Vec<_> = k
+        .conntrack()
+        .iter()
+        .map(|(_, v)| (v.direction, v.state, v.closed_first))
+        .collect();
+    v.sort();
+    v
+}
+
 /// A SYN from `cport` finds the one SNAT port taken: the relay gets it.
 fn assert_port_held(k: &mut Loaded, cport: u16) {
     let syn = Spec::tcp(client(cport), listener(), TCP_SYN).build();
@@ -520,13 +531,13 @@ fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
         one_port_flow(k, 50060);
         from_client(k, 50060, TCP_ACK | TCP_FIN);
         from_backend(k, TCP_ACK | TCP_FIN);
-        let mut closed_first: Vec<(u8, u8)> = k
-            .conntrack()
-            .iter()
-            .map(|(_, v)| (v.direction, v.closed_first))
-            .collect();
-        closed_first.sort();
-        assert_eq!(closed_first, vec![(CT_DIR_FORWARD, 1), (CT_DIR_REVERSE, 0)]);
+        assert_eq!(
+            entry_states(k),
+            vec![
+                (CT_DIR_FORWARD, CT_STATE_CLOSING, 1),
+                (CT_DIR_REVERSE, CT_STATE_CLOSING, 0)
+            ]
+        );
         // Closed both ways but not yet quiet for a second: the port is held.
         assert_port_held(k, 50061);
         assert_eq!(k.rule_counters(TCP_RULE).fallback_full, 1);
@@ -535,14 +546,15 @@ fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
         let syn = Spec::tcp(client(50062), listener(), TCP_SYN).build();
         assert_eq!(assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn), 40000);
         // The old pair is gone whole; the new flow's pair took its place.
-        let ct = k.conntrack();
-        assert_eq!(ct.len(), 2, "{ct:?}");
-        assert!(
-            ct.iter()
-                .all(|(_, v)| v.state == CT_STATE_NEW && v.closed_first == 0),
-            "{ct:?}"
+        assert_eq!(
+            entry_states(k),
+            vec![
+                (CT_DIR_FORWARD, CT_STATE_NEW, 0),
+                (CT_DIR_REVERSE, CT_STATE_NEW, 0)
+            ]
         );
-        let forward: Vec<u16> = ct
+        let forward: Vec<u16> = k
+            .conntrack()
             .iter()
             .filter(|(_, v)| v.direction == CT_DIR_FORWARD)
             .map(|(key, _)| u16::from_be(key.sport))
@@ -573,17 +585,8 @@ fn a_client_reusing_its_port_after_a_close_starts_both_entries_over() {
         // The same client port again, at once: the same pair, started over.
         let syn = Spec::tcp(client(50100), listener(), TCP_SYN).build();
         assert_eq!(assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn), 40000);
-        let states = |k: &Loaded| {
-            let mut v: Vec<(u8, u8, u8)> = k
-                .conntrack()
-                .iter()
-                .map(|(_, v)| (v.direction, v.state, v.closed_first))
-                .collect();
-            v.sort();
-            v
-        };
         assert_eq!(
-            states(k),
+            entry_states(k),
             vec![
                 (CT_DIR_FORWARD, CT_STATE_NEW, 0),
                 (CT_DIR_REVERSE, CT_STATE_NEW, 0)
@@ -593,7 +596,7 @@ fn a_client_reusing_its_port_after_a_close_starts_both_entries_over() {
         // it the established timeout, not the closing one.
         from_backend(k, TCP_SYN | TCP_ACK);
         assert_eq!(
-            states(k),
+            entry_states(k),
             vec![
                 (CT_DIR_FORWARD, CT_STATE_NEW, 0),
                 (CT_DIR_REVERSE, CT_STATE_ESTABLISHED, 0)
@@ -621,14 +624,12 @@ fn a_port_stays_with_a_half_closed_backend_closed_or_sweepable_flow() {
         one_port_flow(k, 50080);
         from_backend(k, TCP_ACK | TCP_FIN);
         from_client(k, 50080, TCP_ACK | TCP_FIN);
-        let closed_first: Vec<(u8, u8)> = k
-            .conntrack()
-            .iter()
-            .map(|(_, v)| (v.direction, v.closed_first))
-            .collect();
-        assert!(
-            closed_first.contains(&(CT_DIR_FORWARD, 0)),
-            "{closed_first:?}"
+        assert_eq!(
+            entry_states(k),
+            vec![
+                (CT_DIR_FORWARD, CT_STATE_CLOSING, 0),
+                (CT_DIR_REVERSE, CT_STATE_CLOSING, 1)
+            ]
         );
         age_conntrack(k, std::time::Duration::from_secs(2));
         assert_port_held(k, 50081);
