@@ -76,9 +76,22 @@ impl RuleTimeouts {
     }
 }
 
+/// How long a backend holds TIME_WAIT after closing first (Linux's fixed
+/// TCP_TIMEWAIT_LEN). The pair, and so its SNAT port, stays at least this
+/// long: a new flow on that port would meet the TIME_WAIT, which answers a
+/// SYN it cannot tell from an old one with a bare ACK, and the client
+/// would retry a second later.
+pub const BACKEND_TIME_WAIT: Duration = Duration::from_secs(60);
+
+/// The backend's side of the flow sent the first FIN or RST.
+fn backend_closed_first(reverse: &CtValue) -> bool {
+    reverse.state == CT_STATE_CLOSING && reverse.closed_first != 0
+}
+
 /// The keys to remove from a conntrack snapshot at `now`: both entries of
 /// every pair idle past its timeout (the later of the two timestamps, the
-/// further of the two states), and reverse entries whose pair is gone.
+/// further of the two states, [`BACKEND_TIME_WAIT`] at least if the
+/// backend closed first), and reverse entries whose pair is gone.
 pub fn expired_flows(
     entries: &StdHashMap<CtKey, CtValue>,
     now: u64,
@@ -94,7 +107,10 @@ pub fn expired_flows(
         let rev = entries.get(&rkey);
         let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
         let state = rev.map_or(fwd.state, |r| r.state.max(fwd.state));
-        let timeout = timeouts.flow(fwd.rule_id, key.proto, state);
+        let mut timeout = timeouts.flow(fwd.rule_id, key.proto, state);
+        if rev.is_some_and(backend_closed_first) {
+            timeout = timeout.max(BACKEND_TIME_WAIT);
+        }
         if rev.is_some() {
             paired.insert(rkey);
         }
@@ -112,7 +128,10 @@ pub fn expired_flows(
         if paired.contains(key) {
             continue;
         }
-        let timeout = timeouts.flow(rev.rule_id, key.proto, rev.state);
+        let mut timeout = timeouts.flow(rev.rule_id, key.proto, rev.state);
+        if backend_closed_first(rev) {
+            timeout = timeout.max(BACKEND_TIME_WAIT);
+        }
         if now.saturating_sub(rev.last_seen_ns) > timeout.as_nanos() as u64 {
             out.push(*key);
         }
@@ -340,6 +359,33 @@ mod tests {
             .map(|(k, _)| *k)
             .collect();
         want.push(orphan.0);
+        assert_eq!(sorted(expired), sorted(want));
+    }
+
+    #[test]
+    fn a_pair_the_backend_closed_first_keeps_its_port_through_time_wait() {
+        let now = 1000 * S;
+        let closing = (CT_STATE_CLOSING, CT_STATE_CLOSING);
+        let backend_first = |sport: u16, idle: u64| {
+            let mut p = pair(PROTO_TCP, sport, now - idle * S, now - idle * S, closing);
+            p[1].1.closed_first = 1;
+            p
+        };
+        let mut entries: StdHashMap<CtKey, CtValue> = StdHashMap::new();
+        // Past tcp_close (5 s), within the backend's TIME_WAIT: kept.
+        entries.extend(backend_first(1, 30));
+        // Past the TIME_WAIT too: expired, both entries.
+        let old = backend_first(2, 61);
+        entries.extend(old.clone());
+        // The client closed first: tcp_close alone applies.
+        let mut client_first = pair(PROTO_TCP, 3, now - 6 * S, now - 6 * S, closing);
+        client_first[0].1.closed_first = 1;
+        entries.extend(client_first.clone());
+        // A reverse entry alone, the backend's close first, idle 30 s: kept.
+        let orphan = backend_first(4, 30)[1];
+        entries.insert(orphan.0, orphan.1);
+        let expired = expired_flows(&entries, now, &timeouts());
+        let want: Vec<CtKey> = old.iter().chain(&client_first).map(|(k, _)| *k).collect();
         assert_eq!(sorted(expired), sorted(want));
     }
 
