@@ -1,5 +1,7 @@
 //! Internet checksum arithmetic (RFC 1071) and its incremental update
-//! (RFC 1624), for program types that have no checksum helpers (XDP).
+//! (RFC 1624): whole for program types that have no checksum helpers (XDP),
+//! and as a difference for the skb helpers' diff form (TC), which then
+//! applies several changed fields in one call.
 //!
 //! Words are taken as they sit in memory (read with native byte order from
 //! network-order bytes): one's complement sums do not depend on byte order
@@ -17,19 +19,40 @@ pub const fn fold(mut sum: u32) -> u16 {
 /// (RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m')).
 #[inline(always)]
 pub const fn replace2(check: u16, old: u16, new: u16) -> u16 {
-    let sum = (!check as u32) + (!old as u32) + (new as u32);
-    !fold(sum)
+    apply(check, diff2(old, new))
 }
 
 /// The checksum field after a 32-bit value (an IPv4 address) changed.
 #[inline(always)]
 pub const fn replace4(check: u16, old: u32, new: u32) -> u16 {
-    let sum = (!check as u32)
-        + (!(old as u16) as u32)
-        + (!((old >> 16) as u16) as u32)
-        + ((new as u16) as u32)
-        + (new >> 16);
-    !fold(sum)
+    apply(check, diff4(old, new))
+}
+
+/// Adds two unfolded one's complement sums (end-around carry).
+#[inline(always)]
+pub const fn add(a: u32, b: u32) -> u32 {
+    let (sum, carry) = a.overflowing_add(b);
+    sum + carry as u32
+}
+
+/// What a 16-bit word changing from `old` to `new` adds to a sum: `~old +
+/// new`, unfolded, as the kernel's `__wsum` diffs are.
+#[inline(always)]
+pub const fn diff2(old: u16, new: u16) -> u32 {
+    (!old as u32) + (new as u32)
+}
+
+/// What a 32-bit value (an IPv4 address, two ports) changing adds to a sum.
+#[inline(always)]
+pub const fn diff4(old: u32, new: u32) -> u32 {
+    diff2(old as u16, new as u16) + diff2((old >> 16) as u16, (new >> 16) as u16)
+}
+
+/// The checksum field after the words it covers changed by `diff` (RFC
+/// 1624 eqn. 3, HC' = ~(~HC + diff)); what `csum_replace_by_diff` does.
+#[inline(always)]
+pub const fn apply(check: u16, diff: u32) -> u16 {
+    !fold(add(!check as u32, diff))
 }
 
 /// The checksum field after a 128-bit value (an IPv6 address) changed.
@@ -171,6 +194,28 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn summed_diffs_apply_several_changes_at_once() {
+        let mut rng = Rng(0xfeed_f00d_dead_beef);
+        for _ in 0..20_000 {
+            let mut h = header(&mut rng);
+            let check = word(&h, 10);
+            // Two 32-bit values and one 16-bit word, as a NAT changes
+            // addresses, ports and the TTL.
+            let mut diff = 0;
+            for at in [12, 16] {
+                let (old, new) = (dword(&h, at), rng.next() as u32);
+                h[at..at + 4].copy_from_slice(&new.to_ne_bytes());
+                diff = add(diff, diff4(old, new));
+            }
+            let (old, new) = (word(&h, 20), rng.next() as u16);
+            h[20..22].copy_from_slice(&new.to_ne_bytes());
+            diff = add(diff, diff2(old, new));
+            assert_eq!(verify(&h, apply(check, diff)), 0xffff);
+        }
+        assert_eq!(add(u32::MAX, 2), 2, "the carry wraps around");
     }
 
     /// Sum of the header with `check` in its field: 0xffff when valid.

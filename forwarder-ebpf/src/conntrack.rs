@@ -3,9 +3,9 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use forwarder_common::{
-    ADDR_ANY, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING, CT_STATE_ESTABLISHED,
-    CT_STATE_NEW, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP, RELAY_OWNER_KERNEL,
-    RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings, addr_ipv4_be,
+    ADDR_ANY, Addr, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP,
+    RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings, addr_ipv4_be,
 };
 
 use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, Scratch};
@@ -167,43 +167,39 @@ pub fn create(
     } else {
         CT_STATE_ESTABLISHED
     };
-    s.reverse_key = CtKey {
-        src: backend.addr,
-        dst: snat_addr,
-        sport: backend.port,
-        dport: s.key.sport,
-        proto: s.key.proto,
-        _pad: [0; 3],
-    };
-    s.reverse = CtValue {
-        new_src: s.key.dst,
-        new_dst: s.key.src,
-        new_sport: s.key.dport,
-        new_dport: s.key.sport,
-        rule_id: rule.rule_id,
-        last_seen_ns: now,
-        direction: CT_DIR_REVERSE,
+    // Written field by field, in place: a whole value would be built on the
+    // stack first, which has no room for it beside the callers' frames.
+    let (key, reverse_key) = (&s.key, &mut s.reverse_key);
+    reverse_key.src = backend.addr;
+    reverse_key.dst = snat_addr;
+    reverse_key.sport = backend.port;
+    reverse_key.dport = key.sport;
+    reverse_key.proto = key.proto;
+    reverse_key._pad = [0; 3];
+    fill(
+        &mut s.reverse,
+        (key.dst, key.src),
+        (key.dport, key.sport),
+        rule.rule_id,
+        now,
+        CT_DIR_REVERSE,
         state,
-        closed_first: 0,
-        _pad: [0; 5],
-    };
+    );
     if preserve {
         insert_new(&s.reverse_key, &s.reverse)?;
     } else {
         reserve_port(s, now)?;
     }
-    s.ct = CtValue {
-        new_src: snat_addr,
-        new_dst: backend.addr,
-        new_sport: s.reverse_key.dport,
-        new_dport: backend.port,
-        rule_id: rule.rule_id,
-        last_seen_ns: now,
-        direction: CT_DIR_FORWARD,
+    let new_sport = s.reverse_key.dport;
+    fill(
+        &mut s.ct,
+        (snat_addr, backend.addr),
+        (new_sport, backend.port),
+        rule.rule_id,
+        now,
+        CT_DIR_FORWARD,
         state,
-        closed_first: 0,
-        _pad: [0; 5],
-    };
+    );
     match CONNTRACK.insert(&s.key, &s.ct, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -217,6 +213,29 @@ pub fn create(
             Ok(())
         }
     }
+}
+
+/// Sets every field of `ct`: the addresses and ports a packet is rewritten to.
+#[inline(always)]
+fn fill(
+    ct: &mut CtValue,
+    (new_src, new_dst): (Addr, Addr),
+    (new_sport, new_dport): (u16, u16),
+    rule_id: u32,
+    now: u64,
+    direction: u8,
+    state: u8,
+) {
+    ct.new_src = new_src;
+    ct.new_dst = new_dst;
+    ct.new_sport = new_sport;
+    ct.new_dport = new_dport;
+    ct.rule_id = rule_id;
+    ct.last_seen_ns = now;
+    ct.direction = direction;
+    ct.state = state;
+    ct.closed_first = 0;
+    ct._pad = [0; 5];
 }
 
 #[inline(always)]

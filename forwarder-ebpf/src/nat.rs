@@ -6,16 +6,24 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_F_RECOMPUTE_CSUM},
     programs::TcContext,
 };
-use forwarder_common::{CtValue, PROTO_UDP};
+use forwarder_common::{CtValue, PROTO_UDP, csum};
 
-use crate::parse::{
-    IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
-};
+use crate::parse::{IP_CSUM_OFF, IP_SRC_OFF, IP_TTL_OFF, L4_SPORT_OFF, Packet};
 
 /// Rewrites `pkt` (as parsed from `ctx`) to `to` and decrements its TTL;
 /// the caller made sure the TTL is above 1.
-#[inline(always)]
+///
+/// Each checksum is updated once, by the summed difference of every field
+/// it covers (the helpers' diff form): helper calls are most of this
+/// program's cost per packet. Its own BPF function: inlined, its frame
+/// would push the callers' stacks past 512 bytes.
+#[inline(never)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &CtValue) -> Result<(), i64> {
+    let (new_src, new_dst) = (to.new_src[3], to.new_dst[3]);
+    let addrs_change = new_src != pkt.src || new_dst != pkt.dst;
+    let ports_change = to.new_sport != pkt.sport || to.new_dport != pkt.dport;
+    let diffs = Diffs::of(pkt, to);
+
     let l4_csum = pkt.l4_csum_off();
     // A zero UDP checksum means "none" and must stay zero; a checksum that
     // becomes zero is written as 0xffff.
@@ -24,48 +32,75 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &CtValue) -> Result<(), i64> {
     } else {
         0
     };
-    let pseudo = u64::from(BPF_F_PSEUDO_HDR);
-    let (new_src, new_dst) = (to.new_src[3], to.new_dst[3]);
-    if new_src != pkt.src {
-        ctx.l4_csum_replace(
-            l4_csum,
-            pkt.src.into(),
-            new_src.into(),
-            pseudo | mangled | 4,
-        )?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, pkt.src.into(), new_src.into(), 4)?;
-        ctx.store(IP_SRC_OFF, &new_src, 0)?;
+    // Size 0 in the flags: `to` is a difference, `from` must be 0.
+    if addrs_change {
+        let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+        ctx.l4_csum_replace(l4_csum, 0, diffs.addrs.into(), pseudo | mangled)?;
     }
-    if new_dst != pkt.dst {
-        ctx.l4_csum_replace(
-            l4_csum,
-            pkt.dst.into(),
-            new_dst.into(),
-            pseudo | mangled | 4,
-        )?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, pkt.dst.into(), new_dst.into(), 4)?;
-        ctx.store(IP_DST_OFF, &new_dst, 0)?;
+    if ports_change {
+        ctx.l4_csum_replace(l4_csum, 0, diffs.ports.into(), mangled)?;
     }
-    // A port change is balanced by the checksum change, so skb->csum
-    // (CHECKSUM_COMPLETE) stays right; without a UDP checksum nothing
-    // balances it and the store must update skb->csum itself.
-    let port_store = if pkt.udp_no_csum {
-        u64::from(BPF_F_RECOMPUTE_CSUM)
-    } else {
-        0
-    };
-    if to.new_sport != pkt.sport {
-        ctx.l4_csum_replace(l4_csum, pkt.sport.into(), to.new_sport.into(), mangled | 2)?;
-        ctx.store(L4_SPORT_OFF, &to.new_sport, port_store)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, 0, diffs.ip_header().into(), 0)?;
+
+    if addrs_change {
+        // Source and destination are adjacent: one store.
+        ctx.store(IP_SRC_OFF, &[new_src, new_dst], 0)?;
     }
-    if to.new_dport != pkt.dport {
-        ctx.l4_csum_replace(l4_csum, pkt.dport.into(), to.new_dport.into(), mangled | 2)?;
-        ctx.store(L4_DPORT_OFF, &to.new_dport, port_store)?;
+    if ports_change {
+        // A port change is balanced by the checksum change, so skb->csum
+        // (CHECKSUM_COMPLETE) stays right; without a UDP checksum nothing
+        // balances it and the store must update skb->csum itself.
+        let flags = if pkt.udp_no_csum {
+            u64::from(BPF_F_RECOMPUTE_CSUM)
+        } else {
+            0
+        };
+        ctx.store(L4_SPORT_OFF, &[to.new_sport, to.new_dport], flags)?;
     }
-    // TTL and protocol share a 16-bit word of the header checksum.
-    let old_word = u16::from_ne_bytes([pkt.ttl, pkt.proto]);
-    let new_word = u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]);
-    ctx.l3_csum_replace(IP_CSUM_OFF, old_word.into(), new_word.into(), 2)?;
     ctx.store(IP_TTL_OFF, &(pkt.ttl - 1), 0)?;
     Ok(())
+}
+
+/// What rewriting a packet to a conntrack entry adds to its checksums, by
+/// field group; shared by the TC and the XDP rewrite.
+pub struct Diffs {
+    /// Source and destination address (IPv4 header and L4 pseudo-header).
+    pub addrs: u32,
+    /// Source and destination port (L4 header).
+    pub ports: u32,
+    /// The TTL's decrement (IPv4 header).
+    pub ttl: u32,
+}
+
+impl Diffs {
+    #[inline(always)]
+    pub fn of(pkt: &Packet, to: &CtValue) -> Diffs {
+        Diffs {
+            addrs: csum::add(
+                csum::diff4(pkt.src, to.new_src[3]),
+                csum::diff4(pkt.dst, to.new_dst[3]),
+            ),
+            ports: csum::add(
+                csum::diff2(pkt.sport, to.new_sport),
+                csum::diff2(pkt.dport, to.new_dport),
+            ),
+            // TTL and protocol share a 16-bit word of the header checksum.
+            ttl: csum::diff2(
+                u16::from_ne_bytes([pkt.ttl, pkt.proto]),
+                u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]),
+            ),
+        }
+    }
+
+    /// The IPv4 header checksum's part.
+    #[inline(always)]
+    pub fn ip_header(&self) -> u32 {
+        csum::add(self.addrs, self.ttl)
+    }
+
+    /// The L4 checksum's part (ports and pseudo-header addresses).
+    #[inline(always)]
+    pub fn l4(&self) -> u32 {
+        csum::add(self.addrs, self.ports)
+    }
 }

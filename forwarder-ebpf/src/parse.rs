@@ -74,15 +74,56 @@ impl Packet {
     }
 }
 
+/// Bytes the parse reads at fixed places: Ethernet, a 20-byte IPv4 header
+/// and TCP up to its flags (UDP's 8-byte header is shorter).
+const FIXED_HEADERS_LEN: u32 = (L4_OFF + 14) as u32;
+
 /// The packet's headers, or `None` for anything that is not IPv4 TCP/UDP
 /// with ports (other protocols, non-first fragments, truncated headers).
+///
+/// Headers are read in place (direct packet access): the load helper,
+/// called for each header, cost more than the rest of the parse. Headers
+/// the skb keeps outside its linear part are pulled in first, which moves
+/// no byte of the packet.
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let linear = ctx.data_end() - ctx.data();
+    let len = ctx.len();
+    if linear < FIXED_HEADERS_LEN as usize && len as usize > linear {
+        ctx.pull_data(len.min(FIXED_HEADERS_LEN)).ok()?;
+    }
+    read_headers(ctx)
+}
+
+/// Bytes `offset..offset + size_of::<T>()` of the linear data.
+#[inline(always)]
+fn at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    if ctx.data() + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: inside the linear data, as just checked.
+    Some(unsafe { ((ctx.data() + offset) as *const T).read_unaligned() })
+}
+
+/// A field `offset` bytes into the L4 header that starts at `l4`. Behind
+/// IP options (which only the relay carries) the header's place varies,
+/// which direct access cannot prove safe: the load helper reads it.
+#[inline(always)]
+fn l4_field<T: Copy>(ctx: &TcContext, l4: usize, offset: usize) -> Option<T> {
+    if l4 == L4_OFF {
+        at::<T>(ctx, L4_OFF + offset)
+    } else {
+        ctx.load::<T>(l4 + offset).ok()
+    }
+}
+
+#[inline(always)]
+fn read_headers(ctx: &TcContext) -> Option<Packet> {
+    let ethertype = u16::from_be(at::<u16>(ctx, 12)?);
     if ethertype != ETH_P_IP {
         return None;
     }
-    let ip = ctx.load::<[u8; IP_LEN]>(ETH_LEN).ok()?;
+    let ip = at::<[u8; IP_LEN]>(ctx, ETH_LEN)?;
     let version = ip[0] >> 4;
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     if version != 4 || ihl < IP_LEN {
@@ -103,14 +144,13 @@ pub fn parse(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let l4 = ETH_LEN + (ihl & 0x3c);
-    let ports = ctx.load::<[u8; 4]>(l4).ok()?;
+    let ports = l4_field::<[u8; 4]>(ctx, l4, 0)?;
     let mut tcp_flags = 0;
     let mut udp_no_csum = false;
     if proto == PROTO_TCP {
-        tcp_flags = ctx.load::<u8>(l4 + 13).ok()?;
+        tcp_flags = l4_field::<u8>(ctx, l4, 13)?;
     } else if !more_fragments {
-        // The whole UDP header must be there.
-        let udp = ctx.load::<[u8; 8]>(l4).ok()?;
+        let udp = l4_field::<[u8; 8]>(ctx, l4, 0)?;
         udp_no_csum = udp[6] == 0 && udp[7] == 0;
     }
     let unfit = if more_fragments {

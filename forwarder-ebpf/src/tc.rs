@@ -35,7 +35,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if count_interface(ifindex, Hook::Tc, u64::from(ctx.len())) {
-        debug!(ctx, "tc: first packet on ifindex {}", ifindex);
+        log_first_packet(ctx, ifindex);
     }
     let Some(pkt) = parse::parse(ctx) else {
         return TC_ACT_OK as i32;
@@ -72,6 +72,12 @@ pub fn handle(ctx: &TcContext) -> i32 {
         return TC_ACT_OK as i32;
     }
     new_flow(ctx, &w, &rule, s)
+}
+
+/// Its own BPF function: the log record's frame would add to every stage's.
+#[inline(never)]
+fn log_first_packet(ctx: &TcContext, ifindex: u32) {
+    debug!(ctx, "tc: first packet on ifindex {}", ifindex);
 }
 
 // The stages below are separate BPF functions, each with its own stack
@@ -183,18 +189,24 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
         c.packets_fwd += 1;
         c.bytes_fwd += bytes;
     });
+    log_new_flow(ctx, rule.rule_id, pkt, &s.ct);
+    redirect::send(s)
+}
+
+/// Its own BPF function, so that its frame does not add to `new_flow`'s.
+#[inline(never)]
+fn log_new_flow(ctx: &TcContext, rule_id: u32, pkt: &Packet, to: &CtValue) {
     debug!(
         ctx,
         "rule {}: new flow {:i}:{} -> {:i}:{} via {:i}:{}",
-        rule.rule_id,
+        rule_id,
         u32::from_be(pkt.src),
         u16::from_be(pkt.sport),
-        u32::from_be(dst),
-        u16::from_be(backend.port),
-        u32::from_be(src),
-        u16::from_be(s.ct.new_sport)
+        u32::from_be(to.new_dst[3]),
+        u16::from_be(to.new_dport),
+        u32::from_be(to.new_src[3]),
+        u16::from_be(to.new_sport)
     );
-    redirect::send(s)
 }
 
 /// Leaves a new flow to the relay for its whole life.

@@ -6,6 +6,7 @@ use aya_ebpf::{bindings::bpf_fib_lookup, programs::XdpContext};
 use forwarder_common::{CtValue, PROTO_UDP, csum};
 
 use super::parse::ptr_at;
+use crate::nat::Diffs;
 use crate::parse::{
     IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
 };
@@ -25,25 +26,14 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, to: &CtValue, fib: &bpf_fib_looku
     let dport: *mut u16 = ptr_at(ctx, L4_DPORT_OFF)?;
     let l4_csum: *mut u16 = ptr_at(ctx, pkt.l4_csum_off())?;
     let (new_src, new_dst) = (to.new_src[3], to.new_dst[3]);
-    let (old_word, new_word) = (
-        u16::from_ne_bytes([pkt.ttl, pkt.proto]),
-        u16::from_ne_bytes([pkt.ttl - 1, pkt.proto]),
-    );
+    let diffs = Diffs::of(pkt, to);
     // SAFETY: every pointer was bounds-checked above; unaligned accesses
     // because the frame's start has no alignment guarantee.
     unsafe {
-        let mut ip = ip_csum.read_unaligned();
-        ip = csum::replace4(ip, pkt.src, new_src);
-        ip = csum::replace4(ip, pkt.dst, new_dst);
-        ip = csum::replace2(ip, old_word, new_word);
-        ip_csum.write_unaligned(ip);
+        ip_csum.write_unaligned(csum::apply(ip_csum.read_unaligned(), diffs.ip_header()));
         // A UDP datagram without checksum keeps none.
         if !pkt.udp_no_csum {
-            let mut l4 = l4_csum.read_unaligned();
-            l4 = csum::replace4(l4, pkt.src, new_src);
-            l4 = csum::replace4(l4, pkt.dst, new_dst);
-            l4 = csum::replace2(l4, pkt.sport, to.new_sport);
-            l4 = csum::replace2(l4, pkt.dport, to.new_dport);
+            let mut l4 = csum::apply(l4_csum.read_unaligned(), diffs.l4());
             // In UDP a computed zero is sent as all ones (zero means none).
             if l4 == 0 && pkt.proto == PROTO_UDP {
                 l4 = 0xffff;
