@@ -356,6 +356,18 @@ fn turn_like_tcp_and_udp_at_once_with_a_256_mib_transfer_on_the_xdp_path() {
             "XDP carried {xdp} of {all}: {k}"
         );
     }
+    // Both programs counted on both interfaces: XDP every frame, TC what
+    // XDP passed up (each flow's handshake and close, at the least).
+    for i in [&topo.client_link.a_if, &topo.backend_link.a_if] {
+        let c = interface(&status, i);
+        assert!(counter(c, "xdp_packets") >= 200, "{i}: {c}");
+        assert!(counter(c, "xdp_bytes") > 0, "{i}: {c}");
+        assert!(counter(c, "tc_packets") >= 21, "{i}: {c}");
+        assert!(
+            counter(c, "tc_packets") < counter(c, "xdp_packets"),
+            "{i}: {c}"
+        );
+    }
 }
 
 #[test]
@@ -503,6 +515,42 @@ fn fragmented_datagrams_go_to_the_relay_for_the_whole_flow() {
     assert_eq!(counter(r, "flows"), 1, "{r}");
     assert!(counter(r, "bytes_to_backend") >= 5 * 4000 + 5 * 7, "{r}");
     assert!(counter(r, "bytes_to_client") >= 5 * 4000, "{r}");
+    daemon.stop();
+}
+
+#[test]
+fn a_kernel_flow_that_sends_fragmented_datagrams_later_stays_in_the_kernel() {
+    if !common::require_root(
+        "a_kernel_flow_that_sends_fragmented_datagrams_later_stays_in_the_kernel",
+    ) {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(&topo.forwarder, "later-frag", &turn_rules(&topo, ""));
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        let socket = udp_socket(to);
+        for n in 0..5u32 {
+            udp_echo(&socket, format!("small {n}").as_bytes());
+        }
+        // 4,000 bytes over MTU 1500: three fragments each way, which the
+        // echo checks whole.
+        for n in 0..5u8 {
+            udp_echo(&socket, &vec![n; 4000]);
+        }
+        udp_echo(&socket, b"small again");
+    });
+    let status = daemon.status();
+    let k = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(k, "flows"), 1, "{k}");
+    assert!(counter(k, "packets_fwd") >= 6 + 5 * 3, "{k}");
+    assert!(counter(k, "packets_rev") >= 6 + 5 * 3, "{k}");
+    assert!(counter(k, "bytes_fwd") >= 5 * 4000, "{k}");
+    assert_eq!(counter(k, "fallback_other"), 0, "{k}");
+    let r = relay_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(r, "flows"), 0, "the relay took no part of it: {r}");
     daemon.stop();
 }
 

@@ -118,6 +118,21 @@ impl CtKey {
     }
 }
 
+/// The datagram a fragment belongs to, as IP reassembly names it: maps a
+/// kernel flow's later fragments (which carry no ports) to the flow its
+/// first fragment had.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// The identification field: IPv4's 16 bits as on the wire, widened
+    /// (IPv6's fragment header has 32).
+    pub id: u32,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REVERSE: u8 = 1;
 
@@ -294,6 +309,7 @@ mod pod {
     unsafe impl aya::Pod for RuleValue {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for IfaceCounters {}
     unsafe impl aya::Pod for RuleCounters {}
@@ -312,6 +328,7 @@ mod tests {
         assert_eq!(size_of::<RuleValue>(), 16);
         assert_eq!(size_of::<Backend>(), 40);
         assert_eq!(size_of::<CtKey>(), 40);
+        assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<IfaceCounters>(), 32);

@@ -5,6 +5,7 @@
 
 mod conntrack;
 mod counters;
+mod fragments;
 mod maps;
 mod nat;
 mod parse;

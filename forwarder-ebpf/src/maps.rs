@@ -5,10 +5,10 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_fib_lookup, bpf_redir_neigh},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use forwarder_common::{
-    Backend, CtKey, CtValue, IfaceCounters, MAX_BACKENDS_PER_RULE, MAX_RULES, RelayFlow,
+    Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_BACKENDS_PER_RULE, MAX_RULES, RelayFlow,
     RuleCounters, RuleKey, RuleValue, Settings,
 };
 
@@ -46,6 +46,13 @@ pub static CONNTRACK: HashMap<CtKey, CtValue> = HashMap::with_max_entries(1, 0);
 #[map]
 pub static RELAY_FLOWS: HashMap<CtKey, RelayFlow> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
+/// Fragmented datagrams of kernel flows, to the flow's key in `CONNTRACK`
+/// (the packet's direction). Written at each first fragment; the least
+/// recently used go when full, and a datagram's fragments follow its
+/// first closely.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragKey, CtKey> = LruHashMap::with_max_entries(8192, 0);
+
 /// Per-CPU working space for values too big for the 512-byte stack.
 /// Private to the programs: userspace never reads it, so it is no shared
 /// layout (those live in forwarder-common).
@@ -62,6 +69,8 @@ pub struct Scratch {
     pub reverse_key: CtKey,
     /// The forward key of a closed flow whose SNAT port is taken over.
     pub old_key: CtKey,
+    /// The datagram of a fragment.
+    pub frag_key: FragKey,
 }
 
 #[map]

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{CtValue, PROTO_UDP, csum};
 
-use crate::parse::{IP_CSUM_OFF, IP_SRC_OFF, IP_TTL_OFF, L4_SPORT_OFF, Packet};
+use crate::parse::{IP_CSUM_OFF, IP_SRC_OFF, IP_TTL_OFF, Packet, Unfit};
 
 /// Rewrites `pkt` (as parsed from `ctx`) to `to` and decrements its TTL;
 /// the caller made sure the TTL is above 1.
@@ -17,28 +17,34 @@ use crate::parse::{IP_CSUM_OFF, IP_SRC_OFF, IP_TTL_OFF, L4_SPORT_OFF, Packet};
 /// it covers (the helpers' diff form): helper calls are most of this
 /// program's cost per packet. Its own BPF function: inlined, its frame
 /// would push the callers' stacks past 512 bytes.
+///
+/// A later fragment has no L4 header: only its IPv4 header changes (the
+/// first fragment's L4 checksum covered the whole datagram).
 #[inline(never)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &CtValue) -> Result<(), i64> {
     let (new_src, new_dst) = (to.new_src[3], to.new_dst[3]);
+    let has_l4 = pkt.unfit != Unfit::LaterFragment;
     let addrs_change = new_src != pkt.src || new_dst != pkt.dst;
-    let ports_change = to.new_sport != pkt.sport || to.new_dport != pkt.dport;
+    let ports_change = has_l4 && (to.new_sport != pkt.sport || to.new_dport != pkt.dport);
     let diffs = Diffs::of(pkt, to);
 
-    let l4_csum = pkt.l4_csum_off();
-    // A zero UDP checksum means "none" and must stay zero; a checksum that
-    // becomes zero is written as 0xffff.
-    let mangled = if pkt.proto == PROTO_UDP {
-        u64::from(BPF_F_MARK_MANGLED_0)
-    } else {
-        0
-    };
-    // Size 0 in the flags: `to` is a difference, `from` must be 0.
-    if addrs_change {
-        let pseudo = u64::from(BPF_F_PSEUDO_HDR);
-        ctx.l4_csum_replace(l4_csum, 0, diffs.addrs.into(), pseudo | mangled)?;
-    }
-    if ports_change {
-        ctx.l4_csum_replace(l4_csum, 0, diffs.ports.into(), mangled)?;
+    if has_l4 {
+        let l4_csum = pkt.l4_csum_off();
+        // A zero UDP checksum means "none" and must stay zero; a checksum
+        // that becomes zero is written as 0xffff.
+        let mangled = if pkt.proto == PROTO_UDP {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        // Size 0 in the flags: `to` is a difference, `from` must be 0.
+        if addrs_change {
+            let pseudo = u64::from(BPF_F_PSEUDO_HDR);
+            ctx.l4_csum_replace(l4_csum, 0, diffs.addrs.into(), pseudo | mangled)?;
+        }
+        if ports_change {
+            ctx.l4_csum_replace(l4_csum, 0, diffs.ports.into(), mangled)?;
+        }
     }
     ctx.l3_csum_replace(IP_CSUM_OFF, 0, diffs.ip_header().into(), 0)?;
 
@@ -55,7 +61,11 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet, to: &CtValue) -> Result<(), i64> {
         } else {
             0
         };
-        ctx.store(L4_SPORT_OFF, &[to.new_sport, to.new_dport], flags)?;
+        ctx.store(
+            usize::from(pkt.l4_off),
+            &[to.new_sport, to.new_dport],
+            flags,
+        )?;
     }
     ctx.store(IP_TTL_OFF, &(pkt.ttl - 1), 0)?;
     Ok(())

@@ -23,13 +23,17 @@ pub const L4_DPORT_OFF: usize = L4_OFF + 2;
 pub const TCP_CSUM_OFF: usize = L4_OFF + 16;
 pub const UDP_CSUM_OFF: usize = L4_OFF + 6;
 
-/// Why a packet that has ports cannot be rewritten here.
+/// What keeps a packet from being an ordinary one: new flows of these go
+/// to the relay; a kernel flow's are rewritten all the same.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Unfit {
     None,
     /// The first fragment of a fragmented datagram.
     Fragment,
-    /// An IPv4 header with options (the rewrite assumes 20 bytes).
+    /// A later fragment: no L4 header, so no ports.
+    LaterFragment,
+    /// An IPv4 header with options: the L4 header is further in, where
+    /// XDP does not look.
     Options,
 }
 
@@ -45,6 +49,10 @@ pub struct Packet {
     pub ttl: u8,
     /// The IPv4 total length, host order.
     pub tot_len: u16,
+    /// The IPv4 identification, as on the wire.
+    pub ip_id: u16,
+    /// Where the L4 header starts, from the start of the frame.
+    pub l4_off: u16,
     /// A UDP datagram without checksum (the field is zero).
     pub udp_no_csum: bool,
     pub unfit: Unfit,
@@ -66,11 +74,12 @@ impl Packet {
 
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
-        if self.proto == PROTO_TCP {
-            TCP_CSUM_OFF
-        } else {
-            UDP_CSUM_OFF
-        }
+        usize::from(self.l4_off)
+            + if self.proto == PROTO_TCP {
+                TCP_CSUM_OFF - L4_OFF
+            } else {
+                UDP_CSUM_OFF - L4_OFF
+            }
     }
 }
 
@@ -79,7 +88,7 @@ impl Packet {
 const FIXED_HEADERS_LEN: u32 = (L4_OFF + 14) as u32;
 
 /// The packet's headers, or `None` for anything that is not IPv4 TCP/UDP
-/// with ports (other protocols, non-first fragments, truncated headers).
+/// (other protocols, truncated headers). A later fragment has no ports.
 ///
 /// Headers are read in place (direct packet access): the load helper,
 /// called for each header, cost more than the rest of the parse. Headers
@@ -123,53 +132,68 @@ fn read_headers(ctx: &TcContext) -> Option<Packet> {
     if ethertype != ETH_P_IP {
         return None;
     }
-    let ip = at::<[u8; IP_LEN]>(ctx, ETH_LEN)?;
-    let version = ip[0] >> 4;
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let ip = ctx.data() + ETH_LEN;
+    if ip + IP_LEN > ctx.data_end() {
+        return None;
+    }
+    // Each field is read where it is, in one load: copying the header out,
+    // or `read_unaligned` (byte loads), spills it to the stack byte by
+    // byte, which the verifier's 512 bytes cannot spare.
+    // SAFETY: inside the 20 bytes just checked to be in the linear data.
+    // BPF loads from packet data need no alignment (the verifier enforces
+    // it only where the architecture does; not on x86-64 or arm64).
+    let field = |offset: usize| unsafe { ((ip + offset) as *const u8).read() };
+    let word = |offset: usize| unsafe { ((ip + offset) as *const u16).read() };
+    let dword = |offset: usize| unsafe { ((ip + offset) as *const u32).read() };
+    let version = field(0) >> 4;
+    let ihl = usize::from(field(0) & 0x0f) * 4;
     if version != 4 || ihl < IP_LEN {
         return None;
     }
-    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+    let tot_len = u16::from_be(word(2));
     if usize::from(tot_len) < ihl || ETH_LEN + usize::from(tot_len) > ctx.len() as usize {
         return None;
     }
-    let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    let offset = frag & 0x1fff;
-    if offset != 0 {
-        return None;
-    }
-    let more_fragments = frag & 0x2000 != 0;
-    let proto = ip[9];
+    let proto = field(9);
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
+    let frag = u16::from_be(word(6));
+    let more_fragments = frag & 0x2000 != 0;
     let l4 = ETH_LEN + (ihl & 0x3c);
-    let ports = l4_field::<[u8; 4]>(ctx, l4, 0)?;
-    let mut tcp_flags = 0;
-    let mut udp_no_csum = false;
-    if proto == PROTO_TCP {
-        tcp_flags = l4_field::<u8>(ctx, l4, 13)?;
-    } else if !more_fragments {
-        let udp = l4_field::<[u8; 8]>(ctx, l4, 0)?;
-        udp_no_csum = udp[6] == 0 && udp[7] == 0;
+    let mut pkt = Packet {
+        src: dword(12),
+        dst: dword(16),
+        sport: 0,
+        dport: 0,
+        proto,
+        tcp_flags: 0,
+        ttl: field(8),
+        tot_len,
+        ip_id: word(4),
+        l4_off: l4 as u16,
+        udp_no_csum: false,
+        unfit: Unfit::LaterFragment,
+    };
+    if frag & 0x1fff != 0 {
+        return Some(pkt);
     }
-    let unfit = if more_fragments {
+    let ports = l4_field::<[u8; 4]>(ctx, l4, 0)?;
+    pkt.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+    pkt.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    if proto == PROTO_TCP {
+        pkt.tcp_flags = l4_field::<u8>(ctx, l4, 13)?;
+    } else {
+        // A first fragment holds at least 8 bytes past the IP header.
+        let udp = l4_field::<[u8; 8]>(ctx, l4, 0)?;
+        pkt.udp_no_csum = udp[6] == 0 && udp[7] == 0;
+    }
+    pkt.unfit = if more_fragments {
         Unfit::Fragment
     } else if ihl != IP_LEN {
         Unfit::Options
     } else {
         Unfit::None
     };
-    Some(Packet {
-        src: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
-        dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
-        sport: u16::from_ne_bytes([ports[0], ports[1]]),
-        dport: u16::from_ne_bytes([ports[2], ports[3]]),
-        proto,
-        tcp_flags,
-        ttl: ip[8],
-        tot_len,
-        udp_no_csum,
-        unfit,
-    })
+    Some(pkt)
 }

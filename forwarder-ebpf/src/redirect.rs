@@ -3,7 +3,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
@@ -77,6 +78,22 @@ pub fn route(ctx: &TcContext, flow: &Flow, s: &mut Scratch) -> Result<(), i64> {
         }
     }
     Ok(())
+}
+
+/// True unless the FIB would forward a packet to `flow` (as it arrived):
+/// a destination of this host (local, broadcast), or one it cannot tell
+/// because forwarding is off on the interface, where the stack keeps the
+/// packet anyway. A destination the FIB refuses (unreachable, blackhole)
+/// is no more ours than a routable one.
+#[inline(always)]
+pub fn for_this_host(ctx: &TcContext, flow: &Flow, s: &mut Scratch) -> bool {
+    match route(ctx, flow, s) {
+        Ok(()) => false,
+        Err(rc) => {
+            rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
+                || rc == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED)
+        }
+    }
 }
 
 /// Redirects the packet out of the interface `route` found; the TC verdict.

@@ -10,10 +10,18 @@ use forwarder_common::{
 use crate::maps::{BACKENDS, RULES};
 use crate::parse::Packet;
 
+/// A rule a packet matched.
+pub struct Matched {
+    pub rule: RuleValue,
+    /// Matched by the wildcard bind, which names no address: the packet
+    /// may be passing through this host rather than be addressed to it.
+    pub wildcard: bool,
+}
+
 /// The rule for the packet's (protocol, destination address, port): the
 /// exact bind address first, then the wildcard.
 #[inline(always)]
-pub fn lookup(pkt: &Packet) -> Option<RuleValue> {
+pub fn lookup(pkt: &Packet) -> Option<Matched> {
     let mut key = RuleKey {
         addr: addr_from_ipv4_be(pkt.dst),
         port: pkt.dport,
@@ -22,10 +30,16 @@ pub fn lookup(pkt: &Packet) -> Option<RuleValue> {
     };
     // SAFETY: copied out at once; userspace replaces entries whole.
     if let Some(rule) = unsafe { RULES.get(&key) } {
-        return Some(*rule);
+        return Some(Matched {
+            rule: *rule,
+            wildcard: false,
+        });
     }
     key.addr = ADDR_ANY;
-    unsafe { RULES.get(&key) }.copied()
+    unsafe { RULES.get(&key) }.map(|rule| Matched {
+        rule: *rule,
+        wildcard: true,
+    })
 }
 
 /// A healthy backend of `rule`, picked by weight; one backend is the

@@ -15,6 +15,7 @@ use forwarder_common::{
 
 use crate::conntrack::{self, Fallback};
 use crate::counters::{Hook, count_interface, with_rule};
+use crate::fragments;
 use crate::maps::{Scratch, scratch};
 use crate::nat;
 use crate::parse::{self, Packet, TCP_ACK, TCP_SYN, Unfit};
@@ -53,17 +54,28 @@ pub fn handle(ctx: &TcContext) -> i32 {
     if conntrack::relay_owns(&s.key, w.now) {
         return TC_ACT_OK as i32;
     }
+    // A kernel flow stays one whatever its packets are: fragments and IP
+    // options included.
+    if w.pkt.unfit == Unfit::LaterFragment {
+        return match fragments::flow_of(&w.pkt, s) {
+            Some(entry) => known_flow(ctx, &w, entry, s),
+            None => TC_ACT_OK as i32,
+        };
+    }
+    if let Some(entry) = conntrack::lookup(&s.key) {
+        if w.pkt.unfit == Unfit::Fragment {
+            fragments::remember(&w.pkt, s);
+        }
+        return known_flow(ctx, &w, entry, s);
+    }
     if w.pkt.unfit != Unfit::None {
         unfit(ctx, &w, s);
         return TC_ACT_OK as i32;
     }
-    if let Some(entry) = conntrack::lookup(&s.key) {
-        return known_flow(ctx, &w, entry, s);
-    }
-    let Some(rule) = rules::lookup(&w.pkt) else {
+    let Some(matched) = rules::lookup(&w.pkt) else {
         return TC_ACT_OK as i32;
     };
-    if rule.flags & RULE_F_RELAY != 0 {
+    if matched.rule.flags & RULE_F_RELAY != 0 {
         return TC_ACT_OK as i32;
     }
     // Only a SYN opens a TCP flow; anything else without an entry is a
@@ -71,7 +83,26 @@ pub fn handle(ctx: &TcContext) -> i32 {
     if w.pkt.proto == PROTO_TCP && w.pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return TC_ACT_OK as i32;
     }
-    new_flow(ctx, &w, &rule, s)
+    if matched.wildcard && !addressed_here(ctx, &w, s) {
+        return TC_ACT_OK as i32;
+    }
+    new_flow(ctx, &w, &matched.rule, s)
+}
+
+/// Whether a packet that matched a wildcard rule is for this host, as the
+/// relay's wildcard socket would see it, rather than passing through.
+#[inline(never)]
+fn addressed_here(ctx: &TcContext, w: &Work, s: &mut Scratch) -> bool {
+    let flow = Flow {
+        ifindex: w.ifindex,
+        src: w.pkt.src,
+        dst: w.pkt.dst,
+        proto: w.pkt.proto,
+        sport: w.pkt.sport,
+        dport: w.pkt.dport,
+        tot_len: SKB_MTU_CHECK,
+    };
+    redirect::for_this_host(ctx, &flow, s)
 }
 
 /// Its own BPF function: the log record's frame would add to every stage's.
@@ -83,14 +114,18 @@ fn log_first_packet(ctx: &TcContext, ifindex: u32) {
 // The stages below are separate BPF functions, each with its own stack
 // frame: together they would not fit the 512 bytes of one.
 
-/// A fragment or a header with options: the relay gets the flow, if it is
-/// one of ours and not already the kernel's.
+/// A new flow that begins with a fragment or a header with options: the
+/// relay gets it, if it is one of ours.
 #[inline(never)]
 fn unfit(ctx: &TcContext, w: &Work, s: &mut Scratch) {
-    let Some(rule) = rules::lookup(&w.pkt) else {
+    let Some(matched) = rules::lookup(&w.pkt) else {
         return;
     };
-    if rule.flags & RULE_F_RELAY != 0 || conntrack::lookup(&s.key).is_some() {
+    let rule = matched.rule;
+    if rule.flags & RULE_F_RELAY != 0 {
+        return;
+    }
+    if matched.wildcard && !addressed_here(ctx, w, s) {
         return;
     }
     conntrack::give_to_relay(&s.key, rule.rule_id, w.now);

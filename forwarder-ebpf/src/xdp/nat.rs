@@ -3,12 +3,13 @@
 //! updated incrementally (RFC 1624; XDP has no checksum helpers).
 
 use aya_ebpf::{bindings::bpf_fib_lookup, programs::XdpContext};
-use forwarder_common::{CtValue, PROTO_UDP, csum};
+use forwarder_common::{CtValue, PROTO_TCP, PROTO_UDP, csum};
 
 use super::parse::ptr_at;
 use crate::nat::Diffs;
 use crate::parse::{
     IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, L4_DPORT_OFF, L4_SPORT_OFF, Packet,
+    TCP_CSUM_OFF, UDP_CSUM_OFF,
 };
 
 /// Rewrites the frame `pkt` was parsed from to `to`, with the next hop's
@@ -24,7 +25,14 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, to: &CtValue, fib: &bpf_fib_looku
     let dst: *mut u32 = ptr_at(ctx, IP_DST_OFF)?;
     let sport: *mut u16 = ptr_at(ctx, L4_SPORT_OFF)?;
     let dport: *mut u16 = ptr_at(ctx, L4_DPORT_OFF)?;
-    let l4_csum: *mut u16 = ptr_at(ctx, pkt.l4_csum_off())?;
+    // Constant offsets, which the verifier can check: XDP takes 20-byte
+    // IPv4 headers only.
+    let l4_csum_off = if pkt.proto == PROTO_TCP {
+        TCP_CSUM_OFF
+    } else {
+        UDP_CSUM_OFF
+    };
+    let l4_csum: *mut u16 = ptr_at(ctx, l4_csum_off)?;
     let (new_src, new_dst) = (to.new_src[3], to.new_dst[3]);
     let diffs = Diffs::of(pkt, to);
     // SAFETY: every pointer was bounds-checked above; unaligned accesses

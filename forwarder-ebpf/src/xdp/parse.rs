@@ -81,6 +81,8 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
         tcp_flags,
         ttl: ip[8],
         tot_len,
+        ip_id: u16::from_ne_bytes([ip[4], ip[5]]),
+        l4_off: L4_OFF as u16,
         udp_no_csum,
         unfit: Unfit::None,
     })

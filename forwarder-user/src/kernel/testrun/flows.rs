@@ -411,6 +411,89 @@ fn fragments_and_ip_options_go_to_the_relay_for_the_whole_flow() {
     });
 }
 
+/// A datagram fragment as the sender's stack makes it: `frag` is the flags
+/// and offset word, and the IP identification is the builder's (0x1234).
+fn udp_fragment(from: (Ipv4Addr, u16), to: (Ipv4Addr, u16), frag: u16) -> Vec<u8> {
+    let mut spec = Spec::udp(from, to);
+    spec.frag = frag;
+    spec.build()
+}
+
+#[test]
+fn a_kernel_flows_fragments_and_ip_options_stay_on_the_kernel_path() {
+    if !require_root("a_kernel_flows_fragments_and_ip_options_stay_on_the_kernel_path") {
+        return;
+    }
+    with_router(1024, standard(0), |k| {
+        let dgram = Spec::udp(client(50030), listener()).build();
+        let snat_port = assert_forwarded(&k.run_tc(&dgram), PROTO_UDP, &dgram);
+
+        // The first fragment is rewritten whole (its UDP checksum covers
+        // the datagram: the update is the same), the later one in its IPv4
+        // header only; what follows that header is payload, untouched.
+        let first = udp_fragment(client(50030), listener(), 0x2000);
+        assert_forwarded(&k.run_tc(&first), PROTO_UDP, &first);
+        let later = udp_fragment(client(50030), listener(), 0x0010);
+        let out = k.run_tc(&later);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "later fragment");
+        let v = view(&out.packet);
+        assert_eq!((v.src, v.dst, v.ttl), (SNAT, BACKEND, 63));
+        assert!(ip_csum_ok(&out.packet));
+        assert_eq!(out.packet[34..], later[34..], "no L4 header to rewrite");
+
+        // Replies come back fragmented too.
+        let reply = udp_fragment((BACKEND, BACKEND_PORT), (SNAT, snat_port), 0x2000);
+        let back = k.run_tc(&reply);
+        assert_eq!(back.verdict, TC_ACT_REDIRECT);
+        let v = view(&back.packet);
+        assert_eq!(
+            (v.src, v.sport, v.dst, v.dport),
+            (LISTENER, LISTEN_PORT, CLIENT, 50030)
+        );
+        assert!(ip_csum_ok(&back.packet) && l4_csum_ok(&back.packet));
+        let later_reply = udp_fragment((BACKEND, BACKEND_PORT), (SNAT, snat_port), 0x0010);
+        let back = k.run_tc(&later_reply);
+        assert_eq!(back.verdict, TC_ACT_REDIRECT);
+        assert_eq!(view(&back.packet).dst, CLIENT);
+        assert!(ip_csum_ok(&back.packet));
+
+        // A later fragment whose first one was no kernel flow's is the
+        // stack's, as it came.
+        let mut stray = Spec::udp(client(50031), listener());
+        stray.frag = 0x0010;
+        let mut stray = stray.build();
+        stray[18..20].copy_from_slice(&0x4321u16.to_be_bytes());
+        let out = k.run_tc(&stray);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &stray));
+
+        // IP options on a kernel TCP flow: the L4 header sits further in.
+        let syn = Spec::tcp(client(50032), listener(), TCP_SYN).build();
+        let tcp_port = assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn);
+        let mut with_options = Spec::tcp(client(50032), listener(), TCP_ACK);
+        with_options.ip_options = vec![1, 1, 1, 0]; // NOP NOP NOP EOL
+        let with_options = with_options.build();
+        let out = k.run_tc(&with_options);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "IP options");
+        let v = view(&out.packet);
+        assert_eq!(
+            (v.src, v.sport, v.dst, v.dport),
+            (SNAT, tcp_port, BACKEND, BACKEND_PORT)
+        );
+        assert!(ip_csum_ok(&out.packet) && l4_csum_ok(&out.packet));
+        assert_eq!(out.packet[34..38], with_options[34..38], "options kept");
+        assert_eq!(out.packet[58..], with_options[58..], "payload untouched");
+
+        assert!(k.relay_flows().is_empty(), "nothing went to the relay");
+        let udp = k.rule_counters(UDP_RULE);
+        assert_eq!(
+            (udp.flows, udp.packets_fwd, udp.packets_rev),
+            (1, 3, 2),
+            "{udp:?}"
+        );
+        assert_eq!(udp.fallback_other, 0);
+    });
+}
+
 #[test]
 fn a_full_conntrack_table_leaves_new_flows_to_the_relay() {
     if !require_root("a_full_conntrack_table_leaves_new_flows_to_the_relay") {
@@ -776,5 +859,44 @@ fn the_wildcard_rule_matches_when_no_exact_one_does() {
                 .iter()
                 .any(|(_, v)| v.direction == CT_DIR_FORWARD)
         );
+    });
+}
+
+#[test]
+fn a_wildcard_rule_leaves_traffic_through_this_host_alone() {
+    if !require_root("a_wildcard_rule_leaves_traffic_through_this_host_alone") {
+        return;
+    }
+    let mut r = rule(PROTO_TCP, TCP_RULE, 0, &[(BACKEND, 1)]);
+    r.extend(rule(PROTO_UDP, UDP_RULE, 0, &[(BACKEND, 1)]));
+    for (key, _, _) in &mut r {
+        key.addr = ADDR_ANY;
+    }
+    with_router(1024, tables(r, SNAT_PORTS), |k| {
+        // The rules' port, but addressed to a host behind this one (and
+        // fragments of such a datagram).
+        let passing = [
+            Spec::tcp(client(50090), (BACKEND2, LISTEN_PORT), TCP_SYN).build(),
+            Spec::udp(client(50091), (BACKEND2, LISTEN_PORT)).build(),
+            {
+                let mut first_fragment = Spec::udp(client(50092), (BACKEND2, LISTEN_PORT));
+                first_fragment.frag = 0x2000; // MF
+                first_fragment.build()
+            },
+        ];
+        for p in &passing {
+            let out = k.run_tc(p);
+            assert_eq!(out.verdict, TC_ACT_OK, "passed on to the stack");
+            assert_eq!(&out.packet, p, "unmodified");
+        }
+        assert!(k.conntrack().is_empty(), "no flow of ours");
+        assert!(k.relay_flows().is_empty(), "nothing for the relay");
+        for id in [TCP_RULE, UDP_RULE] {
+            let c = k.rule_counters(id);
+            assert_eq!((c.flows, c.fallback_other), (0, 0), "rule {id}");
+        }
+        // The same to this host's own address is forwarded.
+        let ours = Spec::udp(client(50093), (LISTENER, LISTEN_PORT)).build();
+        assert_eq!(k.run_tc(&ours).verdict, TC_ACT_REDIRECT);
     });
 }
