@@ -52,16 +52,21 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match forwarder::config::load(&config) {
-            Ok(compiled) => {
-                print!("{}", forwarder::config::table(&compiled));
-                ExitCode::SUCCESS
+        Command::Check { config } => {
+            // The file's warnings (ignored Godoxy fields, skipped web
+            // routes) are part of the check's answer.
+            init_logging("warn", false);
+            match forwarder::config::load(&config) {
+                Ok(compiled) => {
+                    print!("{}", forwarder::config::table(&compiled));
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    ExitCode::from(2)
+                }
             }
-            Err(errors) => {
-                eprint!("{errors}");
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::Status { control, json } => match control::query(&control) {
             Ok(status) if json => {
                 println!("{status}");
@@ -84,7 +89,7 @@ fn main() -> ExitCode {
             relay_only,
             control,
         } => {
-            init_logging();
+            init_logging("info", true);
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -100,7 +105,7 @@ fn main() -> ExitCode {
             match runtime.block_on(daemon::run(opts)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(RunError::Config(errors)) => {
-                    eprint!("{errors}");
+                    eprintln!("{errors}");
                     ExitCode::from(2)
                 }
                 Err(RunError::Fatal(e)) => {
@@ -112,10 +117,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise;
+/// a one-shot command has no use for timestamps and module paths.
+fn init_logging(default_level: &str, daemon: bool) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if daemon {
+        fmt.init();
+    } else {
+        fmt.without_time().with_target(false).init();
+    }
 }
