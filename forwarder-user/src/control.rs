@@ -55,8 +55,14 @@ impl ControlSocket {
     /// Answers every connection with the current status, until dropped.
     pub async fn serve(&self, status: StatusFn) {
         loop {
-            let Ok((mut stream, _)) = self.listener.accept().await else {
-                continue;
+            let mut stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, most likely: retrying at once would spin.
+                    tracing::debug!("control socket accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             };
             let mut body = status().to_string();
             body.push('\n');
