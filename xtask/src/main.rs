@@ -26,9 +26,9 @@ enum Command {
     Build,
     /// Build, then run the daemon as root on config/forwarder.yaml.
     Run {
-        /// Rule file.
-        #[arg(short, long, default_value = "config/forwarder.yaml")]
-        config: PathBuf,
+        /// Rule file [default: the workspace's config/forwarder.yaml].
+        #[arg(short, long)]
+        config: Option<PathBuf>,
         /// Further arguments for `forwarder run`.
         #[arg(last = true)]
         args: Vec<String>,
@@ -55,6 +55,7 @@ fn main() -> Result<()> {
         Command::Run { config, args } => {
             setup::run()?;
             let bin = build::daemon()?;
+            let config = config.unwrap_or_else(|| workspace_root().join("config/forwarder.yaml"));
             build::exec_daemon(&bin, &config, &args)
         }
         Command::Test { filter } => {
