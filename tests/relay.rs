@@ -468,10 +468,11 @@ async fn tcp_backend_down_closes_the_client_at_once() {
             })
             .await
             .expect("the client sees the close within 1 s");
-            match closed {
-                Ok(n) => assert_eq!(n, 0, "no data from a backend that is down"),
-                Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
-            }
+            assert_eq!(
+                closed.map_err(|e| e.kind()).err(),
+                Some(std::io::ErrorKind::ConnectionReset),
+                "a refused backend resets the client, as a direct connect would be refused"
+            );
             eventually("failure counted", || {
                 counters(&relay, 0).connect_failures == attempt
             })
@@ -553,6 +554,74 @@ fn raise_open_files() {
         "1,000 relayed connections need ~8,000 descriptors; the hard limit is {}",
         lim.rlim_max
     );
+}
+
+/// A listener whose accept queue holds one connection, and holds it: SYNs
+/// that come after are dropped, so a connect to it waits.
+fn silent_tcp_backend() -> (std::os::fd::OwnedFd, StdTcpStream, SocketAddr) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket calls on a descriptor owned here.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut sin: libc::sockaddr_in = std::mem::zeroed();
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        sin.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        assert_eq!(libc::bind(raw, (&raw const sin).cast(), len), 0);
+        assert_eq!(libc::listen(raw, 0), 0);
+        let mut len = len;
+        assert_eq!(libc::getsockname(raw, (&raw mut sin).cast(), &mut len), 0);
+        let addr = localhost(u16::from_be(sin.sin_port));
+        // The one connection the queue holds; never accepted.
+        let filler = StdTcpStream::connect(addr).unwrap();
+        (fd, filler, addr)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connect_timeout_resets_the_client_of_a_silent_backend() {
+    const CONNECT: Duration = Duration::from_millis(300);
+    tokio::time::timeout(TEST_LIMIT, async {
+        let (_backend, _filler, silent) = silent_tcp_backend();
+        let timeouts = Timeouts {
+            connect: CONNECT,
+            ..Timeouts::default()
+        };
+        let rules = [listener(
+            0,
+            Protocol::Tcp,
+            localhost(0),
+            &[(silent, 1)],
+            timeouts,
+        )];
+        let (relay, _) = start(&rules, RelaySettings::default()).await;
+        let started = Instant::now();
+        let mut client = TcpStream::connect(addr_of(&relay, 0)).await.unwrap();
+        let read = tokio::time::timeout(WAIT, client.read(&mut [0u8; 16]))
+            .await
+            .expect("the client is closed, not left hanging");
+        let waited = started.elapsed();
+        assert_eq!(
+            read.map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "a reset, not a clean close"
+        );
+        // The rule's timeout, not the 5 s default and not a refusal.
+        assert!(
+            waited >= CONNECT && waited < Duration::from_secs(3),
+            "closed after {waited:?}"
+        );
+        eventually("failure counted", || {
+            counters(&relay, 0).connect_failures == 1
+        })
+        .await;
+        relay.shutdown(Duration::ZERO).await;
+    })
+    .await
+    .expect("test finished in time");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -662,6 +731,62 @@ async fn udp_echo_from_a_thousand_client_ports_never_crosses() {
             recorder.events().iter().filter(|e| !e.0).count() == CLIENTS
         })
         .await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_bursts_keep_their_order_both_ways() {
+    const BURSTS: u32 = 40;
+    const BURST: u32 = 50;
+    tokio::time::timeout(TEST_LIMIT, async {
+        // An echo that checks the order it receives in.
+        let backend = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        let backend_task = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            for expected in 0..BURSTS * BURST {
+                let (n, from) = backend.recv_from(&mut buf).await.unwrap();
+                let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                assert_eq!(seq, expected, "order at the backend");
+                backend.send_to(&buf[..n], from).await.unwrap();
+            }
+        });
+        let rules = [listener(
+            0,
+            Protocol::Udp,
+            localhost(0),
+            &[(backend_addr, 1)],
+            Timeouts::default(),
+        )];
+        let (relay, _) = start(&rules, RelaySettings::default()).await;
+        let front = addr_of(&relay, 0);
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut expected = 0u32;
+        for burst in 0..BURSTS {
+            // Back to back, without waiting for replies.
+            for i in 0..BURST {
+                let seq = burst * BURST + i;
+                let mut msg = seq.to_be_bytes().to_vec();
+                msg.extend_from_slice(b" in order");
+                client.send_to(&msg, front).await.unwrap();
+            }
+            for _ in 0..BURST {
+                let (n, _) = tokio::time::timeout(WAIT, client.recv_from(&mut buf))
+                    .await
+                    .expect("every reply")
+                    .unwrap();
+                assert_eq!(n, 13);
+                let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                assert_eq!(seq, expected, "order at the client");
+                expected += 1;
+            }
+        }
+        backend_task.await.unwrap();
+        assert_eq!(counters(&relay, 0).flows, 1);
+        relay.shutdown(Duration::ZERO).await;
     })
     .await
     .expect("test finished in time");
