@@ -371,6 +371,25 @@ fn relay_only_daemon_forwards_a_turn_pair_and_stops_on_sigint() {
         assert_eq!(rule["bytes_to_backend"], bytes, "{rule}");
     }
 
+    // SIGHUP does not end it (no reload yet): it keeps forwarding.
+    daemon.signal(libc::SIGHUP).unwrap();
+    let deadline = std::time::Instant::now() + EXIT_LIMIT;
+    while !log_text().contains("SIGHUP") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no SIGHUP line:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "SIGHUP ended it"
+    );
+    udp.send_to(b"after hup", ("127.0.0.1", listen)).unwrap();
+    let (n, _) = udp.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"after hup");
+
     daemon.signal(libc::SIGINT).unwrap();
     let deadline = std::time::Instant::now() + EXIT_LIMIT;
     let exit = loop {

@@ -153,14 +153,26 @@ fn stop_kernel_path(kernel: Option<Arc<KernelPath>>) {
     }
 }
 
+/// Waits for SIGTERM, SIGINT or SIGQUIT. SIGHUP, which would end the
+/// process without the clean stop (leaving the reserved ports behind), is
+/// answered with a warning: the rule file is read only at start.
 async fn wait_for_stop_signal() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+    let mut quit = signal(SignalKind::quit()).context("listen for SIGQUIT")?;
+    let mut hup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM"),
+            _ = int.recv() => info!("SIGINT"),
+            _ = quit.recv() => info!("SIGQUIT"),
+            _ = hup.recv() => {
+                warn!("SIGHUP: reloading is not supported yet; restart the daemon to apply a changed rule file");
+                continue;
+            }
+        }
+        return Ok(());
     }
-    Ok(())
 }
 
 /// The status document `forwarder status` prints.
