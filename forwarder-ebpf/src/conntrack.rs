@@ -142,13 +142,15 @@ pub fn follow_up(entry: *mut CtValue, change: Change, proto: u8, now: u64, pair_
 /// listener) to `backend`; the forward one is left in `s.ct`. SNAT takes a free
 /// port of the reserved range: a random start, then a bounded probe, each
 /// try being the no-exist insert of the reverse entry (see `reserve_port`).
+/// `Ok(false)`: another CPU created the same flow a moment ago, and its
+/// forward entry is in `s.ct`.
 #[inline(never)]
 pub fn create(
     rule: &RuleValue,
     backend: &Backend,
     now: u64,
     s: &mut Scratch,
-) -> Result<(), Fallback> {
+) -> Result<bool, Fallback> {
     let preserve = rule.flags & RULE_F_PRESERVE_CLIENT_IP != 0;
     let snat_addr = if preserve {
         s.key.src
@@ -186,7 +188,13 @@ pub fn create(
         state,
     );
     if preserve {
-        insert_new(&s.reverse_key, &s.reverse)?;
+        // Without SNAT the reverse key is the flow's own: taken, it may be
+        // by another CPU that created this very flow.
+        if let Err(why) = insert_new(&s.reverse_key, &s.reverse) {
+            // SAFETY: copied out at once.
+            s.ct = *unsafe { CONNTRACK.get(&s.key) }.ok_or(why)?;
+            return Ok(false);
+        }
     } else {
         reserve_port(s, now)?;
     }
@@ -201,7 +209,7 @@ pub fn create(
         state,
     );
     match CONNTRACK.insert(&s.key, &s.ct, u64::from(BPF_NOEXIST)) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(e) => {
             let _ = CONNTRACK.remove(&s.reverse_key);
             if e != -EEXIST {
@@ -210,7 +218,7 @@ pub fn create(
             // Another CPU created this flow a moment ago: use its entry.
             // SAFETY: copied out at once.
             s.ct = *unsafe { CONNTRACK.get(&s.key) }.ok_or(Fallback::Other)?;
-            Ok(())
+            Ok(false)
         }
     }
 }

@@ -212,15 +212,17 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
     if redirect::route(ctx, &flow, s).is_err() {
         return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
     }
-    if let Err(why) = conntrack::create(rule, backend, now, s) {
-        return fall_back(ctx, &s.key, rule.rule_id, now, why);
-    }
+    let created = match conntrack::create(rule, backend, now, s) {
+        Ok(created) => created,
+        Err(why) => return fall_back(ctx, &s.key, rule.rule_id, now, why),
+    };
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
         return drop(ctx, rule.rule_id, "rewrite failed");
     }
     let bytes = u64::from(ctx.len());
     with_rule(rule.rule_id, |c| {
-        c.flows += 1;
+        // A flow another CPU created a moment ago is counted there.
+        c.flows += u64::from(created);
         c.packets_fwd += 1;
         c.bytes_fwd += bytes;
     });
