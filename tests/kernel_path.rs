@@ -208,12 +208,14 @@ fn a_failed_attach_takes_off_what_it_attached() {
         topo.backend_link.a_if.clone(),
     );
     let rt = in_netns(&topo.forwarder, runtime);
+    let reserved_at_first = harness::reserved_ports(&topo.forwarder);
     // A first instance holds the second interface...
     let first = in_netns(&topo.forwarder, || {
         rt.block_on(KernelPath::start(&compiled_for(Some(vec![b.clone()]))))
     })
     .expect("first instance");
     let held = seen(&topo.forwarder, &b);
+    let reserved_by_first = harness::reserved_ports(&topo.forwarder);
     // ...so a second one gets the first interface, fails on the second,
     // and must leave the first as it found it.
     let err = in_netns(&topo.forwarder, || {
@@ -240,7 +242,13 @@ fn a_failed_attach_takes_off_what_it_attached() {
         on_b.tcx_progs, held.tcx_progs,
         "the first instance kept its TC"
     );
+    assert_eq!(
+        harness::reserved_ports(&topo.forwarder),
+        reserved_by_first,
+        "the failed start gave back the ports it reserved"
+    );
     in_netns(&topo.forwarder, || first.stop()).expect("stop");
+    assert_eq!(harness::reserved_ports(&topo.forwarder), reserved_at_first);
 }
 
 // ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use forwarder_common::{
     Settings,
 };
 
-use super::packet::{Csum, Spec, TCP_ACK, TCP_FIN, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
+use super::packet::{Csum, Spec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
 use super::*;
 use crate::kernel::snat::addr_of;
 use crate::kernel::tables::Tables;
@@ -221,6 +221,52 @@ fn tcp_forward_and_reverse_rewrite_with_valid_checksums() {
         let c = k.rule_counters(TCP_RULE);
         assert_eq!((c.flows, c.packets_fwd, c.packets_rev), (1, 3, 1), "{c:?}");
         assert_eq!(c.bytes_fwd, 3 * syn.len() as u64);
+    });
+}
+
+#[test]
+fn a_reset_closes_the_flow_either_way() {
+    if !require_root("a_reset_closes_the_flow_either_way") {
+        return;
+    }
+    with_router(1024, standard(0), |k| {
+        // From the client: the reset is forwarded and its side closes first.
+        let syn = Spec::tcp(client(50005), listener(), TCP_SYN).build();
+        let snat_port = assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn);
+        let syn_ack = Spec::tcp(
+            (BACKEND, BACKEND_PORT),
+            (SNAT, snat_port),
+            TCP_SYN | TCP_ACK,
+        );
+        assert_eq!(k.run_tc(&syn_ack.build()).verdict, TC_ACT_REDIRECT);
+        let rst = Spec::tcp(client(50005), listener(), TCP_RST).build();
+        assert_forwarded(&k.run_tc(&rst), PROTO_TCP, &rst);
+        assert_eq!(
+            entry_states(k),
+            vec![
+                (CT_DIR_FORWARD, CT_STATE_CLOSING, 1),
+                (CT_DIR_REVERSE, CT_STATE_ESTABLISHED, 0)
+            ]
+        );
+    });
+    with_router(1024, standard(0), |k| {
+        // From the backend: restored to the client like any reply.
+        let syn = Spec::tcp(client(50006), listener(), TCP_SYN).build();
+        let snat_port = assert_forwarded(&k.run_tc(&syn), PROTO_TCP, &syn);
+        let rst = Spec::tcp(
+            (BACKEND, BACKEND_PORT),
+            (SNAT, snat_port),
+            TCP_RST | TCP_ACK,
+        );
+        let back = k.run_tc(&rst.build());
+        assert_eq!(back.verdict, TC_ACT_REDIRECT);
+        assert_eq!(view(&back.packet).dst, CLIENT);
+        let states = entry_states(k);
+        assert_eq!(
+            states[1],
+            (CT_DIR_REVERSE, CT_STATE_CLOSING, 1),
+            "{states:?}"
+        );
     });
 }
 
@@ -519,6 +565,33 @@ fn a_full_conntrack_table_leaves_new_flows_to_the_relay() {
         let c = k.rule_counters(UDP_RULE);
         assert_eq!((c.flows, c.fallback_full), (1, 1), "{c:?}");
         assert!(k.conntrack().is_empty(), "no half pair left behind");
+    });
+}
+
+#[test]
+fn a_pair_that_does_not_fit_leaves_no_half_behind() {
+    if !require_root("a_pair_that_does_not_fit_leaves_no_half_behind") {
+        return;
+    }
+    // Room for one flow and a half: the second flow's reverse entry fits,
+    // its forward one does not, and the reverse one must go again.
+    with_router(3, standard(0), |k| {
+        let first = Spec::udp(client(50033), listener()).build();
+        assert_eq!(k.run_tc(&first).verdict, TC_ACT_REDIRECT);
+        let before = k.conntrack();
+        let second = Spec::udp(client(50034), listener()).build();
+        let out = k.run_tc(&second);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &second));
+        let mut after = k.conntrack();
+        let mut before = before;
+        after.sort_by_key(|(key, _)| key.dport);
+        before.sort_by_key(|(key, _)| key.dport);
+        assert_eq!(after, before, "only the first flow's pair");
+        let relay = k.relay_flows();
+        assert_eq!(relay.len(), 1, "{relay:?}");
+        assert_eq!(relay[0].0.sport, 50034u16.to_be());
+        let c = k.rule_counters(UDP_RULE);
+        assert_eq!((c.flows, c.fallback_full), (1, 1), "{c:?}");
     });
 }
 

@@ -7,6 +7,7 @@ pub const IP_LEN: usize = 20;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
 /// How the L4 checksum field is filled.
