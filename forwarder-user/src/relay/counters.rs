@@ -59,7 +59,8 @@ pub struct RelayRuleCounters {
     pub bytes_to_client: u64,
     /// TCP connects to a backend that failed (refused, unreachable, timed out).
     pub connect_failures: u64,
-    /// New UDP sessions refused (table full, or draining).
+    /// Datagrams of new UDP clients dropped because the session table was
+    /// full or the relay was draining (each such datagram asks for a session).
     pub sessions_refused: u64,
     /// Other I/O errors (failed sends, sockets not created, accept
     /// failures); a reset by an endpoint is passed on, not counted.
