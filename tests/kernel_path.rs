@@ -320,7 +320,7 @@ fn turn_like_tcp_and_udp_at_once_with_a_256_mib_transfer_on_the_kernel_path() {
         return;
     }
     let topo = Topology::new();
-    let status = turn_like_run(&topo, "auto");
+    let status = turn_like_run(&topo, "turn-tc", "auto");
     // `auto` leaves XDP out: TC carried every packet.
     for (alias, proto) in [("turn-tcp", "tcp"), ("turn-udp", "udp")] {
         let k = kernel_rule(&status, alias, proto);
@@ -352,7 +352,7 @@ fn turn_like_tcp_and_udp_at_once_with_a_256_mib_transfer_on_the_xdp_path() {
     }
     let topo = Topology::new();
     topo.accept_xdp_redirects();
-    let status = turn_like_run(&topo, "xdp");
+    let status = turn_like_run(&topo, "turn-xdp", "xdp");
     // XDP carried most packets of the established flows, both ways; TC
     // opened and closed them.
     for (alias, proto) in [("turn-tcp", "tcp"), ("turn-udp", "udp")] {
@@ -379,6 +379,75 @@ fn turn_like_tcp_and_udp_at_once_with_a_256_mib_transfer_on_the_xdp_path() {
 }
 
 #[test]
+fn under_path_xdp_veths_whose_peers_take_no_xdp_frames_are_left_to_tc() {
+    if !common::require_root("under_path_xdp_veths_whose_peers_take_no_xdp_frames_are_left_to_tc") {
+        return;
+    }
+    let topo = Topology::new();
+    // Complete checksums, so XDP would take the flows; but GRO off on the
+    // peers, which would drop the frames XDP sends them.
+    let peers = [
+        (&topo.client, &topo.client_link.b_if),
+        (&topo.backend, &topo.backend_link.b_if),
+    ];
+    for (ns, i) in peers {
+        ns.exec("ethtool", &["-K", i, "gro", "off", "tx", "off"]);
+    }
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(
+        &topo.forwarder,
+        "xdp-nogro",
+        &turn_rules_on(&topo, "", "xdp"),
+    );
+    let to = listener_addr(&topo);
+    let traffic = |rounds: u32| {
+        in_netns(&topo.client, || {
+            let udp = udp_socket(to);
+            let mut tcp = tcp_echo_conn(to);
+            for n in 0..rounds {
+                udp_echo(&udp, format!("datagram {n}").as_bytes());
+                tcp_echo_round(&mut tcp, format!("segment {n}").as_bytes());
+            }
+        })
+    };
+    traffic(100);
+    let log = daemon.log_text();
+    for i in [&topo.client_link.a_if, &topo.backend_link.a_if] {
+        assert!(
+            log.contains(&format!("{i} takes no XDP frames now")),
+            "{i} left to TC:\n{log}"
+        );
+    }
+    let xdp_packets = |status: &serde_json::Value| -> u64 {
+        [("turn-tcp", "tcp"), ("turn-udp", "udp")]
+            .iter()
+            .map(|(alias, proto)| counter(kernel_rule(status, alias, proto), "xdp_packets"))
+            .sum()
+    };
+    let status = daemon.status();
+    assert_eq!(xdp_packets(&status), 0, "XDP sent nothing: {status}");
+
+    // The peers take XDP frames from now on: the daemon sees it, and XDP
+    // carries the flows' packets.
+    for (ns, i) in peers {
+        ns.exec("ethtool", &["-K", i, "gro", "on"]);
+    }
+    eventually("both interfaces taken back", || {
+        daemon.log_text().matches("takes XDP frames again").count() == 2
+    });
+    traffic(100);
+    let status = daemon.status();
+    assert!(xdp_packets(&status) >= 200, "XDP carried them: {status}");
+    for (alias, proto) in [("turn-tcp", "tcp"), ("turn-udp", "udp")] {
+        let k = kernel_rule(&status, alias, proto);
+        assert_eq!(counter(relay_rule(&status, alias, proto), "flows"), 0);
+        assert_eq!(counter(k, "dropped"), 0, "{k}");
+    }
+    daemon.stop();
+}
+
+#[test]
 fn senders_with_checksum_offload_stay_on_tc_under_path_xdp() {
     if !common::require_root("senders_with_checksum_offload_stay_on_tc_under_path_xdp") {
         return;
@@ -389,7 +458,7 @@ fn senders_with_checksum_offload_stay_on_tc_under_path_xdp() {
         .exec("ethtool", &["-K", &topo.client_link.b_if, "gro", "on"]);
     topo.backend
         .exec("ethtool", &["-K", &topo.backend_link.b_if, "gro", "on"]);
-    let status = turn_like_run(&topo, "xdp");
+    let status = turn_like_run(&topo, "turn-xdp-offload", "xdp");
     for (alias, proto) in [("turn-tcp", "tcp"), ("turn-udp", "udp")] {
         let k = kernel_rule(&status, alias, proto);
         assert_eq!(counter(k, "xdp_packets"), 0, "{k}");
@@ -400,12 +469,13 @@ fn senders_with_checksum_offload_stay_on_tc_under_path_xdp() {
 /// TCP flows on the same port at once, through the daemon. Checks what
 /// holds on any kernel path (the data, the flows, nothing for the relay,
 /// nothing left after the stop) and returns the last status.
-fn turn_like_run(topo: &Topology, path: &str) -> serde_json::Value {
+/// `name` keeps the daemon's files apart from those of tests running at
+/// the same time.
+fn turn_like_run(topo: &Topology, name: &str, path: &str) -> serde_json::Value {
     forwarding_on(topo);
     let _servers = BackendServers::start(&topo.backend);
     let reserved_before = reserved_ports(&topo.forwarder);
-    let name = format!("turn-{path}");
-    let daemon = Daemon::start(&topo.forwarder, &name, &turn_rules_on(topo, "", path));
+    let daemon = Daemon::start(&topo.forwarder, name, &turn_rules_on(topo, "", path));
     assert_eq!(reserved_ports(&topo.forwarder), "40000-59999");
     let programs = our_programs(topo, path == "xdp");
     let to = listener_addr(topo);
