@@ -87,7 +87,7 @@ fn carry(ctx: &XdpContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> u3
         dport: s.ct.new_dport,
         tot_len: pkt.tot_len,
     };
-    if redirect::route(ctx, &flow, s).is_err() || !redirect::can_send(ifindex, s) {
+    if redirect::route(ctx, &flow, s).is_err() || !redirect::can_send(s) {
         return PASS;
     }
     if nat::rewrite(ctx, pkt, &s.ct, &s.fib).is_none() {

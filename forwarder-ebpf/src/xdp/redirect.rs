@@ -45,16 +45,19 @@ pub fn route(ctx: &XdpContext, flow: &Flow, s: &mut Scratch) -> Result<(), ()> {
     }
 }
 
-/// True if the frame can leave by the interface `route` found: the one it
-/// came in by, or one in `XDP_EGRESS`.
+/// True if the frame can leave by the interface `route` found: one in
+/// `XDP_EGRESS`, which holds the interfaces that take XDP frames now (for
+/// `XDP_TX` back out of the ingress one too: a veth needs its peer ready
+/// for either).
 #[inline(always)]
-pub fn can_send(ingress: u32, s: &Scratch) -> bool {
-    s.fib.ifindex == ingress || XDP_EGRESS.get_ifindex(s.fib.ifindex).is_some()
+pub fn can_send(s: &Scratch) -> bool {
+    XDP_EGRESS.get_ifindex(s.fib.ifindex).is_some()
 }
 
 /// The verdict that sends the frame out of the interface `route` found.
-/// `can_send` checked the devmap first (the daemon fills it once, before
-/// attaching), so the redirect's fallback verdict is never taken.
+/// `can_send` checked the devmap first; only if the daemon takes the
+/// interface out in between is the fallback taken, and the rewritten frame
+/// goes up to the stack, which routes or drops it like any other.
 #[inline(always)]
 pub fn send(ingress: u32, s: &Scratch) -> u32 {
     if s.fib.ifindex == ingress {

@@ -20,10 +20,12 @@ mod sweeper;
 mod sysctl;
 mod tables;
 mod xdp;
+mod xdp_egress;
+mod xdp_features;
 
 use std::sync::Arc;
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{DevMapHash, HashMap, MapData};
 use forwarder_common::{RULE_F_RELAY, RULE_F_XDP};
 use tokio::task::JoinHandle;
 
@@ -135,7 +137,12 @@ impl KernelPath {
             tasks.push(log::spawn(&mut ebpf)?);
             tables::write(&mut ebpf, &tables)?;
             xdp::write_rule_flags(&mut ebpf, &tables.rules)?;
-            xdp::write_egress(&mut ebpf, &interfaces)?;
+            let egress = if with_xdp {
+                let map = DevMapHash::try_from(counters::take_map(&mut ebpf, "XDP_EGRESS")?)?;
+                Some(xdp_egress::Egress::start(map, &interfaces)?)
+            } else {
+                None
+            };
             let counters = CounterMaps::take(&mut ebpf)?;
             let conntrack = HashMap::try_from(counters::take_map(&mut ebpf, "CONNTRACK")?)?;
             let relay_map = counters::take_map(&mut ebpf, "RELAY_FLOWS")?;
@@ -153,9 +160,9 @@ impl KernelPath {
                 limit: conntrack_size as usize * 2,
                 gauges: gauges.clone(),
             };
-            anyhow::Ok((counters, reserved, attached, sweeper))
+            anyhow::Ok((counters, reserved, attached, sweeper, egress))
         })();
-        let (counters, reserved, attached, sweeper) = match result {
+        let (counters, reserved, attached, sweeper, egress) = match result {
             Ok(parts) => parts,
             Err(e) => {
                 relay_flows.detach();
@@ -166,6 +173,7 @@ impl KernelPath {
             }
         };
         tasks.push(sweeper.spawn());
+        tasks.extend(egress.and_then(xdp_egress::Egress::spawn));
         warn_if_not_forwarding(&interfaces);
         let names: Vec<&str> = interfaces.iter().map(|i| i.name.as_str()).collect();
         let relay_rules = tables
