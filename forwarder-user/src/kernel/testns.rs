@@ -1,38 +1,20 @@
 //! Unit-test helpers: root checks and throwaway network namespaces.
 
+/// The integration tests' root check (and skip bookkeeping), shared.
+#[path = "../../../tests/common/netns.rs"]
+mod shared;
+
 /// True when the test may load BPF and create namespaces; otherwise says
 /// why it is skipped (and fails under `CI=true`).
 pub fn require_root(test: &str) -> bool {
-    // SAFETY: plain getter.
-    if unsafe { libc::geteuid() } == 0 {
-        assert!(
-            !super::EBPF_OBJECT.is_empty(),
-            "{test}: this build has no eBPF object; build it first (cargo xtask build)"
-        );
-        return true;
+    if !shared::require_root(test) {
+        return false;
     }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping it");
-    }
-    eprintln!("SKIPPED {test}: needs root (BPF and network namespaces)");
-    record_skip(test);
-    false
-}
-
-/// Tells `cargo xtask test` of a skipped test, which libtest would count
-/// as passed: one line per test in the file `FORWARDER_TEST_SKIPS` names.
-fn record_skip(test: &str) {
-    use std::io::Write;
-    let Some(path) = std::env::var_os("FORWARDER_TEST_SKIPS") else {
-        return;
-    };
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path);
-    if let Ok(mut file) = file {
-        let _ = writeln!(file, "{test}");
-    }
+    assert!(
+        !super::EBPF_OBJECT.is_empty(),
+        "{test}: this build has no eBPF object; build it first (cargo xtask build)"
+    );
+    true
 }
 
 /// Runs `f` on a new thread in a new, empty network namespace (loopback
