@@ -13,6 +13,7 @@ mod interfaces;
 mod links;
 mod load;
 mod log;
+mod netlink;
 mod qdisc;
 mod relay_flows;
 mod snat;

@@ -49,19 +49,7 @@ pub fn add_clsact(interface: &str) -> io::Result<bool> {
 /// Removes the clsact qdisc of `ifindex` (and the filters on it).
 /// A vanished interface or qdisc is not an error.
 pub fn remove_clsact(ifindex: u32) -> io::Result<()> {
-    // SAFETY: plain socket call; the descriptor is closed by OwnedFd.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a descriptor we own.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let fd = super::netlink::socket(libc::NETLINK_ROUTE)?;
     let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
     let mut kind = [0u8; 8];
     kind[..6].copy_from_slice(b"clsact");

@@ -4,7 +4,7 @@
 //! GRO on or an XDP program.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
@@ -30,19 +30,7 @@ impl NetdevFamily {
     /// Opens the socket and resolves the family; an error where the kernel
     /// has no `netdev` family (before 6.3).
     pub fn open() -> io::Result<NetdevFamily> {
-        // SAFETY: a plain socket call; the descriptor is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_GENERIC,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor we own.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let socket = super::netlink::socket(libc::NETLINK_GENERIC)?;
         let mut netdev = NetdevFamily {
             socket,
             family: GENL_ID_CTRL,
