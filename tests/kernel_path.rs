@@ -593,6 +593,9 @@ fn fragmented_datagrams_go_to_the_relay_for_the_whole_flow() {
     assert_eq!(counter(r, "flows"), 1, "{r}");
     assert!(counter(r, "bytes_to_backend") >= 5 * 4000 + 5 * 7, "{r}");
     assert!(counter(r, "bytes_to_client") >= 5 * 4000, "{r}");
+    // Whole datagrams: the stack reassembled the fragments for the relay.
+    assert!(counter(r, "datagrams_to_backend") >= 10, "{r}");
+    assert!(counter(r, "datagrams_to_client") >= 10, "{r}");
     daemon.stop();
 }
 

@@ -785,7 +785,10 @@ async fn udp_bursts_keep_their_order_both_ways() {
             }
         }
         backend_task.await.unwrap();
-        assert_eq!(counters(&relay, 0).flows, 1);
+        let c = counters(&relay, 0);
+        assert_eq!(c.flows, 1);
+        let all = u64::from(BURSTS * BURST);
+        assert_eq!((c.datagrams_to_backend, c.datagrams_to_client), (all, all));
         relay.shutdown(Duration::ZERO).await;
     })
     .await
@@ -920,6 +923,7 @@ async fn udp_one_way_traffic_keeps_its_session_and_silence_ends_it() {
         let c = counters(&relay, 0);
         assert_eq!((c.flows, c.active), (1, 1));
         assert_eq!((c.bytes_to_backend, c.bytes_to_client), (24, 24));
+        assert_eq!((c.datagrams_to_backend, c.datagrams_to_client), (24, 24));
 
         // Silence ends it: the kernel path hears, and the next datagram opens
         // a new session (a new upstream port).

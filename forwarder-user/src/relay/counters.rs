@@ -14,6 +14,10 @@ pub struct RuleCounters {
     pub flows: AtomicU64,
     pub bytes_to_backend: AtomicU64,
     pub bytes_to_client: AtomicU64,
+    /// UDP datagrams sent on, each way (a TCP stream has no packets to
+    /// count here: the kernel below the sockets segments it).
+    pub datagrams_to_backend: AtomicU64,
+    pub datagrams_to_client: AtomicU64,
     /// TCP connects to a backend that were refused, unreachable or timed out.
     pub connect_failures: AtomicU64,
     /// UDP datagrams of new clients dropped because the session table was
@@ -38,6 +42,8 @@ impl RuleCounters {
             flows: self.flows.load(Relaxed),
             bytes_to_backend: self.bytes_to_backend.load(Relaxed),
             bytes_to_client: self.bytes_to_client.load(Relaxed),
+            datagrams_to_backend: self.datagrams_to_backend.load(Relaxed),
+            datagrams_to_client: self.datagrams_to_client.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
             errors: self.errors.load(Relaxed),
@@ -57,6 +63,9 @@ pub struct RelayRuleCounters {
     pub flows: u64,
     pub bytes_to_backend: u64,
     pub bytes_to_client: u64,
+    /// UDP datagrams the relay sent on, each way (0 for TCP).
+    pub datagrams_to_backend: u64,
+    pub datagrams_to_client: u64,
     /// TCP connects to a backend that failed (refused, unreachable, timed out).
     pub connect_failures: u64,
     /// Datagrams of new UDP clients dropped because the session table was

@@ -305,6 +305,7 @@ async fn send_upstream(
         match sent {
             Ok(k) => {
                 RuleCounters::add(&rule.counters.bytes_to_backend, batch.bytes(at, at + k));
+                RuleCounters::add(&rule.counters.datagrams_to_backend, k as u64);
                 at += k;
                 wait = false;
             }
@@ -397,6 +398,7 @@ fn reply_batches(
                 ) {
                     Ok(k) => {
                         RuleCounters::add(&rule.counters.bytes_to_client, batch.bytes(at, at + k));
+                        RuleCounters::add(&rule.counters.datagrams_to_client, k as u64);
                         at += k;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -440,6 +442,7 @@ async fn send_spill(
             Ok(k) => {
                 let bytes: usize = spill[at..at + k].iter().map(Vec::len).sum();
                 RuleCounters::add(&rule.counters.bytes_to_client, bytes as u64);
+                RuleCounters::add(&rule.counters.datagrams_to_client, k as u64);
                 at += k;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
