@@ -105,7 +105,7 @@ fn addressed_here(ctx: &TcContext, w: &Work, s: &mut Scratch) -> bool {
     redirect::for_this_host(ctx, &flow, s)
 }
 
-/// Its own BPF function: the log record's frame would add to every stage's.
+/// Its own BPF function: the log record's frame stays out of `handle`'s.
 #[inline(never)]
 fn log_first_packet(ctx: &TcContext, ifindex: u32) {
     debug!(ctx, "tc: first packet on ifindex {}", ifindex);
