@@ -115,8 +115,8 @@ fn at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
 }
 
 /// A field `offset` bytes into the L4 header that starts at `l4`. Behind
-/// IP options (which only the relay carries) the header's place varies,
-/// which direct access cannot prove safe: the load helper reads it.
+/// IP options (rare) the header's place varies, which direct access
+/// cannot prove safe: the load helper reads it.
 #[inline(always)]
 fn l4_field<T: Copy>(ctx: &TcContext, l4: usize, offset: usize) -> Option<T> {
     if l4 == L4_OFF {
