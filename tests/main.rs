@@ -5,3 +5,4 @@ mod common;
 mod daemon;
 mod kernel_path;
 mod relay;
+mod reload;
