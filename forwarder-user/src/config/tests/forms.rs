@@ -421,9 +421,10 @@ routes:
     port: 1001:1
     timeouts: {udp_idle: 5, tcp_close: 2m}
     preserve_client_ip: true
-    healthcheck: {interval: 10s, timeout: 2s, retries: -1, path: /ping}
-    acl: {allow: [10.0.0.0/8, '2001:db8::/32'], deny: 10.6.6.0/24 10.7.7.7}
-    proxy_protocol: v2
+    # Until enforced, only the forms that ask for nothing load.
+    healthcheck: {disabled: true, interval: 10s, timeout: 2s, retries: -1, path: /ping}
+    acl: {allow: [], deny: }
+    proxy_protocol: 'off'
 ";
     let (c, w) = load(text).unwrap();
     assert_eq!(
@@ -470,7 +471,7 @@ fn godoxy_fields_and_http_routes_are_skipped_with_warnings() {
 labels:
   proxy.aliases: x
   proxy.x.scheme: fileserver
-  proxy.idle_timeout: 1h
+  proxy.network: frontend
   com.docker.compose.project: demo
 ",
     );
@@ -479,7 +480,7 @@ labels:
         "test.yaml:7:3: alias `site`, field `scheme`: no `scheme` and no listen port",
         "test.yaml:14:5: alias `ssh`, field `homepage`: a Godoxy field that does not apply",
         "test.yaml:15:5: alias `ssh`, field `middlewares`: a Godoxy field",
-        "test.yaml:19:3: `proxy.idle_timeout`: a Godoxy container setting",
+        "test.yaml:19:3: `proxy.network`: a Godoxy container setting",
         "test.yaml:20:3: `com.docker.compose.project`: not a `proxy.` label",
         "test.yaml:18:19: alias `x`, field `scheme`: scheme `fileserver`",
     ];
