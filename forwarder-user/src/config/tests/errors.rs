@@ -36,6 +36,19 @@ const CASES: &[Case] = &[
         ],
     ),
     (
+        "a service name that is unknown, or unknown or different for one protocol",
+        "routes:
+  a: {scheme: udp, host: 10.0.0.1, port: 1:nosuch}
+  b: {scheme: 'tcp,udp', host: 10.0.0.1, port: 2:split}
+  c: {scheme: tcp, host: 10.0.0.1, port: 3:syslog}
+",
+        &[
+            ("test.yaml:2:42: alias `a`, field `port`: found `1:nosuch` (no service `nosuch` for udp in /etc/services)", &[]),
+            ("test.yaml:3:48: alias `b`, field `port`: found `2:split` (service `split` is 7000/tcp but 7001/udp)", &[]),
+            ("test.yaml:4:42: alias `c`, field `port`: found `3:syslog` (no service `syslog` for tcp in /etc/services)", &[]),
+        ],
+    ),
+    (
         "bad scheme, with a did-you-mean",
         "routes:
   a: {scheme: tpc, port: 1:1}

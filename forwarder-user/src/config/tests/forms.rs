@@ -56,6 +56,20 @@ const FORMS: &[(&str, &str, &[&str])] = &[
         &["0 a tcp [::]:1 -> 10.0.0.1:2 auto"],
     ),
     (
+        "route map: a target port named by service, looked up per protocol",
+        "routes:
+  dns: {scheme: 'tcp,udp', host: 10.0.0.1, port: 5300:domain}
+  logs: {scheme: udp, host: 10.0.0.1, port: 5514:syslog}
+  old-godoxy: {scheme: udp, host: 10.0.0.1, port: 2223:dns}
+",
+        &[
+            "0 dns tcp [::]:5300 -> 10.0.0.1:53 auto",
+            "1 dns udp [::]:5300 -> 10.0.0.1:53 auto",
+            "2 logs udp [::]:5514 -> 10.0.0.1:514 auto",
+            "3 old-godoxy udp [::]:2223 -> 10.0.0.1:53 auto",
+        ],
+    ),
+    (
         "route map: bind forms",
         "routes:
   any: {scheme: tcp, host: 10.0.0.1, port: 1000:80}

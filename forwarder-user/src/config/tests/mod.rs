@@ -7,6 +7,7 @@ mod errors;
 mod examples;
 mod forms;
 mod fuzz;
+mod godoxy_examples;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
