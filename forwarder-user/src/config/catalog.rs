@@ -250,6 +250,11 @@ pub(crate) const FIELDS: &[Field] = &[
     ),
     ignored("ssl_protocols", HTTP_UPSTREAM, &[]),
     ignored(
+        "path_patterns",
+        "HTTP path matching, dropped in Godoxy 0.29.1; kept so that older files load",
+        &[],
+    ),
+    ignored(
         "inbound_mtls_profile",
         "client certificates of HTTPS routes; Godoxy uses it for web routes only",
         &["inbound_mtls_profiles"],

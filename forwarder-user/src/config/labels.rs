@@ -220,6 +220,8 @@ fn container(labels: Vec<Label>, diag: &mut Diag) -> Vec<RawRoute> {
             match f.class {
                 // `proxy.aliases` and `proxy.exclude`: read in pass 1.
                 Class::Honoured => {}
+                // An excluded container's settings do nothing.
+                Class::Refused { .. } | Class::NotEnforced { .. } if exclude.is_some() => {}
                 Class::Refused { .. } | Class::NotEnforced { .. } => {
                     if !catalog::is_off(f.off, &l.value)
                         && let Some(e) = catalog::refusal(f, &l.key_pos, &l.value)

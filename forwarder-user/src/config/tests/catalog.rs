@@ -55,6 +55,7 @@ const IGNORED: &[&str] = &[
     "ssl_certificate",
     "ssl_certificate_key",
     "ssl_protocols",
+    "path_patterns",
     "inbound_mtls_profile",
     "rules",
     "rule_file",
@@ -125,30 +126,28 @@ fn sample(name: &str) -> Option<Sample> {
     }
 }
 
-/// A one-route file with `extra` as its sixth line, in either form, with
-/// the base fields the sample does not replace.
-fn route_file(name: &str, value: &str) -> String {
-    let mut lines = vec!["routes:".to_owned(), "  t:".to_owned()];
+/// A one-route file with field `name` on its sixth line, after the base
+/// fields it does not replace: in the route-file form (`routes:`, `t:`,
+/// fields under it) or the label form (`labels:`, `proxy.aliases: t`,
+/// `proxy.t.<field>` labels).
+fn one_route(head: [&str; 2], field_prefix: &str, name: &str, value: &str) -> String {
+    let mut lines: Vec<String> = head.map(str::to_owned).into();
     for (base, v) in base_fields(name) {
-        lines.push(format!("    {base}: {v}"));
-    }
-    while lines.len() < 5 {
-        lines.push("    # -".to_owned());
-    }
-    lines.push(format!("    {name}: {value}"));
-    lines.join("\n") + "\n"
-}
-
-fn label_file(name: &str, value: &str) -> String {
-    let mut lines = vec!["labels:".to_owned(), "  proxy.aliases: t".to_owned()];
-    for (base, v) in base_fields(name) {
-        lines.push(format!("  proxy.t.{base}: {v}"));
+        lines.push(format!("{field_prefix}{base}: {v}"));
     }
     while lines.len() < 5 {
         lines.push("  # -".to_owned());
     }
-    lines.push(format!("  proxy.t.{name}: {value}"));
+    lines.push(format!("{field_prefix}{name}: {value}"));
     lines.join("\n") + "\n"
+}
+
+fn route_file(name: &str, value: &str) -> String {
+    one_route(["routes:", "  t:"], "    ", name, value)
+}
+
+fn label_file(name: &str, value: &str) -> String {
+    one_route(["labels:", "  proxy.aliases: t"], "  proxy.t.", name, value)
 }
 
 /// The same through the field's shortcut label.
@@ -333,6 +332,16 @@ fn container_labels() {
         };
         assert_eq!((ls.len(), w.len()), (1, 0), "{w:?}");
     }
+    // An excluded container's idle sleep does nothing, here as in Godoxy.
+    let Outcome::Loaded(ls, w) =
+        outcome("labels:\n  proxy.aliases: t\n  proxy.exclude: true\n  proxy.idle_timeout: 1h\n")
+    else {
+        panic!("an excluded container's idle sleep was refused");
+    };
+    assert!(ls.is_empty());
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("the container is excluded"), "{}", w[0]);
+
     let network = FIELDS.iter().find(|f| f.name == "network").unwrap();
     assert_eq!(kind(network.class), sample("network").unwrap().want);
     let Outcome::Loaded(ls, w) =
