@@ -139,3 +139,34 @@ fn labels_in_every_documented_form() {
         ],
     );
 }
+
+#[test]
+fn the_idle_sleep_forms_of_the_label_docs_are_refused() {
+    let got = errors(
+        "labels:
+  - proxy.aliases: app
+    proxy.#1.scheme: tcp
+    proxy.#1.port: 2222:22
+    proxy.idle_timeout: 1h30s
+  - proxy.app-backend.scheme: tcp
+    proxy.app-backend.port: 2223:22
+    proxy.*.idle_timeout: 1h
+",
+    );
+    let places: Vec<&str> = got
+        .iter()
+        .map(|l| l.split(": found").next().unwrap())
+        .collect();
+    assert_eq!(
+        places,
+        [
+            "test.yaml:5:5: `proxy.idle_timeout`",
+            "test.yaml:8:13: alias `app-backend`, field `idle_timeout`"
+        ],
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .all(|l| l.contains("never starts, stops or pauses containers"))
+    );
+}
