@@ -6,3 +6,4 @@ mod config_cli;
 mod daemon;
 mod kernel_path;
 mod relay;
+mod reload;
