@@ -365,9 +365,10 @@ pub(crate) fn is_off(off: Off, value: &Node) -> bool {
 /// the other classes. `at` is where the field is named.
 pub(crate) fn refusal(f: &Field, at: &Pos, value: &Node) -> Option<ConfigError> {
     let off = match f.off {
-        Off::Never => String::new(),
         Off::False => format!("`{}: false` or ", f.name),
-        Off::Empty | Off::Parsed => String::new(),
+        Off::Empty => format!("an empty `{}` or ", f.name),
+        // The not-enforced fields say their own off value.
+        Off::Never | Off::Parsed => String::new(),
     };
     match f.class {
         Class::NotEnforced { meanwhile } => Some(ConfigError::new(

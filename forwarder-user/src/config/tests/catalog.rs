@@ -319,7 +319,7 @@ fn container_labels() {
         assert_eq!(
             es,
             [format!(
-                "test.yaml:4:3: `proxy.{0}`: found `1` (Godoxy's `{0}`); allowed no `{0}`: {instead}",
+                "test.yaml:4:3: `proxy.{0}`: found `1` (Godoxy's `{0}`); allowed an empty `{0}` or no `{0}`: {instead}",
                 f.name
             )]
         );
