@@ -6,5 +6,6 @@ mod config_cli;
 mod crash;
 mod daemon;
 mod kernel_path;
+mod proxy_protocol;
 mod relay;
 mod reload;

@@ -49,6 +49,7 @@ fn listener(
         timeouts,
         path: PathMode::Relay,
         preserve_client_ip: false,
+        proxy: Default::default(),
         listen_picked: false,
     }
 }

@@ -23,6 +23,9 @@ pub struct RuleCounters {
     /// UDP datagrams of new clients dropped because the session table was
     /// full or the relay was draining.
     pub sessions_refused: AtomicU64,
+    /// TCP connections of trusted upstreams (`accept_proxy_protocol`)
+    /// closed for want of a valid PROXY header in time.
+    pub proxy_headers_refused: AtomicU64,
     /// Every other I/O error: failed sends, sockets not created, accept
     /// failures. A reset by an endpoint is passed on, not counted.
     pub errors: AtomicU64,
@@ -46,6 +49,7 @@ impl RuleCounters {
             datagrams_to_client: self.datagrams_to_client.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
+            proxy_headers_refused: self.proxy_headers_refused.load(Relaxed),
             errors: self.errors.load(Relaxed),
             active: self.active.load(Relaxed),
         }
@@ -71,6 +75,9 @@ pub struct RelayRuleCounters {
     /// Datagrams of new UDP clients dropped because the session table was
     /// full or the relay was draining (each such datagram asks for a session).
     pub sessions_refused: u64,
+    /// Connections of trusted upstreams closed because they did not start
+    /// with a valid PROXY header in time.
+    pub proxy_headers_refused: u64,
     /// Other I/O errors (failed sends, sockets not created, accept
     /// failures); a reset by an endpoint is passed on, not counted.
     pub errors: u64,

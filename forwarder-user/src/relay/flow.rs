@@ -11,7 +11,7 @@ use tracing::debug;
 use super::backend::BackendPicker;
 use super::counters::RuleCounters;
 use super::sys::canonical;
-use crate::rules::{FlowObserver, Listener, Protocol, Timeouts};
+use crate::rules::{FlowObserver, Listener, Protocol, ProxySettings, Timeouts};
 
 /// One listener's rule, as its flows need it.
 pub struct RuleCtx {
@@ -20,6 +20,7 @@ pub struct RuleCtx {
     pub protocol: Protocol,
     pub backends: BackendPicker,
     pub timeouts: Timeouts,
+    pub proxy: ProxySettings,
     /// Shared with the rule's successors after a reload changes it.
     pub counters: Arc<RuleCounters>,
     pub observer: Arc<dyn FlowObserver>,
@@ -33,6 +34,7 @@ impl RuleCtx {
             protocol: listener.protocol,
             backends: BackendPicker::new(&listener.backends),
             timeouts: listener.timeouts,
+            proxy: listener.proxy.clone(),
             counters: Arc::default(),
             observer,
         }
@@ -50,6 +52,11 @@ impl RuleCtx {
     pub fn error(&self) {
         RuleCounters::add(&self.counters.errors, 1);
     }
+
+    /// A peer that must open its connections with a PROXY header.
+    pub fn trusts_proxy_header_from(&self, peer: SocketAddr) -> bool {
+        self.proxy.accept_from.iter().any(|c| c.contains(peer.ip()))
+    }
 }
 
 /// Lives as long as one flow: counts it and tells the observer when it
@@ -57,8 +64,15 @@ impl RuleCtx {
 /// socket as IPv4).
 pub struct FlowGuard {
     rule: Arc<RuleCtx>,
+    /// The client as the rule sees it: the source a trusted upstream's
+    /// PROXY header carries, else the socket's peer. Logs, the header sent
+    /// to the backend and the ACL take this one.
     pub client: SocketAddr,
-    pub local: SocketAddr,
+    /// Where that client connected to: the header's destination, else `local`.
+    pub destination: SocketAddr,
+    /// The socket's own ends, which the kernel path knows the flow by.
+    peer: SocketAddr,
+    local: SocketAddr,
 }
 
 impl FlowGuard {
@@ -72,8 +86,19 @@ impl FlowGuard {
         FlowGuard {
             rule: rule.clone(),
             client,
+            destination: local,
+            peer: client,
             local,
         }
+    }
+
+    /// A trusted upstream's PROXY header named the flow's real client.
+    pub fn proxied(&mut self, client: SocketAddr, destination: SocketAddr) {
+        (self.client, self.destination) = (canonical(client), canonical(destination));
+        debug!(
+            alias = %self.rule.alias, client = %self.client, upstream = %self.peer,
+            "PROXY header: client is {} (via {})", self.client, self.peer
+        );
     }
 }
 
@@ -82,7 +107,7 @@ impl Drop for FlowGuard {
         let rule = &self.rule;
         rule.counters.active.fetch_sub(1, Relaxed);
         rule.observer
-            .relay_flow_ended(rule.protocol, self.client, self.local);
+            .relay_flow_ended(rule.protocol, self.peer, self.local);
         debug!(alias = %rule.alias, protocol = %rule.protocol, client = %self.client, "flow ended");
     }
 }
