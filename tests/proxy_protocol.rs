@@ -18,6 +18,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use crate::common::{self, TempConfig};
+use crate::kernel_path::harness::{
+    Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule, runtime, spawn_in,
+};
 
 /// Every test ends within this, pass or fail.
 const TEST_LIMIT: Duration = Duration::from_secs(120);
@@ -162,9 +165,11 @@ async fn strict_tcp(mut s: TcpStream) -> Result<Seen, String> {
     })
 }
 
-/// A TCP backend whose every connection goes through [`strict_tcp`].
-async fn tcp_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Result<Seen, String>>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+type Sightings = mpsc::UnboundedReceiver<Result<Seen, String>>;
+
+/// A TCP backend on `bind` whose every connection goes through [`strict_tcp`].
+async fn tcp_backend(bind: &str) -> (SocketAddr, Sightings) {
+    let l = TcpListener::bind(bind).await.unwrap();
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -178,10 +183,10 @@ async fn tcp_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Result<Seen, Stri
     (addr, rx)
 }
 
-/// A UDP backend: each datagram must be a v2 DGRAM header and a payload;
-/// the payload goes back, plain, to the sender.
-async fn udp_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Result<Seen, String>>) {
-    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+/// A UDP backend on `bind`: each datagram must be a v2 DGRAM header and a
+/// payload; the payload goes back, plain, to the sender.
+async fn udp_backend(bind: &str) -> (SocketAddr, Sightings) {
+    let s = UdpSocket::bind(bind).await.unwrap();
     let addr = s.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -214,7 +219,7 @@ async fn udp_backend() -> (SocketAddr, mpsc::UnboundedReceiver<Result<Seen, Stri
     (addr, rx)
 }
 
-async fn next_seen(rx: &mut mpsc::UnboundedReceiver<Result<Seen, String>>) -> Seen {
+async fn next_seen(rx: &mut Sightings) -> Seen {
     tokio::time::timeout(WAIT, rx.recv())
         .await
         .expect("the backend saw a flow")
@@ -279,7 +284,7 @@ async fn tcp_backends_get_the_clients_address_in_v1_v2_and_godoxys_header() {
         .into_iter()
         .enumerate()
         {
-            let (backend, mut seen) = tcp_backend().await;
+            let (backend, mut seen) = tcp_backend("127.0.0.1:0").await;
             let (relay, listen) = start(&compile(&route("tcp", backend, field))).await;
             let mut client = connect_from("127.0.0.7", listen).await;
             let from = client.local_addr().unwrap();
@@ -309,7 +314,7 @@ async fn tcp_backends_get_the_clients_address_in_v1_v2_and_godoxys_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_backends_get_a_v2_header_on_every_datagram() {
     tokio::time::timeout(TEST_LIMIT, async {
-        let (backend, mut seen) = udp_backend().await;
+        let (backend, mut seen) = udp_backend("127.0.0.1:0").await;
         let (relay, listen) =
             start(&compile(&route("udp", backend, "    proxy_protocol: v2\n"))).await;
         let client = UdpSocket::bind("127.0.0.9:0").await.unwrap();
@@ -365,7 +370,7 @@ fn v2_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trusted_upstreams_headers_are_honoured_and_others_are_plain_clients() {
     tokio::time::timeout(TEST_LIMIT, async {
-        let (backend, mut seen) = tcp_backend().await;
+        let (backend, mut seen) = tcp_backend("127.0.0.1:0").await;
         let yaml = route(
             "tcp",
             backend,
@@ -460,7 +465,7 @@ async fn trusted_upstreams_headers_are_honoured_and_others_are_plain_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_changes_the_header_applies_to_new_flows() {
     tokio::time::timeout(TEST_LIMIT, async {
-        let (backend, mut seen) = tcp_backend().await;
+        let (backend, mut seen) = tcp_backend("127.0.0.1:0").await;
         let running = compile(&route("tcp", backend, "    proxy_protocol: v1\n"));
         let (relay, listen) = start(&running).await;
         let data = payload(10_000, 3);
@@ -517,4 +522,113 @@ fn check_shows_the_proxy_mode() {
         ],
         "{table}"
     );
+}
+
+/// The strict backends on the backend namespace's port 3478, tcp and udp,
+/// until dropped.
+struct NsBackends {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    tcp: Sightings,
+    udp: Sightings,
+}
+
+impl NsBackends {
+    fn start(ns: &common::Netns) -> NsBackends {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let (ready, up) = std::sync::mpsc::channel();
+        let thread = spawn_in(ns, move || {
+            runtime().block_on(async move {
+                let (_, tcp) = tcp_backend("0.0.0.0:3478").await;
+                let (_, udp) = udp_backend("0.0.0.0:3478").await;
+                ready.send((tcp, udp)).unwrap();
+                let _ = stopped.await;
+            })
+        });
+        let (tcp, udp) = up.recv_timeout(WAIT).expect("backends up");
+        NsBackends {
+            stop: Some(stop),
+            thread: Some(thread),
+            tcp,
+            udp,
+        }
+    }
+}
+
+impl Drop for NsBackends {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        let _ = self.thread.take().map(|t| t.join());
+    }
+}
+
+#[test]
+fn with_the_kernel_path_on_proxy_rules_go_by_the_relay() {
+    if !common::require_root("with_the_kernel_path_on_proxy_rules_go_by_the_relay") {
+        return;
+    }
+    let topo = common::Topology::new();
+    forwarding_on(&topo);
+    let mut backends = NsBackends::start(&topo.backend);
+    let yaml = format!(
+        "interfaces: [{a}, {b}]\n\
+         relay: {{drain_timeout: 1s}}\n\
+         routes:\n\
+         \x20 pp: {{scheme: 'tcp,udp', host: {backend}, port: 7878:3478, proxy_protocol: v2}}\n\
+         \x20 plain: {{scheme: tcp, host: {backend}, port: 7879:3479}}\n",
+        a = topo.client_link.a_if,
+        b = topo.backend_link.a_if,
+        backend = topo.backend_addr(),
+    );
+    let daemon = Daemon::start(&topo.forwarder, "proxyv2", &yaml);
+    let listen = SocketAddr::from((topo.forwarder_addr(), 7878));
+    let data = payload(4 << 20, 5);
+    let (tcp_from, udp_from) = in_netns(&topo.client, || {
+        runtime().block_on(async {
+            let mut c = TcpStream::connect(listen).await.unwrap();
+            let tcp_from = c.local_addr().unwrap();
+            assert_eq!(send_and_read(&mut c, &[&data]).await, sha(&data));
+            let u = UdpSocket::bind("0.0.0.0:0").await.unwrap();
+            u.send_to(&data[..1200], listen).await.unwrap();
+            let mut buf = [0u8; 2048];
+            let (n, _) = tokio::time::timeout(WAIT, u.recv_from(&mut buf))
+                .await
+                .expect("a udp reply")
+                .unwrap();
+            assert_eq!(&buf[..n], &data[..1200]);
+            let mut udp_from = u.local_addr().unwrap();
+            udp_from.set_ip(tcp_from.ip());
+            (tcp_from, udp_from)
+        })
+    });
+    runtime().block_on(async {
+        let want = |source, payload| Seen {
+            version: 2,
+            source,
+            destination: listen,
+            payload,
+        };
+        assert_eq!(
+            next_seen(&mut backends.tcp).await,
+            want(tcp_from, sha(&data))
+        );
+        assert_eq!(
+            next_seen(&mut backends.udp).await,
+            want(udp_from, sha(&data[..1200]))
+        );
+    });
+    let status = daemon.status();
+    // A plain rule (no traffic) keeps the kernel path loaded.
+    assert_eq!(status["kernel_path"], true, "{status}");
+    for proto in ["tcp", "udp"] {
+        let k = kernel_rule(&status, "pp", proto);
+        assert_eq!(counter(k, "flows"), 0, "{proto}: {k}");
+        assert_eq!(counter(k, "packets_fwd"), 0, "{proto}: {k}");
+        assert_eq!(
+            counter(relay_rule(&status, "pp", proto), "flows"),
+            1,
+            "{proto}"
+        );
+    }
+    daemon.stop();
 }
