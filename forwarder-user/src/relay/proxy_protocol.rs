@@ -300,6 +300,11 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A stream header from `src` to `dst`, written as text.
+    fn stream(version: Version, src: &str, dst: &str) -> Vec<u8> {
+        encode(version, Transport::Stream, sa(src), sa(dst))
+    }
+
     fn whole(buf: &[u8]) -> Received {
         parse(buf).unwrap().unwrap()
     }
@@ -335,31 +340,16 @@ mod tests {
 
     #[test]
     fn v1_encodes_as_the_spec_writes_it() {
-        let h = encode(
-            Version::V1,
-            Transport::Stream,
-            sa("192.168.0.1:56324"),
-            sa("192.168.0.11:443"),
-        );
+        let h = stream(Version::V1, "192.168.0.1:56324", "192.168.0.11:443");
         assert_eq!(h, b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n");
-        let h = encode(
-            Version::V1,
-            Transport::Stream,
-            sa("[2001:db8::1]:1"),
-            sa("[2001:db8::2]:2"),
-        );
+        let h = stream(Version::V1, "[2001:db8::1]:1", "[2001:db8::2]:2");
         assert_eq!(h, b"PROXY TCP6 2001:db8::1 2001:db8::2 1 2\r\n");
     }
 
     // Known answers built byte by byte from the spec's section 2.2 layout.
     #[test]
     fn v2_known_answers() {
-        let tcp4 = encode(
-            Version::V2,
-            Transport::Stream,
-            sa("192.168.0.1:56324"),
-            sa("192.168.0.11:443"),
-        );
+        let tcp4 = stream(Version::V2, "192.168.0.1:56324", "192.168.0.11:443");
         let mut want = V2_SIGNATURE.to_vec();
         want.extend_from_slice(&[0x21, 0x11, 0x00, 0x0c]);
         want.extend_from_slice(&[192, 168, 0, 1, 192, 168, 0, 11, 0xdc, 0x04, 0x01, 0xbb]);
@@ -385,19 +375,13 @@ mod tests {
 
     #[test]
     fn mixed_families_are_sent_as_ipv6() {
-        let h = encode(
-            Version::V1,
-            Transport::Stream,
-            sa("10.0.0.1:1000"),
-            sa("[2001:db8::2]:80"),
-        );
+        let h = stream(Version::V1, "10.0.0.1:1000", "[2001:db8::2]:80");
         assert_eq!(h, b"PROXY TCP6 ::ffff:10.0.0.1 2001:db8::2 1000 80\r\n");
         // An IPv4 client of a dual-stack socket is plain IPv4.
-        let h = encode(
+        let h = stream(
             Version::V1,
-            Transport::Stream,
-            sa("[::ffff:10.0.0.1]:1000"),
-            sa("[::ffff:10.0.0.2]:80"),
+            "[::ffff:10.0.0.1]:1000",
+            "[::ffff:10.0.0.2]:80",
         );
         assert_eq!(h, b"PROXY TCP4 10.0.0.1 10.0.0.2 1000 80\r\n");
     }
@@ -428,12 +412,7 @@ mod tests {
 
     #[test]
     fn v2_tlvs_are_skipped_and_payload_follows() {
-        let mut h = encode(
-            Version::V2,
-            Transport::Stream,
-            sa("1.2.3.4:5"),
-            sa("6.7.8.9:10"),
-        );
+        let mut h = stream(Version::V2, "1.2.3.4:5", "6.7.8.9:10");
         h[15] = 12 + 7;
         h.extend_from_slice(&[0x02, 0x00, 0x04, b'n', b'a', b'm', b'e']);
         let header_len = h.len();
@@ -488,12 +467,7 @@ mod tests {
     #[test]
     fn partial_headers_ask_for_more() {
         let v1 = b"PROXY TCP4 1.2.3.4 5.6.7.8 1000 2000\r\n";
-        let v2 = encode(
-            Version::V2,
-            Transport::Stream,
-            sa("[2001:db8::1]:1"),
-            sa("[2001:db8::2]:2"),
-        );
+        let v2 = stream(Version::V2, "[2001:db8::1]:1", "[2001:db8::2]:2");
         for h in [&v1[..], &v2[..]] {
             for cut in 1..h.len() {
                 assert_eq!(parse(&h[..cut]), Ok(None), "{:?}", &h[..cut]);
