@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tracing::debug;
 
-use super::backend::BackendPicker;
+use super::backend::{Alarm, BackendPicker};
 use super::counters::RuleCounters;
 use super::sys::canonical;
 use crate::rules::{FlowObserver, Listener, Protocol, ProxySettings, Timeouts};
@@ -21,6 +21,8 @@ pub struct RuleCtx {
     pub backends: BackendPicker,
     pub timeouts: Timeouts,
     pub proxy: ProxySettings,
+    /// Trusted upstreams' connections are being refused for their headers.
+    pub proxy_headers_failing: Alarm,
     /// Shared with the rule's successors after a reload changes it.
     pub counters: Arc<RuleCounters>,
     pub observer: Arc<dyn FlowObserver>,
@@ -35,6 +37,7 @@ impl RuleCtx {
             backends: BackendPicker::new(&listener.backends),
             timeouts: listener.timeouts,
             proxy: listener.proxy.clone(),
+            proxy_headers_failing: Alarm::default(),
             counters: Arc::default(),
             observer,
         }

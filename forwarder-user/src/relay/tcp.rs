@@ -115,6 +115,9 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
     if rule.trusts_proxy_header_from(guard.client) {
         match read_proxy_header(&mut client).await {
             Ok((received, rest)) => {
+                if rule.proxy_headers_failing.clear() {
+                    info!(alias = %rule.alias, upstream = %guard.client, "trusted upstreams send valid PROXY headers again");
+                }
                 if let Some((source, destination)) = received.addresses {
                     guard.proxied(source, destination);
                 }
@@ -122,7 +125,11 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
             }
             Err(why) => {
                 RuleCounters::add(&rule.counters.proxy_headers_refused, 1);
-                debug!(alias = %rule.alias, upstream = %guard.client, "{why}; connection reset");
+                if rule.proxy_headers_failing.raise() {
+                    warn!(alias = %rule.alias, upstream = %guard.client, "{why}; connection reset, as every connection of a trusted upstream (accept_proxy_protocol) without a valid PROXY header");
+                } else {
+                    debug!(alias = %rule.alias, upstream = %guard.client, "{why}; connection reset");
+                }
                 let _ = client.set_zero_linger();
                 return;
             }
