@@ -632,3 +632,87 @@ fn with_the_kernel_path_on_proxy_rules_go_by_the_relay() {
     }
     daemon.stop();
 }
+
+#[test]
+fn a_reload_that_turns_the_header_on_moves_new_flows_from_the_kernel_to_the_relay() {
+    if !common::require_root(
+        "a_reload_that_turns_the_header_on_moves_new_flows_from_the_kernel_to_the_relay",
+    ) {
+        return;
+    }
+    let topo = common::Topology::new();
+    forwarding_on(&topo);
+    let mut backends = NsBackends::start(&topo.backend);
+    let yaml = |extra: &str| {
+        format!(
+            "interfaces: [{a}, {b}]\n\
+             relay: {{drain_timeout: 1s}}\n\
+             routes:\n\
+             \x20 pp: {{scheme: tcp, host: {backend}, port: 7878:3478{extra}}}\n",
+            a = topo.client_link.a_if,
+            b = topo.backend_link.a_if,
+            backend = topo.backend_addr(),
+        )
+    };
+    let daemon = Daemon::start(&topo.forwarder, "proxyreload", &yaml(""));
+    let listen = SocketAddr::from((topo.forwarder_addr(), 7878));
+    let data = payload(100_000, 9);
+    // Before: the kernel path carries the flow, and no header reaches the
+    // backend (its strict parser refuses the bare payload and closes, so
+    // the client may well see a reset).
+    in_netns(&topo.client, || {
+        runtime().block_on(async {
+            let mut c = TcpStream::connect(listen).await.unwrap();
+            let _ = c.write_all(&data).await;
+            let _ = c.shutdown().await;
+            let mut back = Vec::new();
+            let _ = c.read_to_end(&mut back).await;
+            assert!(
+                back.is_empty(),
+                "the backend answered a flow without a header"
+            );
+        })
+    });
+    let refused = runtime().block_on(async {
+        tokio::time::timeout(WAIT, backends.tcp.recv())
+            .await
+            .expect("the backend saw the flow")
+            .expect("backend running")
+    });
+    assert!(refused.is_err(), "{refused:?}");
+    let status = daemon.status();
+    assert_eq!(counter(kernel_rule(&status, "pp", "tcp"), "flows"), 1);
+
+    std::fs::write(daemon.config_path(), yaml(", proxy_protocol: v1")).unwrap();
+    let out = common::output_within(
+        Command::new(common::forwarder_bin())
+            .arg("reload")
+            .arg("--control")
+            .arg(daemon.control_path()),
+        WAIT,
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    let (from, back) = in_netns(&topo.client, || {
+        runtime().block_on(async {
+            let mut c = TcpStream::connect(listen).await.unwrap();
+            let from = c.local_addr().unwrap();
+            (from, send_and_read(&mut c, &[&data]).await)
+        })
+    });
+    assert_eq!(back, sha(&data));
+    let got = runtime().block_on(next_seen(&mut backends.tcp));
+    assert_eq!(
+        got,
+        Seen {
+            version: 1,
+            source: from,
+            destination: listen,
+            payload: sha(&data)
+        }
+    );
+    let status = daemon.status();
+    assert_eq!(counter(kernel_rule(&status, "pp", "tcp"), "flows"), 1);
+    assert_eq!(counter(relay_rule(&status, "pp", "tcp"), "flows"), 1);
+    daemon.stop();
+}
