@@ -36,6 +36,10 @@ pub const ADDR_ANY: Addr = [0; 4];
 
 /// Most rules the kernel tables hold.
 pub const MAX_RULES: u32 = 4096;
+/// Rule ids, and so the size of the arrays indexed by one: twice
+/// [`MAX_RULES`], so that a reload can write every rule anew beside the
+/// running ones (a changed rule takes a fresh id; see the daemon's reload).
+pub const RULE_IDS: u32 = 2 * MAX_RULES;
 /// Most backends one rule may have; `BACKENDS` is indexed
 /// `rule_id * MAX_BACKENDS_PER_RULE + n`.
 pub const MAX_BACKENDS_PER_RULE: u32 = 16;
@@ -62,7 +66,7 @@ pub const RULE_F_XDP: u32 = 1 << 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RuleValue {
-    /// Index into per-rule arrays (backends, counters); below [`MAX_RULES`].
+    /// Index into per-rule arrays (backends, counters); below [`RULE_IDS`].
     pub rule_id: u32,
     /// `RULE_F_*`.
     pub flags: u32,

@@ -104,7 +104,7 @@ pub struct BackendSpec {
 /// One listening socket of the relay: one alias on one protocol.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listener {
-    /// Index into per-rule tables on both paths; below `MAX_RULES`.
+    /// Index into per-rule tables on both paths; below `RULE_IDS`.
     pub rule_id: u32,
     pub alias: String,
     pub protocol: Protocol,
