@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 
 use forwarder_common::{
     ADDR_ANY, BACKEND_F_HEALTHY, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_NEW, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, PROTO_TCP,
-    PROTO_UDP, RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RuleKey, RuleValue,
-    Settings,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES,
+    PROTO_TCP, PROTO_UDP, RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RuleKey,
+    RuleValue, Settings,
 };
 
 use super::packet::{Csum, Spec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
@@ -244,7 +244,7 @@ fn a_reset_closes_the_flow_either_way() {
         assert_eq!(
             entry_states(k),
             vec![
-                (CT_DIR_FORWARD, CT_STATE_CLOSING, 1),
+                (CT_DIR_FORWARD, CT_STATE_RESET, 1),
                 (CT_DIR_REVERSE, CT_STATE_ESTABLISHED, 0)
             ]
         );
@@ -262,11 +262,7 @@ fn a_reset_closes_the_flow_either_way() {
         assert_eq!(back.verdict, TC_ACT_REDIRECT);
         assert_eq!(view(&back.packet).dst, CLIENT);
         let states = entry_states(k);
-        assert_eq!(
-            states[1],
-            (CT_DIR_REVERSE, CT_STATE_CLOSING, 1),
-            "{states:?}"
-        );
+        assert_eq!(states[1], (CT_DIR_REVERSE, CT_STATE_RESET, 1), "{states:?}");
     });
 }
 
