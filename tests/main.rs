@@ -3,5 +3,7 @@
 mod common;
 
 mod daemon;
+mod flow_timeouts;
+mod host_hooks;
 mod kernel_path;
 mod relay;
