@@ -1,11 +1,16 @@
-//! How long the daemon keeps kernel flows, with real traffic: a half-closed
-//! TCP flow outlives `tcp_close` and still carries the backend's late
-//! answer; an unanswered UDP flow ends at `udp_unreplied`, an answered one
-//! at `udp_idle`.
+//! How long flows are kept, with real traffic: a half-closed kernel TCP
+//! flow outlives `tcp_close` and still carries the backend's late answer;
+//! an unanswered UDP flow ends at `udp_unreplied`, an answered one at
+//! `udp_idle`, on the kernel path and in the relay alike.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
+
+use forwarder::relay::Relay;
+use forwarder::rules::{
+    BackendSpec, Listener, NoKernelPath, PathMode, Protocol, RelaySettings, Timeouts,
+};
 
 use crate::common::{Topology, require_root};
 use crate::kernel_path::harness::{
@@ -151,4 +156,105 @@ fn an_unanswered_udp_flow_ends_at_udp_unreplied_an_answered_one_at_udp_idle() {
         "answered flow expired after {second:?}"
     );
     daemon.stop();
+}
+
+/// A relay UDP rule on loopback to `backend`.
+fn relay_udp(rule_id: u32, backend: SocketAddr, timeouts: Timeouts) -> Listener {
+    Listener {
+        rule_id,
+        alias: format!("udp{rule_id}"),
+        protocol: Protocol::Udp,
+        bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        backends: vec![BackendSpec {
+            addr: backend,
+            weight: 1,
+        }],
+        timeouts,
+        path: PathMode::Relay,
+        preserve_client_ip: false,
+        listen_picked: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_udp_sessions_end_unanswered_at_udp_unreplied_answered_at_udp_idle() {
+    let (unreplied, idle) = (Duration::from_millis(300), Duration::from_millis(1500));
+    let timeouts = Timeouts {
+        udp_unreplied: unreplied,
+        udp_idle: idle,
+        ..Timeouts::default()
+    };
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let rules = [
+        relay_udp(0, sink.local_addr().unwrap(), timeouts),
+        relay_udp(1, echo.local_addr().unwrap(), timeouts),
+    ];
+    let relay = Relay::start(
+        &rules,
+        RelaySettings::default(),
+        std::sync::Arc::new(NoKernelPath),
+    )
+    .await
+    .expect("relay starts");
+    let front = |id: u32| {
+        relay
+            .local_addrs()
+            .into_iter()
+            .find(|&(rule, _)| rule == id)
+            .unwrap()
+            .1
+    };
+    let active = |id: u32| {
+        relay
+            .counters()
+            .into_iter()
+            .find(|c| c.rule_id == id)
+            .unwrap()
+            .active
+    };
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut buf = [0u8; 64];
+    client.send_to(b"nobody answers", front(0)).await.unwrap();
+    let wait = Duration::from_secs(5);
+    tokio::time::timeout(wait, sink.recv_from(&mut buf))
+        .await
+        .expect("the datagram reaches the sink")
+        .unwrap();
+    client.send_to(b"answered", front(1)).await.unwrap();
+    let (n, upstream) = tokio::time::timeout(wait, echo.recv_from(&mut buf))
+        .await
+        .expect("the datagram reaches the echo backend")
+        .unwrap();
+    echo.send_to(&buf[..n], upstream).await.unwrap();
+    tokio::time::timeout(wait, client.recv_from(&mut buf))
+        .await
+        .expect("the echo reaches the client")
+        .unwrap();
+    let since = Instant::now();
+    assert_eq!((active(0), active(1)), (1, 1));
+
+    let ended = |id: u32| async move {
+        let deadline = since + idle * 3 + wait;
+        while active(id) != 0 {
+            assert!(Instant::now() < deadline, "session {id} never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        since.elapsed()
+    };
+    let first = ended(0).await;
+    assert_eq!(active(1), 1, "the answered session stays");
+    let second = ended(1).await;
+    // Lower bounds: the limit (less the moments since the last datagram);
+    // upper: three times it plus a margin for two busy cores.
+    let (slack, margin) = (Duration::from_millis(50), Duration::from_millis(500));
+    assert!(
+        first + slack >= unreplied && first <= unreplied * 3 + margin,
+        "unanswered session ended after {first:?}"
+    );
+    assert!(
+        second + slack >= idle && second <= idle * 3 + margin,
+        "answered session ended after {second:?}"
+    );
+    relay.shutdown(Duration::ZERO).await;
 }

@@ -75,8 +75,8 @@ impl PathMode {
 pub struct Timeouts {
     /// A UDP session with no datagram either way for this long ends.
     pub udp_idle: Duration,
-    /// A UDP kernel flow the backend has not answered yet ends after this
-    /// long without a datagram; once answered, `udp_idle` applies.
+    /// A UDP flow (kernel or relay) the backend has not answered yet ends
+    /// after this long without a datagram; once answered, `udp_idle` applies.
     pub udp_unreplied: Duration,
     /// An established TCP flow with no traffic for this long ends.
     pub tcp_established: Duration,
@@ -87,6 +87,14 @@ pub struct Timeouts {
     pub tcp_close: Duration,
     /// How long the relay waits for a backend's TCP handshake.
     pub connect: Duration,
+}
+
+impl Timeouts {
+    /// How long a UDP flow the backend never answered may be idle: never
+    /// longer than an answered one.
+    pub fn udp_unanswered(&self) -> Duration {
+        self.udp_unreplied.min(self.udp_idle)
+    }
 }
 
 impl Default for Timeouts {

@@ -153,7 +153,7 @@ pub fn idle_limit(t: &Timeouts, proto: u8, pair: Pair) -> Duration {
     let phase = pair.phase(proto);
     let limit = match phase {
         Phase::Unanswered if proto == PROTO_TCP => t.connect,
-        Phase::Unanswered => t.udp_unreplied.min(t.udp_idle),
+        Phase::Unanswered => t.udp_unanswered(),
         Phase::Established if proto == PROTO_TCP => t.tcp_established,
         Phase::Established => t.udp_idle,
         Phase::HalfClosed => t.tcp_half_closed,
