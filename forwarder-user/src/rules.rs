@@ -80,10 +80,11 @@ pub struct Timeouts {
     pub udp_unreplied: Duration,
     /// An established TCP flow with no traffic for this long ends.
     pub tcp_established: Duration,
-    /// A TCP kernel flow that saw FIN one way only ends after this long
-    /// without traffic.
+    /// A TCP flow (kernel or relay) that saw FIN one way only ends after
+    /// this long without traffic.
     pub tcp_half_closed: Duration,
-    /// A TCP flow that saw FIN both ways, or RST, is forgotten after this long.
+    /// A kernel TCP flow that saw FIN both ways, or RST, is forgotten after
+    /// this long.
     pub tcp_close: Duration,
     /// How long the relay waits for a backend's TCP handshake.
     pub connect: Duration,
