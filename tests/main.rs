@@ -2,6 +2,7 @@
 //! with real traffic (those need root).
 mod common;
 
+mod broadcast;
 mod daemon;
 mod flow_timeouts;
 mod host_hooks;
