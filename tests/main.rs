@@ -8,3 +8,4 @@ mod flow_timeouts;
 mod host_hooks;
 mod kernel_path;
 mod relay;
+mod reload;

@@ -187,6 +187,24 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no status:\n{}", self.log_text()))
     }
 
+    /// The daemon's rule file, to rewrite before a reload.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("forwarder.yaml")
+    }
+
+    pub fn control_path(&self) -> &std::path::Path {
+        &self.control
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        self.child
+            .as_ref()
+            .expect("running")
+            .signal(sig)
+            .expect("signal the daemon");
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
