@@ -3,6 +3,8 @@
 mod common;
 
 mod broadcast;
+mod config_cli;
+mod crash;
 mod daemon;
 mod flow_timeouts;
 mod host_hooks;

@@ -83,7 +83,7 @@ fn udp_ask(socket: &UdpSocket, msg: &[u8]) -> Vec<u8> {
 /// A TCP transfer to the backend's hashing server, paced to last a few
 /// seconds so that a reload lands in the middle of it. `sent` follows the
 /// bytes written. Returns (sent, received) digests.
-fn paced_transfer(to: SocketAddr, size: u64, sent: Arc<AtomicU64>) -> ([u8; 32], [u8; 32]) {
+pub fn paced_transfer(to: SocketAddr, size: u64, sent: Arc<AtomicU64>) -> ([u8; 32], [u8; 32]) {
     let mut stream = connect(to);
     stream.write_all(b"H").unwrap();
     stream.write_all(&size.to_be_bytes()).unwrap();

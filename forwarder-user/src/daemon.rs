@@ -351,6 +351,7 @@ async fn start_kernel_path(
         .map(|l| l.alias.clone());
     let options = StartOptions {
         config_file: Some(opts.config.display().to_string()),
+        pin: true,
         ..StartOptions::default()
     };
     match KernelPath::start_with(compiled, &options).await {

@@ -41,7 +41,12 @@ pub fn netns_cookie() -> io::Result<u64> {
 
 /// This network namespace's state directory (not created).
 pub fn dir() -> io::Result<PathBuf> {
-    Ok(Path::new(STATE_ROOT).join(format!("netns-{}", netns_cookie()?)))
+    Ok(dir_of(netns_cookie()?))
+}
+
+/// The state directory of the network namespace with this cookie.
+pub fn dir_of(netns_cookie: u64) -> PathBuf {
+    Path::new(STATE_ROOT).join(format!("netns-{netns_cookie}"))
 }
 
 /// Writes `name` in the state directory atomically (write, then rename).

@@ -14,6 +14,7 @@ mod links;
 mod load;
 mod log;
 mod netlink;
+mod pins;
 mod qdisc;
 mod relay_flows;
 mod rule_maps;
@@ -30,7 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use aya::maps::{DevMapHash, HashMap, MapData};
-use forwarder_common::{RULE_F_RELAY, RULE_F_XDP, RuleCounters};
+use forwarder_common::{CtKey, CtValue, RULE_F_RELAY, RULE_F_XDP, RuleCounters};
 use tokio::task::JoinHandle;
 
 pub use attach::{TC_PROGRAM, TcAttach, XDP_PROGRAM};
@@ -79,6 +80,10 @@ pub struct StartOptions {
     /// Where the reserved ports are recorded; `None`: this network
     /// namespace's directory under [`crate::state::STATE_ROOT`].
     pub state_dir: Option<std::path::PathBuf>,
+    /// Pin the maps and links in bpffs, so that the kernel path outlives
+    /// a crash and the next daemon adopts it (the daemon does; tests that
+    /// share the host's mount namespace leave bpffs alone).
+    pub pin: bool,
 }
 
 /// The running kernel path. Dropping it detaches everything (best effort);
@@ -96,6 +101,8 @@ pub struct KernelPath {
     reserved: Option<ReservedPorts>,
     /// Where the pid and the reserved ports are recorded.
     state_dir: Option<std::path::PathBuf>,
+    /// Where the maps and links are pinned, if they are.
+    pin_dir: Option<std::path::PathBuf>,
 }
 
 /// The state file naming the daemon that runs the kernel path here.
@@ -115,6 +122,8 @@ pub fn cleanup_leftovers(state_dir: &std::path::Path) -> anyhow::Result<Vec<Stri
     if !ports.is_empty() {
         done.push(format!("removed ports {ports} from {RESERVED_PORTS}"));
     }
+    let pinned = pins::dir(crate::state::netns_cookie()?);
+    done.extend(pins::remove_all(&pinned)?);
     crate::state::remove(state_dir, PID)?;
     Ok(done)
 }
@@ -178,7 +187,35 @@ impl KernelPath {
             conntrack: conntrack_size,
             relay_flows: relay_flows_size(compiled),
         };
-        let mut ebpf = load::load(sizes, log::ebpf_log_level())?;
+        let cookie = crate::state::netns_cookie()?;
+        let state_dir = match &options.state_dir {
+            Some(dir) => dir.clone(),
+            None => crate::state::dir_of(cookie),
+        };
+        // A live owner of the records and pins (only ever this process:
+        // tests start two kernel paths in one namespace) keeps them.
+        let owner = crate::state::live_pid(&state_dir);
+        if let Some(pid) = owner
+            && pid != std::process::id() as i32
+        {
+            anyhow::bail!(
+                "another forwarder (pid {pid}) runs the kernel path in this network namespace"
+            );
+        }
+        let pin_dir = match options.pin && owner.is_none() {
+            true => Some(prepare_pins(cookie, sizes)?),
+            false => None,
+        };
+        let adopted = pin_dir
+            .as_deref()
+            .is_some_and(|dir| pins::map_path(dir, "CONNTRACK").exists());
+        let mut ebpf = match load::load(sizes, log::ebpf_log_level(), pin_dir.as_deref()) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                forget_fresh_pins(pin_dir.as_deref(), adopted);
+                return Err(e);
+            }
+        };
         let relay_flows = options.relay_flows.clone().unwrap_or_default();
         let gauges = Arc::new(Gauges::default());
         let timeouts = Arc::new(RwLock::new(rule_timeouts(&compiled.listeners)));
@@ -187,6 +224,16 @@ impl KernelPath {
             tasks.push(log::spawn(&mut ebpf)?);
             let mut maps = RuleMaps::take(&mut ebpf)?;
             maps.write(&tables)?;
+            if adopted {
+                let entries = match ebpf.map("CONNTRACK") {
+                    Some(map) => HashMap::<_, CtKey, CtValue>::try_from(map)?.keys().count(),
+                    None => 0,
+                };
+                tracing::info!(
+                    "adopted the kernel path of a previous daemon: its {} flows go on",
+                    entries / 2
+                );
+            }
             let egress = if with_xdp {
                 let map = DevMapHash::try_from(counters::take_map(&mut ebpf, "XDP_EGRESS")?)?;
                 Some(xdp_egress::Egress::start(map, &interfaces)?)
@@ -200,24 +247,16 @@ impl KernelPath {
             let relay_map = HashMap::try_from(relay_map)?;
             Attached::load_programs(&mut ebpf)?;
             // Ports first: no flow may get a port a local socket holds.
-            let state_dir = match &options.state_dir {
-                Some(dir) => dir.clone(),
-                None => crate::state::dir()?,
-            };
-            // A live owner of the record (only ever this process: tests
-            // start two kernel paths in one namespace) keeps it.
-            let owner = crate::state::live_pid(&state_dir);
-            if let Some(pid) = owner
-                && pid != std::process::id() as i32
-            {
-                anyhow::bail!(
-                    "another forwarder (pid {pid}) runs the kernel path in this network namespace"
-                );
-            }
             let record = owner.is_none().then_some(state_dir.as_path());
             let reserved = ReservedPorts::reserve(settings.snat_ports, record)?;
             relay_flows.attach(relay_map)?;
-            let attached = Attached::attach(ebpf, &interfaces, options.tc_attach, with_xdp)?;
+            let attached = Attached::attach(
+                ebpf,
+                &interfaces,
+                options.tc_attach,
+                with_xdp,
+                pin_dir.clone(),
+            )?;
             let sweeper = Sweeper {
                 conntrack,
                 relay_flows: sweeper_view,
@@ -225,17 +264,16 @@ impl KernelPath {
                 limit: conntrack_size as usize * 2,
                 gauges: gauges.clone(),
             };
-            anyhow::Ok((
-                maps, counters, reserved, state_dir, attached, sweeper, egress,
-            ))
+            anyhow::Ok((maps, counters, reserved, attached, sweeper, egress))
         })();
-        let (maps, counters, reserved, state_dir, attached, sweeper, egress) = match result {
+        let (maps, counters, reserved, attached, sweeper, egress) = match result {
             Ok(parts) => parts,
             Err(e) => {
                 relay_flows.detach();
                 for task in &tasks {
                     task.abort();
                 }
+                forget_fresh_pins(pin_dir.as_deref(), adopted);
                 return Err(e);
             }
         };
@@ -281,6 +319,7 @@ impl KernelPath {
             attached: Some(attached),
             reserved: Some(reserved),
             state_dir: Some(state_dir),
+            pin_dir,
         })
     }
 
@@ -417,9 +456,20 @@ impl KernelPath {
             None => Ok(()),
         };
         self.forget_pid();
+        let unpinned = self.unpin();
         detached?;
+        unpinned?;
         restored?;
         tracing::info!("kernel path detached");
+        Ok(())
+    }
+
+    /// Removes the pinned maps (the links went with `attached`).
+    fn unpin(&mut self) -> anyhow::Result<()> {
+        if let Some(dir) = self.pin_dir.take() {
+            pins::remove_all(&dir)
+                .map_err(|e| anyhow::anyhow!("cannot remove the pins in {}: {e}", dir.display()))?;
+        }
         Ok(())
     }
 
@@ -444,6 +494,54 @@ impl Drop for KernelPath {
         self.attached.take();
         self.reserved.take();
         self.forget_pid();
+        if let Err(e) = self.unpin() {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// Makes the pin directory ready for `sizes`. Pins a dead daemon left
+/// with other map sizes or layouts cannot be adopted: they are removed,
+/// and with them its flows, with a warning.
+fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::PathBuf> {
+    pins::ensure_bpffs().map_err(|e| anyhow::anyhow!("cannot mount bpffs at /sys/fs/bpf: {e}"))?;
+    let dir = pins::dir(cookie);
+    let want = [
+        ("CONNTRACK", sizes.conntrack, std::mem::size_of::<CtValue>()),
+        (
+            "RELAY_FLOWS",
+            sizes.relay_flows,
+            std::mem::size_of::<forwarder_common::RelayFlow>(),
+        ),
+    ];
+    for (name, entries, value_size) in want {
+        let path = pins::map_path(&dir, name);
+        if !path.exists() {
+            continue;
+        }
+        let found = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map(|i| (i.max_entries(), i.value_size() as usize));
+        if found.as_ref().ok() != Some(&(entries, value_size)) {
+            tracing::warn!(
+                "the previous daemon's {name} ({found:?}) does not fit this one ({entries}                  entries of {value_size} bytes): its flows are dropped, not adopted"
+            );
+            pins::remove_all(&dir)?;
+            break;
+        }
+    }
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// After a failed start: pins this start made go, a dead daemon's stay.
+fn forget_fresh_pins(pin_dir: Option<&std::path::Path>, adopted: bool) {
+    if let Some(dir) = pin_dir
+        && !adopted
+        && let Err(e) = pins::remove_all(dir)
+    {
+        tracing::warn!("cannot remove the pins in {}: {e}", dir.display());
     }
 }
 

@@ -36,8 +36,19 @@ impl RuleMaps {
         })
     }
 
-    /// Writes the whole table into empty maps (at start).
+    /// Writes the whole table at start. Maps adopted from a dead daemon
+    /// may hold rules this table lacks: those keys go.
     pub fn write(&mut self, tables: &Tables) -> anyhow::Result<()> {
+        let wanted: HashSet<&RuleKey> = tables.rules.iter().map(|(k, _)| k).collect();
+        let stale: Vec<RuleKey> = self
+            .rules
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in &stale {
+            self.rules.remove(key)?;
+        }
         for (_, value) in &tables.rules {
             self.write_entries(tables, value.rule_id)?;
         }

@@ -60,6 +60,7 @@ impl Loaded {
                 relay_flows: conntrack,
             },
             log_level,
+            None,
         )
         .expect("load the eBPF object");
         Attached::load_programs(&mut ebpf).expect("load the programs");
