@@ -89,6 +89,39 @@ fn a_half_closed_flow_outlives_tcp_close_and_carries_a_late_answer() {
     daemon.stop();
 }
 
+#[test]
+fn a_refused_connection_frees_its_port_after_tcp_close_not_time_wait() {
+    if !require_root("a_refused_connection_frees_its_port_after_tcp_close_not_time_wait") {
+        return;
+    }
+    let tcp_close = Duration::from_secs(1);
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    // Nothing listens on the backend's port: it answers the SYN with RST.
+    let yaml = rules(
+        &topo,
+        &format!("{{tcp_close: {}s}}", tcp_close.as_secs()),
+        &[("refused", "tcp", 7878, 3997)],
+    );
+    let daemon = Daemon::start(&topo.forwarder, "refused", &yaml);
+    let to = SocketAddr::from((topo.forwarder_addr(), 7878));
+    let err = in_netns(&topo.client, || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap_err()
+    });
+    let since = Instant::now();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let status = daemon.status();
+    assert_eq!(counter(kernel_rule(&status, "refused", "tcp"), "flows"), 1);
+    // The backend's RST leaves no TIME_WAIT: tcp_close, not the 60 s guard.
+    let freed = expired_at(&daemon, 1, since);
+    assert!(
+        freed + Duration::from_millis(100) >= tcp_close
+            && freed <= tcp_close * 3 + Duration::from_secs(1),
+        "freed after {freed:?}"
+    );
+    daemon.stop();
+}
+
 /// When the daemon's count of expired flows reached `n`, from `since`.
 fn expired_at(daemon: &Daemon, n: u64, since: Instant) -> Duration {
     eventually(&format!("{n} flows expired"), || {
