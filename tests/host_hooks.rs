@@ -1,15 +1,19 @@
 //! Sharing the ingress hook with the host's other tools: while the kernel
 //! path runs, an operator's classic tc filter and another TCX program on
 //! the same interface still see every packet it does not forward, and
-//! forwarded traffic still works. Both ways of attaching: TCX, and a
-//! cls_bpf filter (direct-action) ahead of the operator's.
+//! forwarded traffic still works. Both ways of attaching: TCX (the daemon,
+//! `forwarder run`), and a cls_bpf filter (direct-action) ahead of the
+//! operator's (the kernel path as a library: the daemon attaches so only
+//! on kernels without TCX).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 
 use forwarder::kernel::{KernelPath, StartOptions, TcAttach};
 
 use crate::common::{Netns, TcxCounter, Topology, require_root};
-use crate::kernel_path::harness::{eventually, forwarding_on, in_netns, runtime, seen};
+use crate::kernel_path::harness::{
+    Daemon, counter, eventually, forwarding_on, in_netns, kernel_rule, runtime, seen,
+};
 use crate::kernel_path::traffic::{
     BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket,
 };
@@ -82,6 +86,7 @@ fn ifindex(ns: &Netns, interface: &str) -> u32 {
 fn rules(topo: &Topology) -> String {
     format!(
         "interfaces: [{a}, {b}]\n\
+         relay: {{drain_timeout: 1s}}\n\
          routes:\n\
          \x20 turn-tcp: {{scheme: tcp, host: {backend}, port: {LISTEN_PORT}:3478, path: kernel}}\n\
          \x20 turn-udp: {{scheme: udp, host: {backend}, port: {LISTEN_PORT}:3478, path: kernel}}\n",
@@ -89,6 +94,67 @@ fn rules(topo: &Topology) -> String {
         b = topo.backend_link.a_if,
         backend = topo.backend_addr(),
     )
+}
+
+/// The kernel path under test.
+enum Running {
+    Daemon(Daemon),
+    Library(tokio::runtime::Runtime, Box<KernelPath>),
+}
+
+impl Running {
+    /// The daemon where it attaches with TCX, the library for cls_bpf.
+    fn start(topo: &Topology, tc_attach: TcAttach) -> Running {
+        if tc_attach == TcAttach::Auto {
+            return Running::Daemon(Daemon::start(&topo.forwarder, "hooks", &rules(topo)));
+        }
+        let compiled = forwarder::config::load_str(&rules(topo), "hooks.yaml")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let options = StartOptions {
+            tc_attach,
+            ..StartOptions::default()
+        };
+        let rt = in_netns(&topo.forwarder, runtime);
+        let path = in_netns(&topo.forwarder, || {
+            rt.block_on(KernelPath::start_with(&compiled, &options))
+        })
+        .expect("start the kernel path");
+        Running::Library(rt, Box::new(path))
+    }
+
+    /// (flows, packets_fwd, packets_rev) of the kernel path's rule for `protocol`.
+    fn rule(&self, topo: &Topology, protocol: &str) -> (u64, u64, u64) {
+        let alias = format!("turn-{protocol}");
+        match self {
+            Running::Daemon(daemon) => {
+                let status = daemon.status();
+                let r = kernel_rule(&status, &alias, protocol);
+                let c = |name| counter(r, name);
+                (c("flows"), c("packets_fwd"), c("packets_rev"))
+            }
+            Running::Library(_, path) => {
+                let counters = in_netns(&topo.forwarder, || path.counters()).unwrap();
+                let r = counters
+                    .rules
+                    .iter()
+                    .find(|r| r.alias == alias && r.protocol == protocol)
+                    .unwrap_or_else(|| panic!("no rule {alias} in {:?}", counters.rules));
+                (r.flows, r.packets_fwd, r.packets_rev)
+            }
+        }
+    }
+
+    fn stop(self, topo: &Topology) {
+        match self {
+            Running::Daemon(daemon) => {
+                daemon.stop();
+            }
+            Running::Library(rt, path) => {
+                in_netns(&topo.forwarder, || path.stop()).expect("stop");
+                drop(rt);
+            }
+        }
+    }
 }
 
 /// Runs the kernel path attached by `tc_attach` beside the operator's
@@ -100,17 +166,7 @@ fn shares_the_hook(tc_attach: TcAttach) {
     let _servers = BackendServers::start(&topo.backend);
     let fwd_if = topo.client_link.a_if.clone();
     operators_filter(&topo.forwarder, &fwd_if);
-    let compiled =
-        forwarder::config::load_str(&rules(&topo), "hooks.yaml").unwrap_or_else(|e| panic!("{e}"));
-    let options = StartOptions {
-        tc_attach,
-        ..StartOptions::default()
-    };
-    let rt = in_netns(&topo.forwarder, runtime);
-    let path = in_netns(&topo.forwarder, || {
-        rt.block_on(KernelPath::start_with(&compiled, &options))
-    })
-    .expect("start the kernel path");
+    let running = Running::start(&topo, tc_attach);
     let tcx = (tc_attach == TcAttach::Auto).then(|| {
         let index = ifindex(&topo.forwarder, &fwd_if);
         in_netns(&topo.forwarder, || TcxCounter::attach(index)).expect("a second TCX program")
@@ -157,23 +213,12 @@ fn shares_the_hook(tc_attach: TcAttach) {
     let seen_by_filter = mirrored(&topo.forwarder, &fwd_if) - mirrored_before;
     assert_eq!(seen_by_filter, NOT_FORWARDED);
 
-    let counters = in_netns(&topo.forwarder, || path.counters()).unwrap();
-    let rule = |protocol: &str| {
-        counters
-            .rules
-            .iter()
-            .find(|r| r.alias.starts_with("turn") && r.protocol == protocol)
-            .unwrap_or_else(|| panic!("no {protocol} rule in {:?}", counters.rules))
-            .clone()
-    };
-    let (udp, tcp) = (rule("udp"), rule("tcp"));
-    assert_eq!(udp.flows, 1, "{udp:?}");
-    assert!(udp.packets_fwd >= 10 && udp.packets_rev >= 10, "{udp:?}");
-    assert_eq!(tcp.flows, 1, "{tcp:?}");
+    let (udp, tcp) = (running.rule(&topo, "udp"), running.rule(&topo, "tcp"));
+    assert!(udp.0 == 1 && udp.1 >= 10 && udp.2 >= 10, "udp {udp:?}");
+    assert_eq!(tcp.0, 1, "tcp {tcp:?}");
 
     drop(tcx);
-    in_netns(&topo.forwarder, || path.stop()).expect("stop");
-    drop(rt);
+    running.stop(&topo);
     // The operator's filter is as it was.
     let text = filters(&topo.forwarder, &fwd_if);
     assert!(!text.contains("forwarder"), "{text}");
