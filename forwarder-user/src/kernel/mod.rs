@@ -490,6 +490,13 @@ impl Drop for KernelPath {
     fn drop(&mut self) {
         self.stop_tasks();
         self.relay_flows.detach();
+        if std::thread::panicking() && self.pin_dir.is_some() {
+            // A panic ending the daemon is a crash: the pinned programs go
+            // on forwarding, and the records stay for the next daemon.
+            std::mem::forget(self.attached.take());
+            std::mem::forget(self.reserved.take());
+            return;
+        }
         // `attached` and then `reserved` undo themselves in their Drop.
         self.attached.take();
         self.reserved.take();
