@@ -140,9 +140,16 @@ pub struct FragKey {
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REVERSE: u8 = 1;
 
+/// States of one direction's entry, ordered: a later one is further along.
+/// Not yet answered by the backend (a forward entry stays here until it
+/// closes; its reverse pair tells whether the backend answered).
 pub const CT_STATE_NEW: u8 = 0;
+/// The backend answered (reverse entries; XDP marks forward ones too).
 pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// TCP: this direction sent FIN.
 pub const CT_STATE_CLOSING: u8 = 2;
+/// TCP: this direction sent RST; nobody holds TIME_WAIT for the flow.
+pub const CT_STATE_RESET: u8 = 3;
 
 /// What to rewrite a packet matching a [`CtKey`] to.
 #[repr(C)]
