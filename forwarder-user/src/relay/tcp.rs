@@ -45,7 +45,8 @@ pub async fn serve(
             accepted = accept(&listener), if listener.is_some() => match accepted {
                 Ok((stream, peer)) => {
                     accept_failing.clear();
-                    flows.spawn(flow(stream, peer, rule));
+                    // The rule of now: a reload may have changed it while we waited.
+                    flows.spawn(flow(stream, peer, rules.borrow_and_update().clone()));
                 }
                 Err(e) => accept_error(&rule, &accept_failing, e).await,
             },
