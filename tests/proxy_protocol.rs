@@ -489,6 +489,38 @@ async fn a_reload_that_changes_the_header_applies_to_new_flows() {
     .expect("test within its limit");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_turns_the_udp_header_on_applies_to_new_sessions() {
+    tokio::time::timeout(TEST_LIMIT, async {
+        let (backend, mut seen) = udp_backend("127.0.0.1:0").await;
+        let running = compile(&route("udp", backend, ""));
+        let (relay, listen) = start(&running).await;
+        // Without the header, the strict backend refuses the datagram.
+        let before = UdpSocket::bind("127.0.0.6:0").await.unwrap();
+        before.send_to(b"plain", listen).await.unwrap();
+        let refused = tokio::time::timeout(WAIT, seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(refused.is_err(), "{refused:?}");
+
+        let loaded = compile(&route("udp", backend, "    proxy_protocol: v2\n"));
+        let plan = reload::plan(&running, loaded, &|_| false).unwrap();
+        let prepared = relay.prepare(&plan).await.unwrap();
+        relay.apply(&plan, prepared);
+        let after = UdpSocket::bind("127.0.0.6:0").await.unwrap();
+        after.send_to(b"with a header", listen).await.unwrap();
+        let got = next_seen(&mut seen).await;
+        assert_eq!(
+            (got.version, got.source, got.payload),
+            (2, after.local_addr().unwrap(), sha(b"with a header"))
+        );
+        relay.shutdown(Duration::ZERO).await;
+    })
+    .await
+    .expect("test within its limit");
+}
+
 #[test]
 fn check_shows_the_proxy_mode() {
     // No traffic is sent: `check` only compiles.
