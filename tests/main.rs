@@ -9,5 +9,6 @@ mod daemon;
 mod flow_timeouts;
 mod host_hooks;
 mod kernel_path;
+mod names;
 mod relay;
 mod reload;
