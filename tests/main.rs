@@ -9,6 +9,7 @@ mod daemon;
 mod flow_timeouts;
 mod host_hooks;
 mod kernel_path;
+mod names;
 mod proxy_protocol;
 mod relay;
 mod reload;

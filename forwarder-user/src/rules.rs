@@ -230,7 +230,22 @@ pub struct KernelTable {
     pub backends: Vec<(u32, Backend)>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// How the hostnames of targets are followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Names are resolved again this often; new flows follow the answer.
+    pub refresh: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            refresh: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Compiled {
     /// Where the kernel path attaches; `None` means every up, non-loopback interface.
     pub interfaces: Option<Vec<String>>,
@@ -238,6 +253,9 @@ pub struct Compiled {
     pub kernel: KernelTable,
     pub relay: RelaySettings,
     pub kernel_settings: KernelSettings,
+    pub dns: DnsSettings,
+    /// The hostnames the targets were given as, resolved at load.
+    pub hostnames: Vec<String>,
 }
 
 /// Told of the flows the relay owns, so that the kernel path leaves them

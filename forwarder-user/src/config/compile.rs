@@ -150,6 +150,7 @@ pub fn compile(config: &Config) -> Compiled {
         kernel,
         relay: config.relay,
         kernel_settings: config.kernel,
+        ..Compiled::default()
     }
 }
 

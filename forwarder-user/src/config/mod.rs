@@ -154,5 +154,8 @@ fn load_with(
         relay: globals.relay,
         kernel: globals.kernel,
     };
-    Ok((compile(&config), diag.warnings))
+    let mut compiled = compile(&config);
+    compiled.dns = globals.dns;
+    compiled.hostnames = resolve::names(&specs);
+    Ok((compiled, diag.warnings))
 }

@@ -8,6 +8,7 @@ mod examples;
 mod forms;
 mod fuzz;
 mod godoxy_examples;
+mod names;
 mod proxy_protocol;
 
 use std::collections::{HashMap, HashSet};
