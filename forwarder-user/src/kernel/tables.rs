@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use forwarder_common::{
-    Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY, RuleKey, RuleValue, Settings,
+    BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY, RuleKey,
+    RuleValue, Settings,
 };
 
 use super::snat::{self, Egress};
@@ -17,6 +18,46 @@ pub struct Tables {
     pub rules: Vec<(RuleKey, RuleValue)>,
     pub backends: Vec<(u32, Backend)>,
     pub settings: Settings,
+}
+
+impl Tables {
+    /// Sets the healthy flag of rule `rule_id`'s backends (in order) and its
+    /// total weight to the sum of the healthy ones' weights.
+    pub fn set_health(&mut self, rule_id: u32, healthy: &[bool]) {
+        let mut total = 0u32;
+        for (index, backend) in &mut self.backends {
+            if *index / MAX_BACKENDS_PER_RULE != rule_id {
+                continue;
+            }
+            let up = healthy
+                .get((*index % MAX_BACKENDS_PER_RULE) as usize)
+                .copied()
+                .unwrap_or(true);
+            if up {
+                backend.flags |= BACKEND_F_HEALTHY;
+                total += u32::from(backend.weight);
+            } else {
+                backend.flags &= !BACKEND_F_HEALTHY;
+            }
+        }
+        for (_, value) in &mut self.rules {
+            if value.rule_id == rule_id {
+                value.total_weight = total;
+            }
+        }
+    }
+
+    /// The healthy flags of rule `rule_id`'s backends, in order.
+    pub fn health(&self, rule_id: u32) -> Vec<bool> {
+        let mut of_rule: Vec<(u32, bool)> = self
+            .backends
+            .iter()
+            .filter(|(index, _)| index / MAX_BACKENDS_PER_RULE == rule_id)
+            .map(|(index, b)| (*index, b.flags & BACKEND_F_HEALTHY != 0))
+            .collect();
+        of_rule.sort_unstable();
+        of_rule.into_iter().map(|(_, up)| up).collect()
+    }
 }
 
 /// A closed flow's SNAT port may go to a new flow after this much quiet

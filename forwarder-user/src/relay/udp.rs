@@ -228,7 +228,10 @@ impl UdpListener {
             }
             return None;
         }
-        let (index, backend) = rule.backends.pick();
+        let Some((index, backend)) = rule.backends.pick() else {
+            RuleCounters::add(&rule.counters.no_backend, 1);
+            return None;
+        };
         let upstream = match connect_udp(backend) {
             Ok(upstream) => upstream,
             Err(e) => {
