@@ -5,6 +5,7 @@ mod common;
 mod config_cli;
 mod crash;
 mod daemon;
+mod health;
 mod kernel_path;
 mod relay;
 mod reload;
