@@ -6,7 +6,7 @@
 use std::io::{ErrorKind, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,14 +38,17 @@ fn rule_file(a: Ipv4Addr, b: Ipv4Addr) -> String {
 /// A TCP server on `addr` that sends `name` to each client and closes.
 struct TcpServer {
     stop: Arc<AtomicBool>,
+    /// Connections accepted (flows and checks).
+    accepted: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl TcpServer {
     fn start(ns: &Netns, addr: SocketAddr, name: u8) -> TcpServer {
         let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let flag = stop.clone();
+        let (flag, count) = (stop.clone(), accepted.clone());
         let thread = spawn_in(ns, move || {
             let listener = TcpListener::bind(addr).unwrap();
             listener.set_nonblocking(true).unwrap();
@@ -53,6 +56,7 @@ impl TcpServer {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut stream, _)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
                         let _ = std::io::Write::write_all(&mut stream, &[name]);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -65,6 +69,7 @@ impl TcpServer {
         ready_rx.recv_timeout(WAIT).expect("tcp server up");
         TcpServer {
             stop,
+            accepted,
             thread: Some(thread),
         }
     }
@@ -387,5 +392,80 @@ fn with_every_backend_down_tcp_clients_are_reset_at_once() {
     assert_eq!(counter(relay_rule(&status, "hc", "tcp"), "no_backend"), 5);
     assert!(counter(relay_rule(&status, "hc", "udp"), "no_backend") >= 1);
     assert_eq!(counter(relay_rule(&status, "hc", "udp"), "flows"), 0);
+    daemon.stop();
+}
+
+/// Connections `server` accepts during `window`.
+fn accepted_during(server: &TcpServer, window: Duration) -> u64 {
+    let before = server.accepted.load(Ordering::Relaxed);
+    std::thread::sleep(window);
+    server.accepted.load(Ordering::Relaxed) - before
+}
+
+#[test]
+fn reloads_keep_restart_and_stop_the_checks() {
+    if !common::require_root("reloads_keep_restart_and_stop_the_checks") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let b_ip = Ipv4Addr::new(198, 18, 2, 3);
+    topo.backend.ip(&[
+        "addr",
+        "add",
+        &format!("{b_ip}/24"),
+        "dev",
+        &topo.backend_link.b_if,
+    ]);
+    let a_ip = topo.backend_addr();
+    let b = TcpServer::start(&topo.backend, SocketAddr::from((b_ip, PORT)), b'B');
+    // A has no server: its checks fail.
+    let file = |check: &str, extra: &str| {
+        format!(
+            "routes:
+  hc:
+    scheme: tcp
+    port: {LISTEN}:{PORT}
+    backends: [{a_ip}:{PORT}, {b_ip}:{PORT}]
+    path: tc
+    healthcheck: {{{check}}}
+{extra}"
+        )
+    };
+    let fast = "interval: 200ms, timeout: 150ms, fall: 1, rise: 1";
+    let daemon = Daemon::start(&topo.forwarder, "health-reload", &file(fast, ""));
+    wait_state(&daemon, "tcp", 0, "down", 1, None);
+    let fast_checks = accepted_during(&b, Duration::from_secs(2));
+    assert!(
+        fast_checks >= 4,
+        "{fast_checks} checks of B in 2 s every 200ms"
+    );
+
+    // A rule added beside it: hc is unchanged, and A stays out.
+    let other = "  other: {scheme: tcp, host: 198.18.2.3, port: 7301:3478}\n";
+    std::fs::write(daemon.config_path(), file(fast, other)).unwrap();
+    let out = common::reload(daemon.control_path(), WAIT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(state(&daemon, "tcp", 0), "down");
+    assert_eq!(tcp_flows(&topo, 10), [0, 10]);
+
+    // New settings: the rule's checks start over with them (A starts
+    // healthy, and is out again after its first check).
+    let slow = "interval: 1500ms, timeout: 500ms, fall: 1, rise: 1";
+    std::fs::write(daemon.config_path(), file(slow, other)).unwrap();
+    let out = common::reload(daemon.control_path(), WAIT);
+    assert!(out.status.success(), "{out:?}");
+    wait_state(&daemon, "tcp", 0, "down", 1, None);
+    let slow_checks = accepted_during(&b, Duration::from_secs(3));
+    assert!(
+        (1..=3).contains(&slow_checks),
+        "{slow_checks} checks of B in 3 s every 1.5s"
+    );
+
+    // Removed: its checks stop.
+    std::fs::write(daemon.config_path(), format!("routes:\n{other}")).unwrap();
+    let out = common::reload(daemon.control_path(), WAIT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(accepted_during(&b, Duration::from_secs(2)), 0);
     daemon.stop();
 }
