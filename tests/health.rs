@@ -469,3 +469,71 @@ fn reloads_keep_restart_and_stop_the_checks() {
     assert_eq!(accepted_during(&b, Duration::from_secs(2)), 0);
     daemon.stop();
 }
+
+#[test]
+fn relay_connect_failures_take_a_backend_out() {
+    if !common::require_root("relay_connect_failures_take_a_backend_out") {
+        return;
+    }
+    let topo = Topology::new();
+    let b_ip = Ipv4Addr::new(198, 18, 2, 3);
+    topo.backend.ip(&[
+        "addr",
+        "add",
+        &format!("{b_ip}/24"),
+        "dev",
+        &topo.backend_link.b_if,
+    ]);
+    let a_ip = topo.backend_addr();
+    let _b = TcpServer::start(&topo.backend, SocketAddr::from((b_ip, PORT)), b'B');
+    // One check at start (A refuses: one failure), then none for an hour:
+    // only the relay's own connects can take A out.
+    let yaml = format!(
+        "routes:
+  hc:
+    scheme: tcp
+    port: {LISTEN}:{PORT}
+    backends: [{a_ip}:{PORT}, {b_ip}:{PORT}]
+    path: relay
+    healthcheck: {{interval: 1h, timeout: 1s, fall: 3, rise: 1}}
+"
+    );
+    let daemon = Daemon::start(&topo.forwarder, "health-passive", &yaml);
+    wait_for_a_failed_check(&daemon);
+    let to = SocketAddr::from((topo.forwarder_addr(), LISTEN));
+    let answers: Vec<Option<u8>> = in_netns(&topo.client, || {
+        (0..12)
+            .map(|_| {
+                let mut s = TcpStream::connect_timeout(&to, WAIT).ok()?;
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                let mut who = Vec::new();
+                s.read_to_end(&mut who).ok()?;
+                who.first().copied()
+            })
+            .collect()
+    });
+    // Two connects to A fail (the third failure in a row), then only B.
+    let failed = answers.iter().filter(|a| a.is_none()).count();
+    assert_eq!(failed, 2, "{answers:?}");
+    assert!(answers[6..].iter().all(|a| *a == Some(b'B')), "{answers:?}");
+    assert_eq!(state(&daemon, "tcp", 0), "down");
+    let status = daemon.status();
+    assert_eq!(
+        counter(relay_rule(&status, "hc", "tcp"), "connect_failures"),
+        2
+    );
+    daemon.stop();
+}
+
+/// Waits until backend A of the first rule has failed a check.
+fn wait_for_a_failed_check(daemon: &Daemon) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = daemon.status();
+        if status["rules"][0]["health"][0]["last_failure"].is_string() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no failed check of A:\n{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -152,6 +152,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn health_sets_flags_and_the_total_of_healthy_weights() {
+        let backend = |weight| Backend {
+            weight,
+            flags: BACKEND_F_HEALTHY,
+            ..Backend::default()
+        };
+        let rule = |id, port: u16| {
+            (
+                RuleKey {
+                    port,
+                    ..RuleKey::default()
+                },
+                RuleValue {
+                    rule_id: id,
+                    backend_count: 3,
+                    total_weight: 6,
+                    ..RuleValue::default()
+                },
+            )
+        };
+        let m = MAX_BACKENDS_PER_RULE;
+        let mut t = Tables {
+            rules: vec![rule(1, 1), rule(1, 2), rule(2, 3)],
+            backends: vec![
+                (m + 2, backend(3)),
+                (m, backend(1)),
+                (m + 1, backend(2)),
+                (2 * m, backend(6)),
+            ],
+            settings: Settings::default(),
+        };
+        t.set_health(1, &[true, false, true]);
+        assert_eq!(t.health(1), [true, false, true]);
+        assert_eq!(t.health(2), [true]);
+        let totals: Vec<u32> = t.rules.iter().map(|(_, v)| v.total_weight).collect();
+        assert_eq!(totals, [4, 4, 6]);
+        t.set_health(1, &[false, false, false]);
+        assert_eq!(t.rules[0].1.total_weight, 0);
+        t.set_health(1, &[true, true, true]);
+        assert_eq!(t.rules[1].1.total_weight, 6);
+    }
+
+    #[test]
     fn the_probe_limit_is_bounded_by_the_range_and_the_kernel() {
         let close = Timeouts::default().tcp_close;
         let s = settings(

@@ -8,6 +8,7 @@ mod examples;
 mod forms;
 mod fuzz;
 mod godoxy_examples;
+mod health;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
