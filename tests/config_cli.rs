@@ -44,7 +44,10 @@ fn check_and_run_refuse_fields_that_are_not_enforced_yet() {
         assert_eq!(out.status.code(), Some(2), "{what}: {out:?}");
         let lines = stderr_lines(&out);
         assert_eq!(lines.len(), 2, "{what}: one error per use:\n{lines:#?}");
-        for (line, (place, field)) in lines.iter().zip([("6:5", "acl"), ("9:5", "proxy_protocol")]) {
+        for (line, (place, field)) in lines
+            .iter()
+            .zip([("6:5", "acl"), ("9:5", "proxy_protocol")])
+        {
             assert!(
                 line.starts_with(&format!(
                     "{file}:{place}: alias `guarded`, field `{field}`: found `{field}`, which forwarder checks but does not enforce yet; allowed no `{field}`"

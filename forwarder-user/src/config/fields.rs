@@ -50,7 +50,6 @@ pub struct HealthCheck {
     pub expect: Option<Vec<u8>>,
 }
 
-/// Godoxy's `retries` when it is 0 or left out.
 pub const DEFAULT_FALL: u32 = 3;
 pub const DEFAULT_RISE: u32 = 2;
 
@@ -804,7 +803,7 @@ fn parse_healthcheck(
                 fall_key = Some("fall");
                 values::integer(v, 1, 1000).map(|n| h.fall = n as u32)
             }
-            // Godoxy: -1 fails at once, 0 is the default.
+            // Godoxy's failure threshold: below 1 (`0`, `-1`) is at once.
             "retries" => {
                 fall_key = Some("retries");
                 if v.as_str().map(str::trim) == Some("-1") {
@@ -812,11 +811,9 @@ fn parse_healthcheck(
                     Ok(())
                 } else {
                     values::integer(v, 0, 1000)
-                        .map(|n| h.fall = if n == 0 { DEFAULT_FALL } else { n as u32 })
+                        .map(|n| h.fall = (n as u32).max(1))
                         .map_err(|e| ConfigError {
-                            allowed:
-                                "-1 (out at the first failure), 0 (the default, 3) or 1 to 1000"
-                                    .into(),
+                            allowed: "-1 or 0 (out at the first failure), or 1 to 1000".into(),
                             ..e
                         })
                 }

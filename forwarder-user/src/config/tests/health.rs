@@ -50,6 +50,8 @@ fn godoxy_spellings_and_defaults() {
   c: {scheme: tcp, host: 10.0.0.1, port: 3:3, healthcheck: {disable: true}}
   d: {scheme: udp, host: 10.0.0.1, port: 4:4, healthcheck: {disabled: true}}
   e: {scheme: tcp, host: 10.0.0.1, port: 5:5}
+  f: {scheme: tcp, host: 10.0.0.1, port: 6:6, healthcheck: {retries: 4}}
+  g: {scheme: tcp, host: 10.0.0.1, port: 7:7, healthcheck: {}}
 ",
     );
     let a = got[0].as_ref().unwrap();
@@ -60,8 +62,19 @@ fn godoxy_spellings_and_defaults() {
     );
     let b = got[1].as_ref().unwrap();
     // The timeout follows a shorter interval down.
-    assert_eq!((b.fall, b.timeout), (3, Duration::from_secs(1)));
-    assert_eq!(got[2..], [None, None, None]);
+    assert_eq!((b.fall, b.timeout), (1, Duration::from_secs(1)));
+    assert_eq!(got[2..5], [None, None, None]);
+    assert_eq!(got[5].as_ref().unwrap().fall, 4);
+    assert_eq!(
+        got[6],
+        Some(HealthSpec {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+            fall: 3,
+            rise: 2,
+            probe: Probe::TcpConnect,
+        })
+    );
 }
 
 #[test]
