@@ -22,13 +22,26 @@ const INTERVAL: Duration = Duration::from_millis(400);
 const FALL: u32 = 3;
 const RISE: u32 = 2;
 
-fn rule_file(a: Ipv4Addr, b: Ipv4Addr) -> String {
+/// The client | forwarder | backend topology, with a second address in
+/// the backend namespace: backends A (198.18.2.2) and B (198.18.2.3).
+fn two_backends() -> (Topology, SocketAddr, SocketAddr) {
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let b = SocketAddr::from((Ipv4Addr::new(198, 18, 2, 3), PORT));
+    let b_if = topo.backend_link.b_if.clone();
+    topo.backend
+        .ip(&["addr", "add", &format!("{}/24", b.ip()), "dev", &b_if]);
+    let a = SocketAddr::from((topo.backend_addr(), PORT));
+    (topo, a, b)
+}
+
+fn rule_file(a: SocketAddr, b: SocketAddr) -> String {
     format!(
         "routes:
   hc:
     scheme: tcp,udp
     port: {LISTEN}:{PORT}
-    backends: [{a}:{PORT}, {b}:{PORT}]
+    backends: [{a}, {b}]
     path: tc
     healthcheck: {{interval: 400ms, timeout: 300ms, fall: {FALL}, rise: {RISE}, payload: ping, expect: pong}}
 "
@@ -245,29 +258,12 @@ fn new_flows_go_only_to_healthy_backends_and_come_back() {
     if !common::require_root("new_flows_go_only_to_healthy_backends_and_come_back") {
         return;
     }
-    let topo = Topology::new();
-    forwarding_on(&topo);
-    let b_ip = Ipv4Addr::new(198, 18, 2, 3);
-    topo.backend.ip(&[
-        "addr",
-        "add",
-        &format!("{b_ip}/24"),
-        "dev",
-        &topo.backend_link.b_if,
-    ]);
-    let (a, b) = (
-        SocketAddr::from((topo.backend_addr(), PORT)),
-        SocketAddr::from((b_ip, PORT)),
-    );
+    let (topo, a, b) = two_backends();
     let a_tcp = TcpServer::start(&topo.backend, a, b'A');
     let _b_tcp = TcpServer::start(&topo.backend, b, b'B');
     let a_udp = UdpServer::start(&topo.backend, a, b'A');
     let _b_udp = UdpServer::start(&topo.backend, b, b'B');
-    let daemon = Daemon::start(
-        &topo.forwarder,
-        "health",
-        &rule_file(topo.backend_addr(), b_ip),
-    );
+    let daemon = Daemon::start(&topo.forwarder, "health", &rule_file(a, b));
 
     // Both take new flows at first.
     let tcp = tcp_flows(&topo, 20);
@@ -328,28 +324,11 @@ fn with_every_backend_down_tcp_clients_are_reset_at_once() {
     if !common::require_root("with_every_backend_down_tcp_clients_are_reset_at_once") {
         return;
     }
-    let topo = Topology::new();
-    forwarding_on(&topo);
-    let b_ip = Ipv4Addr::new(198, 18, 2, 3);
-    topo.backend.ip(&[
-        "addr",
-        "add",
-        &format!("{b_ip}/24"),
-        "dev",
-        &topo.backend_link.b_if,
-    ]);
-    let (a, b) = (
-        SocketAddr::from((topo.backend_addr(), PORT)),
-        SocketAddr::from((b_ip, PORT)),
-    );
+    let (topo, a, b) = two_backends();
     let a_udp = UdpServer::start(&topo.backend, a, b'A');
     let b_udp = UdpServer::start(&topo.backend, b, b'B');
     // No TCP server at all: both TCP backends refuse.
-    let daemon = Daemon::start(
-        &topo.forwarder,
-        "alldown",
-        &rule_file(topo.backend_addr(), b_ip),
-    );
+    let daemon = Daemon::start(&topo.forwarder, "alldown", &rule_file(a, b));
     wait_state(&daemon, "tcp", 0, "down", FALL, None);
     wait_state(&daemon, "tcp", 1, "down", FALL, None);
     a_udp.answer_checks.store(false, Ordering::Relaxed);
@@ -407,18 +386,8 @@ fn reloads_keep_restart_and_stop_the_checks() {
     if !common::require_root("reloads_keep_restart_and_stop_the_checks") {
         return;
     }
-    let topo = Topology::new();
-    forwarding_on(&topo);
-    let b_ip = Ipv4Addr::new(198, 18, 2, 3);
-    topo.backend.ip(&[
-        "addr",
-        "add",
-        &format!("{b_ip}/24"),
-        "dev",
-        &topo.backend_link.b_if,
-    ]);
-    let a_ip = topo.backend_addr();
-    let b = TcpServer::start(&topo.backend, SocketAddr::from((b_ip, PORT)), b'B');
+    let (topo, a, b) = two_backends();
+    let b_server = TcpServer::start(&topo.backend, b, b'B');
     // A has no server: its checks fail.
     let file = |check: &str, extra: &str| {
         format!(
@@ -426,7 +395,7 @@ fn reloads_keep_restart_and_stop_the_checks() {
   hc:
     scheme: tcp
     port: {LISTEN}:{PORT}
-    backends: [{a_ip}:{PORT}, {b_ip}:{PORT}]
+    backends: [{a}, {b}]
     path: tc
     healthcheck: {{{check}}}
 {extra}"
@@ -435,7 +404,7 @@ fn reloads_keep_restart_and_stop_the_checks() {
     let fast = "interval: 200ms, timeout: 150ms, fall: 1, rise: 1";
     let daemon = Daemon::start(&topo.forwarder, "health-reload", &file(fast, ""));
     wait_state(&daemon, "tcp", 0, "down", 1, None);
-    let fast_checks = accepted_during(&b, Duration::from_secs(2));
+    let fast_checks = accepted_during(&b_server, Duration::from_secs(2));
     assert!(
         fast_checks >= 4,
         "{fast_checks} checks of B in 2 s every 200ms"
@@ -456,7 +425,7 @@ fn reloads_keep_restart_and_stop_the_checks() {
     let out = common::reload(daemon.control_path(), WAIT);
     assert!(out.status.success(), "{out:?}");
     wait_state(&daemon, "tcp", 0, "down", 1, None);
-    let slow_checks = accepted_during(&b, Duration::from_secs(3));
+    let slow_checks = accepted_during(&b_server, Duration::from_secs(3));
     assert!(
         (1..=3).contains(&slow_checks),
         "{slow_checks} checks of B in 3 s every 1.5s"
@@ -466,7 +435,7 @@ fn reloads_keep_restart_and_stop_the_checks() {
     std::fs::write(daemon.config_path(), format!("routes:\n{other}")).unwrap();
     let out = common::reload(daemon.control_path(), WAIT);
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(accepted_during(&b, Duration::from_secs(2)), 0);
+    assert_eq!(accepted_during(&b_server, Duration::from_secs(2)), 0);
     daemon.stop();
 }
 
@@ -475,17 +444,8 @@ fn relay_connect_failures_take_a_backend_out() {
     if !common::require_root("relay_connect_failures_take_a_backend_out") {
         return;
     }
-    let topo = Topology::new();
-    let b_ip = Ipv4Addr::new(198, 18, 2, 3);
-    topo.backend.ip(&[
-        "addr",
-        "add",
-        &format!("{b_ip}/24"),
-        "dev",
-        &topo.backend_link.b_if,
-    ]);
-    let a_ip = topo.backend_addr();
-    let _b = TcpServer::start(&topo.backend, SocketAddr::from((b_ip, PORT)), b'B');
+    let (topo, a, b) = two_backends();
+    let _b = TcpServer::start(&topo.backend, b, b'B');
     // One check at start (A refuses: one failure), then none for an hour:
     // only the relay's own connects can take A out.
     let yaml = format!(
@@ -493,7 +453,7 @@ fn relay_connect_failures_take_a_backend_out() {
   hc:
     scheme: tcp
     port: {LISTEN}:{PORT}
-    backends: [{a_ip}:{PORT}, {b_ip}:{PORT}]
+    backends: [{a}, {b}]
     path: relay
     healthcheck: {{interval: 1h, timeout: 1s, fall: 3, rise: 1}}
 "
