@@ -440,28 +440,31 @@ fn reloads_keep_restart_and_stop_the_checks() {
 }
 
 #[test]
-fn relay_connect_failures_take_a_backend_out() {
-    if !common::require_root("relay_connect_failures_take_a_backend_out") {
+fn relay_failures_take_a_backend_out() {
+    if !common::require_root("relay_failures_take_a_backend_out") {
         return;
     }
     let (topo, a, b) = two_backends();
-    let _b = TcpServer::start(&topo.backend, b, b'B');
-    // One check at start (A refuses: one failure), then none for an hour:
-    // only the relay's own connects can take A out.
+    let _b_tcp = TcpServer::start(&topo.backend, b, b'B');
+    let _b_udp = UdpServer::start(&topo.backend, b, b'B');
+    // One check at start (A's ports are closed: one failure), then none
+    // for an hour: only the relay's own failures can take A out.
     let yaml = format!(
-        "routes:
+        "relay: {{drain_timeout: 1s}}
+routes:
   hc:
-    scheme: tcp
+    scheme: tcp,udp
     port: {LISTEN}:{PORT}
     backends: [{a}, {b}]
     path: relay
-    healthcheck: {{interval: 1h, timeout: 1s, fall: 3, rise: 1}}
+    healthcheck: {{interval: 1h, timeout: 1s, fall: 3, rise: 1, payload: ping, expect: pong}}
 "
     );
     let daemon = Daemon::start(&topo.forwarder, "health-passive", &yaml);
-    wait_for_a_failed_check(&daemon);
+    wait_for_a_failed_check(&daemon, 0);
+    wait_for_a_failed_check(&daemon, 1);
     let to = SocketAddr::from((topo.forwarder_addr(), LISTEN));
-    let answers: Vec<Option<u8>> = in_netns(&topo.client, || {
+    let tcp: Vec<Option<u8>> = in_netns(&topo.client, || {
         (0..12)
             .map(|_| {
                 let mut s = TcpStream::connect_timeout(&to, WAIT).ok()?;
@@ -472,11 +475,30 @@ fn relay_connect_failures_take_a_backend_out() {
             })
             .collect()
     });
-    // Two connects to A fail (the third failure in a row), then only B.
-    let failed = answers.iter().filter(|a| a.is_none()).count();
-    assert_eq!(failed, 2, "{answers:?}");
-    assert!(answers[6..].iter().all(|a| *a == Some(b'B')), "{answers:?}");
-    assert_eq!(state(&daemon, "tcp", 0), "down");
+    // A session to A hears of the closed port by ICMP, as the relay does.
+    let udp: Vec<Option<u8>> = in_netns(&topo.client, || {
+        (0..12)
+            .map(|_| {
+                let s = udp_client(to);
+                s.set_read_timeout(Some(Duration::from_millis(300)))
+                    .unwrap();
+                s.send(b"who").unwrap();
+                let mut buf = [0u8; 16];
+                s.recv(&mut buf).ok().map(|_| buf[0])
+            })
+            .collect()
+    });
+    // Picks alternate: two flows to A fail (its third failure in a row),
+    // then only B.
+    for (protocol, answers) in [("tcp", tcp), ("udp", udp)] {
+        let failed = answers.iter().filter(|a| a.is_none()).count();
+        assert_eq!(failed, 2, "{protocol}: {answers:?}");
+        assert!(
+            answers[6..].iter().all(|a| *a == Some(b'B')),
+            "{protocol}: {answers:?}"
+        );
+        assert_eq!(state(&daemon, protocol, 0), "down");
+    }
     let status = daemon.status();
     assert_eq!(
         counter(relay_rule(&status, "hc", "tcp"), "connect_failures"),
@@ -485,12 +507,12 @@ fn relay_connect_failures_take_a_backend_out() {
     daemon.stop();
 }
 
-/// Waits until backend A of the first rule has failed a check.
-fn wait_for_a_failed_check(daemon: &Daemon) {
+/// Waits until backend A of rule `rule` (in file order) has failed a check.
+fn wait_for_a_failed_check(daemon: &Daemon, rule: usize) {
     let deadline = Instant::now() + WAIT;
     loop {
         let status = daemon.status();
-        if status["rules"][0]["health"][0]["last_failure"].is_string() {
+        if status["rules"][rule]["health"][0]["last_failure"].is_string() {
             return;
         }
         assert!(Instant::now() < deadline, "no failed check of A:\n{status}");
