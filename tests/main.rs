@@ -2,10 +2,13 @@
 //! with real traffic (those need root).
 mod common;
 
+mod broadcast;
 mod config_cli;
 mod crash;
 mod daemon;
+mod flow_timeouts;
 mod health;
+mod host_hooks;
 mod kernel_path;
 mod relay;
 mod reload;

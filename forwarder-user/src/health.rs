@@ -9,7 +9,7 @@
 //! passed ones. A rule without `healthcheck` keeps every backend, always:
 //! with no check to bring it back, a backend once out would stay out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -50,9 +50,10 @@ impl HealthBook {
     /// and so under a fresh id) start theirs, removed rules' checks stop.
     /// Runs on the tokio runtime.
     pub fn sync(&self, listeners: &[Listener]) {
+        let running: HashSet<u32> = listeners.iter().map(|l| l.rule_id).collect();
         let mut checks = lock(&self.checks);
         let mut rules = lock(&self.rules);
-        rules.retain(|id, _| listeners.iter().any(|l| l.rule_id == *id));
+        rules.retain(|id, _| running.contains(id));
         checks.retain(|id, _| rules.contains_key(id));
         for l in listeners {
             let Some(spec) = &l.health else { continue };

@@ -1,7 +1,7 @@
 //! Filling RULES, BACKENDS and SETTINGS from the compiled rule table.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use forwarder_common::{
@@ -47,7 +47,45 @@ impl Tables {
         }
     }
 
+    /// Takes over the health of `from`'s backends for the rules `kept`
+    /// says (same id, same backends), in one pass over each table: a
+    /// reload of thousands of rules must not look up each one.
+    pub fn keep_health(&mut self, from: &Tables, kept: impl Fn(u32) -> bool) {
+        let down: HashSet<u32> = from
+            .backends
+            .iter()
+            .filter(|(index, b)| {
+                b.flags & BACKEND_F_HEALTHY == 0 && kept(index / MAX_BACKENDS_PER_RULE)
+            })
+            .map(|(index, _)| *index)
+            .collect();
+        if down.is_empty() {
+            return;
+        }
+        let affected: HashSet<u32> = down.iter().map(|i| i / MAX_BACKENDS_PER_RULE).collect();
+        let mut totals: HashMap<u32, u32> = HashMap::new();
+        for (index, backend) in &mut self.backends {
+            let rule_id = *index / MAX_BACKENDS_PER_RULE;
+            if !affected.contains(&rule_id) {
+                continue;
+            }
+            let total = totals.entry(rule_id).or_default();
+            if down.contains(index) {
+                backend.flags &= !BACKEND_F_HEALTHY;
+            } else {
+                backend.flags |= BACKEND_F_HEALTHY;
+                *total += u32::from(backend.weight);
+            }
+        }
+        for (_, value) in &mut self.rules {
+            if let Some(&total) = totals.get(&value.rule_id) {
+                value.total_weight = total;
+            }
+        }
+    }
+
     /// The healthy flags of rule `rule_id`'s backends, in order.
+    #[cfg(test)]
     pub fn health(&self, rule_id: u32) -> Vec<bool> {
         let mut of_rule: Vec<(u32, bool)> = self
             .backends
@@ -105,11 +143,17 @@ fn shortest_tcp_close(compiled: &Compiled) -> Duration {
 pub fn prepare(compiled: &Compiled) -> Tables {
     let mut relay_only: HashSet<u32> = HashSet::new();
     let mut backends = Vec::with_capacity(compiled.kernel.backends.len());
+    // The route depends on the address alone; thousands of rules often
+    // share a few backends.
+    let mut routes: HashMap<IpAddr, Result<Egress, String>> = HashMap::new();
     for &(index, mut backend) in &compiled.kernel.backends {
         let rule_id = index / MAX_BACKENDS_PER_RULE;
         let ip = snat::ip_of(&backend.addr);
         let addr = SocketAddr::new(ip, u16::from_be(backend.port));
-        match snat::egress(addr) {
+        let route = routes
+            .entry(ip)
+            .or_insert_with(|| snat::egress(addr).map_err(|e| e.to_string()));
+        match route.clone() {
             Ok(Egress::From(local)) if ip.is_ipv4() && local.is_ipv4() => {
                 backend.snat_addr = snat::addr_of(local);
             }
@@ -192,6 +236,16 @@ mod tests {
         assert_eq!(t.rules[0].1.total_weight, 0);
         t.set_health(1, &[true, true, true]);
         assert_eq!(t.rules[1].1.total_weight, 6);
+
+        // A reload: rule 1 kept, rule 2 new under an id the old table had down.
+        let mut running = t.clone();
+        running.set_health(1, &[true, false, false]);
+        running.set_health(2, &[false]);
+        t.keep_health(&running, |id| id == 1);
+        assert_eq!(t.health(1), [true, false, false]);
+        assert_eq!(t.health(2), [true]);
+        let totals: Vec<u32> = t.rules.iter().map(|(_, v)| v.total_weight).collect();
+        assert_eq!(totals, [1, 1, 6]);
     }
 
     #[test]

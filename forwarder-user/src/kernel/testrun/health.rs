@@ -31,7 +31,7 @@ fn syns(k: &Loaded, first_port: u16, n: u16) -> Vec<Option<Ipv4Addr>> {
             let out = k.run_tc(&Spec::tcp(client(port), listener(), TCP_SYN).build());
             match out.verdict {
                 TC_ACT_REDIRECT => Some(view(&out.packet).dst),
-                TC_ACT_OK => None,
+                TC_ACT_UNSPEC => None,
                 v => panic!("verdict {v}"),
             }
         })
