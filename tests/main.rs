@@ -7,6 +7,7 @@ mod config_cli;
 mod crash;
 mod daemon;
 mod flow_timeouts;
+mod health;
 mod host_hooks;
 mod kernel_path;
 mod names;

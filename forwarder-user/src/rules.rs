@@ -123,6 +123,26 @@ pub struct BackendSpec {
     pub weight: u16,
 }
 
+/// How a rule's backends are checked: every `interval`, a check that has
+/// no answer within `timeout` fails; `fall` failures in a row take a
+/// backend out, `rise` passes in a row bring it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+    pub probe: Probe,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The backend accepts a TCP connection.
+    TcpConnect,
+    /// The backend answers `payload` with a datagram that starts with `expect`.
+    Udp { payload: Vec<u8>, expect: Vec<u8> },
+}
+
 /// One listening socket of the relay: one alias on one protocol.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listener {
@@ -140,6 +160,8 @@ pub struct Listener {
     pub path: PathMode,
     /// DNAT only on the kernel path; the relay cannot keep the client's address.
     pub preserve_client_ip: bool,
+    /// `None`: every backend takes flows, always.
+    pub health: Option<HealthSpec>,
 }
 
 /// Daemon-wide settings of the relay.
