@@ -11,6 +11,8 @@
 pub type Addr = [u32; 4];
 
 pub mod csum;
+pub mod icmp;
+pub mod mss;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
