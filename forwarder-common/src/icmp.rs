@@ -124,26 +124,22 @@ pub const ERROR_LEN: usize = INNER_IP_OFF + EMBEDDED_LEN;
 /// unfragmented datagram's ID means nothing).
 #[inline(always)]
 pub fn build_error(out: &mut [u8; ERROR_LEN], icmp_type: u8, code: u8, mtu: u16) {
+    // Written in place: the eBPF stack has no room for copies.
     let (src, dst) = (INNER_IP_OFF + 16, INNER_IP_OFF + 12);
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[1] = 0xc0;
-    ip[2..4].copy_from_slice(&(ERROR_LEN as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = PROTO_ICMP;
-    ip[12..16].copy_from_slice(&[out[src], out[src + 1], out[src + 2], out[src + 3]]);
-    ip[16..20].copy_from_slice(&[out[dst], out[dst + 1], out[dst + 2], out[dst + 3]]);
-    let ip_csum = csum::checksum(&ip);
-    ip[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
-    out[..20].copy_from_slice(&ip);
-
-    let mut icmp = [0u8; 8];
-    icmp[0] = icmp_type;
-    icmp[1] = code;
-    icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
-    let sum = csum::sum_bytes(csum::sum_bytes(0, &icmp), &out[INNER_IP_OFF..]);
-    icmp[2..4].copy_from_slice(&(!csum::fold(sum)).to_ne_bytes());
-    out[ICMP_OFF..INNER_IP_OFF].copy_from_slice(&icmp);
+    let len = (ERROR_LEN as u16).to_be_bytes();
+    out[..12].copy_from_slice(&[0x45, 0xc0, len[0], len[1], 0, 0, 0, 0, 64, PROTO_ICMP, 0, 0]);
+    let mut i = 0;
+    while i < 4 {
+        out[12 + i] = out[src + i];
+        out[16 + i] = out[dst + i];
+        i += 1;
+    }
+    let ip_csum = !csum::fold(csum::sum_bytes(0, &out[..ICMP_OFF]));
+    out[10..12].copy_from_slice(&ip_csum.to_ne_bytes());
+    let mtu = mtu.to_be_bytes();
+    out[ICMP_OFF..INNER_IP_OFF].copy_from_slice(&[icmp_type, code, 0, 0, 0, 0, mtu[0], mtu[1]]);
+    let icmp_csum = !csum::fold(csum::sum_bytes(0, &out[ICMP_OFF..]));
+    out[ICMP_CSUM_OFF..ICMP_CSUM_OFF + 2].copy_from_slice(&icmp_csum.to_ne_bytes());
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Whatever the kernel path does not take is passed on unmodified.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -16,7 +16,9 @@ use forwarder_common::{
 use crate::conntrack::{self, Fallback};
 use crate::counters::{Hook, count_interface, with_rule};
 use crate::fragments;
+use crate::icmp::{self, Unforwardable};
 use crate::maps::{Scratch, scratch};
+use crate::mss;
 use crate::nat;
 use crate::parse::{self, Packet, TCP_ACK, TCP_SYN, Unfit};
 use crate::redirect::{self, Flow};
@@ -24,6 +26,23 @@ use crate::rules;
 
 /// Lets the FIB check the skb against the MTU: TC sees GRO/GSO skbs.
 const SKB_MTU_CHECK: u16 = 0;
+
+/// The length the FIB checks a known flow's packet against the next hop's
+/// MTU with. A DF packet that is no GRO/GSO aggregate gives its own
+/// length, which the FIB checks exactly, against the route's MTU, and
+/// answers with that MTU when too big (the sender gets frag-needed). For
+/// the rest the FIB checks the skb, as for new flows (with some slack for
+/// link headers, and per segment for GSO).
+#[inline(always)]
+fn mtu_check_len(ctx: &TcContext, pkt: &Packet) -> u16 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if pkt.dont_fragment && !gso {
+        pkt.tot_len
+    } else {
+        SKB_MTU_CHECK
+    }
+}
 
 /// One packet on its way through the pipeline.
 struct Work {
@@ -39,7 +58,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
         log_first_packet(ctx, ifindex);
     }
     let Some(pkt) = parse::parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return icmp::translate_error(ctx, ifindex).unwrap_or(TC_ACT_OK as i32);
     };
     let Some(s) = scratch() else {
         return TC_ACT_OK as i32;
@@ -146,7 +165,7 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
     s.ct = unsafe { *entry };
     let (rule_id, direction) = (s.ct.rule_id, s.ct.direction);
     if pkt.ttl <= 1 {
-        return drop(ctx, rule_id, "TTL expired");
+        return icmp::reply_error(ctx, pkt, Unforwardable::TtlExpired, s);
     }
     let (Some(src), Some(dst)) = (addr_ipv4_be(&s.ct.new_src), addr_ipv4_be(&s.ct.new_dst)) else {
         return drop(ctx, rule_id, "not IPv4");
@@ -158,15 +177,21 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
         proto: pkt.proto,
         sport: s.ct.new_sport,
         dport: s.ct.new_dport,
-        tot_len: SKB_MTU_CHECK,
+        tot_len: mtu_check_len(ctx, pkt),
     };
-    if redirect::route(ctx, &flow, s).is_err() {
-        return drop(ctx, rule_id, "no route");
+    if let Err(rc) = redirect::route(ctx, &flow, s) {
+        if rc != i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) || flow.tot_len == SKB_MTU_CHECK {
+            return drop(ctx, rule_id, "no route");
+        }
+        return icmp::reply_error(ctx, pkt, Unforwardable::TooBig, s);
     }
     let change = conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now);
     conntrack::follow_up(entry, change, pkt.proto, w.now, &mut s.reverse_key);
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
         return drop(ctx, rule_id, "rewrite failed");
+    }
+    if pkt.tcp_flags & TCP_SYN != 0 {
+        mss::clamp(ctx, pkt, s);
     }
     let bytes = u64::from(ctx.len());
     with_rule(rule_id, |c| {
@@ -219,6 +244,9 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
         return drop(ctx, rule.rule_id, "rewrite failed");
     }
+    if pkt.tcp_flags & TCP_SYN != 0 {
+        mss::clamp(ctx, pkt, s);
+    }
     let bytes = u64::from(ctx.len());
     with_rule(rule.rule_id, |c| {
         // A flow another CPU created a moment ago is counted there.
@@ -267,7 +295,7 @@ fn fall_back(ctx: &TcContext, key: &CtKey, rule_id: u32, now: u64, why: Fallback
 
 /// Drops a packet of a kernel flow that cannot be sent on.
 #[inline(always)]
-fn drop(ctx: &TcContext, rule_id: u32, why: &'static str) -> i32 {
+pub(crate) fn drop(ctx: &TcContext, rule_id: u32, why: &'static str) -> i32 {
     with_rule(rule_id, |c| c.dropped += 1);
     debug!(ctx, "rule {}: packet dropped: {}", rule_id, why);
     TC_ACT_SHOT as i32

@@ -4,6 +4,7 @@
 //! given and returns its verdict and the packet as it left.
 
 mod flows;
+mod icmp;
 mod packet;
 mod programs;
 mod xdp;
