@@ -3,5 +3,6 @@
 mod common;
 
 mod daemon;
+mod icmp;
 mod kernel_path;
 mod relay;
