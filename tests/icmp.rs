@@ -163,6 +163,41 @@ fn learn_the_path_mtu(client: &Netns, client_if: &str, udp_to: SocketAddr) {
     });
 }
 
+/// The client | forwarder | backend topology with the forwarder's link to
+/// the backend at 1,400 bytes (`both_ends`: the backend's end too), the
+/// daemon on it, and the backend's servers. TCP may also go to the
+/// listener's second address.
+fn with_a_1400_byte_link(
+    name: &str,
+    both_ends: bool,
+    f: impl FnOnce(&Topology, SocketAddr),
+) -> serde_json::Value {
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let mtu = MTU.to_string();
+    let backend_link = &topo.backend_link;
+    topo.forwarder
+        .ip(&["link", "set", &backend_link.a_if, "mtu", &mtu]);
+    if both_ends {
+        topo.backend
+            .ip(&["link", "set", &backend_link.b_if, "mtu", &mtu]);
+    }
+    let _servers = BackendServers::start(&topo.backend);
+    let interfaces = [topo.client_link.a_if.as_str(), backend_link.a_if.as_str()];
+    let yaml = rules(interfaces, topo.backend_addr(), 3478);
+    let second = format!("{TCP_ADDR}/24");
+    topo.forwarder
+        .ip(&["addr", "add", &second, "dev", &topo.client_link.a_if]);
+    let daemon = Daemon::start(&topo.forwarder, name, &yaml);
+    f(
+        &topo,
+        SocketAddr::from((topo.forwarder_addr(), LISTEN_PORT)),
+    );
+    let status = daemon.status();
+    daemon.stop();
+    status
+}
+
 #[test]
 fn a_1400_byte_link_behind_the_forwarder_teaches_the_client_its_path_mtu() {
     if !common::require_root(
@@ -170,31 +205,34 @@ fn a_1400_byte_link_behind_the_forwarder_teaches_the_client_its_path_mtu() {
     ) {
         return;
     }
-    let topo = Topology::new();
-    forwarding_on(&topo);
-    let mtu = MTU.to_string();
-    let backend_link = &topo.backend_link;
-    topo.forwarder
-        .ip(&["link", "set", &backend_link.a_if, "mtu", &mtu]);
-    topo.backend
-        .ip(&["link", "set", &backend_link.b_if, "mtu", &mtu]);
-    let _servers = BackendServers::start(&topo.backend);
-    let interfaces = [topo.client_link.a_if.as_str(), backend_link.a_if.as_str()];
-    let yaml = rules(interfaces, topo.backend_addr(), 3478);
-    let second = format!("{TCP_ADDR}/24");
-    topo.forwarder
-        .ip(&["addr", "add", &second, "dev", &topo.client_link.a_if]);
-    let daemon = Daemon::start(&topo.forwarder, "icmp-link-mtu", &yaml);
-    let to = SocketAddr::from((topo.forwarder_addr(), LISTEN_PORT));
-    learn_the_path_mtu(&topo.client, &topo.client_link.b_if, to);
-
-    let status = daemon.status();
+    let status = with_a_1400_byte_link("icmp-link-mtu", true, |topo, to| {
+        learn_the_path_mtu(&topo.client, &topo.client_link.b_if, to);
+    });
     assert_kernel_only(&status, "t-udp", "udp");
     assert_kernel_only(&status, "t-tcp", "tcp");
     // The forwarder itself answered the datagram it could not send on.
     let k = kernel_rule(&status, "t-udp", "udp");
     assert!(counter(k, "icmp_sent") >= 1, "{k}");
-    daemon.stop();
+}
+
+/// A sender with TSO and GSO on (a veth's default) hands the forwarder
+/// 64 KiB aggregates; their segments, sized for the backend's 1,500-byte
+/// link, do not fit the forwarder's 1,400-byte end of it. The SYN's MSS
+/// clamp covers only what the backend sends.
+#[test]
+fn gso_segments_too_big_for_the_forwarders_link_get_frag_needed() {
+    if !common::require_root("gso_segments_too_big_for_the_forwarders_link_get_frag_needed") {
+        return;
+    }
+    let status = with_a_1400_byte_link("icmp-gso", false, |topo, to| {
+        in_netns(&topo.client, || {
+            let (sent, got) = tcp_hash_transfer(to, 16 << 20);
+            assert_eq!(sent, got, "the transfer arrived intact");
+        });
+    });
+    assert_kernel_only(&status, "t-tcp", "tcp");
+    let k = kernel_rule(&status, "t-tcp", "tcp");
+    assert!(counter(k, "icmp_sent") >= 1, "{k}");
 }
 
 #[test]

@@ -11,8 +11,11 @@
 //! options, outer or embedded, are left to the stack.
 
 use aya_ebpf::{
-    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT},
-    helpers::{bpf_skb_change_tail, bpf_skb_load_bytes},
+    bindings::{
+        BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        bpf_check_mtu_ret::BPF_MTU_CHK_RET_SEGS_TOOBIG,
+    },
+    helpers::{bpf_check_mtu, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
 use forwarder_common::{
@@ -207,6 +210,34 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
     }
     with_rule(rule_id, |c| c.icmp_translated += 1);
     Some(redirect::send(s))
+}
+
+/// False if the egress interface the FIB found (in `s.fib`) cannot carry
+/// the segments of this GRO/GSO packet; its MTU is then left in `s.fib`
+/// for frag-needed. The FIB passes such packets whole, whatever their
+/// segments; plain packets it checked itself.
+#[inline(never)]
+pub fn segments_fit(ctx: &TcContext, s: &mut Scratch) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    if unsafe { (*ctx.skb.skb).gso_size } == 0 {
+        return true;
+    }
+    let mut mtu: u32 = 0;
+    // SAFETY: the helper writes the interface's MTU into `mtu`.
+    let rc = unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb.cast(),
+            s.fib.ifindex,
+            &mut mtu,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        )
+    };
+    if rc != i64::from(BPF_MTU_CHK_RET_SEGS_TOOBIG) {
+        return true;
+    }
+    s.fib.__bindgen_anon_1.mtu_result = mtu as u16;
+    false
 }
 
 /// Why a kernel flow's packet cannot be forwarded.

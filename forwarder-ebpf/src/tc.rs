@@ -29,10 +29,11 @@ const SKB_MTU_CHECK: u16 = 0;
 
 /// The length the FIB checks a known flow's packet against the next hop's
 /// MTU with. A DF packet that is no GRO/GSO aggregate gives its own
-/// length, which the FIB checks exactly, against the route's MTU, and
-/// answers with that MTU when too big (the sender gets frag-needed). For
-/// the rest the FIB checks the skb, as for new flows (with some slack for
-/// link headers, and per segment for GSO).
+/// length, which the FIB checks exactly, against the route's MTU. For the
+/// rest the FIB checks the skb against the egress interface's MTU, as for
+/// new flows (a plain skb with some slack for link headers; a GSO one not
+/// at all, see `icmp::segments_fit`). A DF packet found too big is
+/// answered with frag-needed and the MTU.
 #[inline(always)]
 fn mtu_check_len(ctx: &TcContext, pkt: &Packet) -> u16 {
     // SAFETY: the context pointer is valid for the program's run.
@@ -180,9 +181,12 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
         tot_len: mtu_check_len(ctx, pkt),
     };
     if let Err(rc) = redirect::route(ctx, &flow, s) {
-        if rc != i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) || flow.tot_len == SKB_MTU_CHECK {
+        if rc != i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) || !pkt.dont_fragment {
             return drop(ctx, rule_id, "no route");
         }
+        return icmp::reply_error(ctx, pkt, Unforwardable::TooBig, s);
+    }
+    if pkt.dont_fragment && !icmp::segments_fit(ctx, s) {
         return icmp::reply_error(ctx, pkt, Unforwardable::TooBig, s);
     }
     let change = conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now);
