@@ -2,8 +2,8 @@
 //! as a library and through the daemon (`forwarder run` in the forwarder
 //! namespace of the client | forwarder | backend topology).
 
-pub(crate) mod harness;
-pub(crate) mod traffic;
+pub mod harness;
+pub mod traffic;
 mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};

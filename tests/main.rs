@@ -2,7 +2,10 @@
 //! with real traffic (those need root).
 mod common;
 
+mod config_cli;
+mod crash;
 mod daemon;
 mod icmp;
 mod kernel_path;
 mod relay;
+mod reload;
