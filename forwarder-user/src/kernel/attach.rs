@@ -12,8 +12,8 @@ use aya::Ebpf;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{
-    LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
-    xdp::XdpLinkId,
+    LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    tc::SchedClassifierLinkId, xdp::XdpLinkId,
 };
 use aya::util::KernelVersion;
 
@@ -69,11 +69,9 @@ impl Attached {
     /// Loads both programs of `ebpf` into the kernel.
     pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         let tc: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?.try_into()?;
-        tc.load()
-            .map_err(|e| anyhow::anyhow!("the kernel refused the TC program: {e}"))?;
+        load_retrying("TC", || tc.load())?;
         let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
-        xdp.load()
-            .map_err(|e| anyhow::anyhow!("the kernel refused the XDP program: {e}"))?;
+        load_retrying("XDP", || xdp.load())?;
         Ok(())
     }
 
@@ -281,4 +279,26 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     Ok(program(ebpf, name)?.try_into()?)
+}
+
+/// Loads a program, again where the verifier gave up with EAGAIN: it does
+/// when a signal reaches the loading thread (a child of the process
+/// exiting, say), which says nothing of the program. libbpf retries too.
+fn load_retrying(
+    what: &str,
+    mut load: impl FnMut() -> Result<(), ProgramError>,
+) -> anyhow::Result<()> {
+    const ATTEMPTS: u32 = 5;
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Ok(()) => return Ok(()),
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            Err(e) => anyhow::bail!("the kernel refused the {what} program: {e}"),
+        }
+    }
 }

@@ -45,6 +45,15 @@ fn error(from: Ipv4Addr, to: Ipv4Addr, ttl: u8, kind: (u8, u8, u16), about: &[u8
     p
 }
 
+/// The error the forwarder sends, as Linux sends its own (TTL 64, ID 0),
+/// about the frame `packet`: its first 28 bytes.
+fn sent_error(from: Ipv4Addr, to: Ipv4Addr, kind: (u8, u8, u16), packet: &[u8]) -> Vec<u8> {
+    let mut p = error(from, to, 64, kind, &packet[ETH_LEN..ETH_LEN + IP_LEN + 8]);
+    p[ETH_LEN + 4..ETH_LEN + 6].fill(0);
+    fix_checksum(&mut p, ETH_LEN, ETH_LEN + IP_LEN, 10);
+    p
+}
+
 /// Writes the checksum of `p[from..to]` into its field at `from + at`.
 fn fix_checksum(p: &mut [u8], from: usize, to: usize, at: usize) {
     p[from + at..from + at + 2].fill(0);
@@ -263,16 +272,7 @@ fn a_kernel_flows_packet_with_ttl_one_is_answered_with_time_exceeded() {
         assert_eq!(answer.verdict, TC_ACT_REDIRECT);
         // From the listener, about the first 28 bytes of the datagram.
         let kind = (ICMP_TIME_EXCEEDED, 0, 0);
-        let mut expected = error(
-            LISTENER,
-            CLIENT,
-            64,
-            kind,
-            &expiring[ETH_LEN..ETH_LEN + IP_LEN + 8],
-        );
-        // Linux's own errors: ID 0.
-        expected[ETH_LEN + 4..ETH_LEN + 6].fill(0);
-        fix_checksum(&mut expected, ETH_LEN, ETH_LEN + IP_LEN, 10);
+        let expected = sent_error(LISTENER, CLIENT, kind, &expiring);
         assert_eq!(answer.packet[ETH_LEN..], expected[ETH_LEN..]);
         let c = k.rule_counters(UDP_RULE);
         assert_eq!((c.icmp_sent, c.dropped), (1, 0));
@@ -312,9 +312,7 @@ fn a_df_packet_too_big_for_the_next_hop_is_answered_with_frag_needed() {
         let answer = k.run_tc(&big);
         assert_eq!(answer.verdict, TC_ACT_REDIRECT);
         let kind = (ICMP_UNREACH, CODE_FRAG_NEEDED, 1400);
-        let mut expected = error(LISTENER, CLIENT, 64, kind, &big[ETH_LEN..ETH_LEN + 28]);
-        expected[ETH_LEN + 4..ETH_LEN + 6].fill(0);
-        fix_checksum(&mut expected, ETH_LEN, ETH_LEN + IP_LEN, 10);
+        let expected = sent_error(LISTENER, CLIENT, kind, &big);
         assert_eq!(answer.packet[ETH_LEN..], expected[ETH_LEN..]);
         assert_eq!(k.rule_counters(UDP_RULE).icmp_sent, 1);
 
