@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use forwarder_common::PROTO_TCP;
+use forwarder_common::{PROTO_TCP, RULE_F_PRESERVE_CLIENT_IP};
 
 use super::flows::{
     BACKEND, BACKEND_PORT, CLIENT, LISTEN_PORT, LISTENER, SNAT, TCP_RULE, UDP_RULE, client,
@@ -199,6 +199,26 @@ fn a_routers_errors_and_the_clients_errors_go_to_the_other_side() {
         assert_checksums(&back.packet);
         assert_eq!(k.rule_counters(UDP_RULE).icmp_translated, 2);
         assert_eq!(k.rule_counters(TCP_RULE).icmp_translated, 1);
+    });
+}
+
+#[test]
+fn without_snat_the_backends_error_still_reaches_the_client_as_from_the_listener() {
+    if !require_root(
+        "without_snat_the_backends_error_still_reaches_the_client_as_from_the_listener",
+    ) {
+        return;
+    }
+    with_router(1024, standard(RULE_F_PRESERVE_CLIENT_IP), |k| {
+        let (sent, out) = udp_flow(k, 50115);
+        assert_eq!(view(&out.packet).src, CLIENT, "DNAT only");
+        let kind = (ICMP_UNREACH, CODE_PORT, 0);
+        let unreachable = error(BACKEND, CLIENT, 64, kind, &out.packet[ETH_LEN..]);
+        let back = k.run_tc(&unreachable);
+        assert_eq!(back.verdict, TC_ACT_REDIRECT);
+        let expected = error(LISTENER, CLIENT, 63, kind, &after_hops(&sent, 1));
+        assert_eq!(back.packet[ETH_LEN..], expected[ETH_LEN..]);
+        assert_eq!(k.rule_counters(UDP_RULE).icmp_translated, 1);
     });
 }
 
