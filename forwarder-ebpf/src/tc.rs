@@ -182,7 +182,7 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
     };
     if let Err(rc) = redirect::route(ctx, &flow, s) {
         if rc != i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) || !pkt.dont_fragment {
-            return drop(ctx, rule_id, "no route");
+            return drop(ctx, rule_id, "no route, or too big without DF");
         }
         return icmp::reply_error(ctx, pkt, Unforwardable::TooBig, s);
     }
