@@ -75,6 +75,9 @@ pub struct Scratch {
     pub icmp: [u8; ERROR_LEN],
     /// A SYN's TCP options.
     pub tcp_opts: [u8; MAX_OPTIONS_LEN],
+    /// The FIB's working space when asked only for a path's MTU (`fib`
+    /// holds the packet's route meanwhile).
+    pub mtu_fib: bpf_fib_lookup,
 }
 
 #[map]

@@ -1,22 +1,23 @@
 //! Clamping the MSS of a kernel flow's SYN and SYN-ACK to the MTU of the
-//! interface it leaves by, as `iptables -j TCPMSS --clamp-mss-to-pmtu`
-//! does: then neither end sends segments that link cannot carry. The
-//! option walk and the value are `forwarder_common::mss`.
+//! path it leaves by, as `iptables -j TCPMSS --clamp-mss-to-pmtu` does:
+//! then neither end sends segments that path cannot carry. The option
+//! walk and the value are `forwarder_common::mss`.
 
-use aya_ebpf::{
-    helpers::{bpf_check_mtu, bpf_skb_load_bytes},
-    programs::TcContext,
+use aya_ebpf::{helpers::bpf_skb_load_bytes, programs::TcContext};
+use forwarder_common::{
+    PROTO_TCP,
+    mss::{MAX_OPTIONS_LEN, clamped, mss_value_offset},
 };
-use forwarder_common::mss::{MAX_OPTIONS_LEN, clamped, mss_value_offset};
 
 use crate::maps::Scratch;
 use crate::parse::Packet;
+use crate::redirect::{self, Flow};
 
 const TCP_LEN: usize = 20;
 
-/// Lowers the MSS option of `pkt`, a TCP SYN already rewritten and routed
-/// (its egress interface is in `s.fib`), where that interface's MTU is
-/// smaller. Anything unexpected (no option, malformed options) leaves the
+/// Lowers the MSS option of `pkt`, a TCP SYN already rewritten to `s.ct`,
+/// where the MTU of the path to its new destination is smaller (the same
+/// MTU a too-big packet of the flow is answered with). Anything unexpected (no option, malformed options) leaves the
 /// segment as it is.
 #[inline(never)]
 pub fn clamp(ctx: &TcContext, pkt: &Packet, s: &mut Scratch) {
@@ -51,13 +52,20 @@ pub fn clamp(ctx: &TcContext, pkt: &Packet, s: &mut Scratch) {
         return;
     }
     let old = u16::from_be_bytes([s.tcp_opts[at], s.tcp_opts[at + 1]]);
-    let mut mtu: u32 = 0;
-    // SAFETY: the helper writes the interface's MTU into `mtu`.
-    let rc = unsafe { bpf_check_mtu(ctx.skb.skb.cast(), s.fib.ifindex, &mut mtu, 0, 0) };
-    if rc < 0 {
+    let flow = Flow {
+        // SAFETY: the context pointer is valid for the program's run.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        src: s.ct.new_src[3],
+        dst: s.ct.new_dst[3],
+        proto: PROTO_TCP,
+        sport: s.ct.new_sport,
+        dport: s.ct.new_dport,
+        tot_len: 0,
+    };
+    let Some(mtu) = redirect::path_mtu(ctx, &flow, &mut s.mtu_fib) else {
         return;
-    }
-    let Some(new) = clamped(old, mtu) else {
+    };
+    let Some(new) = clamped(old, mtu.into()) else {
         return;
     };
     let (old, new) = (old.to_be(), new.to_be());

@@ -359,8 +359,8 @@ fn mss_of(p: &[u8]) -> u16 {
 }
 
 #[test]
-fn syn_and_syn_ack_mss_is_clamped_to_the_egress_mtu() {
-    if !require_root("syn_and_syn_ack_mss_is_clamped_to_the_egress_mtu") {
+fn syn_and_syn_ack_mss_is_clamped_to_the_egress_path_mtu() {
+    if !require_root("syn_and_syn_ack_mss_is_clamped_to_the_egress_path_mtu") {
         return;
     }
     with_router(1024, standard(0), |k| {
@@ -409,5 +409,24 @@ fn syn_and_syn_ack_mss_is_clamped_to_the_egress_mtu() {
         udp.payload = [&[0u8; 12][..], &SYN_OPTIONS].concat();
         let out = k.run_tc(&udp.build());
         assert_eq!(out.packet[ETH_LEN + IP_LEN + 8..], udp.payload[..]);
+
+        // A route's locked MTU counts, as forwarding honours it.
+        ip(&[
+            "route",
+            "add",
+            "198.18.2.2/32",
+            "dev",
+            "dn0",
+            "mtu",
+            "lock",
+            "1300",
+        ]);
+        let mut syn = Spec::tcp(client(50152), listener(), TCP_SYN);
+        syn.tcp_options = SYN_OPTIONS.to_vec();
+        syn.payload.clear();
+        let out = k.run_tc(&syn.build());
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(mss_of(&out.packet), 1260, "toward the 1,300-byte route");
+        assert!(l4_csum_ok(&out.packet));
     });
 }
