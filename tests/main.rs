@@ -2,9 +2,12 @@
 //! with real traffic (those need root).
 mod common;
 
+mod broadcast;
 mod config_cli;
 mod crash;
 mod daemon;
+mod flow_timeouts;
+mod host_hooks;
 mod icmp;
 mod kernel_path;
 mod relay;
