@@ -12,8 +12,8 @@ use aya::Ebpf;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{
-    LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-    tc::SchedClassifierLinkId, xdp::XdpLinkId,
+    LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
+    xdp::XdpLinkId,
 };
 use aya::util::KernelVersion;
 
@@ -69,9 +69,11 @@ impl Attached {
     /// Loads both programs of `ebpf` into the kernel.
     pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         let tc: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?.try_into()?;
-        load_retrying("TC", || tc.load())?;
+        retry_interrupted(|| tc.load())
+            .map_err(|e| anyhow::anyhow!("the kernel refused the TC program: {e}"))?;
         let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
-        load_retrying("XDP", || xdp.load())?;
+        retry_interrupted(|| xdp.load())
+            .map_err(|e| anyhow::anyhow!("the kernel refused the XDP program: {e}"))?;
         Ok(())
     }
 
@@ -252,6 +254,25 @@ impl Drop for Attached {
     }
 }
 
+/// The verifier gives up with EAGAIN when a signal arrives while it works
+/// (a child exiting, say); like libbpf, try again a few times.
+fn retry_interrupted(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut tries = 0;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+                tracing::debug!("the verifier was interrupted; loading again");
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Removes netlink filters of our TC program that a dead daemon left on
 /// `interface` (kernels without TCX): a new one must not run behind them.
 fn remove_stale_filters(interface: &str) -> anyhow::Result<()> {
@@ -279,26 +300,4 @@ where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     Ok(program(ebpf, name)?.try_into()?)
-}
-
-/// Loads a program, again where the verifier gave up with EAGAIN: it does
-/// when a signal reaches the loading thread (a child of the process
-/// exiting, say), which says nothing of the program. libbpf retries too.
-fn load_retrying(
-    what: &str,
-    mut load: impl FnMut() -> Result<(), ProgramError>,
-) -> anyhow::Result<()> {
-    const ATTEMPTS: u32 = 5;
-    let mut attempt = 1;
-    loop {
-        match load() {
-            Ok(()) => return Ok(()),
-            Err(ProgramError::LoadError { io_error, .. })
-                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
-            {
-                attempt += 1;
-            }
-            Err(e) => anyhow::bail!("the kernel refused the {what} program: {e}"),
-        }
-    }
 }
