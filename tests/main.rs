@@ -9,6 +9,7 @@ mod daemon;
 mod flow_timeouts;
 mod health;
 mod host_hooks;
+mod icmp;
 mod kernel_path;
 mod names;
 mod relay;

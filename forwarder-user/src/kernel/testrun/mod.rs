@@ -7,6 +7,7 @@ mod flow_state;
 mod flows;
 mod health;
 mod hooks;
+mod icmp;
 mod packet;
 mod programs;
 mod xdp;
