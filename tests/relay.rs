@@ -51,6 +51,7 @@ fn listener(
         preserve_client_ip: false,
         proxy: Default::default(),
         listen_picked: false,
+        health: None,
     }
 }
 

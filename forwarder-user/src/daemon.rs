@@ -66,9 +66,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             return Err(e.into());
         }
     };
+    start_health_checks(&relay, kernel.as_ref(), &compiled);
     let control = match ControlSocket::bind(&opts.control) {
         Ok(c) => c,
         Err(e) => {
+            relay.health().stop();
             Arc::try_unwrap(relay)
                 .ok()
                 .expect("no other owner yet")
@@ -126,6 +128,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         Arc::try_unwrap(daemon).map_err(|_| anyhow!("the daemon is still shared at stop"))?;
     let drain = daemon.running().relay.drain_timeout;
     info!(?drain, "stopping: no new flows; live flows may finish");
+    daemon.relay.health().stop();
     let relay =
         Arc::try_unwrap(daemon.relay).map_err(|_| anyhow!("the relay is still shared at stop"))?;
     relay.shutdown(drain).await;
@@ -285,6 +288,8 @@ impl Daemon {
             return Err(e.context("updating the kernel tables"));
         }
         self.relay.apply(&plan, prepared);
+        // Changed rules have fresh ids: their checks restart with the new settings.
+        self.relay.health().sync(&plan.next.listeners);
         let summary = plan.summary();
         *self.running.write().unwrap_or_else(|e| e.into_inner()) = plan.next;
         Ok(summary)
@@ -494,6 +499,26 @@ async fn start_kernel_path(
     }
 }
 
+/// The checks of every rule with `healthcheck`; their changes reach the
+/// relay's picks directly and the kernel path's maps through the sink.
+fn start_health_checks(relay: &Relay, kernel: Option<&Arc<KernelPath>>, compiled: &Compiled) {
+    let health = relay.health();
+    if let Some(kernel) = kernel {
+        // Weak: the kernel path must be the daemon's alone at stop.
+        let kernel = Arc::downgrade(kernel);
+        health.set_sink(Arc::new(move |rule_id, healthy| {
+            let Some(k) = kernel.upgrade() else { return };
+            if let Err(e) = k.set_backend_health(rule_id, healthy) {
+                warn!(
+                    rule_id,
+                    "cannot write backend health to the kernel path: {e:#}"
+                );
+            }
+        }));
+    }
+    health.sync(&compiled.listeners);
+}
+
 fn stop_kernel_path(kernel: Option<Arc<KernelPath>>) {
     let Some(kernel) = kernel else { return };
     match Arc::try_unwrap(kernel) {
@@ -519,6 +544,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
             None => serde_json::Value::Null,
         };
         let running = daemon.running();
+        let health = daemon.relay.health();
         let rules: Vec<_> = running
             .listeners
             .iter()
@@ -530,6 +556,8 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
                     "bind": l.bind.to_string(),
                     "backends": l.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
                     "path": l.path.as_str(),
+                    "health_check": l.health.as_ref().map(crate::health::describe),
+                    "health": health.status(l.rule_id),
                 })
             })
             .collect();

@@ -125,6 +125,26 @@ pub struct BackendSpec {
     pub weight: u16,
 }
 
+/// How a rule's backends are checked: every `interval`, a check that has
+/// no answer within `timeout` fails; `fall` failures in a row take a
+/// backend out, `rise` passes in a row bring it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+    pub probe: Probe,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The backend accepts a TCP connection.
+    TcpConnect,
+    /// The backend answers `payload` with a datagram that starts with `expect`.
+    Udp { payload: Vec<u8>, expect: Vec<u8> },
+}
+
 /// One listening socket of the relay: one alias on one protocol.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listener {
@@ -144,6 +164,8 @@ pub struct Listener {
     pub preserve_client_ip: bool,
     /// PROXY protocol headers sent and accepted; only the relay speaks it.
     pub proxy: ProxySettings,
+    /// `None`: every backend takes flows, always.
+    pub health: Option<HealthSpec>,
 }
 
 /// The PROXY protocol header a rule sends its backends.

@@ -26,6 +26,9 @@ pub struct RuleCounters {
     /// TCP connections of trusted upstreams (`accept_proxy_protocol`)
     /// closed for want of a valid PROXY header in time.
     pub proxy_headers_refused: AtomicU64,
+    /// New flows refused because every backend was down: TCP connections
+    /// reset, UDP datagrams of new clients dropped.
+    pub no_backend: AtomicU64,
     /// Every other I/O error: failed sends, sockets not created, accept
     /// failures. A reset by an endpoint is passed on, not counted.
     pub errors: AtomicU64,
@@ -50,6 +53,7 @@ impl RuleCounters {
             connect_failures: self.connect_failures.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
             proxy_headers_refused: self.proxy_headers_refused.load(Relaxed),
+            no_backend: self.no_backend.load(Relaxed),
             errors: self.errors.load(Relaxed),
             active: self.active.load(Relaxed),
         }
@@ -78,6 +82,9 @@ pub struct RelayRuleCounters {
     /// Connections of trusted upstreams closed because they did not start
     /// with a valid PROXY header in time.
     pub proxy_headers_refused: u64,
+    /// New flows refused because every backend was down (TCP reset, UDP
+    /// datagram dropped).
+    pub no_backend: u64,
     /// Other I/O errors (failed sends, sockets not created, accept
     /// failures); a reset by an endpoint is passed on, not counted.
     pub errors: u64,

@@ -8,6 +8,7 @@ mod examples;
 mod forms;
 mod fuzz;
 mod godoxy_examples;
+mod health;
 mod names;
 mod proxy_protocol;
 
