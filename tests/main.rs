@@ -12,5 +12,6 @@ mod host_hooks;
 mod icmp;
 mod kernel_path;
 mod names;
+mod preserve;
 mod relay;
 mod reload;

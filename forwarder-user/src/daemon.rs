@@ -48,6 +48,18 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut signals = Signals::install()?;
     let compiled = config::load(&opts.config).map_err(RunError::Config)?;
     let kernel = if opts.relay_only {
+        if let Some((l, why)) = compiled
+            .listeners
+            .iter()
+            .find_map(|l| Some((l, l.needs_kernel()?)))
+            .filter(|(l, _)| l.preserve_client_ip)
+        {
+            return Err(RunError::Fatal(anyhow!(
+                "rule `{}` in {} has {why}: --relay-only cannot carry it",
+                l.alias,
+                opts.config.display()
+            )));
+        }
         info!("relay only (--relay-only): the kernel path is not loaded");
         None
     } else {
@@ -301,11 +313,10 @@ impl Daemon {
         let new = plan.added.iter().chain(plan.changed.iter().map(|(_, l)| l));
         let mut could = Vec::new();
         for l in new {
-            if l.path.requires_kernel() {
+            if let Some(why) = l.needs_kernel() {
                 bail!(
-                    "rule `{}` has `path: {}`, but this daemon runs without the kernel path{}",
+                    "rule `{}` has {why}, but this daemon runs without the kernel path{}",
                     l.alias,
-                    l.path.as_str(),
                     if self.relay_only {
                         " (--relay-only)"
                     } else {
@@ -472,8 +483,7 @@ async fn start_kernel_path(
     let required_by = compiled
         .listeners
         .iter()
-        .find(|l| l.path.requires_kernel())
-        .map(|l| l.alias.clone());
+        .find_map(|l| Some((l.alias.clone(), l.needs_kernel()?)));
     let options = StartOptions {
         config_file: Some(opts.config.display().to_string()),
         pin: true,
@@ -487,8 +497,8 @@ async fn start_kernel_path(
             "{e:#}; run it as root, or pass --relay-only"
         ))),
         Err(e) => match required_by {
-            Some(alias) => Err(RunError::Fatal(e.context(format!(
-                "rule `{alias}` in {} has `path: kernel`, but the kernel path cannot start",
+            Some((alias, why)) => Err(RunError::Fatal(e.context(format!(
+                "rule `{alias}` in {} has {why}, but the kernel path cannot start",
                 opts.config.display()
             )))),
             None => {
