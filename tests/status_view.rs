@@ -62,6 +62,30 @@ impl Drop for Stream {
     }
 }
 
+/// A daemon on the TURN rules with a UDP stream through it. Fields drop
+/// in order: the stream ends before the daemon, the namespaces go last.
+struct Lab {
+    stream: Stream,
+    daemon: Daemon,
+    _servers: BackendServers,
+    topo: Topology,
+}
+
+impl Lab {
+    fn start(name: &str) -> Lab {
+        let topo = Topology::new();
+        forwarding_on(&topo);
+        let servers = BackendServers::start(&topo.backend);
+        let daemon = Daemon::start(&topo.forwarder, name, &turn_rules(&topo));
+        Lab {
+            stream: Stream::start(&topo),
+            daemon,
+            _servers: servers,
+            topo,
+        }
+    }
+}
+
 /// The kernel row under the rule line of `alias`.
 fn kernel_row<'a>(screen: &'a str, alias: &str) -> &'a str {
     let mut lines = screen.lines().skip_while(|l| !l.starts_with(alias));
@@ -86,11 +110,8 @@ fn human_status_shows_rules_paths_and_rates_while_traffic_runs() {
     if !common::require_root("human_status_shows_rules_paths_and_rates_while_traffic_runs") {
         return;
     }
-    let topo = Topology::new();
-    forwarding_on(&topo);
-    let _servers = BackendServers::start(&topo.backend);
-    let daemon = Daemon::start(&topo.forwarder, "status-human", &turn_rules(&topo));
-    let stream = Stream::start(&topo);
+    let lab = Lab::start("status-human");
+    let (daemon, topo) = (lab.daemon, &lab.topo);
     // The totals come from the sweeper's last pass.
     let deadline = std::time::Instant::now() + WAIT;
     while daemon.status()["kernel"]["conntrack_entries"].as_u64() < Some(2) {
@@ -107,7 +128,7 @@ fn human_status_shows_rules_paths_and_rates_while_traffic_runs() {
             .arg(daemon.control_path()),
         Duration::from_secs(10),
     );
-    drop(stream);
+    drop(lab.stream);
     let screen = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -152,11 +173,8 @@ fn watch_refreshes_in_place_on_a_terminal_and_in_blocks_into_a_pipe() {
     if !common::require_root("watch_refreshes_in_place_on_a_terminal_and_in_blocks_into_a_pipe") {
         return;
     }
-    let topo = Topology::new();
-    forwarding_on(&topo);
-    let _servers = BackendServers::start(&topo.backend);
-    let daemon = Daemon::start(&topo.forwarder, "status-watch", &turn_rules(&topo));
-    let _stream = Stream::start(&topo);
+    let lab = Lab::start("status-watch");
+    let daemon = lab.daemon;
     let watch = format!(
         "{} status --watch 0.5 --control {}",
         common::forwarder_bin(),

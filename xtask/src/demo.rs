@@ -141,7 +141,7 @@ fn demo(bin: &Path, config: &Path, traffic_time: Duration) -> Result<Explanation
     let explanation = explain(&doc);
     println!("\n==> what went where");
     for line in &explanation.lines {
-        println!("  {line}");
+        println!("{}", wrapped(line, 100));
     }
     Ok(explanation)
 }
@@ -396,6 +396,26 @@ fn udp_flow(
     }
 }
 
+/// `line` indented by two, continued lines by four, cut at spaces to fit
+/// `width` columns.
+fn wrapped(line: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut current = String::from("  ");
+    for word in line.split_whitespace() {
+        let fresh = current.trim().is_empty();
+        if !fresh && current.chars().count() + 1 + word.chars().count() > width {
+            out.push_str(&current);
+            out.push('\n');
+            current = String::from("    ");
+        } else if !fresh {
+            current.push(' ');
+        }
+        current.push_str(word);
+    }
+    out.push_str(&current);
+    out
+}
+
 /// Which path carried what, from the final status document.
 #[derive(Debug)]
 pub struct Explanation {
@@ -441,9 +461,13 @@ pub fn explain(doc: &Value) -> Explanation {
             kernel_bytes += b;
             kernel_flows += n(&k["flows"]);
             if n(&k["flows"]) > 0 {
+                let programs = match n(&k["xdp_packets"]) {
+                    0 => "TC",
+                    _ => "XDP and TC",
+                };
                 lines.push(format!(
-                    "{name}: {} by the kernel path, {} in {} packets: TC rewrote and \
-                     redirected them; userspace never saw a byte",
+                    "{name}: {} by the kernel path, {} in {} packets: {programs} rewrote \
+                     and redirected them; userspace never saw a byte",
                     flows(n(&k["flows"]), protocol),
                     bytes(b as f64),
                     count(packets)
@@ -545,6 +569,22 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("went by the kernel path"), "{text}");
+    }
+
+    #[test]
+    fn explanations_wrap_at_spaces() {
+        let line = "a ".repeat(60) + "end";
+        let text = wrapped(&line, 20);
+        assert!(text.lines().all(|l| l.len() <= 20), "{text}");
+        assert!(text.starts_with("  a a"), "{text}");
+        assert!(
+            text.lines()
+                .skip(1)
+                .all(|l| l.starts_with("    a") || l.starts_with("    end")),
+            "{text}"
+        );
+        assert_eq!(text.split_whitespace().count(), 61);
+        assert_eq!(wrapped("short", 100), "  short");
     }
 
     #[test]
