@@ -48,7 +48,7 @@ pub fn render(now: &Value, earlier: Option<&Earlier>) -> String {
     for rule in now["rules"].as_array().unwrap_or(&empty) {
         let alias = text(&rule["alias"]);
         let protocol = text(&rule["protocol"]);
-        out.push(rule_line(rule));
+        out.extend(rule_lines(rule));
         let kernel_now = find(&now["kernel"], &alias, &protocol);
         if let Some(k) = kernel_now {
             let prev = before("kernel", &alias, &protocol);
@@ -100,8 +100,9 @@ fn headline(doc: &Value) -> String {
 }
 
 /// `turn-tcp  tcp  [::]:7878 -> 198.18.2.2:3478  path auto`, with
-/// whatever else the daemon says of the rule (health, say) after it.
-fn rule_line(rule: &Value) -> String {
+/// whatever else the daemon says of the rule after it, then its health
+/// check and the backends it took out, if it has one.
+fn rule_lines(rule: &Value) -> Vec<String> {
     let targets: Vec<String> = rule["backends"]
         .as_array()
         .map(|b| b.iter().map(text).collect())
@@ -114,17 +115,41 @@ fn rule_line(rule: &Value) -> String {
         targets_elided(&targets),
         text(&rule["path"])
     );
-    let known = ["rule_id", "alias", "protocol", "bind", "backends", "path"];
+    let known = [
+        "rule_id",
+        "alias",
+        "protocol",
+        "bind",
+        "backends",
+        "path",
+        "health_check",
+        "health",
+    ];
     if let Some(fields) = rule.as_object() {
         for (key, value) in fields.iter().filter(|(k, _)| !known.contains(&k.as_str())) {
             let shown = match value {
+                Value::Null => continue,
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
             line.push_str(&format!("  {key} {shown}"));
         }
     }
-    line
+    let mut lines = vec![line];
+    if let Some(check) = rule["health_check"].as_str() {
+        let backends = rule["health"].as_array().cloned().unwrap_or_default();
+        let down: Vec<&Value> = backends.iter().filter(|b| b["state"] == "down").collect();
+        lines.push(format!(
+            "    health: {} of {} up; {check}",
+            backends.len() - down.len(),
+            backends.len()
+        ));
+        for b in down {
+            let why = b["last_failure"].as_str().unwrap_or("no reason recorded");
+            lines.push(format!("    down: {} ({why})", text(&b["backend"])));
+        }
+    }
+    lines
 }
 
 /// One target, two, or the first two and how many more.
@@ -157,6 +182,8 @@ pub fn kernel_path_counts(k: &Value) -> PathCounts {
         ("fallback_full", "to relay, table full"),
         ("fallback_other", "to relay, other reason"),
         ("dropped", "dropped"),
+        ("icmp_translated", "ICMP errors passed on"),
+        ("icmp_sent", "ICMP errors sent"),
     ] {
         if let Some(n) = k[key].as_u64().filter(|n| *n > 0) {
             notes.push(format!("{what}: {}", count(n)));
@@ -187,6 +214,7 @@ pub fn relay_path_counts(r: &Value, protocol: &str, kernel: Option<&Value>) -> P
     for (key, what) in [
         ("connect_failures", "connect failures"),
         ("sessions_refused", "sessions refused"),
+        ("no_backend", "refused, every backend down"),
         ("errors", "errors"),
     ] {
         if let Some(n) = r[key].as_u64().filter(|n| *n > 0) {
@@ -513,14 +541,16 @@ mod tests {
             "pid": 7,
             "kernel_path": false,
             "rules": [{"alias": "dns", "protocol": "udp", "bind": "0.0.0.0:53",
-                       "backends": ["10.0.0.1:53"], "path": "relay", "health": "up"}],
+                       "backends": ["10.0.0.1:53"], "path": "relay", "acl": "2 rules",
+                       "health_check": null, "health": []}],
             "relay": [{"alias": "dns", "protocol": "udp", "flows": 3}],
             "kernel": null
         });
         let text = render(&now, None);
         assert!(text.contains("kernel path off (relay only)"), "{text}");
         assert!(text.contains("rates: need two samples"), "{text}");
-        assert!(text.contains("path relay  health up"), "{text}");
+        assert!(text.contains("path relay  acl 2 rules"), "{text}");
+        assert!(!text.contains("health"), "{text}");
         let relay = text
             .lines()
             .find(|l| l.trim_start().starts_with("relay "))
@@ -530,6 +560,33 @@ mod tests {
         // A rule whose counters are missing altogether still has its line.
         let bare = json!({"rules": [{"alias": "x"}]});
         assert!(render(&bare, None).contains("x  ?  ? -> -  path ?"));
+    }
+
+    #[test]
+    fn a_checked_rule_shows_its_check_and_the_backends_it_took_out() {
+        let mut now = doc(0, 0, 0, 0);
+        let rule = &mut now["rules"][1];
+        rule["health_check"] = json!("tcp connect every 5s, timeout 2s");
+        rule["health"] = json!([
+            {"backend": "10.0.0.5:3478", "weight": 1, "state": "up", "checked": true},
+            {"backend": "10.0.0.6:3478", "weight": 1, "state": "down", "checked": true,
+             "last_failure": "connection refused"},
+        ]);
+        now["relay"][1]["no_backend"] = json!(3);
+        now["kernel"]["rules"][1]["icmp_sent"] = json!(2);
+        let text = render(&now, None);
+        let mut lines = text.lines().skip_while(|l| !l.starts_with("turn-udp"));
+        assert!(lines.next().unwrap().ends_with("path auto"), "{text}");
+        assert_eq!(
+            lines.next(),
+            Some("    health: 1 of 2 up; tcp connect every 5s, timeout 2s")
+        );
+        assert_eq!(
+            lines.next(),
+            Some("    down: 10.0.0.6:3478 (connection refused)")
+        );
+        assert!(text.contains("refused, every backend down: 3"), "{text}");
+        assert!(text.contains("ICMP errors sent: 2"), "{text}");
     }
 
     #[test]
