@@ -100,6 +100,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         kernel,
         running: RwLock::new(compiled),
         reloading: tokio::sync::Mutex::new(()),
+        started: std::time::Instant::now(),
     });
     let handlers = Handlers {
         status: status_fn(daemon.clone()),
@@ -159,6 +160,9 @@ struct Daemon {
     running: RwLock<Compiled>,
     /// One reload at a time (SIGHUP and `forwarder reload` may meet).
     reloading: tokio::sync::Mutex<()>,
+    /// Status documents carry the time since, so rates between two of
+    /// them need no clock of the client's.
+    started: std::time::Instant,
 }
 
 /// What a reload did, as `forwarder reload` reports it.
@@ -573,6 +577,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
             .collect();
         serde_json::json!({
             "pid": std::process::id(),
+            "uptime_ms": daemon.started.elapsed().as_millis() as u64,
             "config": daemon.config.display().to_string(),
             "kernel_path": daemon.kernel.is_some(),
             "rules": rules,
