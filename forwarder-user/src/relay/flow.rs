@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::backend::{Alarm, BackendPicker};
 use super::counters::RuleCounters;
@@ -24,6 +24,11 @@ pub struct RuleCtx {
     pub proxy: ProxySettings,
     /// Trusted upstreams' connections are being refused for their headers.
     pub proxy_headers_failing: Alarm,
+    /// The backend must see the client's address: the relay, which
+    /// connects from ours, refuses the rule's flows rather than hide it.
+    pub preserve_client_ip: bool,
+    /// Said once that such a flow was refused.
+    client_ip_said: Alarm,
     /// Shared with the rule's successors after a reload changes it.
     pub counters: Arc<RuleCounters>,
     pub observer: Arc<dyn FlowObserver>,
@@ -43,6 +48,8 @@ impl RuleCtx {
             timeouts: listener.timeouts,
             proxy: listener.proxy.clone(),
             proxy_headers_failing: Alarm::default(),
+            preserve_client_ip: listener.preserve_client_ip,
+            client_ip_said: Alarm::default(),
             counters: Arc::default(),
             observer,
         }
@@ -64,6 +71,24 @@ impl RuleCtx {
     /// A peer that must open its connections with a PROXY header.
     pub fn trusts_proxy_header_from(&self, peer: SocketAddr) -> bool {
         self.proxy.accept_from.iter().any(|c| c.contains(peer.ip()))
+    }
+
+    /// Whether a new flow must be refused because the backend would see
+    /// the relay's address instead of the client's; counts and says so.
+    pub fn refuses_client_ip(&self) -> bool {
+        if !self.preserve_client_ip {
+            return false;
+        }
+        RuleCounters::add(&self.counters.client_ip_refused, 1);
+        if self.client_ip_said.raise() {
+            warn!(
+                alias = %self.alias,
+                "a flow of this preserve_client_ip rule came to the relay (IP options, a \
+                 fragment, a full table, no route); the relay would hide the client's address, \
+                 so it is refused (counted in client_ip_refused)"
+            );
+        }
+        true
     }
 }
 

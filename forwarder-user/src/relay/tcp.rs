@@ -112,6 +112,10 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
         }
     };
     let mut guard = FlowGuard::start(&rule, peer, local);
+    if rule.refuses_client_ip() {
+        let _ = client.set_zero_linger();
+        return;
+    }
     // Bytes that came with a trusted upstream's header: the stream's start.
     let mut early = Vec::new();
     if rule.trusts_proxy_header_from(guard.client) {
