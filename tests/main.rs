@@ -1,7 +1,18 @@
 //! Integration tests: real sockets on loopback, and network namespaces
-//! with real traffic (those need root).
+//! with real traffic (those need root). One file per concern; see
+//! tests/README.md for what goes where.
 mod common;
 
+mod checksums;
 mod daemon;
-mod kernel_path;
-mod relay;
+mod handover;
+mod kernel_attach;
+mod kernel_daemon;
+mod kernel_expiry;
+mod kernel_fallback;
+mod kernel_xdp;
+mod relay_iperf3;
+mod relay_lifecycle;
+mod relay_one_port;
+mod relay_tcp;
+mod relay_udp;

@@ -3,9 +3,13 @@
 //! Nothing is attached: the kernel runs the program once on the bytes
 //! given and returns its verdict and the packet as it left.
 
-mod flows;
+mod closing;
+mod fallback;
+mod fixture;
+mod matching;
 mod packet;
 mod programs;
+mod rewrite;
 mod xdp;
 
 use std::os::fd::{AsFd, AsRawFd};

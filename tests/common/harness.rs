@@ -266,12 +266,3 @@ pub fn interface<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_jso
         .and_then(|all| all.iter().find(|i| i["name"] == name))
         .unwrap_or_else(|| panic!("no interface {name} in {status}"))
 }
-
-/// Polls until `f` holds or [`WAIT`] passes.
-pub fn eventually(why: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting: {why}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}

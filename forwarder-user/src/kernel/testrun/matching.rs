@@ -1,0 +1,167 @@
+//! Which packets open a flow: rules, wildcards, weights, relay rules,
+//! and what passes untouched.
+
+use std::net::Ipv4Addr;
+
+use forwarder_common::{ADDR_ANY, CT_DIR_FORWARD, PROTO_TCP, PROTO_UDP, RULE_F_RELAY};
+
+use super::fixture::*;
+use super::packet::{Spec, TCP_ACK, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
+use super::*;
+
+#[test]
+fn traffic_without_a_rule_or_flow_passes_byte_for_byte() {
+    if !require_root("traffic_without_a_rule_or_flow_passes_byte_for_byte") {
+        return;
+    }
+    with_router(1024, standard(0), |k| {
+        let other_port = Spec::udp(client(50003), (LISTENER, 7879)).build();
+        let other_addr = Spec::tcp(client(50004), (SNAT, LISTEN_PORT), TCP_SYN).build();
+        let other_proto = {
+            let mut p = Spec::udp(client(50005), listener()).build();
+            p[23] = 1; // ICMP
+            p
+        };
+        // TCP that is not a SYN and has no flow: the relay's (or nobody's).
+        let ack = Spec::tcp(client(50006), listener(), TCP_ACK).build();
+        let syn_ack = Spec::tcp(client(50007), listener(), TCP_SYN | TCP_ACK).build();
+        // A reply to a SNAT port nobody has.
+        let stray = Spec::udp((BACKEND, BACKEND_PORT), (SNAT, 40050)).build();
+        for (what, p) in [
+            ("other port", other_port),
+            ("other address", other_addr),
+            ("other protocol", other_proto),
+            ("ACK without flow", ack),
+            ("SYN-ACK without flow", syn_ack),
+            ("stray reply", stray),
+        ] {
+            let out = k.run_tc(&p);
+            assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+            assert_eq!(out.packet, p, "{what}: unchanged");
+        }
+        assert!(k.conntrack().is_empty());
+        assert!(k.relay_flows().is_empty());
+    });
+}
+
+#[test]
+fn relay_rules_and_unroutable_backends_are_not_taken() {
+    if !require_root("relay_rules_and_unroutable_backends_are_not_taken") {
+        return;
+    }
+    with_router(1024, standard(RULE_F_RELAY), |k| {
+        for p in [
+            Spec::udp(client(50050), listener()).build(),
+            Spec::tcp(client(50051), listener(), TCP_SYN).build(),
+        ] {
+            let out = k.run_tc(&p);
+            assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
+        }
+        assert!(k.conntrack().is_empty() && k.relay_flows().is_empty());
+    });
+    let unroutable = Ipv4Addr::new(203, 0, 113, 9);
+    let t = tables(rule(PROTO_UDP, UDP_RULE, 0, &[(unroutable, 1)]), SNAT_PORTS);
+    with_router(1024, t, |k| {
+        let p = Spec::udp(client(50052), listener()).build();
+        let out = k.run_tc(&p);
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
+        assert!(k.conntrack().is_empty(), "no entry for an unroutable flow");
+        assert_eq!(k.rule_counters(UDP_RULE).fallback_other, 1);
+        assert_eq!(k.relay_flows().len(), 1);
+    });
+}
+
+#[test]
+fn weighted_backends_share_new_flows_by_weight() {
+    if !require_root("weighted_backends_share_new_flows_by_weight") {
+        return;
+    }
+    let t = tables(
+        rule(PROTO_UDP, UDP_RULE, 0, &[(BACKEND, 1), (BACKEND2, 3)]),
+        (40000, 49999),
+    );
+    with_router(4096, t, |k| {
+        let flows = 400;
+        let mut to_first = 0;
+        for n in 0..flows {
+            let p = Spec::udp(client(20000 + n), listener()).build();
+            let out = k.run_tc(&p);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT);
+            let v = view(&out.packet);
+            assert!(v.dst == BACKEND || v.dst == BACKEND2);
+            assert!(ip_csum_ok(&out.packet) && l4_csum_ok(&out.packet));
+            if v.dst == BACKEND {
+                to_first += 1;
+            }
+        }
+        // Expected 100 of 400 (sd ~8.7); the bounds are 5.7 sd away.
+        assert!((50..=150).contains(&to_first), "{to_first} of {flows}");
+    });
+}
+
+#[test]
+fn the_wildcard_rule_matches_when_no_exact_one_does() {
+    if !require_root("the_wildcard_rule_matches_when_no_exact_one_does") {
+        return;
+    }
+    let mut r = rule(PROTO_UDP, UDP_RULE, 0, &[(BACKEND, 1)]);
+    r[0].0.addr = ADDR_ANY;
+    with_router(1024, tables(r, SNAT_PORTS), |k| {
+        // Any local address of the forwarder, same port.
+        let p = Spec::udp(client(50080), (SNAT, LISTEN_PORT)).build();
+        let out = k.run_tc(&p);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        let snat_port = view(&out.packet).sport;
+        let reply = Spec::udp((BACKEND, BACKEND_PORT), (SNAT, snat_port)).build();
+        let back = k.run_tc(&reply);
+        assert_eq!(
+            view(&back.packet).src,
+            SNAT,
+            "answers from the address asked"
+        );
+        assert!(
+            k.conntrack()
+                .iter()
+                .any(|(_, v)| v.direction == CT_DIR_FORWARD)
+        );
+    });
+}
+
+#[test]
+fn a_wildcard_rule_leaves_traffic_through_this_host_alone() {
+    if !require_root("a_wildcard_rule_leaves_traffic_through_this_host_alone") {
+        return;
+    }
+    let mut r = rule(PROTO_TCP, TCP_RULE, 0, &[(BACKEND, 1)]);
+    r.extend(rule(PROTO_UDP, UDP_RULE, 0, &[(BACKEND, 1)]));
+    for (key, _, _) in &mut r {
+        key.addr = ADDR_ANY;
+    }
+    with_router(1024, tables(r, SNAT_PORTS), |k| {
+        // The rules' port, but addressed to a host behind this one (and
+        // fragments of such a datagram).
+        let passing = [
+            Spec::tcp(client(50090), (BACKEND2, LISTEN_PORT), TCP_SYN).build(),
+            Spec::udp(client(50091), (BACKEND2, LISTEN_PORT)).build(),
+            {
+                let mut first_fragment = Spec::udp(client(50092), (BACKEND2, LISTEN_PORT));
+                first_fragment.frag = 0x2000; // MF
+                first_fragment.build()
+            },
+        ];
+        for p in &passing {
+            let out = k.run_tc(p);
+            assert_eq!(out.verdict, TC_ACT_OK, "passed on to the stack");
+            assert_eq!(&out.packet, p, "unmodified");
+        }
+        assert!(k.conntrack().is_empty(), "no flow of ours");
+        assert!(k.relay_flows().is_empty(), "nothing for the relay");
+        for id in [TCP_RULE, UDP_RULE] {
+            let c = k.rule_counters(id);
+            assert_eq!((c.flows, c.fallback_other), (0, 0), "rule {id}");
+        }
+        // The same to this host's own address is forwarded.
+        let ours = Spec::udp(client(50093), (LISTENER, LISTEN_PORT)).build();
+        assert_eq!(k.run_tc(&ours).verdict, TC_ACT_REDIRECT);
+    });
+}

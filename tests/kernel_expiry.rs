@@ -1,0 +1,101 @@
+//! Kernel flows ending: idle and closed flows expire and hand their SNAT
+//! ports on.
+
+use std::time::Duration;
+
+use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
+use crate::common::traffic::{
+    BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket_from,
+};
+use crate::common::turn::{listener_addr, turn_rules};
+use crate::common::{self, Topology, eventually};
+
+#[test]
+fn closed_flows_hand_their_snat_ports_on_so_waves_of_connections_stay_in_the_kernel() {
+    if !common::require_root(
+        "closed_flows_hand_their_snat_ports_on_so_waves_of_connections_stay_in_the_kernel",
+    ) {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    // Ten ports, thirty connections: every wave after the first needs the
+    // ports of the one before, long before tcp_close (10 s) frees them.
+    let rules = turn_rules(&topo, "kernel: {snat_ports: 40000-40009}\n");
+    let daemon = Daemon::start(&topo.forwarder, "reuse", &rules);
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        for wave in 0..3 {
+            if wave > 0 {
+                // Past the second of quiet a closed flow must keep.
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            for n in 0..10 {
+                let mut c = tcp_echo_conn(to);
+                tcp_echo_round(&mut c, format!("wave {wave} conn {n}").as_bytes());
+                // Closed by us first; the echo server closes on our FIN.
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                std::io::Read::read_to_end(&mut c, &mut rest).unwrap();
+                assert!(rest.is_empty(), "{rest:?}");
+            }
+        }
+    });
+    let status = daemon.status();
+    let tcp = kernel_rule(&status, "turn-tcp", "tcp");
+    assert_eq!(counter(tcp, "flows"), 30, "{tcp}");
+    assert_eq!(counter(tcp, "fallback_full"), 0, "{tcp}");
+    assert_eq!(counter(relay_rule(&status, "turn-tcp", "tcp"), "flows"), 0);
+    daemon.stop();
+}
+
+#[test]
+fn idle_flows_expire_and_give_their_snat_port_back() {
+    if !common::require_root("idle_flows_expire_and_give_their_snat_port_back") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    // One SNAT port: one kernel flow to the backend at a time.
+    let rules = turn_rules(
+        &topo,
+        "kernel: {snat_ports: 40000-40000}\n\
+         timeouts: {udp_idle: 1s, tcp_close: 1s, connect: 1s}\n",
+    );
+    let daemon = Daemon::start(&topo.forwarder, "expiry", &rules);
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        udp_echo(&udp_socket_from(5000, to), b"takes the port");
+        // The range is used up: this one is the relay's.
+        udp_echo(&udp_socket_from(5001, to), b"overflow");
+    });
+    let k = |status: &serde_json::Value| kernel_rule(status, "turn-udp", "udp").clone();
+    let status = daemon.status();
+    assert_eq!(counter(&k(&status), "flows"), 1);
+    assert_eq!(counter(&k(&status), "fallback_full"), 1);
+    eventually("the idle flow expires", || {
+        let s = daemon.status();
+        s["kernel"]["expired_flows"].as_u64() == Some(1)
+            && s["kernel"]["conntrack_entries"].as_u64() == Some(0)
+    });
+    in_netns(&topo.client, || {
+        udp_echo(&udp_socket_from(5002, to), b"the port is free again");
+    });
+    let status = daemon.status();
+    assert_eq!(counter(&k(&status), "flows"), 2, "{}", k(&status));
+    assert_eq!(counter(&k(&status), "fallback_full"), 1);
+
+    // A TCP flow that closed goes after tcp_close, and frees the port too.
+    in_netns(&topo.client, || {
+        let mut c = tcp_echo_conn(to);
+        tcp_echo_round(&mut c, b"short-lived");
+    });
+    eventually("the closed TCP flow and the UDP flow expire", || {
+        let s = daemon.status();
+        s["kernel"]["expired_flows"].as_u64() == Some(3)
+            && s["kernel"]["conntrack_entries"].as_u64() == Some(0)
+    });
+    daemon.stop();
+}

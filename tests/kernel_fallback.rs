@@ -1,0 +1,159 @@
+//! Flows the kernel path leaves to the relay: fragments, a full conntrack
+//! table, `path: relay`.
+
+use std::net::SocketAddr;
+
+use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
+use crate::common::traffic::{BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket};
+use crate::common::turn::{listener_addr, turn_rules};
+use crate::common::{self, Topology};
+
+#[test]
+fn fragmented_datagrams_go_to_the_relay_for_the_whole_flow() {
+    if !common::require_root("fragmented_datagrams_go_to_the_relay_for_the_whole_flow") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(&topo.forwarder, "frag", &turn_rules(&topo, ""));
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        let socket = udp_socket(to);
+        // 4,000 bytes over MTU 1500: three fragments each way.
+        for n in 0..5u8 {
+            udp_echo(&socket, &vec![n; 4000]);
+        }
+        // Then small datagrams of the same flow stay with the relay.
+        for n in 0..5u32 {
+            udp_echo(&socket, format!("small {n}").as_bytes());
+        }
+    });
+    let status = daemon.status();
+    let k = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(k, "flows"), 0, "the kernel took nothing: {k}");
+    assert!(counter(k, "fallback_other") >= 1, "{k}");
+    let r = relay_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(r, "flows"), 1, "{r}");
+    assert!(counter(r, "bytes_to_backend") >= 5 * 4000 + 5 * 7, "{r}");
+    assert!(counter(r, "bytes_to_client") >= 5 * 4000, "{r}");
+    // Whole datagrams: the stack reassembled the fragments for the relay.
+    assert!(counter(r, "datagrams_to_backend") >= 10, "{r}");
+    assert!(counter(r, "datagrams_to_client") >= 10, "{r}");
+    daemon.stop();
+}
+
+#[test]
+fn a_kernel_flow_that_sends_fragmented_datagrams_later_stays_in_the_kernel() {
+    if !common::require_root(
+        "a_kernel_flow_that_sends_fragmented_datagrams_later_stays_in_the_kernel",
+    ) {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(&topo.forwarder, "later-frag", &turn_rules(&topo, ""));
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        let socket = udp_socket(to);
+        for n in 0..5u32 {
+            udp_echo(&socket, format!("small {n}").as_bytes());
+        }
+        // 4,000 bytes over MTU 1500: three fragments each way, which the
+        // echo checks whole.
+        for n in 0..5u8 {
+            udp_echo(&socket, &vec![n; 4000]);
+        }
+        udp_echo(&socket, b"small again");
+    });
+    let status = daemon.status();
+    let k = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(k, "flows"), 1, "{k}");
+    assert!(counter(k, "packets_fwd") >= 6 + 5 * 3, "{k}");
+    assert!(counter(k, "packets_rev") >= 6 + 5 * 3, "{k}");
+    assert!(counter(k, "bytes_fwd") >= 5 * 4000, "{k}");
+    assert_eq!(counter(k, "fallback_other"), 0, "{k}");
+    let r = relay_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(r, "flows"), 0, "the relay took no part of it: {r}");
+    daemon.stop();
+}
+
+#[test]
+fn with_a_tiny_conntrack_table_overflow_flows_still_work_through_the_relay() {
+    if !common::require_root(
+        "with_a_tiny_conntrack_table_overflow_flows_still_work_through_the_relay",
+    ) {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    // Room for two flows.
+    let rules = turn_rules(&topo, "kernel: {conntrack_size: 4}\n");
+    let daemon = Daemon::start(&topo.forwarder, "tiny", &rules);
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        // All open at once, each used twice, so none can end early.
+        let mut conns: Vec<_> = (0..10).map(|_| tcp_echo_conn(to)).collect();
+        for round in 0..2 {
+            for (n, c) in conns.iter_mut().enumerate() {
+                tcp_echo_round(c, format!("conn {n} round {round}").as_bytes());
+            }
+        }
+        let sockets: Vec<_> = (0..5).map(|_| udp_socket(to)).collect();
+        for (n, s) in sockets.iter().enumerate() {
+            udp_echo(s, format!("udp {n}").as_bytes());
+            udp_echo(s, format!("udp {n} again").as_bytes());
+        }
+    });
+    let status = daemon.status();
+    let tcp = kernel_rule(&status, "turn-tcp", "tcp");
+    assert_eq!(counter(tcp, "flows"), 2, "{tcp}");
+    assert_eq!(counter(tcp, "fallback_full"), 8, "{tcp}");
+    assert_eq!(counter(relay_rule(&status, "turn-tcp", "tcp"), "flows"), 8);
+    let udp = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(udp, "flows"), 0, "{udp}");
+    assert_eq!(counter(udp, "fallback_full"), 5, "{udp}");
+    assert_eq!(counter(relay_rule(&status, "turn-udp", "udp"), "flows"), 5);
+    daemon.stop();
+}
+
+#[test]
+fn a_relay_rule_is_carried_by_the_relay_only() {
+    if !common::require_root("a_relay_rule_is_carried_by_the_relay_only") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let yaml = format!(
+        "interfaces: [{a}, {b}]\n\
+         relay: {{drain_timeout: 1s}}\n\
+         routes:\n\
+         \x20 kernel: {{scheme: udp, host: {backend}, port: 7878:3478}}\n\
+         \x20 relayed: {{scheme: 'tcp,udp', host: {backend}, port: 7879:3478, path: relay}}\n",
+        a = topo.client_link.a_if,
+        b = topo.backend_link.a_if,
+        backend = topo.backend_addr(),
+    );
+    let daemon = Daemon::start(&topo.forwarder, "relayrule", &yaml);
+    let relayed = SocketAddr::from((topo.forwarder_addr(), 7879));
+    in_netns(&topo.client, || {
+        let mut c = tcp_echo_conn(relayed);
+        tcp_echo_round(&mut c, b"through the relay");
+        udp_echo(&udp_socket(relayed), b"through the relay too");
+        udp_echo(&udp_socket(listener_addr(&topo)), b"through the kernel");
+    });
+    let status = daemon.status();
+    for proto in ["tcp", "udp"] {
+        let k = kernel_rule(&status, "relayed", proto);
+        for c in ["flows", "packets_fwd", "fallback_full", "fallback_other"] {
+            assert_eq!(counter(k, c), 0, "{c}: {k}");
+        }
+        assert_eq!(counter(relay_rule(&status, "relayed", proto), "flows"), 1);
+    }
+    assert_eq!(counter(kernel_rule(&status, "kernel", "udp"), "flows"), 1);
+    assert_eq!(counter(relay_rule(&status, "kernel", "udp"), "flows"), 0);
+    daemon.stop();
+}
