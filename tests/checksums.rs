@@ -64,6 +64,7 @@ fn checksums_hold_when_every_receiver_verifies_them() {
     assert_eq!(counter(kernel_rule(&status, "turn-tcp", "tcp"), "flows"), 2);
     assert_eq!(counter(kernel_rule(&status, "turn-udp", "udp"), "flows"), 2);
     assert_eq!(counter(relay_rule(&status, "turn-tcp", "tcp"), "flows"), 0);
+    assert_eq!(counter(relay_rule(&status, "turn-udp", "udp"), "flows"), 0);
     daemon.stop();
 }
 
@@ -111,7 +112,16 @@ fn checksum_partial_packets_carry_the_right_pseudo_header_sum() {
     }
     assert!(partial > 0, "no CHECKSUM_PARTIAL frame seen ({full} full)");
     assert!(partial + full > 100, "{partial} + {full} frames checked");
+    // Both protocols went by the kernel path (so its rewrite made the
+    // frames checked above), the relay carried nothing.
     let status = daemon.status();
     assert_eq!(counter(kernel_rule(&status, "turn-tcp", "tcp"), "flows"), 2);
+    let udp = kernel_rule(&status, "turn-udp", "udp");
+    assert_eq!(counter(udp, "flows"), 1, "{udp}");
+    assert_eq!(counter(udp, "packets_fwd"), 6, "{udp}");
+    assert_eq!(counter(udp, "packets_rev"), 6, "{udp}");
+    for (alias, proto) in [("turn-tcp", "tcp"), ("turn-udp", "udp")] {
+        assert_eq!(counter(relay_rule(&status, alias, proto), "flows"), 0);
+    }
     daemon.stop();
 }

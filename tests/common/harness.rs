@@ -102,11 +102,35 @@ pub fn seen(ns: &Netns, interface: &str) -> Seen {
     }
 }
 
+/// Whether the program `id` is still loaded, asked of the kernel
+/// (`BPF_PROG_GET_FD_BY_ID`): ENOENT is "unloaded", any other failure
+/// fails the test rather than pass for "unloaded".
 pub fn program_loaded(id: u32) -> bool {
-    Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    // prog_id, next_id, open_flags of `union bpf_attr`.
+    let attr: [u32; 3] = [id, 0, 0];
+    // SAFETY: the attr is a live buffer of the size given; a returned
+    // descriptor is closed at once.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a descriptor this call owns.
+        unsafe { libc::close(fd as i32) };
+        return true;
+    }
+    let err = std::io::Error::last_os_error();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOENT),
+        "cannot ask whether BPF program {id} is loaded: {err}"
+    );
+    false
 }
 
 pub fn reserved_ports(ns: &Netns) -> String {
