@@ -1,7 +1,7 @@
 //! Kernel flows ending: idle and closed flows expire and hand their SNAT
 //! ports on.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
 use crate::common::traffic::{
@@ -97,5 +97,66 @@ fn idle_flows_expire_and_give_their_snat_port_back() {
         s["kernel"]["expired_flows"].as_u64() == Some(3)
             && s["kernel"]["conntrack_entries"].as_u64() == Some(0)
     });
+    daemon.stop();
+}
+
+#[test]
+fn a_busy_tcp_flow_stays_and_an_idle_one_goes_after_tcp_established() {
+    if !common::require_root("a_busy_tcp_flow_stays_and_an_idle_one_goes_after_tcp_established") {
+        return;
+    }
+    const IDLE: Duration = Duration::from_secs(1);
+    // 3x the timeout plus the sweep period (1.25 s with the default
+    // connect) and status polling on two busy cores.
+    const LATEST: Duration = Duration::from_secs(3 + 2);
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let rules = turn_rules(&topo, "timeouts: {tcp_established: 1s}\n");
+    let daemon = Daemon::start(&topo.forwarder, "established", &rules);
+    let to = listener_addr(&topo);
+    let (mut idle, mut busy) = in_netns(&topo.client, || (tcp_echo_conn(to), tcp_echo_conn(to)));
+    tcp_echo_round(&mut busy, b"busy from the start");
+    let quiet_from = Instant::now();
+    tcp_echo_round(&mut idle, b"then quiet");
+    let expired = |daemon: &Daemon| daemon.status()["kernel"]["expired_flows"].as_u64();
+    // `busy` talks every 200 ms (a refresh each time) while `idle` is
+    // silent; only `idle` may go.
+    let mut gone_after = None;
+    let mut rounds = 0;
+    while quiet_from.elapsed() < 3 * IDLE || gone_after.is_none() {
+        assert!(
+            quiet_from.elapsed() < LATEST,
+            "the idle flow did not expire within {LATEST:?}: {}",
+            daemon.status()
+        );
+        tcp_echo_round(&mut busy, format!("round {rounds}").as_bytes());
+        rounds += 1;
+        match expired(&daemon) {
+            Some(0) => {}
+            Some(1) if gone_after.is_none() => gone_after = Some(quiet_from.elapsed()),
+            Some(1) => {}
+            other => panic!(
+                "{other:?} flows expired; only the idle one may: {}",
+                daemon.status()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gone_after = gone_after.unwrap();
+    assert!(
+        gone_after >= IDLE,
+        "expired after {gone_after:?} of quiet, before tcp_established ({IDLE:?})"
+    );
+    let status = daemon.status();
+    assert_eq!(
+        status["kernel"]["conntrack_entries"].as_u64(),
+        Some(2),
+        "{status}"
+    );
+    let tcp = kernel_rule(&status, "turn-tcp", "tcp");
+    assert_eq!(counter(tcp, "flows"), 2, "{tcp}");
+    assert_eq!(counter(relay_rule(&status, "turn-tcp", "tcp"), "flows"), 0);
+    drop(idle);
     daemon.stop();
 }

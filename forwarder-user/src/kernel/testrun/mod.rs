@@ -9,6 +9,7 @@ mod fixture;
 mod matching;
 mod packet;
 mod programs;
+mod refresh;
 mod rewrite;
 mod xdp;
 
