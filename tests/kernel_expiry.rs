@@ -8,7 +8,7 @@ use crate::common::traffic::{
     BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket_from,
 };
 use crate::common::turn::{listener_addr, turn_rules};
-use crate::common::{self, Topology, eventually};
+use crate::common::{self, Topology, expires_in_time};
 
 #[test]
 fn closed_flows_hand_their_snat_ports_on_so_waves_of_connections_stay_in_the_kernel() {
@@ -55,6 +55,8 @@ fn idle_flows_expire_and_give_their_snat_port_back() {
     if !common::require_root("idle_flows_expire_and_give_their_snat_port_back") {
         return;
     }
+    // udp_idle, tcp_close and connect alike.
+    const IDLE: Duration = Duration::from_secs(1);
     let topo = Topology::new();
     forwarding_on(&topo);
     let _servers = BackendServers::start(&topo.backend);
@@ -66,6 +68,7 @@ fn idle_flows_expire_and_give_their_snat_port_back() {
     );
     let daemon = Daemon::start(&topo.forwarder, "expiry", &rules);
     let to = listener_addr(&topo);
+    let first_sent = Instant::now();
     in_netns(&topo.client, || {
         udp_echo(&udp_socket_from(5000, to), b"takes the port");
         // The range is used up: this one is the relay's.
@@ -75,7 +78,7 @@ fn idle_flows_expire_and_give_their_snat_port_back() {
     let status = daemon.status();
     assert_eq!(counter(&k(&status), "flows"), 1);
     assert_eq!(counter(&k(&status), "fallback_full"), 1);
-    eventually("the idle flow expires", || {
+    expires_in_time("the idle flow expires", first_sent, IDLE, || {
         let s = daemon.status();
         s["kernel"]["expired_flows"].as_u64() == Some(1)
             && s["kernel"]["conntrack_entries"].as_u64() == Some(0)
@@ -88,15 +91,21 @@ fn idle_flows_expire_and_give_their_snat_port_back() {
     assert_eq!(counter(&k(&status), "fallback_full"), 1);
 
     // A TCP flow that closed goes after tcp_close, and frees the port too.
+    let tcp_opened = Instant::now();
     in_netns(&topo.client, || {
         let mut c = tcp_echo_conn(to);
         tcp_echo_round(&mut c, b"short-lived");
     });
-    eventually("the closed TCP flow and the UDP flow expire", || {
-        let s = daemon.status();
-        s["kernel"]["expired_flows"].as_u64() == Some(3)
-            && s["kernel"]["conntrack_entries"].as_u64() == Some(0)
-    });
+    expires_in_time(
+        "the closed TCP flow and the UDP flow expire",
+        tcp_opened,
+        IDLE,
+        || {
+            let s = daemon.status();
+            s["kernel"]["expired_flows"].as_u64() == Some(3)
+                && s["kernel"]["conntrack_entries"].as_u64() == Some(0)
+        },
+    );
     daemon.stop();
 }
 

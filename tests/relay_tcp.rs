@@ -9,11 +9,11 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::eventually;
 use crate::common::relay::{
     TEST_LIMIT, WAIT, addr_of, any6, counters, listener, localhost, raise_open_files, start,
     tcp_echo, tcp_round_trip,
 };
+use crate::common::{TIMEOUT_MARGIN, eventually};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_echo_over_ipv4_and_ipv6_of_a_dual_stack_listener() {
@@ -365,7 +365,7 @@ fn silent_tcp_backend() -> (std::os::fd::OwnedFd, StdTcpStream, SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_connect_timeout_resets_the_client_of_a_silent_backend() {
-    const CONNECT: Duration = Duration::from_millis(300);
+    const CONNECT: Duration = Duration::from_secs(1);
     tokio::time::timeout(TEST_LIMIT, async {
         let (_backend, _filler, silent) = silent_tcp_backend();
         let timeouts = Timeouts {
@@ -392,9 +392,10 @@ async fn tcp_connect_timeout_resets_the_client_of_a_silent_backend() {
             "a reset, not a clean close"
         );
         // The rule's timeout, not the 5 s default and not a refusal.
+        let latest = 3 * CONNECT + TIMEOUT_MARGIN;
         assert!(
-            waited >= CONNECT && waited < Duration::from_secs(3),
-            "closed after {waited:?}"
+            waited >= CONNECT && waited <= latest,
+            "closed after {waited:?}, not within {CONNECT:?}..={latest:?}"
         );
         eventually("failure counted", || {
             counters(&relay, 0).connect_failures == 1
@@ -407,10 +408,11 @@ async fn tcp_connect_timeout_resets_the_client_of_a_silent_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_idle_flow_is_closed_and_a_busy_one_is_not() {
+    const IDLE: Duration = Duration::from_secs(1);
     tokio::time::timeout(TEST_LIMIT, async {
         let echo = tcp_echo().await;
         let timeouts = Timeouts {
-            tcp_established: Duration::from_millis(300),
+            tcp_established: IDLE,
             ..Timeouts::default()
         };
         let rules = [listener(
@@ -422,22 +424,33 @@ async fn tcp_idle_flow_is_closed_and_a_busy_one_is_not() {
         )];
         let (relay, _) = start(&rules, RelaySettings::default()).await;
         let front = addr_of(&relay, 0);
+        let idle_since = Instant::now();
         let mut idle = TcpStream::connect(front).await.unwrap();
+        let closed = tokio::spawn(async move {
+            let n = idle.read(&mut [0u8; 1]).await.unwrap();
+            (n, Instant::now())
+        });
         let mut busy = TcpStream::connect(front).await.unwrap();
-        // Traffic every 100 ms for 1.2 s keeps `busy` open.
-        for i in 0..12u8 {
+        // Traffic every 200 ms for 3 timeouts keeps `busy` open.
+        for i in 0..15u8 {
             busy.write_all(&[i]).await.unwrap();
             let mut b = [0u8];
             busy.read_exact(&mut b).await.unwrap();
             assert_eq!(b[0], i);
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        // `idle` was closed by the relay meanwhile.
-        let n = tokio::time::timeout(WAIT, idle.read(&mut [0u8; 1]))
+        // `idle` was closed by the relay meanwhile, in time.
+        let (n, closed_at) = tokio::time::timeout(WAIT, closed)
             .await
             .expect("idle flow closed")
             .unwrap();
         assert_eq!(n, 0);
+        let after = closed_at - idle_since;
+        let latest = 3 * IDLE + TIMEOUT_MARGIN;
+        assert!(
+            after >= IDLE && after <= latest,
+            "idle flow closed after {after:?}, not within {IDLE:?}..={latest:?}"
+        );
         assert_eq!(counters(&relay, 0).active, 1);
         relay.shutdown(Duration::from_millis(100)).await;
     })

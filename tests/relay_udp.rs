@@ -2,16 +2,16 @@
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use forwarder::rules::{Protocol, RelaySettings, Timeouts};
 use tokio::net::UdpSocket;
 
-use crate::common::eventually;
 use crate::common::relay::{
     TEST_LIMIT, WAIT, addr_of, any6, counters, listener, localhost, quick, raise_open_files, start,
     udp_echo, udp_round_trip,
 };
+use crate::common::{eventually, expires_in_time};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_echo_from_a_thousand_client_ports_never_crosses() {
@@ -225,7 +225,10 @@ async fn udp_sink() -> (UdpSocket, SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_one_way_traffic_keeps_its_session_and_silence_ends_it() {
-    const IDLE: Duration = Duration::from_millis(300);
+    const IDLE: Duration = Duration::from_secs(1);
+    // A datagram every 200 ms for 3 idle timeouts, each way.
+    const ROUNDS: u8 = 15;
+    const EVERY: Duration = Duration::from_millis(200);
     tokio::time::timeout(TEST_LIMIT, async {
         let (sink, sink_addr) = udp_sink().await;
         let rules = [listener(
@@ -239,10 +242,10 @@ async fn udp_one_way_traffic_keeps_its_session_and_silence_ends_it() {
         let front = addr_of(&relay, 0);
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
 
-        // Client -> backend only, every 50 ms for 4 idle timeouts.
+        // Client -> backend only.
         let mut sources = HashSet::new();
         let mut buf = [0u8; 64];
-        for i in 0..24u8 {
+        for i in 0..ROUNDS {
             client.send_to(&[i], front).await.unwrap();
             let (n, from) = tokio::time::timeout(WAIT, sink.recv_from(&mut buf))
                 .await
@@ -250,30 +253,35 @@ async fn udp_one_way_traffic_keeps_its_session_and_silence_ends_it() {
                 .unwrap();
             assert_eq!(&buf[..n], [i]);
             sources.insert(from);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(EVERY).await;
         }
         assert_eq!(sources.len(), 1, "one session all along: {sources:?}");
         assert_eq!(counters(&relay, 0).flows, 1);
 
-        // Backend -> client only, every 50 ms, keeps it too.
+        // Backend -> client only keeps it too.
         let upstream = *sources.iter().next().unwrap();
-        for i in 0..24u8 {
+        let mut last_datagram = Instant::now();
+        for i in 0..ROUNDS {
+            last_datagram = Instant::now();
             sink.send_to(&[i], upstream).await.unwrap();
             let (n, from) = tokio::time::timeout(WAIT, client.recv_from(&mut buf))
                 .await
                 .expect("reply reaches the client")
                 .unwrap();
             assert_eq!((&buf[..n], from), (&[i][..], front));
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(EVERY).await;
         }
         let c = counters(&relay, 0);
         assert_eq!((c.flows, c.active), (1, 1));
-        assert_eq!((c.bytes_to_backend, c.bytes_to_client), (24, 24));
-        assert_eq!((c.datagrams_to_backend, c.datagrams_to_client), (24, 24));
+        let all = u64::from(ROUNDS);
+        assert_eq!((c.bytes_to_backend, c.bytes_to_client), (all, all));
+        assert_eq!((c.datagrams_to_backend, c.datagrams_to_client), (all, all));
 
-        // Silence ends it: the kernel path hears, and the next datagram opens
-        // a new session (a new upstream port).
-        eventually("idle session expires", || counters(&relay, 0).active == 0);
+        // Silence ends it, in time: the kernel path hears, and the next
+        // datagram opens a new session (a new upstream port).
+        expires_in_time("idle session expires", last_datagram, IDLE, || {
+            counters(&relay, 0).active == 0
+        });
         assert!(recorder.events().iter().any(|e| !e.0));
         client.send_to(b"again", front).await.unwrap();
         let (_, from) = tokio::time::timeout(WAIT, sink.recv_from(&mut buf))
