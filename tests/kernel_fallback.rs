@@ -164,3 +164,82 @@ fn a_relay_rule_is_carried_by_the_relay_only() {
     assert_eq!(counter(relay_rule(&status, "kernel", "udp"), "flows"), 0);
     daemon.stop();
 }
+
+#[test]
+fn with_ipv4_forwarding_off_the_daemon_warns_and_the_relay_carries_every_flow() {
+    if !common::require_root(
+        "with_ipv4_forwarding_off_the_daemon_warns_and_the_relay_carries_every_flow",
+    ) {
+        return;
+    }
+    let topo = Topology::new();
+    for key in ["net.ipv4.ip_forward", "net.ipv4.conf.all.forwarding"] {
+        topo.forwarder.sysctl(key, "0");
+    }
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start(&topo.forwarder, "noforward", &turn_rules(&topo, ""));
+    let log = daemon.log_text();
+    let interface = &topo.client_link.a_if;
+    assert!(
+        log.contains(&format!("IPv4 forwarding is off on {interface}")),
+        "warned at start:\n{log}"
+    );
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        let mut c = tcp_echo_conn(to);
+        tcp_echo_round(&mut c, b"through the relay");
+        udp_echo(&udp_socket(to), b"through the relay too");
+    });
+    let status = daemon.status();
+    for proto in ["tcp", "udp"] {
+        let alias = format!("turn-{proto}");
+        let k = kernel_rule(&status, &alias, proto);
+        assert_eq!(counter(k, "flows"), 0, "{k}");
+        assert_eq!(counter(k, "fallback_other"), 1, "{k}");
+        assert_eq!(counter(relay_rule(&status, &alias, proto), "flows"), 1);
+    }
+    let log = daemon.stop();
+    assert_eq!(
+        log.matches(&format!("IPv4 forwarding is off on {interface}"))
+            .count(),
+        1,
+        "said once:\n{log}"
+    );
+}
+
+#[test]
+fn a_backend_on_one_of_the_hosts_own_addresses_goes_to_the_relay() {
+    if !common::require_root("a_backend_on_one_of_the_hosts_own_addresses_goes_to_the_relay") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    // The backend runs on the forwarder itself, reached by its address on
+    // the backend link: neither loopback nor the listener's address.
+    let _servers = BackendServers::start(&topo.forwarder);
+    let own = topo.backend_link.a_addr;
+    let yaml = format!(
+        "interfaces: [{a}, {b}]\n\
+         routes:\n\
+         \x20 local-tcp: {{scheme: tcp, host: {own}, port: 7878:3478}}\n\
+         \x20 local-udp: {{scheme: udp, host: {own}, port: 7878:3478}}\n",
+        a = topo.client_link.a_if,
+        b = topo.backend_link.a_if,
+    );
+    let daemon = Daemon::start(&topo.forwarder, "ownaddr", &yaml);
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        let mut c = tcp_echo_conn(to);
+        tcp_echo_round(&mut c, b"to this host");
+        udp_echo(&udp_socket(to), b"to this host too");
+    });
+    let status = daemon.status();
+    for (alias, proto) in [("local-tcp", "tcp"), ("local-udp", "udp")] {
+        let k = kernel_rule(&status, alias, proto);
+        assert_eq!(counter(k, "flows"), 0, "{k}");
+        // Known when the rules were loaded, not found out packet by packet.
+        assert_eq!(counter(k, "fallback_other"), 0, "{k}");
+        assert_eq!(counter(relay_rule(&status, alias, proto), "flows"), 1);
+    }
+    daemon.stop();
+}

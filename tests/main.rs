@@ -5,6 +5,7 @@ mod common;
 
 mod checksums;
 mod daemon;
+mod daemon_lifecycle;
 mod handover;
 mod kernel_attach;
 mod kernel_daemon;

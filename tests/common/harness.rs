@@ -215,10 +215,27 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The control socket `forwarder status` reaches it by.
+    pub fn control(&self) -> &std::path::Path {
+        &self.control
+    }
+
+    /// Sends `sig` and returns at once.
+    pub fn signal(&self, sig: i32) {
+        let guard = self.child.as_ref().expect("running");
+        guard.signal(sig).expect("signal the daemon");
+    }
+
     /// SIGTERM, and the daemon must exit cleanly; returns its log.
-    pub fn stop(mut self) -> String {
+    pub fn stop(self) -> String {
+        self.signal(libc::SIGTERM);
+        self.wait_for_exit()
+    }
+
+    /// Waits for the daemon to exit, which it must do cleanly within
+    /// [`WAIT`]; returns its log.
+    pub fn wait_for_exit(mut self) -> String {
         let mut guard = self.child.take().unwrap();
-        guard.signal(libc::SIGTERM).unwrap();
         let deadline = Instant::now() + WAIT;
         let status = loop {
             if let Some(status) = guard.child.try_wait().unwrap() {
