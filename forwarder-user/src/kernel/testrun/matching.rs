@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use forwarder_common::{ADDR_ANY, CT_DIR_FORWARD, PROTO_TCP, PROTO_UDP, RULE_F_RELAY};
+use forwarder_common::{ADDR_ANY, CT_DIR_FORWARD, PROTO_TCP, PROTO_UDP, RULE_F_RELAY, RULE_F_XDP};
 
 use super::fixture::*;
 use super::packet::{Spec, TCP_ACK, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
@@ -163,5 +163,100 @@ fn a_wildcard_rule_leaves_traffic_through_this_host_alone() {
         // The same to this host's own address is forwarded.
         let ours = Spec::udp(client(50093), (LISTENER, LISTEN_PORT)).build();
         assert_eq!(k.run_tc(&ours).verdict, TC_ACT_REDIRECT);
+    });
+}
+
+#[test]
+fn an_exact_rule_beats_a_wildcard_on_the_same_port() {
+    if !require_root("an_exact_rule_beats_a_wildcard_on_the_same_port") {
+        return;
+    }
+    let exact = rule(PROTO_UDP, 0, 0, &[(BACKEND, 1)]);
+    let mut wildcard = rule(PROTO_UDP, 1, 0, &[(BACKEND2, 1)]);
+    wildcard[0].0.addr = ADDR_ANY;
+    // The wildcard first in the table, so order cannot be what decides.
+    wildcard.extend(exact);
+    with_router(1024, tables(wildcard, SNAT_PORTS), |k| {
+        let exact = Spec::udp(client(50085), listener()).build();
+        let out = k.run_tc(&exact);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(view(&out.packet).dst, BACKEND, "the exact rule's backend");
+        let other = Spec::udp(client(50086), (SNAT, LISTEN_PORT)).build();
+        let out = k.run_tc(&other);
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+        assert_eq!(view(&out.packet).dst, BACKEND2, "the wildcard's backend");
+        assert_eq!(k.rule_counters(0).flows, 1);
+        assert_eq!(k.rule_counters(1).flows, 1);
+    });
+}
+
+/// An Ethernet frame with IPv6 from 2001:db8::2 to 2001:db8::1 and UDP
+/// (17) or a TCP SYN (6) to `port`.
+fn ipv6_frame(next_header: u8, port: u16) -> Vec<u8> {
+    let l4: Vec<u8> = if next_header == 6 {
+        let mut t = Vec::new();
+        t.extend_from_slice(&50090u16.to_be_bytes());
+        t.extend_from_slice(&port.to_be_bytes());
+        t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 5 << 4, 0x02, 0xfa, 0xf0]);
+        t.extend_from_slice(&[0x12, 0x34, 0, 0]); // checksum (not checked), urg
+        t
+    } else {
+        let mut u = Vec::new();
+        u.extend_from_slice(&50090u16.to_be_bytes());
+        u.extend_from_slice(&port.to_be_bytes());
+        u.extend_from_slice(&12u16.to_be_bytes());
+        u.extend_from_slice(&[0x12, 0x34]);
+        u.extend_from_slice(b"v6!?");
+        u
+    };
+    let mut p = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x86, 0xdd];
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next_header, 64]);
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    let mut dst = src;
+    src[15] = 2;
+    dst[15] = 1;
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&l4);
+    p
+}
+
+#[test]
+fn ipv6_frames_pass_both_programs_untouched() {
+    if !require_root("ipv6_frames_pass_both_programs_untouched") {
+        return;
+    }
+    // Wildcard rules for both protocols on the port, XDP on: every check a
+    // frame could meet.
+    let mut r = rule(PROTO_TCP, TCP_RULE, RULE_F_XDP, &[(BACKEND, 1)]);
+    r.extend(rule(PROTO_UDP, UDP_RULE, RULE_F_XDP, &[(BACKEND, 1)]));
+    for row in &mut r {
+        row.0.addr = ADDR_ANY;
+    }
+    with_router(1024, tables(r, SNAT_PORTS), |k| {
+        for next_header in [17, 6] {
+            let frame = ipv6_frame(next_header, LISTEN_PORT);
+            let tc = k.run_tc(&frame);
+            assert_eq!(
+                (tc.verdict, &tc.packet),
+                (TC_ACT_OK, &frame),
+                "TC, next header {next_header}"
+            );
+            let xdp = k.run_xdp(&frame);
+            assert_eq!(
+                (xdp.verdict, &xdp.packet),
+                (XDP_PASS, &frame),
+                "XDP, next header {next_header}"
+            );
+        }
+        assert!(k.conntrack().is_empty(), "{:?}", k.conntrack());
+        assert!(k.relay_flows().is_empty(), "{:?}", k.relay_flows());
+        for rule_id in [TCP_RULE, UDP_RULE] {
+            let c = k.rule_counters(rule_id);
+            assert_eq!((c.flows, c.fallback_other, c.fallback_full), (0, 0, 0));
+        }
     });
 }
