@@ -2,6 +2,7 @@
 //! the compile step, the shipped example, and random input.
 
 mod compile;
+mod defaults;
 mod errors;
 mod examples;
 mod forms;
