@@ -12,6 +12,7 @@ mod kernel_daemon;
 mod kernel_expiry;
 mod kernel_fallback;
 mod kernel_xdp;
+mod preserve_client_ip;
 mod relay_iperf3;
 mod relay_lifecycle;
 mod relay_one_port;
