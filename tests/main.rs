@@ -16,5 +16,6 @@ mod preserve_client_ip;
 mod relay_iperf3;
 mod relay_lifecycle;
 mod relay_one_port;
+mod relay_splice_fallback;
 mod relay_tcp;
 mod relay_udp;

@@ -154,6 +154,18 @@ impl Daemon {
 
     /// [`Daemon::start`] with `RUST_LOG=rust_log`.
     pub fn start_logging(ns: &Netns, name: &str, yaml: &str, rust_log: &str) -> Daemon {
+        Daemon::start_with(ns, name, yaml, rust_log, |_| {})
+    }
+
+    /// [`Daemon::start_logging`], with `tweak` applied to the command last
+    /// (more arguments, a `pre_exec`).
+    pub fn start_with(
+        ns: &Netns,
+        name: &str,
+        yaml: &str,
+        rust_log: &str,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let dir = std::env::temp_dir().join(format!("fwdt-{}-kp-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -170,6 +182,7 @@ impl Daemon {
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
+        tweak(&mut cmd);
         let mut daemon = Daemon {
             child: Some(ChildGuard::spawn(&mut cmd)),
             dir,
