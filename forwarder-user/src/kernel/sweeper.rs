@@ -417,6 +417,44 @@ mod tests {
     }
 
     #[test]
+    fn idle_exactly_the_timeout_is_kept_and_a_nanosecond_more_expires() {
+        let now = 1000 * S;
+        let idle = 30 * S; // udp_idle
+        for (extra, gone) in [(0, false), (1, true)] {
+            let last = now - idle - extra;
+            let mut entries: StdHashMap<CtKey, CtValue> = StdHashMap::new();
+            entries.extend(pair(PROTO_UDP, 1, last, last, (1, 1)));
+            let orphan = pair(PROTO_UDP, 2, last, last, (1, 1))[1];
+            entries.insert(orphan.0, orphan.1);
+            let expired = expired_flows(&entries, now, &timeouts());
+            assert_eq!(
+                expired.len(),
+                if gone { 3 } else { 0 },
+                "idle {extra} ns past"
+            );
+
+            let relay = [(
+                CtKey {
+                    proto: PROTO_UDP,
+                    ..CtKey::default()
+                },
+                RelayFlow {
+                    last_seen_ns: last,
+                    rule_id: 0,
+                    owner: RELAY_OWNER_KERNEL,
+                    _pad: [0; 3],
+                },
+            )];
+            let expired = expired_relay_flows(&relay, now, &timeouts());
+            assert_eq!(
+                expired.len(),
+                usize::from(gone),
+                "unclaimed {extra} ns past"
+            );
+        }
+    }
+
+    #[test]
     fn the_period_follows_the_shortest_timeout() {
         assert_eq!(timeouts().period(), Duration::from_millis(750));
         assert_eq!(
