@@ -2,8 +2,10 @@
 //! table, `path: relay`.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 
 use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
+use crate::common::seccomp::fail_syscall;
 use crate::common::traffic::{BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket};
 use crate::common::turn::{listener_addr, turn_rules};
 use crate::common::{self, Topology};
@@ -242,4 +244,46 @@ fn a_backend_on_one_of_the_hosts_own_addresses_goes_to_the_relay() {
         assert_eq!(counter(relay_rule(&status, alias, proto), "flows"), 1);
     }
     daemon.stop();
+}
+
+#[test]
+fn where_bpf_cannot_load_the_daemon_says_so_once_and_the_relay_carries_every_flow() {
+    if !common::require_root(
+        "where_bpf_cannot_load_the_daemon_says_so_once_and_the_relay_carries_every_flow",
+    ) {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    // bpf(2) fails as on a kernel built without it.
+    let daemon = Daemon::start_with(
+        &topo.forwarder,
+        "nobpf",
+        &turn_rules(&topo, ""),
+        "info",
+        |cmd| {
+            // SAFETY: only async-signal-safe calls (prctl) between fork and exec.
+            unsafe { cmd.pre_exec(|| fail_syscall(libc::SYS_bpf, libc::ENOSYS)) };
+        },
+    );
+    let to = listener_addr(&topo);
+    in_netns(&topo.client, || {
+        let mut c = tcp_echo_conn(to);
+        tcp_echo_round(&mut c, b"through the relay");
+        udp_echo(&udp_socket(to), b"through the relay too");
+    });
+    let status = daemon.status();
+    assert_eq!(status["kernel_path"], false, "{status}");
+    for proto in ["tcp", "udp"] {
+        let r = relay_rule(&status, &format!("turn-{proto}"), proto);
+        assert_eq!(counter(r, "flows"), 1, "{r}");
+    }
+    let log = daemon.stop();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("the kernel path cannot start"))
+        .count();
+    assert_eq!(said, 1, "said once:\n{log}");
+    assert!(!log.contains("ERROR"), "{log}");
 }

@@ -4,6 +4,7 @@
 pub mod harness;
 mod netns;
 pub mod relay;
+pub mod seccomp;
 pub mod traffic;
 pub mod turn;
 pub mod wire;
