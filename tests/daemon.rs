@@ -3,33 +3,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::common::{self, Netns};
-
-/// A rule file in a fresh temp dir; removed with the returned guard.
-struct TempConfig {
-    dir: PathBuf,
-    pub path: PathBuf,
-}
-
-impl TempConfig {
-    fn new(name: &str, yaml: &str) -> TempConfig {
-        let dir = std::env::temp_dir().join(format!("fwdt-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("forwarder.yaml");
-        std::fs::write(&path, yaml).unwrap();
-        TempConfig { dir, path }
-    }
-
-    fn control(&self) -> String {
-        self.dir.join("control.sock").display().to_string()
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use crate::common::{self, Netns, TempConfig, stderr_lines};
 
 /// A rule the kernel path would take (a loopback target would not need it).
 /// No traffic is ever sent to its target.
@@ -38,14 +12,6 @@ const ONE_RULE: &str =
 
 /// Bad input ends the daemon at once; this only keeps a regression from hanging.
 const EXIT_LIMIT: Duration = Duration::from_secs(30);
-
-fn stderr_lines(out: &Output) -> Vec<String> {
-    String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(str::to_owned)
-        .collect()
-}
 
 /// Asserts a failed run that said exactly one line containing `needle`.
 fn assert_one_line_error(out: &Output, needle: &str) {

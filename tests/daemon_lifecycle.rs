@@ -25,7 +25,7 @@ fn the_control_socket_is_root_only_status_prints_plainly_and_sigquit_stops_clean
     let reserved_before = reserved_ports(&topo.forwarder);
     let daemon = Daemon::start(&topo.forwarder, "sigquit", &turn_rules(&topo, ""));
     let programs = our_programs(&topo, false);
-    let control = daemon.control().to_path_buf();
+    let control = daemon.control_path().to_path_buf();
     let meta = std::fs::metadata(&control).expect("the control socket");
     assert!(meta.file_type().is_socket(), "{meta:?}");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "root only");

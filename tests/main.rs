@@ -4,6 +4,8 @@
 mod common;
 
 mod checksums;
+mod config_cli;
+mod crash;
 mod daemon;
 mod daemon_lifecycle;
 mod handover;
@@ -19,3 +21,4 @@ mod relay_one_port;
 mod relay_splice_fallback;
 mod relay_tcp;
 mod relay_udp;
+mod reload;

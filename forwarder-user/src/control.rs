@@ -1,23 +1,41 @@
-//! The control socket: a running daemon answers `forwarder status` here.
+//! The control socket: a running daemon answers `forwarder status` and
+//! `forwarder reload` here.
 //!
-//! A Unix stream socket; each connection gets one JSON document (the
-//! status) and is closed. Only root can connect (mode 0600).
+//! A Unix stream socket. The client writes one request line (`status` or
+//! `reload`; nothing at all means `status`), and gets one JSON document
+//! back before the socket closes. Only root can connect (mode 0600).
 
-use std::io::{self, Read};
+use std::future::Future;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio::io::AsyncWriteExt;
-use tokio::net::UnixListener;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
 
 pub const DEFAULT_SOCKET: &str = "/run/forwarder.sock";
 
 /// Produces the status document on demand.
 pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// Reloads the rule file and answers with what happened.
+pub type ReloadFn =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = serde_json::Value> + Send>> + Send + Sync>;
+
+/// What the daemon answers on its control socket.
+#[derive(Clone)]
+pub struct Handlers {
+    pub status: StatusFn,
+    pub reload: ReloadFn,
+}
+
+/// How long a client may take to send its request line.
+const REQUEST_WAIT: Duration = Duration::from_secs(1);
 
 /// The bound socket; the file is removed on drop.
 pub struct ControlSocket {
@@ -52,10 +70,10 @@ impl ControlSocket {
         })
     }
 
-    /// Answers every connection with the current status, until dropped.
-    pub async fn serve(&self, status: StatusFn) {
+    /// Answers every connection, until dropped.
+    pub async fn serve(&self, handlers: Handlers) {
         loop {
-            let mut stream = match self.listener.accept().await {
+            let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     // Out of descriptors, most likely: retrying at once would spin.
@@ -64,14 +82,28 @@ impl ControlSocket {
                     continue;
                 }
             };
-            let mut body = status().to_string();
-            body.push('\n');
-            tokio::spawn(async move {
-                let _ = stream.write_all(body.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
+            tokio::spawn(answer(stream, handlers.clone()));
         }
     }
+}
+
+async fn answer(stream: UnixStream, handlers: Handlers) {
+    let mut stream = BufReader::new(stream);
+    let mut line = String::new();
+    // A client that sends nothing (or is slow to) asks for the status.
+    let _ = tokio::time::timeout(REQUEST_WAIT, stream.read_line(&mut line)).await;
+    let doc = match line.trim() {
+        "" | "status" => (handlers.status)(),
+        "reload" => (handlers.reload)().await,
+        other => serde_json::json!({
+            "error": format!("unknown request {other:?}: `status` or `reload`")
+        }),
+    };
+    let mut body = doc.to_string();
+    body.push('\n');
+    let mut stream = stream.into_inner();
+    let _ = stream.write_all(body.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 impl Drop for ControlSocket {
@@ -82,6 +114,12 @@ impl Drop for ControlSocket {
 
 /// Asks the daemon at `path` for its status.
 pub fn query(path: &Path) -> Result<serde_json::Value> {
+    request(path, "status", Duration::from_secs(5))
+}
+
+/// Sends `what` to the daemon at `path` and reads its answer, waiting at
+/// most `wait` for it.
+pub fn request(path: &Path, what: &str, wait: Duration) -> Result<serde_json::Value> {
     let mut stream = StdUnixStream::connect(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
             "no forwarder is running at {} ({e}); start one with `forwarder run -c FILE`",
@@ -93,13 +131,16 @@ pub fn query(path: &Path) -> Result<serde_json::Value> {
         ),
         _ => anyhow::anyhow!("cannot reach the forwarder at {}: {e}", path.display()),
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream
+        .write_all(format!("{what}\n").as_bytes())
+        .with_context(|| format!("send {what:?} to {}", path.display()))?;
+    stream.set_read_timeout(Some(wait))?;
     let mut body = String::new();
     stream
         .read_to_string(&mut body)
-        .with_context(|| format!("read the status from {}", path.display()))?;
+        .with_context(|| format!("read the answer to {what:?} from {}", path.display()))?;
     serde_json::from_str(&body)
-        .with_context(|| format!("the status from {} is not JSON", path.display()))
+        .with_context(|| format!("the answer from {} is not JSON", path.display()))
 }
 
 #[cfg(test)]
@@ -120,8 +161,10 @@ mod tests {
             let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             serde_json::json!({ "calls": n })
         });
+        let reload: ReloadFn =
+            Arc::new(|| Box::pin(async { serde_json::json!({ "reloaded": true }) }));
         let server = tokio::spawn(async move {
-            socket.serve(status).await;
+            socket.serve(Handlers { status, reload }).await;
         });
         let p = path.clone();
         let first = tokio::task::spawn_blocking(move || query(&p))
@@ -135,6 +178,31 @@ mod tests {
             .unwrap();
         assert_eq!(first["calls"], 0);
         assert_eq!(second["calls"], 1);
+        let p = path.clone();
+        let reloaded =
+            tokio::task::spawn_blocking(move || request(&p, "reload", Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(reloaded["reloaded"], true);
+        let p = path.clone();
+        let unknown =
+            tokio::task::spawn_blocking(move || request(&p, "dance", Duration::from_secs(5)))
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(unknown["error"].as_str().unwrap().contains("\"dance\""));
+        // A client that only reads (an older `forwarder status`) gets the status.
+        let p = path.clone();
+        let silent = tokio::task::spawn_blocking(move || {
+            let mut s = StdUnixStream::connect(&p).unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).unwrap();
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()
+        })
+        .await
+        .unwrap();
+        assert_eq!(silent["calls"], 2);
         // A second daemon on the same socket is refused while the first answers.
         let err = ControlSocket::bind(&path)
             .err()

@@ -1,5 +1,6 @@
 //! `forwarder run`: load the rules, start the kernel path and the relay,
-//! answer status queries, and stop cleanly on SIGINT or SIGTERM.
+//! answer status queries, reload the rule file on SIGHUP or `forwarder
+//! reload`, and stop cleanly on SIGINT, SIGTERM or SIGQUIT.
 //!
 //! Order matters: the rule file is validated whole before anything is
 //! touched; the kernel path starts before the relay binds, so the relay
@@ -7,17 +8,18 @@
 //! undoes the steps before it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
 use forwarder_common::RULE_F_RELAY;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::config;
-use crate::control::{ControlSocket, StatusFn};
+use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
 use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, StartOptions};
 use crate::relay::Relay;
+use crate::reload::{self, Plan, Summary};
 use crate::rules::{Compiled, FlowObserver, NoKernelPath};
 
 pub struct RunOptions {
@@ -41,6 +43,9 @@ impl From<anyhow::Error> for RunError {
 }
 
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    // Before anything on the host changes: a signal during start-up must
+    // find the handlers that undo it.
+    let mut signals = Signals::install()?;
     let compiled = config::load(&opts.config).map_err(RunError::Config)?;
     let kernel = if opts.relay_only {
         info!("relay only (--relay-only): the kernel path is not loaded");
@@ -73,29 +78,257 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             return Err(e.into());
         }
     };
-    let status = status_fn(&opts, &compiled, relay.clone(), kernel.clone());
-    let control_task = tokio::spawn(async move { control.serve(status).await });
+    let rules = compiled.listeners.len();
+    let daemon = Arc::new(Daemon {
+        config: opts.config.clone(),
+        relay_only: opts.relay_only,
+        relay,
+        kernel,
+        running: RwLock::new(compiled),
+        reloading: tokio::sync::Mutex::new(()),
+    });
+    let handlers = Handlers {
+        status: status_fn(daemon.clone()),
+        reload: reload_fn(daemon.clone()),
+    };
+    let control_task = tokio::spawn(async move { control.serve(handlers).await });
     info!(
-        rules = compiled.listeners.len(),
-        kernel_path = kernel.is_some(),
+        rules,
+        kernel_path = daemon.kernel.is_some(),
         control = %opts.control.display(),
         "forwarder running"
     );
 
-    wait_for_stop_signal().await?;
+    loop {
+        match signals.next().await {
+            Signal::Stop(name) => {
+                info!("{name}");
+                break;
+            }
+            Signal::Reload => {
+                info!("SIGHUP: reloading {}", daemon.config.display());
+                daemon.reload().await;
+            }
+            Signal::Upgrade => warn!(
+                "SIGUSR2: upgrading in place is not supported yet; `forwarder reload` (or \
+                 SIGHUP) applies a changed rule file without a restart"
+            ),
+        }
+    }
 
-    // Dropping the control socket releases its clones of the relay and kernel path.
+    // Dropping the control socket releases its clones of the daemon.
     control_task.abort();
     let _ = control_task.await;
-    info!(
-        drain = ?compiled.relay.drain_timeout,
-        "stopping: no new flows; live flows may finish"
-    );
-    let relay = Arc::try_unwrap(relay).map_err(|_| anyhow!("the relay is still shared at stop"))?;
-    relay.shutdown(compiled.relay.drain_timeout).await;
-    stop_kernel_path(kernel);
+    let daemon =
+        Arc::try_unwrap(daemon).map_err(|_| anyhow!("the daemon is still shared at stop"))?;
+    let drain = daemon.running().relay.drain_timeout;
+    info!(?drain, "stopping: no new flows; live flows may finish");
+    let relay =
+        Arc::try_unwrap(daemon.relay).map_err(|_| anyhow!("the relay is still shared at stop"))?;
+    relay.shutdown(drain).await;
+    stop_kernel_path(daemon.kernel);
     info!("stopped");
     Ok(())
+}
+
+/// The running daemon, as reloads and status queries see it.
+struct Daemon {
+    config: PathBuf,
+    relay_only: bool,
+    relay: Arc<Relay>,
+    kernel: Option<Arc<KernelPath>>,
+    /// The rule table in force.
+    running: RwLock<Compiled>,
+    /// One reload at a time (SIGHUP and `forwarder reload` may meet).
+    reloading: tokio::sync::Mutex<()>,
+}
+
+/// What a reload did, as `forwarder reload` reports it.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    Applied(Summary),
+    /// The file is invalid; nothing changed. Every error, one per line.
+    Invalid(String),
+    /// The file is valid but cannot be applied; nothing changed.
+    Refused(String),
+}
+
+impl ReloadOutcome {
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            ReloadOutcome::Applied(summary) => {
+                serde_json::json!({ "outcome": "applied", "summary": summary })
+            }
+            ReloadOutcome::Invalid(errors) => {
+                serde_json::json!({ "outcome": "invalid", "errors": errors })
+            }
+            ReloadOutcome::Refused(why) => {
+                serde_json::json!({ "outcome": "refused", "errors": why })
+            }
+        }
+    }
+}
+
+impl Daemon {
+    fn running(&self) -> std::sync::RwLockReadGuard<'_, Compiled> {
+        // Replaced whole under the write lock: never seen half-written.
+        self.running.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the rule file again and applies the difference (see
+    /// `reload`); on any error nothing changes and the old rules run on.
+    async fn reload(&self) -> ReloadOutcome {
+        let _one_at_a_time = self.reloading.lock().await;
+        let path = self.config.clone();
+        let loaded = match tokio::task::spawn_blocking(move || config::load(&path)).await {
+            Ok(Ok(compiled)) => compiled,
+            Ok(Err(errors)) => {
+                let text = errors.to_string();
+                for line in text.lines() {
+                    warn!("reload: {line}");
+                }
+                warn!(
+                    "reload: {} is invalid ({} errors); the running rules stay",
+                    self.config.display(),
+                    errors.len()
+                );
+                return ReloadOutcome::Invalid(text);
+            }
+            Err(e) => return ReloadOutcome::Refused(format!("the rule file loader failed: {e}")),
+        };
+        match self.apply(loaded).await {
+            Ok(summary) => {
+                info!(
+                    "reload: {} added, {} changed, {} removed, {} unchanged",
+                    summary.added.len(),
+                    summary.changed.len(),
+                    summary.removed.len(),
+                    summary.unchanged
+                );
+                for what in &summary.needs_restart {
+                    warn!("reload: {what} takes effect only after a restart");
+                }
+                ReloadOutcome::Applied(summary)
+            }
+            Err(e) => {
+                warn!("reload: {e:#}; the running rules stay");
+                ReloadOutcome::Refused(format!("{e:#}"))
+            }
+        }
+    }
+
+    /// Prepares everything that can fail on both paths, then switches.
+    async fn apply(&self, loaded: Compiled) -> anyhow::Result<Summary> {
+        let running = self.running().clone();
+        let kernel = self.kernel.as_deref();
+        let held = |id: u32| kernel.is_some_and(|k| k.holds(id));
+        let mut plan = reload::plan(&running, loaded, &held).map_err(|e| anyhow!(e))?;
+        let tables = match kernel {
+            Some(k) => Some(k.prepare(&plan)?),
+            None => {
+                self.without_kernel_path(&mut plan)?;
+                None
+            }
+        };
+        let prepared = self.relay.prepare(&plan).await?;
+        if let (Some(k), Some(tables)) = (kernel, tables)
+            && let Err(e) = k.apply(&plan, tables)
+        {
+            self.relay.abandon(prepared);
+            return Err(e.context("updating the kernel tables"));
+        }
+        self.relay.apply(&plan, prepared);
+        let summary = plan.summary();
+        *self.running.write().unwrap_or_else(|e| e.into_inner()) = plan.next;
+        Ok(summary)
+    }
+
+    /// With no kernel path running, rules that require it are refused and
+    /// rules that could use it are carried by the relay until a restart.
+    fn without_kernel_path(&self, plan: &mut Plan) -> anyhow::Result<()> {
+        let new = plan.added.iter().chain(plan.changed.iter().map(|(_, l)| l));
+        let mut could = Vec::new();
+        for l in new {
+            if l.path.requires_kernel() {
+                bail!(
+                    "rule `{}` has `path: {}`, but this daemon runs without the kernel path{}",
+                    l.alias,
+                    l.path.as_str(),
+                    if self.relay_only {
+                        " (--relay-only)"
+                    } else {
+                        "; restart it to load the kernel path"
+                    }
+                );
+            }
+            let kernel_capable = plan
+                .next
+                .kernel
+                .rules
+                .iter()
+                .any(|(_, v)| v.rule_id == l.rule_id && v.flags & RULE_F_RELAY == 0);
+            if !self.relay_only && kernel_capable {
+                could.push(l.alias.clone());
+            }
+        }
+        if !could.is_empty() {
+            plan.needs_restart.push(format!(
+                "the kernel path (not loaded at start) for {}: the relay carries them",
+                could.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn reload_fn(daemon: Arc<Daemon>) -> ReloadFn {
+    Arc::new(move || {
+        let daemon = daemon.clone();
+        Box::pin(async move { daemon.reload().await.to_json() })
+    })
+}
+
+/// The signals the daemon acts on.
+enum Signal {
+    Stop(&'static str),
+    Reload,
+    Upgrade,
+}
+
+/// SIGTERM, SIGINT and SIGQUIT stop the daemon cleanly; SIGHUP reloads the
+/// rule file. SIGUSR2 is caught so that it cannot end the process without
+/// the clean stop.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        let on = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("listen for {name}"))
+        };
+        Ok(Signals {
+            term: on(SignalKind::terminate(), "SIGTERM")?,
+            int: on(SignalKind::interrupt(), "SIGINT")?,
+            quit: on(SignalKind::quit(), "SIGQUIT")?,
+            hup: on(SignalKind::hangup(), "SIGHUP")?,
+            usr2: on(SignalKind::user_defined2(), "SIGUSR2")?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.quit.recv() => Signal::Stop("SIGQUIT"),
+            _ = self.hup.recv() => Signal::Reload,
+            _ = self.usr2.recv() => Signal::Upgrade,
+        }
+    }
 }
 
 async fn start_kernel_path(
@@ -118,6 +351,7 @@ async fn start_kernel_path(
         .map(|l| l.alias.clone());
     let options = StartOptions {
         config_file: Some(opts.config.display().to_string()),
+        pin: true,
         ..StartOptions::default()
     };
     match KernelPath::start_with(compiled, &options).await {
@@ -153,47 +387,20 @@ fn stop_kernel_path(kernel: Option<Arc<KernelPath>>) {
     }
 }
 
-/// Waits for SIGTERM, SIGINT or SIGQUIT. SIGHUP, which would end the
-/// process without the clean stop (leaving the reserved ports behind), is
-/// answered with a warning: the rule file is read only at start.
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
-    let mut quit = signal(SignalKind::quit()).context("listen for SIGQUIT")?;
-    let mut hup = signal(SignalKind::hangup()).context("listen for SIGHUP")?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM"),
-            _ = int.recv() => info!("SIGINT"),
-            _ = quit.recv() => info!("SIGQUIT"),
-            _ = hup.recv() => {
-                warn!("SIGHUP: reloading is not supported yet; restart the daemon to apply a changed rule file");
-                continue;
-            }
-        }
-        return Ok(());
-    }
-}
-
 /// The status document `forwarder status` prints.
-fn status_fn(
-    opts: &RunOptions,
-    compiled: &Compiled,
-    relay: Arc<Relay>,
-    kernel: Option<Arc<KernelPath>>,
-) -> StatusFn {
-    let config = opts.config.display().to_string();
-    let listeners = compiled.listeners.clone();
+fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
     Arc::new(move || {
-        let relay_counters = serde_json::to_value(relay.counters()).unwrap_or_default();
-        let kernel_counters = match &kernel {
+        let relay_counters = serde_json::to_value(daemon.relay.counters()).unwrap_or_default();
+        let kernel_counters = match &daemon.kernel {
             Some(k) => match k.counters() {
                 Ok(c) => serde_json::to_value(c).unwrap_or_default(),
                 Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
             },
             None => serde_json::Value::Null,
         };
-        let rules: Vec<_> = listeners
+        let running = daemon.running();
+        let rules: Vec<_> = running
+            .listeners
             .iter()
             .map(|l| {
                 serde_json::json!({
@@ -208,8 +415,8 @@ fn status_fn(
             .collect();
         serde_json::json!({
             "pid": std::process::id(),
-            "config": config,
-            "kernel_path": kernel.is_some(),
+            "config": daemon.config.display().to_string(),
+            "kernel_path": daemon.kernel.is_some(),
             "rules": rules,
             "relay": relay_counters,
             "kernel": kernel_counters,

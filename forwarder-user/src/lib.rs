@@ -4,4 +4,6 @@ pub mod control;
 pub mod daemon;
 pub mod kernel;
 pub mod relay;
+pub mod reload;
 pub mod rules;
+pub mod state;

@@ -38,6 +38,20 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Make the running daemon read its rule file again and apply the
+    /// difference without losing a flow (exit 2 if the file is invalid).
+    Reload {
+        /// The daemon's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
+    /// Remove what a daemon that died (SIGKILL, crash) left on this host:
+    /// its reserved ports and its control socket. Refuses while it runs.
+    Cleanup {
+        /// The dead daemon's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
     /// Print the rules and counters of a running daemon.
     Status {
         /// The daemon's control socket.
@@ -84,6 +98,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Reload { control } => reload(&control),
+        Command::Cleanup { control } => cleanup(&control),
         Command::Run {
             config,
             relay_only,
@@ -115,6 +131,105 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Asks the daemon to reload and prints what changed, or why nothing did.
+fn reload(control: &std::path::Path) -> ExitCode {
+    // A reload resolves names and binds sockets: allow it some time.
+    let answer = match control::request(control, "reload", std::time::Duration::from_secs(60)) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("forwarder: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    match answer["outcome"].as_str() {
+        Some("applied") => {
+            let s = &answer["summary"];
+            let list = |key: &str| -> Vec<String> {
+                s[key]
+                    .as_array()
+                    .map(|a| a.iter().map(text).collect())
+                    .unwrap_or_default()
+            };
+            let (added, changed, removed) = (list("added"), list("changed"), list("removed"));
+            println!(
+                "reloaded: {} added, {} changed, {} removed, {} unchanged",
+                added.len(),
+                changed.len(),
+                removed.len(),
+                s["unchanged"].as_u64().unwrap_or(0)
+            );
+            for (what, rules) in [("added", added), ("changed", changed), ("removed", removed)] {
+                for rule in rules {
+                    println!("  {what:<8} {rule}");
+                }
+            }
+            for setting in list("needs_restart") {
+                println!("  needs a restart: {setting}");
+            }
+            ExitCode::SUCCESS
+        }
+        Some("invalid") => {
+            eprintln!("{}", text(&answer["errors"]));
+            eprintln!("forwarder: the rule file is invalid; the running rules stay");
+            ExitCode::from(2)
+        }
+        Some("refused") => {
+            eprintln!(
+                "forwarder: {}; the running rules stay",
+                text(&answer["errors"])
+            );
+            ExitCode::FAILURE
+        }
+        _ => {
+            eprintln!("forwarder: unexpected answer from the daemon: {answer}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Removes what a dead daemon left; refuses while one runs.
+fn cleanup(control: &std::path::Path) -> ExitCode {
+    if let Ok(status) = control::query(control) {
+        eprintln!(
+            "forwarder: a forwarder (pid {}) is running at {}; stop it first",
+            status["pid"],
+            control.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let mut done = Vec::new();
+    let leftovers = forwarder::state::dir()
+        .map_err(anyhow::Error::from)
+        .and_then(|dir| forwarder::kernel::cleanup_leftovers(&dir));
+    match leftovers {
+        Ok(lines) => done.extend(lines),
+        Err(e) => {
+            eprintln!("forwarder: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if control.exists() {
+        match std::fs::remove_file(control) {
+            Ok(()) => done.push(format!(
+                "removed the stale control socket {}",
+                control.display()
+            )),
+            Err(e) => {
+                eprintln!("forwarder: cannot remove {}: {e}", control.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if done.is_empty() {
+        println!("nothing to clean up");
+    }
+    for line in done {
+        println!("{line}");
+    }
+    ExitCode::SUCCESS
 }
 
 /// Logs to stderr at `default_level` unless `RUST_LOG` says otherwise;

@@ -141,6 +141,8 @@ pub fn reserved_ports(ns: &Netns) -> String {
 /// `forwarder run` in the forwarder namespace, on a rule file of its own.
 pub struct Daemon {
     child: Option<ChildGuard>,
+    /// The namespace it runs in, for `forwarder cleanup` after a kill.
+    netns: String,
     dir: PathBuf,
     control: PathBuf,
     log: PathBuf,
@@ -166,6 +168,25 @@ impl Daemon {
         rust_log: &str,
         tweak: impl FnOnce(&mut Command),
     ) -> Daemon {
+        let cmd = ns.command(common::forwarder_bin());
+        Daemon::start_in(ns, cmd, name, yaml, rust_log, tweak)
+    }
+
+    /// [`Daemon::start`] in the host's mount namespace, where its bpffs
+    /// pins outlive it (crash and adoption tests).
+    pub fn start_pinning(ns: &Netns, name: &str, yaml: &str) -> Daemon {
+        let cmd = ns.nsenter(common::forwarder_bin());
+        Daemon::start_in(ns, cmd, name, yaml, "info", |_| {})
+    }
+
+    fn start_in(
+        ns: &Netns,
+        mut cmd: Command,
+        name: &str,
+        yaml: &str,
+        rust_log: &str,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let dir = std::env::temp_dir().join(format!("fwdt-{}-kp-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -173,7 +194,6 @@ impl Daemon {
         std::fs::write(&config, yaml).unwrap();
         let control = dir.join("control.sock");
         let log = dir.join("daemon.log");
-        let mut cmd = ns.command(common::forwarder_bin());
         cmd.arg("run")
             .arg("-c")
             .arg(&config)
@@ -185,6 +205,7 @@ impl Daemon {
         tweak(&mut cmd);
         let mut daemon = Daemon {
             child: Some(ChildGuard::spawn(&mut cmd)),
+            netns: ns.name.clone(),
             dir,
             control,
             log,
@@ -224,19 +245,35 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no status:\n{}", self.log_text()))
     }
 
+    /// The daemon's rule file, to rewrite before a reload.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("forwarder.yaml")
+    }
+
+    pub fn control_path(&self) -> &std::path::Path {
+        &self.control
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        self.child
+            .as_ref()
+            .expect("running")
+            .signal(sig)
+            .expect("signal the daemon");
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The control socket `forwarder status` reaches it by.
-    pub fn control(&self) -> &std::path::Path {
-        &self.control
-    }
-
-    /// Sends `sig` and returns at once.
-    pub fn signal(&self, sig: i32) {
-        let guard = self.child.as_ref().expect("running");
-        guard.signal(sig).expect("signal the daemon");
+    /// SIGKILL, as a crash; returns its log. What it leaves stays (until
+    /// drop, which runs `forwarder cleanup`).
+    pub fn kill(&mut self) -> String {
+        let guard = self.child.as_mut().expect("running");
+        guard.signal(libc::SIGKILL).unwrap();
+        let _ = guard.child.wait();
+        self.log_text()
     }
 
     /// SIGTERM, and the daemon must exit cleanly; returns its log.
@@ -269,7 +306,21 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let killed = self.child.is_some();
         drop(self.child.take());
+        if killed {
+            // Killed, not stopped: what it left on the host goes, as an
+            // operator's `forwarder cleanup` would take it.
+            let _ = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.netns))
+                .arg(common::forwarder_bin())
+                .arg("cleanup")
+                .arg("--control")
+                .arg(&self.control)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -12,6 +12,7 @@ pub mod wire;
 #[allow(unused_imports)]
 pub use netns::*;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Path of the `forwarder` binary built for these tests.
@@ -77,5 +78,40 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
             tokio::task::block_in_place(f)
         }
         _ => f(),
+    }
+}
+
+/// The non-empty lines a command wrote to stderr.
+pub fn stderr_lines(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A rule file in a fresh temp dir; removed with the returned guard.
+pub struct TempConfig {
+    pub dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl TempConfig {
+    pub fn new(name: &str, yaml: &str) -> TempConfig {
+        let dir = std::env::temp_dir().join(format!("fwdt-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("forwarder.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        TempConfig { dir, path }
+    }
+
+    pub fn control(&self) -> String {
+        self.dir.join("control.sock").display().to_string()
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

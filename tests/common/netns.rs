@@ -120,6 +120,17 @@ impl Netns {
         cmd
     }
 
+    /// A command in this network namespace that keeps the host's mount
+    /// namespace (`ip netns exec` gives it a private one, where bpffs pins
+    /// vanish with the process).
+    pub fn nsenter(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
     /// Runs a command inside and fails the test if it fails.
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
         run(self.command(program).args(args))

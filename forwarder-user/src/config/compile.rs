@@ -41,7 +41,8 @@ pub struct Route {
     pub timeouts: Timeouts,
     pub path: PathMode,
     pub preserve_client_ip: bool,
-    /// Reserved for later issues: parsed and validated, not compiled yet.
+    /// Not enforced yet: a load refuses any value but "off", so these are
+    /// always off here and nothing compiles them.
     pub healthcheck: Option<HealthCheck>,
     pub acl: Acl,
     pub proxy_protocol: ProxyProtocol,

@@ -1,4 +1,5 @@
-//! What loading needs from the machine: files, DNS, free ports.
+//! What loading needs from the machine: files, DNS, service names, free
+//! ports.
 //!
 //! Behind a trait so that tests can answer DNS without a network; the
 //! daemon uses [`System`].
@@ -16,6 +17,8 @@ pub(crate) trait Env {
     fn read(&self, path: &Path) -> io::Result<String>;
     /// The addresses of a hostname; none is an error.
     fn resolve(&self, host: &str) -> io::Result<Vec<IpAddr>>;
+    /// The services database (`/etc/services`); empty when unreadable.
+    fn services(&self) -> String;
     /// The kernel's ephemeral port range, inclusive.
     fn ephemeral_range(&self) -> (u16, u16);
     /// Whether `addr` can be bound for `protocol` now (the socket is closed
@@ -37,6 +40,10 @@ impl Env for System {
             return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));
         }
         Ok(addrs)
+    }
+
+    fn services(&self) -> String {
+        std::fs::read_to_string("/etc/services").unwrap_or_default()
     }
 
     fn ephemeral_range(&self) -> (u16, u16) {

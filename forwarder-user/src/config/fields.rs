@@ -1,75 +1,27 @@
 //! A route's fields, whatever form they were written in, checked one by one.
 //!
-//! Fields forwarder uses: `scheme`, `port`, `host`, `bind`, `backends`,
-//! `path`, `timeouts`, `preserve_client_ip`; reserved for later and checked
-//! now: `healthcheck`, `acl`, `proxy_protocol`. Godoxy's fields that do not
-//! apply to streams are accepted and ignored with a warning; anything else
-//! is an error with a "did you mean".
+//! What each field is, honoured, refused or ignored, is the
+//! [`catalog`](super::catalog)'s to say. Fields forwarder uses: `scheme`,
+//! `port`, `host`, `bind`, `backends`, `path`, `timeouts`,
+//! `preserve_client_ip`. `healthcheck`, `acl` and `proxy_protocol` are
+//! parsed (their syntax checked) but refused until they are enforced;
+//! Godoxy's fields that change a stream in ways forwarder cannot are refused;
+//! those that mean nothing for a stream are ignored with a warning; anything
+//! else is an error with a "did you mean".
 
 use std::net::IpAddr;
 use std::time::Duration;
 
 use forwarder_common::MAX_BACKENDS_PER_RULE;
 
+use super::catalog::{self, Class};
+use super::env::Env;
 use super::errors::{ConfigError, Diag, Pos, closest, quoted};
+use super::services;
 use super::source::RawRoute;
 use super::values::{self, Cidr, HostSpec};
 use super::yaml::{Node, Value};
 use crate::rules::{PathMode, Protocol, Timeouts};
-
-pub(crate) const FIELDS: &[&str] = &[
-    "scheme",
-    "host",
-    "port",
-    "bind",
-    "backends",
-    "path",
-    "timeouts",
-    "preserve_client_ip",
-    "healthcheck",
-    "acl",
-    "proxy_protocol",
-];
-
-/// Godoxy route fields (and per-route idle-sleep settings) that mean
-/// nothing for a stream forwarder.
-const GODOXY_IGNORED: &[&str] = &[
-    "alias",
-    "root",
-    "spa",
-    "index",
-    "no_tls_verify",
-    "response_header_timeout",
-    "disable_compression",
-    "ssl_server_name",
-    "ssl_trusted_certificate",
-    "ssl_certificate",
-    "ssl_certificate_key",
-    "ssl_protocols",
-    "path_patterns",
-    "rules",
-    "rule_file",
-    "load_balance",
-    "middlewares",
-    "homepage",
-    "access_log",
-    "relay_proxy_protocol_header",
-    "tls_termination",
-    "agent",
-    "proxmox",
-    "idlewatcher",
-    "inbound_mtls_profile",
-    "container",
-    "provider",
-    "idle_timeout",
-    "wake_timeout",
-    "stop_method",
-    "stop_timeout",
-    "stop_signal",
-    "start_endpoint",
-    "depends_on",
-    "no_loading_page",
-];
 
 const HTTP_SCHEMES: &[&str] = &["http", "https", "h2c", "fileserver"];
 const SCHEME_ALLOWED: &str = "`tcp`, `udp`, or both: `tcp,udp`";
@@ -80,7 +32,7 @@ const ACL_FIELDS: &[&str] = &["allow", "deny"];
 const BACKEND_ALLOWED: &str =
     "`host:port`, `host:port weight=N`, or a mapping {host, port, weight} (weight 1–65535)";
 
-/// How often and how a backend is checked (reserved: parsed, not yet used).
+/// How often and how a backend is checked (parsed; refused until enforced).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     pub disabled: bool,
@@ -101,14 +53,14 @@ impl Default for HealthCheck {
     }
 }
 
-/// Which clients may use a rule (reserved: parsed, not yet used).
+/// Which clients may use a rule (parsed; refused until enforced).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Acl {
     pub allow: Vec<Cidr>,
     pub deny: Vec<Cidr>,
 }
 
-/// PROXY protocol header sent to the backend (reserved: parsed, not yet used).
+/// PROXY protocol header sent to the backend (parsed; refused until enforced).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ProxyProtocol {
     #[default]
@@ -210,6 +162,7 @@ impl Ctx<'_> {
 pub(crate) fn route(
     raw: &RawRoute,
     defaults: &Timeouts,
+    env: &dyn Env,
     diag: &mut Diag,
     unchecked: &mut Vec<(String, TargetSpec)>,
 ) -> Option<RouteSpec> {
@@ -230,39 +183,46 @@ pub(crate) fn route(
         cx.warn(&why.0, "scheme", why.1);
         return None;
     }
-    let mut get: [Option<&Node>; 11] = [None; 11];
+    // Our fields by name; each refused or ignored one is reported here.
+    let mut ours: Vec<(&str, &Node, &Node)> = Vec::new();
     for (k, v) in entries {
         let name = k.key_text();
-        if let Some(i) = FIELDS.iter().position(|f| *f == name) {
-            get[i] = Some(v);
-        } else if GODOXY_IGNORED.contains(&name) {
-            cx.warn(
-                &k.pos,
-                name,
-                "a Godoxy field that does not apply to tcp/udp routes; ignored".into(),
-            );
-        } else {
-            cx.unknown("", k, FIELDS, GODOXY_IGNORED);
+        match catalog::lookup(name, false) {
+            Some(f) => match f.class {
+                Class::Honoured | Class::NotEnforced { .. } => ours.push((f.name, k, v)),
+                Class::Refused { .. } => {
+                    if !catalog::is_off(f.off, v)
+                        && let Some(e) = catalog::refusal(f, &k.pos, v)
+                    {
+                        cx.error(name, e);
+                    }
+                }
+                Class::Ignored { .. } => {
+                    if let Some(message) = catalog::ignored_warning(f) {
+                        cx.warn(&k.pos, name, message);
+                    }
+                }
+            },
+            None => cx.unknown(
+                "",
+                k,
+                &catalog::honoured_route_fields(),
+                &catalog::route_names(),
+            ),
         }
     }
-    let [
-        scheme,
-        host,
-        port,
-        bind,
-        backends,
-        path,
-        timeouts,
-        preserve,
-        healthcheck,
-        acl,
-        proxy_protocol,
-    ] = get;
-
-    let port_spec = match port {
-        Some(p) => cx.take("port", values::port(p, backends.is_some())),
-        None => None,
-    };
+    let get = |name: &str| ours.iter().find(|(n, _, _)| *n == name).map(|(_, _, v)| *v);
+    let key_of = |name: &str| ours.iter().find(|(n, _, _)| *n == name).map(|(_, k, _)| *k);
+    let (scheme, host, port, bind, backends) = (
+        get("scheme"),
+        get("host"),
+        get("port"),
+        get("bind"),
+        get("backends"),
+    );
+    let (path, timeouts, preserve) = (get("path"), get("timeouts"), get("preserve_client_ip"));
+    let (healthcheck, acl, proxy_protocol) =
+        (get("healthcheck"), get("acl"), get("proxy_protocol"));
 
     let protocols = match scheme {
         Some(node) => match parse_scheme(node) {
@@ -276,6 +236,15 @@ pub(crate) fn route(
         // Godoxy: no scheme and a listen port means tcp (`web_route` took
         // the routes without a listen port).
         None => Some(vec![Protocol::Tcp]),
+    };
+
+    let services_text = env.services();
+    // A route whose scheme is wrong still has its port checked, as tcp.
+    let service_protocols = protocols.clone().unwrap_or_else(|| vec![Protocol::Tcp]);
+    let service = |name: &str| services::resolve(&services_text, name, &service_protocols);
+    let port_spec = match port {
+        Some(p) => cx.take("port", values::port(p, backends.is_some(), &service)),
+        None => None,
     };
 
     if port.is_none() {
@@ -384,6 +353,29 @@ pub(crate) fn route(
             ),
         );
     }
+    // Checked above, refused here until enforced, unless they ask for
+    // nothing (which is what forwarder does).
+    let asks_nothing = [
+        ("healthcheck", healthcheck_value.is_some_and(|h| h.disabled)),
+        (
+            "acl",
+            acl_value
+                .as_ref()
+                .is_some_and(|a| a.allow.is_empty() && a.deny.is_empty()),
+        ),
+        (
+            "proxy_protocol",
+            proxy_protocol_value == Some(ProxyProtocol::Off),
+        ),
+    ];
+    for (name, off) in asks_nothing {
+        if let (Some(k), Some(v), false) = (key_of(name), get(name), off)
+            && let Some(e) =
+                catalog::lookup(name, false).and_then(|f| catalog::refusal(f, &k.pos, v))
+        {
+            cx.error(name, e);
+        }
+    }
     if let (Some(true), Some(PathMode::Relay), Some(p)) = (preserve_value, path_mode, preserve) {
         cx.error(
             "preserve_client_ip",
@@ -439,7 +431,10 @@ fn web_route(entries: &[(Node, Node)], alias_pos: &Pos) -> Option<(Pos, String)>
         None => {
             let listen = match field("port") {
                 None => Some(0),
-                Some((_, p)) => values::port(p, true).ok().map(|spec| spec.listen),
+                // Only the listen port matters here: any name will do.
+                Some((_, p)) => values::port(p, true, &|_| Ok(1))
+                    .ok()
+                    .map(|spec| spec.listen),
             };
             (listen == Some(0)).then(|| {
                 (

@@ -11,36 +11,22 @@
 //!   itself;
 //! - `proxy.<alias>: |` (and `proxy.*: |`) holds the fields as inline YAML,
 //!   and so may any field that takes a mapping;
-//! - the shortcuts `proxy.schemes` and `proxy.ports` list one value per
-//!   listed alias, by index (an empty item leaves that alias alone);
+//! - Godoxy's shortcuts (`proxy.schemes`, `proxy.ports`, `proxy.hosts`, …:
+//!   the catalog lists them) give one value per listed alias, by index (an
+//!   empty item leaves that alias alone);
 //! - `proxy.exclude: true` drops the container; Godoxy's other
-//!   container-level labels (idle sleep, network) are ignored with a warning,
-//!   and labels outside `proxy.` are ignored.
+//!   container-level labels are refused (idle sleep) or ignored with a
+//!   warning (network), as the [`catalog`](super::catalog) says, and labels
+//!   outside `proxy.` are ignored with a warning.
 //!
 //! A field set twice for one alias by different labels is an error naming
 //! both labels.
 
+use super::catalog::{self, Class};
 use super::errors::{ConfigError, Diag, Pos, closest, quoted};
 use super::source::RawRoute;
 use super::values;
 use super::yaml::{self, Node, Value};
-
-/// Godoxy labels about the container rather than a route.
-const CONTAINER_LABELS: &[&str] = &[
-    "exclude",
-    "network",
-    "idle_timeout",
-    "wake_timeout",
-    "stop_method",
-    "stop_timeout",
-    "stop_signal",
-    "start_endpoint",
-    "depends_on",
-    "no_loading_page",
-    "idle_notify",
-    "idle_notify_to",
-    "idle_notify_events",
-];
 
 const ALIAS_FIELDS_ALLOWED: &str =
     "a mapping of fields (inline YAML), or one label per field: `proxy.<alias>.<field>`";
@@ -206,43 +192,50 @@ fn container(labels: Vec<Label>, diag: &mut Diag) -> Vec<RawRoute> {
             }
             continue;
         };
-        match rest {
-            "aliases" | "exclude" => continue,
-            "schemes" | "ports" => {
-                let field = if rest == "schemes" { "scheme" } else { "port" };
-                for (i, item) in shortcut_items(&l.value).into_iter().enumerate() {
-                    let Some(item) = item else { continue };
-                    match own.get_mut(i).filter(|_| i < listed.len()) {
-                        Some((_, _, assigns)) => assigns.push(Assign {
-                            label: l.key.clone(),
-                            path: vec![(field.to_owned(), item.pos.clone())],
-                            value: item,
-                        }),
-                        None => diag.error(
-                            ConfigError::new(
-                                &item.pos,
-                                format!("item {} ({})", i + 1, item.describe()),
-                                format!(
-                                    "one item per alias of `proxy.aliases` ({} listed)",
-                                    listed.len()
-                                ),
-                            )
-                            .field(l.key.clone()),
-                        ),
+        if let Some(f) = catalog::shortcut(rest) {
+            for (i, item) in shortcut_items(&l.value).into_iter().enumerate() {
+                let Some(item) = item else { continue };
+                match own.get_mut(i).filter(|_| i < listed.len()) {
+                    Some((_, _, assigns)) => assigns.push(Assign {
+                        label: l.key.clone(),
+                        path: vec![(f.name.to_owned(), item.pos.clone())],
+                        value: item,
+                    }),
+                    None => diag.error(
+                        ConfigError::new(
+                            &item.pos,
+                            format!("item {} ({})", i + 1, item.describe()),
+                            format!(
+                                "one item per alias of `proxy.aliases` ({} listed)",
+                                listed.len()
+                            ),
+                        )
+                        .field(l.key.clone()),
+                    ),
+                }
+            }
+            continue;
+        }
+        if let Some(f) = catalog::lookup(rest, true) {
+            match f.class {
+                // `proxy.aliases` and `proxy.exclude`: read in pass 1.
+                Class::Honoured => {}
+                // An excluded container's settings do nothing.
+                Class::Refused { .. } | Class::NotEnforced { .. } if exclude.is_some() => {}
+                Class::Refused { .. } | Class::NotEnforced { .. } => {
+                    if !catalog::is_off(f.off, &l.value)
+                        && let Some(e) = catalog::refusal(f, &l.key_pos, &l.value)
+                    {
+                        diag.error(e.field(l.key.clone()));
                     }
                 }
-                continue;
+                Class::Ignored { .. } => {
+                    if let Some(message) = catalog::ignored_warning(f) {
+                        diag.warn(&l.key_pos, None, Some(&l.key), message);
+                    }
+                }
             }
-            r if CONTAINER_LABELS.contains(&r) => {
-                diag.warn(
-                    &l.key_pos,
-                    None,
-                    Some(&l.key),
-                    "a Godoxy container setting that does not apply to forwarder; ignored".into(),
-                );
-                continue;
-            }
-            _ => {}
+            continue;
         }
         let Some((target, path)) = split_key(&l, rest, &listed, diag) else {
             continue;
@@ -393,8 +386,7 @@ fn split_key(
         }
     } else if let (Target::Alias(name, _), false) = (&target, values_is_mapping(&l.value)) {
         // `proxy.<name>: value` that is not a mapping: a mistyped label?
-        let mut known: Vec<&str> = vec!["aliases", "schemes", "ports"];
-        known.extend_from_slice(CONTAINER_LABELS);
+        let known = catalog::container_names();
         diag.error(
             ConfigError::new(&l.value.pos, l.value.describe(), ALIAS_FIELDS_ALLOWED)
                 .alias(Some(name))

@@ -26,12 +26,14 @@
 // Errors are the cold path of a load done once; boxing them buys nothing.
 #![allow(clippy::result_large_err)]
 
+mod catalog;
 mod compile;
 mod env;
 mod errors;
 mod fields;
 mod labels;
 mod resolve;
+mod services;
 mod settings;
 mod source;
 mod table;
@@ -108,7 +110,7 @@ fn load_with(
     let mut unchecked = Vec::new();
     let specs: Vec<fields::RouteSpec> = raw_routes
         .iter()
-        .filter_map(|r| fields::route(r, &globals.timeouts, &mut diag, &mut unchecked))
+        .filter_map(|r| fields::route(r, &globals.timeouts, env, &mut diag, &mut unchecked))
         .collect();
     let targets = resolve::hosts(&specs, &unchecked, env, &mut diag);
     validate::routes(&specs, &targets, &globals, &mut diag);

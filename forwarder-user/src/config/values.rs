@@ -8,10 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use super::errors::{ConfigError, quoted};
+use super::services;
 use super::yaml::{self, Node, Value};
 
-pub const PORT_ALLOWED: &str =
-    "`listen:target` or `target` (listen 0–65535, 0 = picked at start; target 1–65535)";
+pub const PORT_ALLOWED: &str = "`listen:target` or `target` (listen 0–65535, 0 = picked at start; target 1–65535 or a service name from /etc/services)";
 pub const DURATION_ALLOWED: &str =
     "a duration such as `500ms`, `30s`, `2m`, `1h`, `1h30m`, or a whole number of seconds";
 pub const BOOL_ALLOWED: &str = "`true` or `false`";
@@ -93,8 +93,13 @@ fn port_number(part: &str) -> Option<u64> {
 }
 
 /// `listen:target`, `target` (listen 0) or `:target`; `listen:` when
-/// `empty_target` is allowed.
-pub fn port(node: &Node, empty_target: bool) -> Result<PortSpec, ConfigError> {
+/// `empty_target` is allowed. A target written as a service name (`dns`)
+/// is looked up with `service`, which says why when it cannot.
+pub fn port(
+    node: &Node,
+    empty_target: bool,
+    service: &dyn Fn(&str) -> Result<u16, String>,
+) -> Result<PortSpec, ConfigError> {
     let t = text(node, PORT_ALLOWED)?.trim();
     let bad = |what: String| ConfigError::new(&node.pos, what, PORT_ALLOWED);
     let (listen, target) = match t.split_once(':') {
@@ -122,6 +127,10 @@ pub fn port(node: &Node, empty_target: bool) -> Result<PortSpec, ConfigError> {
             Some(0) => return Err(bad(format!("{} (target port 0)", quoted(t)))),
             Some(p) if p <= 65535 => Some(p as u16),
             Some(_) => return Err(bad(format!("{} (target port out of range)", quoted(t)))),
+            None if services::looks_like_name(target) => match service(target) {
+                Ok(p) => Some(p),
+                Err(why) => return Err(bad(format!("{} ({why})", quoted(t)))),
+            },
             None => {
                 return Err(bad(format!("{} (target port is not a number)", quoted(t))));
             }
@@ -383,7 +392,8 @@ mod tests {
 
     #[test]
     fn ports() {
-        let p = |s| port(&n(s), false);
+        let none = |name: &str| Err(format!("no service `{name}`"));
+        let p = |s| port(&n(s), false, &none);
         assert_eq!(
             p("7878:3478").unwrap(),
             PortSpec {
@@ -405,7 +415,18 @@ mod tests {
         assert!(p("1:2:3").is_err());
         assert!(p("-1:2").is_err());
         assert!(p("80:").is_err());
-        assert_eq!(port(&n("80:"), true).unwrap().target, None);
+        assert_eq!(port(&n("80:"), true, &none).unwrap().target, None);
+        let dns = |name: &str| match name {
+            "dns" => Ok(53),
+            _ => Err(format!("no service `{name}`")),
+        };
+        assert_eq!(port(&n("2223:dns"), false, &dns).unwrap().target, Some(53));
+        assert_eq!(
+            port(&n("2223:dnz"), false, &dns).unwrap_err().found,
+            "`2223:dnz` (no service `dnz`)"
+        );
+        // A listen port is never a name.
+        assert!(port(&n("dns:53"), false, &dns).is_err());
     }
 
     #[test]

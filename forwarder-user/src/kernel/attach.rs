@@ -6,7 +6,10 @@
 //! mode the driver chooses. [`Attached`] remembers everything it did, so
 //! that detaching (explicit or on drop) leaves nothing of ours behind.
 
+use std::path::PathBuf;
+
 use aya::Ebpf;
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
@@ -15,7 +18,7 @@ use aya::programs::{
 use aya::util::KernelVersion;
 
 use super::interfaces::Interface;
-use super::qdisc;
+use super::{pins, qdisc};
 
 pub const TC_PROGRAM: &str = "forwarder_tc";
 pub const XDP_PROGRAM: &str = "forwarder_xdp";
@@ -46,6 +49,9 @@ struct OnInterface {
     interface: Interface,
     xdp: Option<XdpLinkId>,
     tc: Option<SchedClassifierLinkId>,
+    /// The links when pinned (they then outlive the process).
+    xdp_pinned: Option<PinnedLink>,
+    tc_pinned: Option<PinnedLink>,
     /// The clsact qdisc was added by us and goes away at detach.
     clsact_added: bool,
 }
@@ -55,6 +61,8 @@ pub struct Attached {
     on: Vec<OnInterface>,
     /// Set by `attach`; the programs live in it.
     ebpf: Option<Ebpf>,
+    /// Where the links are pinned; `None`: not pinned.
+    pin_dir: Option<PathBuf>,
 }
 
 impl Attached {
@@ -70,16 +78,20 @@ impl Attached {
     }
 
     /// Attaches TC ingress, and XDP if `with_xdp`, to every interface, or
-    /// to none: on an error whatever was attached is taken off again.
+    /// to none: on an error whatever was attached is taken off again. With
+    /// `pin_dir`, the links are pinned there, replacing a dead daemon's:
+    /// its TC link only once ours is attached, so no packet misses both.
     pub fn attach(
         ebpf: Ebpf,
         interfaces: &[Interface],
         mode: TcAttach,
         with_xdp: bool,
+        pin_dir: Option<PathBuf>,
     ) -> anyhow::Result<Attached> {
         let mut attached = Attached {
             on: Vec::new(),
             ebpf: Some(ebpf),
+            pin_dir,
         };
         let tcx = mode.use_tcx();
         for interface in interfaces {
@@ -87,6 +99,8 @@ impl Attached {
                 interface: interface.clone(),
                 xdp: None,
                 tc: None,
+                xdp_pinned: None,
+                tc_pinned: None,
                 clsact_added: false,
             });
             // On error `attached` drops here and detaches everything.
@@ -99,28 +113,60 @@ impl Attached {
         let ebpf = self.ebpf.as_mut().expect("programs present until detach");
         let on = self.on.last_mut().expect("pushed by the caller");
         let name = on.interface.name.clone();
+        let ifindex = on.interface.ifindex;
+        let pin = |hook: &str| {
+            self.pin_dir
+                .as_deref()
+                .map(|dir| pins::link_path(dir, hook, ifindex))
+        };
+        let (xdp_pin, tc_pin) = (pin("xdp"), pin("tc"));
+        if let Some(path) = &xdp_pin {
+            // One XDP program per interface: a dead daemon's goes first;
+            // TC carries its flows meanwhile.
+            pins::detach_pinned(path)?;
+        }
         if with_xdp {
             let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
-            on.xdp = Some(
-                xdp.attach_to_if_index(on.interface.ifindex, XdpMode::default())
-                    .map_err(|e| {
-                        anyhow::anyhow!(
-                            "cannot attach XDP to {name}: {e} (does it already have an XDP program?)"
-                        )
-                    })?,
-            );
+            let id = xdp
+                .attach_to_if_index(ifindex, XdpMode::default())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot attach XDP to {name}: {e} (does it already have an XDP program?)"
+                    )
+                })?;
+            match &xdp_pin {
+                Some(path) => {
+                    let link = FdLink::try_from(xdp.take_link(id)?)?;
+                    on.xdp_pinned = Some(pins::pin_link(link, path)?);
+                }
+                None => on.xdp = Some(id),
+            }
         }
         let tc: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?.try_into()?;
         let options = if tcx {
             TcAttachOptions::TcxOrder(LinkOrder::default())
         } else {
+            if tc_pin.is_some() {
+                remove_stale_filters(&name)?;
+            }
             on.clsact_added = qdisc::add_clsact(&name)?;
             TcAttachOptions::Netlink(NlOptions::default())
         };
-        on.tc = Some(
-            tc.attach_with_options(&name, TcAttachType::Ingress, options)
-                .map_err(|e| anyhow::anyhow!("cannot attach TC ingress to {name}: {e}"))?,
-        );
+        let id = tc
+            .attach_with_options(&name, TcAttachType::Ingress, options)
+            .map_err(|e| anyhow::anyhow!("cannot attach TC ingress to {name}: {e}"))?;
+        match &tc_pin {
+            // A netlink filter is no link: it cannot be pinned.
+            Some(path) if tcx => {
+                let link = FdLink::try_from(tc.take_link(id)?)?;
+                // Ours runs now; the dead daemon's link can go.
+                if pins::detach_pinned(path)? {
+                    tracing::info!(interface = %name, "took over the TC hook of the previous daemon");
+                }
+                on.tc_pinned = Some(pins::pin_link(link, path)?);
+            }
+            _ => on.tc = Some(id),
+        }
         tracing::debug!(
             interface = %name,
             "kernel path attached: TC ingress ({}){}",
@@ -168,6 +214,12 @@ impl Attached {
             {
                 note(anyhow::anyhow!("cannot detach XDP from {name}: {e}"));
             }
+            // Unpinned and closed, a link is detached.
+            for pinned in [on.tc_pinned, on.xdp_pinned].into_iter().flatten() {
+                if let Err(e) = pinned.unpin() {
+                    note(anyhow::anyhow!("cannot unpin a link on {name}: {e}"));
+                }
+            }
             if on.clsact_added
                 && !gone
                 && let Err(e) = qdisc::remove_clsact(on.interface.ifindex)
@@ -199,6 +251,23 @@ impl Drop for Attached {
         if let Err(e) = self.detach_all() {
             tracing::warn!("kernel path: {e:#}");
         }
+    }
+}
+
+/// Removes netlink filters of our TC program that a dead daemon left on
+/// `interface` (kernels without TCX): a new one must not run behind them.
+fn remove_stale_filters(interface: &str) -> anyhow::Result<()> {
+    match aya::programs::tc::qdisc_detach_program(interface, TcAttachType::Ingress, TC_PROGRAM) {
+        Ok(()) => {
+            tracing::info!(interface, "removed the TC filter a previous daemon left");
+            Ok(())
+        }
+        Err(aya::programs::tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
+        Err(e) => Err(anyhow::anyhow!(
+            "cannot remove a previous daemon's TC filter from {interface}: {e}"
+        )),
     }
 }
 

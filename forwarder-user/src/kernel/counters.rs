@@ -122,10 +122,22 @@ impl CounterMaps {
         })
     }
 
+    /// One rule id's counters, summed over CPUs.
+    pub fn rule(&self, rule_id: u32) -> anyhow::Result<RuleCounters> {
+        let mut sum = RuleCounters::default();
+        for c in self.rules.get(&rule_id, 0)?.iter() {
+            sum.add(c);
+        }
+        Ok(sum)
+    }
+
+    /// `earlier(id)`: the rule's earlier ids still in the table, and what
+    /// earlier ids handed out again had counted.
     pub fn read(
         &self,
         interfaces: &[Interface],
         listeners: &[Listener],
+        earlier: &dyn Fn(u32) -> (Vec<u32>, RuleCounters),
         gauges: &Gauges,
     ) -> anyhow::Result<KernelCounters> {
         let mut out = KernelCounters {
@@ -135,9 +147,9 @@ impl CounterMaps {
             ..KernelCounters::default()
         };
         for l in listeners {
-            let mut sum = RuleCounters::default();
-            for c in self.rules.get(&l.rule_id, 0)?.iter() {
-                sum.add(c);
+            let (ids, mut sum) = earlier(l.rule_id);
+            for id in ids.into_iter().chain([l.rule_id]) {
+                sum.add(&self.rule(id)?);
             }
             out.rules.push(KernelRuleCounters::new(l, &sum));
         }

@@ -1,8 +1,10 @@
 //! Loading the embedded eBPF object: preconditions, map sizes, log level.
 
+use std::path::{Path, PathBuf};
+
 use aya::{Ebpf, EbpfLoader};
 
-use super::EBPF_OBJECT;
+use super::{EBPF_OBJECT, pins};
 
 pub const NEED_ROOT: &str =
     "forwarder needs root (CAP_BPF and CAP_NET_ADMIN) to load the kernel path";
@@ -52,11 +54,24 @@ pub fn check_object() -> anyhow::Result<()> {
 
 /// Parses the object and creates its maps (programs are loaded later).
 /// `log_level` is the most verbose aya-log level the programs emit.
-pub fn load(sizes: Sizes, log_level: u8) -> anyhow::Result<Ebpf> {
+pub fn load(sizes: Sizes, log_level: u8, pin_dir: Option<&Path>) -> anyhow::Result<Ebpf> {
     check_object()?;
     check_privileges()?;
     let level = log_level;
-    EbpfLoader::new()
+    let paths: Vec<(&str, PathBuf)> = pin_dir
+        .map(|dir| {
+            pins::MAPS
+                .iter()
+                .map(|name| (*name, pins::map_path(dir, name)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut loader = EbpfLoader::new();
+    // A map pinned there already is adopted with its contents.
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
         .map_max_entries("CONNTRACK", sizes.conntrack)
         .map_max_entries("RELAY_FLOWS", sizes.relay_flows)
         .override_global("AYA_LOG_LEVEL", &level, true)

@@ -14,20 +14,24 @@ mod links;
 mod load;
 mod log;
 mod netlink;
+mod pins;
 mod qdisc;
 mod relay_flows;
+mod rule_maps;
 mod snat;
 mod sweeper;
 mod sysctl;
 mod tables;
-mod xdp;
+
 mod xdp_egress;
 mod xdp_features;
 
-use std::sync::Arc;
+use std::collections::{HashMap as StdHashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, RwLock};
 
 use aya::maps::{DevMapHash, HashMap, MapData};
-use forwarder_common::{RULE_F_RELAY, RULE_F_XDP};
+use forwarder_common::{CtKey, CtValue, RULE_F_RELAY, RULE_F_XDP, RuleCounters};
 use tokio::task::JoinHandle;
 
 pub use attach::{TC_PROGRAM, TcAttach, XDP_PROGRAM};
@@ -37,9 +41,11 @@ pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
 pub use sysctl::RESERVED_PORTS;
 
+use crate::reload::Plan;
 use crate::rules::{Compiled, FlowObserver, Listener};
 use attach::Attached;
 use counters::CounterMaps;
+use rule_maps::RuleMaps;
 use sweeper::{Gauges, RuleTimeouts, Sweeper};
 use sysctl::ReservedPorts;
 
@@ -71,20 +77,71 @@ pub struct StartOptions {
     /// The relay's flows when the relay started first (it was given this
     /// as its observer); `None` makes a new, empty table.
     pub relay_flows: Option<Arc<RelayFlows>>,
+    /// Where the reserved ports are recorded; `None`: this network
+    /// namespace's directory under [`crate::state::STATE_ROOT`].
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Pin the maps and links in bpffs, so that the kernel path outlives
+    /// a crash and the next daemon adopts it (the daemon does; tests that
+    /// share the host's mount namespace leave bpffs alone).
+    pub pin: bool,
 }
 
 /// The running kernel path. Dropping it detaches everything (best effort);
 /// [`KernelPath::stop`] does the same and reports failures.
 pub struct KernelPath {
-    counters: CounterMaps,
+    rule_set: Mutex<RuleSet>,
     interfaces: Vec<Interface>,
-    listeners: Vec<Listener>,
+    with_xdp: bool,
     gauges: Arc<Gauges>,
+    timeouts: Arc<RwLock<RuleTimeouts>>,
     relay_flows: Arc<RelayFlows>,
     tasks: Vec<JoinHandle<()>>,
     /// Dropped after the tasks are aborted, then the ports are released.
     attached: Option<Attached>,
     reserved: Option<ReservedPorts>,
+    /// Where the pid and the reserved ports are recorded.
+    state_dir: Option<std::path::PathBuf>,
+    /// Where the maps and links are pinned, if they are.
+    pin_dir: Option<std::path::PathBuf>,
+}
+
+/// The state file naming the daemon that runs the kernel path here.
+const PID: &str = "pid";
+
+/// What `forwarder cleanup` removes of a daemon that died in this network
+/// namespace, one line each; refuses while that daemon lives.
+pub fn cleanup_leftovers(state_dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    if let Some(pid) = crate::state::live_pid(state_dir) {
+        anyhow::bail!(
+            "the forwarder with pid {pid} is still running here (see {}); stop it first",
+            state_dir.join(PID).display()
+        );
+    }
+    let mut done = Vec::new();
+    let ports = sysctl::release_recorded(state_dir)?;
+    if !ports.is_empty() {
+        done.push(format!("removed ports {ports} from {RESERVED_PORTS}"));
+    }
+    let pinned = pins::dir(crate::state::netns_cookie()?);
+    done.extend(pins::remove_all(&pinned)?);
+    crate::state::remove(state_dir, PID)?;
+    Ok(done)
+}
+
+/// The rules the programs run with, which reloads change.
+struct RuleSet {
+    maps: RuleMaps,
+    counters: CounterMaps,
+    tables: tables::Tables,
+    listeners: Vec<Listener>,
+    /// Ids of rules no longer running whose flows may live on, with the
+    /// sweeper's pass count when they were retired.
+    retired: StdHashMap<u32, u64>,
+    /// The earlier ids of a running rule that a reload changed: their
+    /// counters add to its own.
+    predecessors: StdHashMap<u32, Vec<u32>>,
+    /// What earlier ids counted before they were handed out again.
+    folded: StdHashMap<u32, RuleCounters>,
 }
 
 impl KernelPath {
@@ -130,14 +187,53 @@ impl KernelPath {
             conntrack: conntrack_size,
             relay_flows: relay_flows_size(compiled),
         };
-        let mut ebpf = load::load(sizes, log::ebpf_log_level())?;
+        let cookie = crate::state::netns_cookie()?;
+        let state_dir = match &options.state_dir {
+            Some(dir) => dir.clone(),
+            None => crate::state::dir_of(cookie),
+        };
+        // A live owner of the records and pins (only ever this process:
+        // tests start two kernel paths in one namespace) keeps them.
+        let owner = crate::state::live_pid(&state_dir);
+        if let Some(pid) = owner
+            && pid != std::process::id() as i32
+        {
+            anyhow::bail!(
+                "another forwarder (pid {pid}) runs the kernel path in this network namespace"
+            );
+        }
+        let pin_dir = match options.pin && owner.is_none() {
+            true => Some(prepare_pins(cookie, sizes)?),
+            false => None,
+        };
+        let adopted = pin_dir
+            .as_deref()
+            .is_some_and(|dir| pins::map_path(dir, "CONNTRACK").exists());
+        let mut ebpf = match load::load(sizes, log::ebpf_log_level(), pin_dir.as_deref()) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                forget_fresh_pins(pin_dir.as_deref(), adopted);
+                return Err(e);
+            }
+        };
         let relay_flows = options.relay_flows.clone().unwrap_or_default();
         let gauges = Arc::new(Gauges::default());
+        let timeouts = Arc::new(RwLock::new(rule_timeouts(&compiled.listeners)));
         let mut tasks = Vec::new();
         let result = (|| {
             tasks.push(log::spawn(&mut ebpf)?);
-            tables::write(&mut ebpf, &tables)?;
-            xdp::write_rule_flags(&mut ebpf, &tables.rules)?;
+            let mut maps = RuleMaps::take(&mut ebpf)?;
+            maps.write(&tables)?;
+            if adopted {
+                let entries = match ebpf.map("CONNTRACK") {
+                    Some(map) => HashMap::<_, CtKey, CtValue>::try_from(map)?.keys().count(),
+                    None => 0,
+                };
+                tracing::info!(
+                    "adopted the kernel path of a previous daemon: its {} flows go on",
+                    entries / 2
+                );
+            }
             let egress = if with_xdp {
                 let map = DevMapHash::try_from(counters::take_map(&mut ebpf, "XDP_EGRESS")?)?;
                 Some(xdp_egress::Egress::start(map, &interfaces)?)
@@ -151,28 +247,40 @@ impl KernelPath {
             let relay_map = HashMap::try_from(relay_map)?;
             Attached::load_programs(&mut ebpf)?;
             // Ports first: no flow may get a port a local socket holds.
-            let reserved = ReservedPorts::reserve(settings.snat_ports)?;
+            let record = owner.is_none().then_some(state_dir.as_path());
+            let reserved = ReservedPorts::reserve(settings.snat_ports, record)?;
             relay_flows.attach(relay_map)?;
-            let attached = Attached::attach(ebpf, &interfaces, options.tc_attach, with_xdp)?;
+            let attached = Attached::attach(
+                ebpf,
+                &interfaces,
+                options.tc_attach,
+                with_xdp,
+                pin_dir.clone(),
+            )?;
             let sweeper = Sweeper {
                 conntrack,
                 relay_flows: sweeper_view,
-                timeouts: rule_timeouts(&compiled.listeners),
+                timeouts: timeouts.clone(),
                 limit: conntrack_size as usize * 2,
                 gauges: gauges.clone(),
             };
-            anyhow::Ok((counters, reserved, attached, sweeper, egress))
+            anyhow::Ok((maps, counters, reserved, attached, sweeper, egress))
         })();
-        let (counters, reserved, attached, sweeper, egress) = match result {
+        let (maps, counters, reserved, attached, sweeper, egress) = match result {
             Ok(parts) => parts,
             Err(e) => {
                 relay_flows.detach();
                 for task in &tasks {
                     task.abort();
                 }
+                forget_fresh_pins(pin_dir.as_deref(), adopted);
                 return Err(e);
             }
         };
+        if let Err(e) = crate::state::write(&state_dir, PID, &format!("{}\n", std::process::id())) {
+            // Only `forwarder cleanup`'s guard against a live daemon needs it.
+            tracing::warn!("cannot record the pid in {}: {e}", state_dir.display());
+        }
         tasks.push(sweeper.spawn());
         tasks.extend(egress.and_then(xdp_egress::Egress::spawn));
         warn_if_not_forwarding(&interfaces);
@@ -193,14 +301,25 @@ impl KernelPath {
             conntrack_size
         );
         Ok(KernelPath {
-            counters,
+            rule_set: Mutex::new(RuleSet {
+                maps,
+                counters,
+                tables,
+                listeners: compiled.listeners.clone(),
+                retired: StdHashMap::new(),
+                predecessors: StdHashMap::new(),
+                folded: StdHashMap::new(),
+            }),
             interfaces,
-            listeners: compiled.listeners.clone(),
+            with_xdp,
             gauges,
+            timeouts,
             relay_flows,
             tasks,
             attached: Some(attached),
             reserved: Some(reserved),
+            state_dir: Some(state_dir),
+            pin_dir,
         })
     }
 
@@ -214,14 +333,117 @@ impl KernelPath {
         &self.interfaces
     }
 
-    /// Per-interface and per-rule counters, summed over CPUs.
+    /// Per-interface and per-rule counters, summed over CPUs; a rule a
+    /// reload changed counts what its earlier versions counted too.
     pub fn counters(&self) -> anyhow::Result<KernelCounters> {
-        self.counters
-            .read(&self.interfaces, &self.listeners, &self.gauges)
+        let set = self.rule_set();
+        let earlier = |id: u32| {
+            let ids = set.predecessors.get(&id).cloned().unwrap_or_default();
+            (ids, set.folded.get(&id).copied().unwrap_or_default())
+        };
+        set.counters
+            .read(&self.interfaces, &set.listeners, &earlier, &self.gauges)
     }
 
-    /// Detaches everything, unloads the programs and restores
-    /// ip_local_reserved_ports.
+    fn rule_set(&self) -> std::sync::MutexGuard<'_, RuleSet> {
+        // Each reload step leaves the set whole or is redone by the next reload.
+        self.rule_set.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a flow of a rule no longer running may still hold `rule_id`:
+    /// until a sweeper pass that began after the rule was retired finds
+    /// no entry with it.
+    pub fn holds(&self, rule_id: u32) -> bool {
+        let set = self.rule_set();
+        let Some(&retired_at) = set.retired.get(&rule_id) else {
+            return false;
+        };
+        // The pass that ends next may have begun before the retirement.
+        if self.gauges.passes.load(Ordering::Acquire) < retired_at + 2 {
+            return true;
+        }
+        self.gauges
+            .rule_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&rule_id)
+    }
+
+    /// The first half of a reload: the kernel tables of `plan.next` (routes
+    /// to the backends looked up), or why this kernel path cannot run them.
+    pub fn prepare(&self, plan: &Plan) -> anyhow::Result<tables::Tables> {
+        let next = tables::prepare(&plan.next);
+        if wants_xdp(&next) && !self.with_xdp {
+            let alias = plan
+                .next
+                .listeners
+                .iter()
+                .find(|l| l.path == crate::rules::PathMode::Xdp)
+                .map_or_else(String::new, |l| format!(" (`{}`)", l.alias));
+            anyhow::bail!(
+                "a rule with `path: xdp`{alias} needs the XDP program, which this daemon did not \
+                 attach at start (no rule asked for it then); restart the daemon to add it"
+            );
+        }
+        Ok(next)
+    }
+
+    /// The second half of a reload: the maps move to `next` (see
+    /// `rule_maps`), the sweeper learns the new rules' timeouts, and the
+    /// ids of removed and changed rules stay with their flows.
+    pub fn apply(&self, plan: &Plan, next: tables::Tables) -> anyhow::Result<()> {
+        let passes = self.gauges.passes.load(Ordering::Acquire);
+        let mut guard = self.rule_set();
+        let set = &mut *guard;
+        let fresh: HashSet<u32> = plan
+            .added
+            .iter()
+            .chain(plan.changed.iter().map(|(_, new)| new))
+            .map(|l| l.rule_id)
+            .collect();
+        for &id in &fresh {
+            set.retired.remove(&id);
+            // An earlier id of a running rule, handed out again: keep its counts.
+            let heir = set
+                .predecessors
+                .iter()
+                .find(|(_, ids)| ids.contains(&id))
+                .map(|(heir, _)| *heir);
+            if let Some(heir) = heir {
+                let counted = set.counters.rule(id)?;
+                set.folded.entry(heir).or_default().add(&counted);
+                if let Some(ids) = set.predecessors.get_mut(&heir) {
+                    ids.retain(|&i| i != id);
+                }
+            }
+        }
+        for (old, new) in &plan.changed {
+            let mut ids = set.predecessors.remove(&old.rule_id).unwrap_or_default();
+            ids.push(old.rule_id);
+            set.predecessors.insert(new.rule_id, ids);
+            if let Some(folded) = set.folded.remove(&old.rule_id) {
+                set.folded.insert(new.rule_id, folded);
+            }
+            set.retired.insert(old.rule_id, passes);
+        }
+        for old in &plan.removed {
+            set.retired.insert(old.rule_id, passes);
+            set.predecessors.remove(&old.rule_id);
+            set.folded.remove(&old.rule_id);
+        }
+        self.timeouts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(&plan.next.listeners);
+        set.maps
+            .apply(&set.tables, &next, &fresh, &mut set.counters.rules)?;
+        set.tables = next;
+        set.listeners = plan.next.listeners.clone();
+        Ok(())
+    }
+
+    /// Detaches everything, unloads the programs and removes the SNAT
+    /// ports from ip_local_reserved_ports.
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.stop_tasks();
         self.relay_flows.detach();
@@ -230,13 +452,31 @@ impl KernelPath {
             None => Ok(()),
         };
         let restored = match self.reserved.take() {
-            Some(reserved) => reserved.restore(),
+            Some(reserved) => reserved.release(),
             None => Ok(()),
         };
+        self.forget_pid();
+        let unpinned = self.unpin();
         detached?;
+        unpinned?;
         restored?;
         tracing::info!("kernel path detached");
         Ok(())
+    }
+
+    /// Removes the pinned maps (the links went with `attached`).
+    fn unpin(&mut self) -> anyhow::Result<()> {
+        if let Some(dir) = self.pin_dir.take() {
+            pins::remove_all(&dir)
+                .map_err(|e| anyhow::anyhow!("cannot remove the pins in {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    fn forget_pid(&self) {
+        if let Some(dir) = &self.state_dir {
+            let _ = crate::state::remove(dir, PID);
+        }
     }
 
     fn stop_tasks(&mut self) {
@@ -250,9 +490,65 @@ impl Drop for KernelPath {
     fn drop(&mut self) {
         self.stop_tasks();
         self.relay_flows.detach();
+        if std::thread::panicking() && self.pin_dir.is_some() {
+            // A panic ending the daemon is a crash: the pinned programs go
+            // on forwarding, and the records stay for the next daemon.
+            std::mem::forget(self.attached.take());
+            std::mem::forget(self.reserved.take());
+            return;
+        }
         // `attached` and then `reserved` undo themselves in their Drop.
         self.attached.take();
         self.reserved.take();
+        self.forget_pid();
+        if let Err(e) = self.unpin() {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// Makes the pin directory ready for `sizes`. Pins a dead daemon left
+/// with other map sizes or layouts cannot be adopted: they are removed,
+/// and with them its flows, with a warning.
+fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::PathBuf> {
+    pins::ensure_bpffs().map_err(|e| anyhow::anyhow!("cannot mount bpffs at /sys/fs/bpf: {e}"))?;
+    let dir = pins::dir(cookie);
+    let want = [
+        ("CONNTRACK", sizes.conntrack, std::mem::size_of::<CtValue>()),
+        (
+            "RELAY_FLOWS",
+            sizes.relay_flows,
+            std::mem::size_of::<forwarder_common::RelayFlow>(),
+        ),
+    ];
+    for (name, entries, value_size) in want {
+        let path = pins::map_path(&dir, name);
+        if !path.exists() {
+            continue;
+        }
+        let found = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map(|i| (i.max_entries(), i.value_size() as usize));
+        if found.as_ref().ok() != Some(&(entries, value_size)) {
+            tracing::warn!(
+                "the previous daemon's {name} ({found:?}) does not fit this one ({entries}                  entries of {value_size} bytes): its flows are dropped, not adopted"
+            );
+            pins::remove_all(&dir)?;
+            break;
+        }
+    }
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+/// After a failed start: pins this start made go, a dead daemon's stay.
+fn forget_fresh_pins(pin_dir: Option<&std::path::Path>, adopted: bool) {
+    if let Some(dir) = pin_dir
+        && !adopted
+        && let Err(e) = pins::remove_all(dir)
+    {
+        tracing::warn!("cannot remove the pins in {}: {e}", dir.display());
     }
 }
 
@@ -295,15 +591,9 @@ fn warn_if_not_forwarding(interfaces: &[Interface]) {
 }
 
 fn rule_timeouts(listeners: &[Listener]) -> RuleTimeouts {
-    let mut by_id = Vec::new();
-    for l in listeners {
-        let id = l.rule_id as usize;
-        if by_id.len() <= id {
-            by_id.resize(id + 1, None);
-        }
-        by_id[id] = Some(l.timeouts);
-    }
-    RuleTimeouts(by_id)
+    let mut timeouts = RuleTimeouts::default();
+    timeouts.set(listeners);
+    timeouts
 }
 
 /// A second handle on a hash map (its own descriptor).

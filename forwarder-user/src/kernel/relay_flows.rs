@@ -47,9 +47,20 @@ impl RelayFlows {
         RelayFlows::default()
     }
 
-    /// Starts mirroring into `map`, with every flow that is live now.
+    /// Starts mirroring into `map`, with every flow that is live now. The
+    /// relay's entries already there belong to a dead daemon's relay (an
+    /// adopted map): those flows ended with it.
     pub(super) fn attach(&self, mut map: Map) -> anyhow::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let dead: Vec<CtKey> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, flow)| flow.owner == RELAY_OWNER_RELAY && !state.live.contains_key(key))
+            .map(|(key, _)| key)
+            .collect();
+        for key in &dead {
+            let _ = map.remove(key);
+        }
         for key in state.live.keys() {
             map.insert(key, entry(), 0)?;
         }

@@ -2,9 +2,9 @@
 //! their rule's timeouts (which frees their SNAT port) and the relay-flow
 //! entries the kernel made for flows the relay never claimed.
 
-use std::collections::HashMap as StdHashMap;
-use std::sync::Arc;
+use std::collections::{HashMap as StdHashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
@@ -31,6 +31,18 @@ pub fn monotonic_ns() -> u64 {
 pub struct RuleTimeouts(pub Vec<Option<Timeouts>>);
 
 impl RuleTimeouts {
+    /// Sets the timeouts of these rules' ids; other ids keep theirs (flows
+    /// of removed rules end by their own rule's timeouts).
+    pub fn set(&mut self, listeners: &[crate::rules::Listener]) {
+        for l in listeners {
+            let id = l.rule_id as usize;
+            if self.0.len() <= id {
+                self.0.resize(id + 1, None);
+            }
+            self.0[id] = Some(l.timeouts);
+        }
+    }
+
     fn get(&self, rule_id: u32) -> Timeouts {
         self.0
             .get(rule_id as usize)
@@ -163,12 +175,18 @@ pub struct Gauges {
     pub conntrack_entries: AtomicU64,
     pub relay_flow_entries: AtomicU64,
     pub expired_flows: AtomicU64,
+    /// Passes completed.
+    pub passes: AtomicU64,
+    /// The rule ids the entries of the last pass held: a reload hands out
+    /// no id a flow still has.
+    pub rule_ids: Mutex<HashSet<u32>>,
 }
 
 pub struct Sweeper {
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub relay_flows: HashMap<MapData, CtKey, RelayFlow>,
-    pub timeouts: RuleTimeouts,
+    /// Shared with reloads, which add the timeouts of new rule ids.
+    pub timeouts: Arc<RwLock<RuleTimeouts>>,
     /// Upper bound on entries read per pass (the map sizes).
     pub limit: usize,
     pub gauges: Arc<Gauges>,
@@ -177,6 +195,7 @@ pub struct Sweeper {
 impl Sweeper {
     /// One pass; returns how many flows expired.
     pub fn sweep(&mut self) -> usize {
+        let timeouts = self.timeouts();
         let now = monotonic_ns();
         let keys: Vec<CtKey> = self
             .conntrack
@@ -188,7 +207,7 @@ impl Sweeper {
             .into_iter()
             .filter_map(|k| self.conntrack.get(&k, 0).ok().map(|v| (k, v)))
             .collect();
-        let expired = expired_flows(&entries, now, &self.timeouts);
+        let expired = expired_flows(&entries, now, &timeouts);
         let mut flows = 0;
         for key in &expired {
             let Some(seen) = entries.get(key) else {
@@ -211,7 +230,7 @@ impl Sweeper {
             .take(self.limit)
             .filter_map(Result::ok)
             .collect();
-        for key in expired_relay_flows(&relay, now, &self.timeouts) {
+        for key in expired_relay_flows(&relay, now, &timeouts) {
             let _ = self.relay_flows.remove(&key);
         }
         let g = &self.gauges;
@@ -222,17 +241,29 @@ impl Sweeper {
         g.relay_flow_entries
             .store(relay.len() as u64, Ordering::Relaxed);
         g.expired_flows.fetch_add(flows as u64, Ordering::Relaxed);
+        let ids = entries
+            .values()
+            .map(|v| v.rule_id)
+            .chain(relay.iter().map(|(_, f)| f.rule_id))
+            .collect();
+        *g.rule_ids.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+        g.passes.fetch_add(1, Ordering::Release);
         flows
+    }
+
+    fn timeouts(&self) -> RuleTimeouts {
+        self.timeouts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Sweeps every `period` on the current runtime until aborted.
     pub fn spawn(mut self) -> tokio::task::JoinHandle<()> {
-        let period = self.timeouts.period();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
+                // A reload may bring shorter timeouts.
+                tokio::time::sleep(self.timeouts().period()).await;
                 // The map syscalls block; a pass over a full table takes a while.
                 self = match tokio::task::spawn_blocking(move || {
                     let n = self.sweep();

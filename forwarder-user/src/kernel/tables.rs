@@ -4,8 +4,6 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use aya::Ebpf;
-use aya::maps::{Array, HashMap};
 use forwarder_common::{
     Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY, RuleKey, RuleValue, Settings,
 };
@@ -14,7 +12,7 @@ use super::snat::{self, Egress};
 use crate::rules::{Compiled, KernelSettings, Protocol, Timeouts};
 
 /// The kernel's tables, snat addresses filled in.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Tables {
     pub rules: Vec<(RuleKey, RuleValue)>,
     pub backends: Vec<(u32, Backend)>,
@@ -106,26 +104,6 @@ pub fn prepare(compiled: &Compiled) -> Tables {
         backends,
         settings: settings(&compiled.kernel_settings, shortest_tcp_close(compiled)),
     }
-}
-
-/// Writes the tables into the loaded object's maps.
-pub fn write(ebpf: &mut Ebpf, tables: &Tables) -> anyhow::Result<()> {
-    let mut rules: HashMap<_, RuleKey, RuleValue> = HashMap::try_from(map(ebpf, "RULES")?)?;
-    for (key, value) in &tables.rules {
-        rules.insert(key, value, 0)?;
-    }
-    let mut backends: Array<_, Backend> = Array::try_from(map(ebpf, "BACKENDS")?)?;
-    for (index, backend) in &tables.backends {
-        backends.set(*index, backend, 0)?;
-    }
-    let mut settings: Array<_, Settings> = Array::try_from(map(ebpf, "SETTINGS")?)?;
-    settings.set(0, tables.settings, 0)?;
-    Ok(())
-}
-
-fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name)
-        .ok_or_else(|| anyhow::anyhow!("the eBPF object has no map `{name}`"))
 }
 
 #[cfg(test)]

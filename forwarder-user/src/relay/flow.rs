@@ -20,7 +20,8 @@ pub struct RuleCtx {
     pub protocol: Protocol,
     pub backends: BackendPicker,
     pub timeouts: Timeouts,
-    pub counters: RuleCounters,
+    /// Shared with the rule's successors after a reload changes it.
+    pub counters: Arc<RuleCounters>,
     pub observer: Arc<dyn FlowObserver>,
 }
 
@@ -32,8 +33,17 @@ impl RuleCtx {
             protocol: listener.protocol,
             backends: BackendPicker::new(&listener.backends),
             timeouts: listener.timeouts,
-            counters: RuleCounters::default(),
+            counters: Arc::default(),
             observer,
+        }
+    }
+
+    /// The rule `listener`, which replaces `self` on the same socket: new
+    /// flows follow it, the counters carry on.
+    pub fn succeed(&self, listener: &Listener) -> RuleCtx {
+        RuleCtx {
+            counters: self.counters.clone(),
+            ..RuleCtx::new(listener, self.observer.clone())
         }
     }
 

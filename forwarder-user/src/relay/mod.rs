@@ -29,7 +29,7 @@ mod tcp;
 mod udp;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Result, anyhow, bail};
@@ -39,16 +39,21 @@ use tracing::{debug, info, warn};
 
 pub use counters::RelayRuleCounters;
 
+use crate::reload::{ListenKey, Plan};
 use crate::rules::{FlowObserver, Listener, Protocol, RelaySettings};
 use backend::BackendPicker;
 use flow::RuleCtx;
 
-/// Where the relay is in its life; listeners watch it.
+/// Where a listener is in its life; it watches this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Serving,
-    /// Accept nothing new; live flows go on.
+    /// The relay stops: accept nothing new; live flows go on.
     Draining,
+    /// A reload removed the rule: like draining, but a later reload that
+    /// brings the rule back may revive a UDP listener that still has
+    /// sessions (its socket cannot be bound twice).
+    Retiring,
     /// End everything now.
     Closing,
 }
@@ -64,22 +69,59 @@ async fn next_phase(phase: &mut watch::Receiver<Phase>) -> Phase {
 /// How long listeners may take to close their flows once told to.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// How long a reload waits for a retiring listener to let go of the
+/// socket a returning rule needs.
+const REBIND_WAIT: Duration = Duration::from_secs(2);
+
+/// One listener task and what steers it.
 struct Served {
-    rule: Arc<RuleCtx>,
+    key: ListenKey,
+    rule: watch::Sender<Arc<RuleCtx>>,
+    phase: Arc<watch::Sender<Phase>>,
     local: SocketAddr,
     task: JoinHandle<()>,
+}
+
+impl Served {
+    fn rule(&self) -> Arc<RuleCtx> {
+        self.rule.borrow().clone()
+    }
+}
+
+#[derive(Default)]
+struct Listeners {
+    serving: Vec<Served>,
+    /// Rules a reload removed, until their last flow ends.
+    retiring: Vec<Served>,
+}
+
+impl Listeners {
+    /// Forgets retiring listeners whose flows have all ended.
+    fn reap(&mut self) {
+        self.retiring.retain(|s| !s.task.is_finished());
+    }
 }
 
 /// The running relay: one task per listener, one per flow.
 /// Dropping it without [`Relay::shutdown`] closes everything at once.
 pub struct Relay {
-    served: Vec<Served>,
-    phase: watch::Sender<Phase>,
+    listeners: Mutex<Listeners>,
+    settings: RelaySettings,
+    observer: Arc<dyn FlowObserver>,
 }
 
 enum Bound {
     Tcp(tokio::net::TcpListener),
     Udp(tokio::net::UdpSocket),
+}
+
+impl Bound {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Bound::Tcp(s) => s.local_addr(),
+            Bound::Udp(s) => s.local_addr(),
+        }
+    }
 }
 
 fn bind(listener: &Listener) -> std::io::Result<Bound> {
@@ -91,6 +133,18 @@ fn bind(listener: &Listener) -> std::io::Result<Bound> {
             listener.bind,
         )?)?),
     })
+}
+
+fn bind_error(l: &Listener, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{}: cannot bind {} {}: {}", l.alias, l.protocol, l.bind, e)
+}
+
+/// Sockets bound for a reload's new rules, and the retiring listeners it
+/// revived; [`Relay::apply`] serves them, dropping them undoes the binds.
+pub struct Prepared {
+    bound: Vec<(Listener, Bound)>,
+    /// Keys of retiring UDP listeners put back to serving.
+    revived: Vec<ListenKey>,
 }
 
 impl Relay {
@@ -112,56 +166,186 @@ impl Relay {
             if l.backends.is_empty() {
                 bail!("{}: {} {} has no backend", l.alias, l.protocol, l.bind);
             }
-            let socket = bind(l).map_err(|e| {
-                anyhow!("{}: cannot bind {} {}: {}", l.alias, l.protocol, l.bind, e)
-            })?;
-            bound.push((l, socket));
+            let socket = bind(l).map_err(|e| bind_error(l, e))?;
+            bound.push((l.clone(), socket));
         }
-        let (phase, _) = watch::channel(Phase::Serving);
-        let mut served = Vec::with_capacity(bound.len());
+        let relay = Relay {
+            listeners: Mutex::default(),
+            settings,
+            observer,
+        };
+        relay.serve(bound);
+        Ok(relay)
+    }
+
+    fn listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
+        // A panic elsewhere leaves the lists whole: each change is one push or retain.
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn serve(&self, bound: Vec<(Listener, Bound)>) {
+        let mut listeners = self.listeners();
         for (l, socket) in bound {
-            let rule = Arc::new(RuleCtx::new(l, observer.clone()));
-            let local = match &socket {
-                Bound::Tcp(s) => s.local_addr(),
-                Bound::Udp(s) => s.local_addr(),
-            }
-            .unwrap_or(l.bind);
-            info!(
-                alias = %l.alias,
-                "relay: {} {} -> {}, path {}",
-                l.protocol,
-                local,
-                BackendPicker::describe(&l.backends),
-                l.path.as_str()
-            );
+            let rule = Arc::new(RuleCtx::new(&l, self.observer.clone()));
+            let local = socket.local_addr().unwrap_or(l.bind);
+            log_listener(&l, local);
+            let (rule_tx, rule_rx) = watch::channel(rule);
+            let phase = Arc::new(watch::channel(Phase::Serving).0);
             let task = match socket {
-                Bound::Tcp(s) => tokio::spawn(tcp::serve(s, rule.clone(), phase.subscribe())),
+                Bound::Tcp(s) => tokio::spawn(tcp::serve(s, rule_rx, phase.clone())),
                 Bound::Udp(s) => tokio::spawn(udp::serve(
                     s,
-                    rule.clone(),
-                    settings.max_udp_sessions,
-                    phase.subscribe(),
+                    rule_rx,
+                    self.settings.max_udp_sessions,
+                    phase.clone(),
                 )),
             };
-            served.push(Served { rule, local, task });
+            listeners.serving.push(Served {
+                key: ListenKey::of(&l),
+                rule: rule_tx,
+                phase,
+                local,
+                task,
+            });
         }
-        Ok(Relay { served, phase })
+    }
+
+    /// The first half of a reload: binds the sockets of the plan's new
+    /// rules (all or none, as at start). A new rule on the socket of a
+    /// retiring UDP listener revives it instead. Nothing serves yet.
+    pub async fn prepare(&self, plan: &Plan) -> Result<Prepared> {
+        let mut prepared = Prepared {
+            bound: Vec::new(),
+            revived: Vec::new(),
+        };
+        for l in &plan.added {
+            if l.backends.is_empty() {
+                self.unrevive(&prepared.revived);
+                bail!("{}: {} {} has no backend", l.alias, l.protocol, l.bind);
+            }
+            let key = ListenKey::of(l);
+            if l.protocol == Protocol::Udp && self.revive(key) {
+                prepared.revived.push(key);
+                continue;
+            }
+            match self.bind_after_retired(l, key).await {
+                Ok(socket) => prepared.bound.push((l.clone(), socket)),
+                Err(e) => {
+                    self.unrevive(&prepared.revived);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(prepared)
+    }
+
+    /// Binds `l`, waiting a moment for a retiring listener on the same
+    /// socket to let go of it.
+    async fn bind_after_retired(&self, l: &Listener, key: ListenKey) -> Result<Bound> {
+        let deadline = tokio::time::Instant::now() + REBIND_WAIT;
+        loop {
+            match bind(l) {
+                Ok(socket) => return Ok(socket),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && tokio::time::Instant::now() < deadline
+                        && self.listeners().retiring.iter().any(|s| s.key == key) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => return Err(bind_error(l, e)),
+            }
+        }
+    }
+
+    /// Puts a retiring listener on `key` back to serving, unless it has
+    /// already decided to end.
+    fn revive(&self, key: ListenKey) -> bool {
+        let listeners = self.listeners();
+        listeners.retiring.iter().any(|s| {
+            s.key == key
+                && s.phase.send_if_modified(|p| {
+                    let retiring = *p == Phase::Retiring;
+                    if retiring {
+                        *p = Phase::Serving;
+                    }
+                    retiring
+                })
+        })
+    }
+
+    fn unrevive(&self, keys: &[ListenKey]) {
+        let listeners = self.listeners();
+        for s in listeners.retiring.iter().filter(|s| keys.contains(&s.key)) {
+            let _ = s.phase.send(Phase::Retiring);
+        }
+    }
+
+    /// Undoes [`Relay::prepare`] when the reload cannot go on: the new
+    /// sockets close, revived listeners retire again.
+    pub fn abandon(&self, prepared: Prepared) {
+        self.unrevive(&prepared.revived);
+    }
+
+    /// The second half of a reload: new rules serve, changed rules'
+    /// listeners give new flows the new rule (live flows keep theirs), and
+    /// removed rules' listeners take no new flows while theirs finish.
+    pub fn apply(&self, plan: &Plan, prepared: Prepared) {
+        let mut listeners = self.listeners();
+        listeners.reap();
+        for key in &prepared.revived {
+            let Some(at) = listeners.retiring.iter().position(|s| s.key == *key) else {
+                continue;
+            };
+            let served = listeners.retiring.swap_remove(at);
+            let l = plan
+                .added
+                .iter()
+                .find(|l| ListenKey::of(l) == *key)
+                .expect("revived for an added rule");
+            let _ = served.rule.send(Arc::new(served.rule().succeed(l)));
+            log_listener(l, served.local);
+            listeners.serving.push(served);
+        }
+        for (_, new) in &plan.changed {
+            let key = ListenKey::of(new);
+            if let Some(s) = listeners.serving.iter().find(|s| s.key == key) {
+                let _ = s.rule.send(Arc::new(s.rule().succeed(new)));
+                log_listener(new, s.local);
+            }
+        }
+        for old in &plan.removed {
+            let key = ListenKey::of(old);
+            if let Some(at) = listeners.serving.iter().position(|s| s.key == key) {
+                let served = listeners.serving.swap_remove(at);
+                let _ = served.phase.send(Phase::Retiring);
+                info!(alias = %old.alias, "relay: {} {} removed; its flows may finish", old.protocol, served.local);
+                listeners.retiring.push(served);
+            }
+        }
+        drop(listeners);
+        self.serve(prepared.bound);
+        self.listeners()
+            .serving
+            .sort_by_key(|s| s.rule.borrow().rule_id);
     }
 
     /// The address each listener is bound to, by rule id.
     pub fn local_addrs(&self) -> Vec<(u32, SocketAddr)> {
-        self.served
+        self.listeners()
+            .serving
             .iter()
-            .map(|s| (s.rule.rule_id, s.local))
+            .map(|s| (s.rule().rule_id, s.local))
             .collect()
     }
 
-    /// Counters per rule.
+    /// Counters per rule, of the rules serving now.
     pub fn counters(&self) -> Vec<RelayRuleCounters> {
-        self.served
+        self.listeners()
+            .serving
             .iter()
             .map(|s| {
-                let r = &s.rule;
+                let r = s.rule();
                 r.counters.snapshot(r.rule_id, &r.alias, r.protocol)
             })
             .collect()
@@ -169,11 +353,22 @@ impl Relay {
 
     /// Stops accepting at once, lets live flows finish for at most `drain`,
     /// then closes the rest.
-    pub async fn shutdown(mut self, drain: Duration) {
-        let _ = self.phase.send(Phase::Draining);
+    pub async fn shutdown(self, drain: Duration) {
+        let Listeners { serving, retiring } = self
+            .listeners
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<Served> = serving.into_iter().chain(retiring).collect();
+        for s in &all {
+            s.phase.send_modify(|p| {
+                if *p != Phase::Closing {
+                    *p = Phase::Draining;
+                }
+            });
+        }
         let deadline = tokio::time::Instant::now() + drain;
         let mut drained = true;
-        for s in &mut self.served {
+        for s in &mut all {
             if tokio::time::timeout_at(deadline, &mut s.task)
                 .await
                 .is_err()
@@ -182,12 +377,22 @@ impl Relay {
                 break;
             }
         }
-        let _ = self.phase.send(Phase::Closing);
+        for s in &all {
+            let _ = s.phase.send(Phase::Closing);
+        }
         if !drained {
-            let active: u64 = self.counters().iter().map(|c| c.active).sum();
+            let active: u64 = all
+                .iter()
+                .map(|s| {
+                    s.rule()
+                        .counters
+                        .active
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .sum();
             info!("relay drain time over; closing {active} flows still open");
         }
-        for s in &mut self.served {
+        for s in &mut all {
             if s.task.is_finished() {
                 continue;
             }
@@ -195,10 +400,21 @@ impl Relay {
                 .await
                 .is_err()
             {
-                warn!(alias = %s.rule.alias, "relay listener did not close in time; aborted");
+                warn!(alias = %s.rule().alias, "relay listener did not close in time; aborted");
                 s.task.abort();
             }
         }
         info!("relay stopped");
     }
+}
+
+fn log_listener(l: &Listener, local: SocketAddr) {
+    info!(
+        alias = %l.alias,
+        "relay: {} {} -> {}, path {}",
+        l.protocol,
+        local,
+        BackendPicker::describe(&l.backends),
+        l.path.as_str()
+    );
 }

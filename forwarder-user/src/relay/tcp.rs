@@ -22,17 +22,25 @@ use super::idle::{IdleClock, Millis};
 use super::next_phase;
 use super::splice::{Pipe, SpliceEnd, splice_one_way};
 
-/// Serves one listener until the relay closes, or drains and has no flow left.
-pub async fn serve(listener: TcpListener, rule: Arc<RuleCtx>, mut phase: watch::Receiver<Phase>) {
+/// Serves one listener until the relay closes it, or it drains (or
+/// retires) and has no flow left. Each new flow takes the rule current at
+/// its accept; a flow keeps the rule it started with.
+pub async fn serve(
+    listener: TcpListener,
+    mut rules: watch::Receiver<Arc<RuleCtx>>,
+    phase: Arc<watch::Sender<Phase>>,
+) {
     let mut flows = JoinSet::new();
     let mut listener = Some(listener);
     let accept_failing = Alarm::default();
+    let mut phase = phase.subscribe();
     while listener.is_some() || !flows.is_empty() {
+        let rule = rules.borrow_and_update().clone();
         tokio::select! {
             accepted = accept(&listener), if listener.is_some() => match accepted {
                 Ok((stream, peer)) => {
                     accept_failing.clear();
-                    flows.spawn(flow(stream, peer, rule.clone()));
+                    flows.spawn(flow(stream, peer, rule));
                 }
                 Err(e) => accept_error(&rule, &accept_failing, e).await,
             },
@@ -43,9 +51,12 @@ pub async fn serve(listener: TcpListener, rule: Arc<RuleCtx>, mut phase: watch::
                     error!(alias = %rule.alias, "tcp flow panicked: {e}");
                 }
             },
+            Ok(()) = rules.changed() => {}
             next = next_phase(&mut phase) => match next {
                 Phase::Serving => {}
-                Phase::Draining => {
+                // Closing the socket refuses new connections at once;
+                // accepted ones go on.
+                Phase::Draining | Phase::Retiring => {
                     if listener.take().is_some() {
                         debug!(alias = %rule.alias, flows = flows.len(), "tcp listener closed, draining");
                     }

@@ -74,16 +74,20 @@ enum Event {
     Readable(io::Result<()>),
     Sweep,
     Joined(Result<(Id, SessionKey), JoinError>),
+    Rule,
     Phase(Phase),
 }
 
-/// Serves one listener until the relay closes, or drains and has no session left.
+/// Serves one listener until the relay closes it, or it drains (or
+/// retires) and has no session left. New sessions take the rule current at
+/// their first datagram; a session keeps its backend.
 pub async fn serve(
     socket: UdpSocket,
-    rule: Arc<RuleCtx>,
+    mut rules: watch::Receiver<Arc<RuleCtx>>,
     max_sessions: usize,
-    mut phase: watch::Receiver<Phase>,
+    phase_control: Arc<watch::Sender<Phase>>,
 ) {
+    let rule = rules.borrow_and_update().clone();
     let bound = match socket.local_addr() {
         Ok(addr) => addr,
         Err(e) => {
@@ -91,24 +95,40 @@ pub async fn serve(
             return;
         }
     };
+    let mut phase = phase_control.subscribe();
     let mut l = UdpListener {
         socket: Arc::new(socket),
         bound,
         rule,
         table: SessionTable::new(max_sessions),
         tasks: JoinSet::new(),
-        accepting: true,
+        accepting: *phase.borrow_and_update() == Phase::Serving,
         table_full: Alarm::default(),
     };
     let mut batch = Datagrams::new();
     let mut sweep = tokio::time::interval(sweep_interval(l.rule.timeouts.udp_idle));
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let socket = l.socket.clone();
-    while l.accepting || !l.table.is_empty() {
+    loop {
+        // Done once nothing is left, unless a reload revived the listener
+        // meanwhile: the phase decides, under the channel's lock.
+        if !l.accepting
+            && l.table.is_empty()
+            && phase_control.send_if_modified(|p| {
+                let done = matches!(p, Phase::Draining | Phase::Retiring);
+                if done {
+                    *p = Phase::Closing;
+                }
+                done
+            })
+        {
+            break;
+        }
         let event = tokio::select! {
             ready = socket.readable() => Event::Readable(ready),
             _ = sweep.tick() => Event::Sweep,
             Some(joined) = l.tasks.join_next_with_id(), if !l.tasks.is_empty() => Event::Joined(joined),
+            Ok(()) = rules.changed() => Event::Rule,
             next = next_phase(&mut phase) => Event::Phase(next),
         };
         match event {
@@ -119,8 +139,14 @@ pub async fn serve(
             }
             Event::Sweep => l.sweep(),
             Event::Joined(joined) => l.session_task_ended(joined),
-            Event::Phase(Phase::Serving) => {}
-            Event::Phase(Phase::Draining) => {
+            Event::Rule => l.rule = rules.borrow_and_update().clone(),
+            Event::Phase(Phase::Serving) => {
+                if !l.accepting {
+                    debug!(alias = %l.rule.alias, "udp listener serves again");
+                }
+                l.accepting = true;
+            }
+            Event::Phase(Phase::Draining | Phase::Retiring) => {
                 l.accepting = false;
                 debug!(alias = %l.rule.alias, sessions = l.table.len(), "udp listener draining");
             }

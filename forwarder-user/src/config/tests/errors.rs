@@ -23,14 +23,29 @@ const CASES: &[Case] = &[
         "routes:
   a: {scheme: tcp, port: 80:65536}
   b: {scheme: tcp, port: 80:0}
-  c: {scheme: tcp, port: http}
+  c: {scheme: tcp, port: 'http'}
   d: {scheme: tcp, port: 1:2:3}
+  e: {scheme: tcp, port: 1:-2}
 ",
         &[
             ("test.yaml:2:26: alias `a`, field `port`: found `80:65536` (target port out of range)", &["target 1–65535"]),
             ("test.yaml:3:26: alias `b`, field `port`: found `80:0` (target port 0)", &[]),
-            ("test.yaml:4:26: alias `c`, field `port`: found `http` (target port is not a number)", &[]),
+            ("test.yaml:4:26: alias `c`, field `port`: found `http` (no service `http` for tcp in /etc/services)", &["or a service name"]),
+            ("test.yaml:6:26: alias `e`, field `port`: found `1:-2` (target port is not a number)", &[]),
             ("test.yaml:5:26: alias `d`, field `port`: found `1:2:3`", &[]),
+        ],
+    ),
+    (
+        "a service name that is unknown, or unknown or different for one protocol",
+        "routes:
+  a: {scheme: udp, host: 10.0.0.1, port: 1:nosuch}
+  b: {scheme: 'tcp,udp', host: 10.0.0.1, port: 2:split}
+  c: {scheme: tcp, host: 10.0.0.1, port: 3:syslog}
+",
+        &[
+            ("test.yaml:2:42: alias `a`, field `port`: found `1:nosuch` (no service `nosuch` for udp in /etc/services)", &[]),
+            ("test.yaml:3:48: alias `b`, field `port`: found `2:split` (service `split` is 7000/tcp but 7001/udp)", &[]),
+            ("test.yaml:4:42: alias `c`, field `port`: found `3:syslog` (no service `syslog` for tcp in /etc/services)", &[]),
         ],
     ),
     (
@@ -71,6 +86,7 @@ const CASES: &[Case] = &[
       block: [1.2.3.4]
 ",
         &[
+            ("test.yaml:5:5: alias `a`, field `acl`: found `acl`, which forwarder checks but does not enforce yet", &["remove it"]),
             ("test.yaml:6:27: alias `a`, field `acl.allow`: found `10.0.0.1/8` (address bits set beyond the prefix)", &["did you mean `10.0.0.0/8`?"]),
             ("test.yaml:7:13: alias `a`, field `acl.deny`: found `300.0.0.0/8`; allowed an address or a CIDR", &[]),
             ("test.yaml:8:7: alias `a`, field `acl.block`: found unknown field `block`; allowed `allow`, `deny`", &[]),
@@ -88,7 +104,7 @@ const CASES: &[Case] = &[
         &[
             ("test.yaml:4:5: alias `a`, field `prot`: found unknown field `prot`; allowed `scheme`, `host`, `port`", &["did you mean `port`?"]),
             ("test.yaml:5:5: alias `a`, field `hots`: found unknown field `hots`", &["did you mean `host`?"]),
-            ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`", &["`proxy_protocol`"]),
+            ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`; allowed `scheme`, `host`, `port`, `bind`, `backends`, `path`, `timeouts`, `preserve_client_ip`", &[]),
             ("test.yaml:2:3: alias `a`, field `port`: found no `port`", &[]),
         ],
     ),
@@ -215,7 +231,9 @@ routes:
             ("test.yaml:3:22: `timeouts.udp_idle`: found `0`; allowed a duration above zero", &[]),
             ("test.yaml:3:25: `timeouts.tcp_closed`: found unknown field `tcp_closed`", &["did you mean `tcp_close`?"]),
             ("test.yaml:5:51: alias `a`, field `timeouts.connect`: found `1.5s`", &[]),
+            ("test.yaml:5:58: alias `a`, field `healthcheck`: found `healthcheck`, which forwarder checks but does not enforce yet", &[]),
             ("test.yaml:5:95: alias `a`, field `healthcheck.timeout`: found `2s` (longer than the interval 1s)", &[]),
+            ("test.yaml:6:31: alias `b`, field `healthcheck`: found `healthcheck`, which forwarder checks but does not enforce yet", &[]),
             ("test.yaml:6:45: alias `b`, field `healthcheck.every`: found unknown field `every`", &[]),
         ],
     ),
@@ -235,6 +253,7 @@ routes:
             ("test.yaml:2:37: alias `a`, field `path`: found `kernel` with the loopback target 127.0.0.1:1; allowed `auto` or `relay`", &[]),
             ("test.yaml:3:53: alias `b`, field `path`: found `fast`; allowed `auto`, `kernel`, `relay`, `tc` or `xdp`", &[]),
             ("test.yaml:4:80: alias `c`, field `preserve_client_ip`: found `true` with `path: relay`", &[]),
+            ("test.yaml:5:47: alias `d`, field `proxy_protocol`: found `proxy_protocol`, which forwarder checks but does not enforce yet", &[]),
             ("test.yaml:5:63: alias `d`, field `proxy_protocol`: found `v1` on a udp route; allowed `v2`", &[]),
             ("test.yaml:6:51: alias `e`, field `preserve_client_ip`: found `yes`; allowed `true` or `false`", &[]),
             ("test.yaml:7:68: alias `f`, field `preserve_client_ip`: found `true` with the loopback target 127.0.0.1:6", &[]),

@@ -56,6 +56,20 @@ const FORMS: &[(&str, &str, &[&str])] = &[
         &["0 a tcp [::]:1 -> 10.0.0.1:2 auto"],
     ),
     (
+        "route map: a target port named by service, looked up per protocol",
+        "routes:
+  dns: {scheme: 'tcp,udp', host: 10.0.0.1, port: 5300:domain}
+  logs: {scheme: udp, host: 10.0.0.1, port: 5514:syslog}
+  old-godoxy: {scheme: udp, host: 10.0.0.1, port: 2223:dns}
+",
+        &[
+            "0 dns tcp [::]:5300 -> 10.0.0.1:53 auto",
+            "1 dns udp [::]:5300 -> 10.0.0.1:53 auto",
+            "2 logs udp [::]:5514 -> 10.0.0.1:514 auto",
+            "3 old-godoxy udp [::]:2223 -> 10.0.0.1:53 auto",
+        ],
+    ),
+    (
         "route map: bind forms",
         "routes:
   any: {scheme: tcp, host: 10.0.0.1, port: 1000:80}
@@ -421,9 +435,10 @@ routes:
     port: 1001:1
     timeouts: {udp_idle: 5, tcp_close: 2m}
     preserve_client_ip: true
-    healthcheck: {interval: 10s, timeout: 2s, retries: -1, path: /ping}
-    acl: {allow: [10.0.0.0/8, '2001:db8::/32'], deny: 10.6.6.0/24 10.7.7.7}
-    proxy_protocol: v2
+    # Until enforced, only the forms that ask for nothing load.
+    healthcheck: {disabled: true, interval: 10s, timeout: 2s, retries: -1, path: /ping}
+    acl: {allow: [], deny: }
+    proxy_protocol: 'off'
 ";
     let (c, w) = load(text).unwrap();
     assert_eq!(
@@ -470,7 +485,7 @@ fn godoxy_fields_and_http_routes_are_skipped_with_warnings() {
 labels:
   proxy.aliases: x
   proxy.x.scheme: fileserver
-  proxy.idle_timeout: 1h
+  proxy.network: frontend
   com.docker.compose.project: demo
 ",
     );
@@ -479,7 +494,7 @@ labels:
         "test.yaml:7:3: alias `site`, field `scheme`: no `scheme` and no listen port",
         "test.yaml:14:5: alias `ssh`, field `homepage`: a Godoxy field that does not apply",
         "test.yaml:15:5: alias `ssh`, field `middlewares`: a Godoxy field",
-        "test.yaml:19:3: `proxy.idle_timeout`: a Godoxy container setting",
+        "test.yaml:19:3: `proxy.network`: a Godoxy container setting",
         "test.yaml:20:3: `com.docker.compose.project`: not a `proxy.` label",
         "test.yaml:18:19: alias `x`, field `scheme`: scheme `fileserver`",
     ];

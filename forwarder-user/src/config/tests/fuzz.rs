@@ -137,6 +137,13 @@ const PIECES: &[&str] = &[
     "1h30m",
     "acl: ",
     "/33",
+    "tls_termination: ",
+    "idlewatcher: ",
+    "agent: ",
+    ":domain",
+    ":dns",
+    "proxy.idle_timeout: ",
+    "proxy.tls_terminations: ",
     "é",
     "\u{0}",
     "\u{feff}",
@@ -203,7 +210,7 @@ proptest! {
     #[test]
     fn random_labels_never_panic(
         labels in proptest::collection::vec(
-            ("proxy\\.(aliases|schemes|ports|exclude|\\*|#[0-9]|\\$[0-3]|[a-c])(\\.(scheme|port|host|bind|timeouts|udp_idle|backends|x))*",
+            ("proxy\\.(aliases|schemes|ports|hosts|agents|exclude|network|idle_timeout|\\*|#[0-9]|\\$[0-3]|[a-c])(\\.(scheme|port|host|bind|timeouts|udp_idle|backends|acl|tls_termination|homepage|x))*",
              "[a-c0-9:,. #|{}\\[\\]-]{0,24}"),
             0..12,
         )

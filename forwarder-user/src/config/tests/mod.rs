@@ -1,12 +1,14 @@
 //! Whole rule files through the whole load: every form, every error class,
 //! the compile step, the shipped example, and random input.
 
+mod catalog;
 mod compile;
 mod defaults;
 mod errors;
 mod examples;
 mod forms;
 mod fuzz;
+mod godoxy_examples;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -28,7 +30,17 @@ pub(super) struct TestEnv {
     pub range: Option<(u16, u16)>,
     /// Files are not read (for the fuzzer).
     pub no_files: bool,
+    /// The services database.
+    pub services: &'static str,
 }
+
+/// A few lines in `/etc/services`' format.
+pub(super) const SERVICES: &str = "ssh\t\t22/tcp\t\t# SSH\n\
+domain\t\t53/tcp\n\
+domain\t\t53/udp\n\
+syslog\t\t514/udp\n\
+split\t\t7000/tcp\n\
+split\t\t7001/udp\n";
 
 impl Default for TestEnv {
     fn default() -> Self {
@@ -45,6 +57,7 @@ impl Default for TestEnv {
             busy: HashSet::new(),
             range: None,
             no_files: false,
+            services: SERVICES,
         }
     }
 }
@@ -62,6 +75,10 @@ impl Env for TestEnv {
             .get(host)
             .cloned()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such host"))
+    }
+
+    fn services(&self) -> String {
+        self.services.to_owned()
     }
 
     fn ephemeral_range(&self) -> (u16, u16) {

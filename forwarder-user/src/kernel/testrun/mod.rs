@@ -22,6 +22,7 @@ use forwarder_common::{CtKey, CtValue, IfaceCounters, RelayFlow, RuleCounters};
 
 use super::attach::{Attached, TC_PROGRAM, XDP_PROGRAM};
 use super::load;
+use super::rule_maps::RuleMaps;
 pub use super::testns::require_root;
 
 pub const TC_ACT_OK: u32 = 0;
@@ -36,6 +37,8 @@ pub const F_CHECKSUM_COMPLETE: u32 = 1 << 2;
 /// The object loaded with both programs in the kernel, nothing attached.
 pub struct Loaded {
     pub ebpf: Ebpf,
+    /// Taken out of `ebpf` at the first `write_tables`.
+    rule_maps: Option<RuleMaps>,
 }
 
 /// What a run returned.
@@ -59,10 +62,14 @@ impl Loaded {
                 relay_flows: conntrack,
             },
             log_level,
+            None,
         )
         .expect("load the eBPF object");
         Attached::load_programs(&mut ebpf).expect("load the programs");
-        Loaded { ebpf }
+        Loaded {
+            ebpf,
+            rule_maps: None,
+        }
     }
 
     fn tc(&self) -> &SchedClassifier {
@@ -123,8 +130,13 @@ impl Loaded {
 
     /// Writes rule tables into the maps.
     pub fn write_tables(&mut self, tables: &super::tables::Tables) {
-        super::tables::write(&mut self.ebpf, tables).expect("write the tables");
-        super::xdp::write_rule_flags(&mut self.ebpf, &tables.rules).expect("write the rule flags");
+        let maps = match &mut self.rule_maps {
+            Some(maps) => maps,
+            None => self
+                .rule_maps
+                .insert(RuleMaps::take(&mut self.ebpf).expect("the rule maps")),
+        };
+        maps.write(tables).expect("write the tables");
     }
 
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
