@@ -486,6 +486,33 @@ mod tests {
     }
 
     #[test]
+    fn set_replaces_the_given_rules_timeouts_and_keeps_the_others() {
+        let with_connect = |rule_id: u32, secs: u64| crate::rules::Listener {
+            rule_id,
+            alias: format!("r{rule_id}"),
+            protocol: crate::rules::Protocol::Tcp,
+            bind: "127.0.0.1:7878".parse().unwrap(),
+            listen_picked: false,
+            backends: Vec::new(),
+            timeouts: Timeouts {
+                connect: Duration::from_secs(secs),
+                ..Timeouts::default()
+            },
+            path: crate::rules::PathMode::Auto,
+            preserve_client_ip: false,
+        };
+        let connect = |t: &RuleTimeouts| -> Vec<Option<u64>> {
+            t.0.iter().map(|t| t.map(|t| t.connect.as_secs())).collect()
+        };
+        let mut t = RuleTimeouts::default();
+        t.set(&[with_connect(0, 3), with_connect(2, 7)]);
+        assert_eq!(connect(&t), [Some(3), None, Some(7)]);
+        // A reload that changes rule 2 only: rule 0's flows keep theirs.
+        t.set(&[with_connect(2, 9)]);
+        assert_eq!(connect(&t), [Some(3), None, Some(9)]);
+    }
+
+    #[test]
     fn the_period_follows_the_shortest_timeout() {
         assert_eq!(timeouts().period(), Duration::from_millis(750));
         assert_eq!(
