@@ -3,12 +3,15 @@
 //! tests/README.md for what goes where.
 mod common;
 
+mod broadcast;
 mod checksums;
 mod config_cli;
 mod crash;
 mod daemon;
 mod daemon_lifecycle;
+mod flow_timeouts;
 mod handover;
+mod host_hooks;
 mod kernel_attach;
 mod kernel_daemon;
 mod kernel_expiry;

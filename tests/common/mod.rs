@@ -5,12 +5,14 @@ pub mod harness;
 mod netns;
 pub mod relay;
 pub mod seccomp;
+mod tcx_counter;
 pub mod traffic;
 pub mod turn;
 pub mod wire;
 
 #[allow(unused_imports)]
 pub use netns::*;
+pub use tcx_counter::TcxCounter;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

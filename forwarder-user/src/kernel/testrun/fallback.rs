@@ -30,13 +30,13 @@ fn fragments_and_ip_options_go_to_the_relay_for_the_whole_flow() {
             ("IP options", &options),
         ] {
             let out = k.run_tc(p);
-            assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+            assert_eq!(out.verdict, TC_ACT_UNSPEC, "{what}");
             assert_eq!(&out.packet, p, "{what}: unchanged");
         }
         // Whole datagrams of the fragmented flow stay with the relay.
         let whole = Spec::udp(client(50020), listener()).build();
         let out = k.run_tc(&whole);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &whole));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &whole));
         assert!(k.conntrack().is_empty());
         let relay = k.relay_flows();
         assert_eq!(relay.len(), 2, "{relay:?}");
@@ -99,7 +99,7 @@ fn a_kernel_flows_fragments_and_ip_options_stay_on_the_kernel_path() {
         let mut stray = stray.build();
         stray[18..20].copy_from_slice(&0x4321u16.to_be_bytes());
         let out = k.run_tc(&stray);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &stray));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &stray));
 
         // IP options on a kernel TCP flow: the L4 header sits further in.
         let syn = Spec::tcp(client(50032), listener(), TCP_SYN).build();
@@ -140,7 +140,7 @@ fn a_full_conntrack_table_leaves_new_flows_to_the_relay() {
         assert_eq!(k.run_tc(&first).verdict, TC_ACT_REDIRECT);
         let second = Spec::udp(client(50031), listener()).build();
         let out = k.run_tc(&second);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &second));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &second));
         // Later datagrams of that flow stay with the relay even once the
         // table has room again.
         let keys: Vec<_> = k.conntrack().into_iter().map(|(key, _)| key).collect();
@@ -150,7 +150,7 @@ fn a_full_conntrack_table_leaves_new_flows_to_the_relay() {
             map.remove(&key).unwrap();
         }
         let out = k.run_tc(&second);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &second));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &second));
         let c = k.rule_counters(UDP_RULE);
         assert_eq!((c.flows, c.fallback_full), (1, 1), "{c:?}");
         assert!(k.conntrack().is_empty(), "no half pair left behind");
@@ -170,7 +170,7 @@ fn a_pair_that_does_not_fit_leaves_no_half_behind() {
         let before = k.conntrack();
         let second = Spec::udp(client(50034), listener()).build();
         let out = k.run_tc(&second);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &second));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &second));
         let mut after = k.conntrack();
         let mut before = before;
         after.sort_by_key(|(key, _)| key.dport);
@@ -205,7 +205,7 @@ fn a_full_snat_port_range_leaves_new_flows_to_the_relay() {
         assert_eq!(ports, vec![40000, 40001], "both ports in use, no collision");
         let third = Spec::udp(client(50042), listener()).build();
         let out = k.run_tc(&third);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &third));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &third));
         assert_eq!(k.rule_counters(UDP_RULE).fallback_full, 1);
         // The failed probes left no entry behind.
         assert_eq!(k.conntrack().len(), 4);

@@ -36,7 +36,7 @@ fn traffic_without_a_rule_or_flow_passes_byte_for_byte() {
             ("stray reply", stray),
         ] {
             let out = k.run_tc(&p);
-            assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+            assert_eq!(out.verdict, TC_ACT_UNSPEC, "{what}");
             assert_eq!(out.packet, p, "{what}: unchanged");
         }
         assert!(k.conntrack().is_empty());
@@ -55,7 +55,7 @@ fn relay_rules_and_unroutable_backends_are_not_taken() {
             Spec::tcp(client(50051), listener(), TCP_SYN).build(),
         ] {
             let out = k.run_tc(&p);
-            assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
+            assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &p));
         }
         assert!(k.conntrack().is_empty() && k.relay_flows().is_empty());
     });
@@ -64,7 +64,7 @@ fn relay_rules_and_unroutable_backends_are_not_taken() {
     with_router(1024, t, |k| {
         let p = Spec::udp(client(50052), listener()).build();
         let out = k.run_tc(&p);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &p));
         assert!(k.conntrack().is_empty(), "no entry for an unroutable flow");
         assert_eq!(k.rule_counters(UDP_RULE).fallback_other, 1);
         assert_eq!(k.relay_flows().len(), 1);
@@ -151,7 +151,7 @@ fn a_wildcard_rule_leaves_traffic_through_this_host_alone() {
         ];
         for p in &passing {
             let out = k.run_tc(p);
-            assert_eq!(out.verdict, TC_ACT_OK, "passed on to the stack");
+            assert_eq!(out.verdict, TC_ACT_UNSPEC, "passed on to the stack");
             assert_eq!(&out.packet, p, "unmodified");
         }
         assert!(k.conntrack().is_empty(), "no flow of ours");
@@ -242,7 +242,7 @@ fn ipv6_frames_pass_both_programs_untouched() {
             let tc = k.run_tc(&frame);
             assert_eq!(
                 (tc.verdict, &tc.packet),
-                (TC_ACT_OK, &frame),
+                (TC_ACT_UNSPEC, &frame),
                 "TC, next header {next_header}"
             );
             let xdp = k.run_xdp(&frame);

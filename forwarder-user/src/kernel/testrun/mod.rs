@@ -6,6 +6,8 @@
 mod closing;
 mod fallback;
 mod fixture;
+mod flow_state;
+mod hooks;
 mod matching;
 mod packet;
 mod programs;
@@ -25,7 +27,8 @@ use super::load;
 use super::rule_maps::RuleMaps;
 pub use super::testns::require_root;
 
-pub const TC_ACT_OK: u32 = 0;
+/// TCX "next" (-1): later programs and filters on the hook run.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_PASS: u32 = 2;
