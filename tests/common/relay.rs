@@ -45,6 +45,7 @@ pub fn listener(
         timeouts,
         path: PathMode::Relay,
         preserve_client_ip: false,
+        health: None,
         listen_picked: false,
     }
 }

@@ -52,7 +52,7 @@ pub use compile::{Config, Route, addr_of, compile};
 pub use errors::{ConfigError, Errors, Pos, Warning};
 pub use fields::{Acl, HealthCheck, ProxyProtocol};
 pub use table::table;
-pub use values::Cidr;
+pub use values::{Cidr, format_duration};
 
 use crate::rules::Compiled;
 use env::{Env, System};
@@ -131,7 +131,7 @@ fn load_with(
             timeouts: spec.timeouts,
             path: spec.path,
             preserve_client_ip: spec.preserve_client_ip,
-            healthcheck: spec.healthcheck,
+            healthcheck: spec.healthcheck.clone(),
             acl: spec.acl.clone(),
             proxy_protocol: spec.proxy_protocol,
         })
@@ -152,5 +152,8 @@ fn load_with(
         relay: globals.relay,
         kernel: globals.kernel,
     };
-    Ok((compile(&config), diag.warnings))
+    let mut compiled = compile(&config);
+    compiled.dns = globals.dns;
+    compiled.hostnames = resolve::names(&specs);
+    Ok((compiled, diag.warnings))
 }

@@ -746,6 +746,7 @@ mod tests {
             },
             path: crate::rules::PathMode::Auto,
             preserve_client_ip: false,
+            health: None,
         };
         let connect = |t: &RuleTimeouts| -> Vec<Option<u64>> {
             t.0.iter().map(|t| t.map(|t| t.connect.as_secs())).collect()

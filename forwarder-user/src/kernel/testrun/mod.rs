@@ -7,7 +7,9 @@ mod closing;
 mod fallback;
 mod fixture;
 mod flow_state;
+mod health;
 mod hooks;
+mod icmp;
 mod matching;
 mod packet;
 mod programs;
@@ -140,6 +142,14 @@ impl Loaded {
                 .insert(RuleMaps::take(&mut self.ebpf).expect("the rule maps")),
         };
         maps.write(tables).expect("write the tables");
+    }
+
+    /// A health change of `rule_id` in `tables`, written as the daemon
+    /// writes it (after [`Loaded::write_tables`]).
+    pub fn write_health(&mut self, tables: &super::tables::Tables, rule_id: u32) {
+        let maps = self.rule_maps.as_mut().expect("tables written first");
+        maps.write_health(tables, rule_id)
+            .expect("write the health change");
     }
 
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {
