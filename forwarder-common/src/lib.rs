@@ -406,6 +406,8 @@ mod tests {
             fallback_full: 19 * k,
             fallback_other: 23 * k,
             dropped: 29 * k,
+            icmp_sent: 31 * k,
+            icmp_translated: 37 * k,
         };
         let mut sum = one(2);
         sum.add(&one(3));
