@@ -372,6 +372,14 @@ mod tests {
     }
 
     #[test]
+    fn rule_ids_leave_room_for_every_rule_anew_beside_the_running_ones() {
+        // Read at run time, so that a wrong value fails this test rather
+        // than the build.
+        let ids = core::hint::black_box(RULE_IDS);
+        assert!(ids >= 2 * MAX_RULES, "{ids} ids for {MAX_RULES} rules");
+    }
+
+    #[test]
     fn counters_add_field_by_field() {
         let mut sum = IfaceCounters {
             xdp_packets: 1,
