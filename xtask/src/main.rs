@@ -2,6 +2,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod demo;
 mod mutants;
 mod setup;
 mod test;
@@ -34,6 +35,10 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// See it work (root): client / forwarder / backend namespaces, a
+    /// TURN-like backend, forwarder on config/demo.yaml, a few seconds of
+    /// traffic, the live status, and which path carried what.
+    Demo(demo::DemoArgs),
     /// fmt, clippy, unit tests, then the root-only integration tests.
     Test {
         /// Only tests whose name contains this.
@@ -79,6 +84,7 @@ fn main() -> Result<()> {
             setup::run()?;
             mutants::run(all, jobs)
         }
+        Command::Demo(args) => demo::run(args),
     }
 }
 

@@ -180,7 +180,7 @@ impl KernelPath {
                 settings.snat_ports.1
             );
         }
-        let tables = tables::prepare(compiled);
+        let tables = tables::prepare(compiled, &interfaces);
         let with_xdp = wants_xdp(&tables);
         let conntrack_size = settings.conntrack_size.max(2);
         let sizes = load::Sizes {
@@ -218,6 +218,11 @@ impl KernelPath {
         };
         let relay_flows = options.relay_flows.clone().unwrap_or_default();
         let gauges = Arc::new(Gauges::default());
+        gauges
+            .conntrack_capacity
+            .store(u64::from(conntrack_size), Ordering::Relaxed);
+        let snat_ports = u64::from(settings.snat_ports.1) - u64::from(settings.snat_ports.0) + 1;
+        gauges.snat_ports.store(snat_ports, Ordering::Relaxed);
         let timeouts = Arc::new(RwLock::new(rule_timeouts(&compiled.listeners)));
         let mut tasks = Vec::new();
         let result = (|| {
@@ -372,7 +377,7 @@ impl KernelPath {
     /// The first half of a reload: the kernel tables of `plan.next` (routes
     /// to the backends looked up), or why this kernel path cannot run them.
     pub fn prepare(&self, plan: &Plan) -> anyhow::Result<tables::Tables> {
-        let next = tables::prepare(&plan.next);
+        let next = tables::prepare(&plan.next, &self.interfaces);
         if wants_xdp(&next) && !self.with_xdp {
             let alias = plan
                 .next
