@@ -17,10 +17,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
-use crate::common::{self, TempConfig};
-use crate::kernel_path::harness::{
+use crate::common::harness::{
     Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule, runtime, spawn_in,
 };
+use crate::common::{self, TempConfig};
 
 /// Every test ends within this, pass or fail.
 const TEST_LIMIT: Duration = Duration::from_secs(120);

@@ -3,6 +3,7 @@
 
 mod catalog;
 mod compile;
+mod defaults;
 mod errors;
 mod examples;
 mod forms;
