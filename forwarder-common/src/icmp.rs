@@ -336,6 +336,15 @@ mod tests {
         450005c6abcd40004011fb31c6120102c6120101\
         c3501ec605b20000";
 
+    /// The shortest error a router may send (RFC 792: the embedded header
+    /// and 8 bytes of its datagram) is long enough to translate, and so is
+    /// every error the forwarder builds.
+    #[test]
+    fn the_shortest_error_is_translatable() {
+        assert_eq!(MIN_ERROR_LEN, bytes(FRAG_NEEDED).len());
+        assert_eq!(MIN_ERROR_LEN, ERROR_LEN);
+    }
+
     #[test]
     fn a_frag_needed_error_is_built_as_linux_builds_it() {
         let expected = bytes(FRAG_NEEDED);

@@ -113,6 +113,34 @@ mod tests {
         assert_eq!(mss_value_offset(&full, 60), Some(38));
     }
 
+    /// The option list ends at byte 40 whatever the data offset claims, and
+    /// nothing past it is read: the array holds no more.
+    #[test]
+    fn options_stop_at_forty_bytes() {
+        let nops = [OPT_NOP; MAX_OPTIONS_LEN];
+        assert_eq!(mss_value_offset(&nops, 40), None);
+        assert_eq!(mss_value_offset(&nops, 60), None);
+        // A kind in the last byte has no length byte.
+        let mut kind_last = nops;
+        kind_last[39] = OPT_MSS;
+        assert_eq!(mss_value_offset(&kind_last, 40), None);
+        assert_eq!(mss_value_offset(&kind_last, 60), None);
+        // An MSS option whose value would lie past byte 40.
+        let mut cut = nops;
+        cut[38..].copy_from_slice(&[OPT_MSS, OPT_MSS_LEN]);
+        assert_eq!(mss_value_offset(&cut, 60), None);
+        // Ending exactly at byte 40 is whole.
+        assert_eq!(mss_value_offset(&opts(&[1; 40][..36]), 36), None);
+    }
+
+    /// A two-byte option (SACK permitted, kind 4) before the MSS, as in
+    /// a SYN whose stack orders them so.
+    #[test]
+    fn finds_the_mss_after_a_two_byte_option() {
+        let syn = [4, 2, 2, 4, 0x05, 0xb4, 1, 3, 3, 7];
+        assert_eq!(mss_value_offset(&opts(&syn), syn.len()), Some(4));
+    }
+
     #[test]
     fn clamps_only_where_smaller() {
         assert_eq!(clamped(1460, 1400), Some(1360));
