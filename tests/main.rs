@@ -6,6 +6,7 @@ mod broadcast;
 mod config_cli;
 mod crash;
 mod daemon;
+mod docker;
 mod flow_timeouts;
 mod host_hooks;
 mod kernel_path;

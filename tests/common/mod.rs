@@ -1,6 +1,7 @@
 //! Test harness shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod docker;
 mod netns;
 mod tcx_counter;
 #[allow(unused_imports)]
