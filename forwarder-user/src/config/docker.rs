@@ -181,6 +181,7 @@ fn address(c: &Container) -> Result<IpAddr, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn turn() -> Container {
         let labels = [
@@ -290,6 +291,46 @@ mod tests {
             text.contains("container `turn`, label `proxy.#9.port`"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_clashing_container_is_skipped_alone() {
+        let file = "docker: {socket: /run/docker.sock}\nroutes:\n  dns: {scheme: udp, host: 10.0.0.53, port: 5353:53}\n";
+        let mut clash = turn();
+        clash.id = "def".into();
+        clash.name = "a-clash".into();
+        clash.labels = [("proxy.aliases", "dns"), ("proxy.dns.port", "5354:53")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let loaded =
+            super::super::load_text_with_containers(file, Path::new("f.yaml"), &[turn(), clash])
+                .unwrap();
+        let aliases: Vec<_> = loaded
+            .compiled
+            .listeners
+            .iter()
+            .map(|l| l.alias.as_str())
+            .collect();
+        assert_eq!(aliases, ["dns", "turn-tcp", "turn-udp"]);
+        assert_eq!(
+            loaded.docker.unwrap().socket,
+            PathBuf::from("/run/docker.sock")
+        );
+        let [clashed, ok] = &loaded.containers[..] else {
+            panic!("two reports")
+        };
+        assert_eq!(
+            (clashed.name.as_str(), ok.name.as_str()),
+            ("a-clash", "turn")
+        );
+        assert!(clashed.aliases.is_empty() && !clashed.errors.is_empty());
+        assert!(
+            clashed.errors.concat().contains("`dns`"),
+            "{:?}",
+            clashed.errors
+        );
+        assert_eq!(ok.aliases, ["turn-tcp", "turn-udp"]);
     }
 
     #[test]
