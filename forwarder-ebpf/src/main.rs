@@ -6,7 +6,9 @@
 mod conntrack;
 mod counters;
 mod fragments;
+mod icmp;
 mod maps;
+mod mss;
 mod nat;
 mod parse;
 mod redirect;

@@ -54,7 +54,7 @@ pub use docker::{Container, DockerSettings};
 pub use errors::{ConfigError, Errors, Pos, Warning};
 pub use fields::{Acl, HealthCheck, ProxyProtocol};
 pub use table::table;
-pub use values::Cidr;
+pub use values::{Cidr, format_duration};
 
 use crate::rules::Compiled;
 use env::{Env, System};
@@ -243,7 +243,7 @@ fn load_inner(
             timeouts: spec.timeouts,
             path: spec.path,
             preserve_client_ip: spec.preserve_client_ip,
-            healthcheck: spec.healthcheck,
+            healthcheck: spec.healthcheck.clone(),
             acl: spec.acl.clone(),
             proxy_protocol: spec.proxy_protocol,
         })
@@ -264,5 +264,8 @@ fn load_inner(
         relay: globals.relay,
         kernel: globals.kernel,
     };
-    Ok((compile(&config), globals.docker, diag.warnings))
+    let mut compiled = compile(&config);
+    compiled.dns = globals.dns;
+    compiled.hostnames = resolve::names(&specs);
+    Ok((compiled, globals.docker, diag.warnings))
 }

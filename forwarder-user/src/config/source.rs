@@ -20,6 +20,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "include",
     "relay",
     "kernel",
+    "dns",
     "timeouts",
     "docker",
 ];
@@ -39,6 +40,7 @@ pub(crate) struct RawRoute {
 pub(crate) struct RawFile {
     pub interfaces: Option<Node>,
     pub relay: Option<Node>,
+    pub dns: Option<Node>,
     pub kernel: Option<Node>,
     pub timeouts: Option<Node>,
     pub docker: Option<Node>,
@@ -78,6 +80,7 @@ pub(crate) fn read(
             "interfaces" => raw.interfaces = Some(v.clone()),
             "relay" => raw.relay = Some(v.clone()),
             "kernel" => raw.kernel = Some(v.clone()),
+            "dns" => raw.dns = Some(v.clone()),
             "timeouts" => raw.timeouts = Some(v.clone()),
             "docker" => raw.docker = Some(v.clone()),
             "routes" => route_map(v, "routes", &mut raw.routes, diag),

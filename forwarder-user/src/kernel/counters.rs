@@ -42,8 +42,14 @@ pub struct KernelRuleCounters {
     /// New flows left to the relay for another reason (fragments, IP
     /// options, no route, no usable backend).
     pub fallback_other: u64,
-    /// Packets of kernel flows dropped (no route any more, TTL, MTU).
+    /// Packets of kernel flows dropped (no route any more, too big without
+    /// DF, TTL or MTU where no ICMP error could be sent).
     pub dropped: u64,
+    /// ICMP errors about kernel flows translated and sent to the other side.
+    pub icmp_translated: u64,
+    /// ICMP errors sent for kernel flows' packets that could not be
+    /// forwarded (TTL expired, DF and too big for the next hop).
+    pub icmp_sent: u64,
 }
 
 impl KernelRuleCounters {
@@ -58,6 +64,8 @@ impl KernelRuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            icmp_translated,
+            icmp_sent,
         } = *sum;
         KernelRuleCounters {
             rule_id: listener.rule_id,
@@ -72,6 +80,8 @@ impl KernelRuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            icmp_translated,
+            icmp_sent,
         }
     }
 }

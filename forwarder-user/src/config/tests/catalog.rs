@@ -97,12 +97,11 @@ fn sample(name: &str) -> Option<Sample> {
         }),
         "preserve_client_ip" => s(Honoured, "true", None, |l| l.preserve_client_ip),
         "aliases" | "exclude" => s(Honoured, "", None, anything), // tests/forms.rs
-        "healthcheck" => s(
-            NotEnforced,
-            "'{interval: 5s}'",
-            Some("'{disabled: true}'"),
-            anything,
-        ),
+        "healthcheck" => s(Honoured, "'{interval: 7s}'", None, |l| {
+            l.health
+                .as_ref()
+                .is_some_and(|h| h.interval == Duration::from_secs(7))
+        }),
         "acl" => s(
             NotEnforced,
             "'{allow: 10.0.0.0/8}'",
