@@ -30,6 +30,13 @@ fn has_rule(d: &Daemon, alias: &str) -> bool {
         .is_some_and(|r| r.iter().any(|r| r["alias"] == alias))
 }
 
+/// The first backend of the rule `alias`, if it is in the table.
+fn backend_of(d: &Daemon, alias: &str) -> Option<String> {
+    let rules = d.status()["rules"].as_array()?.clone();
+    let rule = rules.iter().find(|r| r["alias"] == alias)?;
+    rule["backends"][0].as_str().map(str::to_owned)
+}
+
 /// A new TCP connection is refused (nothing listens, no kernel rule).
 fn tcp_refused(client: &Netns, to: SocketAddr) -> bool {
     in_netns(client, || {
@@ -107,6 +114,7 @@ fn docker_labels_route_through_the_kernel_path_and_follow_the_containers() {
         "{status}"
     );
     drop(stream);
+    let turn_before = backend_of(&daemon, "turn-tcp").unwrap();
 
     // Stopped: its rules go, and new flows are refused.
     engine.docker_ok(&["stop", "-t", "1", "turn"]);
@@ -194,6 +202,35 @@ fn docker_labels_route_through_the_kernel_path_and_follow_the_containers() {
         2,
         "{status}"
     );
+
+    // `check --docker` shows what the daemon found.
+    let check = std::process::Command::new(common::forwarder_bin())
+        .args(["check", "--docker", "-c"])
+        .arg(daemon.config_path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&check.stdout);
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2), "{out}{err}");
+    assert!(out.contains("docker container `game`: game"), "{out}");
+    assert!(out.contains("docker container `broken`: skipped"), "{out}");
+    assert!(
+        err.contains("docker container `broken`, label `proxy.bad.port`"),
+        "{err}"
+    );
+
+    // The stopped container comes back at another address (the new ones
+    // took its old one): new flows go to where it is now.
+    engine.docker_ok(&["start", "turn"]);
+    let now = engine.docker_ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", "turn"]);
+    let now = format!("{now}:3478");
+    assert_ne!(now, turn_before, "turn came back at its old address");
+    eventually("turn-tcp follows the new address", || {
+        backend_of(&daemon, "turn-tcp") == Some(now.clone())
+    });
+    let mut back = in_netns(&client, || connect(at(TURN_TCP)));
+    tcp_echo_round(&mut back, b"turn at its new address");
+    udp_echo(&in_netns(&client, || udp_socket(at(TURN_TCP))), b"udp too");
 }
 
 #[test]
