@@ -65,6 +65,9 @@ impl DockerEngine {
             .arg(engine.dir.join("dockerd.pid"))
             .arg("--host")
             .arg(format!("unix://{}", engine.socket().display()))
+            // cgroupfs: a cgroup of our name, also where systemd would
+            // want a slice.
+            .args(["--exec-opt", "native.cgroupdriver=cgroupfs"])
             .args(["--storage-driver", "vfs", "--cgroup-parent"])
             .arg(&engine.cgroup_parent)
             .stdout(Stdio::null())
