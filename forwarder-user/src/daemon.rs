@@ -172,8 +172,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         task.abort();
         let _ = task.await;
     }
-    let daemon =
-        Arc::try_unwrap(daemon).map_err(|_| anyhow!("the daemon is still shared at stop"))?;
+    let daemon = sole_owner(daemon)
+        .await
+        .map_err(|_| anyhow!("the daemon is still shared at stop"))?;
     let drain = daemon.running().relay.drain_timeout;
     info!(?drain, "stopping: no new flows; live flows may finish");
     daemon.relay.health().stop();
@@ -429,6 +430,19 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// The value once every other clone is gone. A control answer already
+/// under way at stop (`status` polled by a watcher) holds one for a moment.
+async fn sole_owner<T>(mut shared: Arc<T>) -> Result<T, Arc<T>> {
+    for _ in 0..200 {
+        match Arc::try_unwrap(shared) {
+            Ok(value) => return Ok(value),
+            Err(again) => shared = again,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Arc::try_unwrap(shared)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
