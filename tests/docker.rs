@@ -8,9 +8,9 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use crate::common::docker::DockerEngine;
-use crate::common::{self, Netns, veth};
-use crate::kernel_path::harness::{Daemon, counter, eventually, in_netns, kernel_rule};
-use crate::kernel_path::traffic::{connect, tcp_echo_round, udp_echo, udp_socket};
+use crate::common::harness::{Daemon, counter, in_netns, kernel_rule};
+use crate::common::traffic::{connect, tcp_echo_round, udp_echo, udp_socket};
+use crate::common::{self, Netns, eventually, veth};
 
 const TURN_TCP: u16 = 7878;
 const GAME: u16 = 7900;

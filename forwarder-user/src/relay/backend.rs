@@ -179,6 +179,7 @@ mod tests {
             timeouts: Timeouts::default(),
             path: PathMode::Auto,
             preserve_client_ip: false,
+            proxy: Default::default(),
             health: Some(HealthSpec {
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),

@@ -3,13 +3,18 @@
 //! Nothing is attached: the kernel runs the program once on the bytes
 //! given and returns its verdict and the packet as it left.
 
+mod closing;
+mod fallback;
+mod fixture;
 mod flow_state;
-mod flows;
 mod health;
 mod hooks;
 mod icmp;
+mod matching;
 mod packet;
 mod programs;
+mod refresh;
+mod rewrite;
 mod xdp;
 
 use std::os::fd::{AsFd, AsRawFd};
