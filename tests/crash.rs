@@ -13,9 +13,8 @@ use crate::common::eventually;
 use crate::common::harness::{
     Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, reserved_ports, seen, spawn_in,
 };
-use crate::common::traffic::{BackendServers, udp_echo, udp_socket};
+use crate::common::traffic::{BackendServers, paced_transfer, udp_echo, udp_socket};
 use crate::common::{self, Topology};
-use crate::reload::paced_transfer;
 
 const BPFFS: &str = "/sys/fs/bpf";
 const PINS: &str = "/sys/fs/bpf/forwarder";

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::common::eventually;
 use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, spawn_in};
-use crate::common::traffic::{BackendServers, udp_socket};
+use crate::common::traffic::{BackendServers, paced_transfer, udp_socket};
 use crate::common::{self, Netns, Topology};
-use crate::reload::{TaggedUdpEcho, paced_transfer, udp_ask};
+use crate::reload::{TaggedUdpEcho, udp_ask};
 
 /// `/etc/netns/NAME/hosts` for `ns`, removed (with its directory) on drop.
 struct NetnsHosts {

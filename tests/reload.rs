@@ -9,15 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::common::eventually;
 use crate::common::harness::{
     Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, relay_rule, reserved_ports,
     spawn_in,
 };
 use crate::common::traffic::{
-    BACKEND_PORT, BackendServers, connect, fill, tcp_echo_conn, tcp_echo_round, udp_echo,
+    BACKEND_PORT, BackendServers, paced_transfer, tcp_echo_conn, tcp_echo_round, udp_echo,
     udp_socket,
 };
 use crate::common::{self, Netns, Topology};
@@ -84,31 +82,6 @@ pub fn udp_ask(socket: &UdpSocket, msg: &[u8]) -> Vec<u8> {
         }
     }
     panic!("no answer via {:?}", socket.peer_addr());
-}
-
-/// A TCP transfer to the backend's hashing server, paced to last a few
-/// seconds so that a reload lands in the middle of it. `sent` follows the
-/// bytes written. Returns (sent, received) digests.
-pub fn paced_transfer(to: SocketAddr, size: u64, sent: Arc<AtomicU64>) -> ([u8; 32], [u8; 32]) {
-    let mut stream = connect(to);
-    stream.write_all(b"H").unwrap();
-    stream.write_all(&size.to_be_bytes()).unwrap();
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut left = size;
-    while left > 0 {
-        let n = buf.len().min(left as usize);
-        fill(&mut buf[..n], &mut seed);
-        hash.update(&buf[..n]);
-        stream.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-        sent.fetch_add(n as u64, Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(8));
-    }
-    let mut got = [0u8; 32];
-    stream.read_exact(&mut got).expect("the backend's digest");
-    (hash.finalize().into(), got)
 }
 
 /// Echoes numbered datagrams one at a time until `stop`, and returns

@@ -6,7 +6,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -147,6 +147,17 @@ pub fn connect(to: SocketAddr) -> TcpStream {
 /// Sends `size` bytes through `to` and returns (what was sent, what the
 /// backend received) as SHA-256 digests.
 pub fn tcp_hash_transfer(to: SocketAddr, size: u64) -> ([u8; 32], [u8; 32]) {
+    hash_transfer(to, size, None)
+}
+
+/// [`tcp_hash_transfer`] paced to 8 ms a MiB, so that it lasts a few
+/// seconds and an event (reload, crash, name change) lands in the middle;
+/// `sent` follows the bytes written.
+pub fn paced_transfer(to: SocketAddr, size: u64, sent: Arc<AtomicU64>) -> ([u8; 32], [u8; 32]) {
+    hash_transfer(to, size, Some(sent))
+}
+
+fn hash_transfer(to: SocketAddr, size: u64, paced: Option<Arc<AtomicU64>>) -> ([u8; 32], [u8; 32]) {
     let mut stream = connect(to);
     stream.write_all(b"H").unwrap();
     stream.write_all(&size.to_be_bytes()).unwrap();
@@ -160,6 +171,10 @@ pub fn tcp_hash_transfer(to: SocketAddr, size: u64) -> ([u8; 32], [u8; 32]) {
         hash.update(&buf[..n]);
         stream.write_all(&buf[..n]).unwrap();
         left -= n as u64;
+        if let Some(sent) = &paced {
+            sent.fetch_add(n as u64, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(8));
+        }
     }
     let mut got = [0u8; 32];
     stream.read_exact(&mut got).expect("the backend's digest");
