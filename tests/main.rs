@@ -10,6 +10,7 @@ mod crash;
 mod daemon;
 mod daemon_lifecycle;
 mod demo;
+mod docker;
 mod flow_timeouts;
 mod handover;
 mod health;

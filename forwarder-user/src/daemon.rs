@@ -8,7 +8,7 @@
 //! undoes the steps before it.
 
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, anyhow, bail};
 use forwarder_common::RULE_F_RELAY;
@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
+use crate::docker::{self, DiscoveryStatus, ReportLog};
 use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, StartOptions};
 use crate::relay::Relay;
 use crate::reload::{self, Plan, Summary};
@@ -46,7 +47,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // Before anything on the host changes: a signal during start-up must
     // find the handlers that undo it.
     let mut signals = Signals::install()?;
-    let compiled = config::load(&opts.config).map_err(RunError::Config)?;
+    let file_text = config::read_file(&opts.config).map_err(RunError::Config)?;
+    let loaded = config::load_text_with_containers(&file_text, &opts.config, &[])
+        .map_err(RunError::Config)?;
+    let compiled = loaded.compiled;
     let kernel = if opts.relay_only {
         if let Some((l, why)) = compiled
             .listeners
@@ -63,7 +67,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         info!("relay only (--relay-only): the kernel path is not loaded");
         None
     } else {
-        start_kernel_path(&compiled, &opts).await?
+        // Containers may bring rules the kernel path can take at any time.
+        start_kernel_path(&compiled, &opts, loaded.docker.is_some()).await?
     };
     let observer: Arc<dyn FlowObserver> = match &kernel {
         Some(k) => k.observer(),
@@ -100,7 +105,33 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         kernel,
         running: RwLock::new(compiled),
         reloading: tokio::sync::Mutex::new(()),
+        file_text: Mutex::new(file_text),
+        docker: loaded.docker.clone(),
+        containers: Mutex::new(Vec::new()),
+        discovery: Arc::new(Mutex::new(DiscoveryStatus::default())),
+        report_log: Mutex::new(ReportLog::default()),
         started: std::time::Instant::now(),
+    });
+    let discovery_task = daemon.docker.clone().map(|settings| {
+        info!(
+            "docker: discovering containers at {}",
+            settings.socket.display()
+        );
+        daemon
+            .discovery
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .socket = settings.socket.display().to_string();
+        let d = daemon.clone();
+        let client = docker::Client::new(&settings.socket);
+        tokio::spawn(async move {
+            let status = d.discovery.clone();
+            docker::follow(client, status, |containers| {
+                let d = d.clone();
+                async move { d.containers_changed(containers).await }
+            })
+            .await
+        })
     });
     let handlers = Handlers {
         status: status_fn(daemon.clone()),
@@ -132,13 +163,18 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
     }
 
-    // Dropping the control socket releases its clones of the daemon.
+    // Dropping the control socket and discovery releases their clones of the daemon.
     control_task.abort();
     let _ = control_task.await;
     names_task.abort();
     let _ = names_task.await;
-    let daemon =
-        Arc::try_unwrap(daemon).map_err(|_| anyhow!("the daemon is still shared at stop"))?;
+    if let Some(task) = discovery_task {
+        task.abort();
+        let _ = task.await;
+    }
+    let daemon = sole_owner(daemon)
+        .await
+        .map_err(|_| anyhow!("the daemon is still shared at stop"))?;
     let drain = daemon.running().relay.drain_timeout;
     info!(?drain, "stopping: no new flows; live flows may finish");
     daemon.relay.health().stop();
@@ -158,8 +194,16 @@ struct Daemon {
     kernel: Option<Arc<KernelPath>>,
     /// The rule table in force.
     running: RwLock<Compiled>,
-    /// One reload at a time (SIGHUP and `forwarder reload` may meet).
+    /// One reload at a time (SIGHUP, `forwarder reload` and Docker may meet).
     reloading: tokio::sync::Mutex<()>,
+    /// The rule file as last loaded: a change in Docker does not re-read it.
+    file_text: Mutex<String>,
+    /// The `docker:` section at start.
+    docker: Option<config::DockerSettings>,
+    /// The running containers as Docker last listed them.
+    containers: Mutex<Vec<config::Container>>,
+    discovery: Arc<Mutex<DiscoveryStatus>>,
+    report_log: Mutex<ReportLog>,
     /// Status documents carry the time since, so rates between two of
     /// them need no clock of the client's.
     started: std::time::Instant,
@@ -200,18 +244,41 @@ impl Daemon {
     /// Reads the rule file again and applies the difference (see
     /// `reload`); on any error nothing changes and the old rules run on.
     async fn reload(&self) -> ReloadOutcome {
+        self.rebuild(true, "reload").await
+    }
+
+    /// Docker listed its containers anew: their routes replace the ones
+    /// of the last listing, with the rule file as last loaded.
+    async fn containers_changed(&self, containers: Vec<config::Container>) {
+        *lock(&self.containers) = containers;
+        self.rebuild(false, "docker").await;
+    }
+
+    /// Loads the rule file (read again if `reread`) with the containers'
+    /// routes and applies the difference; `what` names the cause in logs.
+    async fn rebuild(&self, reread: bool, what: &'static str) -> ReloadOutcome {
         let _one_at_a_time = self.reloading.lock().await;
         let started = std::time::Instant::now();
         let path = self.config.clone();
-        let loaded = match tokio::task::spawn_blocking(move || config::load(&path)).await {
-            Ok(Ok(compiled)) => compiled,
+        let text = (!reread).then(|| lock(&self.file_text).clone());
+        let containers = lock(&self.containers).clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let text = match text {
+                Some(text) => text,
+                None => config::read_file(&path)?,
+            };
+            config::load_text_with_containers(&text, &path, &containers).map(|l| (text, l))
+        })
+        .await;
+        let (text, loaded) = match loaded {
+            Ok(Ok(loaded)) => loaded,
             Ok(Err(errors)) => {
                 let text = errors.to_string();
                 for line in text.lines() {
-                    warn!("reload: {line}");
+                    warn!("{what}: {line}");
                 }
                 warn!(
-                    "reload: {} is invalid ({} errors); the running rules stay",
+                    "{what}: {} is invalid ({} errors); the running rules stay",
                     self.config.display(),
                     errors.len()
                 );
@@ -219,25 +286,37 @@ impl Daemon {
             }
             Err(e) => return ReloadOutcome::Refused(format!("the rule file loader failed: {e}")),
         };
+        if self.docker.is_some() {
+            lock(&self.report_log).log(&loaded.containers);
+            lock(&self.discovery).set_containers(&loaded.containers);
+        }
         let loaded_in = started.elapsed();
-        match self.apply(loaded).await {
-            Ok(summary) => {
+        match self.apply(loaded.compiled).await {
+            Ok(mut summary) => {
+                *lock(&self.file_text) = text;
+                if loaded.docker != self.docker {
+                    summary.needs_restart.push(format!(
+                        "docker: {} -> {}",
+                        docker_setting(&self.docker),
+                        docker_setting(&loaded.docker)
+                    ));
+                }
                 info!(
                     load_ms = loaded_in.as_millis() as u64,
                     apply_ms = (started.elapsed() - loaded_in).as_millis() as u64,
-                    "reload: {} added, {} changed, {} removed, {} unchanged",
+                    "{what}: {} added, {} changed, {} removed, {} unchanged",
                     summary.added.len(),
                     summary.changed.len(),
                     summary.removed.len(),
                     summary.unchanged
                 );
-                for what in &summary.needs_restart {
-                    warn!("reload: {what} takes effect only after a restart");
+                for setting in &summary.needs_restart {
+                    warn!("{what}: {setting} takes effect only after a restart");
                 }
                 ReloadOutcome::Applied(summary)
             }
             Err(e) => {
-                warn!("reload: {e:#}; the running rules stay");
+                warn!("{what}: {e:#}; the running rules stay");
                 ReloadOutcome::Refused(format!("{e:#}"))
             }
         }
@@ -250,7 +329,12 @@ impl Daemon {
     async fn refresh_names(&self, names: &mut NameWatch) {
         let _one_at_a_time = self.reloading.lock().await;
         let path = self.config.clone();
-        let loaded = match tokio::task::spawn_blocking(move || config::load(&path)).await {
+        // With the containers' routes, or they would look removed.
+        let containers = lock(&self.containers).clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            config::load_with_containers(&path, &containers).map(|l| l.compiled)
+        });
+        let loaded = match loaded.await {
             Ok(Ok(compiled)) => compiled,
             Ok(Err(errors)) => {
                 names.failing(&errors.to_string());
@@ -345,6 +429,30 @@ impl Daemon {
             ));
         }
         Ok(())
+    }
+}
+
+/// The value once every other clone is gone. A control answer already
+/// under way at stop (`status` polled by a watcher) holds one for a moment.
+async fn sole_owner<T>(mut shared: Arc<T>) -> Result<T, Arc<T>> {
+    for _ in 0..200 {
+        match Arc::try_unwrap(shared) {
+            Ok(value) => return Ok(value),
+            Err(again) => shared = again,
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Arc::try_unwrap(shared)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn docker_setting(s: &Option<config::DockerSettings>) -> String {
+    match s {
+        Some(s) => format!("socket {}", s.socket.display()),
+        None => "off".into(),
     }
 }
 
@@ -474,12 +582,14 @@ impl Signals {
 async fn start_kernel_path(
     compiled: &Compiled,
     opts: &RunOptions,
+    docker: bool,
 ) -> Result<Option<KernelPath>, RunError> {
-    if compiled
-        .kernel
-        .rules
-        .iter()
-        .all(|(_, rule)| rule.flags & RULE_F_RELAY != 0)
+    if !docker
+        && compiled
+            .kernel
+            .rules
+            .iter()
+            .all(|(_, rule)| rule.flags & RULE_F_RELAY != 0)
     {
         info!("no rule can use the kernel path (relay-only or local targets): it is not loaded");
         return Ok(None);
@@ -583,6 +693,9 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
             "rules": rules,
             "relay": relay_counters,
             "kernel": kernel_counters,
+            "docker": daemon.docker.as_ref().map(|_| {
+                serde_json::to_value(&*lock(&daemon.discovery)).unwrap_or_default()
+            }),
         })
     })
 }

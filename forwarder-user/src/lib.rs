@@ -2,6 +2,7 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod docker;
 pub mod health;
 pub mod kernel;
 pub mod relay;

@@ -37,6 +37,11 @@ enum Command {
         /// The rule file.
         #[arg(short, long)]
         config: PathBuf,
+        /// Add the routes of the running containers' labels, read from the
+        /// Docker Engine of the file's `docker:` section (exit 2 if a
+        /// container's labels are wrong, 1 if Docker cannot be reached).
+        #[arg(long)]
+        docker: bool,
     },
     /// Make the running daemon read its rule file again and apply the
     /// difference without losing a flow (exit 2 if the file is invalid).
@@ -71,7 +76,11 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => {
+        Command::Check {
+            config,
+            docker: true,
+        } => check_docker(&config),
+        Command::Check { config, .. } => {
             // The file's warnings (ignored Godoxy fields, skipped web
             // routes) are part of the check's answer.
             init_logging("warn", false);
@@ -139,6 +148,65 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// `check --docker`: the file's rules and those of the running containers.
+fn check_docker(config: &std::path::Path) -> ExitCode {
+    init_logging("warn", false);
+    let settings = match forwarder::config::load_with_containers(config, &[]) {
+        Ok(loaded) => loaded.docker,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(settings) = settings else {
+        eprintln!(
+            "forwarder: {} has no `docker:` section (e.g. `docker: {{socket: /var/run/docker.sock}}`); nothing to discover",
+            config.display()
+        );
+        return ExitCode::from(2);
+    };
+    let listed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(forwarder::docker::Client::new(&settings.socket).containers()));
+    let containers = match listed {
+        Ok(containers) => containers,
+        Err(e) => {
+            eprintln!("forwarder: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let loaded = match forwarder::config::load_with_containers(config, &containers) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", forwarder::config::table(&loaded.compiled));
+    let mut wrong = false;
+    for c in &loaded.containers {
+        for w in &c.warnings {
+            eprintln!("warning: {w}");
+        }
+        if c.errors.is_empty() {
+            println!("docker container `{}`: {}", c.name, c.aliases.join(", "));
+        } else {
+            wrong = true;
+            println!("docker container `{}`: skipped", c.name);
+            for e in &c.errors {
+                eprintln!("{e}");
+            }
+        }
+    }
+    if wrong {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -96,7 +96,30 @@ fn headline(doc: &Value) -> String {
     if let Some(ms) = doc["uptime_ms"].as_u64() {
         parts.push(format!("up {}", duration(ms / 1000)));
     }
+    if let Some(docker) = docker_part(&doc["docker"]) {
+        parts.push(docker);
+    }
     parts.join(" · ")
+}
+
+/// Docker discovery in a few words; `None` when it is off.
+fn docker_part(docker: &Value) -> Option<String> {
+    docker.as_object()?;
+    let containers = docker["containers"].as_array().cloned().unwrap_or_default();
+    let skipped = containers
+        .iter()
+        .filter(|c| c["errors"].as_array().is_some_and(|e| !e.is_empty()))
+        .count();
+    let mut part = if docker["connected"] == true {
+        format!("docker: {} containers", containers.len())
+    } else {
+        let retry = docker["retry_in_ms"].as_u64().unwrap_or(0);
+        format!("docker unreachable (retry in {} s)", retry.div_ceil(1000))
+    };
+    if skipped > 0 {
+        part.push_str(&format!(", {skipped} skipped"));
+    }
+    Some(part)
 }
 
 /// `turn-tcp  tcp  [::]:7878 -> 198.18.2.2:3478  path auto`, with
@@ -534,6 +557,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("1.95 KiB/s"), "{text}");
+    }
+
+    #[test]
+    fn the_headline_says_how_docker_discovery_goes() {
+        let mut doc =
+            json!({"pid": 7, "kernel_path": true, "rules": [], "relay": [], "kernel": null});
+        assert!(!render(&doc, None).contains("docker"));
+        doc["docker"] = json!({"connected": true, "containers": [
+            {"name": "a", "aliases": ["a"], "errors": []},
+            {"name": "b", "aliases": [], "errors": ["bad"]}]});
+        assert!(render(&doc, None).contains("docker: 2 containers, 1 skipped"));
+        doc["docker"] = json!({"connected": false, "error": "no socket", "retry_in_ms": 4000,
+                               "containers": []});
+        assert!(render(&doc, None).contains("docker unreachable (retry in 4 s)"));
     }
 
     #[test]

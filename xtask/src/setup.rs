@@ -21,6 +21,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "the tests' dual-protocol client"),
     ("ethtool", "the tests' veth offload settings for XDP"),
     ("bpftool", "the tests' check that nothing stays attached"),
+    (
+        "docker.io",
+        "the Docker Engine the Docker discovery test starts",
+    ),
+    (
+        "busybox-static",
+        "the test's container image, built with `docker import`",
+    ),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -275,7 +275,7 @@ pub(crate) const FIELDS: &[Field] = &[
         scope: Scope::Container,
         ..ignored(
             "network",
-            "picks the Docker network Godoxy takes the container's address from; forwarder reads no Docker: the route's `host` is the address",
+            "picks the Docker network the container's address is taken from: honoured for containers found by `docker:`; in the file's `labels:` there is no container, and the route's `host` is the address",
             &[],
         )
     },

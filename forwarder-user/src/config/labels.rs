@@ -16,7 +16,8 @@
 //!   empty item leaves that alias alone);
 //! - `proxy.exclude: true` drops the container; Godoxy's other
 //!   container-level labels are refused (idle sleep) or ignored with a
-//!   warning (network), as the [`catalog`](super::catalog) says, and labels
+//!   warning (`proxy.network`, which Docker discovery reads before these
+//!   labels get here), as the [`catalog`](super::catalog) says, and labels
 //!   outside `proxy.` are ignored with a warning.
 //!
 //! A field set twice for one alias by different labels is an error naming

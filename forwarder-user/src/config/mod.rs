@@ -29,6 +29,7 @@
 
 mod catalog;
 mod compile;
+mod docker;
 mod env;
 mod errors;
 mod fields;
@@ -49,6 +50,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use compile::{Config, Route, addr_of, compile};
+pub use docker::{Container, DockerSettings};
 pub use errors::{ConfigError, Errors, Pos, Warning};
 pub use fields::{Acl, HealthCheck, ProxyProtocol};
 pub use table::table;
@@ -57,6 +59,7 @@ pub use values::{Cidr, format_duration};
 use crate::rules::Compiled;
 use env::{Env, System};
 use errors::Diag;
+use source::RawRoute;
 
 /// Reads, validates and compiles the rule file at `path`: includes are
 /// resolved relative to it, hostnames resolved, listen ports 0 picked.
@@ -97,6 +100,103 @@ fn log_warnings(r: Result<(Compiled, Vec<Warning>), Errors>) -> Result<Compiled,
     })
 }
 
+/// The rule file and the routes of Docker's containers, as one table.
+pub struct Loaded {
+    pub compiled: Compiled,
+    /// The file's `docker:` section.
+    pub docker: Option<DockerSettings>,
+    /// What each container's labels gave besides routes.
+    pub containers: Vec<ContainerReport>,
+}
+
+/// One container's part of a [`Loaded`].
+pub struct ContainerReport {
+    pub id: String,
+    pub name: String,
+    /// The aliases it added to the table; none if it was skipped.
+    pub aliases: Vec<String>,
+    /// Why it was skipped, one line per error; empty if it was not.
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Like [`load`], with the routes of `containers` added: a container whose
+/// labels are wrong, or whose routes clash with the file's or an earlier
+/// container's, is skipped alone. Warnings of the file are logged.
+pub fn load_with_containers(path: &Path, containers: &[Container]) -> Result<Loaded, Errors> {
+    load_text_with_containers(&read_file(path)?, path, containers)
+}
+
+/// The text of the rule file at `path`.
+pub fn read_file(path: &Path) -> Result<String, Errors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        Errors::from_vec(vec![ConfigError::new(
+            &Pos::new(&Arc::from(path.display().to_string()), 1, 1),
+            format!("a file that cannot be read ({e})"),
+            "a readable UTF-8 rule file",
+        )])
+    })
+}
+
+/// Like [`load_with_containers`] for the file's text as read before.
+pub fn load_text_with_containers(
+    text: &str,
+    path: &Path,
+    containers: &[Container],
+) -> Result<Loaded, Errors> {
+    let name: Arc<str> = Arc::from(path.display().to_string());
+    let base = path.parent().unwrap_or(Path::new(""));
+    let load = |extra: &[RawRoute]| load_inner(text, &name, base, &System, extra);
+    let (mut compiled, docker, warnings) = load(&[])?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    let mut accepted: Vec<RawRoute> = Vec::new();
+    let mut reports = Vec::new();
+    let mut sorted: Vec<&Container> = containers.iter().filter(|c| c.has_proxy_labels()).collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for c in sorted {
+        let mut diag = Diag::default();
+        let routes = docker::routes(c, &mut diag);
+        let mut report = ContainerReport {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            aliases: Vec::new(),
+            errors: diag.errors.iter().map(ToString::to_string).collect(),
+            warnings: diag.warnings.iter().map(ToString::to_string).collect(),
+        };
+        let own = format!("docker container `{}`,", c.name);
+        if report.errors.is_empty() && !routes.is_empty() {
+            let mut candidate = accepted.clone();
+            candidate.extend(routes.iter().cloned());
+            match load(&candidate) {
+                Ok((next, _, warnings)) => {
+                    compiled = next;
+                    accepted = candidate;
+                    report.aliases = routes.iter().map(|r| r.alias.clone()).collect();
+                    // The file's warnings were logged above; these are the container's.
+                    report.warnings.extend(
+                        warnings
+                            .iter()
+                            .filter(|w| w.pos.file.starts_with(&own))
+                            .map(ToString::to_string),
+                    );
+                    report.warnings.dedup();
+                }
+                Err(errors) => {
+                    report.errors = errors.to_string().lines().map(str::to_owned).collect()
+                }
+            }
+        }
+        reports.push(report);
+    }
+    Ok(Loaded {
+        compiled,
+        docker,
+        containers: reports,
+    })
+}
+
 /// The whole load against an environment; warnings are returned.
 fn load_with(
     text: &str,
@@ -104,8 +204,20 @@ fn load_with(
     base: &Path,
     env: &dyn Env,
 ) -> Result<(Compiled, Vec<Warning>), Errors> {
+    load_inner(text, file, base, env, &[]).map(|(compiled, _, warnings)| (compiled, warnings))
+}
+
+/// The load of a file with `extra` routes (Docker's) after its own.
+fn load_inner(
+    text: &str,
+    file: &Arc<str>,
+    base: &Path,
+    env: &dyn Env,
+    extra: &[RawRoute],
+) -> Result<(Compiled, Option<DockerSettings>, Vec<Warning>), Errors> {
     let mut diag = Diag::default();
-    let raw = source::read(text, file, base, env, &mut diag);
+    let mut raw = source::read(text, file, base, env, &mut diag);
+    raw.routes.extend(extra.iter().cloned());
     let globals = settings::globals(&raw, &mut diag);
     let raw_routes = validate::unique_aliases(raw.routes, &mut diag);
     let mut unchecked = Vec::new();
@@ -157,5 +269,5 @@ fn load_with(
     let mut compiled = compile(&config);
     compiled.dns = globals.dns;
     compiled.hostnames = resolve::names(&specs);
-    Ok((compiled, diag.warnings))
+    Ok((compiled, globals.docker, diag.warnings))
 }

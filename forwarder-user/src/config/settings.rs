@@ -1,6 +1,8 @@
-//! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `dns`, `timeouts`.
+//! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `dns`,
+//! `timeouts`, `docker`.
 //! Each is optional; what is left out keeps the defaults of `rules.rs`.
 
+use super::docker::{self, DockerSettings};
 use super::errors::{ConfigError, Diag, Pos, closest, quoted};
 use super::fields::parse_timeouts;
 use super::source::RawFile;
@@ -29,12 +31,17 @@ pub(crate) struct Globals {
     pub timeouts: Timeouts,
     /// Where `kernel.snat_ports` is written, if it is.
     pub snat_pos: Option<Pos>,
+    /// Docker discovery; off when `None`.
+    pub docker: Option<DockerSettings>,
 }
 
 pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
     let mut g = Globals::default();
     if let Some(node) = &raw.interfaces {
         g.interfaces = interfaces(node, diag);
+    }
+    if let Some(node) = &raw.docker {
+        g.docker = docker::settings(node, diag);
     }
     if let Some(node) = &raw.relay {
         for (k, v) in section(node, "relay", RELAY_FIELDS, diag) {

@@ -22,6 +22,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "kernel",
     "dns",
     "timeouts",
+    "docker",
 ];
 
 /// One route in any of the three forms.
@@ -42,6 +43,7 @@ pub(crate) struct RawFile {
     pub dns: Option<Node>,
     pub kernel: Option<Node>,
     pub timeouts: Option<Node>,
+    pub docker: Option<Node>,
     /// In file order; includes where the `include:` key stands.
     pub routes: Vec<RawRoute>,
 }
@@ -80,6 +82,7 @@ pub(crate) fn read(
             "kernel" => raw.kernel = Some(v.clone()),
             "dns" => raw.dns = Some(v.clone()),
             "timeouts" => raw.timeouts = Some(v.clone()),
+            "docker" => raw.docker = Some(v.clone()),
             "routes" => route_map(v, "routes", &mut raw.routes, diag),
             "labels" => raw.routes.extend(labels::routes(v, diag)),
             "include" => include(v, base, env, &mut raw.routes, diag),

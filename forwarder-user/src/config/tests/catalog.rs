@@ -359,7 +359,7 @@ fn container_labels() {
     assert_eq!(
         w,
         [
-            "test.yaml:4:3: `proxy.network`: a Godoxy container setting that does not apply to forwarder (picks the Docker network Godoxy takes the container's address from; forwarder reads no Docker: the route's `host` is the address); ignored"
+            "test.yaml:4:3: `proxy.network`: a Godoxy container setting that does not apply to forwarder (picks the Docker network the container's address is taken from: honoured for containers found by `docker:`; in the file's `labels:` there is no container, and the route's `host` is the address); ignored"
         ]
     );
 }
