@@ -2,6 +2,7 @@
 //! with real traffic (those need root).
 mod common;
 
+mod acl;
 mod config_cli;
 mod crash;
 mod daemon;

@@ -58,6 +58,12 @@ pub const RULE_F_RELAY: u32 = 1 << 0;
 pub const RULE_F_PRESERVE_CLIENT_IP: u32 = 1 << 1;
 /// Established flows may be carried by XDP.
 pub const RULE_F_XDP: u32 = 1 << 2;
+/// The rule has an ACL: a new flow's client is looked up in `ACL`.
+pub const RULE_F_ACL: u32 = 1 << 3;
+/// A client no ACL entry matches is denied (the ACL has an allow entry).
+pub const RULE_F_ACL_DEFAULT_DENY: u32 = 1 << 4;
+/// A denied TCP SYN is answered with an RST (else dropped, as is UDP).
+pub const RULE_F_ACL_REJECT: u32 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -71,6 +77,25 @@ pub struct RuleValue {
     /// Sum of the weights of the healthy backends; 0 means none can be picked.
     pub total_weight: u32,
 }
+
+/// Most entries the `ACL` trie holds: each rule's entries, the global
+/// ones copied into each rule, twice over while a reload swaps rules.
+pub const MAX_ACL_ENTRIES: u32 = 131_072;
+
+/// The data of an `ACL` trie key: a rule and a client network. Its prefix
+/// length is 32 (the rule id) plus the network's, in the IPv4-mapped
+/// 128-bit form, so that a lookup never crosses rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AclKey {
+    /// Network byte order: the trie matches bits from the first byte.
+    pub rule_id_be: u32,
+    pub addr: Addr,
+}
+
+/// `ACL` values.
+pub const ACL_DENY: u32 = 0;
+pub const ACL_ALLOW: u32 = 1;
 
 /// The backend may be picked.
 pub const BACKEND_F_HEALTHY: u32 = 1 << 0;
@@ -228,6 +253,8 @@ pub struct RuleCounters {
     /// Packets of kernel flows dropped: no route any more, too big for the
     /// egress MTU, TTL expired.
     pub dropped: u64,
+    /// New flows' first packets the rule's ACL denied (dropped or reset).
+    pub acl_denied: u64,
 }
 
 impl RuleCounters {
@@ -244,6 +271,7 @@ impl RuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            acl_denied,
         } = *other;
         self.packets_fwd += packets_fwd;
         self.bytes_fwd += bytes_fwd;
@@ -254,6 +282,7 @@ impl RuleCounters {
         self.fallback_full += fallback_full;
         self.fallback_other += fallback_other;
         self.dropped += dropped;
+        self.acl_denied += acl_denied;
     }
 }
 
@@ -315,6 +344,7 @@ mod pod {
     unsafe impl aya::Pod for RuleCounters {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for RelayFlow {}
+    unsafe impl aya::Pod for AclKey {}
 }
 
 #[cfg(test)]
@@ -332,7 +362,8 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<IfaceCounters>(), 32);
-        assert_eq!(size_of::<RuleCounters>(), 72);
+        assert_eq!(size_of::<RuleCounters>(), 80);
+        assert_eq!(size_of::<AclKey>(), 20);
         assert_eq!(size_of::<RelayFlow>(), 16);
     }
 

@@ -5,11 +5,11 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_fib_lookup, bpf_redir_neigh},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use forwarder_common::{
-    Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_BACKENDS_PER_RULE, MAX_RULES, RelayFlow,
-    RuleCounters, RuleKey, RuleValue, Settings,
+    AclKey, Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_ACL_ENTRIES,
+    MAX_BACKENDS_PER_RULE, MAX_RULES, RelayFlow, RuleCounters, RuleKey, RuleValue, Settings,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -31,6 +31,11 @@ pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RU
 /// Backends at `rule_id * MAX_BACKENDS_PER_RULE + n`; written by userspace.
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_RULES * MAX_BACKENDS_PER_RULE, 0);
+
+/// (rule, client network) to `ACL_ALLOW` or `ACL_DENY`, for rules with
+/// `RULE_F_ACL`; written by userspace before the rule's key points at it.
+#[map]
+pub static ACL: LpmTrie<AclKey, u32> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
 
 /// The one [`Settings`] entry; written by userspace.
 #[map]

@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use forwarder_common::{Backend, RuleKey, RuleValue};
+use forwarder_common::{AclKey, Backend, RuleKey, RuleValue};
+
+use crate::acl::RuleAcl;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
@@ -118,6 +120,8 @@ pub struct Listener {
     pub path: PathMode,
     /// DNAT only on the kernel path; the relay cannot keep the client's address.
     pub preserve_client_ip: bool,
+    /// The rule's own ACL with the global one; `None`: every client.
+    pub acl: Option<RuleAcl>,
 }
 
 /// Daemon-wide settings of the relay.
@@ -163,6 +167,8 @@ pub struct KernelTable {
     /// `(index into BACKENDS, entry)`; `snat_addr` is left zero for the
     /// daemon to fill from the routing table.
     pub backends: Vec<(u32, Backend)>,
+    /// `ACL` trie entries: (key prefix length, key data, verdict).
+    pub acl: Vec<(u32, AclKey, u32)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

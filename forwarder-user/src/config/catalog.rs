@@ -141,6 +141,7 @@ pub(crate) const FIELDS: &[Field] = &[
     honoured("path", false, &[]),
     honoured("timeouts", false, &[]),
     honoured("preserve_client_ip", false, &[]),
+    honoured("acl", false, &[]),
     Field {
         scope: Scope::Container,
         ..honoured("aliases", true, &[])
@@ -156,16 +157,6 @@ pub(crate) const FIELDS: &[Field] = &[
             true,
             Class::NotEnforced {
                 meanwhile: "every backend would get flows whether it answers or not; remove it, or set `disabled: true`",
-            },
-        )
-    },
-    Field {
-        off: Off::Parsed,
-        ..field(
-            "acl",
-            false,
-            Class::NotEnforced {
-                meanwhile: "every client would be let through; remove it, and filter clients in the host's firewall meanwhile",
             },
         )
     },

@@ -3,7 +3,7 @@
 //! What each field is, honoured, refused or ignored, is the
 //! [`catalog`](super::catalog)'s to say. Fields forwarder uses: `scheme`,
 //! `port`, `host`, `bind`, `backends`, `path`, `timeouts`,
-//! `preserve_client_ip`. `healthcheck`, `acl` and `proxy_protocol` are
+//! `preserve_client_ip`, `acl`. `healthcheck` and `proxy_protocol` are
 //! parsed (their syntax checked) but refused until they are enforced;
 //! Godoxy's fields that change a stream in ways forwarder cannot are refused;
 //! those that mean nothing for a stream are ignored with a warning; anything
@@ -14,12 +14,13 @@ use std::time::Duration;
 
 use forwarder_common::MAX_BACKENDS_PER_RULE;
 
+use super::acl::{Acl, parse as parse_acl};
 use super::catalog::{self, Class};
 use super::env::Env;
 use super::errors::{ConfigError, Diag, Pos, closest, quoted};
 use super::services;
 use super::source::RawRoute;
-use super::values::{self, Cidr, HostSpec};
+use super::values::{self, HostSpec};
 use super::yaml::{Node, Value};
 use crate::rules::{PathMode, Protocol, Timeouts};
 
@@ -28,7 +29,6 @@ const SCHEME_ALLOWED: &str = "`tcp`, `udp`, or both: `tcp,udp`";
 const TIMEOUT_FIELDS: &[&str] = &["udp_idle", "tcp_established", "tcp_close", "connect"];
 const HEALTHCHECK_FIELDS: &[&str] = &["disabled", "interval", "timeout", "retries"];
 const HEALTHCHECK_IGNORED: &[&str] = &["path", "use_get"];
-const ACL_FIELDS: &[&str] = &["allow", "deny"];
 const BACKEND_ALLOWED: &str =
     "`host:port`, `host:port weight=N`, or a mapping {host, port, weight} (weight 1–65535)";
 
@@ -51,13 +51,6 @@ impl Default for HealthCheck {
             retries: 3,
         }
     }
-}
-
-/// Which clients may use a rule (parsed; refused until enforced).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Acl {
-    pub allow: Vec<Cidr>,
-    pub deny: Vec<Cidr>,
 }
 
 /// PROXY protocol header sent to the backend (parsed; refused until enforced).
@@ -318,7 +311,7 @@ pub(crate) fn route(
     };
     let healthcheck_value = healthcheck.and_then(|h| parse_healthcheck(&mut cx, h));
     let acl_value = match acl {
-        Some(a) => parse_acl(&mut cx, a),
+        Some(a) => parse_acl(a, &mut |f, e| cx.error(&f, e)),
         None => Some(Acl::default()),
     };
     let proxy_protocol_value = match proxy_protocol {
@@ -357,12 +350,6 @@ pub(crate) fn route(
     // nothing (which is what forwarder does).
     let asks_nothing = [
         ("healthcheck", healthcheck_value.is_some_and(|h| h.disabled)),
-        (
-            "acl",
-            acl_value
-                .as_ref()
-                .is_some_and(|a| a.allow.is_empty() && a.deny.is_empty()),
-        ),
         (
             "proxy_protocol",
             proxy_protocol_value == Some(ProxyProtocol::Off),
@@ -822,49 +809,6 @@ fn parse_healthcheck(cx: &mut Ctx<'_>, node: &Node) -> Option<HealthCheck> {
         ok = false;
     }
     ok.then_some(h)
-}
-
-fn parse_acl(cx: &mut Ctx<'_>, node: &Node) -> Option<Acl> {
-    let map = match values::mapping(node, "a mapping of allow and deny lists") {
-        Ok(m) => m.into_owned(),
-        Err(es) => {
-            cx.errors("acl", es);
-            return None;
-        }
-    };
-    let mut acl = Acl::default();
-    let mut ok = true;
-    for (k, v) in map.entries().unwrap_or_default() {
-        let name = k.key_text();
-        let field = format!("acl.{name}");
-        let list = match name {
-            "allow" => &mut acl.allow,
-            "deny" => &mut acl.deny,
-            _ => {
-                cx.unknown("acl", k, ACL_FIELDS, &[]);
-                ok = false;
-                continue;
-            }
-        };
-        let items = match values::list(v, true, "a list of CIDRs") {
-            Ok(items) => items,
-            Err(e) => {
-                cx.error(&field, e);
-                ok = false;
-                continue;
-            }
-        };
-        for item in items {
-            match values::cidr(&item) {
-                Ok(c) => list.push(c),
-                Err(e) => {
-                    cx.error(&field, e);
-                    ok = false;
-                }
-            }
-        }
-    }
-    ok.then_some(acl)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! relay: {max_udp_sessions: 65536, drain_timeout: 10s}
 //! kernel: {conntrack_size: 262144, snat_ports: 40000-59999}
 //! timeouts: {udp_idle: 2m, tcp_established: 2h, tcp_close: 10s, connect: 5s}
+//! acl: {deny: [192.0.2.0/24], action: reject}   # every route's, with its own
 //! ```
 //!
 //! Loading runs in steps, each collecting every error it finds:
@@ -26,6 +27,7 @@
 // Errors are the cold path of a load done once; boxing them buys nothing.
 #![allow(clippy::result_large_err)]
 
+mod acl;
 mod catalog;
 mod compile;
 mod env;
@@ -47,9 +49,10 @@ mod tests;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use acl::Acl;
 pub use compile::{Config, Route, addr_of, compile};
 pub use errors::{ConfigError, Errors, Pos, Warning};
-pub use fields::{Acl, HealthCheck, ProxyProtocol};
+pub use fields::{HealthCheck, ProxyProtocol};
 pub use table::table;
 pub use values::Cidr;
 
@@ -150,6 +153,7 @@ fn load_with(
         routes,
         relay: globals.relay,
         kernel: globals.kernel,
+        acl: globals.acl,
     };
     Ok((compile(&config), diag.warnings))
 }

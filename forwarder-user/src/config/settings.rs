@@ -1,6 +1,8 @@
-//! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `timeouts`.
+//! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `timeouts`,
+//! `acl`.
 //! Each is optional; what is left out keeps the defaults of `rules.rs`.
 
+use super::acl::{self, Acl};
 use super::errors::{ConfigError, Diag, Pos, closest, quoted};
 use super::fields::parse_timeouts;
 use super::source::RawFile;
@@ -23,6 +25,8 @@ pub(crate) struct Globals {
     pub timeouts: Timeouts,
     /// Where `kernel.snat_ports` is written, if it is.
     pub snat_pos: Option<Pos>,
+    /// Combined with every route's own `acl`.
+    pub acl: Acl,
 }
 
 pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
@@ -66,6 +70,11 @@ pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
         })
     {
         g.timeouts = t;
+    }
+    if let Some(node) = &raw.acl
+        && let Some(a) = acl::parse(node, &mut |f, e| diag.error(e.field(f)))
+    {
+        g.acl = a;
     }
     g
 }

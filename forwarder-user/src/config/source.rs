@@ -21,6 +21,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "relay",
     "kernel",
     "timeouts",
+    "acl",
 ];
 
 /// One route in any of the three forms.
@@ -40,6 +41,8 @@ pub(crate) struct RawFile {
     pub relay: Option<Node>,
     pub kernel: Option<Node>,
     pub timeouts: Option<Node>,
+    /// The ACL every rule enforces along with its own.
+    pub acl: Option<Node>,
     /// In file order; includes where the `include:` key stands.
     pub routes: Vec<RawRoute>,
 }
@@ -77,6 +80,7 @@ pub(crate) fn read(
             "relay" => raw.relay = Some(v.clone()),
             "kernel" => raw.kernel = Some(v.clone()),
             "timeouts" => raw.timeouts = Some(v.clone()),
+            "acl" => raw.acl = Some(v.clone()),
             "routes" => route_map(v, "routes", &mut raw.routes, diag),
             "labels" => raw.routes.extend(labels::routes(v, diag)),
             "include" => include(v, base, env, &mut raw.routes, diag),

@@ -44,6 +44,9 @@ pub struct KernelRuleCounters {
     pub fallback_other: u64,
     /// Packets of kernel flows dropped (no route any more, TTL, MTU).
     pub dropped: u64,
+    /// New flows' first packets (TCP SYN, UDP datagram) the ACL denied:
+    /// dropped, or a SYN reset.
+    pub acl_denied: u64,
 }
 
 impl KernelRuleCounters {
@@ -58,6 +61,7 @@ impl KernelRuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            acl_denied,
         } = *sum;
         KernelRuleCounters {
             rule_id: listener.rule_id,
@@ -72,6 +76,7 @@ impl KernelRuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            acl_denied,
         }
     }
 }

@@ -520,6 +520,11 @@ fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::Pa
             sizes.relay_flows,
             std::mem::size_of::<forwarder_common::RelayFlow>(),
         ),
+        (
+            "RULE_COUNTERS",
+            forwarder_common::MAX_RULES,
+            std::mem::size_of::<RuleCounters>(),
+        ),
     ];
     for (name, entries, value_size) in want {
         let path = pins::map_path(&dir, name);

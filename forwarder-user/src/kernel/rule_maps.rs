@@ -2,7 +2,8 @@
 //! changed rule by rule at a reload so that no packet sees half a rule.
 //!
 //! A rule new to the kernel (added, or changed and so given a fresh id) has
-//! its backends, flags and zeroed counters written under its id first; then
+//! its backends, flags, ACL entries and zeroed counters written under its
+//! id first; then
 //! its key is pointed at it in one map update. Keys of removed rules go
 //! first, so that the map never holds more than the larger of the tables. Conntrack entries carry the rewrite they started with, so live
 //! flows of changed and removed rules go on untouched.
@@ -10,9 +11,10 @@
 use std::collections::HashSet;
 
 use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
 use forwarder_common::{
-    Backend, MAX_BACKENDS_PER_RULE, RuleCounters, RuleKey, RuleValue, Settings,
+    AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleCounters, RuleKey, RuleValue, Settings,
 };
 
 use super::counters::take_map;
@@ -24,6 +26,9 @@ pub struct RuleMaps {
     settings: Array<MapData, Settings>,
     /// By rule id, for XDP (replies match no rule key).
     flags: Array<MapData, u32>,
+    /// (rule, client network) to verdict; not pinned: a new daemon writes
+    /// its own whole.
+    acl: LpmTrie<MapData, AclKey, u32>,
 }
 
 impl RuleMaps {
@@ -33,6 +38,7 @@ impl RuleMaps {
             backends: Array::try_from(take_map(ebpf, "BACKENDS")?)?,
             settings: Array::try_from(take_map(ebpf, "SETTINGS")?)?,
             flags: Array::try_from(take_map(ebpf, "RULE_FLAGS")?)?,
+            acl: LpmTrie::try_from(take_map(ebpf, "ACL")?)?,
         })
     }
 
@@ -52,6 +58,8 @@ impl RuleMaps {
         for (_, value) in &tables.rules {
             self.write_entries(tables, value.rule_id)?;
         }
+        let ids: HashSet<u32> = tables.rules.iter().map(|(_, v)| v.rule_id).collect();
+        self.write_acl(tables, &ids)?;
         self.settings.set(0, tables.settings, 0)?;
         for (key, value) in &tables.rules {
             self.rules.insert(key, value, 0)?;
@@ -59,7 +67,8 @@ impl RuleMaps {
         Ok(())
     }
 
-    /// One rule's backends and flags, before any key points at it.
+    /// One rule's backends and flags, before any key points at it (its
+    /// ACL is `write_acl`'s).
     fn write_entries(&mut self, tables: &Tables, rule_id: u32) -> anyhow::Result<()> {
         for (index, backend) in &tables.backends {
             if index / MAX_BACKENDS_PER_RULE == rule_id {
@@ -68,6 +77,48 @@ impl RuleMaps {
         }
         if let Some((_, value)) = tables.rules.iter().find(|(_, v)| v.rule_id == rule_id) {
             self.flags.set(rule_id, value.flags, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the ACL entries of the rules `ids` of `tables`, first
+    /// removing what the trie holds for them (an id handed out again may
+    /// hold an earlier rule's). One pass over the trie.
+    fn write_acl(&mut self, tables: &Tables, ids: &HashSet<u32>) -> anyhow::Result<()> {
+        let ids_be: HashSet<u32> = ids.iter().map(|id| id.to_be()).collect();
+        let stale: Vec<Key<AclKey>> = self
+            .acl
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| ids_be.contains(&k.data().rule_id_be))
+            .collect();
+        for key in &stale {
+            self.acl.remove(key)?;
+        }
+        for (prefix_len, data, verdict) in &tables.acl {
+            if ids_be.contains(&data.rule_id_be) {
+                self.acl.insert(&Key::new(*prefix_len, *data), verdict, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the ACL entries of rules `tables` no longer has: after the
+    /// keys moved, nothing looks them up.
+    fn drop_stale_acl(&mut self, tables: &Tables) -> anyhow::Result<()> {
+        let live: HashSet<u32> = tables
+            .rules
+            .iter()
+            .map(|(_, v)| v.rule_id.to_be())
+            .collect();
+        let stale: Vec<Key<AclKey>> = self
+            .acl
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.data().rule_id_be))
+            .collect();
+        for key in &stale {
+            self.acl.remove(key)?;
         }
         Ok(())
     }
@@ -87,6 +138,7 @@ impl RuleMaps {
             counters.set(id, zero, 0)?;
             self.write_entries(next, id)?;
         }
+        self.write_acl(next, fresh)?;
         self.settings.set(0, next.settings, 0)?;
         // Removed keys first: the map never holds more than the larger table.
         let kept: HashSet<&RuleKey> = next.rules.iter().map(|(k, _)| k).collect();
@@ -105,6 +157,6 @@ impl RuleMaps {
                 self.rules.insert(key, value, 0)?;
             }
         }
-        Ok(())
+        self.drop_stale_acl(next)
     }
 }

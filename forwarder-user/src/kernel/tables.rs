@@ -1,11 +1,12 @@
-//! Filling RULES, BACKENDS and SETTINGS from the compiled rule table.
+//! Filling RULES, BACKENDS, SETTINGS and ACL from the compiled rule table.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use forwarder_common::{
-    Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY, RuleKey, RuleValue, Settings,
+    AclKey, Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY, RuleKey, RuleValue,
+    Settings,
 };
 
 use super::snat::{self, Egress};
@@ -17,6 +18,8 @@ pub struct Tables {
     pub rules: Vec<(RuleKey, RuleValue)>,
     pub backends: Vec<(u32, Backend)>,
     pub settings: Settings,
+    /// `ACL` trie entries: (key prefix length, key data, verdict).
+    pub acl: Vec<(u32, AclKey, u32)>,
 }
 
 /// A closed flow's SNAT port may go to a new flow after this much quiet
@@ -103,6 +106,7 @@ pub fn prepare(compiled: &Compiled) -> Tables {
         rules,
         backends,
         settings: settings(&compiled.kernel_settings, shortest_tcp_close(compiled)),
+        acl: compiled.kernel.acl.clone(),
     }
 }
 

@@ -23,6 +23,9 @@ pub struct RuleCounters {
     /// UDP datagrams of new clients dropped because the session table was
     /// full or the relay was draining.
     pub sessions_refused: AtomicU64,
+    /// TCP connections (closed at accept) and UDP datagrams of new clients
+    /// (dropped) that the rule's ACL denied.
+    pub acl_denied: AtomicU64,
     /// Every other I/O error: failed sends, sockets not created, accept
     /// failures. A reset by an endpoint is passed on, not counted.
     pub errors: AtomicU64,
@@ -46,6 +49,7 @@ impl RuleCounters {
             datagrams_to_client: self.datagrams_to_client.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
+            acl_denied: self.acl_denied.load(Relaxed),
             errors: self.errors.load(Relaxed),
             active: self.active.load(Relaxed),
         }
@@ -71,6 +75,9 @@ pub struct RelayRuleCounters {
     /// Datagrams of new UDP clients dropped because the session table was
     /// full or the relay was draining (each such datagram asks for a session).
     pub sessions_refused: u64,
+    /// TCP connections closed at accept and datagrams of new UDP clients
+    /// dropped because the ACL denied the client.
+    pub acl_denied: u64,
     /// Other I/O errors (failed sends, sockets not created, accept
     /// failures); a reset by an endpoint is passed on, not counted.
     pub errors: u64,

@@ -11,6 +11,7 @@ use tracing::debug;
 use super::backend::BackendPicker;
 use super::counters::RuleCounters;
 use super::sys::canonical;
+use crate::acl::RuleAcl;
 use crate::rules::{FlowObserver, Listener, Protocol, Timeouts};
 
 /// One listener's rule, as its flows need it.
@@ -20,6 +21,7 @@ pub struct RuleCtx {
     pub protocol: Protocol,
     pub backends: BackendPicker,
     pub timeouts: Timeouts,
+    pub acl: Option<RuleAcl>,
     /// Shared with the rule's successors after a reload changes it.
     pub counters: Arc<RuleCounters>,
     pub observer: Arc<dyn FlowObserver>,
@@ -33,6 +35,7 @@ impl RuleCtx {
             protocol: listener.protocol,
             backends: BackendPicker::new(&listener.backends),
             timeouts: listener.timeouts,
+            acl: listener.acl.clone(),
             counters: Arc::default(),
             observer,
         }
@@ -45,6 +48,16 @@ impl RuleCtx {
             counters: self.counters.clone(),
             ..RuleCtx::new(listener, self.observer.clone())
         }
+    }
+
+    /// Whether the ACL lets `client` open a flow; a denied one is counted.
+    pub fn admits(&self, client: SocketAddr) -> bool {
+        let allowed = self.acl.as_ref().is_none_or(|a| a.allows(client.ip()));
+        if !allowed {
+            RuleCounters::add(&self.counters.acl_denied, 1);
+            debug!(alias = %self.alias, client = %canonical(client), "denied by the acl");
+        }
+        allowed
     }
 
     pub fn error(&self) {

@@ -21,6 +21,7 @@ use super::flow::{FlowGuard, RuleCtx};
 use super::idle::{IdleClock, Millis};
 use super::next_phase;
 use super::splice::{Pipe, SpliceEnd, splice_one_way};
+use crate::acl::AclAction;
 
 /// Serves one listener until the relay closes it, or it drains (or
 /// retires) and has no flow left. Each new flow takes the rule current at
@@ -95,6 +96,9 @@ async fn accept_error(rule: &RuleCtx, failing: &Alarm, e: io::Error) {
 }
 
 async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
+    if !rule.admits(peer) {
+        return deny(&rule, client);
+    }
     let local = match client.local_addr() {
         Ok(local) => local,
         Err(e) => {
@@ -145,6 +149,20 @@ async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
             let _ = backend.set_zero_linger();
         }
     }
+}
+
+/// A denied client's connection ends before a byte goes either way. The
+/// handshake is done by now (only the kernel path can refuse a SYN):
+/// `reject` resets it, `drop` closes it.
+fn deny(rule: &RuleCtx, client: TcpStream) {
+    if rule
+        .acl
+        .as_ref()
+        .is_some_and(|a| a.action == AclAction::Reject)
+    {
+        let _ = client.set_zero_linger();
+    }
+    drop(client);
 }
 
 /// The client is reset at once so that it does not wait for data that never comes.
@@ -259,6 +277,7 @@ mod tests {
             },
             path: PathMode::Relay,
             preserve_client_ip: false,
+            acl: None,
             listen_picked: false,
         };
         RuleCtx::new(&listener, Arc::new(NoKernelPath))

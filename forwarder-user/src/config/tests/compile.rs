@@ -45,6 +45,7 @@ fn config(routes: Vec<Route>) -> Config {
         routes,
         relay: RelaySettings::default(),
         kernel: KernelSettings::default(),
+        acl: Acl::default(),
     }
 }
 
