@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::common::{self, Topology};
+use crate::common::{self, TempConfig, Topology};
 use crate::kernel_path::harness::{
     Daemon, counter, eventually, forwarding_on, in_netns, kernel_rule, relay_rule,
 };
@@ -310,4 +310,45 @@ fn a_reload_applies_a_changed_acl_to_new_flows_only() {
     );
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+#[test]
+fn check_prints_each_rules_acl() {
+    let cfg = TempConfig::new("acl-check", RULES);
+    let out = std::process::Command::new(common::forwarder_bin())
+        .args(["check", "-c"])
+        .arg(&cfg.path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    let acl_of = |alias: &str, proto: &str| {
+        table
+            .lines()
+            .find(|l| {
+                let cells: Vec<&str> = l.split_whitespace().collect();
+                cells.get(1) == Some(&alias) && cells.get(2) == Some(&proto)
+            })
+            .and_then(|l| {
+                l.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .last()
+            })
+            .unwrap_or_else(|| panic!("no row {alias}/{proto} in:\n{table}"))
+            .to_owned()
+    };
+    assert!(table.lines().next().unwrap().ends_with("ACL"), "{table}");
+    assert_eq!(
+        acl_of("kern", "udp"),
+        "allow 198.18.1.2/32, deny 198.18.1.4/32, deny 198.18.1.0/24, else deny (drop)"
+    );
+    assert_eq!(
+        acl_of("kreject", "tcp"),
+        "deny 198.18.1.3/32, deny 198.18.1.4/32, else allow (reject)"
+    );
+    assert_eq!(
+        acl_of("plain", "tcp"),
+        "deny 198.18.1.4/32, else allow (drop)"
+    );
 }

@@ -46,8 +46,9 @@ struct Entry {
 pub struct RuleAcl {
     /// Most specific first; no two with the same network.
     entries: Vec<Entry>,
-    /// What a client no entry matches gets: allowed unless some entry
-    /// allows (an allow list), as a firewall's allow list would.
+    /// What a client no entry matches gets: as `default` says (the rule's,
+    /// else the global one), else allowed unless some entry allows (an
+    /// allow list, as a firewall's would).
     pub default_allow: bool,
     pub action: AclAction,
 }
@@ -87,8 +88,9 @@ impl Entry {
 
 impl RuleAcl {
     /// The ACL of a rule with `own` entries under the file's `global` ones,
-    /// or `None` when neither has an entry. At equal networks the rule's
-    /// entry wins; its action wins if it names one.
+    /// or `None` when neither has an entry nor denies by default. At equal
+    /// networks the rule's entry wins; its action and default win if it
+    /// names them.
     pub fn combine(own: &Acl, global: &Acl) -> Option<RuleAcl> {
         let listed = |acl: &Acl| {
             let allow = acl.allow.iter().map(|c| Entry::new(*c, true));
@@ -105,13 +107,17 @@ impl RuleAcl {
                 entries.push(g);
             }
         }
-        if entries.is_empty() {
+        let default_allow = own
+            .default_allow
+            .or(global.default_allow)
+            .unwrap_or_else(|| !entries.iter().any(|e| e.allow));
+        if entries.is_empty() && default_allow {
             return None;
         }
         // Stable: at equal prefixes the order written stays.
         entries.sort_by_key(|e| std::cmp::Reverse(e.prefix));
         Some(RuleAcl {
-            default_allow: !entries.iter().any(|e| e.allow),
+            default_allow,
             action: own.action.or(global.action).unwrap_or_default(),
             entries,
         })
@@ -181,6 +187,7 @@ mod tests {
             allow: allow.iter().map(|c| cidr(c)).collect(),
             deny: deny.iter().map(|c| cidr(c)).collect(),
             action: None,
+            default_allow: None,
         }
     }
 
@@ -269,6 +276,34 @@ mod tests {
             RuleAcl::combine(&own, &Acl::default()).unwrap().action,
             AclAction::Drop
         );
+    }
+
+    #[test]
+    fn an_explicit_default_overrides_the_derived_one_and_the_rule_wins() {
+        let mut global = acl(&[], &["10.0.0.0/8"]);
+        global.default_allow = Some(false);
+        let own = acl(&["10.1.0.0/16"], &[]);
+        let g = RuleAcl::combine(&Acl::default(), &global).unwrap();
+        assert!(!g.allows(ip("192.0.2.1")), "the global default: deny");
+        let mut open = own.clone();
+        open.default_allow = Some(true);
+        let a = RuleAcl::combine(&open, &global).unwrap();
+        assert!(a.allows(ip("192.0.2.1")), "the rule's default: allow");
+        assert!(!a.allows(ip("10.2.0.1")));
+        assert!(a.allows(ip("10.1.0.1")));
+        // `default: deny` alone is an ACL that denies everyone.
+        let closed = Acl {
+            default_allow: Some(false),
+            ..Acl::default()
+        };
+        let c = RuleAcl::combine(&closed, &Acl::default()).unwrap();
+        assert!(!c.allows(ip("10.0.0.1")));
+        assert_eq!(c.compact(), "else deny (drop)");
+        let allow_all = Acl {
+            default_allow: Some(true),
+            ..Acl::default()
+        };
+        assert_eq!(RuleAcl::combine(&allow_all, &Acl::default()), None);
     }
 
     #[test]

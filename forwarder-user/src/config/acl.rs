@@ -8,8 +8,25 @@ use super::values::{self, Cidr};
 use super::yaml::{Node, Value};
 use crate::acl::AclAction;
 
-const ACL_FIELDS: &[&str] = &["allow", "deny", "action"];
+const ACL_FIELDS: &[&str] = &["allow", "deny", "action", "default"];
 const ACTION_ALLOWED: &str = "`drop` (the default) or `reject` (TCP gets an RST)";
+const DEFAULT_ALLOWED: &str = "`allow` or `deny` (left out: deny if any entry allows, else allow)";
+/// Godoxy's global ACL fields that forwarder does not carry out, and why.
+const GODOXY_ONLY: &[(&str, &str)] = &[
+    (
+        "allow_local",
+        "Godoxy's `allow_local`: forwarder lets no network through implicitly; list local networks in `allow`",
+    ),
+    (
+        "maxmind",
+        "Godoxy's GeoIP database: forwarder matches addresses only",
+    ),
+    (
+        "log",
+        "Godoxy's ACL log: forwarder counts denials in `forwarder status` (`acl_denied`)",
+    ),
+    ("notify", "Godoxy's ACL notifications: forwarder sends none"),
+];
 
 /// Which clients may use a rule, as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -18,6 +35,9 @@ pub struct Acl {
     pub deny: Vec<Cidr>,
     /// `None`: the global one's, else drop.
     pub action: Option<AclAction>,
+    /// What a client no entry matches gets (`true`: allowed), as Godoxy's
+    /// `default`; `None`: the global one's, else derived from the entries.
+    pub default_allow: Option<bool>,
 }
 
 impl Acl {
@@ -56,6 +76,16 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
                 }
                 continue;
             }
+            "default" => {
+                match default_allow(v) {
+                    Ok(d) => acl.default_allow = Some(d),
+                    Err(e) => {
+                        report(field, e);
+                        ok = false;
+                    }
+                }
+                continue;
+            }
             _ => {
                 report(field, unknown(k));
                 ok = false;
@@ -74,6 +104,15 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
             let cidr = match values::cidr(&without_godoxy_prefix(&item)) {
                 Ok(c) => c,
                 Err(e) => {
+                    let text = item.as_str().unwrap_or("").trim();
+                    let geo = text.starts_with("tz:") || text.starts_with("country:");
+                    let e = match geo {
+                        true => e.hint(
+                            "Godoxy's `tz:` and `country:` need its GeoIP database; forwarder \
+                             matches addresses and networks only",
+                        ),
+                        false => e,
+                    };
                     report(field.clone(), e);
                     ok = false;
                     continue;
@@ -118,6 +157,15 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
     ok.then_some(acl)
 }
 
+fn default_allow(node: &Node) -> Result<bool, ConfigError> {
+    let t = values::text(node, DEFAULT_ALLOWED)?;
+    match t.trim().to_ascii_lowercase().as_str() {
+        "allow" => Ok(true),
+        "deny" => Ok(false),
+        _ => Err(ConfigError::new(&node.pos, quoted(t), DEFAULT_ALLOWED)),
+    }
+}
+
 fn action(node: &Node) -> Result<AclAction, ConfigError> {
     let t = values::text(node, ACTION_ALLOWED)?;
     match t.trim().to_ascii_lowercase().as_str() {
@@ -151,5 +199,11 @@ fn unknown(key: &Node) -> ConfigError {
         format!("unknown field {}", quoted(name)),
         list.join(", "),
     )
-    .maybe_hint(closest(name, ACL_FIELDS).map(|c| format!("did you mean `{c}`?")))
+    .maybe_hint(
+        GODOXY_ONLY
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, why)| (*why).to_owned())
+            .or_else(|| closest(name, ACL_FIELDS).map(|c| format!("did you mean `{c}`?"))),
+    )
 }

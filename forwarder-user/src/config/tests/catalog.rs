@@ -103,12 +103,11 @@ fn sample(name: &str) -> Option<Sample> {
             Some("'{disabled: true}'"),
             anything,
         ),
-        "acl" => s(
-            NotEnforced,
-            "'{allow: 10.0.0.0/8}'",
-            Some("'{allow: []}'"),
-            anything,
-        ),
+        "acl" => s(Honoured, "'{allow: 10.0.0.0/8}'", None, |l| {
+            l.acl.as_ref().is_some_and(|a| {
+                a.allows("10.1.2.3".parse().unwrap()) && !a.allows("192.0.2.1".parse().unwrap())
+            })
+        }),
         "proxy_protocol" => s(NotEnforced, "v2", Some("off"), anything),
         "relay_proxy_protocol_header" | "tls_termination" => {
             s(Refused, "true", Some("false"), anything)

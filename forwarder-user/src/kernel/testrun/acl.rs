@@ -34,6 +34,7 @@ fn with_acl(allow: &[&str], deny: &[&str], action: AclAction) -> Tables {
             allow: allow.iter().map(|c| cidr(c)).collect(),
             deny: deny.iter().map(|c| cidr(c)).collect(),
             action: Some(action),
+            default_allow: None,
         },
         &Acl::default(),
     )
