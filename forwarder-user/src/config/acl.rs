@@ -66,23 +66,14 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
         let allow = match name {
             "allow" => true,
             "deny" => false,
-            "action" => {
-                match action(v) {
-                    Ok(a) => acl.action = Some(a),
-                    Err(e) => {
-                        report(field, e);
-                        ok = false;
-                    }
-                }
-                continue;
-            }
-            "default" => {
-                match default_allow(v) {
-                    Ok(d) => acl.default_allow = Some(d),
-                    Err(e) => {
-                        report(field, e);
-                        ok = false;
-                    }
+            "action" | "default" => {
+                let set = match name {
+                    "action" => action(v).map(|a| acl.action = Some(a)),
+                    _ => default_allow(v).map(|d| acl.default_allow = Some(d)),
+                };
+                if let Err(e) = set {
+                    report(field, e);
+                    ok = false;
                 }
                 continue;
             }
