@@ -36,6 +36,10 @@ pub const ADDR_ANY: Addr = [0; 4];
 
 /// Most rules the kernel tables hold.
 pub const MAX_RULES: u32 = 4096;
+/// Rule ids, and so the size of the arrays indexed by one: twice
+/// [`MAX_RULES`], so that a reload can write every rule anew beside the
+/// running ones (a changed rule takes a fresh id; see the daemon's reload).
+pub const RULE_IDS: u32 = 2 * MAX_RULES;
 /// Most backends one rule may have; `BACKENDS` is indexed
 /// `rule_id * MAX_BACKENDS_PER_RULE + n`.
 pub const MAX_BACKENDS_PER_RULE: u32 = 16;
@@ -68,7 +72,7 @@ pub const RULE_F_ACL_REJECT: u32 = 1 << 5;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RuleValue {
-    /// Index into per-rule arrays (backends, counters); below [`MAX_RULES`].
+    /// Index into per-rule arrays (backends, counters); below [`RULE_IDS`].
     pub rule_id: u32,
     /// `RULE_F_*`.
     pub flags: u32,
@@ -161,9 +165,16 @@ pub struct FragKey {
 pub const CT_DIR_FORWARD: u8 = 0;
 pub const CT_DIR_REVERSE: u8 = 1;
 
+/// States of one direction's entry, ordered: a later one is further along.
+/// Not yet answered by the backend (a forward entry stays here until it
+/// closes; its reverse pair tells whether the backend answered).
 pub const CT_STATE_NEW: u8 = 0;
+/// The backend answered (reverse entries; XDP marks forward ones too).
 pub const CT_STATE_ESTABLISHED: u8 = 1;
+/// TCP: this direction sent FIN.
 pub const CT_STATE_CLOSING: u8 = 2;
+/// TCP: this direction sent RST; nobody holds TIME_WAIT for the flow.
+pub const CT_STATE_RESET: u8 = 3;
 
 /// What to rewrite a packet matching a [`CtKey`] to.
 #[repr(C)]

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use forwarder_common::{
     ADDR_ANY, Addr, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_NEW, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP,
     RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings, addr_ipv4_be,
 };
 
@@ -72,7 +72,8 @@ pub enum Change {
     Restarted,
 }
 
-/// Records a packet of a known flow: last seen, and the TCP state.
+/// Records a packet of a known flow: last seen, and the state (TCP's
+/// FIN/RST/SYN, and for both protocols whether the backend answered).
 #[inline(always)]
 pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) -> Change {
     // SAFETY: a value of the map; racing writers store the same kind of data.
@@ -80,24 +81,35 @@ pub fn touch(entry: *mut CtValue, proto: u8, tcp_flags: u8, now: u64) -> Change 
     if now.wrapping_sub(ct.last_seen_ns) > TOUCH_EVERY_NS {
         ct.last_seen_ns = now;
     }
-    if proto != PROTO_TCP {
-        return Change::None;
-    }
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        if ct.state != CT_STATE_CLOSING {
+    if proto == PROTO_TCP {
+        if tcp_flags & TCP_RST != 0 {
+            if ct.state == CT_STATE_RESET {
+                return Change::None;
+            }
+            ct.state = CT_STATE_RESET;
+            ct.last_seen_ns = now;
+            return Change::Closed;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            if ct.state >= CT_STATE_CLOSING {
+                return Change::None;
+            }
             ct.state = CT_STATE_CLOSING;
             ct.last_seen_ns = now;
             return Change::Closed;
         }
-    } else if tcp_flags & TCP_SYN != 0 && ct.direction == CT_DIR_FORWARD {
-        if ct.state == CT_STATE_CLOSING {
+        if tcp_flags & TCP_SYN != 0 && ct.direction == CT_DIR_FORWARD {
+            if ct.state < CT_STATE_CLOSING {
+                return Change::None;
+            }
             ct.state = CT_STATE_NEW;
             ct.closed_first = 0;
             ct.last_seen_ns = now;
             return Change::Restarted;
         }
-    } else if ct.direction == CT_DIR_REVERSE && ct.state == CT_STATE_NEW {
-        // The backend answered.
+    }
+    if ct.direction == CT_DIR_REVERSE && ct.state == CT_STATE_NEW {
+        // The backend answered: the flow leaves the unanswered timeout.
         ct.state = CT_STATE_ESTABLISHED;
         ct.last_seen_ns = now;
     }
@@ -128,7 +140,7 @@ pub fn follow_up(entry: *mut CtValue, change: Change, proto: u8, now: u64, pair_
     // SAFETY: as above.
     let other = unsafe { &mut *other };
     if change == Change::Closed {
-        if other.state != CT_STATE_CLOSING {
+        if other.state < CT_STATE_CLOSING {
             ct.closed_first = 1;
         }
     } else {
@@ -164,11 +176,9 @@ pub fn create(
     {
         return Err(Fallback::Other);
     }
-    let state = if s.key.proto == PROTO_TCP {
-        CT_STATE_NEW
-    } else {
-        CT_STATE_ESTABLISHED
-    };
+    // Both protocols start unanswered: the backend's first packet back
+    // establishes the flow (see `touch`).
+    let state = CT_STATE_NEW;
     // Written field by field, in place: a whole value would be built on the
     // stack first, which has no room for it beside the callers' frames.
     let (key, reverse_key) = (&s.key, &mut s.reverse_key);

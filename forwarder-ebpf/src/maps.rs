@@ -9,7 +9,8 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AclKey, Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_ACL_ENTRIES,
-    MAX_BACKENDS_PER_RULE, MAX_RULES, RelayFlow, RuleCounters, RuleKey, RuleValue, Settings,
+    MAX_BACKENDS_PER_RULE, MAX_RULES, RULE_IDS, RelayFlow, RuleCounters, RuleKey, RuleValue,
+    Settings,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -22,7 +23,7 @@ pub static IFACE_COUNTERS: PerCpuHashMap<u32, IfaceCounters> =
 
 /// Per-rule counters, indexed by rule id.
 #[map]
-pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::with_max_entries(RULE_IDS, 0);
 
 /// (address, port, protocol) to rule; written by userspace.
 #[map]
@@ -30,7 +31,7 @@ pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RU
 
 /// Backends at `rule_id * MAX_BACKENDS_PER_RULE + n`; written by userspace.
 #[map]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_RULES * MAX_BACKENDS_PER_RULE, 0);
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(RULE_IDS * MAX_BACKENDS_PER_RULE, 0);
 
 /// (rule, client network) to `ACL_ALLOW` or `ACL_DENY`, for rules with
 /// `RULE_F_ACL`; written by userspace before the rule's key points at it.
@@ -97,4 +98,4 @@ pub static XDP_EGRESS: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES,
 /// Each rule's `RULE_F_*` flags by rule id; written by userspace. XDP
 /// needs them for replies too, which match no `RULES` key.
 #[map]
-pub static RULE_FLAGS: Array<u32> = Array::with_max_entries(MAX_RULES, 0);
+pub static RULE_FLAGS: Array<u32> = Array::with_max_entries(RULE_IDS, 0);

@@ -1,9 +1,10 @@
 //! The TC ingress pipeline: parse, relay-owned flows first, then a known
 //! kernel flow (either direction), then a new flow for a matching rule.
-//! Whatever the kernel path does not take is passed on unmodified.
+//! Whatever the kernel path does not take is passed on unmodified, with
+//! [`NEXT`] so that the hook's other programs and filters still see it.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -26,6 +27,16 @@ use crate::rules;
 /// Lets the FIB check the skb against the MTU: TC sees GRO/GSO skbs.
 const SKB_MTU_CHECK: u16 = 0;
 
+/// The verdict for packets we leave alone (not ours, the relay's, fallbacks):
+/// TCX runs its next program, cls_bpf (direct-action) its next filter, and
+/// after the last one the stack takes the packet. Only packets we redirect or
+/// drop get a final verdict.
+const NEXT: i32 = TC_ACT_UNSPEC;
+
+/// `skb->pkt_type` of frames sent to the link's broadcast or a multicast address.
+const PACKET_BROADCAST: u32 = 1;
+const PACKET_MULTICAST: u32 = 2;
+
 /// One packet on its way through the pipeline.
 struct Work {
     pkt: Packet,
@@ -40,10 +51,10 @@ pub fn handle(ctx: &TcContext) -> i32 {
         log_first_packet(ctx, ifindex);
     }
     let Some(pkt) = parse::parse(ctx) else {
-        return TC_ACT_OK as i32;
+        return NEXT;
     };
     let Some(s) = scratch() else {
-        return TC_ACT_OK as i32;
+        return NEXT;
     };
     s.key = pkt.key();
     let w = Work {
@@ -53,14 +64,14 @@ pub fn handle(ctx: &TcContext) -> i32 {
         now: unsafe { bpf_ktime_get_ns() },
     };
     if conntrack::relay_owns(&s.key, w.now) {
-        return TC_ACT_OK as i32;
+        return NEXT;
     }
     // A kernel flow stays one whatever its packets are: fragments and IP
     // options included.
     if w.pkt.unfit == Unfit::LaterFragment {
         return match fragments::flow_of(&w.pkt, s) {
             Some(entry) => known_flow(ctx, &w, entry, s),
-            None => TC_ACT_OK as i32,
+            None => NEXT,
         };
     }
     if let Some(entry) = conntrack::lookup(&s.key) {
@@ -69,23 +80,26 @@ pub fn handle(ctx: &TcContext) -> i32 {
         }
         return known_flow(ctx, &w, entry, s);
     }
+    if !unicast(ctx, &w.pkt) {
+        return NEXT;
+    }
     if w.pkt.unfit != Unfit::None {
         unfit(ctx, &w, s);
-        return TC_ACT_OK as i32;
+        return NEXT;
     }
     let Some(matched) = rules::lookup(&w.pkt) else {
-        return TC_ACT_OK as i32;
+        return NEXT;
     };
     if matched.rule.flags & RULE_F_RELAY != 0 {
-        return TC_ACT_OK as i32;
+        return NEXT;
     }
     // Only a SYN opens a TCP flow; anything else without an entry is a
     // flow the relay (or nobody) has.
     if w.pkt.proto == PROTO_TCP && w.pkt.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return TC_ACT_OK as i32;
+        return NEXT;
     }
     if matched.wildcard && !addressed_here(ctx, &w, s) {
-        return TC_ACT_OK as i32;
+        return NEXT;
     }
     if matched.rule.flags & RULE_F_ACL != 0 && !acl::allows(&matched.rule, w.pkt.src) {
         return acl::deny(ctx, &w.pkt, &matched.rule, w.ifindex);
@@ -107,6 +121,17 @@ fn addressed_here(ctx: &TcContext, w: &Work, s: &mut Scratch) -> bool {
         tot_len: SKB_MTU_CHECK,
     };
     redirect::for_this_host(ctx, &flow, s)
+}
+
+/// False for broadcast and multicast, by link or IP destination: those are
+/// the stack's (a flow would answer from the group or broadcast address).
+#[inline(always)]
+fn unicast(ctx: &TcContext, pkt: &Packet) -> bool {
+    // SAFETY: the context pointer is valid for the program's run.
+    let pkt_type = unsafe { (*ctx.skb.skb).pkt_type };
+    let dst = u32::from_be(pkt.dst);
+    let multicast_ip = dst >> 28 == 0xe;
+    pkt_type != PACKET_BROADCAST && pkt_type != PACKET_MULTICAST && dst != u32::MAX && !multicast_ip
 }
 
 /// Its own BPF function: the log record's frame stays out of `handle`'s.
@@ -266,7 +291,7 @@ fn fall_back(ctx: &TcContext, key: &CtKey, rule_id: u32, now: u64, why: Fallback
     } else {
         debug!(ctx, "rule {}: new flow left to the relay", rule_id);
     }
-    TC_ACT_OK as i32
+    NEXT
 }
 
 /// Drops a packet of a kernel flow that cannot be sent on.

@@ -179,6 +179,7 @@ impl Daemon {
     /// `reload`); on any error nothing changes and the old rules run on.
     async fn reload(&self) -> ReloadOutcome {
         let _one_at_a_time = self.reloading.lock().await;
+        let started = std::time::Instant::now();
         let path = self.config.clone();
         let loaded = match tokio::task::spawn_blocking(move || config::load(&path)).await {
             Ok(Ok(compiled)) => compiled,
@@ -196,9 +197,12 @@ impl Daemon {
             }
             Err(e) => return ReloadOutcome::Refused(format!("the rule file loader failed: {e}")),
         };
+        let loaded_in = started.elapsed();
         match self.apply(loaded).await {
             Ok(summary) => {
                 info!(
+                    load_ms = loaded_in.as_millis() as u64,
+                    apply_ms = (started.elapsed() - loaded_in).as_millis() as u64,
                     "reload: {} added, {} changed, {} removed, {} unchanged",
                     summary.added.len(),
                     summary.changed.len(),

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 
-use forwarder_common::{MAX_BACKENDS_PER_RULE, MAX_RULES};
+use forwarder_common::{MAX_BACKENDS_PER_RULE, RULE_IDS};
 use serde::Serialize;
 
 use crate::rules::{Compiled, Listener, Protocol};
@@ -129,7 +129,7 @@ pub fn plan(
     }
     // An id is free when no running rule has it and no flow holds it.
     let running_ids: HashSet<u32> = running.listeners.iter().map(|l| l.rule_id).collect();
-    let mut free = (0..MAX_RULES).filter(|id| !running_ids.contains(id) && !held(*id));
+    let mut free = (0..RULE_IDS).filter(|id| !running_ids.contains(id) && !held(*id));
     for l in &loaded.listeners {
         if ids.contains_key(&l.rule_id) {
             continue;
@@ -138,7 +138,7 @@ pub fn plan(
             return Err(format!(
                 "no free rule id for `{}`: {} rule ids are in use by running rules and by \
                  flows of removed or changed ones; reload again once those flows have ended",
-                l.alias, MAX_RULES
+                l.alias, RULE_IDS
             ));
         };
         taken.insert(id);

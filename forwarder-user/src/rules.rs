@@ -77,19 +77,41 @@ impl PathMode {
 pub struct Timeouts {
     /// A UDP session with no datagram either way for this long ends.
     pub udp_idle: Duration,
+    /// A UDP flow (kernel or relay) the backend has not answered yet ends
+    /// after this long without a datagram; once answered, `udp_idle` applies.
+    pub udp_unreplied: Duration,
     /// An established TCP flow with no traffic for this long ends.
     pub tcp_established: Duration,
-    /// A TCP flow that saw FIN or RST is forgotten after this long.
+    /// A TCP flow (kernel or relay) that saw FIN one way only ends after
+    /// this long without traffic.
+    pub tcp_half_closed: Duration,
+    /// A kernel TCP flow that saw FIN both ways, or RST, is forgotten after
+    /// this long.
     pub tcp_close: Duration,
     /// How long the relay waits for a backend's TCP handshake.
     pub connect: Duration,
+}
+
+impl Timeouts {
+    /// How long a UDP flow the backend never answered may be idle: never
+    /// longer than an answered one.
+    pub fn udp_unanswered(&self) -> Duration {
+        self.udp_unreplied.min(self.udp_idle)
+    }
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {
             udp_idle: Duration::from_secs(120),
+            // Linux's nf_conntrack_udp_timeout: one spoofed datagram must
+            // not hold a flow and its SNAT port for the whole udp_idle.
+            udp_unreplied: Duration::from_secs(30),
             tcp_established: Duration::from_secs(7200),
+            // Linux's nf_conntrack_tcp_timeout_fin_wait, the longest it
+            // keeps a flow after the first FIN (CLOSE_WAIT is 60 s): a
+            // half-closed flow lives at least as long as through nftables.
+            tcp_half_closed: Duration::from_secs(120),
             tcp_close: Duration::from_secs(10),
             connect: Duration::from_secs(5),
         }
@@ -106,7 +128,7 @@ pub struct BackendSpec {
 /// One listening socket of the relay: one alias on one protocol.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listener {
-    /// Index into per-rule tables on both paths; below `MAX_RULES`.
+    /// Index into per-rule tables on both paths; below `RULE_IDS`.
     pub rule_id: u32,
     pub alias: String,
     pub protocol: Protocol,

@@ -2,8 +2,10 @@
 #![allow(dead_code)]
 
 mod netns;
+mod tcx_counter;
 #[allow(unused_imports)]
 pub use netns::*;
+pub use tcx_counter::TcxCounter;
 
 use std::path::PathBuf;
 

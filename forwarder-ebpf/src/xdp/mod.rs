@@ -5,8 +5,8 @@
 //! state), fragments, IP options, an unresolved neighbour, an egress
 //! interface outside `XDP_EGRESS`.
 //!
-//! UDP flows are established from their first datagram (there is no
-//! handshake to wait for): TC creates the flow, XDP carries the rest.
+//! UDP flows are established by the backend's first answer, as TCP ones by
+//! its SYN-ACK: TC creates the flow and sees that answer, XDP carries the rest.
 
 mod nat;
 mod parse;
@@ -118,7 +118,7 @@ fn xdp_allowed(rule_id: u32) -> bool {
         .is_some_and(|flags| flags & RULE_F_XDP != 0)
 }
 
-/// True if the flow of `s.ct` (the value at `entry`) is established. A TCP
+/// True if the flow of `s.ct` (the value at `entry`) is established. A
 /// forward entry is not told when the backend answers, its reverse pair
 /// is: when that one is established, so is the forward one from now on.
 #[inline(always)]
@@ -127,7 +127,7 @@ fn established(entry: *mut CtValue, proto: u8, s: &mut Scratch) -> bool {
     if ct.state == CT_STATE_ESTABLISHED {
         return true;
     }
-    if proto != PROTO_TCP || ct.state != CT_STATE_NEW || ct.direction != CT_DIR_FORWARD {
+    if ct.state != CT_STATE_NEW || ct.direction != CT_DIR_FORWARD {
         return false;
     }
     s.reverse_key = ct.pair_key(proto);

@@ -26,7 +26,14 @@ use crate::rules::{PathMode, Protocol, Timeouts};
 
 const HTTP_SCHEMES: &[&str] = &["http", "https", "h2c", "fileserver"];
 const SCHEME_ALLOWED: &str = "`tcp`, `udp`, or both: `tcp,udp`";
-const TIMEOUT_FIELDS: &[&str] = &["udp_idle", "tcp_established", "tcp_close", "connect"];
+const TIMEOUT_FIELDS: &[&str] = &[
+    "udp_idle",
+    "udp_unreplied",
+    "tcp_established",
+    "tcp_half_closed",
+    "tcp_close",
+    "connect",
+];
 const HEALTHCHECK_FIELDS: &[&str] = &["disabled", "interval", "timeout", "retries"];
 const HEALTHCHECK_IGNORED: &[&str] = &["path", "use_get"];
 const BACKEND_ALLOWED: &str =
@@ -682,7 +689,8 @@ fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
-/// `timeouts: {udp_idle, tcp_established, tcp_close, connect}` over `base`.
+/// `timeouts: {udp_idle, udp_unreplied, tcp_established, tcp_half_closed,
+/// tcp_close, connect}` over `base`.
 pub(crate) fn parse_timeouts(
     node: &Node,
     base: Timeouts,
@@ -690,7 +698,7 @@ pub(crate) fn parse_timeouts(
 ) -> Option<Timeouts> {
     let map = match values::mapping(
         node,
-        "a mapping of udp_idle, tcp_established, tcp_close, connect",
+        "a mapping of udp_idle, udp_unreplied, tcp_established, tcp_half_closed, tcp_close, connect",
     ) {
         Ok(m) => m.into_owned(),
         Err(es) => {
@@ -705,7 +713,9 @@ pub(crate) fn parse_timeouts(
         let field = format!("timeouts.{name}");
         let slot = match name {
             "udp_idle" => &mut t.udp_idle,
+            "udp_unreplied" => &mut t.udp_unreplied,
             "tcp_established" => &mut t.tcp_established,
+            "tcp_half_closed" => &mut t.tcp_half_closed,
             "tcp_close" => &mut t.tcp_close,
             "connect" => &mut t.connect,
             _ => {

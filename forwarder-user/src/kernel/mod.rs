@@ -513,18 +513,18 @@ impl Drop for KernelPath {
 fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::PathBuf> {
     pins::ensure_bpffs().map_err(|e| anyhow::anyhow!("cannot mount bpffs at /sys/fs/bpf: {e}"))?;
     let dir = pins::dir(cookie);
+    use forwarder_common::{Backend, MAX_BACKENDS_PER_RULE, RULE_IDS, RelayFlow};
+    use std::mem::size_of;
     let want = [
-        ("CONNTRACK", sizes.conntrack, std::mem::size_of::<CtValue>()),
+        ("CONNTRACK", sizes.conntrack, size_of::<CtValue>()),
+        ("RELAY_FLOWS", sizes.relay_flows, size_of::<RelayFlow>()),
         (
-            "RELAY_FLOWS",
-            sizes.relay_flows,
-            std::mem::size_of::<forwarder_common::RelayFlow>(),
+            "BACKENDS",
+            RULE_IDS * MAX_BACKENDS_PER_RULE,
+            size_of::<Backend>(),
         ),
-        (
-            "RULE_COUNTERS",
-            forwarder_common::MAX_RULES,
-            std::mem::size_of::<RuleCounters>(),
-        ),
+        ("RULE_COUNTERS", RULE_IDS, size_of::<RuleCounters>()),
+        ("RULE_FLAGS", RULE_IDS, size_of::<u32>()),
     ];
     for (name, entries, value_size) in want {
         let path = pins::map_path(&dir, name);

@@ -3,16 +3,16 @@
 //!
 //! A rule new to the kernel (added, or changed and so given a fresh id) has
 //! its backends, flags, ACL entries and zeroed counters written under its
-//! id first; then
-//! its key is pointed at it in one map update. Keys of removed rules go
-//! first, so that the map never holds more than the larger of the tables. Conntrack entries carry the rewrite they started with, so live
-//! flows of changed and removed rules go on untouched.
+//! id first; then its key is pointed at it in one map update. Keys of
+//! removed rules go first, so that the map never holds more than the larger
+//! of the tables. Conntrack entries carry the rewrite they started with, so
+//! live flows of changed and removed rules go on untouched.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use forwarder_common::{
     AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleCounters, RuleKey, RuleValue, Settings,
 };
@@ -21,7 +21,7 @@ use super::counters::take_map;
 use super::tables::Tables;
 
 pub struct RuleMaps {
-    rules: HashMap<MapData, RuleKey, RuleValue>,
+    rules: BpfHashMap<MapData, RuleKey, RuleValue>,
     backends: Array<MapData, Backend>,
     settings: Array<MapData, Settings>,
     /// By rule id, for XDP (replies match no rule key).
@@ -34,7 +34,7 @@ pub struct RuleMaps {
 impl RuleMaps {
     pub fn take(ebpf: &mut Ebpf) -> anyhow::Result<RuleMaps> {
         Ok(RuleMaps {
-            rules: HashMap::try_from(take_map(ebpf, "RULES")?)?,
+            rules: BpfHashMap::try_from(take_map(ebpf, "RULES")?)?,
             backends: Array::try_from(take_map(ebpf, "BACKENDS")?)?,
             settings: Array::try_from(take_map(ebpf, "SETTINGS")?)?,
             flags: Array::try_from(take_map(ebpf, "RULE_FLAGS")?)?,
@@ -55,8 +55,9 @@ impl RuleMaps {
         for key in &stale {
             self.rules.remove(key)?;
         }
+        let by_id = ById::of(tables);
         for (_, value) in &tables.rules {
-            self.write_entries(tables, value.rule_id)?;
+            self.write_entries(&by_id, value.rule_id)?;
         }
         let ids: HashSet<u32> = tables.rules.iter().map(|(_, v)| v.rule_id).collect();
         self.write_acl(tables, &ids)?;
@@ -69,14 +70,12 @@ impl RuleMaps {
 
     /// One rule's backends and flags, before any key points at it (its
     /// ACL is `write_acl`'s).
-    fn write_entries(&mut self, tables: &Tables, rule_id: u32) -> anyhow::Result<()> {
-        for (index, backend) in &tables.backends {
-            if index / MAX_BACKENDS_PER_RULE == rule_id {
-                self.backends.set(*index, backend, 0)?;
-            }
+    fn write_entries(&mut self, tables: &ById<'_>, rule_id: u32) -> anyhow::Result<()> {
+        for (index, backend) in tables.backends.get(&rule_id).into_iter().flatten() {
+            self.backends.set(*index, *backend, 0)?;
         }
-        if let Some((_, value)) = tables.rules.iter().find(|(_, v)| v.rule_id == rule_id) {
-            self.flags.set(rule_id, value.flags, 0)?;
+        if let Some(flags) = tables.flags.get(&rule_id) {
+            self.flags.set(rule_id, flags, 0)?;
         }
         Ok(())
     }
@@ -132,11 +131,12 @@ impl RuleMaps {
         fresh: &HashSet<u32>,
         counters: &mut PerCpuArray<MapData, RuleCounters>,
     ) -> anyhow::Result<()> {
+        let by_id = ById::of(next);
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         for &id in fresh {
             let zero = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?;
             counters.set(id, zero, 0)?;
-            self.write_entries(next, id)?;
+            self.write_entries(&by_id, id)?;
         }
         self.write_acl(next, fresh)?;
         self.settings.set(0, next.settings, 0)?;
@@ -152,11 +152,35 @@ impl RuleMaps {
         for (key, value) in &next.rules {
             if fresh.contains(&value.rule_id) || self.rules.get(key, 0).ok() != Some(*value) {
                 if !fresh.contains(&value.rule_id) {
-                    self.write_entries(next, value.rule_id)?;
+                    self.write_entries(&by_id, value.rule_id)?;
                 }
                 self.rules.insert(key, value, 0)?;
             }
         }
         self.drop_stale_acl(next)
+    }
+}
+
+/// A table's entries by rule id: thousands of rules are written in one go.
+struct ById<'a> {
+    backends: HashMap<u32, Vec<(u32, &'a Backend)>>,
+    flags: HashMap<u32, u32>,
+}
+
+impl<'a> ById<'a> {
+    fn of(tables: &'a Tables) -> ById<'a> {
+        let mut backends: HashMap<u32, Vec<(u32, &Backend)>> = HashMap::new();
+        for (index, backend) in &tables.backends {
+            backends
+                .entry(index / MAX_BACKENDS_PER_RULE)
+                .or_default()
+                .push((*index, backend));
+        }
+        let flags = tables
+            .rules
+            .iter()
+            .map(|(_, v)| (v.rule_id, v.flags))
+            .collect();
+        ById { backends, flags }
     }
 }

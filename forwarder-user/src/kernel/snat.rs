@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use forwarder_common::Addr;
 
 /// How this host reaches a backend.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Egress {
     /// Through an interface, leaving from this local address.
     From(IpAddr),

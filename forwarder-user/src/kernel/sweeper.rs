@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
 use forwarder_common::{
-    CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_NEW, CtKey, CtValue, PROTO_TCP, RELAY_OWNER_KERNEL,
-    RelayFlow,
+    CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET, CtKey,
+    CtValue, PROTO_TCP, RELAY_OWNER_KERNEL, RelayFlow,
 };
 
 use crate::rules::Timeouts;
@@ -51,18 +51,9 @@ impl RuleTimeouts {
             .unwrap_or_default()
     }
 
-    /// How long a kernel flow in `state` may be idle.
-    fn flow(&self, rule_id: u32, proto: u8, state: u8) -> Duration {
-        let t = self.get(rule_id);
-        if proto != PROTO_TCP {
-            t.udp_idle
-        } else if state == CT_STATE_NEW {
-            t.connect
-        } else if state == CT_STATE_CLOSING {
-            t.tcp_close
-        } else {
-            t.tcp_established
-        }
+    /// How long a kernel flow of `rule_id` may be idle (see [`idle_limit`]).
+    fn flow(&self, rule_id: u32, proto: u8, pair: Pair) -> Duration {
+        idle_limit(&self.get(rule_id), proto, pair)
     }
 
     /// How long a relay flow the kernel entered may go unclaimed and idle.
@@ -81,7 +72,15 @@ impl RuleTimeouts {
             .0
             .iter()
             .flatten()
-            .flat_map(|t| [t.udp_idle, t.tcp_close, t.connect])
+            .flat_map(|t| {
+                [
+                    t.udp_idle,
+                    t.udp_unreplied,
+                    t.tcp_half_closed,
+                    t.tcp_close,
+                    t.connect,
+                ]
+            })
             .min()
             .unwrap_or(Duration::from_secs(10));
         (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
@@ -95,15 +94,93 @@ impl RuleTimeouts {
 /// would retry a second later.
 pub const BACKEND_TIME_WAIT: Duration = Duration::from_secs(60);
 
-/// The backend's side of the flow sent the first FIN or RST.
-fn backend_closed_first(reverse: &CtValue) -> bool {
-    reverse.state == CT_STATE_CLOSING && reverse.closed_first != 0
+/// Where a kernel flow is in its life, read from its pair of entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// The backend has not answered: no SYN-ACK (TCP), no datagram back (UDP).
+    Unanswered,
+    Established,
+    /// TCP: FIN one way only; the other side may still be sending.
+    HalfClosed,
+    /// TCP: FIN both ways.
+    Closed,
+    /// TCP: RST either way. Nobody holds TIME_WAIT.
+    Reset,
+}
+
+/// The states of a flow's two entries (`CT_STATE_*`), and whether the
+/// backend sent the first FIN. A lone entry (its pair gone) is given as both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pair {
+    pub forward: u8,
+    pub reverse: u8,
+    pub backend_closed_first: bool,
+}
+
+impl Pair {
+    /// From the entries as they are in the map; `reverse` may be gone.
+    fn of(forward: &CtValue, reverse: Option<&CtValue>) -> Pair {
+        let reverse = reverse.unwrap_or(forward);
+        Pair {
+            forward: forward.state,
+            reverse: reverse.state,
+            backend_closed_first: reverse.direction != CT_DIR_FORWARD
+                && reverse.state == CT_STATE_CLOSING
+                && reverse.closed_first != 0,
+        }
+    }
+
+    pub fn phase(&self, proto: u8) -> Phase {
+        let (fwd, rev) = (self.forward, self.reverse);
+        if proto != PROTO_TCP {
+            return if fwd.max(rev) == CT_STATE_NEW {
+                Phase::Unanswered
+            } else {
+                Phase::Established
+            };
+        }
+        let closing = u8::from(fwd == CT_STATE_CLOSING) + u8::from(rev == CT_STATE_CLOSING);
+        if fwd == CT_STATE_RESET || rev == CT_STATE_RESET {
+            Phase::Reset
+        } else if closing == 2 {
+            Phase::Closed
+        } else if rev == CT_STATE_NEW && fwd != CT_STATE_ESTABLISHED {
+            // A client's FIN before any answer does not make the flow live longer.
+            Phase::Unanswered
+        } else if closing == 1 {
+            Phase::HalfClosed
+        } else if fwd.max(rev) == CT_STATE_ESTABLISHED {
+            Phase::Established
+        } else {
+            Phase::Unanswered
+        }
+    }
+}
+
+/// How long a kernel flow may go without a packet either way: by its
+/// [`Phase`], and [`BACKEND_TIME_WAIT`] at least while the backend, having
+/// sent the first FIN, may hold TIME_WAIT (an RST ends that too). An
+/// unanswered UDP flow never outlives an answered one.
+pub fn idle_limit(t: &Timeouts, proto: u8, pair: Pair) -> Duration {
+    let phase = pair.phase(proto);
+    let limit = match phase {
+        Phase::Unanswered if proto == PROTO_TCP => t.connect,
+        Phase::Unanswered => t.udp_unanswered(),
+        Phase::Established if proto == PROTO_TCP => t.tcp_established,
+        Phase::Established => t.udp_idle,
+        Phase::HalfClosed => t.tcp_half_closed,
+        Phase::Closed | Phase::Reset => t.tcp_close,
+    };
+    if pair.backend_closed_first && matches!(phase, Phase::HalfClosed | Phase::Closed) {
+        limit.max(BACKEND_TIME_WAIT)
+    } else {
+        limit
+    }
 }
 
 /// The keys to remove from a conntrack snapshot at `now`: both entries of
-/// every pair idle past its timeout (the later of the two timestamps, the
-/// further of the two states, [`BACKEND_TIME_WAIT`] at least if the
-/// backend closed first), and reverse entries whose pair is gone.
+/// every pair idle past its [`idle_limit`] (idle since the later of the two
+/// timestamps), and reverse entries whose pair is gone.
 pub fn expired_flows(
     entries: &StdHashMap<CtKey, CtValue>,
     now: u64,
@@ -118,11 +195,7 @@ pub fn expired_flows(
         let rkey = fwd.pair_key(key.proto);
         let rev = entries.get(&rkey);
         let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
-        let state = rev.map_or(fwd.state, |r| r.state.max(fwd.state));
-        let mut timeout = timeouts.flow(fwd.rule_id, key.proto, state);
-        if rev.is_some_and(backend_closed_first) {
-            timeout = timeout.max(BACKEND_TIME_WAIT);
-        }
+        let timeout = timeouts.flow(fwd.rule_id, key.proto, Pair::of(fwd, rev));
         if rev.is_some() {
             paired.insert(rkey);
         }
@@ -140,10 +213,7 @@ pub fn expired_flows(
         if paired.contains(key) {
             continue;
         }
-        let mut timeout = timeouts.flow(rev.rule_id, key.proto, rev.state);
-        if backend_closed_first(rev) {
-            timeout = timeout.max(BACKEND_TIME_WAIT);
-        }
+        let timeout = timeouts.flow(rev.rule_id, key.proto, Pair::of(rev, Some(rev)));
         if now.saturating_sub(rev.last_seen_ns) > timeout.as_nanos() as u64 {
             out.push(*key);
         }
@@ -292,7 +362,9 @@ mod tests {
     fn timeouts() -> RuleTimeouts {
         RuleTimeouts(vec![Some(Timeouts {
             udp_idle: Duration::from_secs(30),
+            udp_unreplied: Duration::from_secs(10),
             tcp_established: Duration::from_secs(600),
+            tcp_half_closed: Duration::from_secs(100),
             tcp_close: Duration::from_secs(5),
             connect: Duration::from_secs(3),
         })])
@@ -370,13 +442,13 @@ mod tests {
         entries.extend(syn_dead.clone());
         // TCP established, idle 4 s: alive.
         entries.extend(pair(PROTO_TCP, 4, now - 4 * S, now - 4 * S, est));
-        // TCP closing (FIN seen on the reverse side) idle 6 s: expired.
+        // TCP closed (FIN seen both ways) idle 6 s: expired.
         let closed = pair(
             PROTO_TCP,
             5,
             now - 6 * S,
             now - 6 * S,
-            (CT_STATE_NEW, CT_STATE_CLOSING),
+            (CT_STATE_CLOSING, CT_STATE_CLOSING),
         );
         entries.extend(closed.clone());
         // A reverse entry whose forward entry is gone, idle 31 s: expired.
@@ -418,6 +490,180 @@ mod tests {
         let expired = expired_flows(&entries, now, &timeouts());
         let want: Vec<CtKey> = old.iter().chain(&client_first).map(|(k, _)| *k).collect();
         assert_eq!(sorted(expired), sorted(want));
+    }
+
+    #[test]
+    fn the_phase_follows_both_entries_states() {
+        use Phase::*;
+        let (n, e, c, r) = (
+            CT_STATE_NEW,
+            CT_STATE_ESTABLISHED,
+            CT_STATE_CLOSING,
+            CT_STATE_RESET,
+        );
+        let phase = |proto, forward, reverse| {
+            Pair {
+                forward,
+                reverse,
+                backend_closed_first: false,
+            }
+            .phase(proto)
+        };
+        for (fwd, rev, want) in [(n, n, Unanswered), (n, e, Established), (e, e, Established)] {
+            assert_eq!(phase(PROTO_UDP, fwd, rev), want, "udp {fwd} {rev}");
+        }
+        let tcp = [
+            (n, n, Unanswered),
+            (n, e, Established),
+            (e, e, Established),
+            (c, e, HalfClosed),
+            (n, c, HalfClosed),
+            (e, c, HalfClosed),
+            // The client closed before the backend ever answered.
+            (c, n, Unanswered),
+            (c, c, Closed),
+            (r, n, Reset),
+            (r, e, Reset),
+            (r, c, Reset),
+            (n, r, Reset),
+            (c, r, Reset),
+            (r, r, Reset),
+        ];
+        for (fwd, rev, want) in tcp {
+            assert_eq!(phase(PROTO_TCP, fwd, rev), want, "tcp {fwd} {rev}");
+        }
+    }
+
+    /// Each phase's limit, exactly: a pair idle for it stays, one idle a
+    /// nanosecond longer goes (both entries).
+    #[test]
+    fn each_phase_expires_exactly_past_its_limit() {
+        let (n, e, c, r) = (
+            CT_STATE_NEW,
+            CT_STATE_ESTABLISHED,
+            CT_STATE_CLOSING,
+            CT_STATE_RESET,
+        );
+        // (what, proto, states, backend closed first, limit in s)
+        let cases = [
+            (
+                "udp unanswered: udp_unreplied",
+                PROTO_UDP,
+                (n, n),
+                false,
+                10,
+            ),
+            ("udp answered: udp_idle", PROTO_UDP, (n, e), false, 30),
+            (
+                "tcp before the SYN-ACK: connect",
+                PROTO_TCP,
+                (n, n),
+                false,
+                3,
+            ),
+            (
+                "tcp client FIN, no answer: connect",
+                PROTO_TCP,
+                (c, n),
+                false,
+                3,
+            ),
+            ("tcp established", PROTO_TCP, (n, e), false, 600),
+            ("tcp client half-closed", PROTO_TCP, (c, e), false, 100),
+            ("tcp backend half-closed", PROTO_TCP, (e, c), true, 100),
+            (
+                "tcp closed, client first: tcp_close",
+                PROTO_TCP,
+                (c, c),
+                false,
+                5,
+            ),
+            (
+                "tcp closed, backend first: TIME_WAIT",
+                PROTO_TCP,
+                (c, c),
+                true,
+                60,
+            ),
+            (
+                "tcp reset by the backend: tcp_close",
+                PROTO_TCP,
+                (n, r),
+                false,
+                5,
+            ),
+            (
+                "tcp reset by the client: tcp_close",
+                PROTO_TCP,
+                (r, e),
+                false,
+                5,
+            ),
+            (
+                "tcp reset after the backend's FIN",
+                PROTO_TCP,
+                (r, c),
+                true,
+                5,
+            ),
+        ];
+        let now = 100_000 * S;
+        for (what, proto, states, backend_first, limit) in cases {
+            let mut entries: StdHashMap<CtKey, CtValue> = StdHashMap::new();
+            let idle_for = |sport: u16, idle: u64| {
+                let mut p = pair(proto, sport, now - idle, now - idle, states);
+                p[1].1.closed_first = u8::from(backend_first);
+                p[0].1.closed_first = u8::from(!backend_first && states.0 >= c);
+                p
+            };
+            entries.extend(idle_for(1, limit * S));
+            let past = idle_for(2, limit * S + 1);
+            entries.extend(past.clone());
+            let expired = expired_flows(&entries, now, &timeouts());
+            let want: Vec<CtKey> = past.iter().map(|(k, _)| *k).collect();
+            assert_eq!(sorted(expired), sorted(want), "{what}");
+        }
+    }
+
+    #[test]
+    fn an_unanswered_udp_flow_never_outlives_an_answered_one() {
+        let t = Timeouts {
+            udp_idle: Duration::from_secs(5),
+            udp_unreplied: Duration::from_secs(30),
+            ..Timeouts::default()
+        };
+        let unanswered = Pair {
+            forward: CT_STATE_NEW,
+            reverse: CT_STATE_NEW,
+            backend_closed_first: false,
+        };
+        assert_eq!(
+            idle_limit(&t, PROTO_UDP, unanswered),
+            Duration::from_secs(5)
+        );
+        let d = Timeouts::default();
+        assert_eq!(
+            (d.udp_unreplied, d.tcp_half_closed),
+            (Duration::from_secs(30), Duration::from_secs(120))
+        );
+    }
+
+    #[test]
+    fn a_half_closed_pair_the_backend_closed_keeps_its_port_through_time_wait() {
+        let t = Timeouts {
+            tcp_half_closed: Duration::from_secs(20),
+            ..Timeouts::default()
+        };
+        let pair = |backend_closed_first| Pair {
+            forward: CT_STATE_ESTABLISHED,
+            reverse: CT_STATE_CLOSING,
+            backend_closed_first,
+        };
+        assert_eq!(
+            idle_limit(&t, PROTO_TCP, pair(false)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(idle_limit(&t, PROTO_TCP, pair(true)), BACKEND_TIME_WAIT);
     }
 
     #[test]

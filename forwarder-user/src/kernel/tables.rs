@@ -1,7 +1,7 @@
 //! Filling RULES, BACKENDS, SETTINGS and ACL from the compiled rule table.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use forwarder_common::{
@@ -67,11 +67,17 @@ fn shortest_tcp_close(compiled: &Compiled) -> Duration {
 pub fn prepare(compiled: &Compiled) -> Tables {
     let mut relay_only: HashSet<u32> = HashSet::new();
     let mut backends = Vec::with_capacity(compiled.kernel.backends.len());
+    // The route depends on the address alone; thousands of rules often
+    // share a few backends.
+    let mut routes: HashMap<IpAddr, Result<Egress, String>> = HashMap::new();
     for &(index, mut backend) in &compiled.kernel.backends {
         let rule_id = index / MAX_BACKENDS_PER_RULE;
         let ip = snat::ip_of(&backend.addr);
         let addr = SocketAddr::new(ip, u16::from_be(backend.port));
-        match snat::egress(addr) {
+        let route = routes
+            .entry(ip)
+            .or_insert_with(|| snat::egress(addr).map_err(|e| e.to_string()));
+        match route.clone() {
             Ok(Egress::From(local)) if ip.is_ipv4() && local.is_ipv4() => {
                 backend.snat_addr = snat::addr_of(local);
             }

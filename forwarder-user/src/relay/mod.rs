@@ -307,9 +307,14 @@ impl Relay {
             log_listener(l, served.local);
             listeners.serving.push(served);
         }
+        let at: std::collections::HashMap<ListenKey, usize> = listeners
+            .serving
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.key, i))
+            .collect();
         for (_, new) in &plan.changed {
-            let key = ListenKey::of(new);
-            if let Some(s) = listeners.serving.iter().find(|s| s.key == key) {
+            if let Some(s) = at.get(&ListenKey::of(new)).map(|&i| &listeners.serving[i]) {
                 let _ = s.rule.send(Arc::new(s.rule().succeed(new)));
                 log_listener(new, s.local);
             }

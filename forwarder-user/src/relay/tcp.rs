@@ -132,7 +132,7 @@ async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
         }
         Ended::Idle => debug!(
             alias = %rule.alias, client = %guard.client,
-            "tcp idle for {:?}, closed", rule.timeouts.tcp_established
+            "tcp idle past tcp_established (tcp_half_closed once one end closed), closed"
         ),
         Ended::Failed(e) => {
             // An end that resets is the endpoints' business (iperf3 does it
@@ -194,7 +194,8 @@ pub enum CopyMode {
 pub enum Ended {
     /// Both directions saw FIN and delivered everything.
     Closed,
-    /// No byte either way for the idle timeout.
+    /// No byte either way for the idle timeout: `tcp_established`, or
+    /// `tcp_half_closed` once one end has closed.
     Idle,
     Failed(io::Error),
 }
@@ -210,12 +211,28 @@ pub async fn relay_streams(
     let counters = &rule.counters;
     let up = one_way(client, backend, &counters.bytes_to_backend, &clock, mode);
     let down = one_way(backend, client, &counters.bytes_to_client, &clock, mode);
-    tokio::select! {
-        both = async { tokio::try_join!(up, down) } => match both {
-            Ok(_) => Ended::Closed,
-            Err(e) => Ended::Failed(e),
-        },
-        _ = clock.expired(rule.timeouts.tcp_established) => Ended::Idle,
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    loop {
+        let idle = if up_done || down_done {
+            rule.timeouts.tcp_half_closed
+        } else {
+            rule.timeouts.tcp_established
+        };
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(e) => return Ended::Failed(e),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(e) => return Ended::Failed(e),
+            },
+            _ = clock.expired(idle) => return Ended::Idle,
+        }
+        if up_done && down_done {
+            return Ended::Closed;
+        }
     }
 }
 
@@ -262,6 +279,13 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn rule(idle: Duration) -> RuleCtx {
+        rule_with(Timeouts {
+            tcp_established: idle,
+            ..Timeouts::default()
+        })
+    }
+
+    fn rule_with(timeouts: Timeouts) -> RuleCtx {
         let listener = Listener {
             rule_id: 0,
             alias: "unit".into(),
@@ -271,10 +295,7 @@ mod tests {
                 addr: "127.0.0.1:2".parse().unwrap(),
                 weight: 1,
             }],
-            timeouts: Timeouts {
-                tcp_established: idle,
-                ..Timeouts::default()
-            },
+            timeouts,
             path: PathMode::Relay,
             preserve_client_ip: false,
             acl: None,
@@ -334,6 +355,29 @@ mod tests {
         let (b, _backend) = pair().await;
         let ended = relay_streams(&c, &b, &rule, CopyMode::Splice).await;
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
+    }
+
+    /// Bounded both ways: not before `tcp_half_closed`, and long before
+    /// `tcp_established`.
+    #[tokio::test]
+    async fn a_half_closed_flow_ends_after_tcp_half_closed_idle() {
+        let half_closed = Duration::from_millis(200);
+        let rule = rule_with(Timeouts {
+            tcp_established: Duration::from_secs(30),
+            tcp_half_closed: half_closed,
+            ..Timeouts::default()
+        });
+        let (mut client, c) = pair().await;
+        let (b, _backend) = pair().await;
+        client.shutdown().await.unwrap();
+        let started = std::time::Instant::now();
+        let ended = relay_streams(&c, &b, &rule, CopyMode::Splice).await;
+        let took = started.elapsed();
+        assert!(matches!(ended, Ended::Idle), "{ended:?}");
+        assert!(
+            took >= half_closed && took <= half_closed * 3 + Duration::from_millis(500),
+            "ended after {took:?}"
+        );
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -52,6 +53,9 @@ struct Session {
     /// Where the client sent to: the source of every reply.
     source: Option<PacketInfo>,
     clock: IdleClock,
+    /// The backend has sent a datagram back: the session lives by
+    /// `udp_idle` from now on, not the shorter `udp_unreplied`.
+    answered: AtomicBool,
 }
 
 struct Entry {
@@ -106,7 +110,7 @@ pub async fn serve(
         table_full: Alarm::default(),
     };
     let mut batch = Datagrams::new();
-    let mut sweep = tokio::time::interval(sweep_interval(l.rule.timeouts.udp_idle));
+    let mut sweep = tokio::time::interval(sweep_interval(l.rule.timeouts.udp_unanswered()));
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let socket = l.socket.clone();
     loop {
@@ -252,6 +256,7 @@ impl UdpListener {
             client: key.client,
             source: dst,
             clock: IdleClock::new(Millis::now()),
+            answered: AtomicBool::new(false),
         });
         debug!(alias = %rule.alias, client = %guard.client, %backend, "udp session opened");
         let abort = self.tasks.spawn(replies(
@@ -271,13 +276,21 @@ impl UdpListener {
         Some(session)
     }
 
-    /// Ends the sessions without a datagram either way for the idle timeout.
+    /// Ends the sessions without a datagram either way for the idle
+    /// timeout, or the unanswered one if the backend never sent one back.
     fn sweep(&mut self) {
         let now = Millis::now();
-        let idle = self.rule.timeouts.udp_idle;
+        let t = self.rule.timeouts;
+        let limit = |s: &Session| {
+            if s.answered.load(Relaxed) {
+                t.udp_idle
+            } else {
+                t.udp_unanswered()
+            }
+        };
         for (key, entry) in self
             .table
-            .remove_where(|e| e.session.clock.is_idle(now, idle))
+            .remove_where(|e| e.session.clock.is_idle(now, limit(&e.session)))
         {
             entry.abort.abort();
             debug!(alias = %self.rule.alias, client = %sys::canonical(key.client), "udp session idle, ended");
@@ -417,6 +430,7 @@ fn reply_batches(
                 Err(e) => return Err(e),
             };
             session.clock.touch(Millis::now());
+            session.answered.store(true, Relaxed);
             let mut at = 0;
             while at < n {
                 match sys::send_batch(

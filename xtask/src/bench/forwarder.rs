@@ -2,7 +2,7 @@
 //! with its own control socket, and asked (as `forwarder status --json`
 //! does) whether the kernel path is on.
 use std::cell::RefCell;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -17,10 +17,11 @@ use super::measure::{Figure, Note};
 use super::netns::Netns;
 use super::procs::{self, Proc};
 
-/// The status document from the control socket: one JSON value per
-/// connection, then EOF.
+/// The status document from the control socket: a `status` request, one
+/// JSON value back, then EOF.
 fn query(socket: &Path) -> Result<Value> {
     let mut stream = UnixStream::connect(socket)?;
+    stream.write_all(b"status\n")?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut body = String::new();
     stream.read_to_string(&mut body)?;

@@ -260,6 +260,18 @@ routes:
         ],
     ),
     (
+        "flow-state timeouts",
+        "timeouts: {udp_unreplied: 0s}
+routes:
+  a: {scheme: tcp, port: 1:1, timeouts: {tcp_half_closed: never, tcp_halfclosed: 1m}}
+",
+        &[
+            ("test.yaml:1:27: `timeouts.udp_unreplied`: found `0s`; allowed a duration above zero", &[]),
+            ("test.yaml:3:59: alias `a`, field `timeouts.tcp_half_closed`: found `never`; allowed a duration such as `500ms`", &[]),
+            ("test.yaml:3:66: alias `a`, field `timeouts.tcp_halfclosed`: found unknown field `tcp_halfclosed`", &["did you mean `tcp_half_closed`?"]),
+        ],
+    ),
+    (
         "paths the targets cannot take",
         "routes:
   a: {scheme: tcp, port: 1:1, path: kernel}

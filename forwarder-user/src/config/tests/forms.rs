@@ -426,14 +426,14 @@ fn defaults_and_settings_reach_the_compiled_table() {
     let text = "interfaces: eth0, eth1
 relay: {max_udp_sessions: 100, drain_timeout: 1m}
 kernel: {conntrack_size: 1024, snat_ports: 20000-29999}
-timeouts: {udp_idle: 30s, tcp_established: 1h30m, connect: 500ms}
+timeouts: {udp_idle: 30s, udp_unreplied: 10s, tcp_established: 1h30m, connect: 500ms}
 routes:
   a: {scheme: tcp, host: 10.0.0.1, port: 1000:1}
   b:
     scheme: udp
     host: 10.0.0.1
     port: 1001:1
-    timeouts: {udp_idle: 5, tcp_close: 2m}
+    timeouts: {udp_idle: 5, tcp_close: 2m, tcp_half_closed: 5m}
     preserve_client_ip: true
     # Until enforced, only the forms that ask for nothing load.
     healthcheck: {disabled: true, interval: 10s, timeout: 2s, retries: -1, path: /ping}
@@ -454,7 +454,11 @@ routes:
     assert_eq!(a.tcp_established, Duration::from_secs(5400));
     assert_eq!(a.tcp_close, Duration::from_secs(10));
     assert_eq!(a.connect, Duration::from_millis(500));
+    assert_eq!(a.udp_unreplied, Duration::from_secs(10));
+    assert_eq!(a.tcp_half_closed, Duration::from_secs(120));
     let b = &c.listeners[1];
+    assert_eq!(b.timeouts.udp_unreplied, Duration::from_secs(10));
+    assert_eq!(b.timeouts.tcp_half_closed, Duration::from_secs(300));
     assert_eq!(b.timeouts.udp_idle, Duration::from_secs(5));
     assert_eq!(b.timeouts.tcp_close, Duration::from_secs(120));
     assert_eq!(b.timeouts.connect, Duration::from_millis(500));

@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 
 use forwarder_common::{
     ADDR_ANY, BACKEND_F_HEALTHY, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING,
-    CT_STATE_ESTABLISHED, CT_STATE_NEW, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, PROTO_TCP,
-    PROTO_UDP, RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RuleKey, RuleValue,
-    Settings,
+    CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES,
+    PROTO_TCP, PROTO_UDP, RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RuleKey,
+    RuleValue, Settings,
 };
 
 use super::packet::{Csum, Spec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
@@ -244,7 +244,7 @@ fn a_reset_closes_the_flow_either_way() {
         assert_eq!(
             entry_states(k),
             vec![
-                (CT_DIR_FORWARD, CT_STATE_CLOSING, 1),
+                (CT_DIR_FORWARD, CT_STATE_RESET, 1),
                 (CT_DIR_REVERSE, CT_STATE_ESTABLISHED, 0)
             ]
         );
@@ -262,11 +262,7 @@ fn a_reset_closes_the_flow_either_way() {
         assert_eq!(back.verdict, TC_ACT_REDIRECT);
         assert_eq!(view(&back.packet).dst, CLIENT);
         let states = entry_states(k);
-        assert_eq!(
-            states[1],
-            (CT_DIR_REVERSE, CT_STATE_CLOSING, 1),
-            "{states:?}"
-        );
+        assert_eq!(states[1], (CT_DIR_REVERSE, CT_STATE_RESET, 1), "{states:?}");
     });
 }
 
@@ -412,7 +408,7 @@ fn traffic_without_a_rule_or_flow_passes_byte_for_byte() {
             ("stray reply", stray),
         ] {
             let out = k.run_tc(&p);
-            assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+            assert_eq!(out.verdict, TC_ACT_UNSPEC, "{what}");
             assert_eq!(out.packet, p, "{what}: unchanged");
         }
         assert!(k.conntrack().is_empty());
@@ -441,13 +437,13 @@ fn fragments_and_ip_options_go_to_the_relay_for_the_whole_flow() {
             ("IP options", &options),
         ] {
             let out = k.run_tc(p);
-            assert_eq!(out.verdict, TC_ACT_OK, "{what}");
+            assert_eq!(out.verdict, TC_ACT_UNSPEC, "{what}");
             assert_eq!(&out.packet, p, "{what}: unchanged");
         }
         // Whole datagrams of the fragmented flow stay with the relay.
         let whole = Spec::udp(client(50020), listener()).build();
         let out = k.run_tc(&whole);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &whole));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &whole));
         assert!(k.conntrack().is_empty());
         let relay = k.relay_flows();
         assert_eq!(relay.len(), 2, "{relay:?}");
@@ -510,7 +506,7 @@ fn a_kernel_flows_fragments_and_ip_options_stay_on_the_kernel_path() {
         let mut stray = stray.build();
         stray[18..20].copy_from_slice(&0x4321u16.to_be_bytes());
         let out = k.run_tc(&stray);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &stray));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &stray));
 
         // IP options on a kernel TCP flow: the L4 header sits further in.
         let syn = Spec::tcp(client(50032), listener(), TCP_SYN).build();
@@ -551,7 +547,7 @@ fn a_full_conntrack_table_leaves_new_flows_to_the_relay() {
         assert_eq!(k.run_tc(&first).verdict, TC_ACT_REDIRECT);
         let second = Spec::udp(client(50031), listener()).build();
         let out = k.run_tc(&second);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &second));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &second));
         // Later datagrams of that flow stay with the relay even once the
         // table has room again.
         let keys: Vec<_> = k.conntrack().into_iter().map(|(key, _)| key).collect();
@@ -561,7 +557,7 @@ fn a_full_conntrack_table_leaves_new_flows_to_the_relay() {
             map.remove(&key).unwrap();
         }
         let out = k.run_tc(&second);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &second));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &second));
         let c = k.rule_counters(UDP_RULE);
         assert_eq!((c.flows, c.fallback_full), (1, 1), "{c:?}");
         assert!(k.conntrack().is_empty(), "no half pair left behind");
@@ -581,7 +577,7 @@ fn a_pair_that_does_not_fit_leaves_no_half_behind() {
         let before = k.conntrack();
         let second = Spec::udp(client(50034), listener()).build();
         let out = k.run_tc(&second);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &second));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &second));
         let mut after = k.conntrack();
         let mut before = before;
         after.sort_by_key(|(key, _)| key.dport);
@@ -616,7 +612,7 @@ fn a_full_snat_port_range_leaves_new_flows_to_the_relay() {
         assert_eq!(ports, vec![40000, 40001], "both ports in use, no collision");
         let third = Spec::udp(client(50042), listener()).build();
         let out = k.run_tc(&third);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &third));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &third));
         assert_eq!(k.rule_counters(UDP_RULE).fallback_full, 1);
         // The failed probes left no entry behind.
         assert_eq!(k.conntrack().len(), 4);
@@ -675,7 +671,7 @@ fn entry_states(k: &Loaded) -> Vec<(u8, u8, u8)> {
 fn assert_port_held(k: &mut Loaded, cport: u16) {
     let syn = Spec::tcp(client(cport), listener(), TCP_SYN).build();
     let out = k.run_tc(&syn);
-    assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &syn));
+    assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &syn));
 }
 
 #[test]
@@ -724,7 +720,7 @@ fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
         // A late segment of the old client no longer maps to the port.
         let late = Spec::tcp(client(50060), listener(), TCP_ACK).build();
         let out = k.run_tc(&late);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &late));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &late));
         assert_eq!(k.rule_counters(TCP_RULE).flows, 2);
     });
 }
@@ -814,7 +810,7 @@ fn relay_rules_and_unroutable_backends_are_not_taken() {
             Spec::tcp(client(50051), listener(), TCP_SYN).build(),
         ] {
             let out = k.run_tc(&p);
-            assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
+            assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &p));
         }
         assert!(k.conntrack().is_empty() && k.relay_flows().is_empty());
     });
@@ -823,7 +819,7 @@ fn relay_rules_and_unroutable_backends_are_not_taken() {
     with_router(1024, t, |k| {
         let p = Spec::udp(client(50052), listener()).build();
         let out = k.run_tc(&p);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &p));
         assert!(k.conntrack().is_empty(), "no entry for an unroutable flow");
         assert_eq!(k.rule_counters(UDP_RULE).fallback_other, 1);
         assert_eq!(k.relay_flows().len(), 1);
@@ -868,7 +864,7 @@ fn ttl_one_is_the_relays_for_a_new_flow_and_dropped_for_a_known_one() {
         spec.ttl = 1;
         let p = spec.build();
         let out = k.run_tc(&p);
-        assert_eq!((out.verdict, &out.packet), (TC_ACT_OK, &p));
+        assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &p));
 
         let ok = Spec::udp(client(50071), listener()).build();
         assert_eq!(k.run_tc(&ok).verdict, TC_ACT_REDIRECT);
@@ -959,7 +955,7 @@ fn a_wildcard_rule_leaves_traffic_through_this_host_alone() {
         ];
         for p in &passing {
             let out = k.run_tc(p);
-            assert_eq!(out.verdict, TC_ACT_OK, "passed on to the stack");
+            assert_eq!(out.verdict, TC_ACT_UNSPEC, "passed on to the stack");
             assert_eq!(&out.packet, p, "unmodified");
         }
         assert!(k.conntrack().is_empty(), "no flow of ours");

@@ -4,7 +4,9 @@
 //! given and returns its verdict and the packet as it left.
 
 mod acl;
+mod flow_state;
 mod flows;
+mod hooks;
 mod packet;
 mod programs;
 mod xdp;
@@ -21,7 +23,8 @@ use super::load;
 use super::rule_maps::RuleMaps;
 pub use super::testns::require_root;
 
-pub const TC_ACT_OK: u32 = 0;
+/// TCX "next" (-1): later programs and filters on the hook run.
+pub const TC_ACT_UNSPEC: u32 = u32::MAX;
 pub const TC_ACT_SHOT: u32 = 2;
 pub const TC_ACT_REDIRECT: u32 = 7;
 pub const XDP_PASS: u32 = 2;

@@ -23,7 +23,7 @@ fn tc_and_xdp_count_and_pass_unmatched_packets_unchanged() {
     let runs = 3;
     for _ in 0..runs {
         let tc = loaded.run_tc(&packet);
-        assert_eq!(tc.verdict, TC_ACT_OK);
+        assert_eq!(tc.verdict, TC_ACT_UNSPEC);
         assert_eq!(tc.packet, packet, "TC left the packet as it was");
         let xdp = loaded.run_xdp(&packet);
         assert_eq!(xdp.verdict, XDP_PASS);
@@ -33,7 +33,10 @@ fn tc_and_xdp_count_and_pass_unmatched_packets_unchanged() {
     let complete = loaded
         .run_tc_flags(&packet, F_CHECKSUM_COMPLETE)
         .expect("a CHECKSUM_COMPLETE run");
-    assert_eq!((complete.verdict, &complete.packet), (TC_ACT_OK, &packet));
+    assert_eq!(
+        (complete.verdict, &complete.packet),
+        (TC_ACT_UNSPEC, &packet)
+    );
     // Test runs see the namespace's loopback as the interface.
     let c = loaded.iface_counters(LO);
     assert_eq!(c.tc_packets, runs + 1);
@@ -67,7 +70,7 @@ fn garbage_and_truncated_frames_pass_unchanged() {
     frames.push(arp);
     for frame in frames {
         let tc = loaded.run_tc(&frame);
-        assert_eq!(tc.verdict, TC_ACT_OK, "frame of {} bytes", frame.len());
+        assert_eq!(tc.verdict, TC_ACT_UNSPEC, "frame of {} bytes", frame.len());
         assert_eq!(tc.packet, frame);
         let xdp = loaded.run_xdp(&frame);
         assert_eq!(xdp.verdict, XDP_PASS);

@@ -1,0 +1,277 @@
+//! `cargo xtask bench --lifecycle`: what a reload costs. The daemon runs
+//! 4,000 kernel-path rules (2,000 `tcp,udp` aliases) plus one UDP rule that
+//! carries an echoed stream of numbered datagrams at a fixed rate; the
+//! figures are the wall time of `forwarder reload` (every rule changed,
+//! then nothing changed) and the datagrams the stream lost in a window with
+//! a reload against an equal window without one.
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use super::netns::{Netns, Topology};
+use super::procs::{self, Proc};
+
+/// Rules in the table: this many `tcp,udp` aliases, two rules each.
+const ALIASES: u16 = 2000;
+const FIRST_PORT: u16 = 20000;
+const STREAM_PORT: u16 = 19999;
+const ECHO_PORT: u16 = 9000;
+/// Datagrams per second of the stream: one rate these two cores carry
+/// without loss, so that a loss is the reload's, and the issue's 100k/s.
+const RATES: [u64; 2] = [20_000, 100_000];
+/// One window of the stream.
+const WINDOW: Duration = Duration::from_secs(3);
+
+fn rules(backend: Ipv4Addr, target: u16) -> String {
+    let mut yaml = format!(
+        "routes:\n  stream: {{scheme: udp, host: {backend}, port: {STREAM_PORT}:{ECHO_PORT}}}\n"
+    );
+    for i in 0..ALIASES {
+        yaml.push_str(&format!(
+            "  r{i}: {{scheme: \"tcp,udp\", host: {backend}, port: {}:{target}}}\n",
+            FIRST_PORT + i
+        ));
+    }
+    yaml
+}
+
+/// Runs `f` on a thread in `ns`.
+fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<Result<T>> {
+    let path = format!("/run/netns/{}", ns.name);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
+        // SAFETY: setns on this thread only, with a namespace descriptor.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!("setns {path}: {}", std::io::Error::last_os_error());
+        }
+        Ok(f())
+    })
+}
+
+fn big_buffers(socket: &UdpSocket) {
+    let size: libc::c_int = 8 << 20;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: a valid socket and an int option.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+}
+
+/// Sends numbered datagrams to `to` at [`RATE`] for [`WINDOW`], counting
+/// the echoes; returns (sent, echoed). `during` runs once, a third in.
+fn stream(
+    client: &Netns,
+    to: SocketAddr,
+    rate: u64,
+    during: impl FnOnce() -> Result<Duration> + Send + 'static,
+) -> Result<(u64, u64, Option<Duration>)> {
+    let socket = spawn_in(client, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(to)?;
+        big_buffers(&s);
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("socket thread panicked"))???;
+    let receiver = socket.try_clone()?;
+    receiver.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let done = Arc::new(AtomicBool::new(false));
+    let counting = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let total = (rate * WINDOW.as_secs()) as usize;
+            let mut seen = vec![false; total];
+            let mut buf = [0u8; 64];
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(8) = receiver.recv(&mut buf) {
+                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap()) as usize;
+                    if let Some(s) = seen.get_mut(seq) {
+                        *s = true;
+                    }
+                }
+            }
+            seen.iter().filter(|s| **s).count() as u64
+        })
+    };
+    let reload = std::thread::spawn(move || {
+        std::thread::sleep(WINDOW / 3);
+        during()
+    });
+    let start = Instant::now();
+    let total = rate * WINDOW.as_secs();
+    let per_ms = rate / 1000;
+    let mut sent = 0u64;
+    while sent < total {
+        for _ in 0..per_ms {
+            let _ = socket.send(&sent.to_be_bytes());
+            sent += 1;
+        }
+        let due = start + Duration::from_micros(sent * 1_000_000 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+    let took = reload
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reload thread panicked"))??;
+    std::thread::sleep(Duration::from_millis(500));
+    done.store(true, Ordering::Relaxed);
+    let echoed = counting
+        .join()
+        .map_err(|_| anyhow::anyhow!("the counting thread panicked"))?;
+    Ok((sent, echoed, (took > Duration::ZERO).then_some(took)))
+}
+
+/// `forwarder reload`, timed.
+fn reload(bin: &Path, socket: &Path) -> Result<Duration> {
+    let start = Instant::now();
+    let out = Command::new(bin)
+        .arg("reload")
+        .arg("--control")
+        .arg(socket)
+        .output()?;
+    let took = start.elapsed();
+    if !out.status.success() {
+        bail!(
+            "forwarder reload failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    eprintln!(
+        "  {} in {} ms",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or(""),
+        took.as_millis()
+    );
+    Ok(took)
+}
+
+pub fn run(bin: &Path, dir: &Path) -> Result<String> {
+    let topo = Topology::new();
+    topo.forwarder.sysctl("net.ipv4.ip_forward", "1");
+    let backend = topo.backend_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let echo = {
+        let stop = stop.clone();
+        spawn_in(&topo.backend, move || -> Result<()> {
+            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT))?;
+            big_buffers(&s);
+            s.set_read_timeout(Some(Duration::from_millis(100)))?;
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = s.recv_from(&mut buf) {
+                    let _ = s.send_to(&buf[..n], from);
+                }
+            }
+            Ok(())
+        })
+    };
+    let config = dir.join("lifecycle.yaml");
+    let socket = dir.join("lifecycle.sock");
+    std::fs::write(&config, rules(backend, 9001))?;
+    let mut cmd = topo.forwarder.command(&bin.display().to_string());
+    cmd.arg("run")
+        .arg("-c")
+        .arg(&config)
+        .arg("--control")
+        .arg(&socket);
+    let started = Instant::now();
+    let mut daemon = Proc::spawn(&mut cmd, "forwarder", &dir.join("lifecycle.log"))?;
+    while Command::new(bin)
+        .arg("status")
+        .arg("--json")
+        .arg("--control")
+        .arg(&socket)
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        daemon.check_alive()?;
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the daemon did not answer in 60 s");
+        }
+        procs::sleep(Duration::from_millis(50))?;
+    }
+    let start_time = started.elapsed();
+    eprintln!(
+        "bench: lifecycle, {} rules up in {} ms",
+        2 * ALIASES + 1,
+        start_time.as_millis()
+    );
+    let to = SocketAddr::from((topo.forwarder_addr(), STREAM_PORT));
+    // Warm up the stream's flow (neighbours, conntrack).
+    stream(&topo.client, to, RATES[0], || Ok(Duration::ZERO))?;
+    let mut rows = String::new();
+    let mut changed_ms = Vec::new();
+    let mut unchanged_ms = Vec::new();
+    let mut target = 9001;
+    for rate in RATES {
+        let (sent, echoed, _) = stream(&topo.client, to, rate, || Ok(Duration::ZERO))?;
+        rows.push_str(&format!(
+            "| {rate} | no reload | {} of {sent} |\n",
+            sent - echoed
+        ));
+        target += 1;
+        std::fs::write(&config, rules(backend, target))?;
+        let (bin2, socket2) = (bin.to_path_buf(), socket.clone());
+        let (sent, echoed, took) = stream(&topo.client, to, rate, move || reload(&bin2, &socket2))?;
+        changed_ms.extend(took);
+        rows.push_str(&format!(
+            "| {rate} | reload, {} rules changed | {} of {sent} |\n",
+            2 * ALIASES,
+            sent - echoed
+        ));
+        let (bin3, socket3) = (bin.to_path_buf(), socket.clone());
+        let (sent, echoed, took) = stream(&topo.client, to, rate, move || reload(&bin3, &socket3))?;
+        unchanged_ms.extend(took);
+        rows.push_str(&format!(
+            "| {rate} | reload, nothing changed | {} of {sent} |\n",
+            sent - echoed
+        ));
+    }
+    daemon.check_alive()?;
+    drop(daemon);
+    stop.store(true, Ordering::Relaxed);
+    let _ = echo.join();
+    let ms = |all: &[Duration]| {
+        all.iter()
+            .map(|d| d.as_millis().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let rules = 2 * u32::from(ALIASES) + 1;
+    Ok(format!(
+        "## Lifecycle\n\n\
+         {rules} kernel-path rules ({ALIASES} `tcp,udp` aliases and one UDP rule); a UDP \
+         stream of numbered datagrams echoed through the one rule no reload touches, {} s \
+         per window, the reload a third into it.\n\n\
+         | figure | ms |\n|---|---:|\n\
+         | daemon start to first status | {} |\n\
+         | `forwarder reload`, {} rules changed | {} |\n\
+         | `forwarder reload`, nothing changed | {} |\n\n\
+         | datagrams/s | window | lost |\n|---:|---|---:|\n{rows}",
+        WINDOW.as_secs(),
+        start_time.as_millis(),
+        2 * ALIASES,
+        ms(&changed_ms),
+        ms(&unchanged_ms),
+    ))
+}
