@@ -456,3 +456,73 @@ fn relay_reload_keeps_the_listening_socket_and_its_flows() {
     drop((old, new));
     daemon.stop();
 }
+
+#[test]
+fn a_removed_udp_relay_rule_keeps_its_sessions_and_comes_back_on_the_same_socket() {
+    if !common::require_root(
+        "a_removed_udp_relay_rule_keeps_its_sessions_and_comes_back_on_the_same_socket",
+    ) {
+        return;
+    }
+    let ns = Netns::new("relay-udp-reload");
+    let _one = TaggedUdpEcho::start(&ns, 5001, "one:");
+    let _three = TaggedUdpEcho::start(&ns, 5003, "three:");
+    let keep = "  keep: {scheme: tcp, host: 127.0.0.1, port: 7201:9}\n";
+    let with_u = |target: u16| {
+        format!("routes:\n  u: {{scheme: udp, host: 127.0.0.1, port: 7200:{target}}}\n{keep}")
+    };
+    let daemon = Daemon::start(&ns, "relay-udp-reload", &with_u(5001));
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 7200));
+    let client = |ns: &Netns| {
+        in_netns(ns, || {
+            let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            s.connect(listen).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            s
+        })
+    };
+    let old = client(&ns);
+    assert_eq!(udp_ask(&old, b"a"), b"one:a");
+
+    std::fs::write(daemon.config_path(), format!("routes:\n{keep}")).unwrap();
+    let out = reload(&daemon);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("reloaded: 0 added, 0 changed, 1 removed, 1 unchanged"),
+        "{stdout}"
+    );
+    // The live session goes on; a new client is not served.
+    assert_eq!(udp_ask(&old, b"b"), b"one:b");
+    let stranger = client(&ns);
+    stranger.send(b"anyone?").unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        stranger.recv(&mut buf).is_err(),
+        "a removed rule served a new client"
+    );
+
+    // Back, with another target: the retiring listener serves again on its
+    // socket (it cannot be bound twice), new clients at the new target.
+    std::fs::write(daemon.config_path(), with_u(5003)).unwrap();
+    let out = reload(&daemon);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("reloaded: 1 added, 0 changed, 0 removed"),
+        "{stdout}"
+    );
+    let new = client(&ns);
+    assert_eq!(udp_ask(&new, b"x"), b"three:x");
+    assert_eq!(
+        udp_ask(&old, b"c"),
+        b"one:c",
+        "the old session keeps its backend"
+    );
+    let log = daemon.stop();
+    assert!(!log.contains("cannot bind"), "{log}");
+}

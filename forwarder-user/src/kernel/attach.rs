@@ -69,10 +69,10 @@ impl Attached {
     /// Loads both programs of `ebpf` into the kernel.
     pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         let tc: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?.try_into()?;
-        tc.load()
+        retry_interrupted(|| tc.load())
             .map_err(|e| anyhow::anyhow!("the kernel refused the TC program: {e}"))?;
         let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
-        xdp.load()
+        retry_interrupted(|| xdp.load())
             .map_err(|e| anyhow::anyhow!("the kernel refused the XDP program: {e}"))?;
         Ok(())
     }
@@ -250,6 +250,25 @@ impl Drop for Attached {
     fn drop(&mut self) {
         if let Err(e) = self.detach_all() {
             tracing::warn!("kernel path: {e:#}");
+        }
+    }
+}
+
+/// The verifier gives up with EAGAIN when a signal arrives while it works
+/// (a child exiting, say); like libbpf, try again a few times.
+fn retry_interrupted(
+    mut load: impl FnMut() -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), aya::programs::ProgramError> {
+    let mut tries = 0;
+    loop {
+        match load() {
+            Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+            {
+                tries += 1;
+                tracing::debug!("the verifier was interrupted; loading again");
+            }
+            other => return other,
         }
     }
 }
