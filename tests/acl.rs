@@ -3,12 +3,12 @@
 //! namespaces: 198.18.1.2 (the client's own), .3 and .4 (added to its veth).
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::common::{self, TempConfig, Topology};
+use crate::common::{self, Netns, TempConfig, Topology};
 use crate::kernel_path::harness::{
     Daemon, counter, eventually, forwarding_on, in_netns, kernel_rule, relay_rule,
 };
@@ -56,8 +56,9 @@ enum Tcp {
     ClosedAtOnce,
 }
 
-fn tcp_from(from: Ipv4Addr, to: SocketAddr) -> Tcp {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+fn tcp_from(from: impl Into<IpAddr>, to: SocketAddr) -> Tcp {
+    let from = from.into();
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP)).unwrap();
     socket.bind(&SocketAddr::from((from, 0)).into()).unwrap();
     let started = Instant::now();
     match socket.connect_timeout(&to.into(), SILENCE) {
@@ -101,7 +102,8 @@ fn tcp_from(from: Ipv4Addr, to: SocketAddr) -> Tcp {
 
 /// Whether a datagram from `from` to `to` is echoed (a few tries: the
 /// first may wait for neighbour resolution).
-fn udp_from(from: Ipv4Addr, to: SocketAddr) -> bool {
+fn udp_from(from: impl Into<IpAddr>, to: SocketAddr) -> bool {
+    let from = from.into();
     let socket = UdpSocket::bind((from, 0)).unwrap();
     socket.connect(to).unwrap();
     socket.set_read_timeout(Some(SILENCE)).unwrap();
@@ -351,4 +353,56 @@ fn check_prints_each_rules_acl() {
         acl_of("plain", "tcp"),
         "deny 198.18.1.4/32, else allow (drop)"
     );
+}
+
+// Relay only (loopback targets): IPv6 entries match IPv6 clients, and
+// not IPv4 ones on the same dual-stack socket.
+const RULES_V6: &str = "
+routes:
+  deny6: {scheme: 'tcp,udp', host: 127.0.0.1, port: 7301:3478, acl: {deny: ['::1']}}
+  allow6: {scheme: 'tcp,udp', host: 127.0.0.1, port: 7302:3478, acl: {allow: ['::1/128']}}
+";
+
+#[test]
+fn the_relay_checks_ipv6_clients_against_ipv6_entries() {
+    if !common::require_root("the_relay_checks_ipv6_clients_against_ipv6_entries") {
+        return;
+    }
+    let ns = Netns::new("acl6");
+    let _servers = BackendServers::start(&ns);
+    let daemon = Daemon::start(&ns, "acl6", RULES_V6);
+    let (v4, v6) = (Ipv4Addr::LOCALHOST, Ipv6Addr::LOCALHOST);
+    let seen = in_netns(&ns, || {
+        let at4 = |port: u16| SocketAddr::from((v4, port));
+        let at6 = |port: u16| SocketAddr::from((v6, port));
+        [
+            (tcp_from(v6, at6(7301)), udp_from(v6, at6(7301))),
+            (tcp_from(v4, at4(7301)), udp_from(v4, at4(7301))),
+            (tcp_from(v6, at6(7302)), udp_from(v6, at6(7302))),
+            (tcp_from(v4, at4(7302)), udp_from(v4, at4(7302))),
+        ]
+    });
+    assert_eq!(
+        seen,
+        [
+            (Tcp::ClosedAtOnce, false), // ::1 denied
+            (Tcp::Forwarded, true),     // an IPv6 deny list lets IPv4 through
+            (Tcp::Forwarded, true),     // ::1 allowed
+            (Tcp::ClosedAtOnce, false), // an allow list denies the rest, IPv4 too
+        ]
+    );
+    let status = daemon.status();
+    for rule in ["deny6", "allow6"] {
+        let tcp = relay_rule(&status, rule, "tcp");
+        assert_eq!(
+            (counter(tcp, "flows"), counter(tcp, "acl_denied")),
+            (1, 1),
+            "{tcp}"
+        );
+        let udp = relay_rule(&status, rule, "udp");
+        assert_eq!(counter(udp, "flows"), 1, "{udp}");
+        assert!(counter(udp, "acl_denied") >= 1, "{udp}");
+    }
+    let log = daemon.stop();
+    assert!(!log.contains("ERROR"), "{log}");
 }
