@@ -86,16 +86,24 @@ pub struct RuleValue {
 /// ones copied into each rule, twice over while a reload swaps rules.
 pub const MAX_ACL_ENTRIES: u32 = 131_072;
 
-/// The data of an `ACL` trie key: a rule and a client network. Its prefix
-/// length is 32 (the rule id) plus the network's, in the IPv4-mapped
-/// 128-bit form, so that a lookup never crosses rules.
+/// The data of an `ACL` trie key: a rule, an address family and a client
+/// network. Its prefix length is 64 (rule id and family) plus the
+/// network's, in the IPv4-mapped 128-bit form, so that a lookup never
+/// crosses rules or families (`::/0` does not cover IPv4 clients).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AclKey {
     /// Network byte order: the trie matches bits from the first byte.
     pub rule_id_be: u32,
+    /// `ACL_FAMILY_*`.
+    pub family: u32,
     pub addr: Addr,
 }
+
+pub const ACL_FAMILY_V4: u32 = 4;
+pub const ACL_FAMILY_V6: u32 = 6;
+/// The bits of an `AclKey` before the address.
+pub const ACL_KEY_HEAD_BITS: u32 = 64;
 
 /// `ACL` values.
 pub const ACL_DENY: u32 = 0;
@@ -374,7 +382,7 @@ mod tests {
         assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<IfaceCounters>(), 32);
         assert_eq!(size_of::<RuleCounters>(), 80);
-        assert_eq!(size_of::<AclKey>(), 20);
+        assert_eq!(size_of::<AclKey>(), 24);
         assert_eq!(size_of::<RelayFlow>(), 16);
     }
 

@@ -11,16 +11,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use forwarder_common::{
-    ACL_ALLOW, AclKey, PROTO_TCP, RULE_F_ACL_DEFAULT_DENY, RULE_F_ACL_REJECT, RuleValue,
-    addr_from_ipv4_be, csum,
+    ACL_ALLOW, ACL_FAMILY_V4, ACL_KEY_HEAD_BITS, AclKey, PROTO_TCP, RULE_F_ACL_DEFAULT_DENY,
+    RULE_F_ACL_REJECT, RuleValue, addr_from_ipv4_be, csum,
 };
 
 use crate::counters::with_rule;
 use crate::maps::ACL;
 use crate::parse::{ETH_LEN, L4_OFF, Packet, TCP_ACK, TCP_RST};
 
-/// Every bit of the key: the rule id (32) and the mapped address (128).
-const FULL_PREFIX: u32 = 32 + 128;
+/// Every bit of the key: rule id and family, and the mapped address.
+const FULL_PREFIX: u32 = ACL_KEY_HEAD_BITS + 128;
 
 /// Whether the rule's ACL lets IPv4 client `src` (network order) open a
 /// flow: the most specific entry decides, else the rule's default.
@@ -30,6 +30,7 @@ pub fn allows(rule: &RuleValue, src: u32) -> bool {
         FULL_PREFIX,
         AclKey {
             rule_id_be: rule.rule_id.to_be(),
+            family: ACL_FAMILY_V4,
             addr: addr_from_ipv4_be(src),
         },
     );

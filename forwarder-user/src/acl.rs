@@ -5,7 +5,9 @@
 
 use std::net::IpAddr;
 
-use forwarder_common::{ACL_ALLOW, ACL_DENY, AclKey, addr_from_ipv4_be};
+use forwarder_common::{
+    ACL_ALLOW, ACL_DENY, ACL_FAMILY_V4, ACL_FAMILY_V6, ACL_KEY_HEAD_BITS, AclKey, addr_from_ipv4_be,
+};
 
 use crate::config::{Acl, Cidr, addr_of};
 
@@ -29,10 +31,12 @@ impl AclAction {
 }
 
 /// One network of the list, in the IPv4-mapped 128-bit form (IPv4
-/// `a.b.c.d/n` is `::ffff:a.b.c.d/96+n`), so that IPv4 and IPv6 share one
-/// trie and an IPv4-mapped client matches its IPv4 entries.
+/// `a.b.c.d/n` is `::ffff:a.b.c.d/96+n`), with its family: IPv4 entries
+/// (and IPv6 ones inside `::ffff:0:0/96`) match IPv4 clients (and
+/// IPv4-mapped ones), IPv6 entries only IPv6 clients.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
+    v4: bool,
     network: u128,
     /// 0 to 128, in the mapped form.
     prefix: u8,
@@ -53,10 +57,11 @@ pub struct RuleAcl {
     pub action: AclAction,
 }
 
-fn mapped(ip: IpAddr) -> u128 {
+/// (IPv4, the mapped form) of an address; IPv4-mapped IPv6 is IPv4.
+fn mapped(ip: IpAddr) -> (bool, u128) {
     match ip.to_canonical() {
-        IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
-        IpAddr::V6(v6) => u128::from(v6),
+        IpAddr::V4(v4) => (true, u128::from(v4.to_ipv6_mapped())),
+        IpAddr::V6(v6) => (false, u128::from(v6)),
     }
 }
 
@@ -73,16 +78,19 @@ impl Entry {
             IpAddr::V4(_) => 96 + cidr.prefix,
             IpAddr::V6(_) => cidr.prefix,
         };
+        let (v4, network) = mapped(cidr.addr);
         Entry {
-            network: mapped(cidr.addr) & mask(prefix),
+            // `::ffff:0:0/96` and within: IPv4 networks written as IPv6.
+            v4: v4 && prefix >= 96,
+            network: network & mask(prefix),
             prefix,
             allow,
             shown: cidr,
         }
     }
 
-    fn matches(&self, client: u128) -> bool {
-        client & mask(self.prefix) == self.network
+    fn matches(&self, (v4, client): (bool, u128)) -> bool {
+        v4 == self.v4 && client & mask(self.prefix) == self.network
     }
 }
 
@@ -102,7 +110,7 @@ impl RuleAcl {
         for g in listed(global) {
             if !entries
                 .iter()
-                .any(|e| (e.network, e.prefix) == (g.network, g.prefix))
+                .any(|e| (e.v4, e.network, e.prefix) == (g.v4, g.network, g.prefix))
             {
                 entries.push(g);
             }
@@ -141,15 +149,16 @@ impl RuleAcl {
             .iter()
             .map(|e| {
                 let addr = match std::net::Ipv6Addr::from(e.network).to_ipv4_mapped() {
-                    Some(v4) => addr_from_ipv4_be(u32::from_ne_bytes(v4.octets())),
-                    None => addr_of(IpAddr::V6(e.network.into())),
+                    Some(v4) if e.v4 => addr_from_ipv4_be(u32::from_ne_bytes(v4.octets())),
+                    _ => addr_of(IpAddr::V6(e.network.into())),
                 };
                 let key = AclKey {
                     rule_id_be: rule_id.to_be(),
+                    family: if e.v4 { ACL_FAMILY_V4 } else { ACL_FAMILY_V6 },
                     addr,
                 };
                 let verdict = if e.allow { ACL_ALLOW } else { ACL_DENY };
-                (32 + u32::from(e.prefix), key, verdict)
+                (ACL_KEY_HEAD_BITS + u32::from(e.prefix), key, verdict)
             })
             .collect()
     }
@@ -234,6 +243,15 @@ mod tests {
         let v4_all = RuleAcl::combine(&acl(&[], &["0.0.0.0/0"]), &Acl::default()).unwrap();
         assert!(!v4_all.allows(ip("192.0.2.1")));
         assert!(v4_all.allows(ip("2001:db8::1")));
+        let v6_all = RuleAcl::combine(&acl(&[], &["::/0"]), &Acl::default()).unwrap();
+        assert!(!v6_all.allows(ip("2001:db8::1")));
+        assert!(v6_all.allows(ip("192.0.2.1")));
+        assert!(v6_all.allows(ip("::ffff:192.0.2.1")));
+        // An IPv4 network written in the mapped form is an IPv4 entry.
+        let mapped =
+            RuleAcl::combine(&acl(&[], &["::ffff:10.0.0.0/104"]), &Acl::default()).unwrap();
+        assert!(!mapped.allows(ip("10.1.2.3")));
+        assert!(mapped.allows(ip("11.1.2.3")));
     }
 
     #[test]
@@ -313,14 +331,15 @@ mod tests {
         let entries = a.kernel_entries(7);
         assert_eq!(entries.len(), 2);
         let (len, key, verdict) = entries[0];
-        assert_eq!((len, verdict), (32 + 96 + 8, ACL_ALLOW));
-        assert_eq!(key.rule_id_be, 7u32.to_be());
+        assert_eq!((len, verdict), (64 + 96 + 8, ACL_ALLOW));
+        assert_eq!((key.rule_id_be, key.family), (7u32.to_be(), ACL_FAMILY_V4));
         assert_eq!(
             key.addr,
             addr_from_ipv4_be(u32::from_ne_bytes([10, 0, 0, 0]))
         );
         let (len, key, verdict) = entries[1];
-        assert_eq!((len, verdict), (32 + 32, ACL_DENY));
+        assert_eq!((len, verdict), (64 + 32, ACL_DENY));
+        assert_eq!(key.family, ACL_FAMILY_V6);
         assert_eq!(key.addr, addr_of(ip("2001:db8::")));
     }
 

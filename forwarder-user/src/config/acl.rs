@@ -3,6 +3,8 @@
 //! Godoxy's `ip:` and `cidr:` item prefixes are accepted; what the lists
 //! mean is [`crate::acl`]'s.
 
+use std::net::IpAddr;
+
 use super::errors::{ConfigError, closest, quoted};
 use super::values::{self, Cidr};
 use super::yaml::{Node, Value};
@@ -93,7 +95,7 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
         };
         for item in items {
             let cidr = match values::cidr(&without_godoxy_prefix(&item)) {
-                Ok(c) => c,
+                Ok(c) => as_ipv4(c),
                 Err(e) => {
                     let text = item.as_str().unwrap_or("").trim();
                     let geo = text.starts_with("tz:") || text.starts_with("country:");
@@ -146,6 +148,21 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
         }
     }
     ok.then_some(acl)
+}
+
+/// An IPv4 network written in the IPv4-mapped IPv6 form (`::ffff:10.0.0.0/104`)
+/// is the IPv4 network it names, so that it meets its twin in the other list.
+fn as_ipv4(c: Cidr) -> Cidr {
+    match c.addr {
+        IpAddr::V6(v6) if c.prefix >= 96 => match v6.to_ipv4_mapped() {
+            Some(v4) => Cidr {
+                addr: IpAddr::V4(v4),
+                prefix: c.prefix - 96,
+            },
+            None => c,
+        },
+        _ => c,
+    }
 }
 
 fn default_allow(node: &Node) -> Result<bool, ConfigError> {

@@ -373,3 +373,14 @@ fn too_many_acl_entries_over_all_rules_are_an_error() {
         "{e}"
     );
 }
+
+#[test]
+fn an_ipv4_network_in_the_mapped_form_meets_its_twin_in_the_other_list() {
+    let e = crate::config::load_str(
+        "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1001:80, acl: {allow: [10.0.0.0/8], deny: ['::ffff:10.0.0.0/104']}}\n",
+        "t.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`10.0.0.0/8` both allowed and denied"), "{e}");
+}
