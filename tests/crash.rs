@@ -45,7 +45,10 @@ impl BpffsAsFound {
 
 impl Drop for BpffsAsFound {
     fn drop(&mut self) {
-        if !self.was_mounted && bpffs_mounted() {
+        // Only an empty bpffs: another test process on this machine may
+        // have pins of its own there now.
+        let empty = std::fs::read_dir(BPFFS).is_ok_and(|mut d| d.next().is_none());
+        if !self.was_mounted && bpffs_mounted() && empty {
             let _ = Command::new("umount").arg(BPFFS).status();
         }
     }
@@ -125,7 +128,13 @@ fn sigkill_mid_transfer_and_the_next_daemon_adopts_the_kernel_flows() {
         "{}",
         second.log_text()
     );
-    let (sent, got) = transfer.join().expect("the transfer");
+    let Ok((sent, got)) = transfer.join() else {
+        panic!(
+            "the transfer failed\n--- first daemon:\n{}\n--- second daemon:\n{}",
+            first.log_text(),
+            second.log_text()
+        );
+    };
     assert_eq!(
         sent, got,
         "the 256 MiB transfer arrived intact across the crash"

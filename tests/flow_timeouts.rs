@@ -206,6 +206,7 @@ fn relay_udp(rule_id: u32, backend: SocketAddr, timeouts: Timeouts) -> Listener 
         path: PathMode::Relay,
         preserve_client_ip: false,
         listen_picked: false,
+        health: None,
         acl: None,
     }
 }

@@ -43,6 +43,7 @@ fn compiled_for(interfaces: Option<Vec<String>>) -> Compiled {
             conntrack_size: 1024,
             ..KernelSettings::default()
         },
+        ..Compiled::default()
     }
 }
 

@@ -50,6 +50,7 @@ fn listener(
         path: PathMode::Relay,
         preserve_client_ip: false,
         listen_picked: false,
+        health: None,
         acl: None,
     }
 }

@@ -23,18 +23,23 @@ use crate::kernel_path::traffic::{
 
 /// A UDP server in `ns` on `port` that answers each datagram with `tag`
 /// followed by the datagram: which backend answered is visible.
-struct TaggedUdpEcho {
+pub struct TaggedUdpEcho {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl TaggedUdpEcho {
-    fn start(ns: &Netns, port: u16, tag: &'static str) -> TaggedUdpEcho {
+    pub fn start(ns: &Netns, port: u16, tag: &'static str) -> TaggedUdpEcho {
+        TaggedUdpEcho::start_on(ns, SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), tag)
+    }
+
+    /// On one address of `ns` only.
+    pub fn start_on(ns: &Netns, addr: SocketAddr, tag: &'static str) -> TaggedUdpEcho {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready, up) = std::sync::mpsc::channel();
         let flag = stop.clone();
         let thread = spawn_in(ns, move || {
-            let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+            let socket = UdpSocket::bind(addr).unwrap();
             socket
                 .set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
@@ -67,7 +72,7 @@ impl Drop for TaggedUdpEcho {
 
 /// Sends `msg` on `socket` until an answer comes (the first datagram of a
 /// flow may wait for neighbour resolution) and returns the answer.
-fn udp_ask(socket: &UdpSocket, msg: &[u8]) -> Vec<u8> {
+pub fn udp_ask(socket: &UdpSocket, msg: &[u8]) -> Vec<u8> {
     let mut buf = [0u8; 2048];
     for _ in 0..10 {
         socket.send(msg).unwrap();

@@ -11,6 +11,8 @@
 pub type Addr = [u32; 4];
 
 pub mod csum;
+pub mod icmp;
+pub mod mss;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -270,8 +272,14 @@ pub struct RuleCounters {
     /// New flows left to the relay for any other reason.
     pub fallback_other: u64,
     /// Packets of kernel flows dropped: no route any more, too big for the
-    /// egress MTU, TTL expired.
+    /// egress MTU without DF, TTL expired where no ICMP error could be sent.
     pub dropped: u64,
+    /// ICMP errors about kernel flows' packets translated and sent on to
+    /// the flow's other side.
+    pub icmp_translated: u64,
+    /// ICMP errors sent for kernel flows' packets that could not be
+    /// forwarded (TTL expired; DF and too big for the next hop).
+    pub icmp_sent: u64,
     /// New flows' first packets the rule's ACL denied (dropped or reset).
     pub acl_denied: u64,
 }
@@ -290,6 +298,8 @@ impl RuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            icmp_translated,
+            icmp_sent,
             acl_denied,
         } = *other;
         self.packets_fwd += packets_fwd;
@@ -301,6 +311,8 @@ impl RuleCounters {
         self.fallback_full += fallback_full;
         self.fallback_other += fallback_other;
         self.dropped += dropped;
+        self.icmp_translated += icmp_translated;
+        self.icmp_sent += icmp_sent;
         self.acl_denied += acl_denied;
     }
 }
@@ -381,7 +393,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<IfaceCounters>(), 32);
-        assert_eq!(size_of::<RuleCounters>(), 80);
+        assert_eq!(size_of::<RuleCounters>(), 96);
         assert_eq!(size_of::<AclKey>(), 24);
         assert_eq!(size_of::<RelayFlow>(), 16);
     }

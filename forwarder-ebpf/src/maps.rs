@@ -10,7 +10,7 @@ use aya_ebpf::{
 use forwarder_common::{
     AclKey, Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_ACL_ENTRIES,
     MAX_BACKENDS_PER_RULE, MAX_RULES, RULE_IDS, RelayFlow, RuleCounters, RuleKey, RuleValue,
-    Settings,
+    Settings, icmp::ERROR_LEN, mss::MAX_OPTIONS_LEN,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -77,6 +77,13 @@ pub struct Scratch {
     pub old_key: CtKey,
     /// The datagram of a fragment.
     pub frag_key: FragKey,
+    /// An ICMP error's first bytes, read or built.
+    pub icmp: [u8; ERROR_LEN],
+    /// A SYN's TCP options.
+    pub tcp_opts: [u8; MAX_OPTIONS_LEN],
+    /// The FIB's working space when asked only for a path's MTU (`fib`
+    /// holds the packet's route meanwhile).
+    pub mtu_fib: bpf_fib_lookup,
 }
 
 #[map]

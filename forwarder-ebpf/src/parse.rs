@@ -55,6 +55,8 @@ pub struct Packet {
     pub l4_off: u16,
     /// A UDP datagram without checksum (the field is zero).
     pub udp_no_csum: bool,
+    /// DF is set: too big for the next hop, the sender wants frag-needed.
+    pub dont_fragment: bool,
     pub unfit: Unfit,
 }
 
@@ -173,6 +175,7 @@ fn read_headers(ctx: &TcContext) -> Option<Packet> {
         ip_id: word(4),
         l4_off: l4 as u16,
         udp_no_csum: false,
+        dont_fragment: frag & 0x4000 != 0,
         unfit: Unfit::LaterFragment,
     };
     if frag & 0x1fff != 0 {

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_NOT_FWDED,
-        BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, bpf_redir_neigh,
     },
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
@@ -15,6 +15,7 @@ use crate::maps::Scratch;
 const AF_INET: u8 = 2;
 
 /// A packet to route: addresses and ports in network byte order.
+#[derive(Clone, Copy)]
 pub struct Flow {
     pub ifindex: u32,
     pub src: u32,
@@ -29,39 +30,52 @@ pub struct Flow {
 }
 
 /// Looks up the route of `flow` (which arrived on `flow.ifindex`) into
-/// `s`, or returns the FIB's refusal (no route, forwarding off on the
-/// interface, too big for the egress MTU, a local destination, ...).
+/// `params`; the FIB's answer.
 #[inline(always)]
-pub fn route(ctx: &TcContext, flow: &Flow, s: &mut Scratch) -> Result<(), i64> {
-    let (ifindex, src, dst, proto, sport, dport, tot_len) = (
-        flow.ifindex,
-        flow.src,
-        flow.dst,
-        flow.proto,
-        flow.sport,
-        flow.dport,
-        flow.tot_len,
-    );
+fn lookup(ctx: &TcContext, flow: &Flow, params: &mut bpf_fib_lookup) -> i64 {
     // SAFETY: a plain C struct; all-zero is a valid value.
-    s.fib = unsafe { core::mem::zeroed() };
-    let params = &mut s.fib;
+    *params = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
-    params.l4_protocol = proto;
-    params.sport = sport;
-    params.dport = dport;
-    params.__bindgen_anon_1.tot_len = tot_len;
-    params.ifindex = ifindex;
-    params.__bindgen_anon_3.ipv4_src = src;
-    params.__bindgen_anon_4.ipv4_dst = dst;
+    params.l4_protocol = flow.proto;
+    params.sport = flow.sport;
+    params.dport = flow.dport;
+    params.__bindgen_anon_1.tot_len = flow.tot_len;
+    params.ifindex = flow.ifindex;
+    params.__bindgen_anon_3.ipv4_src = flow.src;
+    params.__bindgen_anon_4.ipv4_dst = flow.dst;
     // SAFETY: the helper reads and writes `params`, of the size given.
-    let rc = unsafe {
+    unsafe {
         bpf_fib_lookup(
             ctx.skb.skb.cast(),
             params,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
+    }
+}
+
+/// The MTU of the path to `flow` as forwarding knows it (a locked route
+/// MTU, a learnt path MTU, else the egress interface's), asked of the FIB
+/// with a packet too big for any; `params` is its working space.
+#[inline(always)]
+pub fn path_mtu(ctx: &TcContext, flow: &Flow, params: &mut bpf_fib_lookup) -> Option<u16> {
+    let too_big = Flow {
+        tot_len: u16::MAX,
+        ..*flow
     };
+    if lookup(ctx, &too_big, params) != i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        return None;
+    }
+    // SAFETY: the FIB's answer to a too-big packet is the MTU.
+    Some(unsafe { params.__bindgen_anon_1.mtu_result })
+}
+
+/// Looks up the route of `flow` (which arrived on `flow.ifindex`) into
+/// `s`, or returns the FIB's refusal (no route, forwarding off on the
+/// interface, too big for the egress MTU, a local destination, ...).
+#[inline(always)]
+pub fn route(ctx: &TcContext, flow: &Flow, s: &mut Scratch) -> Result<(), i64> {
+    let rc = lookup(ctx, flow, &mut s.fib);
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return Err(rc);
     }

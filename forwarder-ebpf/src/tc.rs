@@ -4,7 +4,7 @@
 //! [`NEXT`] so that the hook's other programs and filters still see it.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, TC_ACT_SHOT, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
@@ -18,7 +18,9 @@ use crate::acl;
 use crate::conntrack::{self, Fallback};
 use crate::counters::{Hook, count_interface, with_rule};
 use crate::fragments;
+use crate::icmp::{self, Unforwardable};
 use crate::maps::{Scratch, scratch};
+use crate::mss;
 use crate::nat;
 use crate::parse::{self, Packet, TCP_ACK, TCP_SYN, Unfit};
 use crate::redirect::{self, Flow};
@@ -26,6 +28,24 @@ use crate::rules;
 
 /// Lets the FIB check the skb against the MTU: TC sees GRO/GSO skbs.
 const SKB_MTU_CHECK: u16 = 0;
+
+/// The length the FIB checks a known flow's packet against the next hop's
+/// MTU with. A DF packet that is no GRO/GSO aggregate gives its own
+/// length, which the FIB checks exactly, against the route's MTU. For the
+/// rest the FIB checks the skb against the egress interface's MTU, as for
+/// new flows (a plain skb with some slack for link headers; a GSO one not
+/// at all, see `icmp::segments_fit`). A DF packet found too big is
+/// answered with frag-needed and the MTU.
+#[inline(always)]
+fn mtu_check_len(ctx: &TcContext, pkt: &Packet) -> u16 {
+    // SAFETY: the context pointer is valid for the program's run.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if pkt.dont_fragment && !gso {
+        pkt.tot_len
+    } else {
+        SKB_MTU_CHECK
+    }
+}
 
 /// The verdict for packets we leave alone (not ours, the relay's, fallbacks):
 /// TCX runs its next program, cls_bpf (direct-action) its next filter, and
@@ -51,7 +71,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
         log_first_packet(ctx, ifindex);
     }
     let Some(pkt) = parse::parse(ctx) else {
-        return NEXT;
+        return icmp::translate_error(ctx, ifindex).unwrap_or(NEXT);
     };
     let Some(s) = scratch() else {
         return NEXT;
@@ -175,7 +195,7 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
     s.ct = unsafe { *entry };
     let (rule_id, direction) = (s.ct.rule_id, s.ct.direction);
     if pkt.ttl <= 1 {
-        return drop(ctx, rule_id, "TTL expired");
+        return icmp::reply_error(ctx, pkt, Unforwardable::TtlExpired, s);
     }
     let (Some(src), Some(dst)) = (addr_ipv4_be(&s.ct.new_src), addr_ipv4_be(&s.ct.new_dst)) else {
         return drop(ctx, rule_id, "not IPv4");
@@ -187,15 +207,24 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
         proto: pkt.proto,
         sport: s.ct.new_sport,
         dport: s.ct.new_dport,
-        tot_len: SKB_MTU_CHECK,
+        tot_len: mtu_check_len(ctx, pkt),
     };
-    if redirect::route(ctx, &flow, s).is_err() {
-        return drop(ctx, rule_id, "no route");
+    if let Err(rc) = redirect::route(ctx, &flow, s) {
+        if rc != i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) || !pkt.dont_fragment {
+            return drop(ctx, rule_id, "no route, or too big without DF");
+        }
+        return icmp::reply_error(ctx, pkt, Unforwardable::TooBig, s);
+    }
+    if pkt.dont_fragment && !icmp::segments_fit(ctx, s) {
+        return icmp::reply_error(ctx, pkt, Unforwardable::TooBig, s);
     }
     let change = conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now);
     conntrack::follow_up(entry, change, pkt.proto, w.now, &mut s.reverse_key);
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
         return drop(ctx, rule_id, "rewrite failed");
+    }
+    if pkt.tcp_flags & TCP_SYN != 0 {
+        mss::clamp(ctx, pkt, s);
     }
     let bytes = u64::from(ctx.len());
     with_rule(rule_id, |c| {
@@ -248,6 +277,9 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
         return drop(ctx, rule.rule_id, "rewrite failed");
     }
+    if pkt.tcp_flags & TCP_SYN != 0 {
+        mss::clamp(ctx, pkt, s);
+    }
     let bytes = u64::from(ctx.len());
     with_rule(rule.rule_id, |c| {
         // A flow another CPU created a moment ago is counted there.
@@ -296,7 +328,7 @@ fn fall_back(ctx: &TcContext, key: &CtKey, rule_id: u32, now: u64, why: Fallback
 
 /// Drops a packet of a kernel flow that cannot be sent on.
 #[inline(always)]
-fn drop(ctx: &TcContext, rule_id: u32, why: &'static str) -> i32 {
+pub(crate) fn drop(ctx: &TcContext, rule_id: u32, why: &'static str) -> i32 {
     with_rule(rule_id, |c| c.dropped += 1);
     debug!(ctx, "rule {}: packet dropped: {}", rule_id, why);
     TC_ACT_SHOT as i32

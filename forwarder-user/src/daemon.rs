@@ -66,9 +66,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             return Err(e.into());
         }
     };
+    start_health_checks(&relay, kernel.as_ref(), &compiled);
     let control = match ControlSocket::bind(&opts.control) {
         Ok(c) => c,
         Err(e) => {
+            relay.health().stop();
             Arc::try_unwrap(relay)
                 .ok()
                 .expect("no other owner yet")
@@ -92,6 +94,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         reload: reload_fn(daemon.clone()),
     };
     let control_task = tokio::spawn(async move { control.serve(handlers).await });
+    let names_task = tokio::spawn(follow_names(daemon.clone()));
     info!(
         rules,
         kernel_path = daemon.kernel.is_some(),
@@ -119,10 +122,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // Dropping the control socket releases its clones of the daemon.
     control_task.abort();
     let _ = control_task.await;
+    names_task.abort();
+    let _ = names_task.await;
     let daemon =
         Arc::try_unwrap(daemon).map_err(|_| anyhow!("the daemon is still shared at stop"))?;
     let drain = daemon.running().relay.drain_timeout;
     info!(?drain, "stopping: no new flows; live flows may finish");
+    daemon.relay.health().stop();
     let relay =
         Arc::try_unwrap(daemon.relay).map_err(|_| anyhow!("the relay is still shared at stop"))?;
     relay.shutdown(drain).await;
@@ -221,6 +227,46 @@ impl Daemon {
         }
     }
 
+    /// Resolves the file's hostnames again; where an answer changed, new
+    /// flows follow it (as a reload that changes only backends would).
+    /// The file itself is read again for that, so an edit made since the
+    /// last reload holds the refresh back until the operator reloads.
+    async fn refresh_names(&self, names: &mut NameWatch) {
+        let _one_at_a_time = self.reloading.lock().await;
+        let path = self.config.clone();
+        let loaded = match tokio::task::spawn_blocking(move || config::load(&path)).await {
+            Ok(Ok(compiled)) => compiled,
+            Ok(Err(errors)) => {
+                names.failing(&errors.to_string());
+                return;
+            }
+            Err(_) => return,
+        };
+        names.resolving();
+        let running = self.running().clone();
+        let kernel = self.kernel.as_deref();
+        let held = |id: u32| kernel.is_some_and(|k| k.holds(id));
+        let Ok(plan) = reload::plan(&running, loaded.clone(), &held) else {
+            return;
+        };
+        if plan.is_empty() {
+            names.in_step();
+            return;
+        }
+        if !only_backends_changed(&running, &plan) {
+            names.edited(&self.config);
+            return;
+        }
+        names.in_step();
+        for (_, new) in &plan.changed {
+            let to: Vec<String> = new.backends.iter().map(|b| b.addr.to_string()).collect();
+            info!(alias = %new.alias, "names: new flows of {} go to {}", new.protocol, to.join(", "));
+        }
+        if let Err(e) = self.apply(loaded).await {
+            warn!("names: the new answers cannot be applied: {e:#}");
+        }
+    }
+
     /// Prepares everything that can fail on both paths, then switches.
     async fn apply(&self, loaded: Compiled) -> anyhow::Result<Summary> {
         let running = self.running().clone();
@@ -242,6 +288,8 @@ impl Daemon {
             return Err(e.context("updating the kernel tables"));
         }
         self.relay.apply(&plan, prepared);
+        // Changed rules have fresh ids: their checks restart with the new settings.
+        self.relay.health().sync(&plan.next.listeners);
         let summary = plan.summary();
         *self.running.write().unwrap_or_else(|e| e.into_inner()) = plan.next;
         Ok(summary)
@@ -282,6 +330,79 @@ impl Daemon {
             ));
         }
         Ok(())
+    }
+}
+
+/// The file unchanged but for what its names resolve to: the same rules,
+/// settings included, with other backends.
+fn only_backends_changed(running: &Compiled, plan: &Plan) -> bool {
+    let same_settings = running.relay == plan.next.relay && running.dns == plan.next.dns;
+    same_settings
+        && plan.added.is_empty()
+        && plan.removed.is_empty()
+        && plan.needs_restart.is_empty()
+        && plan.changed.iter().all(|(old, new)| {
+            let as_old = crate::rules::Listener {
+                rule_id: old.rule_id,
+                backends: old.backends.clone(),
+                ..new.clone()
+            };
+            as_old == *old
+        })
+}
+
+/// What the name follower said last, so that it says each thing once.
+#[derive(Default)]
+struct NameWatch {
+    failing: Option<String>,
+    edited: bool,
+}
+
+impl NameWatch {
+    fn failing(&mut self, errors: &str) {
+        if self.failing.as_deref() != Some(errors) {
+            for line in errors.lines() {
+                warn!("names: {line}");
+            }
+            warn!("names: the last answers stay until the names resolve again");
+            self.failing = Some(errors.to_owned());
+        }
+    }
+
+    fn resolving(&mut self) {
+        if self.failing.take().is_some() {
+            info!("names: every name resolves again");
+        }
+    }
+
+    fn in_step(&mut self) {
+        self.edited = false;
+    }
+
+    fn edited(&mut self, file: &std::path::Path) {
+        if !self.edited {
+            warn!(
+                "names: {} changed since it was last loaded; names are followed again after \
+                 `forwarder reload`",
+                file.display()
+            );
+            self.edited = true;
+        }
+    }
+}
+
+/// Resolves the targets' hostnames again every `dns.refresh`.
+async fn follow_names(daemon: Arc<Daemon>) {
+    let mut names = NameWatch::default();
+    loop {
+        let (refresh, any) = {
+            let running = daemon.running();
+            (running.dns.refresh, !running.hostnames.is_empty())
+        };
+        tokio::time::sleep(refresh).await;
+        if any {
+            daemon.refresh_names(&mut names).await;
+        }
     }
 }
 
@@ -378,6 +499,26 @@ async fn start_kernel_path(
     }
 }
 
+/// The checks of every rule with `healthcheck`; their changes reach the
+/// relay's picks directly and the kernel path's maps through the sink.
+fn start_health_checks(relay: &Relay, kernel: Option<&Arc<KernelPath>>, compiled: &Compiled) {
+    let health = relay.health();
+    if let Some(kernel) = kernel {
+        // Weak: the kernel path must be the daemon's alone at stop.
+        let kernel = Arc::downgrade(kernel);
+        health.set_sink(Arc::new(move |rule_id, healthy| {
+            let Some(k) = kernel.upgrade() else { return };
+            if let Err(e) = k.set_backend_health(rule_id, healthy) {
+                warn!(
+                    rule_id,
+                    "cannot write backend health to the kernel path: {e:#}"
+                );
+            }
+        }));
+    }
+    health.sync(&compiled.listeners);
+}
+
 fn stop_kernel_path(kernel: Option<Arc<KernelPath>>) {
     let Some(kernel) = kernel else { return };
     match Arc::try_unwrap(kernel) {
@@ -403,6 +544,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
             None => serde_json::Value::Null,
         };
         let running = daemon.running();
+        let health = daemon.relay.health();
         let rules: Vec<_> = running
             .listeners
             .iter()
@@ -414,6 +556,8 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
                     "bind": l.bind.to_string(),
                     "backends": l.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
                     "path": l.path.as_str(),
+                    "health_check": l.health.as_ref().map(crate::health::describe),
+                    "health": health.status(l.rule_id),
                 })
             })
             .collect();

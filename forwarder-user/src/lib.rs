@@ -3,6 +3,7 @@ pub mod acl;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod health;
 pub mod kernel;
 pub mod relay;
 pub mod reload;

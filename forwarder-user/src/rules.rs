@@ -125,6 +125,26 @@ pub struct BackendSpec {
     pub weight: u16,
 }
 
+/// How a rule's backends are checked: every `interval`, a check that has
+/// no answer within `timeout` fails; `fall` failures in a row take a
+/// backend out, `rise` passes in a row bring it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthSpec {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub fall: u32,
+    pub rise: u32,
+    pub probe: Probe,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// The backend accepts a TCP connection.
+    TcpConnect,
+    /// The backend answers `payload` with a datagram that starts with `expect`.
+    Udp { payload: Vec<u8>, expect: Vec<u8> },
+}
+
 /// One listening socket of the relay: one alias on one protocol.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Listener {
@@ -142,6 +162,8 @@ pub struct Listener {
     pub path: PathMode,
     /// DNAT only on the kernel path; the relay cannot keep the client's address.
     pub preserve_client_ip: bool,
+    /// `None`: every backend takes flows, always.
+    pub health: Option<HealthSpec>,
     /// The rule's own ACL with the global one; `None`: every client.
     pub acl: Option<RuleAcl>,
 }
@@ -193,7 +215,22 @@ pub struct KernelTable {
     pub acl: Vec<(u32, AclKey, u32)>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// How the hostnames of targets are followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Names are resolved again this often; new flows follow the answer.
+    pub refresh: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            refresh: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Compiled {
     /// Where the kernel path attaches; `None` means every up, non-loopback interface.
     pub interfaces: Option<Vec<String>>,
@@ -201,6 +238,9 @@ pub struct Compiled {
     pub kernel: KernelTable,
     pub relay: RelaySettings,
     pub kernel_settings: KernelSettings,
+    pub dns: DnsSettings,
+    /// The hostnames the targets were given as, resolved at load.
+    pub hostnames: Vec<String>,
 }
 
 /// Told of the flows the relay owns, so that the kernel path leaves them

@@ -23,6 +23,18 @@ pub fn stderr_lines(out: &std::process::Output) -> Vec<String> {
         .collect()
 }
 
+/// `forwarder reload` of the daemon at `control`; fails the test if it
+/// does not answer within `limit`.
+pub fn reload(control: &std::path::Path, limit: std::time::Duration) -> std::process::Output {
+    output_within(
+        std::process::Command::new(forwarder_bin())
+            .arg("reload")
+            .arg("--control")
+            .arg(control),
+        limit,
+    )
+}
+
 /// A rule file in a fresh temp dir; removed with the returned guard.
 pub struct TempConfig {
     pub dir: PathBuf,

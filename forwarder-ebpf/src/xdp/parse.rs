@@ -84,6 +84,7 @@ pub fn parse(ctx: &XdpContext) -> Option<Packet> {
         ip_id: u16::from_ne_bytes([ip[4], ip[5]]),
         l4_off: L4_OFF as u16,
         udp_no_csum,
+        dont_fragment: ip[6] & 0x40 != 0,
         unfit: Unfit::None,
     })
 }

@@ -150,16 +150,7 @@ pub(crate) const FIELDS: &[Field] = &[
         scope: Scope::Container,
         ..honoured("exclude", true, &[])
     },
-    Field {
-        off: Off::Parsed,
-        ..field(
-            "healthcheck",
-            true,
-            Class::NotEnforced {
-                meanwhile: "every backend would get flows whether it answers or not; remove it, or set `disabled: true`",
-            },
-        )
-    },
+    honoured("healthcheck", true, &[]),
     Field {
         off: Off::Parsed,
         ..field(

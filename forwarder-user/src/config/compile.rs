@@ -14,8 +14,8 @@ use super::fields::{HealthCheck, ProxyProtocol};
 use super::validate::is_loopback;
 use crate::acl::{AclAction, RuleAcl};
 use crate::rules::{
-    BackendSpec, Compiled, KernelSettings, KernelTable, Listener, PathMode, Protocol,
-    RelaySettings, Timeouts,
+    BackendSpec, Compiled, HealthSpec, KernelSettings, KernelTable, Listener, PathMode, Probe,
+    Protocol, RelaySettings, Timeouts,
 };
 
 /// A whole validated rule file, hosts resolved and listen ports fixed.
@@ -46,9 +46,10 @@ pub struct Route {
     pub timeouts: Timeouts,
     pub path: PathMode,
     pub preserve_client_ip: bool,
+    /// `None` when left out or disabled.
+    pub healthcheck: Option<HealthCheck>,
     /// Not enforced yet: a load refuses any value but "off", so these are
     /// always off here and nothing compiles them.
-    pub healthcheck: Option<HealthCheck>,
     pub acl: Acl,
     pub proxy_protocol: ProxyProtocol,
 }
@@ -134,6 +135,7 @@ pub fn compile(config: &Config) -> Compiled {
                 timeouts: route.timeouts,
                 path: route.path,
                 preserve_client_ip: route.preserve_client_ip,
+                health: route.healthcheck.as_ref().map(|h| health_spec(h, protocol)),
                 acl: acl.clone(),
             });
             rule_id += 1;
@@ -145,6 +147,26 @@ pub fn compile(config: &Config) -> Compiled {
         kernel,
         relay: config.relay,
         kernel_settings: config.kernel,
+        ..Compiled::default()
+    }
+}
+
+/// The check of one protocol's rule: a tcp rule connects, a udp rule
+/// sends the payload (validation made sure a udp route has one).
+fn health_spec(h: &HealthCheck, protocol: Protocol) -> HealthSpec {
+    let probe = match protocol {
+        Protocol::Tcp => Probe::TcpConnect,
+        Protocol::Udp => Probe::Udp {
+            payload: h.payload.clone().unwrap_or_default(),
+            expect: h.expect.clone().unwrap_or_default(),
+        },
+    };
+    HealthSpec {
+        interval: h.interval,
+        timeout: h.timeout,
+        fall: h.fall,
+        rise: h.rise,
+        probe,
     }
 }
 

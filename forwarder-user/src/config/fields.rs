@@ -3,8 +3,8 @@
 //! What each field is, honoured, refused or ignored, is the
 //! [`catalog`](super::catalog)'s to say. Fields forwarder uses: `scheme`,
 //! `port`, `host`, `bind`, `backends`, `path`, `timeouts`,
-//! `preserve_client_ip`, `acl`. `healthcheck` and `proxy_protocol` are
-//! parsed (their syntax checked) but refused until they are enforced;
+//! `preserve_client_ip`, `healthcheck`, `acl`. `proxy_protocol` is
+//! parsed (its syntax checked) but refused until it is enforced;
 //! Godoxy's fields that change a stream in ways forwarder cannot are refused;
 //! those that mean nothing for a stream are ignored with a warning; anything
 //! else is an error with a "did you mean".
@@ -34,20 +34,31 @@ const TIMEOUT_FIELDS: &[&str] = &[
     "tcp_close",
     "connect",
 ];
-const HEALTHCHECK_FIELDS: &[&str] = &["disabled", "interval", "timeout", "retries"];
+const HEALTHCHECK_FIELDS: &[&str] = &[
+    "disable", "disabled", "interval", "timeout", "retries", "fall", "rise", "payload", "expect",
+];
 const HEALTHCHECK_IGNORED: &[&str] = &["path", "use_get"];
 const BACKEND_ALLOWED: &str =
     "`host:port`, `host:port weight=N`, or a mapping {host, port, weight} (weight 1–65535)";
 
-/// How often and how a backend is checked (parsed; refused until enforced).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How often and how a rule's backends are checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
     pub disabled: bool,
     pub interval: Duration,
     pub timeout: Duration,
-    /// Failed checks before a backend is taken out; Godoxy's -1 means at once.
-    pub retries: i32,
+    /// Failed checks in a row before a backend is taken out.
+    pub fall: u32,
+    /// Passed checks in a row before a backend that was out takes flows again.
+    pub rise: u32,
+    /// UDP: the datagram a check sends; a check passes on a reply.
+    pub payload: Option<Vec<u8>>,
+    /// UDP: the reply must start with these bytes.
+    pub expect: Option<Vec<u8>>,
 }
+
+pub const DEFAULT_FALL: u32 = 3;
+pub const DEFAULT_RISE: u32 = 2;
 
 impl Default for HealthCheck {
     fn default() -> Self {
@@ -55,7 +66,10 @@ impl Default for HealthCheck {
             disabled: false,
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(5),
-            retries: 3,
+            fall: DEFAULT_FALL,
+            rise: DEFAULT_RISE,
+            payload: None,
+            expect: None,
         }
     }
 }
@@ -316,7 +330,8 @@ pub(crate) fn route(
         Some(t) => parse_timeouts(t, *defaults, &mut |f, e| cx.error(f, e)),
         None => Some(*defaults),
     };
-    let healthcheck_value = healthcheck.and_then(|h| parse_healthcheck(&mut cx, h));
+    let healthcheck_value =
+        healthcheck.and_then(|h| parse_healthcheck(&mut cx, h, protocols.as_deref()));
     let acl_value = match acl {
         Some(a) => parse_acl(a, &mut |f, e| cx.error(&f, e)),
         None => Some(Acl::default()),
@@ -355,13 +370,10 @@ pub(crate) fn route(
     }
     // Checked above, refused here until enforced, unless they ask for
     // nothing (which is what forwarder does).
-    let asks_nothing = [
-        ("healthcheck", healthcheck_value.is_some_and(|h| h.disabled)),
-        (
-            "proxy_protocol",
-            proxy_protocol_value == Some(ProxyProtocol::Off),
-        ),
-    ];
+    let asks_nothing = [(
+        "proxy_protocol",
+        proxy_protocol_value == Some(ProxyProtocol::Off),
+    )];
     for (name, off) in asks_nothing {
         if let (Some(k), Some(v), false) = (key_of(name), get(name), off)
             && let Some(e) =
@@ -401,7 +413,7 @@ pub(crate) fn route(
         path_pos: path.map_or_else(|| raw.pos.clone(), |p| p.pos.clone()),
         preserve_client_ip: preserve_value.unwrap_or(false),
         preserve_pos: preserve.map_or_else(|| raw.pos.clone(), |p| p.pos.clone()),
-        healthcheck: healthcheck_value,
+        healthcheck: healthcheck_value.filter(|h| !h.disabled),
         acl: acl_value?,
         proxy_protocol: proxy_protocol_value?,
     })
@@ -746,8 +758,15 @@ pub(crate) fn parse_timeouts(
     ok.then_some(t)
 }
 
-fn parse_healthcheck(cx: &mut Ctx<'_>, node: &Node) -> Option<HealthCheck> {
-    let map = match values::mapping(node, "a mapping of disabled, interval, timeout, retries") {
+fn parse_healthcheck(
+    cx: &mut Ctx<'_>,
+    node: &Node,
+    protocols: Option<&[Protocol]>,
+) -> Option<HealthCheck> {
+    let map = match values::mapping(
+        node,
+        "a mapping of disabled, interval, timeout, fall (or retries), rise, payload, expect",
+    ) {
         Ok(m) => m.into_owned(),
         Err(es) => {
             cx.errors("healthcheck", es);
@@ -757,29 +776,49 @@ fn parse_healthcheck(cx: &mut Ctx<'_>, node: &Node) -> Option<HealthCheck> {
     let mut h = HealthCheck::default();
     let mut ok = true;
     let mut timeout_pos = None;
+    let mut fall_key: Option<&'static str> = None;
+    let mut expect_pos = None;
     for (k, v) in map.entries().unwrap_or_default() {
         let name = k.key_text();
         let field = format!("healthcheck.{name}");
         let r = match name {
-            "disabled" => values::boolean(v).map(|b| h.disabled = b),
+            // Godoxy spells it `disable` and takes `disabled` too.
+            "disable" | "disabled" => values::boolean(v).map(|b| h.disabled = b),
             "interval" => values::duration(v, false).map(|d| h.interval = d),
             "timeout" => {
                 timeout_pos = Some(v.pos.clone());
                 values::duration(v, false).map(|d| h.timeout = d)
             }
-            "retries" => values::integer(v, 0, 1000)
-                .map(|n| h.retries = n as i32)
-                .or_else(|e| {
-                    if v.as_str().map(str::trim) == Some("-1") {
-                        h.retries = -1;
-                        Ok(())
-                    } else {
-                        Err(ConfigError {
-                            allowed: "-1 (fail at once) or 0 to 1000".into(),
+            "fall" | "retries" if fall_key.is_some() => Err(ConfigError::new(
+                &k.pos,
+                format!("both `{}` and `{name}`", fall_key.unwrap_or_default()),
+                "one of them: `retries` is Godoxy's name for `fall`",
+            )),
+            "fall" => {
+                fall_key = Some("fall");
+                values::integer(v, 1, 1000).map(|n| h.fall = n as u32)
+            }
+            // Godoxy's failure threshold: below 1 (`0`, `-1`) is at once.
+            "retries" => {
+                fall_key = Some("retries");
+                if v.as_str().map(str::trim) == Some("-1") {
+                    h.fall = 1;
+                    Ok(())
+                } else {
+                    values::integer(v, 0, 1000)
+                        .map(|n| h.fall = (n as u32).max(1))
+                        .map_err(|e| ConfigError {
+                            allowed: "-1 or 0 (out at the first failure), or 1 to 1000".into(),
                             ..e
                         })
-                    }
-                }),
+                }
+            }
+            "rise" => values::integer(v, 1, 1000).map(|n| h.rise = n as u32),
+            "payload" => probe_bytes(v).map(|b| h.payload = Some(b)),
+            "expect" => {
+                expect_pos = Some(v.pos.clone());
+                probe_bytes(v).map(|b| h.expect = Some(b))
+            }
             n if HEALTHCHECK_IGNORED.contains(&n) => {
                 cx.warn(
                     &k.pos,
@@ -818,7 +857,72 @@ fn parse_healthcheck(cx: &mut Ctx<'_>, node: &Node) -> Option<HealthCheck> {
         );
         ok = false;
     }
+    if ok && h.expect.is_some() && h.payload.is_none() {
+        cx.error(
+            "healthcheck.expect",
+            ConfigError::new(
+                expect_pos.as_ref().unwrap_or(&node.pos),
+                "`expect` without `payload`",
+                "a `payload` to send: `expect` checks the reply to it",
+            ),
+        );
+        ok = false;
+    }
+    if ok && h.payload.is_some() && protocols.is_some_and(|p| !p.contains(&Protocol::Udp)) {
+        cx.error(
+            "healthcheck.payload",
+            ConfigError::new(
+                &node.pos,
+                "`payload` on a route without udp",
+                "no `payload` or `expect`: a tcp check is a connect",
+            ),
+        );
+        ok = false;
+    }
+    // A UDP "probe" that sends nothing cannot tell a dead backend from a
+    // live one: nothing answers an empty socket either way.
+    if ok
+        && !h.disabled
+        && h.payload.is_none()
+        && protocols.is_some_and(|p| p.contains(&Protocol::Udp))
+    {
+        cx.error(
+            "healthcheck",
+            ConfigError::new(
+                &node.pos,
+                "a udp health check without `payload`",
+                "a `payload` the backend answers (and, optionally, `expect`: the start of \
+                 the reply), or `disabled: true`; without one no udp check can tell a dead \
+                 backend from a live one",
+            ),
+        );
+        ok = false;
+    }
     ok.then_some(h)
+}
+
+/// A probe's bytes: a text, or `hex:` and pairs of hex digits.
+fn probe_bytes(node: &Node) -> Result<Vec<u8>, ConfigError> {
+    const ALLOWED: &str = "a text, or `hex:` and an even number of hex digits (`hex:0a1b`)";
+    let text = values::text(node, ALLOWED)?;
+    let bytes = match text.strip_prefix("hex:") {
+        Some(hex) => {
+            let hex: String = hex.chars().filter(|c| !c.is_whitespace()).collect();
+            (hex.len().is_multiple_of(2) && hex.is_ascii())
+                .then(|| {
+                    (0..hex.len())
+                        .step_by(2)
+                        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+                        .collect::<Option<Vec<u8>>>()
+                })
+                .flatten()
+        }
+        None => Some(text.as_bytes().to_vec()),
+    };
+    match bytes {
+        Some(b) if !b.is_empty() => Ok(b),
+        _ => Err(ConfigError::new(&node.pos, node.describe(), ALLOWED)),
+    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,7 @@ pub use compile::{Config, Route, addr_of, compile};
 pub use errors::{ConfigError, Errors, Pos, Warning};
 pub use fields::{HealthCheck, ProxyProtocol};
 pub use table::table;
-pub use values::Cidr;
+pub use values::{Cidr, format_duration};
 
 use crate::rules::Compiled;
 use env::{Env, System};
@@ -134,7 +134,7 @@ fn load_with(
             timeouts: spec.timeouts,
             path: spec.path,
             preserve_client_ip: spec.preserve_client_ip,
-            healthcheck: spec.healthcheck,
+            healthcheck: spec.healthcheck.clone(),
             acl: spec.acl.clone(),
             proxy_protocol: spec.proxy_protocol,
         })
@@ -156,5 +156,8 @@ fn load_with(
         kernel: globals.kernel,
         acl: globals.acl,
     };
-    Ok((compile(&config), diag.warnings))
+    let mut compiled = compile(&config);
+    compiled.dns = globals.dns;
+    compiled.hostnames = resolve::names(&specs);
+    Ok((compiled, diag.warnings))
 }

@@ -12,8 +12,9 @@ use super::errors::{ConfigError, Diag, quoted};
 use super::fields::{RouteSpec, TargetSpec};
 use super::values::HostSpec;
 use crate::rules::{BackendSpec, Protocol};
+use forwarder_common::MAX_BACKENDS_PER_RULE;
 
-type Cache = HashMap<String, Result<IpAddr, String>>;
+type Cache = HashMap<String, Result<Vec<IpAddr>, String>>;
 
 /// Each route's targets as addresses; `None` for a route with a target that
 /// did not resolve (the error is recorded). The `unchecked` targets, of
@@ -31,12 +32,48 @@ pub(crate) fn hosts(
     specs
         .iter()
         .map(|spec| {
-            let resolved: Vec<Option<BackendSpec>> = spec
+            let resolved: Vec<Option<Vec<BackendSpec>>> = spec
                 .targets
                 .iter()
                 .map(|t| resolve(&spec.alias, t, &mut cache, env, diag))
                 .collect();
-            resolved.into_iter().collect()
+            let backends: Vec<BackendSpec> =
+                resolved.into_iter().collect::<Option<Vec<_>>>()?.concat();
+            if backends.len() > MAX_BACKENDS_PER_RULE as usize {
+                let name = (spec.targets.iter())
+                    .find(|t| matches!(t.host, HostSpec::Name(_)))
+                    .or(spec.targets.first())?;
+                diag.error(
+                    ConfigError::new(
+                        &name.pos,
+                        format!(
+                            "targets that resolve to {} addresses in all",
+                            backends.len()
+                        ),
+                        format!(
+                            "at most {MAX_BACKENDS_PER_RULE} backends per route, counting every \
+                             address a name resolves to"
+                        ),
+                    )
+                    .alias(Some(&spec.alias))
+                    .field(name.field),
+                );
+                return None;
+            }
+            Some(backends)
+        })
+        .collect()
+}
+
+/// The hostnames `specs` name, each once, in the order written.
+pub(crate) fn names(specs: &[RouteSpec]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    specs
+        .iter()
+        .flat_map(|s| &s.targets)
+        .filter_map(|t| match &t.host {
+            HostSpec::Name(name) if seen.insert(name.clone()) => Some(name.clone()),
+            _ => None,
         })
         .collect()
 }
@@ -47,19 +84,26 @@ fn resolve(
     cache: &mut Cache,
     env: &dyn Env,
     diag: &mut Diag,
-) -> Option<BackendSpec> {
-    let ip = match &t.host {
-        HostSpec::Ip(ip) => *ip,
+) -> Option<Vec<BackendSpec>> {
+    let ips = match &t.host {
+        HostSpec::Ip(ip) => vec![*ip],
         HostSpec::Name(name) => {
             let answer = cache
                 .entry(name.clone())
                 .or_insert_with(|| match env.resolve(name) {
-                    Ok(addrs) => pick_address(&addrs).ok_or_else(|| "no addresses".to_owned()),
+                    Ok(addrs) => {
+                        let picked = pick_addresses(&addrs);
+                        if picked.is_empty() {
+                            Err("no addresses".to_owned())
+                        } else {
+                            Ok(picked)
+                        }
+                    }
                     Err(e) => Err(e.to_string()),
                 })
                 .clone();
             match answer {
-                Ok(ip) => ip,
+                Ok(ips) => ips,
                 Err(why) => {
                     diag.error(
                         ConfigError::new(
@@ -75,6 +119,14 @@ fn resolve(
             }
         }
     };
+    let mut backends = Vec::with_capacity(ips.len());
+    for ip in ips {
+        backends.push(usable(alias, t, ip, diag)?);
+    }
+    Some(backends)
+}
+
+fn usable(alias: &str, t: &TargetSpec, ip: IpAddr, diag: &mut Diag) -> Option<BackendSpec> {
     if let Some(why) = unusable_target(ip) {
         diag.error(
             ConfigError::new(
@@ -93,14 +145,19 @@ fn resolve(
     })
 }
 
-/// The first IPv4 address if any (the kernel path starts with IPv4), else
-/// the first.
-fn pick_address(addrs: &[IpAddr]) -> Option<IpAddr> {
-    addrs
+/// Every IPv4 address if there is one (the kernel path speaks IPv4 for
+/// now), else every address; sorted, so that a server rotating its answers
+/// does not look like a change.
+fn pick_addresses(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let v4 = addrs.iter().any(IpAddr::is_ipv4);
+    let mut picked: Vec<IpAddr> = addrs
         .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
+        .map(|a| a.to_canonical())
+        .filter(|a| !v4 || a.is_ipv4())
+        .collect();
+    picked.sort();
+    picked.dedup();
+    picked
 }
 
 fn unusable_target(ip: IpAddr) -> Option<&'static str> {

@@ -1,4 +1,4 @@
-//! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `timeouts`,
+//! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `dns`, `timeouts`,
 //! `acl`.
 //! Each is optional; what is left out keeps the defaults of `rules.rs`.
 
@@ -8,11 +8,16 @@ use super::fields::parse_timeouts;
 use super::source::RawFile;
 use super::values;
 use super::yaml::Node;
-use crate::rules::{KernelSettings, RelaySettings, Timeouts};
+use crate::rules::{DnsSettings, KernelSettings, RelaySettings, Timeouts};
 
 const RELAY_FIELDS: &[&str] = &["max_udp_sessions", "drain_timeout"];
 const KERNEL_FIELDS: &[&str] = &["conntrack_size", "snat_ports"];
+const DNS_FIELDS: &[&str] = &["refresh"];
 const SNAT_ALLOWED: &str = "`min-max` within 1024–65535, min ≤ max (e.g. `40000-59999`)";
+/// How often names may be resolved again: not a load on the resolver, not
+/// so rarely that a moved backend waits long.
+const DNS_REFRESH_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const DNS_REFRESH_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
@@ -21,6 +26,7 @@ pub(crate) struct Globals {
     pub interfaces: Option<Vec<String>>,
     pub relay: RelaySettings,
     pub kernel: KernelSettings,
+    pub dns: DnsSettings,
     /// The defaults for every route's `timeouts`.
     pub timeouts: Timeouts,
     /// Where `kernel.snat_ports` is written, if it is.
@@ -44,6 +50,25 @@ pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
             };
             if let Err(e) = r {
                 diag.error(e.field(field));
+            }
+        }
+    }
+    if let Some(node) = &raw.dns {
+        for (k, v) in section(node, "dns", DNS_FIELDS, diag) {
+            let r = values::duration(&v, false).and_then(|d| {
+                if (DNS_REFRESH_MIN..=DNS_REFRESH_MAX).contains(&d) {
+                    g.dns.refresh = d;
+                    Ok(())
+                } else {
+                    Err(ConfigError::new(
+                        &v.pos,
+                        format!("{d:?}"),
+                        "from 1s to 1h (e.g. `30s`)",
+                    ))
+                }
+            });
+            if let Err(e) = r {
+                diag.error(e.field(format!("dns.{}", k.key_text())));
             }
         }
     }

@@ -20,6 +20,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "include",
     "relay",
     "kernel",
+    "dns",
     "timeouts",
     "acl",
 ];
@@ -39,6 +40,7 @@ pub(crate) struct RawRoute {
 pub(crate) struct RawFile {
     pub interfaces: Option<Node>,
     pub relay: Option<Node>,
+    pub dns: Option<Node>,
     pub kernel: Option<Node>,
     pub timeouts: Option<Node>,
     /// The ACL every rule enforces along with its own.
@@ -79,6 +81,7 @@ pub(crate) fn read(
             "interfaces" => raw.interfaces = Some(v.clone()),
             "relay" => raw.relay = Some(v.clone()),
             "kernel" => raw.kernel = Some(v.clone()),
+            "dns" => raw.dns = Some(v.clone()),
             "timeouts" => raw.timeouts = Some(v.clone()),
             "acl" => raw.acl = Some(v.clone()),
             "routes" => route_map(v, "routes", &mut raw.routes, diag),

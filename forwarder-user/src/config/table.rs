@@ -51,6 +51,19 @@ pub fn table(compiled: &Compiled) -> String {
             out.push('\n');
         }
     }
+    let checked: Vec<&Listener> = compiled
+        .listeners
+        .iter()
+        .filter(|l| l.health.is_some())
+        .collect();
+    if !checked.is_empty() {
+        out.push_str("\nhealth checks:\n");
+        for l in checked {
+            let what = l.health.as_ref().map(crate::health::describe);
+            let what = what.unwrap_or_default();
+            let _ = writeln!(out, "  {} {} ({}): {what}", l.rule_id, l.alias, l.protocol);
+        }
+    }
     let interfaces = match &compiled.interfaces {
         None => "every up, non-loopback interface".to_owned(),
         Some(names) => names.join(", "),

@@ -42,8 +42,14 @@ pub struct KernelRuleCounters {
     /// New flows left to the relay for another reason (fragments, IP
     /// options, no route, no usable backend).
     pub fallback_other: u64,
-    /// Packets of kernel flows dropped (no route any more, TTL, MTU).
+    /// Packets of kernel flows dropped (no route any more, too big without
+    /// DF, TTL or MTU where no ICMP error could be sent).
     pub dropped: u64,
+    /// ICMP errors about kernel flows translated and sent to the other side.
+    pub icmp_translated: u64,
+    /// ICMP errors sent for kernel flows' packets that could not be
+    /// forwarded (TTL expired, DF and too big for the next hop).
+    pub icmp_sent: u64,
     /// New flows' first packets (TCP SYN, UDP datagram) the ACL denied:
     /// dropped, or a SYN reset.
     pub acl_denied: u64,
@@ -61,6 +67,8 @@ impl KernelRuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            icmp_translated,
+            icmp_sent,
             acl_denied,
         } = *sum;
         KernelRuleCounters {
@@ -76,6 +84,8 @@ impl KernelRuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            icmp_translated,
+            icmp_sent,
             acl_denied,
         }
     }

@@ -391,7 +391,7 @@ impl KernelPath {
     /// The second half of a reload: the maps move to `next` (see
     /// `rule_maps`), the sweeper learns the new rules' timeouts, and the
     /// ids of removed and changed rules stay with their flows.
-    pub fn apply(&self, plan: &Plan, next: tables::Tables) -> anyhow::Result<()> {
+    pub fn apply(&self, plan: &Plan, mut next: tables::Tables) -> anyhow::Result<()> {
         let passes = self.gauges.passes.load(Ordering::Acquire);
         let mut guard = self.rule_set();
         let set = &mut *guard;
@@ -401,6 +401,8 @@ impl KernelPath {
             .chain(plan.changed.iter().map(|(_, new)| new))
             .map(|l| l.rule_id)
             .collect();
+        // Unchanged rules keep their backends' health (fresh ones start healthy).
+        next.keep_health(&set.tables, |id| !fresh.contains(&id));
         for &id in &fresh {
             set.retired.remove(&id);
             // An earlier id of a running rule, handed out again: keep its counts.
@@ -440,6 +442,20 @@ impl KernelPath {
         set.tables = next;
         set.listeners = plan.next.listeners.clone();
         Ok(())
+    }
+
+    /// Rule `rule_id`'s backends are healthy or not as `healthy` says (in
+    /// order): new flows pick only healthy ones, and none when all are
+    /// down (they go to the relay, which refuses them). Ignored for a rule
+    /// no longer running (its checks were about to stop).
+    pub fn set_backend_health(&self, rule_id: u32, healthy: &[bool]) -> anyhow::Result<()> {
+        let mut guard = self.rule_set();
+        let set = &mut *guard;
+        if !set.listeners.iter().any(|l| l.rule_id == rule_id) {
+            return Ok(());
+        }
+        set.tables.set_health(rule_id, healthy);
+        set.maps.write_health(&set.tables, rule_id)
     }
 
     /// Detaches everything, unloads the programs and removes the SNAT

@@ -102,6 +102,24 @@ impl RuleMaps {
         Ok(())
     }
 
+    /// A health change of rule `rule_id` (already in `tables`): its
+    /// backends' flags first, then each of its keys with the new total
+    /// weight in one map update. A packet between the two picks only among
+    /// backends flagged healthy either way (the kernel skips the others).
+    pub fn write_health(&mut self, tables: &Tables, rule_id: u32) -> anyhow::Result<()> {
+        for (index, backend) in &tables.backends {
+            if index / MAX_BACKENDS_PER_RULE == rule_id {
+                self.backends.set(*index, backend, 0)?;
+            }
+        }
+        for (key, value) in &tables.rules {
+            if value.rule_id == rule_id {
+                self.rules.insert(key, value, 0)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the ACL entries of rules `tables` no longer has: after the
     /// keys moved, nothing looks them up.
     fn drop_stale_acl(&mut self, tables: &Tables) -> anyhow::Result<()> {

@@ -5,8 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use forwarder_common::{
-    AclKey, Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY, RuleKey, RuleValue,
-    Settings,
+    AclKey, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY,
+    RuleKey, RuleValue, Settings,
 };
 
 use super::snat::{self, Egress};
@@ -20,6 +20,84 @@ pub struct Tables {
     pub settings: Settings,
     /// `ACL` trie entries: (key prefix length, key data, verdict).
     pub acl: Vec<(u32, AclKey, u32)>,
+}
+
+impl Tables {
+    /// Sets the healthy flag of rule `rule_id`'s backends (in order) and its
+    /// total weight to the sum of the healthy ones' weights.
+    pub fn set_health(&mut self, rule_id: u32, healthy: &[bool]) {
+        let mut total = 0u32;
+        for (index, backend) in &mut self.backends {
+            if *index / MAX_BACKENDS_PER_RULE != rule_id {
+                continue;
+            }
+            let up = healthy
+                .get((*index % MAX_BACKENDS_PER_RULE) as usize)
+                .copied()
+                .unwrap_or(true);
+            if up {
+                backend.flags |= BACKEND_F_HEALTHY;
+                total += u32::from(backend.weight);
+            } else {
+                backend.flags &= !BACKEND_F_HEALTHY;
+            }
+        }
+        for (_, value) in &mut self.rules {
+            if value.rule_id == rule_id {
+                value.total_weight = total;
+            }
+        }
+    }
+
+    /// Takes over the health of `from`'s backends for the rules `kept`
+    /// says (same id, same backends), in one pass over each table: a
+    /// reload of thousands of rules must not look up each one.
+    pub fn keep_health(&mut self, from: &Tables, kept: impl Fn(u32) -> bool) {
+        let down: HashSet<u32> = from
+            .backends
+            .iter()
+            .filter(|(index, b)| {
+                b.flags & BACKEND_F_HEALTHY == 0 && kept(index / MAX_BACKENDS_PER_RULE)
+            })
+            .map(|(index, _)| *index)
+            .collect();
+        if down.is_empty() {
+            return;
+        }
+        let affected: HashSet<u32> = down.iter().map(|i| i / MAX_BACKENDS_PER_RULE).collect();
+        let mut totals: HashMap<u32, u32> = HashMap::new();
+        for (index, backend) in &mut self.backends {
+            let rule_id = *index / MAX_BACKENDS_PER_RULE;
+            if !affected.contains(&rule_id) {
+                continue;
+            }
+            let total = totals.entry(rule_id).or_default();
+            if down.contains(index) {
+                backend.flags &= !BACKEND_F_HEALTHY;
+            } else {
+                backend.flags |= BACKEND_F_HEALTHY;
+                *total += u32::from(backend.weight);
+            }
+        }
+        for (_, value) in &mut self.rules {
+            if let Some(&total) = totals.get(&value.rule_id) {
+                value.total_weight = total;
+            }
+        }
+    }
+
+    /// The healthy flags of rule `rule_id`'s backends, in order.
+    #[cfg(test)]
+    pub fn health(&self, rule_id: u32) -> Vec<bool> {
+        let mut of_rule: Vec<(u32, bool)> = self
+            .backends
+            .iter()
+            .filter(|(index, _)| index / MAX_BACKENDS_PER_RULE == rule_id)
+            .map(|(index, b)| (*index, b.flags & BACKEND_F_HEALTHY != 0))
+            .collect();
+        of_rule.sort_unstable();
+        of_rule.into_iter().map(|(_, up)| up).collect()
+    }
 }
 
 /// A closed flow's SNAT port may go to a new flow after this much quiet
@@ -119,6 +197,60 @@ pub fn prepare(compiled: &Compiled) -> Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_sets_flags_and_the_total_of_healthy_weights() {
+        let backend = |weight| Backend {
+            weight,
+            flags: BACKEND_F_HEALTHY,
+            ..Backend::default()
+        };
+        let rule = |id, port: u16| {
+            (
+                RuleKey {
+                    port,
+                    ..RuleKey::default()
+                },
+                RuleValue {
+                    rule_id: id,
+                    backend_count: 3,
+                    total_weight: 6,
+                    ..RuleValue::default()
+                },
+            )
+        };
+        let m = MAX_BACKENDS_PER_RULE;
+        let mut t = Tables {
+            rules: vec![rule(1, 1), rule(1, 2), rule(2, 3)],
+            backends: vec![
+                (m + 2, backend(3)),
+                (m, backend(1)),
+                (m + 1, backend(2)),
+                (2 * m, backend(6)),
+            ],
+            settings: Settings::default(),
+            acl: Vec::new(),
+        };
+        t.set_health(1, &[true, false, true]);
+        assert_eq!(t.health(1), [true, false, true]);
+        assert_eq!(t.health(2), [true]);
+        let totals: Vec<u32> = t.rules.iter().map(|(_, v)| v.total_weight).collect();
+        assert_eq!(totals, [4, 4, 6]);
+        t.set_health(1, &[false, false, false]);
+        assert_eq!(t.rules[0].1.total_weight, 0);
+        t.set_health(1, &[true, true, true]);
+        assert_eq!(t.rules[1].1.total_weight, 6);
+
+        // A reload: rule 1 kept, rule 2 new under an id the old table had down.
+        let mut running = t.clone();
+        running.set_health(1, &[true, false, false]);
+        running.set_health(2, &[false]);
+        t.keep_health(&running, |id| id == 1);
+        assert_eq!(t.health(1), [true, false, false]);
+        assert_eq!(t.health(2), [true]);
+        let totals: Vec<u32> = t.rules.iter().map(|(_, v)| v.total_weight).collect();
+        assert_eq!(totals, [1, 1, 6]);
+    }
 
     #[test]
     fn the_probe_limit_is_bounded_by_the_range_and_the_kernel() {

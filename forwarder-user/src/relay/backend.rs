@@ -2,15 +2,20 @@
 //! already reported.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
+use crate::health::RuleHealth;
 use crate::rules::BackendSpec;
 
-/// Picks backends by weight: over every `total weight` flows each backend
-/// gets exactly its weight, spread out rather than in runs (a stride that
-/// is coprime with the total walks all positions in a scattered order).
+/// Picks healthy backends by weight: over every `total weight` flows each
+/// backend gets exactly its weight, spread out rather than in runs (a
+/// stride that is coprime with the total walks all positions in a
+/// scattered order). While some are down, the same walk runs over the
+/// weights of the healthy ones.
 pub struct BackendPicker {
     backends: Vec<SocketAddr>,
+    weights: Vec<u64>,
     /// `ends[i]`: the sum of the weights of backends `0..=i`.
     ends: Vec<u64>,
     total: u64,
@@ -18,11 +23,13 @@ pub struct BackendPicker {
     next: AtomicU64,
     /// One per backend: set while it fails, so a failure is logged once.
     down: Vec<Alarm>,
+    health: Arc<RuleHealth>,
 }
 
 impl BackendPicker {
-    /// `specs` must not be empty; a weight of 0 counts as 1.
-    pub fn new(specs: &[BackendSpec]) -> BackendPicker {
+    /// `specs` must not be empty; a weight of 0 counts as 1. `health` is
+    /// the state of the same backends, in the same order.
+    pub fn new(specs: &[BackendSpec], health: Arc<RuleHealth>) -> BackendPicker {
         assert!(!specs.is_empty(), "a listener needs a backend");
         let mut ends = Vec::with_capacity(specs.len());
         let mut total = 0u64;
@@ -32,23 +39,52 @@ impl BackendPicker {
         }
         BackendPicker {
             backends: specs.iter().map(|s| s.addr).collect(),
+            weights: specs.iter().map(|s| u64::from(s.weight.max(1))).collect(),
             ends,
             total,
             stride: coprime_stride(total),
             next: AtomicU64::new(0),
             down: specs.iter().map(|_| Alarm::default()).collect(),
+            health,
         }
     }
 
-    /// The backend for a new flow: `(index, address)`.
-    pub fn pick(&self) -> (usize, SocketAddr) {
+    /// The backend for a new flow: `(index, address)`; `None` when every
+    /// backend is down.
+    pub fn pick(&self) -> Option<(usize, SocketAddr)> {
+        let healthy = self.health.healthy_flags();
         if self.backends.len() == 1 {
-            return (0, self.backends[0]);
+            return healthy[0].then_some((0, self.backends[0]));
         }
-        let n = self.next.fetch_add(1, Relaxed) % self.total;
-        let pos = n * self.stride % self.total;
-        let i = self.ends.partition_point(|&end| end <= pos);
-        (i, self.backends[i])
+        let n = self.next.fetch_add(1, Relaxed);
+        if healthy.iter().all(|&h| h) {
+            let pos = n % self.total * self.stride % self.total;
+            let i = self.ends.partition_point(|&end| end <= pos);
+            return Some((i, self.backends[i]));
+        }
+        let total: u64 = (self.weights.iter().zip(&healthy))
+            .filter(|(_, h)| **h)
+            .map(|(w, _)| w)
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut pos = n % total * coprime_stride(total) % total;
+        for (i, (&w, &h)) in self.weights.iter().zip(&healthy).enumerate() {
+            if !h {
+                continue;
+            }
+            if pos < w {
+                return Some((i, self.backends[i]));
+            }
+            pos -= w;
+        }
+        None
+    }
+
+    /// The health of the backends, which failed connects feed.
+    pub fn health(&self) -> &RuleHealth {
+        &self.health
     }
 
     /// The alarm that says backend `index` is failing.
@@ -112,6 +148,9 @@ impl Alarm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::{HealthBook, Source};
+    use crate::rules::{HealthSpec, Listener, PathMode, Probe, Protocol, Timeouts};
+    use std::time::Duration;
 
     fn specs(weights: &[u16]) -> Vec<BackendSpec> {
         weights
@@ -124,12 +163,60 @@ mod tests {
             .collect()
     }
 
+    fn make_picker(weights: &[u16]) -> BackendPicker {
+        let l = listener(weights);
+        BackendPicker::new(&l.backends, HealthBook::default().rule(&l))
+    }
+
+    fn listener(weights: &[u16]) -> Listener {
+        Listener {
+            rule_id: 0,
+            alias: "unit".into(),
+            protocol: Protocol::Tcp,
+            bind: "127.0.0.1:1".parse().unwrap(),
+            listen_picked: false,
+            backends: specs(weights),
+            timeouts: Timeouts::default(),
+            path: PathMode::Auto,
+            preserve_client_ip: false,
+            acl: None,
+            health: Some(HealthSpec {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                fall: 1,
+                rise: 1,
+                probe: Probe::TcpConnect,
+            }),
+        }
+    }
+
     fn counts(picker: &BackendPicker, picks: usize, n: usize) -> Vec<usize> {
         let mut c = vec![0; n];
         for _ in 0..picks {
-            c[picker.pick().0] += 1;
+            c[picker.pick().unwrap().0] += 1;
         }
         c
+    }
+
+    fn set(picker: &BackendPicker, index: usize, up: bool) {
+        let outcome = if up { Ok(()) } else { Err("test".into()) };
+        picker.health().record(index, outcome, Source::Check);
+    }
+
+    #[test]
+    fn only_healthy_backends_are_picked_by_weight() {
+        let picker = make_picker(&[5, 2, 1]);
+        set(&picker, 0, false);
+        assert_eq!(counts(&picker, 9, 3), [0, 6, 3]);
+        set(&picker, 2, false);
+        assert_eq!(counts(&picker, 4, 3), [0, 4, 0]);
+        set(&picker, 1, false);
+        assert_eq!(picker.pick(), None);
+        set(&picker, 0, true);
+        assert_eq!(counts(&picker, 5, 3), [5, 0, 0]);
+        let single = make_picker(&[1]);
+        set(&single, 0, false);
+        assert_eq!(single.pick(), None);
     }
 
     #[test]
@@ -141,7 +228,7 @@ mod tests {
             &[1, 100],
             &[7, 7, 7, 7],
         ] {
-            let picker = BackendPicker::new(&specs(weights));
+            let picker = make_picker(weights);
             let total: usize = weights.iter().map(|&w| w as usize).sum();
             let got = counts(&picker, total * 3, weights.len());
             let want: Vec<usize> = weights.iter().map(|&w| w as usize * 3).collect();
@@ -151,21 +238,21 @@ mod tests {
 
     #[test]
     fn picks_are_spread_not_in_runs() {
-        let picker = BackendPicker::new(&specs(&[3, 1]));
-        let seq: Vec<usize> = (0..4).map(|_| picker.pick().0).collect();
+        let picker = make_picker(&[3, 1]);
+        let seq: Vec<usize> = (0..4).map(|_| picker.pick().unwrap().0).collect();
         // Backend 1 is not last in a run of three 0s then a 1 every time:
         // within the first cycle it shows up before position 3.
         assert!(seq[..3].contains(&1), "{seq:?}");
-        let picker = BackendPicker::new(&specs(&[1, 1]));
-        let seq: Vec<usize> = (0..4).map(|_| picker.pick().0).collect();
+        let picker = make_picker(&[1, 1]);
+        let seq: Vec<usize> = (0..4).map(|_| picker.pick().unwrap().0).collect();
         assert_eq!(seq, [0, 1, 0, 1]);
     }
 
     #[test]
     fn single_backend_and_zero_weight() {
-        let picker = BackendPicker::new(&specs(&[9]));
-        assert!((0..5).all(|_| picker.pick().0 == 0));
-        let picker = BackendPicker::new(&specs(&[0, 1]));
+        let picker = make_picker(&[9]);
+        assert!((0..5).all(|_| picker.pick().unwrap().0 == 0));
+        let picker = make_picker(&[0, 1]);
         assert_eq!(counts(&picker, 4, 2), [2, 2]);
     }
 

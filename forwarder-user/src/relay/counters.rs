@@ -23,6 +23,9 @@ pub struct RuleCounters {
     /// UDP datagrams of new clients dropped because the session table was
     /// full or the relay was draining.
     pub sessions_refused: AtomicU64,
+    /// New flows refused because every backend was down: TCP connections
+    /// reset, UDP datagrams of new clients dropped.
+    pub no_backend: AtomicU64,
     /// TCP connections (closed at accept) and UDP datagrams of new clients
     /// (dropped) that the rule's ACL denied.
     pub acl_denied: AtomicU64,
@@ -49,6 +52,7 @@ impl RuleCounters {
             datagrams_to_client: self.datagrams_to_client.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
+            no_backend: self.no_backend.load(Relaxed),
             acl_denied: self.acl_denied.load(Relaxed),
             errors: self.errors.load(Relaxed),
             active: self.active.load(Relaxed),
@@ -75,6 +79,9 @@ pub struct RelayRuleCounters {
     /// Datagrams of new UDP clients dropped because the session table was
     /// full or the relay was draining (each such datagram asks for a session).
     pub sessions_refused: u64,
+    /// New flows refused because every backend was down (TCP reset, UDP
+    /// datagram dropped).
+    pub no_backend: u64,
     /// TCP connections closed at accept and datagrams of new UDP clients
     /// dropped because the ACL denied the client.
     pub acl_denied: u64,

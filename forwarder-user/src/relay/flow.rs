@@ -12,6 +12,7 @@ use super::backend::BackendPicker;
 use super::counters::RuleCounters;
 use super::sys::canonical;
 use crate::acl::RuleAcl;
+use crate::health::RuleHealth;
 use crate::rules::{FlowObserver, Listener, Protocol, Timeouts};
 
 /// One listener's rule, as its flows need it.
@@ -28,12 +29,16 @@ pub struct RuleCtx {
 }
 
 impl RuleCtx {
-    pub fn new(listener: &Listener, observer: Arc<dyn FlowObserver>) -> RuleCtx {
+    pub fn new(
+        listener: &Listener,
+        observer: Arc<dyn FlowObserver>,
+        health: Arc<RuleHealth>,
+    ) -> RuleCtx {
         RuleCtx {
             rule_id: listener.rule_id,
             alias: listener.alias.clone(),
             protocol: listener.protocol,
-            backends: BackendPicker::new(&listener.backends),
+            backends: BackendPicker::new(&listener.backends, health),
             timeouts: listener.timeouts,
             acl: listener.acl.clone(),
             counters: Arc::default(),
@@ -43,10 +48,10 @@ impl RuleCtx {
 
     /// The rule `listener`, which replaces `self` on the same socket: new
     /// flows follow it, the counters carry on.
-    pub fn succeed(&self, listener: &Listener) -> RuleCtx {
+    pub fn succeed(&self, listener: &Listener, health: Arc<RuleHealth>) -> RuleCtx {
         RuleCtx {
             counters: self.counters.clone(),
-            ..RuleCtx::new(listener, self.observer.clone())
+            ..RuleCtx::new(listener, self.observer.clone(), health)
         }
     }
 

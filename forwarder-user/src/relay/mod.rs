@@ -39,6 +39,7 @@ use tracing::{debug, info, warn};
 
 pub use counters::RelayRuleCounters;
 
+use crate::health::HealthBook;
 use crate::reload::{ListenKey, Plan};
 use crate::rules::{FlowObserver, Listener, Protocol, RelaySettings};
 use backend::BackendPicker;
@@ -108,6 +109,7 @@ pub struct Relay {
     listeners: Mutex<Listeners>,
     settings: RelaySettings,
     observer: Arc<dyn FlowObserver>,
+    health: Arc<HealthBook>,
 }
 
 enum Bound {
@@ -173,6 +175,7 @@ impl Relay {
             listeners: Mutex::default(),
             settings,
             observer,
+            health: Arc::default(),
         };
         relay.serve(bound);
         Ok(relay)
@@ -186,7 +189,8 @@ impl Relay {
     fn serve(&self, bound: Vec<(Listener, Bound)>) {
         let mut listeners = self.listeners();
         for (l, socket) in bound {
-            let rule = Arc::new(RuleCtx::new(&l, self.observer.clone()));
+            let health = self.health.rule(&l);
+            let rule = Arc::new(RuleCtx::new(&l, self.observer.clone(), health));
             let local = socket.local_addr().unwrap_or(l.bind);
             log_listener(&l, local);
             let (rule_tx, rule_rx) = watch::channel(rule);
@@ -303,7 +307,8 @@ impl Relay {
                 .iter()
                 .find(|l| ListenKey::of(l) == *key)
                 .expect("revived for an added rule");
-            let _ = served.rule.send(Arc::new(served.rule().succeed(l)));
+            let next = served.rule().succeed(l, self.health.rule(l));
+            let _ = served.rule.send(Arc::new(next));
             log_listener(l, served.local);
             listeners.serving.push(served);
         }
@@ -315,7 +320,8 @@ impl Relay {
             .collect();
         for (_, new) in &plan.changed {
             if let Some(s) = at.get(&ListenKey::of(new)).map(|&i| &listeners.serving[i]) {
-                let _ = s.rule.send(Arc::new(s.rule().succeed(new)));
+                let next = s.rule().succeed(new, self.health.rule(new));
+                let _ = s.rule.send(Arc::new(next));
                 log_listener(new, s.local);
             }
         }
@@ -333,6 +339,11 @@ impl Relay {
         self.listeners()
             .serving
             .sort_by_key(|s| s.rule.borrow().rule_id);
+    }
+
+    /// The health of every rule's backends, which the relay's picks follow.
+    pub fn health(&self) -> Arc<HealthBook> {
+        self.health.clone()
     }
 
     /// The address each listener is bound to, by rule id.

@@ -22,6 +22,7 @@ use super::idle::{IdleClock, Millis};
 use super::next_phase;
 use super::splice::{Pipe, SpliceEnd, splice_one_way};
 use crate::acl::AclAction;
+use crate::health::Source;
 
 /// Serves one listener until the relay closes it, or it drains (or
 /// retires) and has no flow left. Each new flow takes the rule current at
@@ -109,7 +110,13 @@ async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
         }
     };
     let guard = FlowGuard::start(&rule, peer, local);
-    let (index, backend_addr) = rule.backends.pick();
+    let Some((index, backend_addr)) = rule.backends.pick() else {
+        // Every backend is down: a prompt reset, not a wait for nothing.
+        RuleCounters::add(&rule.counters.no_backend, 1);
+        debug!(alias = %rule.alias, client = %guard.client, "no healthy backend; reset");
+        let _ = client.set_zero_linger();
+        return;
+    };
     let connect = tokio::time::timeout(rule.timeouts.connect, TcpStream::connect(backend_addr));
     let backend = match connect.await {
         Ok(Ok(backend)) => backend,
@@ -122,6 +129,7 @@ async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
     if rule.backends.down(index).clear() {
         info!(alias = %rule.alias, backend = %backend_addr, "backend answers again");
     }
+    rule.backends.health().record(index, Ok(()), Source::Relay);
     // A relay must not hold back small writes; the endpoints chose their own pacing.
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
@@ -168,6 +176,9 @@ fn deny(rule: &RuleCtx, client: TcpStream) {
 /// The client is reset at once so that it does not wait for data that never comes.
 fn connect_failed(rule: &RuleCtx, index: usize, backend: SocketAddr, client: TcpStream, why: &str) {
     RuleCounters::add(&rule.counters.connect_failures, 1);
+    rule.backends
+        .health()
+        .record(index, Err(format!("relay connect: {why}")), Source::Relay);
     if rule.backends.down(index).raise() {
         warn!(
             alias = %rule.alias, %backend,
@@ -300,8 +311,10 @@ mod tests {
             preserve_client_ip: false,
             acl: None,
             listen_picked: false,
+            health: None,
         };
-        RuleCtx::new(&listener, Arc::new(NoKernelPath))
+        let health = crate::health::HealthBook::default().rule(&listener);
+        RuleCtx::new(&listener, Arc::new(NoKernelPath), health)
     }
 
     /// A connected pair of loopback sockets: (the end we hold, the end the relay holds).

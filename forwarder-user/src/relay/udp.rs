@@ -25,6 +25,7 @@ use super::idle::{IdleClock, Millis, sweep_interval};
 use super::sessions::SessionTable;
 use super::socket::connect_udp;
 use super::{Phase, next_phase, sys};
+use crate::health::Source;
 
 /// Batches read in one go before the task lets others run.
 const ROUNDS: usize = 16;
@@ -56,6 +57,8 @@ struct Session {
     /// The backend has sent a datagram back: the session lives by
     /// `udp_idle` from now on, not the shorter `udp_unreplied`.
     answered: AtomicBool,
+    /// The backend's index in the rule, for its health.
+    backend: usize,
 }
 
 struct Entry {
@@ -235,7 +238,10 @@ impl UdpListener {
             }
             return None;
         }
-        let (index, backend) = rule.backends.pick();
+        let Some((index, backend)) = rule.backends.pick() else {
+            RuleCounters::add(&rule.counters.no_backend, 1);
+            return None;
+        };
         let upstream = match connect_udp(backend) {
             Ok(upstream) => upstream,
             Err(e) => {
@@ -257,6 +263,7 @@ impl UdpListener {
             source: dst,
             clock: IdleClock::new(Millis::now()),
             answered: AtomicBool::new(false),
+            backend: index,
         });
         debug!(alias = %rule.alias, client = %guard.client, %backend, "udp session opened");
         let abort = self.tasks.spawn(replies(
@@ -388,10 +395,20 @@ async fn replies(
     // Replies the listener socket had no room for, kept in order.
     let mut spill: Vec<Vec<u8>> = Vec::new();
     loop {
-        if let Err(e) = session.upstream.readable().await {
-            rule.error();
-            debug!(alias = %rule.alias, "udp session socket failed: {e}");
-            return key;
+        let ready = match session
+            .upstream
+            .ready(Interest::READABLE | Interest::ERROR)
+            .await
+        {
+            Ok(ready) => ready,
+            Err(e) => {
+                rule.error();
+                debug!(alias = %rule.alias, "udp session socket failed: {e}");
+                return key;
+            }
+        };
+        if ready.is_error() {
+            backend_error(&session, &rule);
         }
         if let Err(e) = reply_batches(&session, &listener, &rule, &mut spill) {
             rule.error();
@@ -402,6 +419,28 @@ async fn replies(
             send_spill(&mut spill, &session, &listener, &rule).await;
         }
     }
+}
+
+/// An ICMP error on the session's socket (with no datagram to read, it
+/// wakes no reader): taken, so that it is reported once, and counted.
+fn backend_error(session: &Session, rule: &RuleCtx) {
+    let _ = session.upstream.try_io(Interest::ERROR, || {
+        if let Ok(Some(e)) = session.upstream.take_error() {
+            rule.error();
+            if e.raw_os_error() == Some(libc::ECONNREFUSED) {
+                port_unreachable(session, rule);
+            }
+        }
+        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+    });
+}
+
+/// The backend's port is closed: a failed check of its health.
+fn port_unreachable(session: &Session, rule: &RuleCtx) {
+    let why = Err("relay: udp port unreachable".to_owned());
+    rule.backends
+        .health()
+        .record(session.backend, why, Source::Relay);
 }
 
 /// Reads reply batches until none is left, sending each to the client
@@ -425,6 +464,7 @@ fn reply_batches(
                 // for when it comes back.
                 Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                     rule.error();
+                    port_unreachable(session, rule);
                     continue;
                 }
                 Err(e) => return Err(e),

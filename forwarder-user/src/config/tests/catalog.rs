@@ -97,12 +97,11 @@ fn sample(name: &str) -> Option<Sample> {
         }),
         "preserve_client_ip" => s(Honoured, "true", None, |l| l.preserve_client_ip),
         "aliases" | "exclude" => s(Honoured, "", None, anything), // tests/forms.rs
-        "healthcheck" => s(
-            NotEnforced,
-            "'{interval: 5s}'",
-            Some("'{disabled: true}'"),
-            anything,
-        ),
+        "healthcheck" => s(Honoured, "'{interval: 7s}'", None, |l| {
+            l.health
+                .as_ref()
+                .is_some_and(|h| h.interval == Duration::from_secs(7))
+        }),
         "acl" => s(Honoured, "'{allow: 10.0.0.0/8}'", None, |l| {
             l.acl.as_ref().is_some_and(|a| {
                 a.allows("10.1.2.3".parse().unwrap()) && !a.allows("192.0.2.1".parse().unwrap())

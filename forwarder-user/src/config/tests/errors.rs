@@ -126,7 +126,7 @@ routes:
         &[
             ("test.yaml:4:5: alias `a`, field `prot`: found unknown field `prot`; allowed `scheme`, `host`, `port`", &["did you mean `port`?"]),
             ("test.yaml:5:5: alias `a`, field `hots`: found unknown field `hots`", &["did you mean `host`?"]),
-            ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`; allowed `scheme`, `host`, `port`, `bind`, `backends`, `path`, `timeouts`, `preserve_client_ip`", &[]),
+            ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`; allowed `scheme`, `host`, `port`, `bind`, `backends`, `path`, `timeouts`, `preserve_client_ip`, `healthcheck`", &[]),
             ("test.yaml:2:3: alias `a`, field `port`: found no `port`", &[]),
         ],
     ),
@@ -253,10 +253,26 @@ routes:
             ("test.yaml:3:22: `timeouts.udp_idle`: found `0`; allowed a duration above zero", &[]),
             ("test.yaml:3:25: `timeouts.tcp_closed`: found unknown field `tcp_closed`", &["did you mean `tcp_close`?"]),
             ("test.yaml:5:51: alias `a`, field `timeouts.connect`: found `1.5s`", &[]),
-            ("test.yaml:5:58: alias `a`, field `healthcheck`: found `healthcheck`, which forwarder checks but does not enforce yet", &[]),
             ("test.yaml:5:95: alias `a`, field `healthcheck.timeout`: found `2s` (longer than the interval 1s)", &[]),
-            ("test.yaml:6:31: alias `b`, field `healthcheck`: found `healthcheck`, which forwarder checks but does not enforce yet", &[]),
             ("test.yaml:6:45: alias `b`, field `healthcheck.every`: found unknown field `every`", &[]),
+        ],
+    ),
+    (
+        "health checks that cannot tell or cannot work",
+        "routes:
+  a: {scheme: udp, host: 10.0.0.1, port: 1:1, healthcheck: {interval: 1s}}
+  b: {scheme: tcp, host: 10.0.0.1, port: 2:2, healthcheck: {payload: ping}}
+  c: {scheme: udp, host: 10.0.0.1, port: 3:3, healthcheck: {expect: pong}}
+  d: {scheme: tcp, host: 10.0.0.1, port: 4:4, healthcheck: {fall: 2, retries: 3, rise: 0}}
+  e: {scheme: udp, host: 10.0.0.1, port: 5:5, healthcheck: {payload: 'hex:0g'}}
+",
+        &[
+            ("test.yaml:2:60: alias `a`, field `healthcheck`: found a udp health check without `payload`; allowed a `payload` the backend answers", &[]),
+            ("test.yaml:3:60: alias `b`, field `healthcheck.payload`: found `payload` on a route without udp", &[]),
+            ("test.yaml:4:69: alias `c`, field `healthcheck.expect`: found `expect` without `payload`", &[]),
+            ("test.yaml:5:70: alias `d`, field `healthcheck.retries`: found both `fall` and `retries`", &[]),
+            ("test.yaml:5:88: alias `d`, field `healthcheck.rise`: found `0`; allowed a whole number from 1 to 1000", &[]),
+            ("test.yaml:6:70: alias `e`, field `healthcheck.payload`: found `hex:0g`; allowed a text, or `hex:` and an even number of hex digits", &[]),
         ],
     ),
     (

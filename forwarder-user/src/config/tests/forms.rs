@@ -435,7 +435,8 @@ routes:
     port: 1001:1
     timeouts: {udp_idle: 5, tcp_close: 2m, tcp_half_closed: 5m}
     preserve_client_ip: true
-    # Until enforced, only the forms that ask for nothing load.
+    # Until enforced, only the forms that ask for nothing load (acl,
+    # proxy_protocol); a disabled healthcheck checks nothing.
     healthcheck: {disabled: true, interval: 10s, timeout: 2s, retries: -1, path: /ping}
     acl: {allow: [], deny: }
     proxy_protocol: 'off'

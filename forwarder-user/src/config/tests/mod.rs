@@ -8,6 +8,8 @@ mod examples;
 mod forms;
 mod fuzz;
 mod godoxy_examples;
+mod health;
+mod names;
 
 use std::collections::{HashMap, HashSet};
 use std::io;

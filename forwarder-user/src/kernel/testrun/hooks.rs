@@ -47,10 +47,13 @@ fn only_packets_we_redirect_or_drop_get_a_final_verdict() {
         let snat = (SNAT, view(&out.packet).sport);
         let syn_ack = Spec::tcp((BACKEND, BACKEND_PORT), snat, TCP_SYN | TCP_ACK).build();
         assert_eq!(k.run_tc(&syn_ack).verdict, TC_ACT_REDIRECT, "the answer");
-        // ...and one of its packets that cannot go on is dropped.
-        let mut expiring = Spec::tcp(client(51002), listener(), TCP_ACK);
-        expiring.ttl = 1;
-        assert_eq!(k.run_tc(&expiring.build()).verdict, TC_ACT_SHOT);
+        // ...and one of its packets that cannot go on is dropped (too big
+        // without DF: the kernel path does not fragment, and a TTL 1 packet
+        // would be answered with time exceeded, also redirected).
+        let mut too_big = Spec::tcp(client(51002), listener(), TCP_ACK);
+        too_big.frag = 0;
+        too_big.payload = vec![0; 1600];
+        assert_eq!(k.run_tc(&too_big.build()).verdict, TC_ACT_SHOT);
         assert_eq!(k.rule_counters(TCP_RULE).dropped, 1);
     });
     // A rule the kernel path must leave to the relay.

@@ -6,7 +6,9 @@
 mod acl;
 mod flow_state;
 mod flows;
+mod health;
 mod hooks;
+mod icmp;
 mod packet;
 mod programs;
 mod xdp;
@@ -136,6 +138,14 @@ impl Loaded {
                 .insert(RuleMaps::take(&mut self.ebpf).expect("the rule maps")),
         };
         maps.write(tables).expect("write the tables");
+    }
+
+    /// A health change of `rule_id` in `tables`, written as the daemon
+    /// writes it (after [`Loaded::write_tables`]).
+    pub fn write_health(&mut self, tables: &super::tables::Tables, rule_id: u32) {
+        let maps = self.rule_maps.as_mut().expect("tables written first");
+        maps.write_health(tables, rule_id)
+            .expect("write the health change");
     }
 
     pub fn conntrack(&self) -> Vec<(CtKey, CtValue)> {

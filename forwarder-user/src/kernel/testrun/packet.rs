@@ -37,6 +37,8 @@ pub struct Spec {
     pub frag: u16,
     /// Extra IPv4 option bytes (a multiple of 4).
     pub ip_options: Vec<u8>,
+    /// TCP option bytes (a multiple of 4).
+    pub tcp_options: Vec<u8>,
 }
 
 impl Spec {
@@ -53,6 +55,7 @@ impl Spec {
             csum: Csum::Full,
             frag: 0x4000, // DF
             ip_options: Vec::new(),
+            tcp_options: Vec::new(),
         }
     }
 
@@ -71,7 +74,8 @@ impl Spec {
 
     pub fn build(&self) -> Vec<u8> {
         let ihl = IP_LEN + self.ip_options.len();
-        let l4_len = if self.proto == 6 { 20 } else { 8 } + self.payload.len();
+        let tcp_len = 20 + self.tcp_options.len();
+        let l4_len = if self.proto == 6 { tcp_len } else { 8 } + self.payload.len();
         let mut p = Vec::with_capacity(ETH_LEN + ihl + l4_len);
         p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // dst MAC
         p.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // src MAC
@@ -96,10 +100,11 @@ impl Spec {
         if self.proto == 6 {
             p.extend_from_slice(&1000u32.to_be_bytes()); // seq
             p.extend_from_slice(&0u32.to_be_bytes()); // ack
-            p.push(5 << 4);
+            p.push(((tcp_len / 4) as u8) << 4);
             p.push(self.tcp_flags);
             p.extend_from_slice(&64240u16.to_be_bytes());
             p.extend_from_slice(&[0, 0, 0, 0]); // csum, urg
+            p.extend_from_slice(&self.tcp_options);
         } else {
             p.extend_from_slice(&(l4_len as u16).to_be_bytes());
             p.extend_from_slice(&[0, 0]);
@@ -127,7 +132,7 @@ pub fn l4_csum_offset(proto: u8) -> usize {
     if proto == 6 { 16 } else { 6 }
 }
 
-fn sum(bytes: &[u8]) -> u32 {
+pub fn sum(bytes: &[u8]) -> u32 {
     let mut s = 0u32;
     for chunk in bytes.chunks(2) {
         let word = if chunk.len() == 2 {
@@ -140,7 +145,7 @@ fn sum(bytes: &[u8]) -> u32 {
     s
 }
 
-fn fold(mut s: u32) -> u16 {
+pub fn fold(mut s: u32) -> u16 {
     while s >> 16 != 0 {
         s = (s & 0xffff) + (s >> 16);
     }
