@@ -126,7 +126,7 @@ routes:
         &[
             ("test.yaml:4:5: alias `a`, field `prot`: found unknown field `prot`; allowed `scheme`, `host`, `port`", &["did you mean `port`?"]),
             ("test.yaml:5:5: alias `a`, field `hots`: found unknown field `hots`", &["did you mean `host`?"]),
-            ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`; allowed `scheme`, `host`, `port`, `bind`, `backends`, `path`, `timeouts`, `preserve_client_ip`, `healthcheck`", &[]),
+            ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`; allowed `scheme`, `host`, `port`, `bind`, `backends`, `path`, `timeouts`, `preserve_client_ip`, `acl`, `healthcheck`", &[]),
             ("test.yaml:2:3: alias `a`, field `port`: found no `port`", &[]),
         ],
     ),
