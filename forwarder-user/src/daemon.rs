@@ -48,6 +48,18 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let mut signals = Signals::install()?;
     let compiled = config::load(&opts.config).map_err(RunError::Config)?;
     let kernel = if opts.relay_only {
+        if let Some((l, why)) = compiled
+            .listeners
+            .iter()
+            .find_map(|l| Some((l, l.needs_kernel()?)))
+            .filter(|(l, _)| l.preserve_client_ip)
+        {
+            return Err(RunError::Fatal(anyhow!(
+                "rule `{}` in {} has {why}: --relay-only cannot carry it",
+                l.alias,
+                opts.config.display()
+            )));
+        }
         info!("relay only (--relay-only): the kernel path is not loaded");
         None
     } else {
@@ -88,6 +100,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         kernel,
         running: RwLock::new(compiled),
         reloading: tokio::sync::Mutex::new(()),
+        started: std::time::Instant::now(),
     });
     let handlers = Handlers {
         status: status_fn(daemon.clone()),
@@ -147,6 +160,9 @@ struct Daemon {
     running: RwLock<Compiled>,
     /// One reload at a time (SIGHUP and `forwarder reload` may meet).
     reloading: tokio::sync::Mutex<()>,
+    /// Status documents carry the time since, so rates between two of
+    /// them need no clock of the client's.
+    started: std::time::Instant,
 }
 
 /// What a reload did, as `forwarder reload` reports it.
@@ -301,11 +317,10 @@ impl Daemon {
         let new = plan.added.iter().chain(plan.changed.iter().map(|(_, l)| l));
         let mut could = Vec::new();
         for l in new {
-            if l.path.requires_kernel() {
+            if let Some(why) = l.needs_kernel() {
                 bail!(
-                    "rule `{}` has `path: {}`, but this daemon runs without the kernel path{}",
+                    "rule `{}` has {why}, but this daemon runs without the kernel path{}",
                     l.alias,
-                    l.path.as_str(),
                     if self.relay_only {
                         " (--relay-only)"
                     } else {
@@ -472,8 +487,7 @@ async fn start_kernel_path(
     let required_by = compiled
         .listeners
         .iter()
-        .find(|l| l.path.requires_kernel())
-        .map(|l| l.alias.clone());
+        .find_map(|l| Some((l.alias.clone(), l.needs_kernel()?)));
     let options = StartOptions {
         config_file: Some(opts.config.display().to_string()),
         pin: true,
@@ -487,8 +501,8 @@ async fn start_kernel_path(
             "{e:#}; run it as root, or pass --relay-only"
         ))),
         Err(e) => match required_by {
-            Some(alias) => Err(RunError::Fatal(e.context(format!(
-                "rule `{alias}` in {} has `path: kernel`, but the kernel path cannot start",
+            Some((alias, why)) => Err(RunError::Fatal(e.context(format!(
+                "rule `{alias}` in {} has {why}, but the kernel path cannot start",
                 opts.config.display()
             )))),
             None => {
@@ -563,6 +577,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
             .collect();
         serde_json::json!({
             "pid": std::process::id(),
+            "uptime_ms": daemon.started.elapsed().as_millis() as u64,
             "config": daemon.config.display().to_string(),
             "kernel_path": daemon.kernel.is_some(),
             "rules": rules,

@@ -9,3 +9,4 @@ pub mod relay;
 pub mod reload;
 pub mod rules;
 pub mod state;
+pub mod status_view;

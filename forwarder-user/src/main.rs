@@ -52,14 +52,19 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         control: PathBuf,
     },
-    /// Print the rules and counters of a running daemon.
+    /// Print the rules of a running daemon with each path's counters and
+    /// rates (over one second), then the totals.
     Status {
         /// The daemon's control socket.
         #[arg(long, default_value = DEFAULT_SOCKET)]
         control: PathBuf,
-        /// Print the raw JSON document.
-        #[arg(long)]
+        /// Print the raw JSON document instead (one sample, no rates).
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Refresh every SECS seconds (default 2): in place on a terminal,
+        /// one block after the other otherwise. Ctrl-C ends it.
+        #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
     },
 }
 
@@ -81,18 +86,22 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { control, json } => match control::query(&control) {
-            Ok(status) if json => {
+        Command::Status {
+            control,
+            json: true,
+            ..
+        } => match control::query(&control) {
+            Ok(status) => {
                 println!("{status}");
                 ExitCode::SUCCESS
             }
-            Ok(status) => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).unwrap_or_default()
-                );
-                ExitCode::SUCCESS
+            Err(e) => {
+                eprintln!("forwarder: {e:#}");
+                ExitCode::FAILURE
             }
+        },
+        Command::Status { control, watch, .. } => match status(&control, watch) {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("forwarder: {e:#}");
                 ExitCode::FAILURE
@@ -130,6 +139,47 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Seconds between the two samples of a one-shot `status`.
+const RATE_SAMPLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The human `status`: two samples for the rates, then with `--watch` one
+/// more each period, rates against the one before.
+fn status(control: &std::path::Path, watch: Option<f64>) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    use std::time::{Duration, Instant};
+    let period = match watch {
+        Some(secs) if !(0.1..=3600.0).contains(&secs) => {
+            anyhow::bail!("--watch {secs}: the period is in seconds, from 0.1 to 3600")
+        }
+        Some(secs) => Duration::from_secs_f64(secs),
+        None => RATE_SAMPLE,
+    };
+    let terminal = std::io::stdout().is_terminal();
+    let mut earlier = (control::query(control)?, Instant::now());
+    loop {
+        std::thread::sleep(period);
+        let now = (control::query(control)?, Instant::now());
+        let previous = forwarder::status_view::Earlier {
+            doc: &earlier.0,
+            measured_secs: now.1.duration_since(earlier.1).as_secs_f64(),
+        };
+        let text = forwarder::status_view::render(&now.0, Some(&previous));
+        let mut out = std::io::stdout().lock();
+        if watch.is_none() {
+            write!(out, "{text}")?;
+            return Ok(());
+        }
+        if terminal {
+            // Home, the new table, then clear what the last one left below.
+            write!(out, "\x1b[H{}\x1b[J", text.replace('\n', "\x1b[K\n"))?;
+        } else {
+            writeln!(out, "{text}")?;
+        }
+        out.flush()?;
+        earlier = now;
     }
 }
 

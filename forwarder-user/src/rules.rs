@@ -168,6 +168,19 @@ pub struct Listener {
     pub acl: Option<RuleAcl>,
 }
 
+impl Listener {
+    /// Why the rule cannot run without the kernel path, if it cannot.
+    pub fn needs_kernel(&self) -> Option<String> {
+        if self.path.requires_kernel() {
+            Some(format!("`path: {}`", self.path.as_str()))
+        } else if self.preserve_client_ip {
+            Some("`preserve_client_ip: true` (the relay cannot keep the client's address)".into())
+        } else {
+            None
+        }
+    }
+}
+
 /// Daemon-wide settings of the relay.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RelaySettings {

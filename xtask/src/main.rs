@@ -2,6 +2,7 @@
 mod bench;
 mod build;
 mod cmd;
+mod demo;
 mod setup;
 mod test;
 
@@ -33,6 +34,10 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// See it work (root): client / forwarder / backend namespaces, a
+    /// TURN-like backend, forwarder on config/demo.yaml, a few seconds of
+    /// traffic, the live status, and which path carried what.
+    Demo(demo::DemoArgs),
     /// fmt, clippy, unit tests, then the root-only integration tests.
     Test {
         /// Only tests whose name contains this.
@@ -63,6 +68,7 @@ fn main() -> Result<()> {
             test::run(filter.as_deref())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }
 

@@ -11,7 +11,7 @@ use super::errors::{ConfigError, Diag, Pos, quoted};
 use super::fields::RouteSpec;
 use super::settings::Globals;
 use super::source::RawRoute;
-use crate::rules::BackendSpec;
+use crate::rules::{BackendSpec, PathMode};
 
 /// The routes with their alias named once; a second route of the same
 /// alias is an error naming the first.
@@ -98,6 +98,18 @@ pub(crate) fn routes(
                     .alias(Some(&spec.alias))
                     .field("port")
                     .hint(whose),
+            );
+        }
+        if spec.preserve_client_ip && spec.path == PathMode::Relay {
+            diag.error(
+                ConfigError::new(
+                    &spec.preserve_pos,
+                    "`true` with `path: relay`",
+                    "`false`, or a kernel path: the relay connects from this host's address \
+                     and cannot keep the client's",
+                )
+                .alias(Some(&spec.alias))
+                .field("preserve_client_ip"),
             );
         }
         let Some(targets) = targets else { continue };

@@ -121,6 +121,12 @@ pub struct KernelCounters {
     pub relay_flow_entries: u64,
     /// Kernel flows the sweeper expired so far.
     pub expired_flows: u64,
+    /// Flows the conntrack table holds at most.
+    pub conntrack_capacity: u64,
+    /// SNAT ports each (source address, backend) pair can hand out.
+    pub snat_ports: u64,
+    /// SNAT ports in use toward the busiest backend at the last sweep.
+    pub snat_ports_in_use: u64,
 }
 
 /// Reads the counter maps.
@@ -159,6 +165,9 @@ impl CounterMaps {
             conntrack_entries: gauges.conntrack_entries.load(Ordering::Relaxed),
             relay_flow_entries: gauges.relay_flow_entries.load(Ordering::Relaxed),
             expired_flows: gauges.expired_flows.load(Ordering::Relaxed),
+            conntrack_capacity: gauges.conntrack_capacity.load(Ordering::Relaxed),
+            snat_ports: gauges.snat_ports.load(Ordering::Relaxed),
+            snat_ports_in_use: gauges.snat_busiest.load(Ordering::Relaxed),
             ..KernelCounters::default()
         };
         for l in listeners {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
 use forwarder_common::{
-    CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET, CtKey,
-    CtValue, PROTO_TCP, RELAY_OWNER_KERNEL, RelayFlow,
+    Addr, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET,
+    CtKey, CtValue, PROTO_TCP, RELAY_OWNER_KERNEL, RelayFlow,
 };
 
 use crate::rules::Timeouts;
@@ -245,6 +245,13 @@ pub struct Gauges {
     pub conntrack_entries: AtomicU64,
     pub relay_flow_entries: AtomicU64,
     pub expired_flows: AtomicU64,
+    /// Flows the conntrack table holds at most (fixed at start).
+    pub conntrack_capacity: AtomicU64,
+    /// SNAT ports each (source address, backend) pair can hand out.
+    pub snat_ports: AtomicU64,
+    /// At the last sweep, SNAT ports in use toward the busiest backend:
+    /// the pair that runs out first.
+    pub snat_busiest: AtomicU64,
     /// Passes completed.
     pub passes: AtomicU64,
     /// The rule ids the entries of the last pass held: a reload hands out
@@ -260,6 +267,23 @@ pub struct Sweeper {
     /// Upper bound on entries read per pass (the map sizes).
     pub limit: usize,
     pub gauges: Arc<Gauges>,
+}
+
+/// The most SNAT ports any (source address, backend, protocol) holds
+/// among the forward entries that stay: each such entry is one port.
+fn busiest_snat_pair(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> u64 {
+    let gone: HashSet<&CtKey> = expired.iter().collect();
+    let mut per_pair: StdHashMap<(Addr, Addr, u16, u8), u64> = StdHashMap::new();
+    for (key, value) in entries {
+        // preserve_client_ip flows keep the client's address: no SNAT port.
+        if value.direction != CT_DIR_FORWARD || value.new_src == key.src || gone.contains(key) {
+            continue;
+        }
+        *per_pair
+            .entry((value.new_src, value.new_dst, value.new_dport, key.proto))
+            .or_default() += 1;
+    }
+    per_pair.into_values().max().unwrap_or(0)
 }
 
 impl Sweeper {
@@ -311,6 +335,8 @@ impl Sweeper {
         g.relay_flow_entries
             .store(relay.len() as u64, Ordering::Relaxed);
         g.expired_flows.fetch_add(flows as u64, Ordering::Relaxed);
+        g.snat_busiest
+            .store(busiest_snat_pair(&entries, &expired), Ordering::Relaxed);
         let ids = entries
             .values()
             .map(|v| v.rule_id)
@@ -419,6 +445,27 @@ mod tests {
         let mut out: Vec<(u16, u16)> = v.drain(..).map(|k| (k.sport, k.dport)).collect();
         out.sort();
         out
+    }
+
+    #[test]
+    fn snat_use_counts_ports_of_the_busiest_backend_that_stay() {
+        let est = (CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED);
+        let mut entries: StdHashMap<CtKey, CtValue> = StdHashMap::new();
+        for sport in 1..=3 {
+            entries.extend(pair(PROTO_UDP, sport, 0, 0, est));
+        }
+        entries.extend(pair(PROTO_TCP, 9, 0, 0, est));
+        // A flow that keeps the client's address holds no SNAT port.
+        let mut preserved = pair(PROTO_UDP, 20, 0, 0, est);
+        preserved[0].1.new_src = preserved[0].0.src;
+        entries.extend(preserved);
+        assert_eq!(busiest_snat_pair(&entries, &[]), 3);
+        let expired = pair(PROTO_UDP, 1, 0, 0, est)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>();
+        assert_eq!(busiest_snat_pair(&entries, &expired), 2);
+        assert_eq!(busiest_snat_pair(&StdHashMap::new(), &[]), 0);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct RuleCounters {
     /// New flows refused because every backend was down: TCP connections
     /// reset, UDP datagrams of new clients dropped.
     pub no_backend: AtomicU64,
+    /// New flows of a `preserve_client_ip` rule that came to the relay,
+    /// which cannot keep the client's address: TCP reset, UDP dropped.
+    pub client_ip_refused: AtomicU64,
     /// TCP connections (closed at accept) and UDP datagrams of new clients
     /// (dropped) that the rule's ACL denied.
     pub acl_denied: AtomicU64,
@@ -53,6 +56,7 @@ impl RuleCounters {
             connect_failures: self.connect_failures.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
             no_backend: self.no_backend.load(Relaxed),
+            client_ip_refused: self.client_ip_refused.load(Relaxed),
             acl_denied: self.acl_denied.load(Relaxed),
             errors: self.errors.load(Relaxed),
             active: self.active.load(Relaxed),
@@ -82,6 +86,9 @@ pub struct RelayRuleCounters {
     /// New flows refused because every backend was down (TCP reset, UDP
     /// datagram dropped).
     pub no_backend: u64,
+    /// New flows of a `preserve_client_ip` rule refused because they came
+    /// to the relay, which would replace the client's address with ours.
+    pub client_ip_refused: u64,
     /// TCP connections closed at accept and datagrams of new UDP clients
     /// dropped because the ACL denied the client.
     pub acl_denied: u64,

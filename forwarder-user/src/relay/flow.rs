@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::backend::BackendPicker;
+use super::backend::{Alarm, BackendPicker};
 use super::counters::RuleCounters;
 use super::sys::canonical;
 use crate::acl::RuleAcl;
@@ -22,6 +22,11 @@ pub struct RuleCtx {
     pub protocol: Protocol,
     pub backends: BackendPicker,
     pub timeouts: Timeouts,
+    /// The backend must see the client's address: the relay, which
+    /// connects from ours, refuses the rule's flows rather than hide it.
+    pub preserve_client_ip: bool,
+    /// Said once that such a flow was refused.
+    client_ip_said: Alarm,
     pub acl: Option<RuleAcl>,
     /// Shared with the rule's successors after a reload changes it.
     pub counters: Arc<RuleCounters>,
@@ -40,6 +45,8 @@ impl RuleCtx {
             protocol: listener.protocol,
             backends: BackendPicker::new(&listener.backends, health),
             timeouts: listener.timeouts,
+            preserve_client_ip: listener.preserve_client_ip,
+            client_ip_said: Alarm::default(),
             acl: listener.acl.clone(),
             counters: Arc::default(),
             observer,
@@ -67,6 +74,24 @@ impl RuleCtx {
 
     pub fn error(&self) {
         RuleCounters::add(&self.counters.errors, 1);
+    }
+
+    /// Whether a new flow must be refused because the backend would see
+    /// the relay's address instead of the client's; counts and says so.
+    pub fn refuses_client_ip(&self) -> bool {
+        if !self.preserve_client_ip {
+            return false;
+        }
+        RuleCounters::add(&self.counters.client_ip_refused, 1);
+        if self.client_ip_said.raise() {
+            warn!(
+                alias = %self.alias,
+                "a flow of this preserve_client_ip rule came to the relay (IP options, a \
+                 fragment, a full table, no route); the relay would hide the client's address, \
+                 so it is refused (counted in client_ip_refused)"
+            );
+        }
+        true
     }
 }
 

@@ -110,6 +110,10 @@ async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
         }
     };
     let guard = FlowGuard::start(&rule, peer, local);
+    if rule.refuses_client_ip() {
+        let _ = client.set_zero_linger();
+        return;
+    }
     let Some((index, backend_addr)) = rule.backends.pick() else {
         // Every backend is down: a prompt reset, not a wait for nothing.
         RuleCounters::add(&rule.counters.no_backend, 1);

@@ -238,6 +238,9 @@ impl UdpListener {
             }
             return None;
         }
+        if rule.refuses_client_ip() {
+            return None;
+        }
         let Some((index, backend)) = rule.backends.pick() else {
             RuleCounters::add(&rule.counters.no_backend, 1);
             return None;

@@ -11,9 +11,9 @@ mod lab;
 mod lifecycle;
 mod measure;
 #[path = "../../../tests/common/netns.rs"]
-mod netns;
+pub mod netns;
 mod pin;
-mod procs;
+pub mod procs;
 mod report;
 mod results;
 mod rss;

@@ -493,3 +493,14 @@ fn a_missing_rule_file_is_one_error() {
         "{e}"
     );
 }
+
+#[test]
+fn preserve_client_ip_on_a_relay_rule_is_refused() {
+    let e = errors(
+        "routes:\n  p:\n    scheme: udp\n    host: 10.0.0.9\n    port: 7000:53\n    path: relay\n    preserve_client_ip: true\n",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("test.yaml:7:"), "{}", e[0]);
+    assert!(e[0].contains("preserve_client_ip"), "{}", e[0]);
+    assert!(e[0].contains("`true` with `path: relay`"), "{}", e[0]);
+}
