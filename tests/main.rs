@@ -12,6 +12,7 @@ mod flow_timeouts;
 mod health;
 mod host_hooks;
 mod icmp;
+mod interfaces;
 mod kernel_path;
 mod names;
 mod preserve;

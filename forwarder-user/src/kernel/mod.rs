@@ -180,7 +180,7 @@ impl KernelPath {
                 settings.snat_ports.1
             );
         }
-        let tables = tables::prepare(compiled);
+        let tables = tables::prepare(compiled, &interfaces);
         let with_xdp = wants_xdp(&tables);
         let conntrack_size = settings.conntrack_size.max(2);
         let sizes = load::Sizes {
@@ -377,7 +377,7 @@ impl KernelPath {
     /// The first half of a reload: the kernel tables of `plan.next` (routes
     /// to the backends looked up), or why this kernel path cannot run them.
     pub fn prepare(&self, plan: &Plan) -> anyhow::Result<tables::Tables> {
-        let next = tables::prepare(&plan.next);
+        let next = tables::prepare(&plan.next, &self.interfaces);
         if wants_xdp(&next) && !self.with_xdp {
             let alias = plan
                 .next

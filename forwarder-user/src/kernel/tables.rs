@@ -9,6 +9,8 @@ use forwarder_common::{
     RuleKey, RuleValue, Settings,
 };
 
+use super::interfaces::{self, Interface};
+use super::netlink;
 use super::snat::{self, Egress};
 use crate::rules::{Compiled, KernelSettings, Protocol, Timeouts};
 
@@ -141,13 +143,16 @@ fn shortest_tcp_close(compiled: &Compiled) -> Duration {
 
 /// Looks up the route to every backend: fills `snat_addr`, and makes a
 /// rule relay-only when a backend is on this host, is not IPv4 (the kernel
-/// path is IPv4 for now) or has no route.
-pub fn prepare(compiled: &Compiled) -> Tables {
+/// path is IPv4 for now), has no route, or is reached through an interface
+/// not in `served` (its replies would arrive where no program restores
+/// them).
+pub fn prepare(compiled: &Compiled, served: &[Interface]) -> Tables {
     let mut relay_only: HashSet<u32> = HashSet::new();
     let mut backends = Vec::with_capacity(compiled.kernel.backends.len());
     // The route depends on the address alone; thousands of rules often
     // share a few backends.
     let mut routes: HashMap<IpAddr, Result<Egress, String>> = HashMap::new();
+    let mut oifs: HashMap<IpAddr, Option<String>> = HashMap::new();
     for &(index, mut backend) in &compiled.kernel.backends {
         let rule_id = index / MAX_BACKENDS_PER_RULE;
         let ip = snat::ip_of(&backend.addr);
@@ -158,6 +163,13 @@ pub fn prepare(compiled: &Compiled) -> Tables {
         match route.clone() {
             Ok(Egress::From(local)) if ip.is_ipv4() && local.is_ipv4() => {
                 backend.snat_addr = snat::addr_of(local);
+                if let Some(out) = unserved_egress(ip, served, &mut oifs) {
+                    tracing::warn!(
+                        "backend {addr} is reached through {out}, which the kernel path does not \
+                         serve (see `interfaces:`): its rule is carried by the relay"
+                    );
+                    relay_only.insert(rule_id);
+                }
             }
             Ok(Egress::From(_)) => {
                 relay_only.insert(rule_id);
@@ -192,6 +204,26 @@ pub fn prepare(compiled: &Compiled) -> Tables {
         settings: settings(&compiled.kernel_settings, shortest_tcp_close(compiled)),
         acl: compiled.kernel.acl.clone(),
     }
+}
+
+/// The name of the interface toward `ip` if the kernel path does not serve
+/// it (an unknown route counts as served: the FIB decides per packet).
+fn unserved_egress(
+    ip: IpAddr,
+    served: &[Interface],
+    cache: &mut HashMap<IpAddr, Option<String>>,
+) -> Option<String> {
+    cache
+        .entry(ip)
+        .or_insert_with(|| {
+            let IpAddr::V4(v4) = ip else { return None };
+            let oif = netlink::route_oif(v4).ok()??;
+            if served.iter().any(|i| i.ifindex == oif) {
+                return None;
+            }
+            Some(interfaces::name_of(oif).unwrap_or_else(|| format!("interface {oif}")))
+        })
+        .clone()
 }
 
 #[cfg(test)]

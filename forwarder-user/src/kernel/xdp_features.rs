@@ -4,6 +4,8 @@
 //! GRO on or an XDP program.
 
 use std::io;
+
+use super::netlink::{align4, attribute};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 const GENL_ID_CTRL: u16 = 0x10;
@@ -117,26 +119,6 @@ impl NetdevFamily {
                 .to_vec());
         }
     }
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
-
-/// The value of attribute `kind` in a run of netlink attributes.
-fn attribute(mut attrs: &[u8], kind: u16) -> Option<&[u8]> {
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes([attrs[0], attrs[1]]));
-        let this = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
-        if this == kind {
-            return Some(&attrs[4..len]);
-        }
-        attrs = &attrs[align4(len).min(attrs.len())..];
-    }
-    None
 }
 
 #[cfg(test)]

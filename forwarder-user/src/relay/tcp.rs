@@ -391,8 +391,11 @@ mod tests {
         let ended = relay_streams(&c, &b, &rule, CopyMode::Splice).await;
         let took = started.elapsed();
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
+        // The idle clock counts whole milliseconds: it may end the flow up
+        // to one early, measured from here.
         assert!(
-            took >= half_closed && took <= half_closed * 3 + Duration::from_millis(500),
+            took + Duration::from_millis(2) >= half_closed
+                && took <= half_closed * 3 + Duration::from_millis(500),
             "ended after {took:?}"
         );
     }
