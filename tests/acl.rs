@@ -8,11 +8,10 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::common::eventually;
+use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
+use crate::common::traffic::{BackendServers, tcp_echo_round};
 use crate::common::{self, Netns, TempConfig, Topology};
-use crate::kernel_path::harness::{
-    Daemon, counter, eventually, forwarding_on, in_netns, kernel_rule, relay_rule,
-};
-use crate::kernel_path::traffic::{BackendServers, tcp_echo_round};
 
 const A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
 const B: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 3);

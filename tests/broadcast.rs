@@ -4,11 +4,10 @@
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 
+use crate::common::eventually;
+use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
+use crate::common::traffic::{BackendServers, udp_echo, udp_socket};
 use crate::common::{Netns, Topology, require_root};
-use crate::kernel_path::harness::{
-    Daemon, counter, eventually, forwarding_on, in_netns, kernel_rule, relay_rule,
-};
-use crate::kernel_path::traffic::{BackendServers, udp_echo, udp_socket};
 
 const LISTEN_PORT: u16 = 7878;
 

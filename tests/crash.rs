@@ -9,12 +9,12 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::common::{self, Topology};
-use crate::kernel_path::harness::{
-    Daemon, WAIT, counter, eventually, forwarding_on, in_netns, kernel_rule, reserved_ports, seen,
-    spawn_in,
+use crate::common::eventually;
+use crate::common::harness::{
+    Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, reserved_ports, seen, spawn_in,
 };
-use crate::kernel_path::traffic::{BackendServers, udp_echo, udp_socket};
+use crate::common::traffic::{BackendServers, udp_echo, udp_socket};
+use crate::common::{self, Topology};
 use crate::reload::paced_transfer;
 
 const BPFFS: &str = "/sys/fs/bpf";

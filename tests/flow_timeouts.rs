@@ -12,11 +12,10 @@ use forwarder::rules::{
     BackendSpec, Listener, NoKernelPath, PathMode, Protocol, RelaySettings, Timeouts,
 };
 
+use crate::common::eventually;
+use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
+use crate::common::traffic::{BackendServers, udp_echo, udp_socket};
 use crate::common::{Topology, require_root};
-use crate::kernel_path::harness::{
-    Daemon, counter, eventually, forwarding_on, in_netns, kernel_rule, relay_rule,
-};
-use crate::kernel_path::traffic::{BackendServers, udp_echo, udp_socket};
 
 /// A backend port that takes datagrams and never answers.
 const SINK_PORT: u16 = 3999;
@@ -205,6 +204,7 @@ fn relay_udp(rule_id: u32, backend: SocketAddr, timeouts: Timeouts) -> Listener 
         timeouts,
         path: PathMode::Relay,
         preserve_client_ip: false,
+        proxy: Default::default(),
         listen_picked: false,
         health: None,
         acl: None,

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::common::{self, Netns, Topology};
-use crate::kernel_path::harness::{
+use crate::common::harness::{
     Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, relay_rule, spawn_in,
 };
+use crate::common::{self, Netns, Topology};
 
 const PORT: u16 = 3478;
 const LISTEN: u16 = 7300;

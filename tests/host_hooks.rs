@@ -10,13 +10,12 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 
 use forwarder::kernel::{KernelPath, StartOptions, TcAttach};
 
+use crate::common::eventually;
+use crate::common::harness::{
+    Daemon, counter, forwarding_on, in_netns, kernel_rule, runtime, seen,
+};
+use crate::common::traffic::{BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket};
 use crate::common::{Netns, TcxCounter, Topology, require_root};
-use crate::kernel_path::harness::{
-    Daemon, counter, eventually, forwarding_on, in_netns, kernel_rule, runtime, seen,
-};
-use crate::kernel_path::traffic::{
-    BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket,
-};
 
 const LISTEN_PORT: u16 = 7878;
 /// Datagrams to a port without a rule: the kernel path does not take them.

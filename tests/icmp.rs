@@ -9,11 +9,11 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
-use crate::common::{self, Netns, Topology, veth};
-use crate::kernel_path::harness::{
+use crate::common::harness::{
     Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, relay_rule,
 };
-use crate::kernel_path::traffic::{BackendServers, tcp_hash_transfer, udp_echo, udp_socket};
+use crate::common::traffic::{BackendServers, tcp_hash_transfer, udp_echo, udp_socket};
+use crate::common::{self, Netns, Topology, veth};
 
 const LISTEN_PORT: u16 = 7878;
 const MTU: i32 = 1400;

@@ -3,11 +3,9 @@
 
 use std::net::SocketAddr;
 
+use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
+use crate::common::traffic::{BackendServers, udp_echo, udp_socket};
 use crate::common::{self, Topology};
-use crate::kernel_path::harness::{
-    Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule,
-};
-use crate::kernel_path::traffic::{BackendServers, udp_echo, udp_socket};
 
 #[test]
 fn a_backend_behind_an_interface_not_served_goes_to_the_relay() {

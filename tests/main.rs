@@ -1,21 +1,36 @@
 //! Integration tests: real sockets on loopback, and network namespaces
-//! with real traffic (those need root).
+//! with real traffic (those need root). One file per concern; see
+//! tests/README.md for what goes where.
 mod common;
 
 mod acl;
 mod broadcast;
+mod checksums;
 mod config_cli;
 mod crash;
 mod daemon;
+mod daemon_lifecycle;
 mod demo;
 mod flow_timeouts;
+mod handover;
 mod health;
 mod host_hooks;
 mod icmp;
 mod interfaces;
-mod kernel_path;
+mod kernel_attach;
+mod kernel_daemon;
+mod kernel_expiry;
+mod kernel_fallback;
+mod kernel_xdp;
 mod names;
 mod preserve;
-mod relay;
+mod preserve_client_ip;
+mod proxy_protocol;
+mod relay_iperf3;
+mod relay_lifecycle;
+mod relay_one_port;
+mod relay_splice_fallback;
+mod relay_tcp;
+mod relay_udp;
 mod reload;
 mod status_view;

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::eventually;
+use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, spawn_in};
+use crate::common::traffic::{BackendServers, udp_socket};
 use crate::common::{self, Netns, Topology};
-use crate::kernel_path::harness::{
-    Daemon, counter, eventually, forwarding_on, in_netns, kernel_rule, spawn_in,
-};
-use crate::kernel_path::traffic::{BackendServers, udp_socket};
 use crate::reload::{TaggedUdpEcho, paced_transfer, udp_ask};
 
 /// `/etc/netns/NAME/hosts` for `ns`, removed (with its directory) on drop.

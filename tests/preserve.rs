@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::common::{self, Topology};
-use crate::kernel_path::harness::{
-    Daemon, WAIT, counter, eventually, forwarding_on, in_netns, kernel_rule, relay_rule, spawn_in,
+use crate::common::eventually;
+use crate::common::harness::{
+    Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, relay_rule, spawn_in,
 };
-use crate::kernel_path::traffic::udp_socket_from;
+use crate::common::traffic::udp_socket_from;
+use crate::common::{self, Topology};
 use crate::reload::udp_ask;
 
 const RULES: &str =

@@ -11,15 +11,16 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::common::{self, Netns, Topology};
-use crate::kernel_path::harness::{
-    Daemon, WAIT, counter, eventually, forwarding_on, in_netns, kernel_rule, relay_rule,
-    reserved_ports, spawn_in,
+use crate::common::eventually;
+use crate::common::harness::{
+    Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, relay_rule, reserved_ports,
+    spawn_in,
 };
-use crate::kernel_path::traffic::{
+use crate::common::traffic::{
     BACKEND_PORT, BackendServers, connect, fill, tcp_echo_conn, tcp_echo_round, udp_echo,
     udp_socket,
 };
+use crate::common::{self, Netns, Topology};
 
 /// A UDP server in `ns` on `port` that answers each datagram with `tag`
 /// followed by the datagram: which backend answered is visible.

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::common::harness::{Daemon, WAIT, forwarding_on, spawn_in};
+use crate::common::traffic::BackendServers;
 use crate::common::{self, Topology, output_within};
-use crate::kernel_path::harness::{Daemon, WAIT, forwarding_on, spawn_in};
-use crate::kernel_path::traffic::BackendServers;
 
 const LISTEN_PORT: u16 = 7878;
 

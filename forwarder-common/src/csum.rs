@@ -245,6 +245,142 @@ mod tests {
         assert!(saw_zero, "the zero case was exercised");
     }
 
+    /// A checksum field as it sits in the header, in network byte order.
+    fn field(check: u16) -> [u8; 2] {
+        check.to_ne_bytes()
+    }
+
+    fn be(bytes: [u8; 2]) -> u16 {
+        u16::from_ne_bytes(bytes)
+    }
+
+    fn addr(a: [u8; 4]) -> u32 {
+        u32::from_ne_bytes(a)
+    }
+
+    /// The pseudo-header sum of IPv4 `src`, `dst`, `proto` and `len`.
+    fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: u16) -> u32 {
+        let mut p = [0u8; 12];
+        p[..4].copy_from_slice(&src);
+        p[4..8].copy_from_slice(&dst);
+        p[9] = proto;
+        p[10..].copy_from_slice(&len.to_be_bytes());
+        sum_bytes(0, &p)
+    }
+
+    // Known answers: the vectors below come from RFC 1071 and from Python
+    // (a plain big-endian one's complement sum), not from this code.
+
+    #[test]
+    fn rfc_1071_worked_example() {
+        // RFC 1071 section 3: 00 01 f2 03 f4 f5 f6 f7 sums to 2ddf0,
+        // which folds to ddf2; the checksum is its complement.
+        let bytes = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(field(fold(sum_bytes(0, &bytes))), [0xdd, 0xf2]);
+        assert_eq!(field(checksum(&bytes)), [0x22, 0x0d]);
+    }
+
+    /// A captured IPv4 header (192.168.0.1 -> 192.168.0.199, UDP, the
+    /// usual textbook capture) whose checksum field reads b861.
+    const IPV4_HEADER: [u8; 20] = [
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00,
+        0x01, 0xc0, 0xa8, 0x00, 0xc7,
+    ];
+
+    #[test]
+    fn a_captured_ipv4_header_checks_out() {
+        let mut h = IPV4_HEADER;
+        assert_eq!(fold(sum_bytes(0, &h)), 0xffff, "valid as captured");
+        h[10..12].fill(0);
+        assert_eq!(field(checksum(&h)), [0xb8, 0x61]);
+        // TTL 64 -> 63 (the word it shares with the protocol): the field
+        // Python computes for the forwarded header.
+        let check = be([0xb8, 0x61]);
+        let old = be([0x40, 0x11]);
+        let new = be([0x3f, 0x11]);
+        assert_eq!(field(replace2(check, old, new)), [0xb9, 0x61]);
+        // Destination 192.168.0.199 -> 10.0.0.9.
+        let (old, new) = (addr([192, 168, 0, 199]), addr([10, 0, 0, 9]));
+        assert_eq!(field(replace4(check, old, new)), [0x6f, 0xc8]);
+    }
+
+    /// UDP 192.168.1.10:5000 -> 10.0.0.5:3478, "hello turn!", checksum c71c.
+    const UDP: [u8; 19] = [
+        0x13, 0x88, 0x0d, 0x96, 0x00, 0x13, 0xc7, 0x1c, 0x68, 0x65, 0x6c, 0x6c, 0x6f, 0x20, 0x74,
+        0x75, 0x72, 0x6e, 0x21,
+    ];
+
+    #[test]
+    fn a_udp_datagram_and_its_dnat() {
+        let (src, dst) = ([192, 168, 1, 10], [10, 0, 0, 5]);
+        let mut u = UDP;
+        assert_eq!(fold(sum_bytes(pseudo(src, dst, 17, 19), &u)), 0xffff);
+        u[6..8].fill(0);
+        assert_eq!(
+            field(!fold(sum_bytes(pseudo(src, dst, 17, 19), &u))),
+            [0xc7, 0x1c]
+        );
+        // DNAT to 10.0.0.9: Python's checksum of the rewritten datagram.
+        let check = be([0xc7, 0x1c]);
+        let (old, new) = (addr(dst), addr([10, 0, 0, 9]));
+        assert_eq!(field(udp_replace4(check, old, new)), [0xc7, 0x18]);
+        assert_eq!(field(replace4(check, old, new)), [0xc7, 0x18]);
+        // The same datagram sent without a checksum stays without one.
+        assert_eq!(udp_replace4(0, old, new), 0);
+    }
+
+    #[test]
+    fn a_udp_dnat_whose_checksum_comes_out_zero_sends_ffff() {
+        // Payload "zero&$" from 192.168.1.10:5000 to 10.0.0.5:3478 has the
+        // checksum 0004; after DNAT to 10.0.0.9 the sum is all ones, so the
+        // computed checksum is 0, which UDP sends as ffff (RFC 768).
+        let check = be([0x00, 0x04]);
+        let (old, new) = (addr([10, 0, 0, 5]), addr([10, 0, 0, 9]));
+        assert_eq!(replace4(check, old, new), 0);
+        assert_eq!(udp_replace4(check, old, new), 0xffff);
+        let (old_word, new_word) = (be([0x00, 0x05]), be([0x00, 0x09]));
+        assert_eq!(replace2(check, old_word, new_word), 0);
+        assert_eq!(udp_replace2(check, old_word, new_word), 0xffff);
+        assert_eq!(udp_replace2(0, old_word, new_word), 0);
+    }
+
+    /// A TCP SYN 192.168.1.10:40001 -> 10.0.0.5:7878 with MSS, SACK-ok and
+    /// timestamp options; checksum 8f70.
+    const TCP_SYN: [u8; 36] = [
+        0x9c, 0x41, 0x1e, 0xc6, 0x12, 0x34, 0x56, 0x78, 0x00, 0x00, 0x00, 0x00, 0x90, 0x02, 0xfa,
+        0xf0, 0x8f, 0x70, 0x00, 0x00, 0x02, 0x04, 0x05, 0xb4, 0x04, 0x02, 0x08, 0x0a, 0x00, 0x01,
+        0xe2, 0x40, 0x00, 0x00, 0x00, 0x00,
+    ];
+
+    #[test]
+    fn a_tcp_syn_and_its_dnat_with_port_change() {
+        let (src, dst) = ([192, 168, 1, 10], [10, 0, 0, 5]);
+        let mut t = TCP_SYN;
+        assert_eq!(fold(sum_bytes(pseudo(src, dst, 6, 36), &t)), 0xffff);
+        t[16..18].fill(0);
+        assert_eq!(
+            field(!fold(sum_bytes(pseudo(src, dst, 6, 36), &t))),
+            [0x8f, 0x70]
+        );
+        // DNAT to 10.0.0.9:3478 in one diff, as the TC program applies it.
+        let check = be([0x8f, 0x70]);
+        let diff = add(
+            diff4(addr(dst), addr([10, 0, 0, 9])),
+            diff2(be([0x1e, 0xc6]), be([0x0d, 0x96])),
+        );
+        assert_eq!(field(apply(check, diff)), [0xa0, 0x9c]);
+    }
+
+    #[test]
+    fn sums_past_32_bits_fold_their_carries_back() {
+        // ffffffff + ffff = 1_0000_fffe, which folds to ffff.
+        assert_eq!(sum_bytes(u32::MAX, &[0xff, 0xff]), 0xffff);
+        // 2^16 words of ffff on top: 1_fffe_ffff, which folds to ffff0000.
+        let ones = [0xffu8; 1 << 17];
+        assert_eq!(sum_bytes(u32::MAX, &ones), 0xffff_0000);
+        assert_eq!(sum_bytes(0, &ones), 0xffff_0000);
+    }
+
     #[test]
     fn odd_lengths_pad_with_zero() {
         assert_eq!(

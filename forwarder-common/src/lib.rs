@@ -399,6 +399,69 @@ mod tests {
     }
 
     #[test]
+    fn rule_flags_are_distinct_bits() {
+        let flags = [RULE_F_RELAY, RULE_F_PRESERVE_CLIENT_IP, RULE_F_XDP];
+        for (i, a) in flags.iter().enumerate() {
+            assert!(a.is_power_of_two(), "flag {i} is one bit: {a:#x}");
+            for b in &flags[i + 1..] {
+                assert_eq!(a & b, 0, "{a:#x} and {b:#x} overlap");
+            }
+        }
+        assert!(BACKEND_F_HEALTHY.is_power_of_two());
+    }
+
+    #[test]
+    fn rule_ids_leave_room_for_every_rule_anew_beside_the_running_ones() {
+        // Read at run time, so that a wrong value fails this test rather
+        // than the build.
+        let ids = core::hint::black_box(RULE_IDS);
+        assert!(ids >= 2 * MAX_RULES, "{ids} ids for {MAX_RULES} rules");
+    }
+
+    #[test]
+    fn counters_add_field_by_field() {
+        let mut sum = IfaceCounters {
+            xdp_packets: 1,
+            xdp_bytes: 20,
+            tc_packets: 300,
+            tc_bytes: 4_000,
+        };
+        sum.add(&IfaceCounters {
+            xdp_packets: 2,
+            xdp_bytes: 30,
+            tc_packets: 400,
+            tc_bytes: 5_000,
+        });
+        assert_eq!(
+            sum,
+            IfaceCounters {
+                xdp_packets: 3,
+                xdp_bytes: 50,
+                tc_packets: 700,
+                tc_bytes: 9_000,
+            }
+        );
+        // Distinct values per field, so that a field added to another or
+        // left out shows.
+        let one = |k: u64| RuleCounters {
+            packets_fwd: 3 * k,
+            bytes_fwd: 5 * k,
+            packets_rev: 7 * k,
+            bytes_rev: 11 * k,
+            flows: 13 * k,
+            xdp_packets: 17 * k,
+            fallback_full: 19 * k,
+            fallback_other: 23 * k,
+            dropped: 29 * k,
+            icmp_sent: 31 * k,
+            icmp_translated: 37 * k,
+        };
+        let mut sum = one(2);
+        sum.add(&one(3));
+        assert_eq!(sum, one(5));
+    }
+
+    #[test]
     fn ipv4_mapping_round_trips() {
         let be = u32::from_ne_bytes([192, 0, 2, 7]);
         let a = addr_from_ipv4_be(be);

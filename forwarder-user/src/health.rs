@@ -370,6 +370,7 @@ mod tests {
             timeouts: Timeouts::default(),
             path: PathMode::Auto,
             preserve_client_ip: false,
+            proxy: Default::default(),
             acl: None,
             health: with_check.then_some(HealthSpec {
                 interval: Duration::from_secs(1),

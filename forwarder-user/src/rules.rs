@@ -10,6 +10,8 @@ use forwarder_common::{AclKey, Backend, RuleKey, RuleValue};
 
 use crate::acl::RuleAcl;
 
+use crate::config::Cidr;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Protocol {
     Tcp,
@@ -162,6 +164,8 @@ pub struct Listener {
     pub path: PathMode,
     /// DNAT only on the kernel path; the relay cannot keep the client's address.
     pub preserve_client_ip: bool,
+    /// PROXY protocol headers sent and accepted; only the relay speaks it.
+    pub proxy: ProxySettings,
     /// `None`: every backend takes flows, always.
     pub health: Option<HealthSpec>,
     /// The rule's own ACL with the global one; `None`: every client.
@@ -178,6 +182,45 @@ impl Listener {
         } else {
             None
         }
+    }
+}
+
+/// The PROXY protocol header a rule sends its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    #[default]
+    Off,
+    /// Text, TCP only.
+    V1,
+    /// Binary: before the first byte of a TCP stream, on every UDP datagram.
+    V2,
+}
+
+impl ProxyProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+        }
+    }
+}
+
+/// A rule's PROXY protocol settings. A rule with any of them is compiled
+/// relay-only: the kernel path can neither insert nor read a header.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProxySettings {
+    /// The header sent to the backend.
+    pub send: ProxyProtocol,
+    /// TCP peers in these networks (trusted load balancers) must start
+    /// with a PROXY header; the client it carries is the flow's client.
+    pub accept_from: Vec<Cidr>,
+}
+
+impl ProxySettings {
+    /// The kernel path cannot carry this rule's flows.
+    pub fn needs_relay(&self) -> bool {
+        self.send != ProxyProtocol::Off || !self.accept_from.is_empty()
     }
 }
 

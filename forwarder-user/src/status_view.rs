@@ -216,6 +216,7 @@ pub fn relay_path_counts(r: &Value, protocol: &str, kernel: Option<&Value>) -> P
         ("connect_failures", "connect failures"),
         ("sessions_refused", "sessions refused"),
         ("no_backend", "refused, every backend down"),
+        ("proxy_headers_refused", "PROXY headers refused"),
         ("acl_denied", "denied by the ACL"),
         ("errors", "errors"),
     ] {
@@ -605,6 +606,14 @@ mod tests {
         );
         assert!(text.contains("refused, every backend down: 3"), "{text}");
         assert!(text.contains("ICMP errors sent: 2"), "{text}");
+    }
+
+    #[test]
+    fn trusted_upstreams_refused_for_their_proxy_headers_are_shown() {
+        let mut now = doc(0, 0, 0, 0);
+        now["relay"][0]["proxy_headers_refused"] = json!(4);
+        let text = render(&now, None);
+        assert!(text.contains("PROXY headers refused: 4"), "{text}");
     }
 
     #[test]

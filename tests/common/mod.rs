@@ -1,17 +1,86 @@
 //! Test harness shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod harness;
 mod netns;
+pub mod relay;
+pub mod seccomp;
 mod tcx_counter;
+pub mod traffic;
+pub mod turn;
+pub mod wire;
+
 #[allow(unused_imports)]
 pub use netns::*;
 pub use tcx_counter::TcxCounter;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// Path of the `forwarder` binary built for these tests.
 pub fn forwarder_bin() -> &'static str {
     env!("CARGO_BIN_EXE_forwarder")
+}
+
+/// Every [`eventually`] gives up after this, to fail rather than hang.
+pub const EVENTUALLY: Duration = Duration::from_secs(20);
+
+/// Polls `f` until it holds, or fails the test after [`EVENTUALLY`].
+pub fn eventually(why: &str, mut f: impl FnMut() -> bool) {
+    blocking(|| {
+        let deadline = Instant::now() + EVENTUALLY;
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for: {why}");
+            std::thread::sleep(POLL);
+        }
+    })
+}
+
+/// What a timeout test allows on top of 3x the configured value: two
+/// cores busy with other tests' transfers.
+pub const TIMEOUT_MARGIN: Duration = Duration::from_secs(1);
+
+/// Polls `done` until it holds; fails unless that happens no sooner than
+/// `configured` after `since` (the last activity) and no later than 3x
+/// `configured` plus [`TIMEOUT_MARGIN`]. Returns how long it took.
+pub fn expires_in_time(
+    why: &str,
+    since: Instant,
+    configured: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Duration {
+    let latest = 3 * configured + TIMEOUT_MARGIN;
+    blocking(|| {
+        loop {
+            let elapsed = since.elapsed();
+            if done() {
+                assert!(
+                    elapsed >= configured,
+                    "{why}: after {elapsed:?}, before the configured {configured:?}"
+                );
+                return elapsed;
+            }
+            assert!(
+                elapsed <= latest,
+                "{why}: not within {latest:?} (configured {configured:?})"
+            );
+            std::thread::sleep(POLL);
+        }
+    })
+}
+
+const POLL: Duration = Duration::from_millis(20);
+
+/// Runs blocking `f`. Inside a multi-threaded tokio runtime (the relay
+/// tests) the worker hands its tasks over meanwhile, so the relay under
+/// test keeps running.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
 }
 
 /// The non-empty lines a command wrote to stderr.

@@ -3,6 +3,7 @@ mod bench;
 mod build;
 mod cmd;
 mod demo;
+mod mutants;
 mod setup;
 mod test;
 
@@ -46,6 +47,17 @@ enum Command {
     /// Measure forwarder against direct routing, nftables, nginx, HAProxy
     /// and socat in network namespaces (root); writes bench-results/.
     Bench(bench::BenchArgs),
+    /// Mutation testing with cargo-mutants (installed if missing; not in
+    /// CI): forwarder-common and the sweeper's expiry policy must have no
+    /// missed mutant. Writes target/mutants/.
+    Mutants {
+        /// Also report config/ and the relay's pure parts (slow).
+        #[arg(long)]
+        all: bool,
+        /// Mutants built and tested at once.
+        #[arg(short, long, default_value_t = 1)]
+        jobs: u32,
+    },
 }
 
 fn main() -> Result<()> {
@@ -68,6 +80,10 @@ fn main() -> Result<()> {
             test::run(filter.as_deref())
         }
         Command::Bench(args) => bench::run(args),
+        Command::Mutants { all, jobs } => {
+            setup::run()?;
+            mutants::run(all, jobs)
+        }
         Command::Demo(args) => demo::run(args),
     }
 }

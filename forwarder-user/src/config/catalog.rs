@@ -39,7 +39,9 @@ pub(crate) enum Off {
     /// Nothing, an empty text, an empty mapping or list.
     Empty,
     /// The field's own parser says (`healthcheck.disabled: true`, an
-    /// empty `acl`, `proxy_protocol: off`).
+    /// empty `acl`).
+    // No field is checked but not enforced now; kept for the next one.
+    #[allow(dead_code)]
     Parsed,
 }
 
@@ -48,6 +50,8 @@ pub(crate) enum Class {
     /// Carried out by forwarder.
     Honoured,
     /// Parsed and checked by forwarder, but nothing enforces it yet.
+    // No field is checked but not enforced now; kept for the next one.
+    #[allow(dead_code)]
     NotEnforced {
         /// What the route does without it, and what to do meanwhile.
         meanwhile: &'static str,
@@ -151,24 +155,14 @@ pub(crate) const FIELDS: &[Field] = &[
         ..honoured("exclude", true, &[])
     },
     honoured("healthcheck", true, &[]),
-    Field {
-        off: Off::Parsed,
-        ..field(
-            "proxy_protocol",
-            false,
-            Class::NotEnforced {
-                meanwhile: "backends would get no header; remove it, or set `off`",
-            },
-        )
-    },
-    Field {
-        shortcuts: &["proxy_protocol_headers"],
-        ..refused(
-            "relay_proxy_protocol_header",
-            Off::False,
-            "forwarder cannot send the PROXY protocol header yet (it will, as `proxy_protocol: v2`), and a backend that requires it would refuse the flows; keep this route on Godoxy until then, or remove the field if the backend does not need the header",
-        )
-    },
+    honoured("proxy_protocol", false, &[]),
+    honoured("accept_proxy_protocol", false, &[]),
+    // `true` is `proxy_protocol: v2` on tcp, as Godoxy sends it.
+    honoured(
+        "relay_proxy_protocol_header",
+        true,
+        &["proxy_protocol_headers"],
+    ),
     Field {
         shortcuts: &["tls_terminations"],
         ..refused(

@@ -12,10 +12,11 @@ use forwarder_common::{
 use super::acl::Acl;
 use super::fields::{HealthCheck, ProxyProtocol};
 use super::validate::is_loopback;
+use super::values::Cidr;
 use crate::acl::{AclAction, RuleAcl};
 use crate::rules::{
     BackendSpec, Compiled, HealthSpec, KernelSettings, KernelTable, Listener, PathMode, Probe,
-    Protocol, RelaySettings, Timeouts,
+    Protocol, ProxySettings, RelaySettings, Timeouts,
 };
 
 /// A whole validated rule file, hosts resolved and listen ports fixed.
@@ -48,10 +49,30 @@ pub struct Route {
     pub preserve_client_ip: bool,
     /// `None` when left out or disabled.
     pub healthcheck: Option<HealthCheck>,
-    /// Not enforced yet: a load refuses any value but "off", so these are
-    /// always off here and nothing compiles them.
+    /// Not enforced yet: a load refuses any value but an empty one, so it
+    /// is always empty here and nothing compiles it.
     pub acl: Acl,
     pub proxy_protocol: ProxyProtocol,
+    /// False: `proxy_protocol` applies to the tcp rule only (Godoxy's
+    /// `relay_proxy_protocol_header`).
+    pub proxy_protocol_on_udp: bool,
+    /// Trusted upstreams whose PROXY headers are read (tcp only).
+    pub accept_proxy_protocol: Vec<Cidr>,
+}
+
+impl Route {
+    /// The PROXY protocol settings of the route's rule for `protocol`.
+    pub fn proxy(&self, protocol: Protocol) -> ProxySettings {
+        let on_udp = protocol == Protocol::Tcp || self.proxy_protocol_on_udp;
+        ProxySettings {
+            send: if on_udp {
+                self.proxy_protocol
+            } else {
+                ProxyProtocol::Off
+            },
+            accept_from: self.accept_proxy_protocol.clone(),
+        }
+    }
 }
 
 /// The rule table of `config`. Rule ids run from 0 in file order, one per
@@ -71,27 +92,29 @@ pub fn compile(config: &Config) -> Compiled {
         debug_assert!(route.backends.len() <= MAX_BACKENDS_PER_RULE as usize);
         let relay_only = route.path == PathMode::Relay
             || route.backends.iter().any(|b| is_loopback(b.addr.ip()));
-        let mut flags = 0;
-        if relay_only {
-            flags |= RULE_F_RELAY;
-        }
+        let mut route_flags = 0;
         if route.preserve_client_ip {
-            flags |= RULE_F_PRESERVE_CLIENT_IP;
+            route_flags |= RULE_F_PRESERVE_CLIENT_IP;
         }
         if route.path == PathMode::Xdp {
-            flags |= RULE_F_XDP;
+            route_flags |= RULE_F_XDP;
         }
         let acl = RuleAcl::combine(&route.acl, &config.acl);
         if let Some(acl) = &acl {
-            flags |= RULE_F_ACL;
+            route_flags |= RULE_F_ACL;
             if !acl.default_allow {
-                flags |= RULE_F_ACL_DEFAULT_DENY;
+                route_flags |= RULE_F_ACL_DEFAULT_DENY;
             }
             if acl.action == AclAction::Reject {
-                flags |= RULE_F_ACL_REJECT;
+                route_flags |= RULE_F_ACL_REJECT;
             }
         }
         for &protocol in &route.protocols {
+            let proxy = route.proxy(protocol);
+            let mut flags = route_flags;
+            if relay_only || proxy.needs_relay() {
+                flags |= RULE_F_RELAY;
+            }
             let bind = SocketAddr::new(
                 route.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
                 route.listen,
@@ -135,6 +158,7 @@ pub fn compile(config: &Config) -> Compiled {
                 timeouts: route.timeouts,
                 path: route.path,
                 preserve_client_ip: route.preserve_client_ip,
+                proxy,
                 health: route.healthcheck.as_ref().map(|h| health_spec(h, protocol)),
                 acl: acl.clone(),
             });

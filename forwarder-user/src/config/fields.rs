@@ -3,8 +3,8 @@
 //! What each field is, honoured, refused or ignored, is the
 //! [`catalog`](super::catalog)'s to say. Fields forwarder uses: `scheme`,
 //! `port`, `host`, `bind`, `backends`, `path`, `timeouts`,
-//! `preserve_client_ip`, `healthcheck`, `acl`. `proxy_protocol` is
-//! parsed (its syntax checked) but refused until it is enforced;
+//! `preserve_client_ip`, `healthcheck`, `acl`, `proxy_protocol`,
+//! `accept_proxy_protocol` (and Godoxy's `relay_proxy_protocol_header`).
 //! Godoxy's fields that change a stream in ways forwarder cannot are refused;
 //! those that mean nothing for a stream are ignored with a warning; anything
 //! else is an error with a "did you mean".
@@ -20,7 +20,7 @@ use super::env::Env;
 use super::errors::{ConfigError, Diag, Pos, closest, quoted};
 use super::services;
 use super::source::RawRoute;
-use super::values::{self, HostSpec};
+use super::values::{self, Cidr, HostSpec};
 use super::yaml::{Node, Value};
 use crate::rules::{PathMode, Protocol, Timeouts};
 
@@ -74,14 +74,7 @@ impl Default for HealthCheck {
     }
 }
 
-/// PROXY protocol header sent to the backend (parsed; refused until enforced).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ProxyProtocol {
-    #[default]
-    Off,
-    V1,
-    V2,
-}
+pub use crate::rules::ProxyProtocol;
 
 /// One target of a route, host not yet resolved.
 #[derive(Clone, Debug, PartialEq)]
@@ -115,6 +108,10 @@ pub(crate) struct RouteSpec {
     pub healthcheck: Option<HealthCheck>,
     pub acl: Acl,
     pub proxy_protocol: ProxyProtocol,
+    /// False when the header comes from Godoxy's
+    /// `relay_proxy_protocol_header`, which Godoxy sends on TCP only.
+    pub proxy_protocol_on_udp: bool,
+    pub accept_proxy_protocol: Vec<Cidr>,
 }
 
 /// Errors for one alias.
@@ -226,7 +223,6 @@ pub(crate) fn route(
         }
     }
     let get = |name: &str| ours.iter().find(|(n, _, _)| *n == name).map(|(_, _, v)| *v);
-    let key_of = |name: &str| ours.iter().find(|(n, _, _)| *n == name).map(|(_, k, _)| *k);
     let (scheme, host, port, bind, backends) = (
         get("scheme"),
         get("host"),
@@ -237,6 +233,10 @@ pub(crate) fn route(
     let (path, timeouts, preserve) = (get("path"), get("timeouts"), get("preserve_client_ip"));
     let (healthcheck, acl, proxy_protocol) =
         (get("healthcheck"), get("acl"), get("proxy_protocol"));
+    let (godoxy_proxy_header, accept_proxy) = (
+        get("relay_proxy_protocol_header"),
+        get("accept_proxy_protocol"),
+    );
 
     let protocols = match scheme {
         Some(node) => match parse_scheme(node) {
@@ -353,6 +353,12 @@ pub(crate) fn route(
         }
         None => Some(ProxyProtocol::Off),
     };
+    let godoxy_header_value = godoxy_proxy_header
+        .and_then(|g| cx.take("relay_proxy_protocol_header", values::boolean(g)));
+    let accept_proxy_value = match accept_proxy {
+        Some(a) => parse_cidrs(&mut cx, "accept_proxy_protocol", a),
+        None => Some(Vec::new()),
+    };
 
     // Fields that only make sense together.
     if let (Some(ProxyProtocol::V1), Some(protocols), Some(p)) =
@@ -368,20 +374,17 @@ pub(crate) fn route(
             ),
         );
     }
-    // Checked above, refused here until enforced, unless they ask for
-    // nothing (which is what forwarder does).
-    let asks_nothing = [(
-        "proxy_protocol",
-        proxy_protocol_value == Some(ProxyProtocol::Off),
-    )];
-    for (name, off) in asks_nothing {
-        if let (Some(k), Some(v), false) = (key_of(name), get(name), off)
-            && let Some(e) =
-                catalog::lookup(name, false).and_then(|f| catalog::refusal(f, &k.pos, v))
-        {
-            cx.error(name, e);
-        }
-    }
+    proxy_protocol_together(
+        &mut cx,
+        ProxyFields {
+            ours: proxy_protocol.zip(proxy_protocol_value),
+            godoxy: godoxy_proxy_header.zip(godoxy_header_value),
+            accept: accept_proxy.zip(accept_proxy_value.as_ref()),
+        },
+        protocols.as_deref(),
+        path.zip(path_mode),
+        preserve.zip(preserve_value),
+    );
     if let (Some(true), Some(PathMode::Relay), Some(p)) = (preserve_value, path_mode, preserve) {
         cx.error(
             "preserve_client_ip",
@@ -415,8 +418,105 @@ pub(crate) fn route(
         preserve_pos: preserve.map_or_else(|| raw.pos.clone(), |p| p.pos.clone()),
         healthcheck: healthcheck_value.filter(|h| !h.disabled),
         acl: acl_value?,
-        proxy_protocol: proxy_protocol_value?,
+        proxy_protocol: match (proxy_protocol_value?, godoxy_header_value) {
+            (ProxyProtocol::Off, Some(true)) => ProxyProtocol::V2,
+            (ours, _) => ours,
+        },
+        proxy_protocol_on_udp: proxy_protocol.is_some(),
+        accept_proxy_protocol: accept_proxy_value?,
     })
+}
+
+/// The PROXY protocol fields of a route, each with its value where valid.
+struct ProxyFields<'a> {
+    ours: Option<(&'a Node, ProxyProtocol)>,
+    godoxy: Option<(&'a Node, bool)>,
+    accept: Option<(&'a Node, &'a Vec<Cidr>)>,
+}
+
+/// What PROXY protocol cannot go with: another way of asking for the same
+/// header, UDP for accepting headers, and the kernel path, which can
+/// neither insert nor read one.
+fn proxy_protocol_together(
+    cx: &mut Ctx<'_>,
+    proxy: ProxyFields<'_>,
+    protocols: Option<&[Protocol]>,
+    path: Option<(&Node, PathMode)>,
+    preserve: Option<(&Node, bool)>,
+) {
+    if let (Some((ours, _)), Some((g, true))) = (proxy.ours, proxy.godoxy) {
+        cx.error(
+            "relay_proxy_protocol_header",
+            ConfigError::new(
+                &g.pos,
+                "`true` together with `proxy_protocol`",
+                "one of them: Godoxy's `relay_proxy_protocol_header: true` is `proxy_protocol: v2` on tcp",
+            )
+            .hint(format!("`proxy_protocol` is at {}", ours.pos)),
+        );
+    }
+    let udp = protocols.is_some_and(|p| p.contains(&Protocol::Udp));
+    if let (Some((g, true)), Some([Protocol::Udp])) = (proxy.godoxy, protocols) {
+        cx.error(
+            "relay_proxy_protocol_header",
+            ConfigError::new(
+                &g.pos,
+                "`true` on a udp route",
+                "`false`: Godoxy sends this header on tcp only; for a header on every datagram, `proxy_protocol: v2`",
+            ),
+        );
+    }
+    if let (Some((a, cidrs)), true) = (proxy.accept, udp)
+        && !cidrs.is_empty()
+    {
+        cx.error(
+            "accept_proxy_protocol",
+            ConfigError::new(
+                &a.pos,
+                "`accept_proxy_protocol` on a udp route",
+                "tcp routes only: forwarder reads PROXY headers on TCP connections (put the udp side in a route of its own)",
+            ),
+        );
+    }
+    // Which field asks for the relay, as the errors name it.
+    let sends = match (proxy.ours, proxy.godoxy) {
+        (Some((n, v)), _) if v != ProxyProtocol::Off => {
+            Some((n, format!("`proxy_protocol: {}`", v.as_str())))
+        }
+        (_, Some((n, true))) => Some((n, "`relay_proxy_protocol_header: true`".to_owned())),
+        _ => None,
+    };
+    let accepts = proxy
+        .accept
+        .filter(|(_, c)| !c.is_empty())
+        .map(|(n, _)| (n, "`accept_proxy_protocol`".to_owned()));
+    let Some((asker, what)) = sends.or(accepts) else {
+        return;
+    };
+    if let Some((p, mode)) = path
+        && mode.requires_kernel()
+    {
+        cx.error(
+            "path",
+            ConfigError::new(
+                &p.pos,
+                format!("`path: {}` with {what}", mode.as_str()),
+                "`auto` or `relay`: only the relay sends and reads PROXY protocol headers",
+            )
+            .hint(format!("{what} is at {}", asker.pos)),
+        );
+    }
+    if let Some((p, true)) = preserve {
+        cx.error(
+            "preserve_client_ip",
+            ConfigError::new(
+                &p.pos,
+                format!("`true` with {what}"),
+                "`false`: PROXY protocol rules go through the relay, which cannot keep the client's address (the header carries it)",
+            )
+            .hint(format!("{what} is at {}", asker.pos)),
+        );
+    }
 }
 
 /// Why a route is one of Godoxy's web routes, which forwarder skips
@@ -899,6 +999,16 @@ fn parse_healthcheck(
         ok = false;
     }
     ok.then_some(h)
+}
+
+/// A list of CIDRs (one, or a list); `None` when any is wrong (errors recorded).
+fn parse_cidrs(cx: &mut Ctx<'_>, field: &str, node: &Node) -> Option<Vec<Cidr>> {
+    let items = cx.take(field, values::list(node, true, "a list of CIDRs"))?;
+    let cidrs: Vec<Option<Cidr>> = items
+        .iter()
+        .map(|item| cx.take(field, values::cidr(item)))
+        .collect();
+    cidrs.into_iter().collect()
 }
 
 /// A probe's bytes: a text, or `hex:` and pairs of hex digits.

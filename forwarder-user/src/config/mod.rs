@@ -137,6 +137,8 @@ fn load_with(
             healthcheck: spec.healthcheck.clone(),
             acl: spec.acl.clone(),
             proxy_protocol: spec.proxy_protocol,
+            proxy_protocol_on_udp: spec.proxy_protocol_on_udp,
+            accept_proxy_protocol: spec.accept_proxy_protocol.clone(),
         })
         .collect();
     resolve::pick_ports(

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use forwarder_common::RULE_F_RELAY;
 
 use super::values::format_duration;
-use crate::rules::{Compiled, Listener, PathMode};
+use crate::rules::{Compiled, Listener, PathMode, ProxyProtocol};
 
 /// One line per rule: id, alias, protocol, bind:listen → target(s), path,
 /// ACL (entries in the order tried, the default, the action); then the
@@ -112,11 +112,24 @@ fn path_text(compiled: &Compiled, l: &Listener) -> String {
         .find(|(_, v)| v.rule_id == l.rule_id)
         .is_some_and(|(_, v)| v.flags & RULE_F_RELAY != 0);
     let mut text = match (l.path, relay_flag) {
+        (PathMode::Auto, true) if l.proxy.needs_relay() => "relay (proxy_protocol)".to_owned(),
         (PathMode::Auto, true) => "relay (loopback target)".to_owned(),
         (path, _) => path.as_str().to_owned(),
     };
     if l.preserve_client_ip {
         text.push_str(", client ip kept");
+    }
+    if l.proxy.send != ProxyProtocol::Off {
+        let _ = write!(text, ", PROXY {} to backend", l.proxy.send.as_str());
+    }
+    if !l.proxy.accept_from.is_empty() {
+        let from: Vec<String> = l
+            .proxy
+            .accept_from
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let _ = write!(text, ", PROXY read from {}", from.join(" "));
     }
     text
 }

@@ -56,6 +56,14 @@ impl std::fmt::Display for Cidr {
     }
 }
 
+impl Cidr {
+    /// `ip` lies in this network; an IPv4-mapped IPv6 address counts as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+    }
+}
+
 /// The text of a scalar; anything else is an error naming `allowed`.
 pub fn text<'n>(node: &'n Node, allowed: &str) -> Result<&'n str, ConfigError> {
     match &node.value {

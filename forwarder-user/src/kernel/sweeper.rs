@@ -741,6 +741,74 @@ mod tests {
     }
 
     #[test]
+    fn idle_exactly_the_timeout_is_kept_and_a_nanosecond_more_expires() {
+        let now = 1000 * S;
+        let idle = 30 * S; // udp_idle
+        for (extra, gone) in [(0, false), (1, true)] {
+            let last = now - idle - extra;
+            let mut entries: StdHashMap<CtKey, CtValue> = StdHashMap::new();
+            entries.extend(pair(PROTO_UDP, 1, last, last, (1, 1)));
+            let orphan = pair(PROTO_UDP, 2, last, last, (1, 1))[1];
+            entries.insert(orphan.0, orphan.1);
+            let expired = expired_flows(&entries, now, &timeouts());
+            assert_eq!(
+                expired.len(),
+                if gone { 3 } else { 0 },
+                "idle {extra} ns past"
+            );
+
+            let relay = [(
+                CtKey {
+                    proto: PROTO_UDP,
+                    ..CtKey::default()
+                },
+                RelayFlow {
+                    last_seen_ns: last,
+                    rule_id: 0,
+                    owner: RELAY_OWNER_KERNEL,
+                    _pad: [0; 3],
+                },
+            )];
+            let expired = expired_relay_flows(&relay, now, &timeouts());
+            assert_eq!(
+                expired.len(),
+                usize::from(gone),
+                "unclaimed {extra} ns past"
+            );
+        }
+    }
+
+    #[test]
+    fn set_replaces_the_given_rules_timeouts_and_keeps_the_others() {
+        let with_connect = |rule_id: u32, secs: u64| crate::rules::Listener {
+            rule_id,
+            alias: format!("r{rule_id}"),
+            protocol: crate::rules::Protocol::Tcp,
+            bind: "127.0.0.1:7878".parse().unwrap(),
+            listen_picked: false,
+            backends: Vec::new(),
+            timeouts: Timeouts {
+                connect: Duration::from_secs(secs),
+                ..Timeouts::default()
+            },
+            path: crate::rules::PathMode::Auto,
+            preserve_client_ip: false,
+            proxy: Default::default(),
+            health: None,
+            acl: None,
+        };
+        let connect = |t: &RuleTimeouts| -> Vec<Option<u64>> {
+            t.0.iter().map(|t| t.map(|t| t.connect.as_secs())).collect()
+        };
+        let mut t = RuleTimeouts::default();
+        t.set(&[with_connect(0, 3), with_connect(2, 7)]);
+        assert_eq!(connect(&t), [Some(3), None, Some(7)]);
+        // A reload that changes rule 2 only: rule 0's flows keep theirs.
+        t.set(&[with_connect(2, 9)]);
+        assert_eq!(connect(&t), [Some(3), None, Some(9)]);
+    }
+
+    #[test]
     fn the_period_follows_the_shortest_timeout() {
         assert_eq!(timeouts().period(), Duration::from_millis(750));
         assert_eq!(

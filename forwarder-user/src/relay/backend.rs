@@ -179,6 +179,7 @@ mod tests {
             timeouts: Timeouts::default(),
             path: PathMode::Auto,
             preserve_client_ip: false,
+            proxy: Default::default(),
             acl: None,
             health: Some(HealthSpec {
                 interval: Duration::from_secs(1),

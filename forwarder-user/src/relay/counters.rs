@@ -23,6 +23,9 @@ pub struct RuleCounters {
     /// UDP datagrams of new clients dropped because the session table was
     /// full or the relay was draining.
     pub sessions_refused: AtomicU64,
+    /// TCP connections of trusted upstreams (`accept_proxy_protocol`)
+    /// closed for want of a valid PROXY header in time.
+    pub proxy_headers_refused: AtomicU64,
     /// New flows refused because every backend was down: TCP connections
     /// reset, UDP datagrams of new clients dropped.
     pub no_backend: AtomicU64,
@@ -55,6 +58,7 @@ impl RuleCounters {
             datagrams_to_client: self.datagrams_to_client.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
+            proxy_headers_refused: self.proxy_headers_refused.load(Relaxed),
             no_backend: self.no_backend.load(Relaxed),
             client_ip_refused: self.client_ip_refused.load(Relaxed),
             acl_denied: self.acl_denied.load(Relaxed),
@@ -83,6 +87,9 @@ pub struct RelayRuleCounters {
     /// Datagrams of new UDP clients dropped because the session table was
     /// full or the relay was draining (each such datagram asks for a session).
     pub sessions_refused: u64,
+    /// Connections of trusted upstreams closed because they did not start
+    /// with a valid PROXY header in time.
+    pub proxy_headers_refused: u64,
     /// New flows refused because every backend was down (TCP reset, UDP
     /// datagram dropped).
     pub no_backend: u64,

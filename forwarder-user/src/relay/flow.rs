@@ -13,7 +13,7 @@ use super::counters::RuleCounters;
 use super::sys::canonical;
 use crate::acl::RuleAcl;
 use crate::health::RuleHealth;
-use crate::rules::{FlowObserver, Listener, Protocol, Timeouts};
+use crate::rules::{FlowObserver, Listener, Protocol, ProxySettings, Timeouts};
 
 /// One listener's rule, as its flows need it.
 pub struct RuleCtx {
@@ -22,6 +22,9 @@ pub struct RuleCtx {
     pub protocol: Protocol,
     pub backends: BackendPicker,
     pub timeouts: Timeouts,
+    pub proxy: ProxySettings,
+    /// Trusted upstreams' connections are being refused for their headers.
+    pub proxy_headers_failing: Alarm,
     /// The backend must see the client's address: the relay, which
     /// connects from ours, refuses the rule's flows rather than hide it.
     pub preserve_client_ip: bool,
@@ -45,6 +48,8 @@ impl RuleCtx {
             protocol: listener.protocol,
             backends: BackendPicker::new(&listener.backends, health),
             timeouts: listener.timeouts,
+            proxy: listener.proxy.clone(),
+            proxy_headers_failing: Alarm::default(),
             preserve_client_ip: listener.preserve_client_ip,
             client_ip_said: Alarm::default(),
             acl: listener.acl.clone(),
@@ -76,6 +81,11 @@ impl RuleCtx {
         RuleCounters::add(&self.counters.errors, 1);
     }
 
+    /// A peer that must open its connections with a PROXY header.
+    pub fn trusts_proxy_header_from(&self, peer: SocketAddr) -> bool {
+        self.proxy.accept_from.iter().any(|c| c.contains(peer.ip()))
+    }
+
     /// Whether a new flow must be refused because the backend would see
     /// the relay's address instead of the client's; counts and says so.
     pub fn refuses_client_ip(&self) -> bool {
@@ -100,8 +110,15 @@ impl RuleCtx {
 /// socket as IPv4).
 pub struct FlowGuard {
     rule: Arc<RuleCtx>,
+    /// The client as the rule sees it: the source a trusted upstream's
+    /// PROXY header carries, else the socket's peer. Logs, the header sent
+    /// to the backend and the ACL take this one.
     pub client: SocketAddr,
-    pub local: SocketAddr,
+    /// Where that client connected to: the header's destination, else `local`.
+    pub destination: SocketAddr,
+    /// The socket's own ends, which the kernel path knows the flow by.
+    peer: SocketAddr,
+    local: SocketAddr,
 }
 
 impl FlowGuard {
@@ -115,8 +132,19 @@ impl FlowGuard {
         FlowGuard {
             rule: rule.clone(),
             client,
+            destination: local,
+            peer: client,
             local,
         }
+    }
+
+    /// A trusted upstream's PROXY header named the flow's real client.
+    pub fn proxied(&mut self, client: SocketAddr, destination: SocketAddr) {
+        (self.client, self.destination) = (canonical(client), canonical(destination));
+        debug!(
+            alias = %self.rule.alias, client = %self.client, upstream = %self.peer,
+            "PROXY header: client is {} (via {})", self.client, self.peer
+        );
     }
 }
 
@@ -125,7 +153,7 @@ impl Drop for FlowGuard {
         let rule = &self.rule;
         rule.counters.active.fetch_sub(1, Relaxed);
         rule.observer
-            .relay_flow_ended(rule.protocol, self.client, self.local);
+            .relay_flow_ended(rule.protocol, self.peer, self.local);
         debug!(alias = %rule.alias, protocol = %rule.protocol, client = %self.client, "flow ended");
     }
 }

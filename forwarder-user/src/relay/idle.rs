@@ -127,17 +127,29 @@ mod tests {
 
     #[tokio::test]
     async fn expired_waits_for_the_last_touch() {
+        // Touches 100 ms apart against a 600 ms timeout: a stalled core
+        // may delay a touch by half a second before the flow goes idle.
+        let timeout = Duration::from_millis(600);
         let clock = IdleClock::new(Millis::now());
-        let timeout = Duration::from_millis(60);
-        let start = Instant::now();
         let toucher = async {
+            let mut last = Instant::now();
             for _ in 0..4 {
-                tokio::time::sleep(Duration::from_millis(30)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                last = Instant::now();
                 clock.touch(Millis::now());
             }
+            last
         };
-        tokio::join!(toucher, clock.expired(timeout));
-        // Four touches 30 ms apart, then 60 ms of quiet.
-        assert!(start.elapsed() >= Duration::from_millis(170));
+        let expired = async {
+            clock.expired(timeout).await;
+            Instant::now()
+        };
+        let (last_touch, expired_at) = tokio::join!(toucher, expired);
+        // Millis truncate: the deadline may be up to 1 ms early.
+        let quiet = expired_at + Duration::from_millis(1) - last_touch;
+        assert!(
+            quiet >= timeout && quiet <= timeout + Duration::from_secs(1),
+            "expired {quiet:?} after the last touch"
+        );
     }
 }

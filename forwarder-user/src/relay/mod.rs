@@ -21,6 +21,7 @@ mod buffered;
 mod counters;
 mod flow;
 mod idle;
+pub mod proxy_protocol;
 mod sessions;
 mod socket;
 mod splice;

@@ -8,6 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use socket2::SockRef;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -20,9 +21,14 @@ use super::counters::RuleCounters;
 use super::flow::{FlowGuard, RuleCtx};
 use super::idle::{IdleClock, Millis};
 use super::next_phase;
+use super::proxy_protocol::{
+    self, HEADER_MAX, PROXY_HEADER_TIMEOUT, ParseError, Received, Transport, Version,
+};
 use super::splice::{Pipe, SpliceEnd, splice_one_way};
+use super::sys::canonical;
 use crate::acl::AclAction;
 use crate::health::Source;
+use crate::rules::ProxyProtocol;
 
 /// Serves one listener until the relay closes it, or it drains (or
 /// retires) and has no flow left. Each new flow takes the rule current at
@@ -42,7 +48,8 @@ pub async fn serve(
             accepted = accept(&listener), if listener.is_some() => match accepted {
                 Ok((stream, peer)) => {
                     accept_failing.clear();
-                    flows.spawn(flow(stream, peer, rule));
+                    // The rule of now: a reload may have changed it while we waited.
+                    flows.spawn(flow(stream, peer, rules.borrow_and_update().clone()));
                 }
                 Err(e) => accept_error(&rule, &accept_failing, e).await,
             },
@@ -96,8 +103,10 @@ async fn accept_error(rule: &RuleCtx, failing: &Alarm, e: io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
-    if !rule.admits(peer) {
+async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
+    // A trusted upstream's client is checked once its PROXY header names it.
+    let trusted = rule.trusts_proxy_header_from(canonical(peer));
+    if !trusted && !rule.admits(peer) {
         return deny(&rule, client);
     }
     let local = match client.local_addr() {
@@ -109,10 +118,38 @@ async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
             return;
         }
     };
-    let guard = FlowGuard::start(&rule, peer, local);
+    let mut guard = FlowGuard::start(&rule, peer, local);
     if rule.refuses_client_ip() {
         let _ = client.set_zero_linger();
         return;
+    }
+    // Bytes that came with a trusted upstream's header: the stream's start.
+    let mut early = Vec::new();
+    if rule.trusts_proxy_header_from(guard.client) {
+        match read_proxy_header(&mut client).await {
+            Ok((received, rest)) => {
+                if rule.proxy_headers_failing.clear() {
+                    info!(alias = %rule.alias, upstream = %guard.client, "trusted upstreams send valid PROXY headers again");
+                }
+                if let Some((source, destination)) = received.addresses {
+                    guard.proxied(source, destination);
+                }
+                if !rule.admits(guard.client) {
+                    return deny(&rule, client);
+                }
+                early = rest;
+            }
+            Err(why) => {
+                RuleCounters::add(&rule.counters.proxy_headers_refused, 1);
+                if rule.proxy_headers_failing.raise() {
+                    warn!(alias = %rule.alias, upstream = %guard.client, "{why}; connection reset, as every connection of a trusted upstream (accept_proxy_protocol) without a valid PROXY header");
+                } else {
+                    debug!(alias = %rule.alias, upstream = %guard.client, "{why}; connection reset");
+                }
+                let _ = client.set_zero_linger();
+                return;
+            }
+        }
     }
     let Some((index, backend_addr)) = rule.backends.pick() else {
         // Every backend is down: a prompt reset, not a wait for nothing.
@@ -122,7 +159,7 @@ async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
         return;
     };
     let connect = tokio::time::timeout(rule.timeouts.connect, TcpStream::connect(backend_addr));
-    let backend = match connect.await {
+    let mut backend = match connect.await {
         Ok(Ok(backend)) => backend,
         Ok(Err(e)) => return connect_failed(&rule, index, backend_addr, client, &e.to_string()),
         Err(_) => {
@@ -138,6 +175,32 @@ async fn flow(client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
     debug!(alias = %rule.alias, client = %guard.client, backend = %backend_addr, "tcp connected");
+    let mut first = match rule.proxy.send {
+        ProxyProtocol::Off => Vec::new(),
+        ProxyProtocol::V1 => proxy_protocol::encode(
+            Version::V1,
+            Transport::Stream,
+            guard.client,
+            guard.destination,
+        ),
+        ProxyProtocol::V2 => proxy_protocol::encode(
+            Version::V2,
+            Transport::Stream,
+            guard.client,
+            guard.destination,
+        ),
+    };
+    first.extend_from_slice(&early);
+    if !first.is_empty() {
+        if let Err(e) = backend.write_all(&first).await {
+            debug!(alias = %rule.alias, client = %guard.client, "cannot send the stream's start to the backend: {e}; resetting both ends");
+            rule.error();
+            let _ = client.set_zero_linger();
+            let _ = backend.set_zero_linger();
+            return;
+        }
+        RuleCounters::add(&rule.counters.bytes_to_backend, early.len() as u64);
+    }
     match relay_streams(&client, &backend, &rule, CopyMode::Splice).await {
         Ended::Closed => {
             debug!(alias = %rule.alias, client = %guard.client, "tcp closed by both ends")
@@ -175,6 +238,55 @@ fn deny(rule: &RuleCtx, client: TcpStream) {
         let _ = client.set_zero_linger();
     }
     drop(client);
+}
+
+/// Why a trusted upstream's connection was refused.
+#[derive(Debug)]
+enum HeaderRefused {
+    Invalid(ParseError),
+    Late,
+    Closed,
+    Io(io::Error),
+}
+
+impl std::fmt::Display for HeaderRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderRefused::Invalid(e) => write!(f, "{e}"),
+            HeaderRefused::Late => write!(f, "no PROXY header within {PROXY_HEADER_TIMEOUT:?}"),
+            HeaderRefused::Closed => f.write_str("closed before a whole PROXY header"),
+            HeaderRefused::Io(e) => write!(f, "reading the PROXY header: {e}"),
+        }
+    }
+}
+
+/// Reads a trusted upstream's PROXY header, at most [`HEADER_MAX`] bytes
+/// within [`PROXY_HEADER_TIMEOUT`]; returns it with the bytes read past it.
+async fn read_proxy_header(client: &mut TcpStream) -> Result<(Received, Vec<u8>), HeaderRefused> {
+    let read = async {
+        let mut buf = Vec::with_capacity(HEADER_MAX);
+        loop {
+            let mut chunk = [0u8; HEADER_MAX];
+            let room = HEADER_MAX - buf.len();
+            let n = client
+                .read(&mut chunk[..room.max(1)])
+                .await
+                .map_err(HeaderRefused::Io)?;
+            if n == 0 {
+                return Err(HeaderRefused::Closed);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            match proxy_protocol::parse(&buf) {
+                Ok(Some(received)) => return Ok((received, buf.split_off(received.len))),
+                Ok(None) if buf.len() < HEADER_MAX => {}
+                Ok(None) => return Err(HeaderRefused::Invalid(ParseError::TooLong)),
+                Err(e) => return Err(HeaderRefused::Invalid(e)),
+            }
+        }
+    };
+    tokio::time::timeout(PROXY_HEADER_TIMEOUT, read)
+        .await
+        .unwrap_or(Err(HeaderRefused::Late))
 }
 
 /// The client is reset at once so that it does not wait for data that never comes.
@@ -314,6 +426,7 @@ mod tests {
             path: PathMode::Relay,
             preserve_client_ip: false,
             acl: None,
+            proxy: Default::default(),
             listen_picked: false,
             health: None,
         };

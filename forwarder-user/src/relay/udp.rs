@@ -22,10 +22,12 @@ use super::batch::{Datagrams, PacketInfo};
 use super::counters::RuleCounters;
 use super::flow::{FlowGuard, RuleCtx};
 use super::idle::{IdleClock, Millis, sweep_interval};
+use super::proxy_protocol::{self, Transport, Version};
 use super::sessions::SessionTable;
 use super::socket::connect_udp;
 use super::{Phase, next_phase, sys};
 use crate::health::Source;
+use crate::rules::ProxyProtocol;
 
 /// Batches read in one go before the task lets others run.
 const ROUNDS: usize = 16;
@@ -54,6 +56,8 @@ struct Session {
     /// Where the client sent to: the source of every reply.
     source: Option<PacketInfo>,
     clock: IdleClock,
+    /// The PROXY v2 header put before every datagram to the backend, or empty.
+    header: Vec<u8>,
     /// The backend has sent a datagram back: the session lives by
     /// `udp_idle` from now on, not the shorter `udp_unreplied`.
     answered: AtomicBool,
@@ -260,11 +264,22 @@ impl UdpListener {
         }
         let local = SocketAddr::new(key.local.unwrap_or(self.bound.ip()), self.bound.port());
         let guard = FlowGuard::start(rule, key.client, local);
+        let header = match rule.proxy.send {
+            ProxyProtocol::Off => Vec::new(),
+            // v1 cannot describe UDP: the config refuses it.
+            ProxyProtocol::V1 | ProxyProtocol::V2 => proxy_protocol::encode(
+                Version::V2,
+                Transport::Datagram,
+                guard.client,
+                guard.destination,
+            ),
+        };
         let session = Arc::new(Session {
             upstream,
             client: key.client,
             source: dst,
             clock: IdleClock::new(Millis::now()),
+            header,
             answered: AtomicBool::new(false),
             backend: index,
         });
@@ -338,6 +353,16 @@ async fn send_upstream(
     rule: &RuleCtx,
 ) {
     let fd = session.upstream.as_raw_fd();
+    // With a PROXY header, each datagram goes out as header and payload.
+    let framed: Vec<Vec<u8>> = if session.header.is_empty() {
+        Vec::new()
+    } else {
+        batch
+            .payloads(from, to)
+            .map(|p| [&session.header[..], p].concat())
+            .collect()
+    };
+    let datagrams = |at: usize| (at..to).map(|i| datagram(batch, &framed, from, i));
     let mut at = from;
     // The first try goes straight to the socket: a new one is writable
     // before tokio has heard so from epoll.
@@ -349,10 +374,10 @@ async fn send_upstream(
                 break;
             }
             session.upstream.try_io(Interest::WRITABLE, || {
-                sys::send_batch(fd, batch.payloads(at, to), None, None)
+                sys::send_batch(fd, datagrams(at), None, None)
             })
         } else {
-            sys::send_batch(fd, batch.payloads(at, to), None, None)
+            sys::send_batch(fd, datagrams(at), None, None)
         };
         match sent {
             Ok(k) => {
@@ -375,6 +400,15 @@ async fn send_upstream(
                 refused_before = false;
             }
         }
+    }
+}
+
+/// Datagram `i` of a run that starts at `from`: framed with a header, or the payload as it came.
+fn datagram<'a>(batch: &'a Datagrams, framed: &'a [Vec<u8>], from: usize, i: usize) -> &'a [u8] {
+    if framed.is_empty() {
+        batch.payload(i)
+    } else {
+        &framed[i - from]
     }
 }
 

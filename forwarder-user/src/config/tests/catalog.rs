@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::load;
 use crate::config::catalog::{Class, FIELDS, Field, Scope};
-use crate::rules::{Listener, PathMode, Protocol};
+use crate::rules::{Listener, PathMode, Protocol, ProxyProtocol};
 
 /// How a field is handled, pinned here apart from the catalog.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +68,7 @@ const IGNORED: &[&str] = &[
 ];
 
 fn sample(name: &str) -> Option<Sample> {
-    use Want::{Honoured, Ignored, NotEnforced, Refused};
+    use Want::{Honoured, Ignored, Refused};
     let s = |want, on, off, shows| {
         Some(Sample {
             want,
@@ -107,10 +107,17 @@ fn sample(name: &str) -> Option<Sample> {
                 a.allows("10.1.2.3".parse().unwrap()) && !a.allows("192.0.2.1".parse().unwrap())
             })
         }),
-        "proxy_protocol" => s(NotEnforced, "v2", Some("off"), anything),
-        "relay_proxy_protocol_header" | "tls_termination" => {
-            s(Refused, "true", Some("false"), anything)
-        }
+        "proxy_protocol" => s(Honoured, "v1", Some("off"), |l| {
+            l.proxy.send == ProxyProtocol::V1
+        }),
+        "accept_proxy_protocol" => s(Honoured, "10.0.0.0/8", Some("[]"), |l| {
+            l.proxy.accept_from.len() == 1
+        }),
+        // Godoxy's header is `proxy_protocol: v2`.
+        "relay_proxy_protocol_header" => s(Honoured, "true", Some("false"), |l| {
+            l.proxy.send == ProxyProtocol::V2
+        }),
+        "tls_termination" => s(Refused, "true", Some("false"), anything),
         "agent" => s(Refused, "agent.example", Some("''"), anything),
         "idlewatcher" => s(Refused, "'{idle_timeout: 1h}'", Some("''"), anything),
         "idle_timeout" | "wake_timeout" | "stop_timeout" => s(Refused, "1h", Some("''"), anything),

@@ -38,6 +38,8 @@ fn route(
         healthcheck: None,
         acl: Acl::default(),
         proxy_protocol: ProxyProtocol::Off,
+        proxy_protocol_on_udp: true,
+        accept_proxy_protocol: Vec::new(),
     }
 }
 

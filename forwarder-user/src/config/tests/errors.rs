@@ -303,7 +303,6 @@ routes:
             ("test.yaml:2:37: alias `a`, field `path`: found `kernel` with the loopback target 127.0.0.1:1; allowed `auto` or `relay`", &[]),
             ("test.yaml:3:53: alias `b`, field `path`: found `fast`; allowed `auto`, `kernel`, `relay`, `tc` or `xdp`", &[]),
             ("test.yaml:4:80: alias `c`, field `preserve_client_ip`: found `true` with `path: relay`", &[]),
-            ("test.yaml:5:47: alias `d`, field `proxy_protocol`: found `proxy_protocol`, which forwarder checks but does not enforce yet", &[]),
             ("test.yaml:5:63: alias `d`, field `proxy_protocol`: found `v1` on a udp route; allowed `v2`", &[]),
             ("test.yaml:6:51: alias `e`, field `preserve_client_ip`: found `yes`; allowed `true` or `false`", &[]),
             ("test.yaml:7:68: alias `f`, field `preserve_client_ip`: found `true` with the loopback target 127.0.0.1:6", &[]),

@@ -50,13 +50,14 @@ fn the_shipped_example_compiles_to_its_table() {
             "2 dns tcp 127.0.0.1:5300 -> 127.0.0.1:53 auto",
             "3 dns udp 127.0.0.1:5300 -> 127.0.0.1:53 auto",
             "5 web tcp [::]:8480 -> 127.0.0.1:8081,127.0.0.1:8082*2 relay",
-            "6 game tcp [::]:25565 -> 127.0.0.1:25566 auto",
-            "7 game udp [::]:25565 -> 127.0.0.1:25566 auto",
-            "8 game-q udp [::]:27015 -> 127.0.0.1:27016 auto",
-            "9 voice udp [::]:9987 -> 127.0.0.1:9988 auto",
-            "10 voice-query tcp [::]:10011 -> 127.0.0.1:10012 auto",
-            "11 ssh-jump tcp [::]:2222 -> 127.0.0.1:22 auto",
-            "12 syslog udp [::]:5514 -> 127.0.0.1:514 auto",
+            "6 mail tcp [::]:2525 -> 127.0.0.1:25 auto",
+            "7 game tcp [::]:25565 -> 127.0.0.1:25566 auto",
+            "8 game udp [::]:25565 -> 127.0.0.1:25566 auto",
+            "9 game-q udp [::]:27015 -> 127.0.0.1:27016 auto",
+            "10 voice udp [::]:9987 -> 127.0.0.1:9988 auto",
+            "11 voice-query tcp [::]:10011 -> 127.0.0.1:10012 auto",
+            "12 ssh-jump tcp [::]:2222 -> 127.0.0.1:22 auto",
+            "13 syslog udp [::]:5514 -> 127.0.0.1:514 auto",
         ]
     );
     let echo = &c.listeners[4];
@@ -83,11 +84,15 @@ fn the_shipped_example_compiles_to_its_table() {
     let t = table(&c);
     assert!(t.contains(&format!("{} (picked)", echo.bind)), "{t}");
     assert!(t.contains("turn-udp"), "{t}");
+    assert!(
+        t.contains("relay (proxy_protocol), PROXY v2 to backend, PROXY read from 127.0.0.2/32"),
+        "{t}"
+    );
 }
 
 #[test]
 fn load_reads_the_example_from_its_path() {
     let c = load(&example()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.listeners.len(), 13);
+    assert_eq!(c.listeners.len(), 14);
     assert_eq!(c.interfaces, None);
 }

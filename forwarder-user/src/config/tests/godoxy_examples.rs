@@ -2,7 +2,10 @@
 //! (`providers.example.yml`, the `docker_labels` fixture, the compose
 //! examples, the label docs) load as Godoxy would run them as streams.
 
+use forwarder_common::RULE_F_RELAY;
+
 use super::{data_dir, errors, load, row};
+use crate::rules::ProxyProtocol;
 
 fn rows_and_warnings(text: &str) -> (Vec<String>, Vec<String>) {
     let (c, w) = load(text).unwrap_or_else(|e| panic!("{e}"));
@@ -46,8 +49,8 @@ fn a_route_file_in_the_forms_of_providers_example() {
 }
 
 #[test]
-fn the_proxy_protocol_route_of_providers_example_is_refused() {
-    let got = errors(
+fn the_proxy_protocol_route_of_providers_example_sends_v2() {
+    let (c, w) = load(
         "routes:
   ssh-with-proxy-protocol:
     scheme: tcp
@@ -55,13 +58,11 @@ fn the_proxy_protocol_route_of_providers_example_is_refused() {
     port: 2222:22
     relay_proxy_protocol_header: true
 ",
-    );
-    assert_eq!(got.len(), 1, "{got:#?}");
-    assert!(
-        got[0].starts_with("test.yaml:6:5: alias `ssh-with-proxy-protocol`, field `relay_proxy_protocol_header`: found `true` (Godoxy's `relay_proxy_protocol_header`); allowed `relay_proxy_protocol_header: false` or no `relay_proxy_protocol_header`: forwarder cannot send the PROXY protocol header yet"),
-        "{}",
-        got[0]
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(w.is_empty(), "{w:?}");
+    assert_eq!(c.listeners[0].proxy.send, ProxyProtocol::V2);
+    assert_eq!(c.kernel.rules[0].1.flags & RULE_F_RELAY, RULE_F_RELAY);
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 mod catalog;
 mod compile;
+mod defaults;
 mod errors;
 mod examples;
 mod forms;
@@ -10,6 +11,7 @@ mod fuzz;
 mod godoxy_examples;
 mod health;
 mod names;
+mod proxy_protocol;
 
 use std::collections::{HashMap, HashSet};
 use std::io;

@@ -8,7 +8,7 @@ use forwarder_common::{
     PROTO_TCP, PROTO_UDP, RULE_F_ACL, RULE_F_ACL_DEFAULT_DENY, RULE_F_ACL_REJECT,
 };
 
-use super::flows::{
+use super::fixture::{
     BACKEND, LISTEN_PORT, LISTENER, SNAT_PORTS, TCP_RULE, UDP_RULE, listener, rule, tables,
     with_router,
 };

@@ -11,7 +11,7 @@ use forwarder_common::{
     CT_STATE_RESET, CtKey, CtValue,
 };
 
-use super::flows::{BACKEND, BACKEND_PORT, SNAT, client, listener, standard, with_router};
+use super::fixture::{BACKEND, BACKEND_PORT, SNAT, client, listener, standard, with_router};
 use super::packet::{Spec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, view};
 use super::*;
 use crate::kernel::sweeper::{RuleTimeouts, expired_flows};

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use forwarder_common::{PROTO_TCP, RELAY_OWNER_KERNEL};
 
-use super::flows::{SNAT_PORTS, TCP_RULE, client, listener, rule, tables, with_router};
+use super::fixture::{SNAT_PORTS, TCP_RULE, client, listener, rule, tables, with_router};
 use super::packet::{Spec, TCP_SYN, view};
 use super::*;
 use crate::kernel::tables::Tables;

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use forwarder_common::{ADDR_ANY, PROTO_TCP, PROTO_UDP, RULE_F_RELAY};
 
-use super::flows::{
+use super::fixture::{
     BACKEND, BACKEND_PORT, LISTEN_PORT, LISTENER, SNAT, SNAT_PORTS, TCP_RULE, UDP_RULE, client,
     listener, rule, standard, tables, with_router,
 };

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 
 use forwarder_common::{PROTO_TCP, RULE_F_PRESERVE_CLIENT_IP};
 
-use super::flows::{
+use super::fixture::{
     BACKEND, BACKEND_PORT, CLIENT, LISTEN_PORT, LISTENER, SNAT, TCP_RULE, UDP_RULE, client,
     listener, standard, with_router,
 };

@@ -4,13 +4,18 @@
 //! given and returns its verdict and the packet as it left.
 
 mod acl;
+mod closing;
+mod fallback;
+mod fixture;
 mod flow_state;
-mod flows;
 mod health;
 mod hooks;
 mod icmp;
+mod matching;
 mod packet;
 mod programs;
+mod refresh;
+mod rewrite;
 mod xdp;
 
 use std::os::fd::{AsFd, AsRawFd};

@@ -1,5 +1,5 @@
 //! The XDP accelerator on crafted frames, in the router namespace of
-//! `flows`: TC opens each flow, XDP carries its established packets, and
+//! `fixture`: TC opens each flow, XDP carries its established packets, and
 //! everything XDP must leave to TC comes back `XDP_PASS`, byte for byte.
 
 use std::net::Ipv4Addr;
@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use forwarder_common::{CT_DIR_FORWARD, CT_STATE_ESTABLISHED, PROTO_TCP, PROTO_UDP, RULE_F_XDP};
 
-use super::flows::{
+use super::fixture::{
     BACKEND, BACKEND_PORT, CLIENT, LISTEN_PORT, LISTENER, SNAT, SNAT_PORTS, TCP_RULE, UDP_RULE,
     client, listener, rule, standard, tables, with_router,
 };
@@ -19,7 +19,7 @@ use crate::kernel::testns::ip;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
-/// The MAC addresses `flows::router` gives the client and the backend.
+/// The MAC addresses `fixture::router` gives the client and the backend.
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 2, 2];
 

@@ -102,11 +102,35 @@ pub fn seen(ns: &Netns, interface: &str) -> Seen {
     }
 }
 
+/// Whether the program `id` is still loaded, asked of the kernel
+/// (`BPF_PROG_GET_FD_BY_ID`): ENOENT is "unloaded", any other failure
+/// fails the test rather than pass for "unloaded".
 pub fn program_loaded(id: u32) -> bool {
-    Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    // prog_id, next_id, open_flags of `union bpf_attr`.
+    let attr: [u32; 3] = [id, 0, 0];
+    // SAFETY: the attr is a live buffer of the size given; a returned
+    // descriptor is closed at once.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a descriptor this call owns.
+        unsafe { libc::close(fd as i32) };
+        return true;
+    }
+    let err = std::io::Error::last_os_error();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOENT),
+        "cannot ask whether BPF program {id} is loaded: {err}"
+    );
+    false
 }
 
 pub fn reserved_ports(ns: &Netns) -> String {
@@ -132,22 +156,37 @@ impl Daemon {
 
     /// [`Daemon::start`] with `RUST_LOG=rust_log`.
     pub fn start_logging(ns: &Netns, name: &str, yaml: &str, rust_log: &str) -> Daemon {
-        Daemon::start_in(
-            ns,
-            ns.command(common::forwarder_bin()),
-            name,
-            yaml,
-            rust_log,
-        )
+        Daemon::start_with(ns, name, yaml, rust_log, |_| {})
+    }
+
+    /// [`Daemon::start_logging`], with `tweak` applied to the command last
+    /// (more arguments, a `pre_exec`).
+    pub fn start_with(
+        ns: &Netns,
+        name: &str,
+        yaml: &str,
+        rust_log: &str,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Daemon {
+        let cmd = ns.command(common::forwarder_bin());
+        Daemon::start_in(ns, cmd, name, yaml, rust_log, tweak)
     }
 
     /// [`Daemon::start`] in the host's mount namespace, where its bpffs
     /// pins outlive it (crash and adoption tests).
     pub fn start_pinning(ns: &Netns, name: &str, yaml: &str) -> Daemon {
-        Daemon::start_in(ns, ns.nsenter(common::forwarder_bin()), name, yaml, "info")
+        let cmd = ns.nsenter(common::forwarder_bin());
+        Daemon::start_in(ns, cmd, name, yaml, "info", |_| {})
     }
 
-    fn start_in(ns: &Netns, mut cmd: Command, name: &str, yaml: &str, rust_log: &str) -> Daemon {
+    fn start_in(
+        ns: &Netns,
+        mut cmd: Command,
+        name: &str,
+        yaml: &str,
+        rust_log: &str,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let dir = std::env::temp_dir().join(format!("fwdt-{}-kp-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -163,6 +202,7 @@ impl Daemon {
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
+        tweak(&mut cmd);
         let mut daemon = Daemon {
             child: Some(ChildGuard::spawn(&mut cmd)),
             netns: ns.name.clone(),
@@ -237,9 +277,15 @@ impl Daemon {
     }
 
     /// SIGTERM, and the daemon must exit cleanly; returns its log.
-    pub fn stop(mut self) -> String {
+    pub fn stop(self) -> String {
+        self.signal(libc::SIGTERM);
+        self.wait_for_exit()
+    }
+
+    /// Waits for the daemon to exit, which it must do cleanly within
+    /// [`WAIT`]; returns its log.
+    pub fn wait_for_exit(mut self) -> String {
         let mut guard = self.child.take().unwrap();
-        guard.signal(libc::SIGTERM).unwrap();
         let deadline = Instant::now() + WAIT;
         let status = loop {
             if let Some(status) = guard.child.try_wait().unwrap() {
@@ -324,13 +370,4 @@ pub fn interface<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_jso
         .as_array()
         .and_then(|all| all.iter().find(|i| i["name"] == name))
         .unwrap_or_else(|| panic!("no interface {name} in {status}"))
-}
-
-/// Polls until `f` holds or [`WAIT`] passes.
-pub fn eventually(why: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting: {why}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

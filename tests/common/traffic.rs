@@ -196,22 +196,34 @@ pub fn udp_socket_from(port: u16, to: SocketAddr) -> UdpSocket {
     socket
 }
 
-/// Sends `msg` and waits for its echo; retries a few times (the first
-/// datagram of a flow may wait for neighbour resolution).
+/// Sends `msg` once and waits for its echo, which must be the next
+/// datagram to arrive: no resend, so counters can be exact and a lost or
+/// crossed datagram fails the test.
 pub fn udp_echo(socket: &UdpSocket, msg: &[u8]) {
     let mut buf = vec![0u8; msg.len() + 1];
-    for _ in 0..10 {
-        socket.send(msg).unwrap();
+    socket.send(msg).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
         match socket.recv(&mut buf) {
-            Ok(n) if &buf[..n] == msg => return,
-            Ok(_) => continue,
+            Ok(n) => {
+                assert!(
+                    &buf[..n] == msg,
+                    "udp echo via {:?}: got {n} bytes that are not the {} sent",
+                    socket.peer_addr(),
+                    msg.len()
+                );
+                return;
+            }
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
             {
-                continue;
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no UDP echo via {:?} in {WAIT:?}",
+                    socket.peer_addr()
+                );
             }
             Err(e) => panic!("udp echo via {:?}: {e}", socket.peer_addr()),
         }
     }
-    panic!("no UDP echo via {:?}", socket.peer_addr());
 }
