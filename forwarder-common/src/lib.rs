@@ -455,6 +455,7 @@ mod tests {
             dropped: 29 * k,
             icmp_sent: 31 * k,
             icmp_translated: 37 * k,
+            acl_denied: 41 * k,
         };
         let mut sum = one(2);
         sum.add(&one(3));
