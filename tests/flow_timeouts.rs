@@ -207,6 +207,7 @@ fn relay_udp(rule_id: u32, backend: SocketAddr, timeouts: Timeouts) -> Listener 
         proxy: Default::default(),
         listen_picked: false,
         health: None,
+        acl: None,
     }
 }
 

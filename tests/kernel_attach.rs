@@ -31,6 +31,7 @@ fn compiled_for(interfaces: Option<Vec<String>>) -> Compiled {
         kernel: KernelTable {
             rules: vec![xdp_rule],
             backends: Vec::new(),
+            acl: Vec::new(),
         },
         relay: RelaySettings::default(),
         kernel_settings: KernelSettings {

@@ -3,6 +3,7 @@
 //! tests/README.md for what goes where.
 mod common;
 
+mod acl;
 mod broadcast;
 mod checksums;
 mod config_cli;

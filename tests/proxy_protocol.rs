@@ -548,9 +548,9 @@ fn check_shows_the_proxy_mode() {
     assert_eq!(
         rows,
         [
-            "0 game tcp [::]:17031 → 198.18.9.2:7001 relay (proxy_protocol), PROXY v2 to backend",
-            "1 game udp [::]:17031 → 198.18.9.2:7001 relay (proxy_protocol), PROXY v2 to backend",
-            "2 ssh tcp [::]:17032 → 198.18.9.2:22 relay (proxy_protocol), PROXY v2 to backend, PROXY read from 10.1.0.0/16",
+            "0 game tcp [::]:17031 → 198.18.9.2:7001 relay (proxy_protocol), PROXY v2 to backend -",
+            "1 game udp [::]:17031 → 198.18.9.2:7001 relay (proxy_protocol), PROXY v2 to backend -",
+            "2 ssh tcp [::]:17032 → 198.18.9.2:22 relay (proxy_protocol), PROXY v2 to backend, PROXY read from 10.1.0.0/16 -",
         ],
         "{table}"
     );

@@ -64,6 +64,12 @@ pub const RULE_F_RELAY: u32 = 1 << 0;
 pub const RULE_F_PRESERVE_CLIENT_IP: u32 = 1 << 1;
 /// Established flows may be carried by XDP.
 pub const RULE_F_XDP: u32 = 1 << 2;
+/// The rule has an ACL: a new flow's client is looked up in `ACL`.
+pub const RULE_F_ACL: u32 = 1 << 3;
+/// A client no ACL entry matches is denied (the ACL has an allow entry).
+pub const RULE_F_ACL_DEFAULT_DENY: u32 = 1 << 4;
+/// A denied TCP SYN is answered with an RST (else dropped, as is UDP).
+pub const RULE_F_ACL_REJECT: u32 = 1 << 5;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -77,6 +83,33 @@ pub struct RuleValue {
     /// Sum of the weights of the healthy backends; 0 means none can be picked.
     pub total_weight: u32,
 }
+
+/// Most entries the `ACL` trie holds: each rule's entries, the global
+/// ones copied into each rule, twice over while a reload swaps rules.
+pub const MAX_ACL_ENTRIES: u32 = 131_072;
+
+/// The data of an `ACL` trie key: a rule, an address family and a client
+/// network. Its prefix length is 64 (rule id and family) plus the
+/// network's, in the IPv4-mapped 128-bit form, so that a lookup never
+/// crosses rules or families (`::/0` does not cover IPv4 clients).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AclKey {
+    /// Network byte order: the trie matches bits from the first byte.
+    pub rule_id_be: u32,
+    /// `ACL_FAMILY_*`.
+    pub family: u32,
+    pub addr: Addr,
+}
+
+pub const ACL_FAMILY_V4: u32 = 4;
+pub const ACL_FAMILY_V6: u32 = 6;
+/// The bits of an `AclKey` before the address.
+pub const ACL_KEY_HEAD_BITS: u32 = 64;
+
+/// `ACL` values.
+pub const ACL_DENY: u32 = 0;
+pub const ACL_ALLOW: u32 = 1;
 
 /// The backend may be picked.
 pub const BACKEND_F_HEALTHY: u32 = 1 << 0;
@@ -247,6 +280,8 @@ pub struct RuleCounters {
     /// ICMP errors sent for kernel flows' packets that could not be
     /// forwarded (TTL expired; DF and too big for the next hop).
     pub icmp_sent: u64,
+    /// New flows' first packets the rule's ACL denied (dropped or reset).
+    pub acl_denied: u64,
 }
 
 impl RuleCounters {
@@ -265,6 +300,7 @@ impl RuleCounters {
             dropped,
             icmp_translated,
             icmp_sent,
+            acl_denied,
         } = *other;
         self.packets_fwd += packets_fwd;
         self.bytes_fwd += bytes_fwd;
@@ -277,6 +313,7 @@ impl RuleCounters {
         self.dropped += dropped;
         self.icmp_translated += icmp_translated;
         self.icmp_sent += icmp_sent;
+        self.acl_denied += acl_denied;
     }
 }
 
@@ -338,6 +375,7 @@ mod pod {
     unsafe impl aya::Pod for RuleCounters {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for RelayFlow {}
+    unsafe impl aya::Pod for AclKey {}
 }
 
 #[cfg(test)]
@@ -355,7 +393,8 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<IfaceCounters>(), 32);
-        assert_eq!(size_of::<RuleCounters>(), 88);
+        assert_eq!(size_of::<RuleCounters>(), 96);
+        assert_eq!(size_of::<AclKey>(), 24);
         assert_eq!(size_of::<RelayFlow>(), 16);
     }
 
@@ -416,6 +455,7 @@ mod tests {
             dropped: 29 * k,
             icmp_sent: 31 * k,
             icmp_translated: 37 * k,
+            acl_denied: 41 * k,
         };
         let mut sum = one(2);
         sum.add(&one(3));

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod acl;
 mod conntrack;
 mod counters;
 mod fragments;

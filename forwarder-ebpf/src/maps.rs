@@ -5,11 +5,12 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, bpf_fib_lookup, bpf_redir_neigh},
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use forwarder_common::{
-    Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_BACKENDS_PER_RULE, MAX_RULES, RULE_IDS,
-    RelayFlow, RuleCounters, RuleKey, RuleValue, Settings, icmp::ERROR_LEN, mss::MAX_OPTIONS_LEN,
+    AclKey, Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_ACL_ENTRIES,
+    MAX_BACKENDS_PER_RULE, MAX_RULES, RULE_IDS, RelayFlow, RuleCounters, RuleKey, RuleValue,
+    Settings, icmp::ERROR_LEN, mss::MAX_OPTIONS_LEN,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -31,6 +32,11 @@ pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RU
 /// Backends at `rule_id * MAX_BACKENDS_PER_RULE + n`; written by userspace.
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(RULE_IDS * MAX_BACKENDS_PER_RULE, 0);
+
+/// (rule, client network) to `ACL_ALLOW` or `ACL_DENY`, for rules with
+/// `RULE_F_ACL`; written by userspace before the rule's key points at it.
+#[map]
+pub static ACL: LpmTrie<AclKey, u32> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
 
 /// The one [`Settings`] entry; written by userspace.
 #[map]

@@ -10,10 +10,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use forwarder_common::{
-    CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RuleValue,
-    addr_ipv4_be,
+    CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, RULE_F_ACL, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY,
+    RuleValue, addr_ipv4_be,
 };
 
+use crate::acl;
 use crate::conntrack::{self, Fallback};
 use crate::counters::{Hook, count_interface, with_rule};
 use crate::fragments;
@@ -119,6 +120,9 @@ pub fn handle(ctx: &TcContext) -> i32 {
     }
     if matched.wildcard && !addressed_here(ctx, &w, s) {
         return NEXT;
+    }
+    if matched.rule.flags & RULE_F_ACL != 0 && !acl::allows(&matched.rule, w.pkt.src) {
+        return acl::deny(ctx, &w.pkt, &matched.rule, w.ifindex);
     }
     new_flow(ctx, &w, &matched.rule, s)
 }

@@ -371,6 +371,7 @@ mod tests {
             path: PathMode::Auto,
             preserve_client_ip: false,
             proxy: Default::default(),
+            acl: None,
             health: with_check.then_some(HealthSpec {
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),

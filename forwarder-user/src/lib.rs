@@ -1,4 +1,5 @@
 //! The forwarder daemon as a library, so that its parts can be tested.
+pub mod acl;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -244,6 +244,9 @@ fn renumber(mut compiled: Compiled, ids: &BTreeMap<u32, u32>) -> Compiled {
         );
         *index = map(rule) * MAX_BACKENDS_PER_RULE + n;
     }
+    for (_, key, _) in &mut compiled.kernel.acl {
+        key.rule_id_be = map(u32::from_be(key.rule_id_be)).to_be();
+    }
     compiled
 }
 
@@ -320,6 +323,40 @@ routes:
             slots,
             [0, 3 * MAX_BACKENDS_PER_RULE, 4 * MAX_BACKENDS_PER_RULE]
         );
+    }
+
+    #[test]
+    fn a_changed_acl_changes_the_rule_and_its_entries_follow_the_new_id() {
+        let running = load(BASE);
+        let next = "
+acl: {deny: [192.0.2.0/24]}
+routes:
+  a: {scheme: tcp, host: 10.0.0.1, port: 1001:80, acl: {allow: [10.0.0.0/8]}}
+  b: {scheme: udp, host: 10.0.0.2, port: 1002:80}
+  c: {scheme: tcp, host: 10.0.0.3, port: 1003:80}
+";
+        let plan = plan(&running, load(next), &none_held).unwrap();
+        // The global acl changes every rule.
+        assert_eq!(plan.summary().changed.len(), 3);
+        let a = plan.next.listeners.iter().find(|l| l.alias == "a").unwrap();
+        assert_eq!(a.rule_id, 3);
+        let ids: HashSet<u32> = plan
+            .next
+            .kernel
+            .acl
+            .iter()
+            .map(|(_, key, _)| u32::from_be(key.rule_id_be))
+            .collect();
+        let live: HashSet<u32> = plan.next.listeners.iter().map(|l| l.rule_id).collect();
+        assert_eq!(ids, live, "every entry under its rule's new id");
+        let of_a = plan
+            .next
+            .kernel
+            .acl
+            .iter()
+            .filter(|(_, key, _)| u32::from_be(key.rule_id_be) == a.rule_id)
+            .count();
+        assert_eq!(of_a, 2, "its own entry and the global one");
     }
 
     #[test]

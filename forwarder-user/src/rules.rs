@@ -6,7 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use forwarder_common::{Backend, RuleKey, RuleValue};
+use forwarder_common::{AclKey, Backend, RuleKey, RuleValue};
+
+use crate::acl::RuleAcl;
 
 use crate::config::Cidr;
 
@@ -166,6 +168,8 @@ pub struct Listener {
     pub proxy: ProxySettings,
     /// `None`: every backend takes flows, always.
     pub health: Option<HealthSpec>,
+    /// The rule's own ACL with the global one; `None`: every client.
+    pub acl: Option<RuleAcl>,
 }
 
 impl Listener {
@@ -263,6 +267,8 @@ pub struct KernelTable {
     /// `(index into BACKENDS, entry)`; `snat_addr` is left zero for the
     /// daemon to fill from the routing table.
     pub backends: Vec<(u32, Backend)>,
+    /// `ACL` trie entries: (key prefix length, key data, verdict).
+    pub acl: Vec<(u32, AclKey, u32)>,
 }
 
 /// How the hostnames of targets are followed.

@@ -207,6 +207,7 @@ pub fn kernel_path_counts(k: &Value) -> PathCounts {
         ("dropped", "dropped"),
         ("icmp_translated", "ICMP errors passed on"),
         ("icmp_sent", "ICMP errors sent"),
+        ("acl_denied", "denied by the ACL"),
     ] {
         if let Some(n) = k[key].as_u64().filter(|n| *n > 0) {
             notes.push(format!("{what}: {}", count(n)));
@@ -239,6 +240,7 @@ pub fn relay_path_counts(r: &Value, protocol: &str, kernel: Option<&Value>) -> P
         ("sessions_refused", "sessions refused"),
         ("no_backend", "refused, every backend down"),
         ("proxy_headers_refused", "PROXY headers refused"),
+        ("acl_denied", "denied by the ACL"),
         ("errors", "errors"),
     ] {
         if let Some(n) = r[key].as_u64().filter(|n| *n > 0) {
@@ -482,6 +484,22 @@ mod tests {
         assert_eq!(duration(187), "3m07s");
         assert_eq!(duration(7500), "2h05m");
         assert_eq!(duration(3 * 86_400 + 4 * 3600), "3d04h");
+    }
+
+    #[test]
+    fn acl_denials_are_noted_on_both_paths() {
+        let kernel = kernel_path_counts(&json!({"flows": 1, "acl_denied": 2}));
+        assert!(
+            kernel.notes.contains(&"denied by the ACL: 2".to_owned()),
+            "{kernel:?}"
+        );
+        let relay = relay_path_counts(&json!({"flows": 1, "acl_denied": 3}), "tcp", None);
+        assert!(
+            relay.notes.contains(&"denied by the ACL: 3".to_owned()),
+            "{relay:?}"
+        );
+        let none = relay_path_counts(&json!({"flows": 1, "acl_denied": 0}), "tcp", None);
+        assert!(none.notes.is_empty(), "{none:?}");
     }
 
     #[test]

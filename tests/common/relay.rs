@@ -47,6 +47,7 @@ pub fn listener(
         preserve_client_ip: false,
         proxy: Default::default(),
         health: None,
+        acl: None,
         listen_picked: false,
     }
 }

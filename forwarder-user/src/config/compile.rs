@@ -4,13 +4,16 @@
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use forwarder_common::{
-    ADDR_ANY, Addr, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, RULE_F_PRESERVE_CLIENT_IP,
-    RULE_F_RELAY, RULE_F_XDP, RuleKey, RuleValue, addr_from_ipv4_be,
+    ADDR_ANY, Addr, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, RULE_F_ACL,
+    RULE_F_ACL_DEFAULT_DENY, RULE_F_ACL_REJECT, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY,
+    RULE_F_XDP, RuleKey, RuleValue, addr_from_ipv4_be,
 };
 
-use super::fields::{Acl, HealthCheck, ProxyProtocol};
+use super::acl::Acl;
+use super::fields::{HealthCheck, ProxyProtocol};
 use super::validate::is_loopback;
 use super::values::Cidr;
+use crate::acl::{AclAction, RuleAcl};
 use crate::rules::{
     BackendSpec, Compiled, HealthSpec, KernelSettings, KernelTable, Listener, PathMode, Probe,
     Protocol, ProxySettings, RelaySettings, Timeouts,
@@ -23,6 +26,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub relay: RelaySettings,
     pub kernel: KernelSettings,
+    /// The global `acl:`, combined with each route's own.
+    pub acl: Acl,
 }
 
 /// One validated route (alias); `protocols` makes one rule each.
@@ -94,6 +99,16 @@ pub fn compile(config: &Config) -> Compiled {
         if route.path == PathMode::Xdp {
             route_flags |= RULE_F_XDP;
         }
+        let acl = RuleAcl::combine(&route.acl, &config.acl);
+        if let Some(acl) = &acl {
+            route_flags |= RULE_F_ACL;
+            if !acl.default_allow {
+                route_flags |= RULE_F_ACL_DEFAULT_DENY;
+            }
+            if acl.action == AclAction::Reject {
+                route_flags |= RULE_F_ACL_REJECT;
+            }
+        }
         for &protocol in &route.protocols {
             let proxy = route.proxy(protocol);
             let mut flags = route_flags;
@@ -130,6 +145,9 @@ pub fn compile(config: &Config) -> Compiled {
                     },
                 ));
             }
+            if let Some(acl) = &acl {
+                kernel.acl.extend(acl.kernel_entries(rule_id));
+            }
             listeners.push(Listener {
                 rule_id,
                 alias: route.alias.clone(),
@@ -142,6 +160,7 @@ pub fn compile(config: &Config) -> Compiled {
                 preserve_client_ip: route.preserve_client_ip,
                 proxy,
                 health: route.healthcheck.as_ref().map(|h| health_spec(h, protocol)),
+                acl: acl.clone(),
             });
             rule_id += 1;
         }

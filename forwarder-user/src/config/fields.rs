@@ -3,9 +3,8 @@
 //! What each field is, honoured, refused or ignored, is the
 //! [`catalog`](super::catalog)'s to say. Fields forwarder uses: `scheme`,
 //! `port`, `host`, `bind`, `backends`, `path`, `timeouts`,
-//! `preserve_client_ip`, `healthcheck`, `proxy_protocol`,
+//! `preserve_client_ip`, `healthcheck`, `acl`, `proxy_protocol`,
 //! `accept_proxy_protocol` (and Godoxy's `relay_proxy_protocol_header`).
-//! `acl` is parsed (its syntax checked) but refused until it is enforced;
 //! Godoxy's fields that change a stream in ways forwarder cannot are refused;
 //! those that mean nothing for a stream are ignored with a warning; anything
 //! else is an error with a "did you mean".
@@ -15,6 +14,7 @@ use std::time::Duration;
 
 use forwarder_common::MAX_BACKENDS_PER_RULE;
 
+use super::acl::{Acl, parse as parse_acl};
 use super::catalog::{self, Class};
 use super::env::Env;
 use super::errors::{ConfigError, Diag, Pos, closest, quoted};
@@ -38,7 +38,6 @@ const HEALTHCHECK_FIELDS: &[&str] = &[
     "disable", "disabled", "interval", "timeout", "retries", "fall", "rise", "payload", "expect",
 ];
 const HEALTHCHECK_IGNORED: &[&str] = &["path", "use_get"];
-const ACL_FIELDS: &[&str] = &["allow", "deny"];
 const BACKEND_ALLOWED: &str =
     "`host:port`, `host:port weight=N`, or a mapping {host, port, weight} (weight 1–65535)";
 
@@ -73,13 +72,6 @@ impl Default for HealthCheck {
             expect: None,
         }
     }
-}
-
-/// Which clients may use a rule (parsed; refused until enforced).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Acl {
-    pub allow: Vec<Cidr>,
-    pub deny: Vec<Cidr>,
 }
 
 pub use crate::rules::ProxyProtocol;
@@ -231,7 +223,6 @@ pub(crate) fn route(
         }
     }
     let get = |name: &str| ours.iter().find(|(n, _, _)| *n == name).map(|(_, _, v)| *v);
-    let key_of = |name: &str| ours.iter().find(|(n, _, _)| *n == name).map(|(_, k, _)| *k);
     let (scheme, host, port, bind, backends) = (
         get("scheme"),
         get("host"),
@@ -342,7 +333,7 @@ pub(crate) fn route(
     let healthcheck_value =
         healthcheck.and_then(|h| parse_healthcheck(&mut cx, h, protocols.as_deref()));
     let acl_value = match acl {
-        Some(a) => parse_acl(&mut cx, a),
+        Some(a) => parse_acl(a, &mut |f, e| cx.error(&f, e)),
         None => Some(Acl::default()),
     };
     let proxy_protocol_value = match proxy_protocol {
@@ -394,22 +385,6 @@ pub(crate) fn route(
         path.zip(path_mode),
         preserve.zip(preserve_value),
     );
-    // Checked above, refused here until enforced, unless they ask for
-    // nothing (which is what forwarder does).
-    let asks_nothing = [(
-        "acl",
-        acl_value
-            .as_ref()
-            .is_some_and(|a| a.allow.is_empty() && a.deny.is_empty()),
-    )];
-    for (name, off) in asks_nothing {
-        if let (Some(k), Some(v), false) = (key_of(name), get(name), off)
-            && let Some(e) =
-                catalog::lookup(name, false).and_then(|f| catalog::refusal(f, &k.pos, v))
-        {
-            cx.error(name, e);
-        }
-    }
     if let (Some(true), Some(PathMode::Relay), Some(p)) = (preserve_value, path_mode, preserve) {
         cx.error(
             "preserve_client_ip",
@@ -1058,49 +1033,6 @@ fn probe_bytes(node: &Node) -> Result<Vec<u8>, ConfigError> {
         Some(b) if !b.is_empty() => Ok(b),
         _ => Err(ConfigError::new(&node.pos, node.describe(), ALLOWED)),
     }
-}
-
-fn parse_acl(cx: &mut Ctx<'_>, node: &Node) -> Option<Acl> {
-    let map = match values::mapping(node, "a mapping of allow and deny lists") {
-        Ok(m) => m.into_owned(),
-        Err(es) => {
-            cx.errors("acl", es);
-            return None;
-        }
-    };
-    let mut acl = Acl::default();
-    let mut ok = true;
-    for (k, v) in map.entries().unwrap_or_default() {
-        let name = k.key_text();
-        let field = format!("acl.{name}");
-        let list = match name {
-            "allow" => &mut acl.allow,
-            "deny" => &mut acl.deny,
-            _ => {
-                cx.unknown("acl", k, ACL_FIELDS, &[]);
-                ok = false;
-                continue;
-            }
-        };
-        let items = match values::list(v, true, "a list of CIDRs") {
-            Ok(items) => items,
-            Err(e) => {
-                cx.error(&field, e);
-                ok = false;
-                continue;
-            }
-        };
-        for item in items {
-            match values::cidr(&item) {
-                Ok(c) => list.push(c),
-                Err(e) => {
-                    cx.error(&field, e);
-                    ok = false;
-                }
-            }
-        }
-    }
-    ok.then_some(acl)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! kernel: {conntrack_size: 262144, snat_ports: 40000-59999}
 //! timeouts: {udp_idle: 2m, udp_unreplied: 30s, tcp_established: 2h,
 //!            tcp_half_closed: 2m, tcp_close: 10s, connect: 5s}
+//! acl: {deny: [192.0.2.0/24], action: reject}   # every route's, with its own
 //! ```
 //!
 //! Loading runs in steps, each collecting every error it finds:
@@ -27,6 +28,7 @@
 // Errors are the cold path of a load done once; boxing them buys nothing.
 #![allow(clippy::result_large_err)]
 
+mod acl;
 mod catalog;
 mod compile;
 mod docker;
@@ -49,10 +51,11 @@ mod tests;
 use std::path::Path;
 use std::sync::Arc;
 
+pub use acl::Acl;
 pub use compile::{Config, Route, addr_of, compile};
 pub use docker::{Container, DockerSettings};
 pub use errors::{ConfigError, Errors, Pos, Warning};
-pub use fields::{Acl, HealthCheck, ProxyProtocol};
+pub use fields::{HealthCheck, ProxyProtocol};
 pub use table::table;
 pub use values::{Cidr, format_duration};
 
@@ -265,6 +268,7 @@ fn load_inner(
         routes,
         relay: globals.relay,
         kernel: globals.kernel,
+        acl: globals.acl,
     };
     let mut compiled = compile(&config);
     compiled.dns = globals.dns;

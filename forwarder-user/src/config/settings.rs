@@ -1,7 +1,8 @@
 //! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `dns`,
-//! `timeouts`, `docker`.
+//! `timeouts`, `docker`, `acl`.
 //! Each is optional; what is left out keeps the defaults of `rules.rs`.
 
+use super::acl::{self, Acl};
 use super::docker::{self, DockerSettings};
 use super::errors::{ConfigError, Diag, Pos, closest, quoted};
 use super::fields::parse_timeouts;
@@ -33,6 +34,8 @@ pub(crate) struct Globals {
     pub snat_pos: Option<Pos>,
     /// Docker discovery; off when `None`.
     pub docker: Option<DockerSettings>,
+    /// Combined with every route's own `acl`.
+    pub acl: Acl,
 }
 
 pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
@@ -98,6 +101,11 @@ pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
         })
     {
         g.timeouts = t;
+    }
+    if let Some(node) = &raw.acl
+        && let Some(a) = acl::parse(node, &mut |f, e| diag.error(e.field(f)))
+    {
+        g.acl = a;
     }
     g
 }

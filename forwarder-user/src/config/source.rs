@@ -23,6 +23,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "dns",
     "timeouts",
     "docker",
+    "acl",
 ];
 
 /// One route in any of the three forms.
@@ -44,6 +45,8 @@ pub(crate) struct RawFile {
     pub kernel: Option<Node>,
     pub timeouts: Option<Node>,
     pub docker: Option<Node>,
+    /// The ACL every rule enforces along with its own.
+    pub acl: Option<Node>,
     /// In file order; includes where the `include:` key stands.
     pub routes: Vec<RawRoute>,
 }
@@ -83,6 +86,7 @@ pub(crate) fn read(
             "dns" => raw.dns = Some(v.clone()),
             "timeouts" => raw.timeouts = Some(v.clone()),
             "docker" => raw.docker = Some(v.clone()),
+            "acl" => raw.acl = Some(v.clone()),
             "routes" => route_map(v, "routes", &mut raw.routes, diag),
             "labels" => raw.routes.extend(labels::routes(v, diag)),
             "include" => include(v, base, env, &mut raw.routes, diag),

@@ -7,11 +7,14 @@ use forwarder_common::RULE_F_RELAY;
 use super::values::format_duration;
 use crate::rules::{Compiled, Listener, PathMode, ProxyProtocol};
 
-/// One line per rule: id, alias, protocol, bind:listen → target(s), path;
-/// then the daemon-wide settings.
+/// One line per rule: id, alias, protocol, bind:listen → target(s), path,
+/// ACL (entries in the order tried, the default, the action); then the
+/// daemon-wide settings.
 pub fn table(compiled: &Compiled) -> String {
-    let header = ["ID", "ALIAS", "PROTO", "LISTEN", "", "TARGET", "PATH"];
-    let mut rows: Vec<[String; 7]> = vec![header.map(str::to_owned)];
+    let header = [
+        "ID", "ALIAS", "PROTO", "LISTEN", "", "TARGET", "PATH", "ACL",
+    ];
+    let mut rows: Vec<[String; 8]> = vec![header.map(str::to_owned)];
     for l in &compiled.listeners {
         rows.push([
             l.rule_id.to_string(),
@@ -21,9 +24,12 @@ pub fn table(compiled: &Compiled) -> String {
             "→".into(),
             targets_text(l),
             path_text(compiled, l),
+            l.acl
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |a| a.compact()),
         ]);
     }
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; 8];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());

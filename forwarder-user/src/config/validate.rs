@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use forwarder_common::MAX_RULES;
+use forwarder_common::{MAX_ACL_ENTRIES, MAX_RULES};
 
 use super::errors::{ConfigError, Diag, Pos, quoted};
 use super::fields::RouteSpec;
@@ -84,6 +84,7 @@ pub(crate) fn routes(
     diag: &mut Diag,
 ) {
     rule_limit(specs, diag);
+    acl_limit(specs, globals, diag);
     conflicts(specs, diag);
     let (lo, hi) = globals.kernel.snat_ports;
     for (spec, targets) in specs.iter().zip(targets) {
@@ -156,6 +157,30 @@ fn rule_limit(specs: &[RouteSpec], diag: &mut Diag) {
                     format!("at most {MAX_RULES} rules, the size of the kernel tables"),
                 )
                 .alias(Some(&spec.alias)),
+            );
+            return;
+        }
+    }
+}
+
+/// The kernel's ACL trie holds every rule's entries, the global ones
+/// copied into each, and room for a reload to hold both versions of a rule.
+fn acl_limit(specs: &[RouteSpec], globals: &Globals, diag: &mut Diag) {
+    let limit = u64::from(MAX_ACL_ENTRIES / 2);
+    let global = (globals.acl.allow.len() + globals.acl.deny.len()) as u64;
+    let mut count: u64 = 0;
+    for spec in specs {
+        let own = (spec.acl.allow.len() + spec.acl.deny.len()) as u64;
+        count += (own + global) * spec.protocols.len() as u64;
+        if count > limit {
+            diag.error(
+                ConfigError::new(
+                    &spec.alias_pos,
+                    format!("ACL entry number {count} (each rule's own and the global ones)"),
+                    format!("at most {limit} ACL entries over all rules; use wider networks"),
+                )
+                .alias(Some(&spec.alias))
+                .field("acl"),
             );
             return;
         }

@@ -50,6 +50,9 @@ pub struct KernelRuleCounters {
     /// ICMP errors sent for kernel flows' packets that could not be
     /// forwarded (TTL expired, DF and too big for the next hop).
     pub icmp_sent: u64,
+    /// New flows' first packets (TCP SYN, UDP datagram) the ACL denied:
+    /// dropped, or a SYN reset.
+    pub acl_denied: u64,
 }
 
 impl KernelRuleCounters {
@@ -66,6 +69,7 @@ impl KernelRuleCounters {
             dropped,
             icmp_translated,
             icmp_sent,
+            acl_denied,
         } = *sum;
         KernelRuleCounters {
             rule_id: listener.rule_id,
@@ -82,6 +86,7 @@ impl KernelRuleCounters {
             dropped,
             icmp_translated,
             icmp_sent,
+            acl_denied,
         }
     }
 }

@@ -2,17 +2,19 @@
 //! changed rule by rule at a reload so that no packet sees half a rule.
 //!
 //! A rule new to the kernel (added, or changed and so given a fresh id) has
-//! its backends, flags and zeroed counters written under its id first; then
-//! its key is pointed at it in one map update. Keys of removed rules go
-//! first, so that the map never holds more than the larger of the tables. Conntrack entries carry the rewrite they started with, so live
-//! flows of changed and removed rules go on untouched.
+//! its backends, flags, ACL entries and zeroed counters written under its
+//! id first; then its key is pointed at it in one map update. Keys of
+//! removed rules go first, so that the map never holds more than the larger
+//! of the tables. Conntrack entries carry the rewrite they started with, so
+//! live flows of changed and removed rules go on untouched.
 
 use std::collections::{HashMap, HashSet};
 
 use aya::Ebpf;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
 use forwarder_common::{
-    Backend, MAX_BACKENDS_PER_RULE, RuleCounters, RuleKey, RuleValue, Settings,
+    AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleCounters, RuleKey, RuleValue, Settings,
 };
 
 use super::counters::take_map;
@@ -24,6 +26,9 @@ pub struct RuleMaps {
     settings: Array<MapData, Settings>,
     /// By rule id, for XDP (replies match no rule key).
     flags: Array<MapData, u32>,
+    /// (rule, client network) to verdict; not pinned: a new daemon writes
+    /// its own whole.
+    acl: LpmTrie<MapData, AclKey, u32>,
 }
 
 impl RuleMaps {
@@ -33,6 +38,7 @@ impl RuleMaps {
             backends: Array::try_from(take_map(ebpf, "BACKENDS")?)?,
             settings: Array::try_from(take_map(ebpf, "SETTINGS")?)?,
             flags: Array::try_from(take_map(ebpf, "RULE_FLAGS")?)?,
+            acl: LpmTrie::try_from(take_map(ebpf, "ACL")?)?,
         })
     }
 
@@ -53,6 +59,8 @@ impl RuleMaps {
         for (_, value) in &tables.rules {
             self.write_entries(&by_id, value.rule_id)?;
         }
+        let ids: HashSet<u32> = tables.rules.iter().map(|(_, v)| v.rule_id).collect();
+        self.write_acl(tables, &ids)?;
         self.settings.set(0, tables.settings, 0)?;
         for (key, value) in &tables.rules {
             self.rules.insert(key, value, 0)?;
@@ -60,13 +68,36 @@ impl RuleMaps {
         Ok(())
     }
 
-    /// One rule's backends and flags, before any key points at it.
+    /// One rule's backends and flags, before any key points at it (its
+    /// ACL is `write_acl`'s).
     fn write_entries(&mut self, tables: &ById<'_>, rule_id: u32) -> anyhow::Result<()> {
         for (index, backend) in tables.backends.get(&rule_id).into_iter().flatten() {
             self.backends.set(*index, *backend, 0)?;
         }
         if let Some(flags) = tables.flags.get(&rule_id) {
             self.flags.set(rule_id, flags, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the ACL entries of the rules `ids` of `tables`, first
+    /// removing what the trie holds for them (an id handed out again may
+    /// hold an earlier rule's). One pass over the trie.
+    fn write_acl(&mut self, tables: &Tables, ids: &HashSet<u32>) -> anyhow::Result<()> {
+        let ids_be: HashSet<u32> = ids.iter().map(|id| id.to_be()).collect();
+        let stale: Vec<Key<AclKey>> = self
+            .acl
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| ids_be.contains(&k.data().rule_id_be))
+            .collect();
+        for key in &stale {
+            self.acl.remove(key)?;
+        }
+        for (prefix_len, data, verdict) in &tables.acl {
+            if ids_be.contains(&data.rule_id_be) {
+                self.acl.insert(&Key::new(*prefix_len, *data), verdict, 0)?;
+            }
         }
         Ok(())
     }
@@ -89,6 +120,26 @@ impl RuleMaps {
         Ok(())
     }
 
+    /// Removes the ACL entries of rules `tables` no longer has: after the
+    /// keys moved, nothing looks them up.
+    fn drop_stale_acl(&mut self, tables: &Tables) -> anyhow::Result<()> {
+        let live: HashSet<u32> = tables
+            .rules
+            .iter()
+            .map(|(_, v)| v.rule_id.to_be())
+            .collect();
+        let stale: Vec<Key<AclKey>> = self
+            .acl
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !live.contains(&k.data().rule_id_be))
+            .collect();
+        for key in &stale {
+            self.acl.remove(key)?;
+        }
+        Ok(())
+    }
+
     /// Moves the maps from `running` to `next`. `fresh` are the rule ids
     /// new to the kernel; their counters are zeroed in `counters` first.
     pub fn apply(
@@ -105,6 +156,7 @@ impl RuleMaps {
             counters.set(id, zero, 0)?;
             self.write_entries(&by_id, id)?;
         }
+        self.write_acl(next, fresh)?;
         self.settings.set(0, next.settings, 0)?;
         // Removed keys first: the map never holds more than the larger table.
         let kept: HashSet<&RuleKey> = next.rules.iter().map(|(k, _)| k).collect();
@@ -123,7 +175,7 @@ impl RuleMaps {
                 self.rules.insert(key, value, 0)?;
             }
         }
-        Ok(())
+        self.drop_stale_acl(next)
     }
 }
 

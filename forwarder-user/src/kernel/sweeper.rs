@@ -795,6 +795,7 @@ mod tests {
             preserve_client_ip: false,
             proxy: Default::default(),
             health: None,
+            acl: None,
         };
         let connect = |t: &RuleTimeouts| -> Vec<Option<u64>> {
             t.0.iter().map(|t| t.map(|t| t.connect.as_secs())).collect()

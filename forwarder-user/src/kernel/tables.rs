@@ -1,12 +1,12 @@
-//! Filling RULES, BACKENDS and SETTINGS from the compiled rule table.
+//! Filling RULES, BACKENDS, SETTINGS and ACL from the compiled rule table.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use forwarder_common::{
-    BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY, RuleKey,
-    RuleValue, Settings,
+    AclKey, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY,
+    RuleKey, RuleValue, Settings,
 };
 
 use super::interfaces::{self, Interface};
@@ -20,6 +20,8 @@ pub struct Tables {
     pub rules: Vec<(RuleKey, RuleValue)>,
     pub backends: Vec<(u32, Backend)>,
     pub settings: Settings,
+    /// `ACL` trie entries: (key prefix length, key data, verdict).
+    pub acl: Vec<(u32, AclKey, u32)>,
 }
 
 impl Tables {
@@ -200,6 +202,7 @@ pub fn prepare(compiled: &Compiled, served: &[Interface]) -> Tables {
         rules,
         backends,
         settings: settings(&compiled.kernel_settings, shortest_tcp_close(compiled)),
+        acl: compiled.kernel.acl.clone(),
     }
 }
 
@@ -258,6 +261,7 @@ mod tests {
                 (2 * m, backend(6)),
             ],
             settings: Settings::default(),
+            acl: Vec::new(),
         };
         t.set_health(1, &[true, false, true]);
         assert_eq!(t.health(1), [true, false, true]);

@@ -180,6 +180,7 @@ mod tests {
             path: PathMode::Auto,
             preserve_client_ip: false,
             proxy: Default::default(),
+            acl: None,
             health: Some(HealthSpec {
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),

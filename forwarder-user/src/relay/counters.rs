@@ -32,6 +32,9 @@ pub struct RuleCounters {
     /// New flows of a `preserve_client_ip` rule that came to the relay,
     /// which cannot keep the client's address: TCP reset, UDP dropped.
     pub client_ip_refused: AtomicU64,
+    /// TCP connections (closed at accept) and UDP datagrams of new clients
+    /// (dropped) that the rule's ACL denied.
+    pub acl_denied: AtomicU64,
     /// Every other I/O error: failed sends, sockets not created, accept
     /// failures. A reset by an endpoint is passed on, not counted.
     pub errors: AtomicU64,
@@ -58,6 +61,7 @@ impl RuleCounters {
             proxy_headers_refused: self.proxy_headers_refused.load(Relaxed),
             no_backend: self.no_backend.load(Relaxed),
             client_ip_refused: self.client_ip_refused.load(Relaxed),
+            acl_denied: self.acl_denied.load(Relaxed),
             errors: self.errors.load(Relaxed),
             active: self.active.load(Relaxed),
         }
@@ -92,6 +96,9 @@ pub struct RelayRuleCounters {
     /// New flows of a `preserve_client_ip` rule refused because they came
     /// to the relay, which would replace the client's address with ours.
     pub client_ip_refused: u64,
+    /// TCP connections closed at accept and datagrams of new UDP clients
+    /// dropped because the ACL denied the client.
+    pub acl_denied: u64,
     /// Other I/O errors (failed sends, sockets not created, accept
     /// failures); a reset by an endpoint is passed on, not counted.
     pub errors: u64,

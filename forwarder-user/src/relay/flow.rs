@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 use super::backend::{Alarm, BackendPicker};
 use super::counters::RuleCounters;
 use super::sys::canonical;
+use crate::acl::RuleAcl;
 use crate::health::RuleHealth;
 use crate::rules::{FlowObserver, Listener, Protocol, ProxySettings, Timeouts};
 
@@ -29,6 +30,7 @@ pub struct RuleCtx {
     pub preserve_client_ip: bool,
     /// Said once that such a flow was refused.
     client_ip_said: Alarm,
+    pub acl: Option<RuleAcl>,
     /// Shared with the rule's successors after a reload changes it.
     pub counters: Arc<RuleCounters>,
     pub observer: Arc<dyn FlowObserver>,
@@ -50,6 +52,7 @@ impl RuleCtx {
             proxy_headers_failing: Alarm::default(),
             preserve_client_ip: listener.preserve_client_ip,
             client_ip_said: Alarm::default(),
+            acl: listener.acl.clone(),
             counters: Arc::default(),
             observer,
         }
@@ -62,6 +65,16 @@ impl RuleCtx {
             counters: self.counters.clone(),
             ..RuleCtx::new(listener, self.observer.clone(), health)
         }
+    }
+
+    /// Whether the ACL lets `client` open a flow; a denied one is counted.
+    pub fn admits(&self, client: SocketAddr) -> bool {
+        let allowed = self.acl.as_ref().is_none_or(|a| a.allows(client.ip()));
+        if !allowed {
+            RuleCounters::add(&self.counters.acl_denied, 1);
+            debug!(alias = %self.alias, client = %canonical(client), "denied by the acl");
+        }
+        allowed
     }
 
     pub fn error(&self) {

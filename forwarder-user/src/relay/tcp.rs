@@ -25,6 +25,8 @@ use super::proxy_protocol::{
     self, HEADER_MAX, PROXY_HEADER_TIMEOUT, ParseError, Received, Transport, Version,
 };
 use super::splice::{Pipe, SpliceEnd, splice_one_way};
+use super::sys::canonical;
+use crate::acl::AclAction;
 use crate::health::Source;
 use crate::rules::ProxyProtocol;
 
@@ -102,6 +104,11 @@ async fn accept_error(rule: &RuleCtx, failing: &Alarm, e: io::Error) {
 }
 
 async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
+    // A trusted upstream's client is checked once its PROXY header names it.
+    let trusted = rule.trusts_proxy_header_from(canonical(peer));
+    if !trusted && !rule.admits(peer) {
+        return deny(&rule, client);
+    }
     let local = match client.local_addr() {
         Ok(local) => local,
         Err(e) => {
@@ -126,6 +133,9 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
                 }
                 if let Some((source, destination)) = received.addresses {
                     guard.proxied(source, destination);
+                }
+                if !rule.admits(guard.client) {
+                    return deny(&rule, client);
                 }
                 early = rest;
             }
@@ -214,6 +224,20 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
             let _ = backend.set_zero_linger();
         }
     }
+}
+
+/// A denied client's connection ends before a byte goes either way. The
+/// handshake is done by now (only the kernel path can refuse a SYN):
+/// `reject` resets it, `drop` closes it.
+fn deny(rule: &RuleCtx, client: TcpStream) {
+    if rule
+        .acl
+        .as_ref()
+        .is_some_and(|a| a.action == AclAction::Reject)
+    {
+        let _ = client.set_zero_linger();
+    }
+    drop(client);
 }
 
 /// Why a trusted upstream's connection was refused.
@@ -401,6 +425,7 @@ mod tests {
             timeouts,
             path: PathMode::Relay,
             preserve_client_ip: false,
+            acl: None,
             proxy: Default::default(),
             listen_picked: false,
             health: None,

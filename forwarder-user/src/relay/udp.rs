@@ -221,10 +221,13 @@ impl UdpListener {
         }
     }
 
-    /// A new session for `key`, unless refused (draining, table full) or
-    /// its socket cannot be made.
+    /// A new session for `key`, unless refused (the ACL denies the client,
+    /// draining, table full) or its socket cannot be made.
     fn open(&mut self, key: SessionKey, dst: Option<PacketInfo>) -> Option<Arc<Session>> {
         let rule = &self.rule;
+        if !rule.admits(key.client) {
+            return None;
+        }
         if !self.accepting {
             RuleCounters::add(&rule.counters.sessions_refused, 1);
             return None;

@@ -68,7 +68,7 @@ const IGNORED: &[&str] = &[
 ];
 
 fn sample(name: &str) -> Option<Sample> {
-    use Want::{Honoured, Ignored, NotEnforced, Refused};
+    use Want::{Honoured, Ignored, Refused};
     let s = |want, on, off, shows| {
         Some(Sample {
             want,
@@ -102,12 +102,11 @@ fn sample(name: &str) -> Option<Sample> {
                 .as_ref()
                 .is_some_and(|h| h.interval == Duration::from_secs(7))
         }),
-        "acl" => s(
-            NotEnforced,
-            "'{allow: 10.0.0.0/8}'",
-            Some("'{allow: []}'"),
-            anything,
-        ),
+        "acl" => s(Honoured, "'{allow: 10.0.0.0/8}'", None, |l| {
+            l.acl.as_ref().is_some_and(|a| {
+                a.allows("10.1.2.3".parse().unwrap()) && !a.allows("192.0.2.1".parse().unwrap())
+            })
+        }),
         "proxy_protocol" => s(Honoured, "v1", Some("off"), |l| {
             l.proxy.send == ProxyProtocol::V1
         }),

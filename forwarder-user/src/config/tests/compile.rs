@@ -3,11 +3,13 @@
 use std::net::{IpAddr, SocketAddr};
 
 use forwarder_common::{
-    ADDR_ANY, BACKEND_F_HEALTHY, MAX_BACKENDS_PER_RULE, PROTO_TCP, PROTO_UDP,
-    RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY, RULE_F_XDP, addr_ipv4_be,
+    ADDR_ANY, BACKEND_F_HEALTHY, MAX_BACKENDS_PER_RULE, PROTO_TCP, PROTO_UDP, RULE_F_ACL,
+    RULE_F_ACL_DEFAULT_DENY, RULE_F_ACL_REJECT, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY,
+    RULE_F_XDP, addr_ipv4_be,
 };
 
-use crate::config::{Acl, Config, ProxyProtocol, Route, addr_of, compile};
+use crate::acl::AclAction;
+use crate::config::{Acl, Cidr, Config, ProxyProtocol, Route, addr_of, compile};
 use crate::rules::{BackendSpec, KernelSettings, PathMode, Protocol, RelaySettings, Timeouts};
 
 fn route(
@@ -47,6 +49,7 @@ fn config(routes: Vec<Route>) -> Config {
         routes,
         relay: RelaySettings::default(),
         kernel: KernelSettings::default(),
+        acl: Acl::default(),
     }
 }
 
@@ -288,24 +291,98 @@ fn the_table_shows_every_rule() {
         &[("10.0.0.1:80", 1), ("10.0.0.2:80", 2)],
     );
     lb.preserve_client_ip = true;
+    lb.acl = Acl {
+        allow: vec![Cidr {
+            addr: "10.0.0.0".parse().unwrap(),
+            prefix: 8,
+        }],
+        deny: Vec::new(),
+        action: Some(AclAction::Reject),
+        default_allow: None,
+    };
     let mut picked = route("echo", &[Protocol::Udp], None, 33333, &[("127.0.0.1:7", 1)]);
     picked.listen_picked = true;
     let t = crate::config::table(&compile(&config(vec![lb, picked])));
     let lines: Vec<&str> = t.lines().collect();
     assert_eq!(
         lines[0],
-        "ID  ALIAS  PROTO  LISTEN                  TARGET                                          PATH"
+        "ID  ALIAS  PROTO  LISTEN                  TARGET                                          PATH                     ACL"
     );
     assert_eq!(
         lines[1],
-        "0   lb     tcp    192.0.2.1:80         →  10.0.0.1:80 (weight 1), 10.0.0.2:80 (weight 2)  auto, client ip kept"
+        "0   lb     tcp    192.0.2.1:80         →  10.0.0.1:80 (weight 1), 10.0.0.2:80 (weight 2)  auto, client ip kept     allow 10.0.0.0/8, else deny (reject)"
     );
     assert_eq!(
         lines[2],
-        "1   echo   udp    [::]:33333 (picked)  →  127.0.0.1:7                                     relay (loopback target)"
+        "1   echo   udp    [::]:33333 (picked)  →  127.0.0.1:7                                     relay (loopback target)  -"
     );
     assert!(t.contains("interfaces: every up, non-loopback interface"));
     assert!(t.contains("kernel: conntrack_size 262144, snat_ports 40000-59999"));
     let empty = crate::config::table(&compile(&config(vec![])));
     assert!(empty.starts_with("(no rules)\n"), "{empty}");
+}
+
+#[test]
+fn godoxy_acl_items_the_global_acl_and_its_default_compile_to_flags_and_entries() {
+    let c = crate::config::load_str(
+        "acl: {default: deny, allow: [cidr:10.0.0.0/8]}
+routes:
+  a: {scheme: tcp, host: 10.0.0.1, port: 1001:80, acl: {deny: [ip:10.0.0.5], action: reject}}
+  b: {scheme: udp, host: 10.0.0.1, port: 1002:80}
+",
+        "t.yaml",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let acl = |n: usize| c.listeners[n].acl.as_ref().unwrap().compact();
+    assert_eq!(
+        acl(0),
+        "deny 10.0.0.5/32, allow 10.0.0.0/8, else deny (reject)"
+    );
+    assert_eq!(acl(1), "allow 10.0.0.0/8, else deny (drop)");
+    let flags = |n: usize| c.kernel.rules[n].1.flags;
+    let acl_flags = RULE_F_ACL | RULE_F_ACL_DEFAULT_DENY;
+    assert_eq!(
+        flags(0) & (acl_flags | RULE_F_ACL_REJECT),
+        acl_flags | RULE_F_ACL_REJECT
+    );
+    assert_eq!(flags(1) & (acl_flags | RULE_F_ACL_REJECT), acl_flags);
+    assert_eq!(c.kernel.acl.len(), 3, "two for a, one for b");
+    // No ACL anywhere: no flag, no entry.
+    let plain = crate::config::load_str(
+        "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1001:80}\n",
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(plain.kernel.rules[0].1.flags & RULE_F_ACL, 0);
+    assert!(plain.kernel.acl.is_empty() && plain.listeners[0].acl.is_none());
+}
+
+#[test]
+fn too_many_acl_entries_over_all_rules_are_an_error() {
+    let networks: Vec<String> = (0..=forwarder_common::MAX_ACL_ENTRIES / 2)
+        .map(|n| format!("10.{}.{}.0/24", n / 256 % 256, n % 256))
+        .collect();
+    // Duplicates are fine for counting; the global list is copied into each rule.
+    let text = format!(
+        "acl: {{deny: [{}]}}\nroutes:\n  a: {{scheme: tcp, host: 10.0.0.1, port: 1001:80}}\n",
+        networks.join(", ")
+    );
+    let e = crate::config::load_str(&text, "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("field `acl`") && e.contains("ACL entries over all rules"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_ipv4_network_in_the_mapped_form_meets_its_twin_in_the_other_list() {
+    let e = crate::config::load_str(
+        "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1001:80, acl: {allow: [10.0.0.0/8], deny: ['::ffff:10.0.0.0/104']}}\n",
+        "t.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`10.0.0.0/8` both allowed and denied"), "{e}");
 }

@@ -86,10 +86,32 @@ const CASES: &[Case] = &[
       block: [1.2.3.4]
 ",
         &[
-            ("test.yaml:5:5: alias `a`, field `acl`: found `acl`, which forwarder checks but does not enforce yet", &["remove it"]),
             ("test.yaml:6:27: alias `a`, field `acl.allow`: found `10.0.0.1/8` (address bits set beyond the prefix)", &["did you mean `10.0.0.0/8`?"]),
             ("test.yaml:7:13: alias `a`, field `acl.deny`: found `300.0.0.0/8`; allowed an address or a CIDR", &[]),
-            ("test.yaml:8:7: alias `a`, field `acl.block`: found unknown field `block`; allowed `allow`, `deny`", &[]),
+            ("test.yaml:8:7: alias `a`, field `acl.block`: found unknown field `block`; allowed `allow`, `deny`, `action`", &[]),
+        ],
+    ),
+    (
+        "acl: a network in both lists, a bad action or default, Godoxy-only fields and matchers",
+        "acl:
+  allow_local: true
+  deny: [tz:Asia/Shanghai]
+routes:
+  a:
+    scheme: tcp
+    port: 1:1
+    acl:
+      allow: [ip:10.0.0.1, cidr:10.6.0.0/16]
+      deny: [10.6.0.0/16]
+      action: refuse
+      default: block
+",
+        &[
+            ("test.yaml:2:3: `acl.allow_local`: found unknown field `allow_local`", &["list local networks in `allow`"]),
+            ("test.yaml:3:10: `acl.deny`: found `tz:Asia/Shanghai`", &["need its GeoIP database"]),
+            ("test.yaml:10:14: alias `a`, field `acl.deny`: found `10.6.0.0/16` both allowed and denied", &["allowed at test.yaml:9:28"]),
+            ("test.yaml:11:15: alias `a`, field `acl.action`: found `refuse`; allowed `drop` (the default) or `reject`", &[]),
+            ("test.yaml:12:16: alias `a`, field `acl.default`: found `block`; allowed `allow` or `deny`", &[]),
         ],
     ),
     (
@@ -104,7 +126,7 @@ const CASES: &[Case] = &[
         &[
             ("test.yaml:4:5: alias `a`, field `prot`: found unknown field `prot`; allowed `scheme`, `host`, `port`", &["did you mean `port`?"]),
             ("test.yaml:5:5: alias `a`, field `hots`: found unknown field `hots`", &["did you mean `host`?"]),
-            ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`; allowed `scheme`, `host`, `port`, `bind`, `backends`, `path`, `timeouts`, `preserve_client_ip`, `healthcheck`", &[]),
+            ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`; allowed `scheme`, `host`, `port`, `bind`, `backends`, `path`, `timeouts`, `preserve_client_ip`, `acl`, `healthcheck`", &[]),
             ("test.yaml:2:3: alias `a`, field `port`: found no `port`", &[]),
         ],
     ),

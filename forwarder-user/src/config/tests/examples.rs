@@ -21,6 +21,21 @@ fn the_shipped_example_compiles_to_its_table() {
         &System,
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    let acl_of = |alias: &str| {
+        let l = c.listeners.iter().find(|l| l.alias == alias).unwrap();
+        l.acl.as_ref().map(|a| a.compact())
+    };
+    assert_eq!(
+        acl_of("web").as_deref(),
+        Some(
+            "deny 10.6.6.0/24, deny 192.0.2.0/24, allow 127.0.0.0/8, allow 10.0.0.0/8, \
+             else deny (reject)"
+        )
+    );
+    assert_eq!(
+        acl_of("dns").as_deref(),
+        Some("deny 192.0.2.0/24, else allow (drop)")
+    );
     let rows: Vec<String> = c
         .listeners
         .iter()

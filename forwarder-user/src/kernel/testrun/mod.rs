@@ -3,6 +3,7 @@
 //! Nothing is attached: the kernel runs the program once on the bytes
 //! given and returns its verdict and the packet as it left.
 
+mod acl;
 mod closing;
 mod fallback;
 mod fixture;
