@@ -45,8 +45,12 @@ impl BpffsAsFound {
 impl Drop for BpffsAsFound {
     fn drop(&mut self) {
         // Only an empty bpffs: another test process on this machine may
-        // have pins of its own there now.
-        let empty = std::fs::read_dir(BPFFS).is_ok_and(|mut d| d.next().is_none());
+        // have pins of its own there now. The kernel's own `*.debug`
+        // iterators come with every mount.
+        let empty = std::fs::read_dir(BPFFS).is_ok_and(|d| {
+            d.filter_map(Result::ok)
+                .all(|e| e.file_name().to_string_lossy().ends_with(".debug"))
+        });
         if !self.was_mounted && bpffs_mounted() && empty {
             let _ = Command::new("umount").arg(BPFFS).status();
         }
