@@ -73,6 +73,9 @@ fn tcp_from(from: impl Into<IpAddr>, to: SocketAddr) -> Tcp {
         Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
             return Tcp::Silent;
         }
+        // The handshake completed and the relay reset it before connect
+        // saw it complete: closed at once, as below.
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => return Tcp::ClosedAtOnce,
         Err(e) => panic!("connect from {from} to {to}: {e}"),
     }
     let mut stream: TcpStream = socket.into();
