@@ -143,7 +143,14 @@ pub async fn serve(
             next = next_phase(&mut phase) => Event::Phase(next),
         };
         match event {
-            Event::Readable(Ok(())) => l.receive(&mut batch).await,
+            Event::Readable(Ok(())) => {
+                // A reload that landed while both were ready: new sessions
+                // must see it, whichever event the select took first.
+                if rules.has_changed().unwrap_or(false) {
+                    l.rule = rules.borrow_and_update().clone();
+                }
+                l.receive(&mut batch).await
+            }
             Event::Readable(Err(e)) => {
                 error!(alias = %l.rule.alias, "udp listener failed: {e}");
                 break;
