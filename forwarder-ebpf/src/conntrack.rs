@@ -8,12 +8,13 @@ use forwarder_common::{
     RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings, addr_ipv4_be,
 };
 
+use crate::host_nat;
 use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, Scratch};
 use crate::parse::{TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Timestamps in the maps are refreshed at most this often, so that busy
 /// flows do not write a shared cache line on every packet.
-const TOUCH_EVERY_NS: u64 = 100_000_000;
+pub(crate) const TOUCH_EVERY_NS: u64 = 100_000_000;
 
 const EEXIST: i32 = 17;
 
@@ -235,7 +236,7 @@ pub fn create(
 
 /// Sets every field of `ct`: the addresses and ports a packet is rewritten to.
 #[inline(always)]
-fn fill(
+pub(crate) fn fill(
     ct: &mut CtValue,
     (new_src, new_dst): (Addr, Addr),
     (new_sport, new_dport): (u16, u16),
@@ -266,11 +267,12 @@ fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
 }
 
 /// Finds a free SNAT port by inserting the reverse entry with it; leaves
-/// the port in `s.reverse_key.dport` with the entry in place. When every
+/// the port in `s.reverse_key.dport` with the entry in place. Ports the
+/// host's own NAT uses toward the backend are skipped. When every
 /// probed port is taken, the first one held by a closed flow that has
 /// been quiet long enough is taken over.
 #[inline(always)]
-fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
+pub(crate) fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     let settings = SETTINGS.get(0).ok_or(Fallback::Other)?;
     let (min, max) = (
         u32::from(settings.snat_port_min),
@@ -295,6 +297,11 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
         let port = (min + (start + i) % span) as u16;
         s.reverse_key.dport = port.to_be();
         match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
+            // Checked once the port is ours, so that a host packet racing
+            // us finds either our entry (and moves) or its note here.
+            Ok(()) if host_nat::host_holds(s, now) => {
+                let _ = CONNTRACK.remove(&s.reverse_key);
+            }
             Ok(()) => return Ok(()),
             Err(e) if e == -EEXIST => {
                 // SAFETY: read at once.
@@ -315,6 +322,10 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     s.reverse_key.dport = reusable.to_be();
     take_over(s, settings, now)?;
     match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
+        Ok(()) if host_nat::host_holds(s, now) => {
+            let _ = CONNTRACK.remove(&s.reverse_key);
+            Err(Fallback::Full)
+        }
         Ok(()) => Ok(()),
         // Another CPU took the port first.
         Err(_) => Err(Fallback::Full),

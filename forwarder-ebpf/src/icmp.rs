@@ -30,6 +30,7 @@ use forwarder_common::{
 
 use crate::conntrack;
 use crate::counters::with_rule;
+use crate::host_nat;
 use crate::maps::{Scratch, scratch};
 use crate::parse::{ETH_LEN, IP_CSUM_OFF, IP_LEN, IP_SRC_OFF, IP_TTL_OFF, L4_OFF, Packet, Unfit};
 use crate::redirect::{self, Flow};
@@ -147,6 +148,10 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
     key.proto = proto;
     key._pad = [0; 3];
     let entry = conntrack::lookup(&s.key)?;
+    // About a host flow we moved: left to the stack.
+    if host_nat::is_host(entry) {
+        return None;
+    }
     // SAFETY: copied out at once.
     s.ct = unsafe { *entry };
     let rule_id = s.ct.rule_id;

@@ -7,6 +7,7 @@ mod acl;
 mod conntrack;
 mod counters;
 mod fragments;
+mod host_nat;
 mod icmp;
 mod maps;
 mod mss;
@@ -34,6 +35,13 @@ pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn forwarder_tc(ctx: TcContext) -> i32 {
     tc::handle(&ctx)
+}
+
+/// On clsact egress: the host's own packets from our SNAT ports (its NAT,
+/// its sockets) are noted, or moved off a port a kernel flow holds.
+#[classifier]
+pub fn forwarder_tc_egress(ctx: TcContext) -> i32 {
+    host_nat::egress(&ctx)
 }
 
 #[cfg(not(test))]

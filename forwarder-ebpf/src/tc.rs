@@ -18,6 +18,7 @@ use crate::acl;
 use crate::conntrack::{self, Fallback};
 use crate::counters::{Hook, count_interface, with_rule};
 use crate::fragments;
+use crate::host_nat;
 use crate::icmp::{self, Unforwardable};
 use crate::maps::{Scratch, scratch};
 use crate::mss;
@@ -95,6 +96,9 @@ pub fn handle(ctx: &TcContext) -> i32 {
         };
     }
     if let Some(entry) = conntrack::lookup(&s.key) {
+        if host_nat::is_host(entry) {
+            return host_nat::reply(ctx, &w.pkt, entry, w.now);
+        }
         if w.pkt.unfit == Unfit::Fragment {
             fragments::remember(&w.pkt, s);
         }
@@ -236,6 +240,7 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
             c.bytes_rev += bytes;
         }
     });
+    host_nat::mark_forwarded(ctx);
     redirect::send(s)
 }
 
@@ -288,6 +293,7 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
         c.bytes_fwd += bytes;
     });
     log_new_flow(ctx, rule.rule_id, pkt, &s.ct);
+    host_nat::mark_forwarded(ctx);
     redirect::send(s)
 }
 
