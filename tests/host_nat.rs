@@ -7,7 +7,9 @@
 //! two flows and a kernel flow takes the container's answers. Half the
 //! container's flows start before ours (the SNAT allocator must skip their
 //! ports), half on ports our flows hold (they must be moved). Every
-//! datagram's echo returns to its own sender, on both sides.
+//! datagram's echo returns to its own sender, on both sides. The same for
+//! TCP connections on ports kernel flows hold, and the README's zero-cost
+//! alternative: a route `src` that masquerade never picks.
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -487,5 +489,57 @@ fn a_masqueraded_tcp_connection_on_a_kernel_flows_snat_port_is_moved_and_both_ec
     assert_eq!(counter(k, "flows"), TCP_FLOWS as u64, "{k}");
     let r = relay_rule(&status, "t-tcp", "tcp");
     assert_eq!(counter(r, "flows"), 0, "the relay carried none: {r}");
+    drop(daemon);
+}
+
+#[test]
+fn with_a_route_src_the_kernel_path_snats_to_an_address_masquerade_never_picks() {
+    if !common::require_root(
+        "with_a_route_src_the_kernel_path_snats_to_an_address_masquerade_never_picks",
+    ) {
+        return;
+    }
+    const FLOWS: usize = 500;
+    let lab = HostNat::new();
+    // The README's zero-cost alternative: a secondary address in the
+    // backend's subnet, and the route to the backends through it.
+    let dedicated = Ipv4Addr::new(198, 18, 2, 250);
+    let out_if = lab.topo.backend_link.a_if.as_str();
+    let fwd = &lab.topo.forwarder;
+    fwd.ip(&["addr", "add", &format!("{dedicated}/24"), "dev", out_if]);
+    fwd.ip(&[
+        "route",
+        "replace",
+        "198.18.2.0/24",
+        "dev",
+        out_if,
+        "src",
+        &dedicated.to_string(),
+    ]);
+    let echo = RecordingEcho::start(&lab.topo.backend);
+    let daemon = Daemon::start(fwd, "hostnat-src", &rules(lab.topo.backend_addr()));
+
+    let clients = Senders::open(&lab.topo.client, "client", &vec![0; FLOWS], lab.listener());
+    assert_no_problems(clients.round(0));
+    let ours = echo.ports_from(dedicated, false);
+    assert_eq!(ours.len(), FLOWS, "the kernel flows leave from {dedicated}");
+    // The container on the very ports ours use: masquerade takes the
+    // primary address, so nothing collides and nothing is moved.
+    let mut ports: Vec<u16> = ours.iter().copied().collect();
+    ports.sort_unstable();
+    ports.truncate(CONTAINER_FLOWS_EACH);
+    let container = Senders::open(&lab.container, "container", &ports, lab.backend());
+    let mut problems = container.round(0);
+    problems.extend(clients.round(1));
+    problems.extend(container.round(1));
+    problems.extend(clients.strays());
+    problems.extend(container.strays());
+    assert_no_problems(problems);
+    assert_eq!(
+        echo.ports_from(lab.snat_addr(), false),
+        ports.iter().copied().collect::<HashSet<u16>>(),
+        "the container left from the primary address with its own ports"
+    );
+    assert_eq!(echo.ports_from(dedicated, false), ours);
     drop(daemon);
 }
