@@ -63,7 +63,7 @@ pub fn egress(ctx: &TcContext) -> i32 {
     let now = unsafe { bpf_ktime_get_ns() };
     s.key = pkt.key();
     if let Some(entry) = conntrack::lookup(&s.key) {
-        return moved(ctx, &pkt, entry, now);
+        return follow(ctx, &pkt, entry, now, CT_DIR_HOST_OUT);
     }
     note(&pkt, now);
     s.reverse_key = s.key.reversed();
@@ -113,26 +113,6 @@ pub fn host_holds(s: &mut Scratch, now: u64) -> bool {
     key._pad = [0; 3];
     // SAFETY: read at once.
     unsafe { HOST_PORTS.get(&*key) }.is_some_and(|&seen| host_port_held(key.proto, seen, now))
-}
-
-/// A host packet of a flow moved earlier: its source port becomes the
-/// one it was moved to.
-#[inline(never)]
-fn moved(ctx: &TcContext, pkt: &Packet, entry: *mut CtValue, now: u64) -> i32 {
-    // SAFETY: a value of the map; racing writers store a time as well.
-    let ct = unsafe { &mut *entry };
-    if ct.direction != CT_DIR_HOST_OUT {
-        return NEXT;
-    }
-    refresh(ct, now);
-    let port = ct.new_sport;
-    verdict(rewrite_port(
-        ctx,
-        pkt,
-        usize::from(pkt.l4_off),
-        pkt.sport,
-        port,
-    ))
 }
 
 /// The first host packet on a tuple a kernel flow holds: the host's flow
@@ -192,25 +172,26 @@ pub fn is_host(entry: *mut CtValue) -> bool {
     unsafe { (*entry).direction >= CT_DIR_HOST_OUT }
 }
 
-/// At ingress, the backend's answer to a moved host flow: its destination
-/// port goes back to the host's, and the stack (its conntrack and NAT)
-/// takes it from there. The TTL is the stack's to decrement.
+/// A packet of a moved host flow, by the entry of its direction
+/// (`direction`; an entry of the other one is not this hook's): leaving,
+/// its source port becomes the one it was moved to; the backend's answer,
+/// at ingress, gets the host's port back as its destination, and the
+/// stack (its conntrack and NAT) takes it from there, TTL included.
 #[inline(never)]
-pub fn reply(ctx: &TcContext, pkt: &Packet, entry: *mut CtValue, now: u64) -> i32 {
+pub fn follow(ctx: &TcContext, pkt: &Packet, entry: *mut CtValue, now: u64, direction: u8) -> i32 {
     // SAFETY: a value of the map; racing writers store a time as well.
     let ct = unsafe { &mut *entry };
-    if ct.direction != CT_DIR_HOST_IN {
+    if ct.direction != direction {
         return NEXT;
     }
     refresh(ct, now);
-    let port = ct.new_dport;
-    verdict(rewrite_port(
-        ctx,
-        pkt,
-        usize::from(pkt.l4_off) + 2,
-        pkt.dport,
-        port,
-    ))
+    let l4 = usize::from(pkt.l4_off);
+    let (at, from, to) = if direction == CT_DIR_HOST_OUT {
+        (l4, pkt.sport, ct.new_sport)
+    } else {
+        (l4 + 2, pkt.dport, ct.new_dport)
+    };
+    verdict(rewrite_port(ctx, pkt, at, from, to))
 }
 
 #[inline(always)]

@@ -1,5 +1,6 @@
-//! The forwarder's kernel path: a TC classifier on clsact ingress and an XDP
-//! program, both attached to the interfaces the daemon serves.
+//! The forwarder's kernel path: a TC classifier on clsact ingress, one on
+//! clsact egress and an XDP program, all attached to the interfaces the
+//! daemon serves.
 #![no_std]
 #![no_main]
 

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use forwarder_common::{
     CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, RULE_F_ACL, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY,
-    RuleValue, addr_ipv4_be,
+    RuleValue, addr_ipv4_be, host_nat::CT_DIR_HOST_IN,
 };
 
 use crate::acl;
@@ -97,7 +97,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
     }
     if let Some(entry) = conntrack::lookup(&s.key) {
         if host_nat::is_host(entry) {
-            return host_nat::reply(ctx, &w.pkt, entry, w.now);
+            return host_nat::follow(ctx, &w.pkt, entry, w.now, CT_DIR_HOST_IN);
         }
         if w.pkt.unfit == Unfit::Fragment {
             fragments::remember(&w.pkt, s);
