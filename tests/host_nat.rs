@@ -307,6 +307,14 @@ fn assert_no_problems(problems: Vec<String>) {
     );
 }
 
+/// `forwarder status` counts `n` host flows moved, once the sweeper has
+/// looked (it counts at each pass).
+fn assert_moved(daemon: &Daemon, n: usize) {
+    common::eventually(&format!("status shows {n} host flows moved"), || {
+        daemon.status()["kernel"]["host_flows_moved"].as_u64() == Some(n as u64)
+    });
+}
+
 /// Ports spread over the SNAT range: the container's first flows.
 fn spread_ports(n: usize) -> Vec<u16> {
     let span = usize::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
@@ -392,6 +400,7 @@ fn masqueraded_udp_flows_on_snat_ports_and_5000_kernel_flows_each_get_their_own_
     assert_eq!(counter(k, "packets_rev"), 2 * KERNEL_FLOWS as u64, "{k}");
     let r = relay_rule(&status, "t-udp", "udp");
     assert_eq!(counter(r, "flows"), 0, "the relay carried none: {r}");
+    assert_moved(&daemon, CONTAINER_FLOWS_EACH);
     drop(daemon);
 }
 
@@ -489,6 +498,7 @@ fn a_masqueraded_tcp_connection_on_a_kernel_flows_snat_port_is_moved_and_both_ec
     assert_eq!(counter(k, "flows"), TCP_FLOWS as u64, "{k}");
     let r = relay_rule(&status, "t-tcp", "tcp");
     assert_eq!(counter(r, "flows"), 0, "the relay carried none: {r}");
+    assert_moved(&daemon, TCP_FLOWS);
     drop(daemon);
 }
 
@@ -541,5 +551,6 @@ fn with_a_route_src_the_kernel_path_snats_to_an_address_masquerade_never_picks()
         "the container left from the primary address with its own ports"
     );
     assert_eq!(echo.ports_from(dedicated, false), ours);
+    assert_moved(&daemon, 0);
     drop(daemon);
 }

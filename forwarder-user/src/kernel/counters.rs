@@ -127,6 +127,9 @@ pub struct KernelCounters {
     pub snat_ports: u64,
     /// SNAT ports in use toward the busiest backend at the last sweep.
     pub snat_ports_in_use: u64,
+    /// Host flows (its NAT's, its sockets') moved off a kernel flow's SNAT
+    /// port, at the last sweep.
+    pub host_flows_moved: u64,
 }
 
 /// Reads the counter maps.
@@ -168,6 +171,7 @@ impl CounterMaps {
             conntrack_capacity: gauges.conntrack_capacity.load(Ordering::Relaxed),
             snat_ports: gauges.snat_ports.load(Ordering::Relaxed),
             snat_ports_in_use: gauges.snat_busiest.load(Ordering::Relaxed),
+            host_flows_moved: gauges.host_flows_moved.load(Ordering::Relaxed),
             ..KernelCounters::default()
         };
         for l in listeners {

@@ -270,6 +270,8 @@ pub struct Gauges {
     /// At the last sweep, SNAT ports in use toward the busiest backend:
     /// the pair that runs out first.
     pub snat_busiest: AtomicU64,
+    /// At the last sweep, host flows moved off a kernel flow's SNAT port.
+    pub host_flows_moved: AtomicU64,
     /// Passes completed.
     pub passes: AtomicU64,
     /// The rule ids the entries of the last pass held: a reload hands out
@@ -305,6 +307,15 @@ fn busiest_snat_pair(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) ->
             .or_default() += 1;
     }
     per_pair.into_values().max().unwrap_or(0)
+}
+
+/// The moved host flows among the entries that stay (one outgoing entry each).
+fn moved_host_flows(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> u64 {
+    let gone: HashSet<&CtKey> = expired.iter().collect();
+    entries
+        .iter()
+        .filter(|(key, value)| value.direction == CT_DIR_HOST_OUT && !gone.contains(key))
+        .count() as u64
 }
 
 impl Sweeper {
@@ -358,6 +369,8 @@ impl Sweeper {
         g.expired_flows.fetch_add(flows as u64, Ordering::Relaxed);
         g.snat_busiest
             .store(busiest_snat_pair(&entries, &expired), Ordering::Relaxed);
+        g.host_flows_moved
+            .store(moved_host_flows(&entries, &expired), Ordering::Relaxed);
         let ids = entries
             .values()
             .map(|v| v.rule_id)
@@ -544,6 +557,12 @@ mod tests {
             .flat_map(|p| host_pair(PROTO_UDP, p, now, now))
             .collect();
         assert_eq!(busiest_snat_pair(&udp_pairs, &[]), 3);
+        assert_eq!(moved_host_flows(&udp_pairs, &[]), 3);
+        let gone: Vec<CtKey> = host_pair(PROTO_UDP, 2, now, now)
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(moved_host_flows(&udp_pairs, &gone), 2);
     }
 
     #[test]
