@@ -554,3 +554,53 @@ fn with_a_route_src_the_kernel_path_snats_to_an_address_masquerade_never_picks()
     assert_moved(&daemon, 0);
     drop(daemon);
 }
+
+#[test]
+fn a_moved_container_flow_to_a_closed_backend_port_is_refused_like_any_other() {
+    if !common::require_root(
+        "a_moved_container_flow_to_a_closed_backend_port_is_refused_like_any_other",
+    ) {
+        return;
+    }
+    const CLOSED: u16 = 3479;
+    let lab = HostNat::new();
+    let backend = lab.topo.backend_addr();
+    let yaml = format!(
+        "relay: {{drain_timeout: 1s}}\n\
+         routes:\n\
+         \x20 t-closed: {{scheme: udp, host: {backend}, port: {LISTEN_PORT}:{CLOSED}}}\n"
+    );
+    let daemon = Daemon::start(&lab.topo.forwarder, "hostnat-icmp", &yaml);
+    // A kernel flow to the backend's 3479, whose SNAT port the backend
+    // notes while it still listens there; then the port closes.
+    let recorder = in_netns(&lab.topo.backend, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, CLOSED)).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    });
+    let client = Senders::open(&lab.topo.client, "client", &[0], lab.listener());
+    client.sockets[0].send(b"open").unwrap();
+    let mut buf = [0u8; 16];
+    let (_, from) = recorder
+        .recv_from(&mut buf)
+        .expect("the kernel flow's datagram");
+    assert_eq!(from.ip(), std::net::IpAddr::V4(lab.snat_addr()));
+    drop(recorder);
+
+    // The container on that very port, to the now closed 3479: moved, and
+    // the backend's port unreachable reaches it as ECONNREFUSED.
+    let to: SocketAddr = (backend, CLOSED).into();
+    let container = in_netns(&lab.container, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, from.port())).unwrap();
+        s.connect(to).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    });
+    container.send(b"anyone?").unwrap();
+    let err = container
+        .recv(&mut buf)
+        .expect_err("nothing listens on the backend's port");
+    assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+    assert_moved(&daemon, 1);
+    drop(daemon);
+}

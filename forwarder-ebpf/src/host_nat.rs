@@ -14,11 +14,12 @@ use forwarder_common::{
     host_nat::{
         CT_DIR_HOST_IN, CT_DIR_HOST_OUT, FORWARDED_MARK, HOST_RULE_ID, HostPortKey, host_port_held,
     },
+    icmp::{ICMP_CSUM_OFF, INNER_L4_OFF, Inner, inner_l4_csum_off, translate_inner},
 };
 
 use crate::conntrack::{self, TOUCH_EVERY_NS};
 use crate::maps::{CONNTRACK, HOST_PORTS, SETTINGS, Scratch, scratch};
-use crate::parse::{self, Packet, Unfit};
+use crate::parse::{self, ETH_LEN, Packet, Unfit};
 
 /// Not ours: the hook's next program, then the qdisc or the stack.
 const NEXT: i32 = TC_ACT_UNSPEC;
@@ -192,6 +193,31 @@ pub fn follow(ctx: &TcContext, pkt: &Packet, entry: *mut CtValue, now: u64, dire
         (l4 + 2, pkt.dport, ct.new_dport)
     };
     verdict(rewrite_port(ctx, pkt, at, from, to))
+}
+
+/// An ICMP error about a packet of a moved host flow (`ct`, its incoming
+/// entry, is keyed by the embedded packet's answer): the embedded source
+/// port goes back to the host's, checksums with it, and the stack takes
+/// it, so that its conntrack relates it to the host's own flow. Inlined:
+/// as a BPF function, its borrowed `Inner` would be passed field by
+/// field, more arguments than BPF calls carry.
+#[inline(always)]
+pub fn error_about(ctx: &TcContext, inner: &Inner, ct: &CtValue) -> i32 {
+    let to = translate_inner(inner, (inner.src, ct.new_dport), (inner.dst, inner.dport));
+    // Each change is balanced by the ICMP checksum over the same span, so
+    // skb->csum stays right without help.
+    if ctx
+        .l4_csum_replace(ETH_LEN + ICMP_CSUM_OFF, 0, to.icmp_diff.into(), 0)
+        .is_err()
+        || ctx.store(ETH_LEN + INNER_L4_OFF, &ct.new_dport, 0).is_err()
+    {
+        return DROP;
+    }
+    if let Some(c) = to.l4_csum {
+        verdict(ctx.store(ETH_LEN + inner_l4_csum_off(inner.proto), &c, 0))
+    } else {
+        NEXT
+    }
 }
 
 #[inline(always)]

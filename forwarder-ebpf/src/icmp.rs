@@ -20,6 +20,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     PROTO_TCP, PROTO_UDP, addr_from_ipv4_be, addr_ipv4_be, csum,
+    host_nat::CT_DIR_HOST_IN,
     icmp::{
         CODE_FRAG_NEEDED, CODE_TTL_EXCEEDED, EMBEDDED_LEN, ERROR_LEN, ICMP_CSUM_OFF,
         ICMP_DEST_UNREACH, ICMP_OFF, ICMP_TIME_EXCEEDED, INNER_IP_CSUM_OFF, INNER_IP_OFF,
@@ -148,12 +149,24 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
     key.proto = proto;
     key._pad = [0; 3];
     let entry = conntrack::lookup(&s.key)?;
-    // About a host flow we moved: left to the stack.
-    if host_nat::is_host(entry) {
-        return None;
-    }
     // SAFETY: copied out at once.
     s.ct = unsafe { *entry };
+    let inner = Inner {
+        proto,
+        src: inner_src,
+        dst: inner_dst,
+        sport,
+        dport,
+        ip_csum,
+        l4_csum,
+    };
+    if host_nat::is_host(entry) {
+        // Only an error about a packet sent from a port we moved it to.
+        if s.ct.direction != CT_DIR_HOST_IN {
+            return None;
+        }
+        return Some(host_nat::error_about(ctx, &inner, &s.ct));
+    }
     let rule_id = s.ct.rule_id;
     if ttl <= 1 {
         return Some(drop(ctx, rule_id, "ICMP error with TTL expired"));
@@ -174,15 +187,6 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
     if redirect::route(ctx, &flow, s).is_err() {
         return Some(drop(ctx, rule_id, "ICMP error: no route"));
     }
-    let inner = Inner {
-        proto,
-        src: inner_src,
-        dst: inner_dst,
-        sport,
-        dport,
-        ip_csum,
-        l4_csum,
-    };
     let ct = &s.ct;
     let to = translate_inner(&inner, (new_dst, ct.new_dport), (new_src, ct.new_sport));
     let outer = csum::add(

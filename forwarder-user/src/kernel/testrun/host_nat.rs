@@ -8,7 +8,8 @@ use forwarder_common::host_nat::{
 use forwarder_common::{PROTO_TCP, PROTO_UDP};
 
 use super::fixture::*;
-use super::packet::{Csum, Spec, TCP_ACK, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
+use super::icmp::{CODE_PORT, ICMP_UNREACH, after_hops, assert_checksums, error};
+use super::packet::{Csum, ETH_LEN, Spec, TCP_ACK, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
 use super::*;
 use crate::kernel::snat::addr_of;
 use crate::kernel::tables::Tables;
@@ -214,5 +215,37 @@ fn a_moved_udp_flow_without_checksum_keeps_none_and_no_free_port_drops() {
         let host = from_host(PROTO_TCP, ours).build();
         let (out, _) = k.run_tc_egress(&host, 0);
         assert_eq!(out.verdict, TC_ACT_SHOT);
+    });
+}
+
+#[test]
+fn an_icmp_error_about_a_moved_host_flow_goes_up_about_the_hosts_own_port() {
+    if !require_root("an_icmp_error_about_a_moved_host_flow_goes_up_about_the_hosts_own_port") {
+        return;
+    }
+    with_router(1024, two_ports(), |k| {
+        let ours = udp_flow(k, 50000).expect("a kernel flow");
+        let host = from_host(PROTO_UDP, ours).build();
+        let (moved, _) = k.run_tc_egress(&host, 0);
+        assert_ne!(view(&moved.packet).sport, ours, "moved");
+        // The backend's port unreachable about the moved datagram, as it
+        // arrived there (one hop on).
+        let kind = (ICMP_UNREACH, CODE_PORT, 0);
+        let unreachable = error(BACKEND, SNAT, 64, kind, &after_hops(&moved.packet, 1));
+        let up = k.run_tc(&unreachable);
+        // To the stack, about the datagram as the host sent it: its
+        // conntrack finds its own flow and tells the container.
+        assert_eq!(up.verdict, TC_ACT_UNSPEC);
+        let expected = error(BACKEND, SNAT, 64, kind, &after_hops(&host, 1));
+        assert_eq!(up.packet[ETH_LEN..], expected[ETH_LEN..]);
+        assert_checksums(&up.packet);
+        // skb->csum (CHECKSUM_COMPLETE) still matches the bytes.
+        let complete = k
+            .run_tc_flags(&unreachable, F_CHECKSUM_COMPLETE)
+            .expect("a CHECKSUM_COMPLETE run");
+        assert_eq!(complete.verdict, TC_ACT_UNSPEC);
+        assert_eq!(complete.packet[ETH_LEN..], expected[ETH_LEN..]);
+        // Nothing was counted as a kernel flow's.
+        assert_eq!(k.rule_counters(UDP_RULE).icmp_translated, 0);
     });
 }
