@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::dns::NetnsEtc;
+use crate::common::dns::{NetnsEtc, TestDns, Zone};
 use crate::common::eventually;
 use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, spawn_in};
 use crate::common::traffic::{BackendServers, paced_transfer, udp_socket};
@@ -39,10 +39,13 @@ fn a_backend_name_that_moves_takes_new_flows_and_old_ones_finish() {
     let _one = TaggedUdpEcho::start_on(&topo.backend, "198.18.2.2:5001".parse().unwrap(), "one:");
     let _two = TaggedUdpEcho::start_on(&topo.backend, "198.18.2.3:5001".parse().unwrap(), "two:");
     let etc = NetnsEtc::new(&topo.forwarder);
-    // No name server: what /etc/hosts does not answer fails at once, here.
-    etc.set(
-        "resolv.conf",
-        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    // DNS, asked only when /etc/hosts has no answer, says the name is gone.
+    etc.set("resolv.conf", "nameserver 127.0.0.1\n");
+    let dns = TestDns::start(
+        &topo.forwarder,
+        "127.0.0.1:53".parse().unwrap(),
+        "backend.test",
+        Zone::Gone,
     );
     let hosts = |text: &str| etc.set("hosts", text);
     hosts("198.18.2.2 backend.test\n");
@@ -89,6 +92,9 @@ fn a_backend_name_that_moves_takes_new_flows_and_old_ones_finish() {
     let (sent, got) = transfer.join().expect("the transfer");
     assert_eq!(sent, got, "the transfer to the old address arrived intact");
 
+    // /etc/hosts answered: DNS was not asked.
+    assert!(dns.queries().is_empty(), "{:?}", dns.queries());
+
     // A name that stops resolving keeps its last answer, said once.
     hosts("");
     eventually("the name fails", || {
@@ -96,8 +102,9 @@ fn a_backend_name_that_moves_takes_new_flows_and_old_ones_finish() {
             .log_text()
             .contains("names: backend.test does not resolve")
     });
-    // Tries 1 s and 2 s later fail too.
-    std::thread::sleep(Duration::from_secs(4));
+    // Later tries (1 s, then 2 s apart) fail too.
+    dns.next_query(Duration::from_secs(4));
+    dns.next_query(Duration::from_secs(7));
     let probe = in_netns(&topo.client, || udp_socket(at(7004)));
     assert_eq!(udp_ask(&probe, b"c"), b"two:c");
     let log = daemon.log_text();
