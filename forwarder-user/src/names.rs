@@ -29,10 +29,16 @@ pub async fn lookup(name: &str) -> io::Result<Answer> {
     opts.cache_size = 0;
     opts.ip_strategy = LookupIpStrategy::Ipv4thenIpv6;
     let resolver: TokioResolver = builder.build().map_err(io::Error::other)?;
-    let found = resolver
-        .lookup_ip(name)
-        .await
-        .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))?;
+    let found = resolver.lookup_ip(name).await.map_err(|e| {
+        let why = if e.is_nx_domain() {
+            "no such name".to_owned()
+        } else if e.is_no_records_found() {
+            "no addresses".to_owned()
+        } else {
+            e.to_string()
+        };
+        io::Error::new(io::ErrorKind::NotFound, why)
+    })?;
     let addrs = pick_addresses(&found.iter().collect::<Vec<_>>());
     if addrs.is_empty() {
         return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));

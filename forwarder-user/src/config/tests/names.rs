@@ -147,3 +147,28 @@ fn dns_ttl_bounds_are_read_bounded_and_in_order() {
     let e = errors(&format!("dns: {{min_ttl: 2h, max_ttl: 10s}}\n{base}"));
     assert_eq!(e.len(), 1, "{e:?}");
 }
+
+#[test]
+fn check_shows_each_name_its_answer_and_when_it_is_asked_again() {
+    let env = env_with("pair.test", &["10.0.0.2", "10.0.0.1"]);
+    let text = "dns: {min_ttl: 2s, max_ttl: 30s}
+routes:
+  p: {scheme: tcp, host: pair.test, port: 7000:80}
+  q: {scheme: udp, host: 10.0.0.9, port: 7001:53}
+";
+    let (c, _) = load_env(text, &env).unwrap();
+    let t = crate::config::table(&c);
+    assert!(
+        t.ends_with(
+            "dns: refresh 30s, min_ttl 2s, max_ttl 30s\n  \
+             pair.test: 10.0.0.1, 10.0.0.2 (TTL 1m; asked again after 30s)\n"
+        ),
+        "{t}"
+    );
+    let (c, _) = load_env(
+        "routes:\n  q: {scheme: udp, host: 10.0.0.9, port: 7001:53}\n",
+        &env,
+    )
+    .unwrap();
+    assert!(!crate::config::table(&c).contains("dns:"));
+}
