@@ -177,12 +177,18 @@ fn a_long_ttl_is_cut_to_max_ttl_and_a_failing_name_backs_off() {
     let (min_ttl, max_ttl) = (Duration::from_secs(1), Duration::from_secs(3));
     let n = Named::start("dns-max", "{min_ttl: 1s, max_ttl: 3s}", 3600);
     assert_eq!(n.new_flow_goes_to(), b"one:n");
+    // An edit not reloaded neither holds the new answer back nor comes with it.
+    let text = std::fs::read_to_string(n.daemon.config_path()).unwrap();
+    let edited = format!("{text}  extra: {{scheme: udp, host: 198.18.2.2, port: 7009:5001}}\n");
+    std::fs::write(n.daemon.config_path(), edited).unwrap();
     let asked = n.dns.next_query(3 * max_ttl + TIMEOUT_MARGIN);
     n.dns.set(Zone::A(NEW, 3600));
     expires_in_time("new flows follow the name", asked, max_ttl, || {
         n.new_flow_goes_to() == b"two:n"
     });
     assert_spaced(&n.dns.queries(), max_ttl);
+    let status = n.daemon.status();
+    assert!(!status.to_string().contains("\"extra\""), "{status}");
 
     // The name is gone: the last answer stays, said once, and the lookups
     // back off from min_ttl, doubling, to max_ttl.
