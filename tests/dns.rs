@@ -8,44 +8,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::dns::{NetnsEtc, TestDns, Zone};
-use crate::common::harness::{
-    Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule, spawn_in,
-};
+use crate::common::harness::{Daemon, counter, in_netns, kernel_rule, relay_rule, spawn_in};
 use crate::common::traffic::{BackendServers, paced_transfer, udp_socket};
 use crate::common::{self, TIMEOUT_MARGIN, Topology, eventually, expires_in_time};
+use crate::names::two_backends;
 use crate::reload::{TaggedUdpEcho, udp_ask};
 
 const OLD: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
 const NEW: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 3);
 
 /// The forwarder's namespace with a DNS server for `backend.test` on its
-/// loopback, two backends (OLD answers UDP with `one:`, NEW with `two:`)
-/// and the daemon with `dns` as its `dns:` section.
+/// loopback, the [`two_backends`] (OLD answers UDP with `one:`, NEW with
+/// `two:`) and the daemon with `dns` as its `dns:` section.
 struct Named {
     daemon: Daemon,
     dns: TestDns,
     _etc: NetnsEtc,
-    _echoes: [TaggedUdpEcho; 2],
-    _servers: BackendServers,
+    _backends: (BackendServers, [TaggedUdpEcho; 2]),
     topo: Topology,
 }
 
 impl Named {
     fn start(name: &str, dns: &str, ttl: u32) -> Named {
         let topo = Topology::new();
-        forwarding_on(&topo);
-        topo.backend.ip(&[
-            "addr",
-            "add",
-            "198.18.2.3/24",
-            "dev",
-            &topo.backend_link.b_if,
-        ]);
-        let servers = BackendServers::start(&topo.backend);
-        let echoes = [
-            TaggedUdpEcho::start_on(&topo.backend, SocketAddr::from((OLD, 5001)), "one:"),
-            TaggedUdpEcho::start_on(&topo.backend, SocketAddr::from((NEW, 5001)), "two:"),
-        ];
+        let backends = two_backends(&topo);
         let etc = NetnsEtc::new(&topo.forwarder);
         // Only DNS answers for the name; the server is the only one asked.
         etc.set("hosts", "127.0.0.1 localhost\n");
@@ -68,8 +54,7 @@ routes:
             daemon,
             dns: server,
             _etc: etc,
-            _echoes: echoes,
-            _servers: servers,
+            _backends: backends,
             topo,
         }
     }

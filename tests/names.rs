@@ -14,6 +14,26 @@ use crate::common::traffic::{BackendServers, paced_transfer, udp_socket};
 use crate::common::{self, Topology};
 use crate::reload::{TaggedUdpEcho, udp_ask};
 
+/// Forwarding on, and both backends a name may point to: 198.18.2.2
+/// (answers UDP on 5001 with `one:`) and 198.18.2.3 (`two:`), each with the
+/// TCP servers of [`BackendServers`].
+pub fn two_backends(topo: &Topology) -> (BackendServers, [TaggedUdpEcho; 2]) {
+    forwarding_on(topo);
+    topo.backend.ip(&[
+        "addr",
+        "add",
+        "198.18.2.3/24",
+        "dev",
+        &topo.backend_link.b_if,
+    ]);
+    let servers = BackendServers::start(&topo.backend);
+    let echoes = [
+        TaggedUdpEcho::start_on(&topo.backend, "198.18.2.2:5001".parse().unwrap(), "one:"),
+        TaggedUdpEcho::start_on(&topo.backend, "198.18.2.3:5001".parse().unwrap(), "two:"),
+    ];
+    (servers, echoes)
+}
+
 const RULES: &str = "
 dns: {refresh: 1s, min_ttl: 1s}
 routes:
@@ -27,17 +47,7 @@ fn a_backend_name_that_moves_takes_new_flows_and_old_ones_finish() {
         return;
     }
     let topo = Topology::new();
-    forwarding_on(&topo);
-    topo.backend.ip(&[
-        "addr",
-        "add",
-        "198.18.2.3/24",
-        "dev",
-        &topo.backend_link.b_if,
-    ]);
-    let _servers = BackendServers::start(&topo.backend);
-    let _one = TaggedUdpEcho::start_on(&topo.backend, "198.18.2.2:5001".parse().unwrap(), "one:");
-    let _two = TaggedUdpEcho::start_on(&topo.backend, "198.18.2.3:5001".parse().unwrap(), "two:");
+    let _backends = two_backends(&topo);
     let etc = NetnsEtc::new(&topo.forwarder);
     // DNS, asked only when /etc/hosts has no answer, says the name is gone.
     etc.set("resolv.conf", "nameserver 127.0.0.1\n");
