@@ -172,3 +172,26 @@ routes:
     .unwrap();
     assert!(!crate::config::table(&c).contains("dns:"));
 }
+
+#[test]
+fn a_refresh_compiles_with_the_answers_it_is_given_not_new_lookups() {
+    let answers = std::collections::BTreeMap::from([(
+        "moved.test".to_owned(),
+        crate::rules::Answer {
+            addrs: vec!["10.0.0.8".parse().unwrap(), "10.0.0.7".parse().unwrap()],
+            ttl: Some(Duration::from_secs(42)),
+        },
+    )]);
+    let text = "routes:\n  m: {scheme: tcp, host: moved.test, port: 7000:80}\n";
+    let path = std::path::Path::new("refresh.yaml");
+    let c = crate::config::load_text_with_answers(text, path, &[], &answers)
+        .unwrap()
+        .compiled;
+    let targets: Vec<String> = (c.listeners[0].backends.iter())
+        .map(|b| b.addr.to_string())
+        .collect();
+    assert_eq!(targets, ["10.0.0.7:80", "10.0.0.8:80"]);
+    let answer = &c.hostnames["moved.test"];
+    assert_eq!(answer.ttl, Some(Duration::from_secs(42)));
+    assert_eq!(answer.addrs.len(), 2);
+}
