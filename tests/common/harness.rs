@@ -245,6 +245,17 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no status:\n{}", self.log_text()))
     }
 
+    /// `forwarder reload --control PATH`, within [`WAIT`].
+    pub fn reload(&self) -> std::process::Output {
+        common::output_within(
+            Command::new(common::forwarder_bin())
+                .arg("reload")
+                .arg("--control")
+                .arg(&self.control),
+            WAIT,
+        )
+    }
+
     /// The daemon's rule file, to rewrite before a reload.
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("forwarder.yaml")
