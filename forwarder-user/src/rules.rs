@@ -297,6 +297,14 @@ pub struct Compiled {
     pub dns: DnsSettings,
     /// The hostnames the targets were given as, resolved at load.
     pub hostnames: Vec<String>,
+    /// The Prometheus endpoint (`metrics:`); off when `None`.
+    pub metrics: Option<MetricsSettings>,
+}
+
+/// `metrics:`: where `GET /metrics` is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
 }
 
 /// Told of the flows the relay owns, so that the kernel path leaves them

@@ -272,6 +272,7 @@ fn load_inner(
     };
     let mut compiled = compile(&config);
     compiled.dns = globals.dns;
+    compiled.metrics = globals.metrics;
     compiled.hostnames = resolve::names(&specs);
     Ok((compiled, globals.docker, diag.warnings))
 }

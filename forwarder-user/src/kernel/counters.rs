@@ -183,6 +183,11 @@ pub struct KernelCounters {
     /// Packets XDP left to TC before it knew their rule, by reason
     /// (non-zero ones): not a kernel flow, or a frame it cannot read.
     pub xdp_passes_without_rule: BTreeMap<&'static str, u64>,
+    /// Sweeper passes completed, how long the last one took and all of
+    /// them together (nanoseconds).
+    pub sweeper_passes: u64,
+    pub sweeper_last_pass_ns: u64,
+    pub sweeper_passes_ns: u64,
 }
 
 /// Reads the counter maps.
@@ -250,6 +255,9 @@ impl CounterMaps {
             snat_ports: gauges.snat_ports.load(Ordering::Relaxed),
             snat_ports_in_use: gauges.snat_busiest.load(Ordering::Relaxed),
             xdp_passes_without_rule: xdp_passes(&self.reasons(NO_RULE)?),
+            sweeper_passes: gauges.passes.load(Ordering::Acquire),
+            sweeper_last_pass_ns: gauges.last_pass_ns.load(Ordering::Relaxed),
+            sweeper_passes_ns: gauges.passes_ns.load(Ordering::Relaxed),
             ..KernelCounters::default()
         };
         for l in listeners {

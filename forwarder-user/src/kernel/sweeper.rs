@@ -254,6 +254,9 @@ pub struct Gauges {
     pub snat_busiest: AtomicU64,
     /// Passes completed.
     pub passes: AtomicU64,
+    /// How long the last pass took, and all passes together (nanoseconds).
+    pub last_pass_ns: AtomicU64,
+    pub passes_ns: AtomicU64,
     /// The rule ids the entries of the last pass held: a reload hands out
     /// no id a flow still has.
     pub rule_ids: Mutex<HashSet<u32>>,
@@ -289,6 +292,7 @@ fn busiest_snat_pair(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) ->
 impl Sweeper {
     /// One pass; returns how many flows expired.
     pub fn sweep(&mut self) -> usize {
+        let started = std::time::Instant::now();
         let timeouts = self.timeouts();
         let now = monotonic_ns();
         let keys: Vec<CtKey> = self
@@ -343,6 +347,9 @@ impl Sweeper {
             .chain(relay.iter().map(|(_, f)| f.rule_id))
             .collect();
         *g.rule_ids.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+        let took = started.elapsed().as_nanos() as u64;
+        g.last_pass_ns.store(took, Ordering::Relaxed);
+        g.passes_ns.fetch_add(took, Ordering::Relaxed);
         g.passes.fetch_add(1, Ordering::Release);
         flows
     }
