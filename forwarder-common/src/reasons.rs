@@ -295,7 +295,8 @@ mod tests {
         for names in kinds {
             for (i, a) in names.iter().enumerate() {
                 assert!(
-                    a.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                    a.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
                     "{a}"
                 );
                 assert!(!names[i + 1..].contains(a), "{a} twice");
