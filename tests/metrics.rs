@@ -261,6 +261,24 @@ fn scraped_counters_move_exactly_with_the_traffic_and_a_fallback_shows_its_reaso
         (1.0, Some(env!("CARGO_PKG_VERSION")))
     );
     assert!(after.value("forwarder_conntrack_capacity_flows", &[]) > 0.0);
+
+    // The sweeper's next pass counts the UDP flow's SNAT port toward the
+    // backend (one flow, one port), and times itself.
+    let backend = format!("{}:3478", topo.backend_addr());
+    let snat = [("backend", backend.as_str()), ("protocol", "udp")];
+    let passes = after.value("forwarder_sweeper_passes_total", &[]);
+    common::eventually("a sweeper pass after the traffic", || {
+        scrape(&topo.forwarder, at).value("forwarder_sweeper_passes_total", &[]) > passes + 1.0
+    });
+    let swept = scrape(&topo.forwarder, at);
+    assert_eq!(swept.value("forwarder_snat_ports_in_use", &snat), 1.0);
+    assert_eq!(
+        swept
+            .sample("forwarder_sweeper_pass_seconds_total", &[])
+            .family_type,
+        "counter"
+    );
+    assert!(swept.value("forwarder_sweeper_last_pass_seconds", &[]) > 0.0);
     daemon.stop();
 }
 

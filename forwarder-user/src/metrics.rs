@@ -335,6 +335,20 @@ fn kernel(registry: &mut Registry, f: &Families, k: &KernelCounters) {
         "SNAT ports in use toward the busiest backend at the sweeper's last pass",
         k.snat_ports_in_use as i64,
     );
+    let per_backend = Gauges::default();
+    registry.register(
+        "forwarder_snat_ports_in_use",
+        "SNAT ports in use per source address and backend at the sweeper's last pass",
+        per_backend.clone(),
+    );
+    for u in &k.snat_ports_in_use_per_backend {
+        let labels = vec![
+            ("source", u.source.to_string()),
+            ("backend", u.backend.to_string()),
+            ("protocol", u.protocol.to_owned()),
+        ];
+        per_backend.get_or_create(&labels).set(u.ports as i64);
+    }
     counter(
         registry,
         "forwarder_kernel_flows_expired",
@@ -503,6 +517,12 @@ mod tests {
         let mut kernel = KernelCounters {
             rules: vec![rule],
             conntrack_entries: 8,
+            snat_ports_in_use_per_backend: vec![crate::kernel::SnatUse {
+                source: "10.0.0.1".parse().unwrap(),
+                backend: "10.0.0.5:53".parse().unwrap(),
+                protocol: "udp",
+                ports: 6,
+            }],
             sweeper_last_pass_ns: 1_500_000,
             ..KernelCounters::default()
         };
@@ -555,6 +575,7 @@ mod tests {
             r#"forwarder_packets_total{alias="dns",protocol="udp",path="relay",direction="to_client"} 5"#.into(),
             r#"forwarder_backend_up{alias="dns",protocol="udp",backend="10.0.0.5:53"} 0"#.into(),
             "forwarder_conntrack_flows 4".into(),
+            r#"forwarder_snat_ports_in_use{source="10.0.0.1",backend="10.0.0.5:53",protocol="udp"} 6"#.into(),
             "forwarder_sweeper_last_pass_seconds 0.0015".into(),
             "forwarder_docker_connected 1".into(),
             r#"forwarder_docker_containers{state="skipped"} 1"#.into(),

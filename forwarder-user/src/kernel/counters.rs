@@ -11,7 +11,7 @@ use forwarder_common::{IfaceCounters, RuleCounters};
 use serde::Serialize;
 
 use super::interfaces::Interface;
-use super::sweeper::Gauges;
+use super::sweeper::{Gauges, SnatUse};
 use crate::rules::Listener;
 
 /// What both programs saw on one interface.
@@ -180,6 +180,8 @@ pub struct KernelCounters {
     pub snat_ports: u64,
     /// SNAT ports in use toward the busiest backend at the last sweep.
     pub snat_ports_in_use: u64,
+    /// SNAT ports in use per source address and backend at the last sweep.
+    pub snat_ports_in_use_per_backend: Vec<SnatUse>,
     /// Packets XDP left to TC before it knew their rule, by reason
     /// (non-zero ones): not a kernel flow, or a frame it cannot read.
     pub xdp_passes_without_rule: BTreeMap<&'static str, u64>,
@@ -254,6 +256,11 @@ impl CounterMaps {
             conntrack_capacity: gauges.conntrack_capacity.load(Ordering::Relaxed),
             snat_ports: gauges.snat_ports.load(Ordering::Relaxed),
             snat_ports_in_use: gauges.snat_busiest.load(Ordering::Relaxed),
+            snat_ports_in_use_per_backend: gauges
+                .snat_use
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             xdp_passes_without_rule: xdp_passes(&self.reasons(NO_RULE)?),
             sweeper_passes: gauges.passes.load(Ordering::Acquire),
             sweeper_last_pass_ns: gauges.last_pass_ns.load(Ordering::Relaxed),

@@ -39,6 +39,7 @@ pub use counters::{InterfaceCounters, KernelCounters, KernelRuleCounters};
 pub use interfaces::{Interface, NoSuchInterface};
 pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
+pub use sweeper::SnatUse;
 pub use sysctl::RESERVED_PORTS;
 
 use crate::reload::Plan;
