@@ -149,7 +149,9 @@ fn scraped_counters_move_exactly_with_the_traffic_and_a_fallback_shows_its_reaso
     let topo = Topology::new();
     forwarding_on(&topo);
     let _servers = BackendServers::start(&topo.backend);
-    let yaml = turn_rules(&topo, &format!("metrics: {{listen: {METRICS}}}\n"));
+    // Room for one kernel flow: the UDP one; the TCP one finds the table full.
+    let extra = format!("kernel: {{conntrack_size: 2}}\nmetrics: {{listen: {METRICS}}}\n");
+    let yaml = turn_rules(&topo, &extra);
     let daemon = Daemon::start(&topo.forwarder, "metrics", &yaml);
     let at: SocketAddr = METRICS.parse().unwrap();
     let before = scrape(&topo.forwarder, at);
@@ -160,7 +162,8 @@ fn scraped_counters_move_exactly_with_the_traffic_and_a_fallback_shows_its_reaso
         for n in 0..5u32 {
             udp_echo(&kernel_flow, format!("small {n}").as_bytes());
         }
-        // ...and the relay: a flow whose first datagram comes in fragments.
+        // ...and the relay: a flow whose first datagram comes in fragments,
+        // and a TCP connection that finds the conntrack table full.
         udp_echo(&udp_socket(to), &[7; 4000]);
         let mut c = tcp_echo_conn(to);
         tcp_echo_round(&mut c, b"over TCP");
@@ -198,20 +201,29 @@ fn scraped_counters_move_exactly_with_the_traffic_and_a_fallback_shows_its_reaso
     }
     assert_eq!(moved("forwarder_flows_opened_total", &udp_kernel), 1.0);
     assert_eq!(moved("forwarder_flows_opened_total", &udp_relay), 1.0);
+    // Each fallback under its own reason, and no other reason moved.
     for why in Fallback::ALL {
-        let want = if why == Fallback::Fragment { 1.0 } else { 0.0 };
+        let one = |reason| if why == reason { 1.0 } else { 0.0 };
         let l = with(&udp_kernel, ("reason", why.name()));
-        assert_eq!(moved("forwarder_fallbacks_total", &l), want, "{why:?}");
+        assert_eq!(
+            moved("forwarder_fallbacks_total", &l),
+            one(Fallback::Fragment),
+            "{why:?}"
+        );
         let tcp = [
             ("alias", "turn-tcp"),
             ("protocol", "tcp"),
             ("reason", why.name()),
         ];
-        assert_eq!(moved("forwarder_fallbacks_total", &tcp), 0.0, "{why:?}");
+        assert_eq!(
+            moved("forwarder_fallbacks_total", &tcp),
+            one(Fallback::ConntrackFull),
+            "{why:?}"
+        );
     }
     let tcp = |path| [("alias", "turn-tcp"), ("protocol", "tcp"), ("path", path)];
-    assert_eq!(moved("forwarder_flows_opened_total", &tcp("kernel")), 1.0);
-    assert_eq!(moved("forwarder_flows_opened_total", &tcp("relay")), 0.0);
+    assert_eq!(moved("forwarder_flows_opened_total", &tcp("kernel")), 0.0);
+    assert_eq!(moved("forwarder_flows_opened_total", &tcp("relay")), 1.0);
     assert_eq!(after.value("forwarder_relay_active_flows", &udp_relay), 1.0);
 
     // The same numbers as `forwarder status`.
@@ -260,7 +272,7 @@ fn scraped_counters_move_exactly_with_the_traffic_and_a_fallback_shows_its_reaso
         (build.value, build.labels.get("version").map(String::as_str)),
         (1.0, Some(env!("CARGO_PKG_VERSION")))
     );
-    assert!(after.value("forwarder_conntrack_capacity_flows", &[]) > 0.0);
+    assert_eq!(after.value("forwarder_conntrack_capacity_flows", &[]), 1.0);
 
     // The sweeper's next pass counts the UDP flow's SNAT port toward the
     // backend (one flow, one port), and times itself.
