@@ -357,3 +357,56 @@ fn a_reload_moves_or_closes_the_endpoint_and_only_get_metrics_is_served() {
     assert!(refused(ns, second), "the endpoint is closed");
     daemon.stop();
 }
+
+#[test]
+fn backend_health_and_docker_discovery_state_are_scraped() {
+    let test = "backend_health_and_docker_discovery_state_are_scraped";
+    if !common::require_root(test) || !parser_present(test) {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    // No backend servers: the checked TCP backend refuses its checks.
+    let nowhere = std::env::temp_dir().join(format!("fwdt-{}-no-docker.sock", std::process::id()));
+    let yaml = format!(
+        "interfaces: [{a}, {b}]\n\
+         metrics: {{listen: {METRICS}}}\n\
+         docker: {{socket: {socket}}}\n\
+         routes:\n\
+         \x20 checked: {{scheme: tcp, host: {backend}, port: 7878:3478, \
+         healthcheck: {{interval: 200ms, timeout: 200ms, fall: 1, rise: 1}}}}\n\
+         \x20 unchecked: {{scheme: udp, host: {backend}, port: 7878:3478}}\n",
+        a = topo.client_link.a_if,
+        b = topo.backend_link.a_if,
+        socket = nowhere.display(),
+        backend = topo.backend_addr(),
+    );
+    let daemon = Daemon::start(&topo.forwarder, "metrics-health", &yaml);
+    let at: SocketAddr = METRICS.parse().unwrap();
+    let backend = format!("{}:3478", topo.backend_addr());
+    let up = |alias, protocol| {
+        let labels = [
+            ("alias", alias),
+            ("protocol", protocol),
+            ("backend", backend.as_str()),
+        ];
+        scrape(&topo.forwarder, at).value("forwarder_backend_up", &labels)
+    };
+    common::eventually("the checked backend is down", || {
+        up("checked", "tcp") == 0.0
+    });
+    assert_eq!(
+        up("unchecked", "udp"),
+        1.0,
+        "a backend without checks is up"
+    );
+    let s = scrape(&topo.forwarder, at);
+    assert_eq!(s.value("forwarder_docker_connected", &[]), 0.0);
+    for state in ["routed", "skipped"] {
+        assert_eq!(
+            s.value("forwarder_docker_containers", &[("state", state)]),
+            0.0
+        );
+    }
+    daemon.stop();
+}
