@@ -107,8 +107,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
         return NEXT;
     }
     if w.pkt.unfit != Unfit::None {
-        unfit(ctx, &w, s);
-        return NEXT;
+        return unfit(ctx, &w, s);
     }
     let Some(matched) = rules::lookup(&w.pkt) else {
         return NEXT;
@@ -169,23 +168,23 @@ fn log_first_packet(ctx: &TcContext, ifindex: u32) {
 /// A new flow that begins with a fragment or a header with options: the
 /// relay gets it, if it is one of ours.
 #[inline(never)]
-fn unfit(ctx: &TcContext, w: &Work, s: &mut Scratch) {
+fn unfit(ctx: &TcContext, w: &Work, s: &mut Scratch) -> i32 {
     let Some(matched) = rules::lookup(&w.pkt) else {
-        return;
+        return NEXT;
     };
     let rule = matched.rule;
     if rule.flags & RULE_F_RELAY != 0 {
-        return;
+        return NEXT;
     }
     if matched.wildcard && !addressed_here(ctx, w, s) {
-        return;
+        return NEXT;
     }
     let why = if w.pkt.unfit == Unfit::Options {
         Fallback::IpOptions
     } else {
         Fallback::Fragment
     };
-    fall_back(ctx, &s.key, rule.rule_id, w.now, why);
+    fall_back(ctx, &s.key, rule.rule_id, w.now, why)
 }
 
 #[inline(never)]
