@@ -321,8 +321,7 @@ fn kernel(registry: &mut Registry, f: &Families, k: &KernelCounters) {
         registry,
         "forwarder_conntrack_capacity_flows",
         "Kernel flows the conntrack table holds at most",
-        // `conntrack_capacity` holds the map's entries, two per flow.
-        (k.conntrack_capacity / 2) as i64,
+        k.conntrack_capacity as i64,
     );
     gauge(
         registry,
