@@ -14,6 +14,7 @@ use forwarder_common::{
     host_nat::{HOST_PORTS_SIZE, HostPortKey},
     icmp::ERROR_LEN,
     mss::MAX_OPTIONS_LEN,
+    reasons::REASON_SLOTS,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -27,6 +28,11 @@ pub static IFACE_COUNTERS: PerCpuHashMap<u32, IfaceCounters> =
 /// Per-rule counters, indexed by rule id.
 #[map]
 pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::with_max_entries(RULE_IDS, 0);
+
+/// Why flows and packets were not carried, per rule and reason; the slot
+/// of each is `forwarder_common::reasons`'s, and so is this map's name.
+#[map]
+pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
 
 /// (address, port, protocol) to rule; written by userspace.
 #[map]

@@ -28,6 +28,7 @@ pub const MAPS: &[&str] = &[
     "SETTINGS",
     "RULE_FLAGS",
     "RULE_COUNTERS",
+    forwarder_common::reasons::REASON_COUNTERS_MAP,
     "IFACE_COUNTERS",
     "XDP_EGRESS",
     forwarder_common::host_nat::HOST_PORTS_MAP,
