@@ -265,6 +265,38 @@ pub fn inherited() -> anyhow::Result<Option<Record>> {
 mod tests {
     use super::*;
 
+    fn cloexec(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only inspects it.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) & libc::FD_CLOEXEC != 0 }
+    }
+
+    #[test]
+    fn a_failed_exec_leaves_everything_as_it_was() {
+        let (read, _write) = std::io::pipe().unwrap();
+        let fd = read.as_raw_fd();
+        assert!(cloexec(fd));
+        let record = Record {
+            control: Some(fd),
+            requester: None,
+            relay: RelayRecord::default(),
+            frozen_at_ms: 0,
+            from_version: "test".into(),
+        };
+        let why = exec(Path::new("/nonexistent/forwarder"), &record);
+        assert!(
+            why.starts_with("cannot execute /nonexistent/forwarder: No such file"),
+            "{why}"
+        );
+        assert!(cloexec(fd), "close-on-exec again");
+        // SAFETY: reads this thread's mask into a zeroed set.
+        let blocked = unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+            libc::sigismember(&set, libc::SIGTERM) == 1
+        };
+        assert!(!blocked, "the signals are unblocked again");
+    }
+
     #[test]
     fn the_record_round_trips_and_names_every_descriptor() {
         use crate::relay::gate::*;

@@ -150,3 +150,152 @@ fn resumed_pair(record: TcpPairRecord) -> io::Result<ResumedPair> {
         record,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::relay::Relay;
+    use crate::rules::{BackendSpec, NoKernelPath, PathMode, Protocol, RelaySettings, Timeouts};
+
+    fn dup(fd: i32) -> i32 {
+        // SAFETY: duplicates a descriptor the relay holds.
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        assert!(new >= 3, "dup {fd}: {}", io::Error::last_os_error());
+        new
+    }
+
+    /// What an exec would leave the new image: the same open files under
+    /// descriptors the old image's tasks no longer use.
+    fn duplicated(mut record: RelayRecord) -> RelayRecord {
+        let pipe = |p: Option<(i32, i32)>| p.map(|(r, w)| (dup(r), dup(w)));
+        for l in &mut record.listeners {
+            l.fd = dup(l.fd);
+        }
+        for p in &mut record.tcp {
+            (p.client_fd, p.backend_fd) = (dup(p.client_fd), dup(p.backend_fd));
+            (p.up_pipe, p.down_pipe) = (pipe(p.up_pipe), pipe(p.down_pipe));
+        }
+        record
+    }
+
+    fn pattern(i: usize) -> u8 {
+        (i * 7 + i / 251) as u8
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_frozen_pair_goes_on_in_a_new_relay_with_the_bytes_in_its_pipe() {
+        const SIZE: usize = 16 << 20;
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        let go = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let go = go.clone();
+            std::thread::spawn(move || {
+                let (mut conn, _) = backend.accept().unwrap();
+                // Nothing is read until the handover is done: bytes pile
+                // up in the socket buffers and the relay's pipe.
+                while !go.load(Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let mut got = Vec::new();
+                conn.read_to_end(&mut got).unwrap();
+                conn.write_all(b"all read").unwrap();
+                got
+            })
+        };
+        let listener = Listener {
+            rule_id: 0,
+            alias: "handover".into(),
+            protocol: Protocol::Tcp,
+            bind: "127.0.0.1:0".parse().unwrap(),
+            backends: vec![BackendSpec {
+                addr: backend_addr,
+                weight: 1,
+            }],
+            timeouts: Timeouts::default(),
+            path: PathMode::Relay,
+            preserve_client_ip: false,
+            acl: None,
+            proxy: Default::default(),
+            listen_picked: false,
+            health: None,
+        };
+        let settings = RelaySettings::default();
+        let old = Relay::start(&[listener.clone()], settings, Arc::new(NoKernelPath))
+            .await
+            .unwrap();
+        let at = old.local_addrs()[0].1;
+        let client = std::thread::spawn(move || {
+            let mut conn = std::net::TcpStream::connect(at).unwrap();
+            let data: Vec<u8> = (0..SIZE).map(pattern).collect();
+            conn.write_all(&data).unwrap();
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut answer = Vec::new();
+            conn.read_to_end(&mut answer).unwrap();
+            answer
+        });
+        // Wait until the relay is stuck with bytes it took from the client.
+        let moved = || old.counters()[0].bytes_to_backend;
+        let mut last = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = moved();
+            if now > 0 && now == last {
+                break;
+            }
+            last = now;
+        }
+        let record = old.freeze(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(record.listeners.len(), 1);
+        assert_eq!(record.tcp.len(), 1, "{record:?}");
+        let pair = &record.tcp[0];
+        assert!(!pair.up_done && !pair.down_done);
+        let (up_read, _) = pair.up_pipe.expect("a splice pipe");
+        let in_flight = super::super::sys::pipe_bytes(up_read).unwrap();
+        assert!(in_flight > 0, "bytes in the pipe at the handover");
+        assert_eq!(record.listeners[0].counters.bytes_to_backend, last);
+
+        let new = Relay::start_inheriting(
+            &[listener],
+            settings,
+            Arc::new(NoKernelPath),
+            Some(duplicated(record)),
+        )
+        .await
+        .unwrap();
+        // The old relay stays parked, as it would be gone after an exec.
+        assert_eq!(new.local_addrs()[0].1, at, "the same listening socket");
+        // Counted as active once its task runs, not as a new flow.
+        for _ in 0..500 {
+            if new.counters()[0].active == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(new.counters()[0].active, 1);
+        go.store(true, Relaxed);
+        let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(got.len(), SIZE);
+        assert!(
+            got.iter().enumerate().all(|(i, b)| *b == pattern(i)),
+            "intact"
+        );
+        let answer = tokio::task::spawn_blocking(move || client.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(answer, b"all read", "the other direction goes on too");
+        let counters = new.counters();
+        assert_eq!(
+            counters[0].bytes_to_backend, SIZE as u64,
+            "counted once, carried on"
+        );
+        assert_eq!(counters[0].flows, 1);
+    }
+}
