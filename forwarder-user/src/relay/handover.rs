@@ -226,9 +226,13 @@ mod tests {
             health: None,
         };
         let settings = RelaySettings::default();
-        let old = Relay::start(&[listener.clone()], settings, Arc::new(NoKernelPath))
-            .await
-            .unwrap();
+        let old = Relay::start(
+            std::slice::from_ref(&listener),
+            settings,
+            Arc::new(NoKernelPath),
+        )
+        .await
+        .unwrap();
         let at = old.local_addrs()[0].1;
         let client = std::thread::spawn(move || {
             let mut conn = std::net::TcpStream::connect(at).unwrap();
