@@ -16,6 +16,7 @@ use crate::common::harness::{
 use crate::common::traffic::{
     BackendServers, paced_transfer, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket,
 };
+use crate::common::turn::{listener_addr, turn_rules_on};
 use crate::common::{self, Topology};
 use crate::crash::{BpffsAsFound, HOST_BPFFS, assert_nothing_left};
 use crate::reload::udp_stream;
@@ -94,6 +95,8 @@ fn sigusr2_mid_transfer_hands_every_flow_to_the_new_image() {
         "{log}"
     );
     assert!(log.contains("1 tcp pairs, 1 udp sessions"), "{log}");
+    // The pinned TC links got the new program in one step (link update).
+    assert!(log.contains("its link runs our program now"), "{log}");
     assert!(
         kernel_progress.load(Ordering::Relaxed) < SIZE
             && relay_progress.load(Ordering::Relaxed) < SIZE,
@@ -250,4 +253,64 @@ fn forwarder_upgrade_refuses_a_broken_binary_and_takes_a_good_one() {
     assert!(!log.contains("ERROR"), "{log}");
     assert_nothing_left(&topo);
     let _ = std::fs::remove_dir_all(&bin_dir);
+}
+
+#[test]
+fn an_upgrade_gives_the_pinned_xdp_and_tc_links_the_new_programs_in_one_step() {
+    if !common::require_root(
+        "an_upgrade_gives_the_pinned_xdp_and_tc_links_the_new_programs_in_one_step",
+    ) {
+        return;
+    }
+    let _one_at_a_time = HOST_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+    let _bpffs = BpffsAsFound::new();
+    let topo = Topology::new();
+    topo.accept_xdp_redirects();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start_pinning(
+        &topo.forwarder,
+        "upgrade-xdp",
+        &turn_rules_on(&topo, "", "xdp"),
+    );
+    let to = listener_addr(&topo);
+    let udp = in_netns(&topo.client, || udp_socket(to));
+    let mut tcp = in_netns(&topo.client, || tcp_echo_conn(to));
+    let xdp_packets = |daemon: &Daemon| {
+        let status = daemon.status();
+        counter(kernel_rule(&status, "turn-udp", "udp"), "xdp_packets")
+    };
+    for i in 0..100u32 {
+        udp_echo(&udp, &i.to_be_bytes());
+    }
+    tcp_echo_round(&mut tcp, b"before");
+    let before = xdp_packets(&daemon);
+    assert!(before > 0, "XDP carries the flow");
+
+    daemon.signal(libc::SIGUSR2);
+    eventually("the new image is up", || {
+        daemon.log_text().contains("upgrade done")
+    });
+    let log = daemon.log_text();
+    for hook in ["XDP", "TC"] {
+        assert!(
+            log.contains(&format!(
+                "took over the {hook} hook of the previous daemon: its link runs our program now"
+            )),
+            "{hook}: {log}"
+        );
+    }
+    for i in 100..200u32 {
+        udp_echo(&udp, &i.to_be_bytes());
+    }
+    tcp_echo_round(&mut tcp, b"after");
+    let after = xdp_packets(&daemon);
+    assert!(
+        after >= before + 100,
+        "XDP carries it on, counted on: {before} then {after}"
+    );
+    drop(tcp);
+    let log = daemon.stop();
+    assert!(!log.contains("ERROR"), "{log}");
+    assert_nothing_left(&topo);
 }
