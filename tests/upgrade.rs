@@ -129,6 +129,11 @@ fn sigusr2_mid_transfer_hands_every_flow_to_the_new_image() {
         );
     }
 
+    // The new image's kernel path knows the handed-over relay flows.
+    eventually("the relay pair and session in RELAY_FLOWS", || {
+        daemon.status()["kernel"]["relay_flow_entries"].as_u64() == Some(2)
+    });
+
     // New flows after the upgrade are forwarded, on both paths.
     for port in [7001, 7003] {
         let mut conn = in_netns(&topo.client, || tcp_echo_conn(at(port)));

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
 use crate::docker::{self, DiscoveryStatus, ReportLog};
-use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, StartOptions};
+use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, RelayFlows, StartOptions};
 use crate::relay::Relay;
 use crate::reload::{self, ListenKey, Plan, Summary};
 use crate::rules::{Compiled, FlowObserver, NoKernelPath};
@@ -64,43 +64,71 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let loaded = config::load_text_with_containers(&file_text, &opts.config, &[])
         .map_err(RunError::Config)?;
     let compiled = loaded.compiled;
-    let kernel = if opts.relay_only {
-        if let Some((l, why)) = compiled
+    if opts.relay_only
+        && let Some((l, why)) = compiled
             .listeners
             .iter()
             .find_map(|l| Some((l, l.needs_kernel()?)))
             .filter(|(l, _)| l.preserve_client_ip)
-        {
-            return Err(RunError::Fatal(anyhow!(
-                "rule `{}` in {} has {why}: --relay-only cannot carry it",
-                l.alias,
-                opts.config.display()
-            )));
+    {
+        return Err(RunError::Fatal(anyhow!(
+            "rule `{}` in {} has {why}: --relay-only cannot carry it",
+            l.alias,
+            opts.config.display()
+        )));
+    }
+    // An upgrade's relay goes first: its handed-over flows are frozen
+    // until it runs, and the kernel path then finds them in the observer
+    // it is given, so their RELAY_FLOWS entries stay.
+    let early = match inherited.as_mut() {
+        Some(record) => {
+            let flows = Arc::new(RelayFlows::new());
+            let relay = Relay::start_inheriting(
+                &compiled.listeners,
+                compiled.relay,
+                flows.clone(),
+                Some(std::mem::take(&mut record.relay)),
+            )
+            .await?;
+            Some((relay, flows))
         }
+        None => None,
+    };
+    let kernel = if opts.relay_only {
         info!("relay only (--relay-only): the kernel path is not loaded");
         None
     } else {
         // Containers may bring rules the kernel path can take at any time.
-        let successor = inherited.is_some();
-        start_kernel_path(&compiled, &opts, loaded.docker.is_some(), successor).await?
-    };
-    let observer: Arc<dyn FlowObserver> = match &kernel {
-        Some(k) => k.observer(),
-        None => Arc::new(NoKernelPath),
+        let relay_flows = early.as_ref().map(|(_, flows)| flows.clone());
+        let started =
+            start_kernel_path(&compiled, &opts, loaded.docker.is_some(), relay_flows).await;
+        match started {
+            Ok(kernel) => kernel,
+            Err(e) => {
+                if let Some((relay, _)) = early {
+                    relay.shutdown(std::time::Duration::ZERO).await;
+                }
+                return Err(e);
+            }
+        }
     };
     let kernel = kernel.map(Arc::new);
-
-    let relay_record = inherited.as_mut().map(|r| std::mem::take(&mut r.relay));
-    let relay =
-        match Relay::start_inheriting(&compiled.listeners, compiled.relay, observer, relay_record)
-            .await
-        {
-            Ok(relay) => Arc::new(relay),
-            Err(e) => {
-                stop_kernel_path(kernel);
-                return Err(e.into());
+    let relay = match early {
+        Some((relay, _)) => Arc::new(relay),
+        None => {
+            let observer: Arc<dyn FlowObserver> = match &kernel {
+                Some(k) => k.observer(),
+                None => Arc::new(NoKernelPath),
+            };
+            match Relay::start(&compiled.listeners, compiled.relay, observer).await {
+                Ok(relay) => Arc::new(relay),
+                Err(e) => {
+                    stop_kernel_path(kernel);
+                    return Err(e.into());
+                }
             }
-        };
+        }
+    };
     start_health_checks(&relay, kernel.as_ref(), &compiled);
     let control = match inherited.as_mut().and_then(|r| r.control.take()) {
         Some(fd) => crate::relay::gate::own_fd(fd)
@@ -724,7 +752,9 @@ async fn start_kernel_path(
     compiled: &Compiled,
     opts: &RunOptions,
     docker: bool,
-    successor: bool,
+    // The relay's flows when an upgrade's relay started first; also marks
+    // this image as the exec'd successor of the one that pinned the kernel path.
+    relay_flows: Option<Arc<RelayFlows>>,
 ) -> Result<Option<KernelPath>, RunError> {
     if !docker
         && compiled
@@ -743,7 +773,8 @@ async fn start_kernel_path(
     let options = StartOptions {
         config_file: Some(opts.config.display().to_string()),
         pin: true,
-        successor,
+        successor: relay_flows.is_some(),
+        relay_flows,
         ..StartOptions::default()
     };
     match KernelPath::start_with(compiled, &options).await {
