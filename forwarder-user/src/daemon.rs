@@ -90,7 +90,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 Some(std::mem::take(&mut record.relay)),
             )
             .await?;
-            Some((relay, flows))
+            let frozen_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
+            info!(
+                frozen_ms,
+                "relay carries on: it was frozen for {frozen_ms} ms"
+            );
+            Some((relay, flows, frozen_ms))
         }
         None => None,
     };
@@ -99,13 +104,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         None
     } else {
         // Containers may bring rules the kernel path can take at any time.
-        let relay_flows = early.as_ref().map(|(_, flows)| flows.clone());
+        let relay_flows = early.as_ref().map(|(_, flows, _)| flows.clone());
         let started =
             start_kernel_path(&compiled, &opts, loaded.docker.is_some(), relay_flows).await;
         match started {
             Ok(kernel) => kernel,
             Err(e) => {
-                if let Some((relay, _)) = early {
+                if let Some((relay, _, _)) = early {
                     relay.shutdown(std::time::Duration::ZERO).await;
                 }
                 return Err(e);
@@ -113,8 +118,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
     };
     let kernel = kernel.map(Arc::new);
+    let frozen_ms = early.as_ref().map_or(0, |(_, _, ms)| *ms);
     let relay = match early {
-        Some((relay, _)) => Arc::new(relay),
+        Some((relay, _, _)) => Arc::new(relay),
         None => {
             let observer: Arc<dyn FlowObserver> = match &kernel {
                 Some(k) => k.observer(),
@@ -206,7 +212,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         let took_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
         info!(
             took_ms,
-            "upgrade done: the relay was frozen for {took_ms} ms"
+            frozen_ms, "upgrade done: the new image runs everything {took_ms} ms after the freeze"
         );
         if let Some(fd) = record.requester {
             answer_upgrade(
@@ -216,6 +222,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                     "pid": std::process::id(),
                     "version": env!("CARGO_PKG_VERSION"),
                     "from_version": record.from_version,
+                    "frozen_ms": frozen_ms,
                     "took_ms": took_ms,
                 }),
             );

@@ -340,10 +340,12 @@ fn upgrade(control: &std::path::Path) -> ExitCode {
     match answer["outcome"].as_str() {
         Some("upgraded") => {
             println!(
-                "upgraded in place: pid {}, version {} (was {}), relay frozen for {} ms",
+                "upgraded in place: pid {}, version {} (was {}), relay frozen for {} ms, all \
+                 running after {} ms",
                 answer["pid"],
                 answer["version"].as_str().unwrap_or("?"),
                 answer["from_version"].as_str().unwrap_or("?"),
+                answer["frozen_ms"],
                 answer["took_ms"]
             );
             ExitCode::SUCCESS

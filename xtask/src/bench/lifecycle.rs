@@ -314,7 +314,7 @@ pub fn run(bin: &Path, dir: &Path) -> Result<String> {
          | `forwarder reload`, {} rules changed | {} |\n\
          | `forwarder reload`, nothing changed | {} |\n\
          | `forwarder upgrade` (check, freeze, exec, new image answering) | {} |\n\
-         | of which the relay was frozen (freeze to new image up) | {} |\n\n\
+         | of which the relay was frozen (freeze to the new image's relay running) | {} |\n\n\
          | datagrams/s | window | lost |\n|---:|---|---:|\n{rows}",
         WINDOW.as_secs(),
         start_time.as_millis(),
