@@ -4,6 +4,7 @@
 //! crash tests' do, and share their bpffs lock.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,11 +14,12 @@ use crate::common::harness::{
     Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, relay_rule, reserved_ports,
     spawn_in,
 };
+use crate::common::seccomp::fail_syscall;
 use crate::common::traffic::{
     BackendServers, paced_transfer, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket,
 };
 use crate::common::turn::{listener_addr, turn_rules_on};
-use crate::common::{self, Topology};
+use crate::common::{self, Netns, Topology};
 use crate::crash::{BpffsAsFound, HOST_BPFFS, assert_nothing_left};
 use crate::reload::udp_stream;
 
@@ -318,4 +320,61 @@ fn an_upgrade_gives_the_pinned_xdp_and_tc_links_the_new_programs_in_one_step() {
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
     assert_nothing_left(&topo);
+}
+
+#[test]
+fn where_splice_is_refused_the_buffered_copy_is_handed_over_with_nothing_held() {
+    if !common::require_root(
+        "where_splice_is_refused_the_buffered_copy_is_handed_over_with_nothing_held",
+    ) {
+        return;
+    }
+    let ns = Netns::new("upg-buf");
+    let _servers = BackendServers::start(&ns);
+    let yaml = "routes:\n  bulk: {scheme: tcp, bind: 127.0.0.1, port: 7878:3478}\n";
+    // The filter goes through the exec with the process: both images copy
+    // through a buffer.
+    let daemon = Daemon::start_with(
+        &ns,
+        "upgrade-nosplice",
+        yaml,
+        "info,forwarder=debug",
+        |cmd| {
+            cmd.arg("--relay-only");
+            // SAFETY: only async-signal-safe calls (prctl) between fork and exec.
+            unsafe { cmd.pre_exec(|| fail_syscall(libc::SYS_splice, libc::EINVAL)) };
+        },
+    );
+    let pid = daemon.status()["pid"].as_u64();
+    const SIZE: u64 = 128 << 20;
+    let progress = Arc::new(AtomicU64::new(0));
+    let transfer = {
+        let progress = progress.clone();
+        let to = SocketAddr::from(([127, 0, 0, 1], 7878));
+        spawn_in(&ns, move || paced_transfer(to, SIZE, progress))
+    };
+    eventually("a quarter of the transfer sent", || {
+        progress.load(Ordering::Relaxed) >= SIZE / 4
+    });
+    daemon.signal(libc::SIGUSR2);
+    eventually("the new image is up", || {
+        daemon.log_text().contains("upgrade done")
+    });
+    assert!(
+        progress.load(Ordering::Relaxed) < SIZE,
+        "the transfer ended before the upgrade"
+    );
+    let (sent, received) = transfer.join().expect("the transfer");
+    assert_eq!(sent, received, "SHA-256 of the 128 MiB at the backend");
+    assert_eq!(daemon.status()["pid"].as_u64(), pid);
+    let log = daemon.stop();
+    let after = log
+        .split("upgraded in place from")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no upgrade:\n{log}"));
+    assert!(after.contains("1 tcp pairs"), "{log}");
+    assert!(
+        after.contains("splice refused for this flow; copying through a buffer"),
+        "the new image copied through a buffer too:\n{log}"
+    );
 }
