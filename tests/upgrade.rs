@@ -322,6 +322,36 @@ fn an_upgrade_gives_the_pinned_xdp_and_tc_links_the_new_programs_in_one_step() {
     assert_nothing_left(&topo);
 }
 
+/// One `H` transfer (as the backend servers take it: `H`, a length, the
+/// bytes; answered with their SHA-256), read slower than the client sends:
+/// the relay's writes to it wait often, with bytes in the buffer.
+fn slow_hashing_backend(ns: &Netns, port: u16) -> std::thread::JoinHandle<()> {
+    use sha2::{Digest, Sha256};
+    use std::io::{Read, Write};
+    let (ready, up) = std::sync::mpsc::channel();
+    let thread = spawn_in(ns, move || {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        ready.send(()).unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = [0u8; 9];
+        conn.read_exact(&mut head).unwrap();
+        let mut left = u64::from_be_bytes(head[1..].try_into().unwrap());
+        let mut hash = Sha256::new();
+        const CHUNK: usize = 64 << 10;
+        let mut buf = vec![0u8; CHUNK];
+        while left > 0 {
+            let n = conn.read(&mut buf[..CHUNK.min(left as usize)]).unwrap();
+            assert!(n > 0, "the stream ended {left} bytes early");
+            hash.update(&buf[..n]);
+            left -= n as u64;
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        conn.write_all(&hash.finalize()).unwrap();
+    });
+    up.recv_timeout(WAIT).expect("the backend listens");
+    thread
+}
+
 #[test]
 fn where_splice_is_refused_the_buffered_copy_is_handed_over_with_nothing_held() {
     if !common::require_root(
@@ -330,8 +360,8 @@ fn where_splice_is_refused_the_buffered_copy_is_handed_over_with_nothing_held() 
         return;
     }
     let ns = Netns::new("upg-buf");
-    let _servers = BackendServers::start(&ns);
-    let yaml = "routes:\n  bulk: {scheme: tcp, bind: 127.0.0.1, port: 7878:3478}\n";
+    let backend = slow_hashing_backend(&ns, 3479);
+    let yaml = "routes:\n  bulk: {scheme: tcp, bind: 127.0.0.1, port: 7878:3479}\n";
     // The filter goes through the exec with the process: both images copy
     // through a buffer.
     let daemon = Daemon::start_with(
@@ -366,6 +396,7 @@ fn where_splice_is_refused_the_buffered_copy_is_handed_over_with_nothing_held() 
     );
     let (sent, received) = transfer.join().expect("the transfer");
     assert_eq!(sent, received, "SHA-256 of the 128 MiB at the backend");
+    backend.join().unwrap();
     assert_eq!(daemon.status()["pid"].as_u64(), pid);
     let log = daemon.stop();
     let after = log
