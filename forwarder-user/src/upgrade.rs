@@ -100,10 +100,37 @@ pub fn unblock_signals() {
 
 static START_PATH: OnceLock<Option<PathBuf>> = OnceLock::new();
 
-/// Remembers the path this binary was started from (before anyone can
-/// replace the file there).
+/// Remembers the path this binary was started from, as it was named
+/// (`argv[0]`, made absolute, or found on `PATH`): a symlink there that
+/// is moved to a new version is followed at the upgrade, not resolved now.
 pub fn remember_start_path() {
-    START_PATH.get_or_init(|| std::env::current_exe().ok());
+    START_PATH.get_or_init(|| {
+        let argv0 = std::env::args_os().next()?;
+        let cwd = std::env::current_dir().ok();
+        start_path_of(&argv0, cwd.as_deref(), std::env::var_os("PATH").as_deref())
+            .or_else(|| std::env::current_exe().ok())
+    });
+}
+
+fn start_path_of(
+    argv0: &std::ffi::OsStr,
+    cwd: Option<&Path>,
+    path_var: Option<&std::ffi::OsStr>,
+) -> Option<PathBuf> {
+    let named = Path::new(argv0);
+    if argv0.as_bytes().contains(&b'/') {
+        return Some(match named.is_absolute() {
+            true => named.to_path_buf(),
+            false => cwd?.join(named),
+        });
+    }
+    let executable = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    std::env::split_paths(path_var?)
+        .map(|dir| dir.join(named))
+        .find(|candidate| executable(candidate))
 }
 
 fn start_path() -> Result<PathBuf, String> {
@@ -264,6 +291,38 @@ pub fn inherited() -> anyhow::Result<Option<Record>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_path_is_argv0_as_named() {
+        let os = |s: &str| OsString::from(s);
+        assert_eq!(
+            start_path_of(&os("/usr/local/bin/forwarder"), None, None),
+            Some(PathBuf::from("/usr/local/bin/forwarder"))
+        );
+        assert_eq!(
+            start_path_of(&os("bin/forwarder"), Some(Path::new("/opt")), None),
+            Some(PathBuf::from("/opt/bin/forwarder"))
+        );
+        let dir = std::env::temp_dir().join(format!("forwarder-path-test-{}", std::process::id()));
+        let (empty, full) = (dir.join("empty"), dir.join("full"));
+        std::fs::create_dir_all(&empty).unwrap();
+        std::fs::create_dir_all(&full).unwrap();
+        let bin = full.join("forwarder");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        let path = std::env::join_paths([&empty, &full]).unwrap();
+        assert_eq!(
+            start_path_of(&os("forwarder"), None, Some(&path)),
+            None,
+            "not executable"
+        );
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        assert_eq!(
+            start_path_of(&os("forwarder"), None, Some(&path)),
+            Some(bin)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn cloexec(fd: RawFd) -> bool {
         // SAFETY: F_GETFD only inspects it.
