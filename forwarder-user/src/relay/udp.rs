@@ -513,7 +513,7 @@ async fn replies(
     rule: Arc<RuleCtx>,
     guard: FlowGuard,
     key: SessionKey,
-    _ticket: Ticket,
+    ticket: Ticket,
 ) -> SessionKey {
     let _guard = guard;
     // Replies the listener socket had no room for, kept in order.
@@ -522,8 +522,8 @@ async fn replies(
         // Here `spill` is empty: a safe point to park for an upgrade.
         let ready = tokio::select! {
             ready = session.upstream.ready(Interest::READABLE | Interest::ERROR) => ready,
-            () = gate_closing(&_ticket) => {
-                _ticket.gate().park().await;
+            () = ticket.gate().closing() => {
+                ticket.gate().park().await;
                 continue;
             }
         };
@@ -547,10 +547,6 @@ async fn replies(
             send_spill(&mut spill, &session, &listener, &rule).await;
         }
     }
-}
-
-async fn gate_closing(ticket: &Ticket) {
-    ticket.gate().closing().await
 }
 
 /// An ICMP error on the session's socket (with no datagram to read, it
