@@ -37,3 +37,4 @@ mod relay_tcp;
 mod relay_udp;
 mod reload;
 mod status_view;
+mod upgrade;
