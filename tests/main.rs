@@ -38,3 +38,4 @@ mod relay_tcp;
 mod relay_udp;
 mod reload;
 mod status_view;
+mod upgrade;

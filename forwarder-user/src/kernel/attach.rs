@@ -8,6 +8,7 @@
 //! mode the driver chooses. [`Attached`] remembers everything it did, so
 //! that detaching (explicit or on drop) leaves nothing of ours behind.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use aya::Ebpf;
@@ -129,12 +130,29 @@ impl Attached {
                 .map(|dir| pins::link_path(dir, hook, ifindex))
         };
         let (xdp_pin, tc_pin, egress_pin) = (pin("xdp"), pin("tc"), pin("tc-egress"));
+        let mut xdp_replaced = false;
         if let Some(path) = &xdp_pin {
-            // One XDP program per interface: a dead daemon's goes first;
-            // TC carries its flows meanwhile.
-            pins::detach_pinned(path)?;
+            // A previous daemon's XDP link (an upgrade, a crash) gets our
+            // program in one step; otherwise it goes first (one XDP
+            // program per interface) and TC carries its flows meanwhile.
+            if with_xdp && path.exists() {
+                let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
+                match super::links::replace_program(path, xdp.fd()?.as_fd()) {
+                    Ok(pinned) => {
+                        on.xdp_pinned = Some(pinned);
+                        xdp_replaced = true;
+                        tracing::info!(interface = %name, "took over the XDP hook of the previous daemon: its link runs our program now");
+                    }
+                    Err(e) => {
+                        tracing::debug!(interface = %name, "cannot update the pinned XDP link: {e:#}")
+                    }
+                }
+            }
+            if !xdp_replaced {
+                pins::detach_pinned(path)?;
+            }
         }
-        if with_xdp {
+        if with_xdp && !xdp_replaced {
             let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
             let id = xdp
                 .attach_to_if_index(ifindex, XdpMode::default())
@@ -162,14 +180,32 @@ impl Attached {
             (TC_EGRESS_PROGRAM, TcAttachType::Egress, &egress_pin),
         ];
         for (program_name, hook, pin_path) in hooks {
+            let tc: &mut SchedClassifier = program(ebpf, program_name)?.try_into()?;
+            let (slot, pinned) = match hook {
+                TcAttachType::Egress => (&mut on.tc_egress, &mut on.tc_egress_pinned),
+                _ => (&mut on.tc, &mut on.tc_pinned),
+            };
+            // A previous daemon's link (an upgrade, a crash) gets our
+            // program in one step.
+            if tcx && let Some(path) = pin_path.as_ref().filter(|p| p.exists()) {
+                match super::links::replace_program(path, tc.fd()?.as_fd()) {
+                    Ok(link) => {
+                        *pinned = Some(link);
+                        tracing::info!(interface = %name, "took over the TC {hook:?} hook of the previous daemon: its link runs our program now");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(interface = %name, "cannot update the pinned TC {hook:?} link: {e:#}")
+                    }
+                }
+            }
             if let (TcAttachType::Egress, Some(path)) = (hook, pin_path) {
                 // Two of our egress programs in a row would not know each
-                // other's packets (the first clears the mark): the dead
+                // other's packets (the first clears the mark): the previous
                 // daemon's goes first. Host packets of that moment are not
                 // noted; new kernel flows still are.
                 pins::detach_pinned(path)?;
             }
-            let tc: &mut SchedClassifier = program(ebpf, program_name)?.try_into()?;
             let options = if tcx {
                 TcAttachOptions::TcxOrder(LinkOrder::default())
             } else {
@@ -178,10 +214,6 @@ impl Attached {
             let id = tc
                 .attach_with_options(&name, hook, options)
                 .map_err(|e| anyhow::anyhow!("cannot attach TC {hook:?} to {name}: {e}"))?;
-            let (slot, pinned) = match hook {
-                TcAttachType::Egress => (&mut on.tc_egress, &mut on.tc_egress_pinned),
-                _ => (&mut on.tc, &mut on.tc_pinned),
-            };
             match pin_path {
                 // A netlink filter is no link: it cannot be pinned.
                 Some(path) if tcx => {
