@@ -181,9 +181,9 @@ impl Attached {
         ];
         for (program_name, hook, pin_path) in hooks {
             let tc: &mut SchedClassifier = program(ebpf, program_name)?.try_into()?;
-            let (slot, pinned) = match hook {
-                TcAttachType::Egress => (&mut on.tc_egress, &mut on.tc_egress_pinned),
-                _ => (&mut on.tc, &mut on.tc_pinned),
+            let (slot, pinned, label) = match hook {
+                TcAttachType::Egress => (&mut on.tc_egress, &mut on.tc_egress_pinned, "TC egress"),
+                _ => (&mut on.tc, &mut on.tc_pinned, "TC"),
             };
             // A previous daemon's link (an upgrade, a crash) gets our
             // program in one step.
@@ -191,11 +191,11 @@ impl Attached {
                 match super::links::replace_program(path, tc.fd()?.as_fd()) {
                     Ok(link) => {
                         *pinned = Some(link);
-                        tracing::info!(interface = %name, "took over the TC {hook:?} hook of the previous daemon: its link runs our program now");
+                        tracing::info!(interface = %name, "took over the {label} hook of the previous daemon: its link runs our program now");
                         continue;
                     }
                     Err(e) => {
-                        tracing::debug!(interface = %name, "cannot update the pinned TC {hook:?} link: {e:#}")
+                        tracing::debug!(interface = %name, "cannot update the pinned {label} link: {e:#}")
                     }
                 }
             }
@@ -220,7 +220,7 @@ impl Attached {
                     let link = FdLink::try_from(tc.take_link(id)?)?;
                     // Ours runs now; the dead daemon's link can go.
                     if pins::detach_pinned(path)? {
-                        tracing::info!(interface = %name, "took over the TC {hook:?} hook of the previous daemon");
+                        tracing::info!(interface = %name, "took over the {label} hook of the previous daemon");
                     }
                     *pinned = Some(pins::pin_link(link, path)?);
                 }
