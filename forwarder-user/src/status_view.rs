@@ -208,6 +208,7 @@ pub fn kernel_path_counts(k: &Value) -> PathCounts {
         ("icmp_translated", "ICMP errors passed on"),
         ("icmp_sent", "ICMP errors sent"),
         ("acl_denied", "denied by the ACL"),
+        ("unanswered_taken_over", "unanswered flows' ports taken"),
     ] {
         if let Some(n) = k[key].as_u64().filter(|n| *n > 0) {
             notes.push(format!("{what}: {}", count(n)));

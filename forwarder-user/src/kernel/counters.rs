@@ -53,6 +53,9 @@ pub struct KernelRuleCounters {
     /// New flows' first packets (TCP SYN, UDP datagram) the ACL denied:
     /// dropped, or a SYN reset.
     pub acl_denied: u64,
+    /// New flows that took the SNAT port of an unanswered UDP flow quiet
+    /// for a second, when no port toward the backend was free.
+    pub unanswered_taken_over: u64,
 }
 
 impl KernelRuleCounters {
@@ -70,6 +73,7 @@ impl KernelRuleCounters {
             icmp_translated,
             icmp_sent,
             acl_denied,
+            unanswered_taken_over,
         } = *sum;
         KernelRuleCounters {
             rule_id: listener.rule_id,
@@ -87,6 +91,7 @@ impl KernelRuleCounters {
             icmp_translated,
             icmp_sent,
             acl_denied,
+            unanswered_taken_over,
         }
     }
 }
