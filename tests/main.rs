@@ -35,3 +35,4 @@ mod relay_tcp;
 mod relay_udp;
 mod reload;
 mod status_view;
+mod udp_flood;
