@@ -328,7 +328,8 @@ fn a_full_conntrack_table_leaves_new_flows_to_the_relay_and_spares_its_flows() {
     eventually("the flood at the backend", || {
         backend.flood_received() == u64::from(FLOWS)
     });
-    let (k, r, _) = counts(&daemon);
+    let (k, r, kernel) = counts(&daemon);
+    assert_eq!(kernel["conntrack_capacity"].as_u64(), Some(ENTRIES / 2));
     // Two entries a flow: the table holds ENTRIES / 2 flows, the resident's
     // among them; the rest went to the relay, each a session of its own.
     assert_eq!(counter(&k, "flows"), ENTRIES / 2, "{k}");
