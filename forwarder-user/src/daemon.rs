@@ -13,12 +13,13 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{Context, anyhow, bail};
 use forwarder_common::RULE_F_RELAY;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
 use crate::docker::{self, DiscoveryStatus, ReportLog};
 use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, StartOptions};
+use crate::privileges;
 use crate::relay::Relay;
 use crate::reload::{self, Plan, Summary};
 use crate::rules::{Compiled, FlowObserver, NoKernelPath};
@@ -139,14 +140,22 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     };
     let control_task = tokio::spawn(async move { control.serve(handlers).await });
     let names_task = tokio::spawn(follow_names(daemon.clone()));
-    info!(
-        rules,
-        kernel_path = daemon.kernel.is_some(),
-        control = %opts.control.display(),
-        "forwarder running"
-    );
+    // Set-up is done: every thread keeps only what reloads, the relay and
+    // the stop still use. A daemon that cannot drop stops.
+    let keep = privileges::needed_after_setup(daemon.kernel.is_some());
+    let dropped = privileges::drop_to(keep);
+    match &dropped {
+        Ok(()) => info!(
+            rules,
+            kernel_path = daemon.kernel.is_some(),
+            control = %opts.control.display(),
+            capabilities = %privileges::names(keep).join(","),
+            "forwarder running"
+        ),
+        Err(e) => error!("cannot drop capabilities: {e:#}; stopping"),
+    }
 
-    loop {
+    while dropped.is_ok() {
         match signals.next().await {
             Signal::Stop(name) => {
                 info!("{name}");
@@ -182,6 +191,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         Arc::try_unwrap(daemon.relay).map_err(|_| anyhow!("the relay is still shared at stop"))?;
     relay.shutdown(drain).await;
     stop_kernel_path(daemon.kernel);
+    dropped.map_err(|e| anyhow!("cannot drop capabilities: {e:#}"))?;
     info!("stopped");
     Ok(())
 }
