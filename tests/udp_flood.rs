@@ -213,6 +213,46 @@ fn counts(daemon: &Daemon) -> (serde_json::Value, serde_json::Value, serde_json:
     )
 }
 
+/// A daemon on [`rules`] with `kernel` settings, a client it answered
+/// before the flood, and `flows` flood flows sent and all accounted for:
+/// each a kernel flow or the relay's, each at the backend.
+struct Flooded {
+    topo: Topology,
+    backend: Backend,
+    daemon: Daemon,
+    resident: UdpSocket,
+    to: SocketAddr,
+}
+
+fn flooded(name: &str, kernel: &str, flows: u32) -> Flooded {
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let backend = Backend::start(&topo);
+    let daemon = Daemon::start(&topo.forwarder, name, &rules(&topo, kernel));
+    let to = SocketAddr::from((topo.forwarder_addr(), LISTEN_PORT));
+    // A client answered before the flood: its flow must never be taken.
+    let resident = in_netns(&topo.client, || {
+        let s = udp_socket(to);
+        udp_echo(&s, b"legit resident");
+        s
+    });
+    flood(&topo, to, flows);
+    eventually("the flood counted", || {
+        let (k, _, _) = counts(&daemon);
+        counter(&k, "flows") + counter(&k, "fallback_full") == 1 + u64::from(flows)
+    });
+    eventually("the flood at the backend", || {
+        backend.flood_received() == u64::from(flows)
+    });
+    Flooded {
+        topo,
+        backend,
+        daemon,
+        resident,
+        to,
+    }
+}
+
 #[test]
 fn a_udp_flood_leaves_the_kernel_path_to_legitimate_clients() {
     if !require_root("a_udp_flood_leaves_the_kernel_path_to_legitimate_clients") {
@@ -220,28 +260,13 @@ fn a_udp_flood_leaves_the_kernel_path_to_legitimate_clients() {
     }
     const FLOWS: u32 = 20_000;
     const LEGIT_FLOWS: u64 = 100;
-    let topo = Topology::new();
-    forwarding_on(&topo);
-    let backend = Backend::start(&topo);
-    let daemon = Daemon::start(&topo.forwarder, "udp-flood", &rules(&topo, ""));
-    let to = SocketAddr::from((topo.forwarder_addr(), LISTEN_PORT));
-
-    // A client answered before the flood: its flow must never be taken.
-    let resident = in_netns(&topo.client, || {
-        let s = udp_socket(to);
-        udp_echo(&s, b"legit resident");
-        s
-    });
-
-    flood(&topo, to, FLOWS);
-    // Every datagram is accounted for: a kernel flow or the relay's.
-    eventually("the flood counted", || {
-        let (k, _, _) = counts(&daemon);
-        counter(&k, "flows") + counter(&k, "fallback_full") == 1 + u64::from(FLOWS)
-    });
-    eventually("the flood at the backend", || {
-        backend.flood_received() == u64::from(FLOWS)
-    });
+    let Flooded {
+        topo,
+        backend: _backend,
+        daemon,
+        resident,
+        to,
+    } = flooded("udp-flood", "", FLOWS);
     let (k, r, _) = counts(&daemon);
     assert_eq!(counter(&k, "fallback_other"), 0, "{k}");
     assert_eq!(counter(&k, "dropped"), 0, "{k}");
@@ -251,8 +276,9 @@ fn a_udp_flood_leaves_the_kernel_path_to_legitimate_clients() {
         1 + u64::from(FLOWS),
         "kernel {k}, relay {r}"
     );
-    // The flood fills the backend's range: fewer ports than flows are
-    // left, and what one more flow finds is decided by the takeover.
+    // The flood fills most of the backend's range; 64 random probes then
+    // mostly miss the few free ports (without the takeover, 69 of the 100
+    // clients below went to the relay).
     assert!(
         counter(&k, "flows") > 19_000,
         "the flood took the range: {k}"
@@ -305,29 +331,17 @@ fn a_full_conntrack_table_leaves_new_flows_to_the_relay_and_spares_its_flows() {
     }
     const FLOWS: u32 = 1_000;
     const ENTRIES: u64 = 256;
-    let topo = Topology::new();
-    forwarding_on(&topo);
-    let backend = Backend::start(&topo);
-    let daemon = Daemon::start(
-        &topo.forwarder,
+    let Flooded {
+        topo,
+        backend: _backend,
+        daemon,
+        resident,
+        to,
+    } = flooded(
         "conntrack-full",
-        &rules(&topo, &format!("kernel: {{conntrack_size: {ENTRIES}}}\n")),
+        &format!("kernel: {{conntrack_size: {ENTRIES}}}\n"),
+        FLOWS,
     );
-    let to = SocketAddr::from((topo.forwarder_addr(), LISTEN_PORT));
-    let resident = in_netns(&topo.client, || {
-        let s = udp_socket(to);
-        udp_echo(&s, b"legit resident");
-        s
-    });
-
-    flood(&topo, to, FLOWS);
-    eventually("the flood counted", || {
-        let (k, _, _) = counts(&daemon);
-        counter(&k, "flows") + counter(&k, "fallback_full") == 1 + u64::from(FLOWS)
-    });
-    eventually("the flood at the backend", || {
-        backend.flood_received() == u64::from(FLOWS)
-    });
     let (k, r, kernel) = counts(&daemon);
     assert_eq!(kernel["conntrack_capacity"].as_u64(), Some(ENTRIES / 2));
     // Two entries a flow: the table holds ENTRIES / 2 flows, the resident's

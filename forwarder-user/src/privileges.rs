@@ -145,12 +145,17 @@ fn drop_this_thread() -> Result<(), i32> {
     let keep = KEEP.load(Ordering::Relaxed);
     if DROP_BOUNDING.load(Ordering::Relaxed) {
         for cap in 0..=LAST_CAP.load(Ordering::Relaxed) {
-            if keep & 1 << cap == 0 {
-                // SAFETY: prctl with integer arguments.
-                if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0
-                {
-                    return Err(errno());
-                }
+            let bit = cap as libc::c_ulong;
+            // A thread signalled again (its first drop was slow to show)
+            // has no CAP_SETPCAP left, and nothing left to drop.
+            // SAFETY: prctl with integer arguments.
+            let held = unsafe { libc::prctl(libc::PR_CAPBSET_READ, bit, 0, 0, 0) } == 1;
+            // SAFETY: as above.
+            if keep & 1 << cap == 0
+                && held
+                && unsafe { libc::prctl(libc::PR_CAPBSET_DROP, bit, 0, 0, 0) } != 0
+            {
+                return Err(errno());
             }
         }
     }
@@ -239,7 +244,7 @@ pub fn drop_to(keep: u64) -> anyhow::Result<()> {
     // SAFETY: system calls without arguments.
     let pid = unsafe { libc::getpid() };
     let deadline = Instant::now() + DROP_WAIT;
-    loop {
+    for round in 0.. {
         let pending = privileged_threads(keep, setpcap)?;
         if pending.is_empty() {
             return Ok(());
@@ -250,13 +255,18 @@ pub fn drop_to(keep: u64) -> anyhow::Result<()> {
         if Instant::now() > deadline {
             bail!("threads {pending:?} kept their capabilities after {DROP_WAIT:?}");
         }
-        for tid in pending {
-            // SAFETY: signals a thread of this process; a thread gone
-            // meanwhile (ESRCH) is no longer privileged.
-            unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, drop_signal()) };
+        // Again every 50 ms: a busy thread may take a while to run its
+        // handler, and a thread may have started meanwhile.
+        if round % 25 == 0 {
+            for tid in pending {
+                // SAFETY: signals a thread of this process; a thread gone
+                // meanwhile (ESRCH) is no longer privileged.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, drop_signal()) };
+            }
         }
         std::thread::sleep(Duration::from_millis(2));
     }
+    unreachable!("the loop returns")
 }
 
 /// The threads of this process that hold more than `keep`.
@@ -341,5 +351,29 @@ mod tests {
             assert!(!more.within(keep, true), "{more:?}");
         }
         assert_eq!(ThreadCaps::parse("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_thread_told_twice_drops_once_and_is_done() {
+        let setpcap = this_thread().unwrap()[0].effective & 1 << CAP_SETPCAP != 0;
+        if !setpcap {
+            eprintln!("skipped: needs CAP_SETPCAP (root)");
+            return;
+        }
+        let keep = needed_after_setup(true);
+        KEEP.store(keep, Ordering::Relaxed);
+        LAST_CAP.store(40, Ordering::Relaxed);
+        DROP_BOUNDING.store(true, Ordering::Relaxed);
+        // On a thread of its own: capabilities are per thread.
+        std::thread::spawn(move || {
+            assert_eq!(drop_this_thread(), Ok(()));
+            assert_eq!(drop_this_thread(), Ok(()), "the second time");
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            let caps = ThreadCaps::parse(&status).unwrap();
+            assert!(caps.within(keep, true), "{caps:?}");
+            assert_eq!(caps.effective & 1 << CAP_SYS_ADMIN, 0);
+        })
+        .join()
+        .unwrap();
     }
 }
