@@ -3,6 +3,7 @@
 //! privileged port and a clean stop still work.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use crate::common::harness::{
@@ -46,6 +47,29 @@ fn thread_privileges(pid: u64) -> Vec<(String, String, u64)> {
     out
 }
 
+/// The capabilities systemd gives the daemon: `CapabilityBoundingSet` of
+/// dist/forwarder.service, as a mask.
+fn unit_capabilities() -> u64 {
+    let unit = include_str!("../dist/forwarder.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("CapabilityBoundingSet in the unit");
+    line.split_whitespace()
+        .map(|name| match name {
+            "CAP_SETPCAP" => 8,
+            "CAP_NET_BIND_SERVICE" => 10,
+            "CAP_NET_ADMIN" => 12,
+            "CAP_NET_RAW" => 13,
+            "CAP_SYS_ADMIN" => 21,
+            "CAP_SYS_RESOURCE" => 24,
+            "CAP_PERFMON" => 38,
+            "CAP_BPF" => 39,
+            other => panic!("a capability this test does not know: {other}"),
+        })
+        .fold(0, |mask, cap: u32| mask | 1 << cap)
+}
+
 /// What the daemon may keep: [`KEPT`], less what it never had (this host's
 /// root may lack some; the daemon starts with the test's own set).
 fn kept_here() -> u64 {
@@ -57,8 +81,8 @@ fn kept_here() -> u64 {
 /// Every thread holds exactly what it may keep (effective, permitted,
 /// bounding), nothing inheritable or ambient, and has no_new_privs.
 /// Returns how many threads there are.
-fn assert_dropped(pid: u64) -> usize {
-    let kept = kept_here();
+fn assert_dropped(pid: u64, started_with: u64) -> usize {
+    let kept = kept_here() & started_with;
     assert_ne!(kept & 1 << 12, 0, "the test runs with CAP_NET_ADMIN");
     let fields = thread_privileges(pid);
     let mut threads: Vec<&str> = fields.iter().map(|(t, _, _)| t.as_str()).collect();
@@ -89,7 +113,7 @@ fn every_thread_keeps_only_the_capabilities_the_running_daemon_needs() {
     let programs = our_programs(&topo, false);
     let pid = daemon.status()["pid"].as_u64().expect("the daemon's pid");
     // The runtime's workers exist from the start: more than one thread.
-    let threads = assert_dropped(pid);
+    let threads = assert_dropped(pid, u64::MAX);
     assert!(threads >= 3, "{threads} threads");
 
     // A reload adds rules on a privileged port, on both paths' sockets.
@@ -117,9 +141,60 @@ fn every_thread_keeps_only_the_capabilities_the_running_daemon_needs() {
         assert_eq!(counter(k, "flows"), 1, "{alias}/{protocol}: {k}");
     }
     // Threads started since (the blocking pool) hold no more either.
-    assert_dropped(pid);
+    assert_dropped(pid, u64::MAX);
 
     // A clean stop still detaches, unpins and restores the reserved ports.
+    daemon.stop();
+    assert_nothing_left(&topo, &programs, &reserved_before);
+}
+
+#[test]
+fn the_units_capabilities_are_enough_to_set_up_and_run_the_kernel_path() {
+    if !require_root("the_units_capabilities_are_enough_to_set_up_and_run_the_kernel_path") {
+        return;
+    }
+    let unit = unit_capabilities();
+    assert_eq!(
+        unit & KEPT,
+        KEPT,
+        "the unit lets the daemon keep what it needs"
+    );
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let reserved_before = reserved_ports(&topo.forwarder);
+    // As systemd starts it: root, with the unit's bounding set, which is
+    // all root gets at exec.
+    let daemon = Daemon::start_with(
+        &topo.forwarder,
+        "unit-capabilities",
+        &turn_rules(&topo, ""),
+        "info",
+        move |cmd| {
+            // SAFETY: only prctl between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for cap in 0..64u64 {
+                        if unit & 1 << cap == 0 {
+                            // Past the kernel's last capability: EINVAL, nothing to drop.
+                            libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+                        }
+                    }
+                    Ok(())
+                })
+            };
+        },
+    );
+    let programs = our_programs(&topo, false);
+    let status = daemon.status();
+    assert_eq!(status["kernel_path"], true, "{status}");
+    let pid = status["pid"].as_u64().expect("the daemon's pid");
+    assert_dropped(pid, unit);
+    in_netns(&topo.client, || {
+        udp_echo(&udp_socket(listener_addr(&topo)), b"through the kernel");
+    });
+    let k = kernel_rule(&daemon.status(), "turn-udp", "udp").clone();
+    assert_eq!(counter(&k, "flows"), 1, "{k}");
     daemon.stop();
     assert_nothing_left(&topo, &programs, &reserved_before);
 }

@@ -221,6 +221,13 @@ pub fn drop_to(keep: u64) -> anyhow::Result<()> {
     let mine =
         this_thread().map_err(|e| anyhow!("capget: {}", std::io::Error::from_raw_os_error(e)))?;
     let setpcap = mine[0].effective & 1 << CAP_SETPCAP != 0;
+    let effective = u64::from(mine[0].effective) | u64::from(mine[1].effective) << 32;
+    if !setpcap && effective & !keep != 0 {
+        tracing::warn!(
+            "started without CAP_SETPCAP: the bounding set stays as it is (no_new_privs still \
+             keeps anything the daemon could exec from gaining capabilities)"
+        );
+    }
     KEEP.store(keep, Ordering::Relaxed);
     LAST_CAP.store(last_cap.min(63), Ordering::Relaxed);
     DROP_BOUNDING.store(setpcap, Ordering::Relaxed);
