@@ -655,6 +655,14 @@ mod tests {
     }
 
     #[test]
+    fn ports_of_unanswered_flows_taken_over_are_shown() {
+        let mut now = doc(0, 0, 0, 0);
+        now["kernel"]["rules"][1]["unanswered_taken_over"] = json!(7);
+        let text = render(&now, None);
+        assert!(text.contains("unanswered flows' ports taken: 7"), "{text}");
+    }
+
+    #[test]
     fn a_counter_that_went_back_has_no_rate() {
         let before = doc(1000, 5000, 10, 0);
         let now = doc(2000, 100, 1, 0);
