@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use crate::common::harness::{
-    Daemon, counter, forwarding_on, in_netns, kernel_rule, reserved_ports,
+    Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule, reserved_ports,
 };
 use crate::common::traffic::{BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket};
 use crate::common::turn::{assert_nothing_left, listener_addr, our_programs, turn_rules};
@@ -197,4 +197,32 @@ fn the_units_capabilities_are_enough_to_set_up_and_run_the_kernel_path() {
     assert_eq!(counter(&k, "flows"), 1, "{k}");
     daemon.stop();
     assert_nothing_left(&topo, &programs, &reserved_before);
+}
+
+#[test]
+fn a_relay_only_daemon_keeps_no_cap_bpf() {
+    if !require_root("a_relay_only_daemon_keeps_no_cap_bpf") {
+        return;
+    }
+    let topo = Topology::new();
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start_with(
+        &topo.forwarder,
+        "capabilities-relay-only",
+        &turn_rules(&topo, ""),
+        "info",
+        |cmd| {
+            cmd.arg("--relay-only");
+        },
+    );
+    let status = daemon.status();
+    assert_eq!(status["kernel_path"], false, "{status}");
+    let pid = status["pid"].as_u64().expect("the daemon's pid");
+    assert_dropped(pid, !(1 << 39));
+    in_netns(&topo.client, || {
+        udp_echo(&udp_socket(listener_addr(&topo)), b"through the relay");
+    });
+    let r = relay_rule(&daemon.status(), "turn-udp", "udp").clone();
+    assert_eq!(counter(&r, "flows"), 1, "{r}");
+    daemon.stop();
 }
