@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use forwarder_common::reasons::Fallback;
 use forwarder_common::{CT_DIR_FORWARD, CT_STATE_ESTABLISHED, CtKey, CtValue, PROTO_UDP};
 
 use super::fixture::*;
@@ -33,6 +34,11 @@ fn answer(k: &Loaded) -> u16 {
     v.dport
 }
 
+/// New flows the rule left to the relay for want of a SNAT port.
+fn exhausted(k: &Loaded) -> u64 {
+    k.reasons(UDP_RULE).fallback(Fallback::SnatPortsExhausted)
+}
+
 /// The client ports of the forward entries.
 fn clients(k: &Loaded) -> Vec<u16> {
     let mut ports: Vec<u16> = k
@@ -55,10 +61,7 @@ fn an_unanswered_flow_quiet_for_a_second_gives_its_port_to_a_new_flow() {
         age_conntrack(k, Duration::from_secs(2));
         forwarded(k, 50201, 40000);
         let c = k.rule_counters(UDP_RULE);
-        assert_eq!(
-            (c.flows, c.unanswered_taken_over, c.fallback_full),
-            (2, 1, 0)
-        );
+        assert_eq!((c.flows, c.unanswered_taken_over, exhausted(k)), (2, 1, 0));
         // The old pair is gone whole; the new flow's pair took its place.
         assert_eq!(clients(k), [50201]);
         assert_eq!(k.conntrack().len(), 2);
@@ -68,7 +71,7 @@ fn an_unanswered_flow_quiet_for_a_second_gives_its_port_to_a_new_flow() {
         // port: it is a new flow, and finds no port (the new flow is young).
         left_to_relay(k, 50200);
         let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.unanswered_taken_over, c.fallback_full), (1, 1));
+        assert_eq!((c.unanswered_taken_over, exhausted(k)), (1, 1));
         assert_eq!(clients(k), [50201]);
     });
 }
@@ -84,7 +87,7 @@ fn an_answered_flow_keeps_its_port_however_quiet() {
         age_conntrack(k, Duration::from_secs(2));
         left_to_relay(k, 50211);
         let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.unanswered_taken_over, c.fallback_full), (0, 1));
+        assert_eq!((c.unanswered_taken_over, exhausted(k)), (0, 1));
         assert_eq!(clients(k), [50210]);
         forwarded(k, 50210, 40000);
     });
@@ -112,7 +115,7 @@ fn an_unanswered_flow_keeps_its_port_while_young_active_or_the_sweepers() {
         left_to_relay(k, 50221);
         assert_eq!(clients(k), [50220]);
         let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.unanswered_taken_over, c.fallback_full), (0, 1));
+        assert_eq!((c.unanswered_taken_over, exhausted(k)), (0, 1));
     });
     // Old, but its client sent again just now.
     with_router(1024, one_snat_port(), |k| {
