@@ -219,10 +219,10 @@ impl KernelPath {
         };
         let relay_flows = options.relay_flows.clone().unwrap_or_default();
         let gauges = Arc::new(Gauges::default());
-        // Two entries a flow (forward and reverse).
+        // The map holds two entries per flow (forward and reverse).
         gauges
             .conntrack_capacity
-            .store(u64::from(conntrack_size / 2), Ordering::Relaxed);
+            .store(u64::from(conntrack_size) / 2, Ordering::Relaxed);
         let snat_ports = u64::from(settings.snat_ports.1) - u64::from(settings.snat_ports.0) + 1;
         gauges.snat_ports.store(snat_ports, Ordering::Relaxed);
         let timeouts = Arc::new(RwLock::new(rule_timeouts(&compiled.listeners)));
