@@ -39,3 +39,4 @@ mod relay_udp;
 mod reload;
 mod status_view;
 mod udp_flood;
+mod upgrade;

@@ -3,8 +3,9 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -19,6 +20,9 @@ use super::backend::Alarm;
 use super::buffered::copy_one_way;
 use super::counters::RuleCounters;
 use super::flow::{FlowGuard, RuleCtx};
+use super::gate::{
+    Described, FlowAddrs, Gate, ListenerRecord, Registered, TcpPairRecord, Ticket, idle_ms,
+};
 use super::idle::{IdleClock, Millis};
 use super::next_phase;
 use super::proxy_protocol::{
@@ -37,11 +41,20 @@ pub async fn serve(
     listener: TcpListener,
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     phase: Arc<watch::Sender<Phase>>,
+    gate: Gate,
+    bind: SocketAddr,
+    inherited: Vec<ResumedPair>,
 ) {
     let mut flows = JoinSet::new();
+    for pair in inherited {
+        let rule = rules.borrow().clone();
+        flows.spawn(resume(pair, rule, gate.clone(), bind, gate.ticket()));
+    }
+    let mut registered = register_listener(&gate, &listener, bind, &rules);
     let mut listener = Some(listener);
     let accept_failing = Alarm::default();
     let mut phase = phase.subscribe();
+    let _ticket = gate.ticket();
     while listener.is_some() || !flows.is_empty() {
         let rule = rules.borrow_and_update().clone();
         tokio::select! {
@@ -49,10 +62,13 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     accept_failing.clear();
                     // The rule of now: a reload may have changed it while we waited.
-                    flows.spawn(flow(stream, peer, rules.borrow_and_update().clone()));
+                    let rule = rules.borrow_and_update().clone();
+                    flows.spawn(flow(stream, peer, rule, gate.clone(), bind, gate.ticket()));
                 }
                 Err(e) => accept_error(&rule, &accept_failing, e).await,
             },
+            // Accepts nothing while an upgrade hands the socket over.
+            () = gate.closing() => gate.park().await,
             Some(joined) = flows.join_next(), if !flows.is_empty() => {
                 if let Err(e) = joined
                     && e.is_panic()
@@ -66,6 +82,7 @@ pub async fn serve(
                 // Closing the socket refuses new connections at once;
                 // accepted ones go on.
                 Phase::Draining | Phase::Retiring => {
+                    drop(registered.take());
                     if listener.take().is_some() {
                         debug!(alias = %rule.alias, flows = flows.len(), "tcp listener closed, draining");
                     }
@@ -76,6 +93,25 @@ pub async fn serve(
     }
     // Closing: whatever still runs is cut off (sockets closed as tasks drop).
     flows.shutdown().await;
+}
+
+/// The listener's socket and counters, for an upgrade's record.
+fn register_listener(
+    gate: &Gate,
+    listener: &TcpListener,
+    bind: SocketAddr,
+    rules: &watch::Receiver<Arc<RuleCtx>>,
+) -> Option<Registered> {
+    let fd = listener.as_raw_fd();
+    let rules = rules.clone();
+    Some(
+        gate.register(Described::Listener(Box::new(move || ListenerRecord {
+            protocol: "tcp".into(),
+            bind,
+            fd,
+            counters: rules.borrow().counters.values(),
+        }))),
+    )
 }
 
 async fn accept(listener: &Option<TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
@@ -103,7 +139,16 @@ async fn accept_error(rule: &RuleCtx, failing: &Alarm, e: io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
+/// One accepted connection; `connecting` keeps an upgrade waiting until
+/// the flow carries bytes (or ended).
+async fn flow(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    rule: Arc<RuleCtx>,
+    gate: Gate,
+    bind: SocketAddr,
+    connecting: Ticket,
+) {
     // A trusted upstream's client is checked once its PROXY header names it.
     let trusted = rule.trusts_proxy_header_from(canonical(peer));
     if !trusted && !rule.admits(peer) {
@@ -201,7 +246,60 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
         }
         RuleCounters::add(&rule.counters.bytes_to_backend, early.len() as u64);
     }
-    match relay_streams(&client, &backend, &rule, CopyMode::Splice).await {
+    let pipes = Pipes::new(CopyMode::Splice);
+    let shared = Arc::new(PairShared::new(
+        bind,
+        &client,
+        &backend,
+        &pipes,
+        guard.addrs(),
+    ));
+    let _registered = gate.register(shared.describe());
+    let ended = carry(&client, &backend, &rule, &pipes, &shared, &gate, connecting).await;
+    finish(ended, &rule, &guard, &client, &backend);
+}
+
+/// A pair the previous image handed over, with its descriptors.
+pub struct ResumedPair {
+    pub record: TcpPairRecord,
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    pub pipes: Pipes,
+}
+
+/// Carries on a pair the previous image handed over: bytes in its pipes
+/// go first, a direction that had ended stays ended.
+async fn resume(
+    pair: ResumedPair,
+    rule: Arc<RuleCtx>,
+    gate: Gate,
+    bind: SocketAddr,
+    ticket: Ticket,
+) {
+    let guard = FlowGuard::resume(&rule, pair.record.addrs);
+    let shared = Arc::new(PairShared::resumed(bind, &pair.record));
+    let _registered = gate.register(shared.describe());
+    let ended = carry(
+        &pair.client,
+        &pair.backend,
+        &rule,
+        &pair.pipes,
+        &shared,
+        &gate,
+        ticket,
+    )
+    .await;
+    finish(ended, &rule, &guard, &pair.client, &pair.backend);
+}
+
+fn finish(
+    ended: Ended,
+    rule: &RuleCtx,
+    guard: &FlowGuard,
+    client: &TcpStream,
+    backend: &TcpStream,
+) {
+    match ended {
         Ended::Closed => {
             debug!(alias = %rule.alias, client = %guard.client, "tcp closed by both ends")
         }
@@ -223,6 +321,113 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
             let _ = client.set_zero_linger();
             let _ = backend.set_zero_linger();
         }
+    }
+}
+
+/// Both directions' pipes (`None`: copied through a buffer).
+pub struct Pipes {
+    pub up: Option<Pipe>,
+    pub down: Option<Pipe>,
+}
+
+impl Pipes {
+    pub fn new(mode: CopyMode) -> Pipes {
+        let one = || match mode {
+            CopyMode::Buffered => None,
+            CopyMode::Splice => Pipe::new()
+                .inspect_err(|e| debug!("no pipe for splice ({e}); copying through a buffer"))
+                .ok(),
+        };
+        Pipes {
+            up: one(),
+            down: one(),
+        }
+    }
+}
+
+/// What a pair's record says beyond its descriptors: where its
+/// directions are, and when it last moved a byte.
+pub struct PairShared {
+    fixed: TcpPairRecord,
+    up_done: AtomicBool,
+    down_done: AtomicBool,
+    clock: IdleClock,
+}
+
+impl PairShared {
+    fn new(
+        bind: SocketAddr,
+        client: &TcpStream,
+        backend: &TcpStream,
+        pipes: &Pipes,
+        addrs: FlowAddrs,
+    ) -> PairShared {
+        let fds = |p: &Option<Pipe>| {
+            p.as_ref()
+                .map(|p| (p.read.as_raw_fd(), p.write.as_raw_fd()))
+        };
+        PairShared::resumed(
+            bind,
+            &TcpPairRecord {
+                bind,
+                client_fd: client.as_raw_fd(),
+                backend_fd: backend.as_raw_fd(),
+                up_pipe: fds(&pipes.up),
+                down_pipe: fds(&pipes.down),
+                up_done: false,
+                down_done: false,
+                addrs,
+                idle_ms: 0,
+            },
+        )
+    }
+
+    fn resumed(bind: SocketAddr, record: &TcpPairRecord) -> PairShared {
+        let now = Millis::now().0;
+        PairShared {
+            fixed: TcpPairRecord {
+                bind,
+                ..record.clone()
+            },
+            up_done: AtomicBool::new(record.up_done),
+            down_done: AtomicBool::new(record.down_done),
+            clock: IdleClock::new(Millis(now.saturating_sub(record.idle_ms))),
+        }
+    }
+
+    #[cfg(test)]
+    fn fresh() -> PairShared {
+        let any = SocketAddr::from(([0, 0, 0, 0], 0));
+        let addrs = FlowAddrs {
+            peer: any,
+            local: any,
+            client: any,
+            destination: any,
+        };
+        PairShared::resumed(
+            any,
+            &TcpPairRecord {
+                bind: any,
+                client_fd: -1,
+                backend_fd: -1,
+                up_pipe: None,
+                down_pipe: None,
+                up_done: false,
+                down_done: false,
+                addrs,
+                idle_ms: 0,
+            },
+        )
+    }
+
+    fn describe(self: &Arc<Self>) -> Described {
+        let shared = self.clone();
+        Described::Tcp(Box::new(move || TcpPairRecord {
+            up_done: shared.up_done.load(Relaxed),
+            down_done: shared.down_done.load(Relaxed),
+            idle_ms: idle_ms(&shared.clock),
+            ..shared.fixed.clone()
+        }))
     }
 }
 
@@ -328,18 +533,66 @@ pub enum Ended {
 }
 
 /// Copies both ways until both ends closed, one failed or the flow idled out.
+#[cfg(test)]
 pub async fn relay_streams(
     client: &TcpStream,
     backend: &TcpStream,
     rule: &RuleCtx,
     mode: CopyMode,
 ) -> Ended {
-    let clock = IdleClock::new(Millis::now());
+    let gate = Gate::default();
+    let entered = gate.ticket();
+    let shared = PairShared::fresh();
+    carry(
+        client,
+        backend,
+        rule,
+        &Pipes::new(mode),
+        &shared,
+        &gate,
+        entered,
+    )
+    .await
+}
+
+/// Copies both ways until both ends closed, one failed or the flow idled
+/// out. `entered` (the flow's ticket until now) is given up once both
+/// directions hold theirs.
+async fn carry(
+    client: &TcpStream,
+    backend: &TcpStream,
+    rule: &RuleCtx,
+    pipes: &Pipes,
+    shared: &PairShared,
+    gate: &Gate,
+    entered: Ticket,
+) -> Ended {
+    let clock = &shared.clock;
     let counters = &rule.counters;
-    let up = one_way(client, backend, &counters.bytes_to_backend, &clock, mode);
-    let down = one_way(backend, client, &counters.bytes_to_client, &clock, mode);
+    let (mut up_done, mut down_done) =
+        (shared.up_done.load(Relaxed), shared.down_done.load(Relaxed));
+    let up_ticket = (!up_done).then(|| gate.ticket());
+    let down_ticket = (!down_done).then(|| gate.ticket());
+    drop(entered);
+    let up = one_way(
+        client,
+        backend,
+        pipes.up.as_ref(),
+        &counters.bytes_to_backend,
+        clock,
+        gate,
+        up_ticket,
+    );
+    let down = one_way(
+        backend,
+        client,
+        pipes.down.as_ref(),
+        &counters.bytes_to_client,
+        clock,
+        gate,
+        down_ticket,
+    );
     tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
     loop {
         let idle = if up_done || down_done {
             rule.timeouts.tcp_half_closed
@@ -348,14 +601,27 @@ pub async fn relay_streams(
         };
         tokio::select! {
             r = &mut up, if !up_done => match r {
-                Ok(()) => up_done = true,
+                Ok(()) => {
+                    up_done = true;
+                    shared.up_done.store(true, Relaxed);
+                }
                 Err(e) => return Ended::Failed(e),
             },
             r = &mut down, if !down_done => match r {
-                Ok(()) => down_done = true,
+                Ok(()) => {
+                    down_done = true;
+                    shared.down_done.store(true, Relaxed);
+                }
                 Err(e) => return Ended::Failed(e),
             },
-            _ = clock.expired(idle) => return Ended::Idle,
+            _ = clock.expired(idle) => {
+                // Parked for an upgrade: the descriptors are in its record.
+                if gate.is_closed() {
+                    gate.opened().await;
+                    continue;
+                }
+                return Ended::Idle;
+            }
         }
         if up_done && down_done {
             return Ended::Closed;
@@ -364,32 +630,29 @@ pub async fn relay_streams(
 }
 
 /// One direction until FIN, which then goes on to `dst` as a write shutdown
-/// while the other direction keeps flowing.
+/// while the other direction keeps flowing. Through `pipe` with splice,
+/// else (or where splice is refused) through a buffer.
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
+    pipe: Option<&Pipe>,
     moved: &AtomicU64,
     clock: &IdleClock,
-    mode: CopyMode,
+    gate: &Gate,
+    _ticket: Option<Ticket>,
 ) -> io::Result<()> {
-    let pending = match mode {
-        CopyMode::Buffered => Some(Vec::new()),
-        CopyMode::Splice => match Pipe::new() {
-            Ok(pipe) => match splice_one_way(src, dst, &pipe, moved, clock).await? {
-                SpliceEnd::Eof => None,
-                SpliceEnd::Refused { pending } => {
-                    debug!("splice refused for this flow; copying through a buffer");
-                    Some(pending)
-                }
-            },
-            Err(e) => {
-                debug!("no pipe for splice ({e}); copying through a buffer");
-                Some(Vec::new())
+    let pending = match pipe {
+        None => Some(Vec::new()),
+        Some(pipe) => match splice_one_way(src, dst, pipe, moved, clock, gate).await? {
+            SpliceEnd::Eof => None,
+            SpliceEnd::Refused { pending } => {
+                debug!("splice refused for this flow; copying through a buffer");
+                Some(pending)
             }
         },
     };
     if let Some(pending) = pending {
-        copy_one_way(src, dst, pending, moved, clock).await?;
+        copy_one_way(src, dst, pending, moved, clock, gate).await?;
     }
     match SockRef::from(dst).shutdown(Shutdown::Write) {
         // The peer is gone entirely; the other direction finds out itself.
