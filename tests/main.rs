@@ -5,7 +5,6 @@ mod common;
 
 mod acl;
 mod broadcast;
-mod capabilities;
 mod checksums;
 mod config_cli;
 mod crash;
