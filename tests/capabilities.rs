@@ -1,21 +1,27 @@
 //! After set-up, every thread of the running daemon keeps only the
-//! capabilities it still uses, in every set; a reload that binds a
-//! privileged port and a clean stop still work.
+//! capabilities it still uses (effective, permitted) and bounds only what a
+//! start needs, so that an upgrade's exec can set up again; a reload that
+//! binds a privileged port, an upgrade in place and a clean stop still work.
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use crate::common::harness::{
-    Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule, reserved_ports,
+    Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, relay_rule, reserved_ports,
 };
 use crate::common::traffic::{BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket};
 use crate::common::turn::{assert_nothing_left, listener_addr, our_programs, turn_rules};
-use crate::common::{Topology, reload, require_root};
+use crate::common::{Topology, eventually, forwarder_bin, output_within, reload, require_root};
+use crate::crash::{self, BpffsAsFound, HOST_BPFFS};
 
 /// CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_SYS_RESOURCE (24)
 /// and CAP_BPF (39), as /proc prints a mask.
 const KEPT: u64 = 1 << 10 | 1 << 12 | 1 << 24 | 1 << 39;
+
+/// What a start needs, the bounding set's: [`KEPT`], CAP_SYS_ADMIN (21)
+/// and CAP_PERFMON (38).
+const START: u64 = KEPT | 1 << 21 | 1 << 38;
 
 /// A port below 1024: binding it takes CAP_NET_BIND_SERVICE.
 const LOW_PORT: u16 = 81;
@@ -70,28 +76,31 @@ fn unit_capabilities() -> u64 {
         .fold(0, |mask, cap: u32| mask | 1 << cap)
 }
 
-/// What the daemon may keep: [`KEPT`], less what it never had (this host's
-/// root may lack some; the daemon starts with the test's own set).
-fn kept_here() -> u64 {
+/// The test's own bounding set: this host's root may lack some
+/// capabilities, and the daemon starts with the test's set.
+fn own_bounding() -> u64 {
     let own = thread_privileges(u64::from(std::process::id()));
     let (_, _, bounding) = own.iter().find(|(_, f, _)| f == "CapBnd").unwrap();
-    KEPT & bounding
+    *bounding
 }
 
-/// Every thread holds exactly what it may keep (effective, permitted,
-/// bounding), nothing inheritable or ambient, and has no_new_privs.
-/// Returns how many threads there are.
-fn assert_dropped(pid: u64, started_with: u64) -> usize {
-    let kept = kept_here() & started_with;
+/// Every thread holds exactly `kept` (effective, permitted) and bounds
+/// exactly `bound`, less what the daemon was never given (`started_with`
+/// and the test's own bounding set), holds nothing inheritable or ambient,
+/// and has no no_new_privs (which would keep an upgrade's exec from
+/// regaining the bounding set). Returns how many threads there are.
+fn assert_dropped(pid: u64, kept: u64, bound: u64, started_with: u64) -> usize {
+    let given = own_bounding() & started_with;
+    let (kept, bound) = (kept & given, bound & given);
     assert_ne!(kept & 1 << 12, 0, "the test runs with CAP_NET_ADMIN");
     let fields = thread_privileges(pid);
     let mut threads: Vec<&str> = fields.iter().map(|(t, _, _)| t.as_str()).collect();
     threads.dedup();
     for (tid, field, value) in &fields {
         let want = match field.as_str() {
-            "CapPrm" | "CapEff" | "CapBnd" => kept,
-            "CapInh" | "CapAmb" => 0,
-            _ => 1,
+            "CapPrm" | "CapEff" => kept,
+            "CapBnd" => bound,
+            _ => 0,
         };
         assert_eq!(*value, want, "thread {tid} of {pid}: {field} {value:#x}");
     }
@@ -113,7 +122,7 @@ fn every_thread_keeps_only_the_capabilities_the_running_daemon_needs() {
     let programs = our_programs(&topo, false);
     let pid = daemon.status()["pid"].as_u64().expect("the daemon's pid");
     // The runtime's workers exist from the start: more than one thread.
-    let threads = assert_dropped(pid, u64::MAX);
+    let threads = assert_dropped(pid, KEPT, START, u64::MAX);
     assert!(threads >= 3, "{threads} threads");
 
     // A reload adds rules on a privileged port, on both paths' sockets.
@@ -141,7 +150,7 @@ fn every_thread_keeps_only_the_capabilities_the_running_daemon_needs() {
         assert_eq!(counter(k, "flows"), 1, "{alias}/{protocol}: {k}");
     }
     // Threads started since (the blocking pool) hold no more either.
-    assert_dropped(pid, u64::MAX);
+    assert_dropped(pid, KEPT, START, u64::MAX);
 
     // A clean stop still detaches, unpins and restores the reserved ports.
     daemon.stop();
@@ -155,9 +164,9 @@ fn the_units_capabilities_are_enough_to_set_up_and_run_the_kernel_path() {
     }
     let unit = unit_capabilities();
     assert_eq!(
-        unit & KEPT,
-        KEPT,
-        "the unit lets the daemon keep what it needs"
+        unit & START,
+        START,
+        "the unit gives the daemon what a start needs"
     );
     let topo = Topology::new();
     forwarding_on(&topo);
@@ -189,7 +198,7 @@ fn the_units_capabilities_are_enough_to_set_up_and_run_the_kernel_path() {
     let status = daemon.status();
     assert_eq!(status["kernel_path"], true, "{status}");
     let pid = status["pid"].as_u64().expect("the daemon's pid");
-    assert_dropped(pid, unit);
+    assert_dropped(pid, KEPT, START, unit);
     in_netns(&topo.client, || {
         udp_echo(&udp_socket(listener_addr(&topo)), b"through the kernel");
     });
@@ -218,11 +227,71 @@ fn a_relay_only_daemon_keeps_no_cap_bpf() {
     let status = daemon.status();
     assert_eq!(status["kernel_path"], false, "{status}");
     let pid = status["pid"].as_u64().expect("the daemon's pid");
-    assert_dropped(pid, !(1 << 39));
+    assert_dropped(pid, KEPT & !(1 << 39), START, u64::MAX);
     in_netns(&topo.client, || {
         udp_echo(&udp_socket(listener_addr(&topo)), b"through the relay");
     });
     let r = relay_rule(&daemon.status(), "turn-udp", "udp").clone();
     assert_eq!(counter(&r, "flows"), 1, "{r}");
     daemon.stop();
+}
+
+#[test]
+fn the_image_an_upgrade_execs_sets_up_again_and_drops_again() {
+    if !require_root("the_image_an_upgrade_execs_sets_up_again_and_drops_again") {
+        return;
+    }
+    let _one_at_a_time = HOST_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+    let _bpffs = BpffsAsFound::new();
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let backend = topo.backend_addr();
+    let rules = format!(
+        "routes:\n  \
+         kdgram: {{scheme: udp, host: {backend}, port: 7102:3478}}\n  \
+         rbulk: {{scheme: tcp, host: {backend}, port: 7103:3478, path: relay}}\n"
+    );
+    // As an upgrade needs it: under nsenter, pinning on the host's bpffs.
+    let daemon = Daemon::start_pinning(&topo.forwarder, "capabilities-upgrade", &rules);
+    let pid = daemon.status()["pid"].as_u64().expect("the daemon's pid");
+    assert_dropped(pid, KEPT, START, u64::MAX);
+    let at = |port: u16| SocketAddr::from((topo.forwarder_addr(), port));
+    let kernel_udp = in_netns(&topo.client, || udp_socket(at(7102)));
+    let mut relay_tcp = in_netns(&topo.client, || tcp_echo_conn(at(7103)));
+    udp_echo(&kernel_udp, b"before");
+    tcp_echo_round(&mut relay_tcp, b"before");
+
+    let out = output_within(
+        std::process::Command::new(forwarder_bin())
+            .arg("upgrade")
+            .arg("--control")
+            .arg(daemon.control_path()),
+        WAIT,
+    );
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    // The new image logs this once it has set up and dropped.
+    eventually("the new image is up", || {
+        daemon.log_text().contains("upgrade done")
+    });
+    assert_eq!(
+        daemon.status()["pid"].as_u64(),
+        Some(pid),
+        "the same process"
+    );
+    assert_dropped(pid, KEPT, START, u64::MAX);
+    udp_echo(&kernel_udp, b"after the upgrade");
+    tcp_echo_round(&mut relay_tcp, b"after the upgrade");
+    let in_kernel = kernel_rule(&daemon.status(), "kdgram", "udp").clone();
+    assert_eq!(counter(&in_kernel, "flows"), 1, "{in_kernel}");
+    drop(relay_tcp);
+    let log = daemon.stop();
+    assert!(!log.contains("ERROR"), "{log}");
+    crash::assert_nothing_left(&topo);
 }

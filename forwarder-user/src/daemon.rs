@@ -220,9 +220,10 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let control_task = tokio::spawn(async move { control.serve(handlers).await });
     let names_task = tokio::spawn(follow_names(daemon.clone()));
     // Set-up is done: every thread keeps only what reloads, the relay and
-    // the stop still use. A daemon that cannot drop stops.
+    // the stop still use, and bounds what a start (an upgrade's exec)
+    // needs. A daemon that cannot drop stops.
     let keep = privileges::needed_after_setup(daemon.kernel.is_some());
-    let dropped = privileges::drop_to(keep);
+    let dropped = privileges::drop_to(keep, privileges::needed_for_start());
     match &dropped {
         Ok(()) => info!(
             rules,

@@ -1,7 +1,11 @@
 //! After set-up the daemon keeps only the capabilities it still uses, on
 //! every thread.
 //!
-//! Capabilities, the bounding set and no_new_privs belong to each thread,
+//! The bounding set stays at what a start needs (see [`needed_for_start`])
+//! and no_new_privs stays off: upgrade in place execs the daemon, and as
+//! root the new image's permitted set is the bounding set.
+//!
+//! Capabilities and the bounding set belong to each thread,
 //! and the runtime's threads exist before set-up ends. So the thread that
 //! drops signals every other one to drop too (as glibc does for setuid),
 //! and checks each in /proc until none keeps more. Threads made later
@@ -17,6 +21,7 @@ pub const CAP_NET_BIND_SERVICE: u32 = 10;
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_ADMIN: u32 = 21;
 pub const CAP_SYS_RESOURCE: u32 = 24;
+pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
 
 /// The capabilities a running daemon still uses, as a mask:
@@ -38,6 +43,14 @@ pub fn needed_after_setup(kernel_path: bool) -> u64 {
     mask(&caps)
 }
 
+/// The capabilities a start (set-up) needs, either path, as a mask: what
+/// [`needed_after_setup`] keeps, plus loading programs and mounting bpffs
+/// (`CAP_SYS_ADMIN`, `CAP_PERFMON`, `CAP_BPF`). The bounding set keeps
+/// these so that the image an upgrade execs can set up again.
+pub fn needed_for_start() -> u64 {
+    needed_after_setup(true) | mask(&[CAP_SYS_ADMIN, CAP_PERFMON])
+}
+
 pub fn mask(caps: &[u32]) -> u64 {
     caps.iter().fold(0, |m, c| m | 1 << c)
 }
@@ -50,6 +63,7 @@ pub fn names(mask: u64) -> Vec<&'static str> {
         (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
         (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
         (CAP_SYS_RESOURCE, "CAP_SYS_RESOURCE"),
+        (CAP_PERFMON, "CAP_PERFMON"),
         (CAP_BPF, "CAP_BPF"),
     ]
     .into_iter()
@@ -89,15 +103,16 @@ impl ThreadCaps {
         })
     }
 
-    /// Whether the thread keeps nothing outside `keep` (the bounding set
-    /// too, if it could be dropped) and can gain nothing by exec.
-    pub fn within(&self, keep: u64, bounding_dropped: bool) -> bool {
+    /// Whether the thread holds nothing outside `keep` and, if the bounding
+    /// set could be dropped, bounds nothing outside `bound`.
+    pub fn within(&self, keep: u64, bound: u64, bounding_dropped: bool) -> bool {
         let sets = self.effective | self.permitted | self.inheritable | self.ambient;
-        sets & !keep == 0 && (!bounding_dropped || self.bounding & !keep == 0) && self.no_new_privs
+        sets & !keep == 0 && (!bounding_dropped || self.bounding & !bound == 0)
     }
 }
 
 static KEEP: AtomicU64 = AtomicU64::new(0);
+static BOUND: AtomicU64 = AtomicU64::new(0);
 static LAST_CAP: AtomicU32 = AtomicU32::new(0);
 static DROP_BOUNDING: AtomicBool = AtomicBool::new(false);
 static FAILED: AtomicBool = AtomicBool::new(false);
@@ -138,11 +153,12 @@ fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
 }
 
-/// Drops this thread to `KEEP`: the bounding set (while `CAP_SETPCAP`
-/// allows), the ambient set, then effective, permitted and inheritable,
-/// and sets no_new_privs. Only system calls: it runs in a signal handler.
+/// Drops this thread's bounding set to `BOUND` (while `CAP_SETPCAP`
+/// allows), clears the ambient set, then drops effective, permitted and
+/// inheritable to `KEEP`. Only system calls: it runs in a signal handler.
 fn drop_this_thread() -> Result<(), i32> {
     let keep = KEEP.load(Ordering::Relaxed);
+    let bound = BOUND.load(Ordering::Relaxed);
     if DROP_BOUNDING.load(Ordering::Relaxed) {
         for cap in 0..=LAST_CAP.load(Ordering::Relaxed) {
             let bit = cap as libc::c_ulong;
@@ -151,7 +167,7 @@ fn drop_this_thread() -> Result<(), i32> {
             // SAFETY: prctl with integer arguments.
             let held = unsafe { libc::prctl(libc::PR_CAPBSET_READ, bit, 0, 0, 0) } == 1;
             // SAFETY: as above.
-            if keep & 1 << cap == 0
+            if bound & 1 << cap == 0
                 && held
                 && unsafe { libc::prctl(libc::PR_CAPBSET_DROP, bit, 0, 0, 0) } != 0
             {
@@ -184,10 +200,6 @@ fn drop_this_thread() -> Result<(), i32> {
     if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
         return Err(errno());
     }
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(errno());
-    }
     Ok(())
 }
 
@@ -209,10 +221,11 @@ fn drop_signal() -> libc::c_int {
 const DROP_WAIT: Duration = Duration::from_secs(5);
 
 /// Drops every thread of the process to the capabilities in `keep`, which
-/// must be a subset of what this thread holds, and sets no_new_privs. The
-/// bounding set is dropped too where `CAP_SETPCAP` allows (as root); else
-/// no_new_privs alone keeps exec from gaining any.
-pub fn drop_to(keep: u64) -> anyhow::Result<()> {
+/// must be a subset of what this thread holds, and its bounding set to
+/// `bound`. The bounding set needs `CAP_SETPCAP` to drop; without it, it
+/// stays as it is (an image that has already dropped it has nothing left
+/// to drop).
+pub fn drop_to(keep: u64, bound: u64) -> anyhow::Result<()> {
     let last_cap: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .context("read /proc/sys/kernel/cap_last_cap")?
         .trim()
@@ -221,16 +234,22 @@ pub fn drop_to(keep: u64) -> anyhow::Result<()> {
     let mine =
         this_thread().map_err(|e| anyhow!("capget: {}", std::io::Error::from_raw_os_error(e)))?;
     let setpcap = mine[0].effective & 1 << CAP_SETPCAP != 0;
-    let effective = u64::from(mine[0].effective) | u64::from(mine[1].effective) << 32;
-    if !setpcap && effective & !keep != 0 {
+    let last_cap = last_cap.min(63);
+    // SAFETY: prctl with integer arguments.
+    let bounding = (0..=last_cap)
+        .filter(|&cap| unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) } == 1)
+        .fold(0u64, |m, cap| m | 1 << cap);
+    let to_drop = bounding & !bound != 0;
+    if to_drop && !setpcap {
         tracing::warn!(
-            "started without CAP_SETPCAP: the bounding set stays as it is (no_new_privs still \
-             keeps anything the daemon could exec from gaining capabilities)"
+            "started without CAP_SETPCAP: the bounding set stays as it is ({bounding:#x}), so \
+             an exec could regain all of it"
         );
     }
     KEEP.store(keep, Ordering::Relaxed);
-    LAST_CAP.store(last_cap.min(63), Ordering::Relaxed);
-    DROP_BOUNDING.store(setpcap, Ordering::Relaxed);
+    BOUND.store(bound, Ordering::Relaxed);
+    LAST_CAP.store(last_cap, Ordering::Relaxed);
+    DROP_BOUNDING.store(to_drop && setpcap, Ordering::Relaxed);
     FAILED.store(false, Ordering::Relaxed);
     // SAFETY: installs a handler that makes system calls only.
     unsafe {
@@ -252,7 +271,7 @@ pub fn drop_to(keep: u64) -> anyhow::Result<()> {
     let pid = unsafe { libc::getpid() };
     let deadline = Instant::now() + DROP_WAIT;
     for round in 0.. {
-        let pending = privileged_threads(keep, setpcap)?;
+        let pending = privileged_threads(keep, bound, setpcap || !to_drop)?;
         if pending.is_empty() {
             return Ok(());
         }
@@ -276,8 +295,9 @@ pub fn drop_to(keep: u64) -> anyhow::Result<()> {
     unreachable!("the loop returns")
 }
 
-/// The threads of this process that hold more than `keep`.
-fn privileged_threads(keep: u64, bounding_dropped: bool) -> anyhow::Result<Vec<i32>> {
+/// The threads of this process that hold more than `keep` (or, if it could
+/// be dropped, bound more than `bound`).
+fn privileged_threads(keep: u64, bound: u64, bounding_dropped: bool) -> anyhow::Result<Vec<i32>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc/self/task").context("read /proc/self/task")? {
         let Some(tid) = entry?.file_name().to_str().and_then(|t| t.parse().ok()) else {
@@ -289,7 +309,7 @@ fn privileged_threads(keep: u64, bounding_dropped: bool) -> anyhow::Result<Vec<i
         };
         let caps = ThreadCaps::parse(&status)
             .ok_or_else(|| anyhow!("no capabilities in /proc/self/task/{tid}/status"))?;
-        if !caps.within(keep, bounding_dropped) {
+        if !caps.within(keep, bound, bounding_dropped) {
             out.push(tid);
         }
     }
@@ -300,8 +320,8 @@ fn privileged_threads(keep: u64, bounding_dropped: bool) -> anyhow::Result<Vec<i
 mod tests {
     use super::*;
 
-    const STATUS: &str = "Name:\tforwarder\nNoNewPrivs:\t1\nCapInh:\t0000000000000000\n\
-        CapPrm:\t0000008001001400\nCapEff:\t0000008001001400\nCapBnd:\t0000008001001400\n\
+    const STATUS: &str = "Name:\tforwarder\nNoNewPrivs:\t0\nCapInh:\t0000000000000000\n\
+        CapPrm:\t0000008001001400\nCapEff:\t0000008001001400\nCapBnd:\t000000c001201400\n\
         CapAmb:\t0000000000000000\nSeccomp:\t0\n";
 
     #[test]
@@ -320,22 +340,49 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_is_within_the_kept_set_only_with_every_set_and_no_new_privs() {
+    fn a_start_needs_the_runtime_set_and_what_loading_programs_takes() {
+        assert_eq!(needed_for_start(), 0x0000_00c0_0120_1400);
+        assert_eq!(
+            names(needed_for_start()),
+            [
+                "CAP_NET_BIND_SERVICE",
+                "CAP_NET_ADMIN",
+                "CAP_SYS_ADMIN",
+                "CAP_SYS_RESOURCE",
+                "CAP_PERFMON",
+                "CAP_BPF"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_thread_is_within_only_with_every_set_kept_and_the_start_set_bounding() {
         let keep = needed_after_setup(true);
+        let bound = needed_for_start();
         let caps = ThreadCaps::parse(STATUS).unwrap();
-        assert_eq!(caps.bounding, keep);
-        assert!(caps.no_new_privs);
-        assert!(caps.within(keep, true));
+        assert_eq!(caps.bounding, bound);
         assert!(
-            !caps.within(needed_after_setup(false), true),
+            !caps.no_new_privs,
+            "an upgrade's exec must regain the start set"
+        );
+        assert!(caps.within(keep, bound, true));
+        assert!(
+            !caps.within(needed_after_setup(false), bound, true),
             "CAP_BPF kept"
+        );
+        assert!(
+            !caps.within(keep, keep, true),
+            "the bounding set exceeds keep"
         );
         let full = ThreadCaps {
             bounding: 0x1ff_ffff_ffff,
             ..caps
         };
-        assert!(!full.within(keep, true));
-        assert!(full.within(keep, false), "a bounding set it cannot drop");
+        assert!(!full.within(keep, bound, true));
+        assert!(
+            full.within(keep, bound, false),
+            "a bounding set it cannot drop"
+        );
         for more in [
             ThreadCaps {
                 effective: keep | 1 << CAP_SYS_ADMIN,
@@ -350,12 +397,8 @@ mod tests {
                 ..caps
             },
             ThreadCaps { ambient: 1, ..caps },
-            ThreadCaps {
-                no_new_privs: false,
-                ..caps
-            },
         ] {
-            assert!(!more.within(keep, true), "{more:?}");
+            assert!(!more.within(keep, bound, true), "{more:?}");
         }
         assert_eq!(ThreadCaps::parse("Name:\tx\n"), None);
     }
@@ -368,7 +411,9 @@ mod tests {
             return;
         }
         let keep = needed_after_setup(true);
+        let bound = needed_for_start();
         KEEP.store(keep, Ordering::Relaxed);
+        BOUND.store(bound, Ordering::Relaxed);
         LAST_CAP.store(40, Ordering::Relaxed);
         DROP_BOUNDING.store(true, Ordering::Relaxed);
         // On a thread of its own: capabilities are per thread.
@@ -377,8 +422,10 @@ mod tests {
             assert_eq!(drop_this_thread(), Ok(()), "the second time");
             let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
             let caps = ThreadCaps::parse(&status).unwrap();
-            assert!(caps.within(keep, true), "{caps:?}");
+            assert!(caps.within(keep, bound, true), "{caps:?}");
             assert_eq!(caps.effective & 1 << CAP_SYS_ADMIN, 0);
+            assert_ne!(caps.bounding & 1 << CAP_SYS_ADMIN, 0, "a start needs it");
+            assert!(!caps.no_new_privs);
         })
         .join()
         .unwrap();
