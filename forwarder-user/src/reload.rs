@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use forwarder_common::{MAX_BACKENDS_PER_RULE, RULE_IDS};
 use serde::Serialize;
 
+use crate::config::format_duration;
 use crate::rules::{Compiled, Listener, Protocol};
 
 /// What identifies a rule across reloads: the socket it listens on.
@@ -224,6 +225,22 @@ fn keep_fixed_settings(running: &Compiled, mut next: Compiled) -> (Compiled, Vec
             running.relay.max_udp_sessions, next.relay.max_udp_sessions
         ));
         next.relay.max_udp_sessions = running.relay.max_udp_sessions;
+    }
+    // Every listener and flow took these at start.
+    if running.relay.first_byte_timeout != next.relay.first_byte_timeout {
+        needs.push(format!(
+            "relay.first_byte_timeout: {} -> {}",
+            format_duration(running.relay.first_byte_timeout),
+            format_duration(next.relay.first_byte_timeout)
+        ));
+        next.relay.first_byte_timeout = running.relay.first_byte_timeout;
+    }
+    if running.relay.pipe_size != next.relay.pipe_size {
+        needs.push(format!(
+            "relay.pipe_size: {} -> {}",
+            running.relay.pipe_size, next.relay.pipe_size
+        ));
+        next.relay.pipe_size = running.relay.pipe_size;
     }
     (next, needs)
 }

@@ -39,7 +39,7 @@ pub use counters::{InterfaceCounters, KernelCounters, KernelRuleCounters};
 pub use interfaces::{Interface, NoSuchInterface};
 pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
-pub use sysctl::RESERVED_PORTS;
+pub use sysctl::{PortSet, RESERVED_PORTS};
 
 use crate::reload::Plan;
 use crate::rules::{Compiled, FlowObserver, Listener};

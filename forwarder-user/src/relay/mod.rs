@@ -12,8 +12,9 @@
 //! info), with the listener's port.
 //!
 //! Each UDP session holds an ephemeral port of its own towards its backend,
-//! so sessions per backend are bounded by `net.ipv4.ip_local_port_range`
-//! too; a session whose socket cannot be made is counted as an error.
+//! so the relay's sessions over all rules are bounded by a share of the
+//! free ephemeral ports ([`limits`]), read at start and at every reload; a
+//! session whose socket cannot be made is counted as an error.
 
 mod backend;
 mod batch;
@@ -21,6 +22,7 @@ mod buffered;
 mod counters;
 mod flow;
 mod idle;
+mod limits;
 pub mod proxy_protocol;
 mod sessions;
 mod socket;
@@ -39,12 +41,14 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 pub use counters::RelayRuleCounters;
+pub use limits::{EphemeralPorts, UdpSessionsStatus};
 
 use crate::health::HealthBook;
 use crate::reload::{ListenKey, Plan};
 use crate::rules::{FlowObserver, Listener, Protocol, RelaySettings};
 use backend::BackendPicker;
 use flow::RuleCtx;
+use limits::UdpBudget;
 
 /// Where a listener is in its life; it watches this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +115,7 @@ pub struct Relay {
     settings: RelaySettings,
     observer: Arc<dyn FlowObserver>,
     health: Arc<HealthBook>,
+    udp_budget: Arc<UdpBudget>,
 }
 
 enum Bound {
@@ -172,11 +177,19 @@ impl Relay {
             let socket = bind(l).map_err(|e| bind_error(l, e))?;
             bound.push((l.clone(), socket));
         }
+        let (udp_budget, unread) = UdpBudget::of_host();
+        if let Some(e) = unread {
+            warn!(
+                "cannot read the ephemeral port sysctls ({e}); udp sessions are bounded as for Linux's defaults"
+            );
+        }
+        log_udp_limit(&udp_budget.ports());
         let relay = Relay {
             listeners: Mutex::default(),
             settings,
             observer,
             health: Arc::default(),
+            udp_budget,
         };
         relay.serve(bound);
         Ok(relay)
@@ -197,11 +210,12 @@ impl Relay {
             let (rule_tx, rule_rx) = watch::channel(rule);
             let phase = Arc::new(watch::channel(Phase::Serving).0);
             let task = match socket {
-                Bound::Tcp(s) => tokio::spawn(tcp::serve(s, rule_rx, phase.clone())),
+                Bound::Tcp(s) => tokio::spawn(tcp::serve(s, rule_rx, phase.clone(), self.settings)),
                 Bound::Udp(s) => tokio::spawn(udp::serve(
                     s,
                     rule_rx,
                     self.settings.max_udp_sessions,
+                    self.udp_budget.clone(),
                     phase.clone(),
                 )),
             };
@@ -342,6 +356,26 @@ impl Relay {
             .sort_by_key(|s| s.rule.borrow().rule_id);
     }
 
+    /// Reads the ephemeral port sysctls again (a reload): the session limit
+    /// follows them. Sessions over a lowered limit go on.
+    pub fn refresh_udp_limit(&self) {
+        match EphemeralPorts::of_host() {
+            Ok(ports) if ports != self.udp_budget.ports() => {
+                log_udp_limit(&ports);
+                self.udp_budget.set_ports(ports);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!("cannot read the ephemeral port sysctls ({e}); the udp session limit stays")
+            }
+        }
+    }
+
+    /// The relay's UDP sessions against their limit.
+    pub fn udp_sessions(&self) -> UdpSessionsStatus {
+        self.udp_budget.status()
+    }
+
     /// The health of every rule's backends, which the relay's picks follow.
     pub fn health(&self) -> Arc<HealthBook> {
         self.health.clone()
@@ -423,6 +457,13 @@ impl Relay {
         }
         info!("relay stopped");
     }
+}
+
+fn log_udp_limit(p: &EphemeralPorts) {
+    info!(
+        "relay: at most {} udp sessions: ephemeral ports {}-{} have {} not reserved, {} of them kept for the host",
+        p.session_limit, p.range.0, p.range.1, p.free, p.kept_for_host
+    );
 }
 
 fn log_listener(l: &Listener, local: SocketAddr) {

@@ -12,10 +12,6 @@ use super::counters::RuleCounters;
 use super::idle::{IdleClock, Millis};
 use super::sys;
 
-/// What the pipe is asked to hold; the kernel may grant less (an
-/// unprivileged user over `fs.pipe-user-pages-soft` keeps the default).
-const PIPE_SIZE: usize = 1 << 20;
-
 /// Below this (an unprivileged user far over `fs.pipe-user-pages-soft` gets
 /// pipes of two pages), splice would move a few KiB per call: the buffered
 /// copy does better then.
@@ -28,9 +24,12 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    pub fn new() -> io::Result<Pipe> {
+    /// A pipe of `size` bytes (`relay.pipe_size`); the kernel may grant
+    /// less (an unprivileged user over `fs.pipe-user-pages-soft` keeps the
+    /// default).
+    pub fn new(size: usize) -> io::Result<Pipe> {
         let (read, write) = sys::pipe()?;
-        let size = match sys::set_pipe_size(&write, PIPE_SIZE) {
+        let size = match sys::set_pipe_size(&write, size) {
             Ok(size) => size,
             Err(_) => sys::pipe_size(&write)?,
         };

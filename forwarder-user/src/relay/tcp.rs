@@ -1,5 +1,8 @@
 //! TCP: accept, connect to a backend, copy both ways (splice, or buffered
-//! where splice is refused), half-close, idle timeout.
+//! where splice is refused), half-close, idle timeout. Bounded: at most
+//! `max_connections` open per rule (more are reset at accept), a reset for
+//! a connection that carries no byte within `relay.first_byte_timeout`,
+//! and pipes of `relay.pipe_size`.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -28,7 +31,7 @@ use super::splice::{Pipe, SpliceEnd, splice_one_way};
 use super::sys::canonical;
 use crate::acl::AclAction;
 use crate::health::Source;
-use crate::rules::ProxyProtocol;
+use crate::rules::{ProxyProtocol, RelaySettings};
 
 /// Serves one listener until the relay closes it, or it drains (or
 /// retires) and has no flow left. Each new flow takes the rule current at
@@ -37,6 +40,7 @@ pub async fn serve(
     listener: TcpListener,
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     phase: Arc<watch::Sender<Phase>>,
+    settings: RelaySettings,
 ) {
     let mut flows = JoinSet::new();
     let mut listener = Some(listener);
@@ -49,17 +53,20 @@ pub async fn serve(
                 Ok((stream, peer)) => {
                     accept_failing.clear();
                     // The rule of now: a reload may have changed it while we waited.
-                    flows.spawn(flow(stream, peer, rules.borrow_and_update().clone()));
+                    let rule = rules.borrow_and_update().clone();
+                    // Flows that ended meanwhile make room first.
+                    while let Some(joined) = flows.try_join_next() {
+                        flow_joined(&rule, joined);
+                    }
+                    if flows.len() >= rule.max_connections {
+                        over_limit(&rule, stream, flows.len());
+                    } else {
+                        flows.spawn(flow(stream, peer, rule, settings));
+                    }
                 }
                 Err(e) => accept_error(&rule, &accept_failing, e).await,
             },
-            Some(joined) = flows.join_next(), if !flows.is_empty() => {
-                if let Err(e) = joined
-                    && e.is_panic()
-                {
-                    error!(alias = %rule.alias, "tcp flow panicked: {e}");
-                }
-            },
+            Some(joined) = flows.join_next(), if !flows.is_empty() => flow_joined(&rule, joined),
             Ok(()) = rules.changed() => {}
             next = next_phase(&mut phase) => match next {
                 Phase::Serving => {}
@@ -76,6 +83,29 @@ pub async fn serve(
     }
     // Closing: whatever still runs is cut off (sockets closed as tasks drop).
     flows.shutdown().await;
+}
+
+fn flow_joined(rule: &RuleCtx, joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined
+        && e.is_panic()
+    {
+        error!(alias = %rule.alias, "tcp flow panicked: {e}");
+    }
+}
+
+/// The rule has `max_connections` open: this one is reset at once (the
+/// kernel completed its handshake already), counted, and said at most
+/// once per [`LOG_INTERVAL`](super::limits::LOG_INTERVAL).
+fn over_limit(rule: &RuleCtx, client: TcpStream, open: usize) {
+    RuleCounters::add(&rule.counters.connections_refused, 1);
+    if let Some(held) = rule.over_limit_log.hit(Millis::now()) {
+        warn!(
+            alias = %rule.alias,
+            "{open} tcp connections open, the rule's max_connections: new connections are reset \
+             until some close (counted in connections_refused; {held} reset since the last such line)"
+        );
+    }
+    let _ = client.set_zero_linger();
 }
 
 async fn accept(listener: &Option<TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
@@ -103,7 +133,15 @@ async fn accept_error(rule: &RuleCtx, failing: &Alarm, e: io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
+async fn flow(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    rule: Arc<RuleCtx>,
+    settings: RelaySettings,
+) {
+    // From the accept: connecting to the backend counts against the
+    // first-byte timeout too.
+    let clock = IdleClock::new(Millis::now());
     // A trusted upstream's client is checked once its PROXY header names it.
     let trusted = rule.trusts_proxy_header_from(canonical(peer));
     if !trusted && !rule.admits(peer) {
@@ -131,6 +169,7 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
                 if rule.proxy_headers_failing.clear() {
                     info!(alias = %rule.alias, upstream = %guard.client, "trusted upstreams send valid PROXY headers again");
                 }
+                clock.touch(Millis::now());
                 if let Some((source, destination)) = received.addresses {
                     guard.proxied(source, destination);
                 }
@@ -201,7 +240,12 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
         }
         RuleCounters::add(&rule.counters.bytes_to_backend, early.len() as u64);
     }
-    match relay_streams(&client, &backend, &rule, CopyMode::Splice).await {
+    let copy = CopySpec {
+        mode: CopyMode::Splice,
+        pipe_size: settings.pipe_size,
+        first_byte: settings.first_byte_timeout,
+    };
+    match relay_streams(&client, &backend, &rule, &copy, &clock).await {
         Ended::Closed => {
             debug!(alias = %rule.alias, client = %guard.client, "tcp closed by both ends")
         }
@@ -209,6 +253,16 @@ async fn flow(mut client: TcpStream, peer: SocketAddr, rule: Arc<RuleCtx>) {
             alias = %rule.alias, client = %guard.client,
             "tcp idle past tcp_established (tcp_half_closed once one end closed), closed"
         ),
+        Ended::Silent => {
+            RuleCounters::add(&rule.counters.first_byte_timeouts, 1);
+            debug!(
+                alias = %rule.alias, client = %guard.client,
+                "no byte either way within {:?} of the accept; resetting both ends",
+                copy.first_byte
+            );
+            let _ = client.set_zero_linger();
+            let _ = backend.set_zero_linger();
+        }
         Ended::Failed(e) => {
             // An end that resets is the endpoints' business (iperf3 does it
             // on every test); anything else is the relay's error.
@@ -317,6 +371,15 @@ pub enum CopyMode {
     Buffered,
 }
 
+/// How a flow's bytes are copied and how long it may stay silent.
+pub struct CopySpec {
+    pub mode: CopyMode,
+    /// Bytes of each direction's splice pipe.
+    pub pipe_size: usize,
+    /// No byte either way this long from the clock's start ends the flow.
+    pub first_byte: Duration,
+}
+
 #[derive(Debug)]
 pub enum Ended {
     /// Both directions saw FIN and delivered everything.
@@ -324,28 +387,34 @@ pub enum Ended {
     /// No byte either way for the idle timeout: `tcp_established`, or
     /// `tcp_half_closed` once one end has closed.
     Idle,
+    /// No byte either way within the first-byte timeout.
+    Silent,
     Failed(io::Error),
 }
 
-/// Copies both ways until both ends closed, one failed or the flow idled out.
+/// Copies both ways until both ends closed, one failed, nothing passed
+/// within the first-byte timeout of `clock`'s start, or the flow idled out.
 pub async fn relay_streams(
     client: &TcpStream,
     backend: &TcpStream,
     rule: &RuleCtx,
-    mode: CopyMode,
+    copy: &CopySpec,
+    clock: &IdleClock,
 ) -> Ended {
-    let clock = IdleClock::new(Millis::now());
     let counters = &rule.counters;
-    let up = one_way(client, backend, &counters.bytes_to_backend, &clock, mode);
-    let down = one_way(backend, client, &counters.bytes_to_client, &clock, mode);
+    let up = one_way(client, backend, &counters.bytes_to_backend, clock, copy);
+    let down = one_way(backend, client, &counters.bytes_to_client, clock, copy);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     loop {
+        let silent = !clock.carried();
         let idle = if up_done || down_done {
             rule.timeouts.tcp_half_closed
         } else {
             rule.timeouts.tcp_established
         };
+        // The first-byte timeout only ever shortens a silent flow's life.
+        let first_byte_ends = silent && copy.first_byte <= idle;
         tokio::select! {
             r = &mut up, if !up_done => match r {
                 Ok(()) => up_done = true,
@@ -355,7 +424,14 @@ pub async fn relay_streams(
                 Ok(()) => down_done = true,
                 Err(e) => return Ended::Failed(e),
             },
-            _ = clock.expired(idle) => return Ended::Idle,
+            _ = clock.expired(if first_byte_ends { copy.first_byte } else { idle }) => {
+                match (first_byte_ends, clock.carried()) {
+                    // Bytes came meanwhile: the idle timeouts apply from now on.
+                    (true, true) => continue,
+                    (true, false) => return Ended::Silent,
+                    (false, _) => return Ended::Idle,
+                }
+            }
         }
         if up_done && down_done {
             return Ended::Closed;
@@ -370,11 +446,11 @@ async fn one_way(
     dst: &TcpStream,
     moved: &AtomicU64,
     clock: &IdleClock,
-    mode: CopyMode,
+    copy: &CopySpec,
 ) -> io::Result<()> {
-    let pending = match mode {
+    let pending = match copy.mode {
         CopyMode::Buffered => Some(Vec::new()),
-        CopyMode::Splice => match Pipe::new() {
+        CopyMode::Splice => match Pipe::new(copy.pipe_size) {
             Ok(pipe) => match splice_one_way(src, dst, &pipe, moved, clock).await? {
                 SpliceEnd::Eof => None,
                 SpliceEnd::Refused { pending } => {
@@ -426,12 +502,25 @@ mod tests {
             path: PathMode::Relay,
             preserve_client_ip: false,
             acl: None,
+            max_connections: None,
             proxy: Default::default(),
             listen_picked: false,
             health: None,
         };
         let health = crate::health::HealthBook::default().rule(&listener);
         RuleCtx::new(&listener, Arc::new(NoKernelPath), health)
+    }
+
+    fn spec(mode: CopyMode) -> CopySpec {
+        CopySpec {
+            mode,
+            pipe_size: RelaySettings::default().pipe_size,
+            first_byte: Duration::from_secs(3600),
+        }
+    }
+
+    fn fresh_clock() -> IdleClock {
+        IdleClock::new(Millis::now())
     }
 
     /// A connected pair of loopback sockets: (the end we hold, the end the relay holds).
@@ -448,7 +537,8 @@ mod tests {
         let rule = rule(Duration::from_secs(30));
         let (mut client, c) = pair().await;
         let (b, mut backend) = pair().await;
-        let relay = relay_streams(&c, &b, &rule, mode);
+        let (copy, clock) = (spec(mode), fresh_clock());
+        let relay = relay_streams(&c, &b, &rule, &copy, &clock);
         let ends = async {
             let request: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
             client.write_all(&request).await.unwrap();
@@ -483,7 +573,7 @@ mod tests {
         let rule = rule(Duration::from_millis(100));
         let (_client, c) = pair().await;
         let (b, _backend) = pair().await;
-        let ended = relay_streams(&c, &b, &rule, CopyMode::Splice).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Splice), &fresh_clock()).await;
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
     }
 
@@ -501,7 +591,7 @@ mod tests {
         let (b, _backend) = pair().await;
         client.shutdown().await.unwrap();
         let started = std::time::Instant::now();
-        let ended = relay_streams(&c, &b, &rule, CopyMode::Splice).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Splice), &fresh_clock()).await;
         let took = started.elapsed();
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
         // The idle clock counts whole milliseconds: it may end the flow up
@@ -513,6 +603,54 @@ mod tests {
         );
     }
 
+    /// Bounded both ways: not before the first-byte timeout, not long after.
+    #[tokio::test]
+    async fn a_flow_without_a_byte_ends_at_the_first_byte_timeout() {
+        let rule = rule(Duration::from_secs(30));
+        let (_client, c) = pair().await;
+        let (b, _backend) = pair().await;
+        let first_byte = Duration::from_millis(200);
+        let copy = CopySpec {
+            first_byte,
+            ..spec(CopyMode::Splice)
+        };
+        let started = std::time::Instant::now();
+        let ended = relay_streams(&c, &b, &rule, &copy, &fresh_clock()).await;
+        let took = started.elapsed();
+        assert!(matches!(ended, Ended::Silent), "{ended:?}");
+        assert!(
+            took + Duration::from_millis(2) >= first_byte
+                && took <= first_byte * 3 + Duration::from_millis(500),
+            "ended after {took:?}"
+        );
+    }
+
+    /// One byte, and the flow lives by `tcp_established`, not the
+    /// first-byte timeout.
+    #[tokio::test]
+    async fn a_flow_that_carried_a_byte_outlives_the_first_byte_timeout() {
+        let established = Duration::from_millis(900);
+        let rule = rule(established);
+        let (mut client, c) = pair().await;
+        let (b, mut backend) = pair().await;
+        let copy = CopySpec {
+            first_byte: Duration::from_millis(100),
+            ..spec(CopyMode::Splice)
+        };
+        let started = std::time::Instant::now();
+        let clock = fresh_clock();
+        let relay = relay_streams(&c, &b, &rule, &copy, &clock);
+        let ends = async {
+            client.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            backend.read_exact(&mut one).await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(relay, ends);
+        let took = started.elapsed();
+        assert!(matches!(ended, Ended::Idle), "{ended:?}");
+        assert!(took >= established, "ended after {took:?}");
+    }
+
     #[tokio::test]
     async fn a_reset_fails_the_flow() {
         let rule = rule(Duration::from_secs(30));
@@ -520,7 +658,7 @@ mod tests {
         let (b, _backend) = pair().await;
         client.set_zero_linger().unwrap();
         drop(client);
-        let ended = relay_streams(&c, &b, &rule, CopyMode::Buffered).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Buffered), &fresh_clock()).await;
         assert!(matches!(ended, Ended::Failed(_)), "{ended:?}");
     }
 }

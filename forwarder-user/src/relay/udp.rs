@@ -22,6 +22,7 @@ use super::batch::{Datagrams, PacketInfo};
 use super::counters::RuleCounters;
 use super::flow::{FlowGuard, RuleCtx};
 use super::idle::{IdleClock, Millis, sweep_interval};
+use super::limits::{SessionPort, UdpBudget};
 use super::proxy_protocol::{self, Transport, Version};
 use super::sessions::SessionTable;
 use super::socket::connect_udp;
@@ -63,6 +64,9 @@ struct Session {
     answered: AtomicBool,
     /// The backend's index in the rule, for its health.
     backend: usize,
+    /// The session's share of the relay's ephemeral ports; after `upstream`
+    /// so that it is given back once the port is.
+    _port: SessionPort,
 }
 
 struct Entry {
@@ -79,6 +83,7 @@ struct UdpListener {
     tasks: JoinSet<SessionKey>,
     accepting: bool,
     table_full: Alarm,
+    budget: Arc<UdpBudget>,
 }
 
 enum Event {
@@ -96,6 +101,7 @@ pub async fn serve(
     socket: UdpSocket,
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     max_sessions: usize,
+    budget: Arc<UdpBudget>,
     phase_control: Arc<watch::Sender<Phase>>,
 ) {
     let rule = rules.borrow_and_update().clone();
@@ -115,6 +121,7 @@ pub async fn serve(
         tasks: JoinSet::new(),
         accepting: *phase.borrow_and_update() == Phase::Serving,
         table_full: Alarm::default(),
+        budget,
     };
     let mut batch = Datagrams::new();
     let mut sweep = tokio::time::interval(sweep_interval(l.rule.timeouts.udp_unanswered()));
@@ -249,6 +256,21 @@ impl UdpListener {
             }
             return None;
         }
+        let Some(port) = self.budget.take() else {
+            RuleCounters::add(&rule.counters.sessions_refused, 1);
+            if let Some(held) = self.budget.refused() {
+                let p = self.budget.ports();
+                warn!(
+                    alias = %rule.alias,
+                    "the relay holds {} udp sessions, its share of the {} free ephemeral ports \
+                     ({} are kept for the host's own sockets): new clients are refused until \
+                     sessions end (counted in sessions_refused; {held} refused since the last \
+                     such line)",
+                    p.session_limit, p.free, p.kept_for_host
+                );
+            }
+            return None;
+        };
         if rule.refuses_client_ip() {
             return None;
         }
@@ -289,6 +311,7 @@ impl UdpListener {
             header,
             answered: AtomicBool::new(false),
             backend: index,
+            _port: port,
         });
         debug!(alias = %rule.alias, client = %guard.client, %backend, "udp session opened");
         let abort = self.tasks.spawn(replies(

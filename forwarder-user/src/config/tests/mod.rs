@@ -12,6 +12,7 @@ mod godoxy_examples;
 mod health;
 mod names;
 mod proxy_protocol;
+mod relay_bounds;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
