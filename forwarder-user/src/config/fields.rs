@@ -471,30 +471,14 @@ fn max_connections_together(
             ),
         );
     }
-    if let Some((p, mode)) = path
-        && mode.requires_kernel()
-    {
-        cx.error(
-            "path",
-            ConfigError::new(
-                &p.pos,
-                format!("`path: {}` with `max_connections`", mode.as_str()),
-                "`auto` or `relay`: only the relay counts a rule's connections, so `max_connections` makes the tcp rule relay-only",
-            )
-            .hint(format!("`max_connections` is at {}", node.pos)),
-        );
-    }
-    if let Some((p, true)) = preserve {
-        cx.error(
-            "preserve_client_ip",
-            ConfigError::new(
-                &p.pos,
-                "`true` with `max_connections`",
-                "`false`: `max_connections` makes the tcp rule relay-only, and the relay cannot keep the client's address",
-            )
-            .hint(format!("`max_connections` is at {}", node.pos)),
-        );
-    }
+    relay_only_conflicts(
+        cx,
+        (node, "`max_connections`"),
+        path,
+        preserve,
+        "`auto` or `relay`: only the relay counts a rule's connections, so `max_connections` makes the tcp rule relay-only",
+        "`false`: `max_connections` makes the tcp rule relay-only, and the relay cannot keep the client's address",
+    );
 }
 
 /// The PROXY protocol fields of a route, each with its value where valid.
@@ -563,6 +547,27 @@ fn proxy_protocol_together(
     let Some((asker, what)) = sends.or(accepts) else {
         return;
     };
+    relay_only_conflicts(
+        cx,
+        (asker, &what),
+        path,
+        preserve,
+        "`auto` or `relay`: only the relay sends and reads PROXY protocol headers",
+        "`false`: PROXY protocol rules go through the relay, which cannot keep the client's address (the header carries it)",
+    );
+}
+
+/// A field (`asker`, named `what`) that makes a rule relay-only, against
+/// a path that requires the kernel and `preserve_client_ip`, which needs
+/// it; `*_allowed` say what may be written instead.
+fn relay_only_conflicts(
+    cx: &mut Ctx<'_>,
+    (asker, what): (&Node, &str),
+    path: Option<(&Node, PathMode)>,
+    preserve: Option<(&Node, bool)>,
+    path_allowed: &str,
+    preserve_allowed: &str,
+) {
     if let Some((p, mode)) = path
         && mode.requires_kernel()
     {
@@ -571,7 +576,7 @@ fn proxy_protocol_together(
             ConfigError::new(
                 &p.pos,
                 format!("`path: {}` with {what}", mode.as_str()),
-                "`auto` or `relay`: only the relay sends and reads PROXY protocol headers",
+                path_allowed,
             )
             .hint(format!("{what} is at {}", asker.pos)),
         );
@@ -579,12 +584,8 @@ fn proxy_protocol_together(
     if let Some((p, true)) = preserve {
         cx.error(
             "preserve_client_ip",
-            ConfigError::new(
-                &p.pos,
-                format!("`true` with {what}"),
-                "`false`: PROXY protocol rules go through the relay, which cannot keep the client's address (the header carries it)",
-            )
-            .hint(format!("{what} is at {}", asker.pos)),
+            ConfigError::new(&p.pos, format!("`true` with {what}"), preserve_allowed)
+                .hint(format!("{what} is at {}", asker.pos)),
         );
     }
 }
