@@ -297,6 +297,16 @@ fn udp_sessions_stop_at_their_share_of_the_ephemeral_ports_and_the_host_keeps_th
     assert_eq!(counter(relay, "flows"), 300, "{relay}");
     assert_eq!(counter(relay, "active"), 300, "{relay}");
     assert_eq!(status["relay_udp_sessions"]["open"], 300);
+    // A reload reads the sysctls again: a lowered limit refuses new
+    // sessions, the ones over it go on.
+    topo.forwarder
+        .sysctl("net.ipv4.ip_local_port_range", "61000 61099");
+    let out = common::reload(daemon.control_path(), common::harness::WAIT);
+    assert!(out.status.success(), "{out:?}");
+    let limit = &daemon.status()["relay_udp_sessions"];
+    assert_eq!(limit["session_limit"], 75, "{limit}");
+    assert_eq!(limit["kept_for_host"], 25, "{limit}");
+    assert_eq!(limit["open"], 300, "{limit}");
     let log = daemon.stop();
     let said = log
         .lines()

@@ -58,7 +58,7 @@ pub(crate) use env::parse_port_range;
 pub use errors::{ConfigError, Errors, Pos, Warning};
 pub use fields::{HealthCheck, ProxyProtocol};
 pub use table::table;
-pub use values::{Cidr, format_duration};
+pub use values::{Cidr, format_bytes, format_duration};
 
 use crate::rules::Compiled;
 use env::{Env, System};
