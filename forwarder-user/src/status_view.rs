@@ -503,6 +503,22 @@ mod tests {
     }
 
     #[test]
+    fn relay_refusals_at_a_bound_are_noted() {
+        let relay = relay_path_counts(
+            &json!({"flows": 9, "connections_refused": 51, "first_byte_timeouts": 2}),
+            "tcp",
+            None,
+        );
+        assert_eq!(
+            relay.notes,
+            [
+                "reset at max_connections: 51",
+                "reset, silent past first_byte_timeout: 2"
+            ],
+        );
+    }
+
+    #[test]
     fn acl_denials_are_noted_on_both_paths() {
         let kernel = kernel_path_counts(&json!({"flows": 1, "acl_denied": 2}));
         assert!(
