@@ -460,6 +460,14 @@ impl Relay {
 }
 
 fn log_udp_limit(p: &EphemeralPorts) {
+    if p.session_limit == 0 {
+        warn!(
+            "relay: no udp session is possible: ephemeral ports {}-{} have {} not reserved \
+             (net.ipv4.ip_local_port_range, ip_local_reserved_ports with kernel.snat_ports)",
+            p.range.0, p.range.1, p.free
+        );
+        return;
+    }
     info!(
         "relay: at most {} udp sessions: ephemeral ports {}-{} have {} not reserved, {} of them kept for the host",
         p.session_limit, p.range.0, p.range.1, p.free, p.kept_for_host
