@@ -11,6 +11,7 @@ mod crash;
 mod daemon;
 mod daemon_lifecycle;
 mod demo;
+mod dns;
 mod docker;
 mod flow_timeouts;
 mod handover;

@@ -7,8 +7,10 @@
 //! observer exists before the first relay flow; a failure at any step
 //! undoes the steps before it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use forwarder_common::RULE_F_RELAY;
@@ -19,9 +21,10 @@ use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
 use crate::docker::{self, DiscoveryStatus, ReportLog};
 use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, StartOptions};
+use crate::names;
 use crate::relay::Relay;
 use crate::reload::{self, Plan, Summary};
-use crate::rules::{Compiled, FlowObserver, NoKernelPath};
+use crate::rules::{Answer, Compiled, FlowObserver, NoKernelPath};
 
 pub struct RunOptions {
     pub config: PathBuf,
@@ -105,6 +108,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         kernel,
         running: RwLock::new(compiled),
         reloading: tokio::sync::Mutex::new(()),
+        names_changed: tokio::sync::Notify::new(),
         file_text: Mutex::new(file_text),
         docker: loaded.docker.clone(),
         containers: Mutex::new(Vec::new()),
@@ -196,6 +200,8 @@ struct Daemon {
     running: RwLock<Compiled>,
     /// One reload at a time (SIGHUP, `forwarder reload` and Docker may meet).
     reloading: tokio::sync::Mutex<()>,
+    /// Poked when the rules in force change, for the name follower.
+    names_changed: tokio::sync::Notify,
     /// The rule file as last loaded: a change in Docker does not re-read it.
     file_text: Mutex<String>,
     /// The `docker:` section at start.
@@ -322,47 +328,63 @@ impl Daemon {
         }
     }
 
-    /// Resolves the file's hostnames again; where an answer changed, new
-    /// flows follow it (as a reload that changes only backends would).
-    /// The file itself is read again for that, so an edit made since the
-    /// last reload holds the refresh back until the operator reloads.
-    async fn refresh_names(&self, names: &mut NameWatch) {
+    /// Takes fresh answers for some hostnames: where addresses changed,
+    /// the rule file as last applied is compiled with them and new flows
+    /// follow (as a reload that changes only backends would).
+    async fn refresh_names(&self, fresh: BTreeMap<String, Answer>, names: &mut NameWatch) {
         let _one_at_a_time = self.reloading.lock().await;
+        let running = self.running().clone();
+        let mut answers = running.hostnames.clone();
+        answers.extend(fresh);
+        let moved = (answers.iter()).any(|(name, a)| {
+            running
+                .hostnames
+                .get(name)
+                .is_some_and(|old| old.addrs != a.addrs)
+        });
+        if !moved {
+            // Only TTLs: nothing to compile, but the answers in force are these.
+            let mut running = self.running.write().unwrap_or_else(|e| e.into_inner());
+            for (name, answer) in answers {
+                if let Some(old) = running.hostnames.get_mut(&name) {
+                    *old = answer;
+                }
+            }
+            return;
+        }
+        let text = lock(&self.file_text).clone();
         let path = self.config.clone();
         // With the containers' routes, or they would look removed.
         let containers = lock(&self.containers).clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            config::load_with_containers(&path, &containers).map(|l| l.compiled)
+            config::load_text_with_answers(&text, &path, &containers, &answers).map(|l| l.compiled)
         });
         let loaded = match loaded.await {
             Ok(Ok(compiled)) => compiled,
             Ok(Err(errors)) => {
-                names.failing(&errors.to_string());
+                names.unusable(&errors.to_string());
                 return;
             }
             Err(_) => return,
         };
-        names.resolving();
-        let running = self.running().clone();
-        let kernel = self.kernel.as_deref();
-        let held = |id: u32| kernel.is_some_and(|k| k.holds(id));
-        let Ok(plan) = reload::plan(&running, loaded.clone(), &held) else {
-            return;
+        names.usable();
+        let plan = match self.plan(&running, loaded) {
+            Ok(plan) => plan,
+            Err(e) => {
+                warn!("names: the new answers cannot be applied: {e:#}");
+                return;
+            }
         };
-        if plan.is_empty() {
-            names.in_step();
-            return;
-        }
         if !only_backends_changed(&running, &plan) {
-            names.edited(&self.config);
+            // Never from the same file and containers; said rather than applied.
+            warn!("names: the rules changed otherwise too; the new answers wait for a reload");
             return;
         }
-        names.in_step();
         for (_, new) in &plan.changed {
             let to: Vec<String> = new.backends.iter().map(|b| b.addr.to_string()).collect();
             info!(alias = %new.alias, "names: new flows of {} go to {}", new.protocol, to.join(", "));
         }
-        if let Err(e) = self.apply(loaded).await {
+        if let Err(e) = self.apply_plan(plan).await {
             warn!("names: the new answers cannot be applied: {e:#}");
         }
     }
@@ -370,9 +392,18 @@ impl Daemon {
     /// Prepares everything that can fail on both paths, then switches.
     async fn apply(&self, loaded: Compiled) -> anyhow::Result<Summary> {
         let running = self.running().clone();
+        let plan = self.plan(&running, loaded)?;
+        self.apply_plan(plan).await
+    }
+
+    fn plan(&self, running: &Compiled, loaded: Compiled) -> anyhow::Result<Plan> {
         let kernel = self.kernel.as_deref();
         let held = |id: u32| kernel.is_some_and(|k| k.holds(id));
-        let mut plan = reload::plan(&running, loaded, &held).map_err(|e| anyhow!(e))?;
+        reload::plan(running, loaded, &held).map_err(|e| anyhow!(e))
+    }
+
+    async fn apply_plan(&self, mut plan: Plan) -> anyhow::Result<Summary> {
+        let kernel = self.kernel.as_deref();
         let tables = match kernel {
             Some(k) => Some(k.prepare(&plan)?),
             None => {
@@ -393,6 +424,8 @@ impl Daemon {
         self.relay.health().sync(&plan.next.listeners);
         let summary = plan.summary();
         *self.running.write().unwrap_or_else(|e| e.into_inner()) = plan.next;
+        // The names in force, or their answers, may be others now.
+        self.names_changed.notify_one();
         Ok(summary)
     }
 
@@ -478,54 +511,90 @@ fn only_backends_changed(running: &Compiled, plan: &Plan) -> bool {
 /// What the name follower said last, so that it says each thing once.
 #[derive(Default)]
 struct NameWatch {
-    failing: Option<String>,
-    edited: bool,
+    failing: BTreeSet<String>,
+    unusable: Option<String>,
 }
 
 impl NameWatch {
-    fn failing(&mut self, errors: &str) {
-        if self.failing.as_deref() != Some(errors) {
+    fn failed(&mut self, name: &str, why: &std::io::Error, retry: Duration) {
+        if self.failing.insert(name.to_owned()) {
+            warn!(
+                "names: {name} does not resolve ({why}); its last answer stays until it \
+                 resolves again (next try in {}, then less often)",
+                config::format_duration(retry)
+            );
+        }
+    }
+
+    fn resolved(&mut self, name: &str) {
+        if self.failing.remove(name) {
+            info!("names: {name} resolves again");
+        }
+    }
+
+    fn unusable(&mut self, errors: &str) {
+        if self.unusable.as_deref() != Some(errors) {
             for line in errors.lines() {
                 warn!("names: {line}");
             }
-            warn!("names: the last answers stay until the names resolve again");
-            self.failing = Some(errors.to_owned());
+            warn!("names: the last usable answers stay");
+            self.unusable = Some(errors.to_owned());
         }
     }
 
-    fn resolving(&mut self) {
-        if self.failing.take().is_some() {
-            info!("names: every name resolves again");
-        }
-    }
-
-    fn in_step(&mut self) {
-        self.edited = false;
-    }
-
-    fn edited(&mut self, file: &std::path::Path) {
-        if !self.edited {
-            warn!(
-                "names: {} changed since it was last loaded; names are followed again after \
-                 `forwarder reload`",
-                file.display()
-            );
-            self.edited = true;
+    fn usable(&mut self) {
+        if self.unusable.take().is_some() {
+            info!("names: the answers are usable again");
         }
     }
 }
 
-/// Resolves the targets' hostnames again every `dns.refresh`.
+/// Looks each target hostname up again when its answer lapses (its TTL
+/// within `dns.min_ttl`..`dns.max_ttl`, or `dns.refresh` from /etc/hosts).
 async fn follow_names(daemon: Arc<Daemon>) {
-    let mut names = NameWatch::default();
+    let mut schedule = names::Schedule::default();
+    let mut watch = NameWatch::default();
     loop {
-        let (refresh, any) = {
+        let changed = daemon.names_changed.notified();
+        let (hostnames, dns) = {
             let running = daemon.running();
-            (running.dns.refresh, !running.hostnames.is_empty())
+            (running.hostnames.clone(), running.dns)
         };
-        tokio::time::sleep(refresh).await;
-        if any {
-            daemon.refresh_names(&mut names).await;
+        schedule.follow(&hostnames, &dns, Instant::now());
+        match schedule.next() {
+            None => {
+                changed.await;
+                continue;
+            }
+            Some(at) => tokio::select! {
+                () = tokio::time::sleep_until(at.into()) => {}
+                () = changed => continue,
+            },
+        }
+        let mut lookups = tokio::task::JoinSet::new();
+        for name in schedule.due(Instant::now()) {
+            lookups.spawn(async move {
+                let answer = names::lookup(&name).await;
+                (name, answer)
+            });
+        }
+        let mut fresh = BTreeMap::new();
+        for (name, answer) in lookups.join_all().await {
+            match answer {
+                Ok(answer) => {
+                    watch.resolved(&name);
+                    schedule.answered(&name, &answer, &dns, Instant::now());
+                    fresh.insert(name, answer);
+                }
+                Err(e) => {
+                    if let Some(retry) = schedule.failed(&name, &dns, Instant::now()) {
+                        watch.failed(&name, &e, retry);
+                    }
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            daemon.refresh_names(fresh, &mut watch).await;
         }
     }
 }

@@ -3,7 +3,8 @@
 //! `config` turns a rule file into a [`Compiled`]; nothing else builds one.
 //! It is plain data so that both paths, `check` and the tests share it.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use forwarder_common::{AclKey, Backend, RuleKey, RuleValue};
@@ -291,19 +292,35 @@ pub struct KernelTable {
     pub acl: Vec<(u32, AclKey, u32)>,
 }
 
-/// How the hostnames of targets are followed.
+/// How the hostnames of targets are followed; new flows follow each answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DnsSettings {
-    /// Names are resolved again this often; new flows follow the answer.
+    /// How long an answer without a TTL (from /etc/hosts) is kept.
     pub refresh: Duration,
+    /// The bounds a DNS answer's TTL is held within; a failed lookup is
+    /// tried again after `min_ttl`, then twice as long each time, at most
+    /// `max_ttl`.
+    pub min_ttl: Duration,
+    pub max_ttl: Duration,
 }
 
 impl Default for DnsSettings {
     fn default() -> Self {
         DnsSettings {
             refresh: Duration::from_secs(30),
+            min_ttl: Duration::from_secs(5),
+            max_ttl: Duration::from_secs(300),
         }
     }
+}
+
+/// What a hostname resolved to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// Its IPv4 addresses if it has any, else its IPv6 ones; sorted.
+    pub addrs: Vec<IpAddr>,
+    /// How long DNS said the answer may be kept; `None` for /etc/hosts.
+    pub ttl: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -315,8 +332,8 @@ pub struct Compiled {
     pub relay: RelaySettings,
     pub kernel_settings: KernelSettings,
     pub dns: DnsSettings,
-    /// The hostnames the targets were given as, resolved at load.
-    pub hostnames: Vec<String>,
+    /// The hostnames the targets were given as, with their answers.
+    pub hostnames: BTreeMap<String, Answer>,
 }
 
 /// Told of the flows the relay owns, so that the kernel path leaves them

@@ -4,11 +4,12 @@
 //! Behind a trait so that tests can answer DNS without a network; the
 //! daemon uses [`System`].
 
+use std::collections::BTreeMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
 
-use crate::rules::Protocol;
+use crate::rules::{Answer, Protocol};
 
 /// The range Linux picks ephemeral ports from when the file cannot be read.
 const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
@@ -16,7 +17,7 @@ const DEFAULT_EPHEMERAL: (u16, u16) = (32768, 60999);
 pub(crate) trait Env {
     fn read(&self, path: &Path) -> io::Result<String>;
     /// The addresses of a hostname; none is an error.
-    fn resolve(&self, host: &str) -> io::Result<Vec<IpAddr>>;
+    fn resolve(&self, host: &str) -> io::Result<Answer>;
     /// The services database (`/etc/services`); empty when unreadable.
     fn services(&self) -> String;
     /// The kernel's ephemeral port range, inclusive.
@@ -34,12 +35,8 @@ impl Env for System {
         std::fs::read_to_string(path)
     }
 
-    fn resolve(&self, host: &str) -> io::Result<Vec<IpAddr>> {
-        let addrs: Vec<IpAddr> = (host, 0).to_socket_addrs()?.map(|a| a.ip()).collect();
-        if addrs.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::NotFound, "no addresses"));
-        }
-        Ok(addrs)
+    fn resolve(&self, host: &str) -> io::Result<Answer> {
+        crate::names::lookup_blocking(host)
     }
 
     fn services(&self) -> String {
@@ -58,6 +55,37 @@ impl Env for System {
             Protocol::Tcp => TcpListener::bind(addr).map(drop),
             Protocol::Udp => UdpSocket::bind(addr).map(drop),
         }
+    }
+}
+
+/// The machine, with hostnames answered as they were just looked up (by
+/// the daemon's name follower) instead of asked again.
+pub(crate) struct Answered<'a> {
+    pub answers: &'a BTreeMap<String, Answer>,
+}
+
+impl Env for Answered<'_> {
+    fn read(&self, path: &Path) -> io::Result<String> {
+        System.read(path)
+    }
+
+    fn resolve(&self, host: &str) -> io::Result<Answer> {
+        match self.answers.get(host) {
+            Some(answer) => Ok(answer.clone()),
+            None => System.resolve(host),
+        }
+    }
+
+    fn services(&self) -> String {
+        System.services()
+    }
+
+    fn ephemeral_range(&self) -> (u16, u16) {
+        System.ephemeral_range()
+    }
+
+    fn probe(&self, addr: SocketAddr, protocol: Protocol) -> io::Result<()> {
+        System.probe(addr, protocol)
     }
 }
 
@@ -85,7 +113,7 @@ mod tests {
 
     #[test]
     fn localhost_resolves() {
-        let addrs = System.resolve("localhost").unwrap();
-        assert!(addrs.iter().all(|a| a.is_loopback()), "{addrs:?}");
+        let answer = System.resolve("localhost").unwrap();
+        assert!(answer.addrs.iter().all(|a| a.is_loopback()), "{answer:?}");
     }
 }

@@ -60,8 +60,10 @@ pub use fields::{HealthCheck, ProxyProtocol};
 pub use table::table;
 pub use values::{Cidr, format_bytes, format_duration};
 
-use crate::rules::Compiled;
-use env::{Env, System};
+use std::collections::BTreeMap;
+
+use crate::rules::{Answer, Compiled};
+use env::{Answered, Env, System};
 use errors::Diag;
 use source::RawRoute;
 
@@ -148,9 +150,29 @@ pub fn load_text_with_containers(
     path: &Path,
     containers: &[Container],
 ) -> Result<Loaded, Errors> {
+    load_text_in(text, path, containers, &System)
+}
+
+/// Like [`load_text_with_containers`], with the hostnames in `answers`
+/// taken as answered there rather than looked up again.
+pub fn load_text_with_answers(
+    text: &str,
+    path: &Path,
+    containers: &[Container],
+    answers: &BTreeMap<String, Answer>,
+) -> Result<Loaded, Errors> {
+    load_text_in(text, path, containers, &Answered { answers })
+}
+
+fn load_text_in(
+    text: &str,
+    path: &Path,
+    containers: &[Container],
+    env: &dyn Env,
+) -> Result<Loaded, Errors> {
     let name: Arc<str> = Arc::from(path.display().to_string());
     let base = path.parent().unwrap_or(Path::new(""));
-    let load = |extra: &[RawRoute]| load_inner(text, &name, base, &System, extra);
+    let load = |extra: &[RawRoute]| load_inner(text, &name, base, env, extra);
     let (mut compiled, docker, warnings) = load(&[])?;
     for w in warnings {
         tracing::warn!("{w}");
@@ -229,7 +251,7 @@ fn load_inner(
         .iter()
         .filter_map(|r| fields::route(r, &globals.timeouts, env, &mut diag, &mut unchecked))
         .collect();
-    let targets = resolve::hosts(&specs, &unchecked, env, &mut diag);
+    let (targets, answers) = resolve::hosts(&specs, &unchecked, env, &mut diag);
     validate::routes(&specs, &targets, &globals, &mut diag);
     if diag.has_errors() {
         return Err(diag.into_errors());
@@ -274,6 +296,6 @@ fn load_inner(
     };
     let mut compiled = compile(&config);
     compiled.dns = globals.dns;
-    compiled.hostnames = resolve::names(&specs);
+    compiled.hostnames = answers;
     Ok((compiled, globals.docker, diag.warnings))
 }

@@ -1,7 +1,7 @@
 //! The two steps that ask the machine: hostnames to addresses, and listen
 //! ports for routes that asked for port 0.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::BuildHasher;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -11,25 +11,27 @@ use super::env::Env;
 use super::errors::{ConfigError, Diag, quoted};
 use super::fields::{RouteSpec, TargetSpec};
 use super::values::HostSpec;
-use crate::rules::{BackendSpec, Protocol};
+use crate::names::pick_addresses;
+use crate::rules::{Answer, BackendSpec, Protocol};
 use forwarder_common::MAX_BACKENDS_PER_RULE;
 
-type Cache = HashMap<String, Result<Vec<IpAddr>, String>>;
+type Cache = HashMap<String, Result<Answer, String>>;
 
 /// Each route's targets as addresses; `None` for a route with a target that
 /// did not resolve (the error is recorded). The `unchecked` targets, of
-/// routes that failed otherwise, are resolved only to report them.
+/// routes that failed otherwise, are resolved only to report them. Also
+/// the answer for each hostname of `specs`.
 pub(crate) fn hosts(
     specs: &[RouteSpec],
     unchecked: &[(String, TargetSpec)],
     env: &dyn Env,
     diag: &mut Diag,
-) -> Vec<Option<Vec<BackendSpec>>> {
+) -> (Vec<Option<Vec<BackendSpec>>>, BTreeMap<String, Answer>) {
     let mut cache = Cache::new();
     for (alias, t) in unchecked {
         resolve(alias, t, &mut cache, env, diag);
     }
-    specs
+    let targets = specs
         .iter()
         .map(|spec| {
             let resolved: Vec<Option<Vec<BackendSpec>>> = spec
@@ -62,20 +64,14 @@ pub(crate) fn hosts(
             }
             Some(backends)
         })
-        .collect()
-}
-
-/// The hostnames `specs` name, each once, in the order written.
-pub(crate) fn names(specs: &[RouteSpec]) -> Vec<String> {
-    let mut seen = HashSet::new();
-    specs
-        .iter()
-        .flat_map(|s| &s.targets)
+        .collect();
+    let answers = (specs.iter().flat_map(|s| &s.targets))
         .filter_map(|t| match &t.host {
-            HostSpec::Name(name) if seen.insert(name.clone()) => Some(name.clone()),
-            _ => None,
+            HostSpec::Name(name) => Some((name.clone(), cache.get(name)?.clone().ok()?)),
+            HostSpec::Ip(_) => None,
         })
-        .collect()
+        .collect();
+    (targets, answers)
 }
 
 fn resolve(
@@ -91,19 +87,19 @@ fn resolve(
             let answer = cache
                 .entry(name.clone())
                 .or_insert_with(|| match env.resolve(name) {
-                    Ok(addrs) => {
-                        let picked = pick_addresses(&addrs);
-                        if picked.is_empty() {
+                    Ok(answer) => {
+                        let addrs = pick_addresses(&answer.addrs);
+                        if addrs.is_empty() {
                             Err("no addresses".to_owned())
                         } else {
-                            Ok(picked)
+                            Ok(Answer { addrs, ..answer })
                         }
                     }
                     Err(e) => Err(e.to_string()),
                 })
                 .clone();
             match answer {
-                Ok(ips) => ips,
+                Ok(answer) => answer.addrs,
                 Err(why) => {
                     diag.error(
                         ConfigError::new(
@@ -143,21 +139,6 @@ fn usable(alias: &str, t: &TargetSpec, ip: IpAddr, diag: &mut Diag) -> Option<Ba
         addr: SocketAddr::new(ip, t.port),
         weight: t.weight,
     })
-}
-
-/// Every IPv4 address if there is one (the kernel path speaks IPv4 for
-/// now), else every address; sorted, so that a server rotating its answers
-/// does not look like a change.
-fn pick_addresses(addrs: &[IpAddr]) -> Vec<IpAddr> {
-    let v4 = addrs.iter().any(IpAddr::is_ipv4);
-    let mut picked: Vec<IpAddr> = addrs
-        .iter()
-        .map(|a| a.to_canonical())
-        .filter(|a| !v4 || a.is_ipv4())
-        .collect();
-    picked.sort();
-    picked.dedup();
-    picked
 }
 
 fn unusable_target(ip: IpAddr) -> Option<&'static str> {

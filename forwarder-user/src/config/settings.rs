@@ -24,10 +24,10 @@ pub const PIPE_SIZE_MAX: usize = 1 << 20;
 const FIRST_BYTE_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 const FIRST_BYTE_MAX: std::time::Duration = std::time::Duration::from_secs(7200);
 const KERNEL_FIELDS: &[&str] = &["conntrack_size", "snat_ports"];
-const DNS_FIELDS: &[&str] = &["refresh"];
+const DNS_FIELDS: &[&str] = &["refresh", "min_ttl", "max_ttl"];
 const SNAT_ALLOWED: &str = "`min-max` within 1024–65535, min ≤ max (e.g. `40000-59999`)";
-/// How often names may be resolved again: not a load on the resolver, not
-/// so rarely that a moved backend waits long.
+/// How often names may be resolved again (each of `dns`' durations): not
+/// a load on the resolver, not so rarely that a moved backend waits long.
 const DNS_REFRESH_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 const DNS_REFRESH_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
@@ -85,23 +85,7 @@ pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
         }
     }
     if let Some(node) = &raw.dns {
-        for (k, v) in section(node, "dns", DNS_FIELDS, diag) {
-            let r = values::duration(&v, false).and_then(|d| {
-                if (DNS_REFRESH_MIN..=DNS_REFRESH_MAX).contains(&d) {
-                    g.dns.refresh = d;
-                    Ok(())
-                } else {
-                    Err(ConfigError::new(
-                        &v.pos,
-                        format!("{d:?}"),
-                        "from 1s to 1h (e.g. `30s`)",
-                    ))
-                }
-            });
-            if let Err(e) = r {
-                diag.error(e.field(format!("dns.{}", k.key_text())));
-            }
-        }
+        dns(node, &mut g.dns, diag);
     }
     if let Some(node) = &raw.kernel {
         for (k, v) in section(node, "kernel", KERNEL_FIELDS, diag) {
@@ -133,6 +117,55 @@ pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
         g.acl = a;
     }
     g
+}
+
+/// `dns`: each duration within bounds, and `min_ttl` at most `max_ttl`.
+fn dns(node: &Node, dns: &mut DnsSettings, diag: &mut Diag) {
+    let mut written = Vec::new();
+    let mut bounds_valid = true;
+    for (k, v) in section(node, "dns", DNS_FIELDS, diag) {
+        let field = k.key_text();
+        let r = values::duration(&v, false).and_then(|d| {
+            if (DNS_REFRESH_MIN..=DNS_REFRESH_MAX).contains(&d) {
+                Ok(d)
+            } else {
+                Err(ConfigError::new(
+                    &v.pos,
+                    format!("{d:?}"),
+                    "from 1s to 1h (e.g. `30s`)",
+                ))
+            }
+        });
+        match (field, r) {
+            ("refresh", Ok(d)) => dns.refresh = d,
+            ("min_ttl", Ok(d)) => dns.min_ttl = d,
+            (_, Ok(d)) => dns.max_ttl = d,
+            (_, Err(e)) => {
+                bounds_valid &= field == "refresh";
+                diag.error(e.field(format!("dns.{field}")));
+                continue;
+            }
+        }
+        written.push((field.to_owned(), v.pos.clone()));
+    }
+    if bounds_valid && dns.min_ttl > dns.max_ttl {
+        // Said at min_ttl if it is written, else at max_ttl (below the default).
+        let (field, pos) = (written.iter().find(|(f, _)| f == "min_ttl"))
+            .or_else(|| written.iter().find(|(f, _)| f == "max_ttl"))
+            .expect("the defaults are in order, so one bound is written");
+        diag.error(
+            ConfigError::new(
+                pos,
+                format!(
+                    "min_ttl {} above max_ttl {}",
+                    values::format_duration(dns.min_ttl),
+                    values::format_duration(dns.max_ttl)
+                ),
+                "min_ttl at most max_ttl (by default 5s and 5m)",
+            )
+            .field(format!("dns.{field}")),
+        );
+    }
 }
 
 /// The known fields of a section; unknown ones are reported.

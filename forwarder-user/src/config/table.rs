@@ -85,6 +85,35 @@ pub fn table(compiled: &Compiled) -> String {
         "kernel: conntrack_size {}, snat_ports {}-{}",
         k.conntrack_size, k.snat_ports.0, k.snat_ports.1
     );
+    if !compiled.hostnames.is_empty() {
+        out.push_str(&names_text(compiled));
+    }
+    out
+}
+
+/// The `dns` settings and what each name answered, with when it is asked
+/// again.
+fn names_text(compiled: &Compiled) -> String {
+    let d = &compiled.dns;
+    let mut out = format!(
+        "dns: refresh {}, min_ttl {}, max_ttl {}\n",
+        format_duration(d.refresh),
+        format_duration(d.min_ttl),
+        format_duration(d.max_ttl)
+    );
+    for (name, answer) in &compiled.hostnames {
+        let addrs: Vec<String> = answer.addrs.iter().map(ToString::to_string).collect();
+        let again = format_duration(crate::names::keep_for(answer.ttl, d));
+        let source = match answer.ttl {
+            Some(ttl) => format!("TTL {}", format_duration(ttl)),
+            None => "/etc/hosts".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "  {name}: {} ({source}; asked again after {again})",
+            addrs.join(", ")
+        );
+    }
     out
 }
 

@@ -22,7 +22,10 @@ use std::sync::Arc;
 
 use super::env::{Env, System};
 use super::{Errors, Warning, load_with};
-use crate::rules::{Compiled, Listener, Protocol};
+use crate::rules::{Answer, Compiled, Listener, Protocol};
+
+/// The TTL every name of [`TestEnv`] is answered with.
+pub(super) const TEST_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The machine, except for DNS (answered from a table, so that tests need
 /// no network) and, optionally, the port probe.
@@ -74,11 +77,13 @@ impl Env for TestEnv {
         System.read(path)
     }
 
-    fn resolve(&self, host: &str) -> io::Result<Vec<IpAddr>> {
-        self.hosts
-            .get(host)
-            .cloned()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such host"))
+    fn resolve(&self, host: &str) -> io::Result<Answer> {
+        let addrs = (self.hosts.get(host).cloned())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such host"))?;
+        Ok(Answer {
+            addrs,
+            ttl: Some(TEST_TTL),
+        })
     }
 
     fn services(&self) -> String {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{TestEnv, errors, errors_env, load, load_env, rows};
+use super::{TEST_TTL, TestEnv, errors, errors_env, load, load_env, rows};
 
 fn env_with(name: &str, addrs: &[&str]) -> TestEnv {
     let mut env = TestEnv::default();
@@ -33,7 +33,10 @@ fn a_name_becomes_every_ipv4_address_it_has_sorted() {
         .map(|b| format!("{}*{}", b.addr, b.weight))
         .collect();
     assert_eq!(targets, ["10.0.0.1:53*1", "10.0.0.2:53*1", "10.0.0.3:53*1"]);
-    assert_eq!(c.hostnames, ["many.test"]);
+    let answer = &c.hostnames["many.test"];
+    assert_eq!(answer.addrs.len(), 3, "{answer:?}");
+    assert_eq!(answer.ttl, Some(TEST_TTL));
+    assert_eq!(c.hostnames.len(), 1);
 }
 
 #[test]
@@ -96,8 +99,99 @@ fn dns_refresh_is_read_and_bounded() {
     }
     let e = errors(&format!("dns: {{ttl: 5s}}\n{base}"));
     assert!(e[0].contains("dns.ttl"), "{e:?}");
+    assert!(e[0].contains("`min_ttl`, `max_ttl`"), "{e:?}");
     // An IP target names nothing to follow.
     assert!(rows("routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 7000:80}\n").len() == 1);
     let (c, _) = load("routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 7000:80}\n").unwrap();
     assert!(c.hostnames.is_empty());
+}
+
+#[test]
+fn dns_ttl_bounds_are_read_bounded_and_in_order() {
+    let base = "routes:\n  a: {scheme: tcp, host: backend.test, port: 7000:80}\n";
+    let (c, _) = load(base).unwrap();
+    assert_eq!(c.dns.min_ttl, Duration::from_secs(5));
+    assert_eq!(c.dns.max_ttl, Duration::from_secs(300));
+    let (c, _) = load(&format!("dns: {{min_ttl: 2s, max_ttl: 10m}}\n{base}")).unwrap();
+    assert_eq!(c.dns.min_ttl, Duration::from_secs(2));
+    assert_eq!(c.dns.max_ttl, Duration::from_secs(600));
+    let (c, _) = load(&format!("dns: {{min_ttl: 7s, max_ttl: 7s}}\n{base}")).unwrap();
+    assert_eq!(
+        (c.dns.min_ttl, c.dns.max_ttl),
+        (Duration::from_secs(7), Duration::from_secs(7))
+    );
+    for field in ["min_ttl", "max_ttl"] {
+        for bad in ["500ms", "2h", "0s", "soon"] {
+            let e = errors(&format!("dns: {{{field}: {bad}}}\n{base}"));
+            assert_eq!(e.len(), 1, "{field} {bad}: {e:?}");
+            assert!(e[0].starts_with("test.yaml:1:"), "{}", e[0]);
+            assert!(e[0].contains(&format!("dns.{field}")), "{}", e[0]);
+            if bad.ends_with('s') && bad != "0s" {
+                assert!(e[0].contains("from 1s to 1h"), "{}", e[0]);
+            }
+        }
+    }
+    // Out of order: said once, where min_ttl is written.
+    let e = errors(&format!("dns:\n  max_ttl: 10s\n  min_ttl: 1m\n{base}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("test.yaml:3:"), "{}", e[0]);
+    assert!(e[0].contains("dns.min_ttl"), "{}", e[0]);
+    assert!(e[0].contains("min_ttl 1m above max_ttl 10s"), "{}", e[0]);
+    // Only max_ttl, below the default min_ttl: said at max_ttl.
+    let e = errors(&format!("dns:\n  refresh: 1m\n  max_ttl: 2s\n{base}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("test.yaml:3:"), "{}", e[0]);
+    assert!(e[0].contains("dns.max_ttl"), "{}", e[0]);
+    assert!(e[0].contains("min_ttl 5s above max_ttl 2s"), "{}", e[0]);
+    // A bound already refused is not compared as well.
+    let e = errors(&format!("dns: {{min_ttl: 2h, max_ttl: 10s}}\n{base}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+}
+
+#[test]
+fn check_shows_each_name_its_answer_and_when_it_is_asked_again() {
+    let env = env_with("pair.test", &["10.0.0.2", "10.0.0.1"]);
+    let text = "dns: {min_ttl: 2s, max_ttl: 30s}
+routes:
+  p: {scheme: tcp, host: pair.test, port: 7000:80}
+  q: {scheme: udp, host: 10.0.0.9, port: 7001:53}
+";
+    let (c, _) = load_env(text, &env).unwrap();
+    let t = crate::config::table(&c);
+    assert!(
+        t.ends_with(
+            "dns: refresh 30s, min_ttl 2s, max_ttl 30s\n  \
+             pair.test: 10.0.0.1, 10.0.0.2 (TTL 1m; asked again after 30s)\n"
+        ),
+        "{t}"
+    );
+    let (c, _) = load_env(
+        "routes:\n  q: {scheme: udp, host: 10.0.0.9, port: 7001:53}\n",
+        &env,
+    )
+    .unwrap();
+    assert!(!crate::config::table(&c).contains("dns:"));
+}
+
+#[test]
+fn a_refresh_compiles_with_the_answers_it_is_given_not_new_lookups() {
+    let answers = std::collections::BTreeMap::from([(
+        "moved.test".to_owned(),
+        crate::rules::Answer {
+            addrs: vec!["10.0.0.8".parse().unwrap(), "10.0.0.7".parse().unwrap()],
+            ttl: Some(Duration::from_secs(42)),
+        },
+    )]);
+    let text = "routes:\n  m: {scheme: tcp, host: moved.test, port: 7000:80}\n";
+    let path = std::path::Path::new("refresh.yaml");
+    let c = crate::config::load_text_with_answers(text, path, &[], &answers)
+        .unwrap()
+        .compiled;
+    let targets: Vec<String> = (c.listeners[0].backends.iter())
+        .map(|b| b.addr.to_string())
+        .collect();
+    assert_eq!(targets, ["10.0.0.7:80", "10.0.0.8:80"]);
+    let answer = &c.hostnames["moved.test"];
+    assert_eq!(answer.ttl, Some(Duration::from_secs(42)));
+    assert_eq!(answer.addrs.len(), 2);
 }
