@@ -70,7 +70,7 @@ fn the_demo_explains_which_path_carried_what_and_leaves_nothing() {
         // The explanation.
         "turn-tcp (tcp): 1 connection by the kernel path",
         "turn-udp (udp): 1 flow by the kernel path",
-        "turn-udp (udp): 1 flow left to the relay (fallback_other 1): the first datagram came in fragments",
+        "turn-udp (udp): 1 flow left to the relay (reason fragment): the first datagram came in fragments",
         "turn-udp (udp): 1 flow by the relay",
         "went by the kernel path",
         "removed the demo's namespaces, processes and files",

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 
-use crate::common::harness::{Daemon, counter, forwarding_on, in_netns, kernel_rule, relay_rule};
+use crate::common::harness::{
+    Daemon, counter, forwarding_on, in_netns, kernel_rule, only, reasons, relay_rule,
+};
 use crate::common::seccomp::fail_syscall;
 use crate::common::traffic::{BackendServers, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket};
 use crate::common::turn::{listener_addr, turn_rules};
@@ -34,7 +36,7 @@ fn fragmented_datagrams_go_to_the_relay_for_the_whole_flow() {
     let status = daemon.status();
     let k = kernel_rule(&status, "turn-udp", "udp");
     assert_eq!(counter(k, "flows"), 0, "the kernel took nothing: {k}");
-    assert!(counter(k, "fallback_other") >= 1, "{k}");
+    assert_eq!(reasons(k, "fallbacks"), only("fragment", 1), "{k}");
     let r = relay_rule(&status, "turn-udp", "udp");
     assert_eq!(counter(r, "flows"), 1, "{r}");
     assert_eq!(counter(r, "bytes_to_backend"), 5 * 4000 + 5 * 7, "{r}");
@@ -82,7 +84,7 @@ fn a_kernel_flow_that_sends_fragmented_datagrams_later_stays_in_the_kernel() {
     let bytes = 5 * small(7) + 5 * fragmented + small(11);
     assert_eq!(counter(k, "bytes_fwd"), bytes, "{k}");
     assert_eq!(counter(k, "bytes_rev"), bytes, "{k}");
-    assert_eq!(counter(k, "fallback_other"), 0, "{k}");
+    assert_eq!(reasons(k, "fallbacks"), [], "{k}");
     let r = relay_rule(&status, "turn-udp", "udp");
     assert_eq!(counter(r, "flows"), 0, "the relay took no part of it: {r}");
     daemon.stop();
@@ -119,11 +121,19 @@ fn with_a_tiny_conntrack_table_overflow_flows_still_work_through_the_relay() {
     let status = daemon.status();
     let tcp = kernel_rule(&status, "turn-tcp", "tcp");
     assert_eq!(counter(tcp, "flows"), 2, "{tcp}");
-    assert_eq!(counter(tcp, "fallback_full"), 8, "{tcp}");
+    assert_eq!(
+        reasons(tcp, "fallbacks"),
+        only("conntrack_full", 8),
+        "{tcp}"
+    );
     assert_eq!(counter(relay_rule(&status, "turn-tcp", "tcp"), "flows"), 8);
     let udp = kernel_rule(&status, "turn-udp", "udp");
     assert_eq!(counter(udp, "flows"), 0, "{udp}");
-    assert_eq!(counter(udp, "fallback_full"), 5, "{udp}");
+    assert_eq!(
+        reasons(udp, "fallbacks"),
+        only("conntrack_full", 5),
+        "{udp}"
+    );
     assert_eq!(counter(relay_rule(&status, "turn-udp", "udp"), "flows"), 5);
     daemon.stop();
 }
@@ -157,9 +167,10 @@ fn a_relay_rule_is_carried_by_the_relay_only() {
     let status = daemon.status();
     for proto in ["tcp", "udp"] {
         let k = kernel_rule(&status, "relayed", proto);
-        for c in ["flows", "packets_fwd", "fallback_full", "fallback_other"] {
+        for c in ["flows", "packets_fwd"] {
             assert_eq!(counter(k, c), 0, "{c}: {k}");
         }
+        assert_eq!(reasons(k, "fallbacks"), [], "{k}");
         assert_eq!(counter(relay_rule(&status, "relayed", proto), "flows"), 1);
     }
     assert_eq!(counter(kernel_rule(&status, "kernel", "udp"), "flows"), 1);
@@ -197,7 +208,7 @@ fn with_ipv4_forwarding_off_the_daemon_warns_and_the_relay_carries_every_flow() 
         let alias = format!("turn-{proto}");
         let k = kernel_rule(&status, &alias, proto);
         assert_eq!(counter(k, "flows"), 0, "{k}");
-        assert_eq!(counter(k, "fallback_other"), 1, "{k}");
+        assert_eq!(reasons(k, "fallbacks"), only("forwarding_off", 1), "{k}");
         assert_eq!(counter(relay_rule(&status, &alias, proto), "flows"), 1);
     }
     let log = daemon.stop();
@@ -240,7 +251,7 @@ fn a_backend_on_one_of_the_hosts_own_addresses_goes_to_the_relay() {
         let k = kernel_rule(&status, alias, proto);
         assert_eq!(counter(k, "flows"), 0, "{k}");
         // Known when the rules were loaded, not found out packet by packet.
-        assert_eq!(counter(k, "fallback_other"), 0, "{k}");
+        assert_eq!(reasons(k, "fallbacks"), [], "{k}");
         assert_eq!(counter(relay_rule(&status, alias, proto), "flows"), 1);
     }
     daemon.stop();

@@ -24,6 +24,7 @@ mod kernel_daemon;
 mod kernel_expiry;
 mod kernel_fallback;
 mod kernel_xdp;
+mod metrics;
 mod names;
 mod preserve;
 mod preserve_client_ip;

@@ -3,7 +3,6 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -237,17 +236,6 @@ fn sighup_adds_removes_and_changes_rules_while_flows_go_on() {
     );
 }
 
-/// `forwarder reload --control PATH`.
-fn reload(daemon: &Daemon) -> std::process::Output {
-    common::output_within(
-        Command::new(common::forwarder_bin())
-            .arg("reload")
-            .arg("--control")
-            .arg(daemon.control_path()),
-        WAIT,
-    )
-}
-
 #[test]
 fn reload_of_an_invalid_file_exits_2_and_the_old_rules_run_on() {
     if !common::require_root("reload_of_an_invalid_file_exits_2_and_the_old_rules_run_on") {
@@ -265,7 +253,7 @@ fn reload_of_an_invalid_file_exits_2_and_the_old_rules_run_on() {
     let bad = "routes:\n  echo: {scheme: udp, host: 198.18.2.2, port: 7002:70000}\n  \
                other: {scheme: sctp, port: 7003:3478}\n";
     std::fs::write(daemon.config_path(), bad).unwrap();
-    let out = reload(&daemon);
+    let out = daemon.reload();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     let file = daemon.config_path().display().to_string();
@@ -397,7 +385,7 @@ fn relay_reload_keeps_the_listening_socket_and_its_flows() {
         ),
     )
     .unwrap();
-    let out = reload(&daemon);
+    let out = daemon.reload();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -465,7 +453,7 @@ fn a_removed_udp_relay_rule_keeps_its_sessions_and_comes_back_on_the_same_socket
     assert_eq!(udp_ask(&old, b"a"), b"one:a");
 
     std::fs::write(daemon.config_path(), format!("routes:\n{keep}")).unwrap();
-    let out = reload(&daemon);
+    let out = daemon.reload();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.starts_with("reloaded: 0 added, 0 changed, 1 removed, 1 unchanged"),
@@ -484,7 +472,7 @@ fn a_removed_udp_relay_rule_keeps_its_sessions_and_comes_back_on_the_same_socket
     // Back, with another target: the retiring listener serves again on its
     // socket (it cannot be bound twice), new clients at the new target.
     std::fs::write(daemon.config_path(), with_u(5003)).unwrap();
-    let out = reload(&daemon);
+    let out = daemon.reload();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

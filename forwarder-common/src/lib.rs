@@ -13,6 +13,7 @@ pub type Addr = [u32; 4];
 pub mod csum;
 pub mod icmp;
 pub mod mss;
+pub mod reasons;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -253,7 +254,8 @@ impl IfaceCounters {
     }
 }
 
-/// Per-rule counters of the kernel path (per CPU, indexed by rule id).
+/// Per-rule counters of the kernel path (per CPU, indexed by rule id);
+/// why it did not carry a flow or packet is counted by [`reasons`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct RuleCounters {
@@ -267,13 +269,6 @@ pub struct RuleCounters {
     pub flows: u64,
     /// Packets of these that XDP carried (the rest went through TC).
     pub xdp_packets: u64,
-    /// New flows left to the relay because a table was full.
-    pub fallback_full: u64,
-    /// New flows left to the relay for any other reason.
-    pub fallback_other: u64,
-    /// Packets of kernel flows dropped: no route any more, too big for the
-    /// egress MTU without DF, TTL expired where no ICMP error could be sent.
-    pub dropped: u64,
     /// ICMP errors about kernel flows' packets translated and sent on to
     /// the flow's other side.
     pub icmp_translated: u64,
@@ -295,9 +290,6 @@ impl RuleCounters {
             bytes_rev,
             flows,
             xdp_packets,
-            fallback_full,
-            fallback_other,
-            dropped,
             icmp_translated,
             icmp_sent,
             acl_denied,
@@ -308,9 +300,6 @@ impl RuleCounters {
         self.bytes_rev += bytes_rev;
         self.flows += flows;
         self.xdp_packets += xdp_packets;
-        self.fallback_full += fallback_full;
-        self.fallback_other += fallback_other;
-        self.dropped += dropped;
         self.icmp_translated += icmp_translated;
         self.icmp_sent += icmp_sent;
         self.acl_denied += acl_denied;
@@ -393,7 +382,7 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 56);
         assert_eq!(size_of::<Settings>(), 24);
         assert_eq!(size_of::<IfaceCounters>(), 32);
-        assert_eq!(size_of::<RuleCounters>(), 96);
+        assert_eq!(size_of::<RuleCounters>(), 72);
         assert_eq!(size_of::<AclKey>(), 24);
         assert_eq!(size_of::<RelayFlow>(), 16);
     }
@@ -450,9 +439,6 @@ mod tests {
             bytes_rev: 11 * k,
             flows: 13 * k,
             xdp_packets: 17 * k,
-            fallback_full: 19 * k,
-            fallback_other: 23 * k,
-            dropped: 29 * k,
             icmp_sent: 31 * k,
             icmp_translated: 37 * k,
             acl_denied: 41 * k,

@@ -6,6 +6,7 @@ use forwarder_common::{
     ADDR_ANY, Addr, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING,
     CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP,
     RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings, addr_ipv4_be,
+    reasons::Fallback,
 };
 
 use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, Scratch};
@@ -16,15 +17,6 @@ use crate::parse::{TCP_FIN, TCP_RST, TCP_SYN};
 const TOUCH_EVERY_NS: u64 = 100_000_000;
 
 const EEXIST: i32 = 17;
-
-/// Why a new flow is left to the relay.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Fallback {
-    /// The conntrack table or the SNAT port range is full.
-    Full,
-    /// Anything else (no usable backend, no route, ...).
-    Other,
-}
 
 /// True if the relay owns the flow of `key`; refreshes its timestamp.
 #[inline(always)]
@@ -170,11 +162,11 @@ pub fn create(
         backend.snat_addr
     };
     // This path is IPv4 only; anything else is the relay's.
-    if snat_addr == ADDR_ANY
-        || addr_ipv4_be(&snat_addr).is_none()
-        || addr_ipv4_be(&backend.addr).is_none()
-    {
-        return Err(Fallback::Other);
+    if snat_addr == ADDR_ANY {
+        return Err(Fallback::NoSnatAddress);
+    }
+    if addr_ipv4_be(&snat_addr).is_none() || addr_ipv4_be(&backend.addr).is_none() {
+        return Err(Fallback::NotIpv4);
     }
     // Both protocols start unanswered: the backend's first packet back
     // establishes the flow (see `touch`).
@@ -223,11 +215,11 @@ pub fn create(
         Err(e) => {
             let _ = CONNTRACK.remove(&s.reverse_key);
             if e != -EEXIST {
-                return Err(Fallback::Full);
+                return Err(Fallback::ConntrackFull);
             }
             // Another CPU created this flow a moment ago: use its entry.
             // SAFETY: copied out at once.
-            s.ct = *unsafe { CONNTRACK.get(&s.key) }.ok_or(Fallback::Other)?;
+            s.ct = *unsafe { CONNTRACK.get(&s.key) }.ok_or(Fallback::FlowClash)?;
             Ok(false)
         }
     }
@@ -260,8 +252,8 @@ fn fill(
 fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
     match CONNTRACK.insert(key, value, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(()),
-        Err(e) if e == -EEXIST => Err(Fallback::Other),
-        Err(_) => Err(Fallback::Full),
+        Err(e) if e == -EEXIST => Err(Fallback::FlowClash),
+        Err(_) => Err(Fallback::ConntrackFull),
     }
 }
 
@@ -271,17 +263,17 @@ fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
 /// been quiet long enough is taken over.
 #[inline(always)]
 fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
-    let settings = SETTINGS.get(0).ok_or(Fallback::Other)?;
+    let settings = SETTINGS.get(0).ok_or(Fallback::NoSnatRange)?;
     let (min, max) = (
         u32::from(settings.snat_port_min),
         u32::from(settings.snat_port_max),
     );
     if min == 0 || max < min {
-        return Err(Fallback::Other);
+        return Err(Fallback::NoSnatRange);
     }
     let span = max - min + 1;
     if span == 0 {
-        return Err(Fallback::Other);
+        return Err(Fallback::NoSnatRange);
     }
     // SAFETY: a helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() } % span;
@@ -306,18 +298,18 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
                     reusable = port;
                 }
             }
-            Err(_) => return Err(Fallback::Full),
+            Err(_) => return Err(Fallback::ConntrackFull),
         }
     }
     if reusable == 0 {
-        return Err(Fallback::Full);
+        return Err(Fallback::SnatPortsExhausted);
     }
     s.reverse_key.dport = reusable.to_be();
     take_over(s, settings, now)?;
     match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(()),
         // Another CPU took the port first.
-        Err(_) => Err(Fallback::Full),
+        Err(_) => Err(Fallback::SnatPortsExhausted),
     }
 }
 
@@ -343,12 +335,12 @@ fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallb
     };
     // Checked again: another CPU may have handed the port on meanwhile.
     if old.direction != CT_DIR_REVERSE || !closed_and_quiet(old, settings, now) {
-        return Err(Fallback::Full);
+        return Err(Fallback::SnatPortsExhausted);
     }
     s.old_key = old.pair_key(s.reverse_key.proto);
     // SAFETY: read at once.
     let Some(fwd) = (unsafe { CONNTRACK.get(&s.old_key) }) else {
-        return Err(Fallback::Full);
+        return Err(Fallback::SnatPortsExhausted);
     };
     // The client's side must be closed and quiet too, still this pair's
     // (a client reusing its port starts a flow over), and the client must
@@ -359,7 +351,7 @@ fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallb
         || fwd.closed_first == 0
         || old.closed_first != 0
     {
-        return Err(Fallback::Full);
+        return Err(Fallback::SnatPortsExhausted);
     }
     let _ = CONNTRACK.remove(&s.old_key);
     let _ = CONNTRACK.remove(&s.reverse_key);

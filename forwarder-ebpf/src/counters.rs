@@ -3,7 +3,7 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use forwarder_common::{IfaceCounters, RuleCounters};
 
-use crate::maps::{IFACE_COUNTERS, RULE_COUNTERS};
+use crate::maps::{IFACE_COUNTERS, REASON_COUNTERS, RULE_COUNTERS};
 
 /// Which program counts.
 #[derive(Clone, Copy)]
@@ -51,5 +51,15 @@ pub fn with_rule(rule_id: u32, f: impl FnOnce(&mut RuleCounters)) {
     if let Some(c) = RULE_COUNTERS.get_ptr_mut(rule_id) {
         // SAFETY: a per-CPU slot of an array; no concurrent writer on this CPU.
         f(unsafe { &mut *c });
+    }
+}
+
+/// Counts one reason at `slot` (a `forwarder_common::reasons` slot). Its
+/// own BPF function: callers' frames are near the stack's limit.
+#[inline(never)]
+pub fn count_reason(slot: u32) {
+    if let Some(c) = REASON_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot of an array; no concurrent writer on this CPU.
+        unsafe { *c += 1 };
     }
 }

@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_RECOMPUTE_CSUM, TC_ACT_SHOT, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
+        BPF_F_RECOMPUTE_CSUM, bpf_check_mtu_flags::BPF_MTU_CHK_SEGS,
         bpf_check_mtu_ret::BPF_MTU_CHK_RET_SEGS_TOOBIG,
     },
     helpers::{bpf_check_mtu, bpf_skb_change_tail, bpf_skb_load_bytes},
@@ -33,7 +33,8 @@ use crate::counters::with_rule;
 use crate::maps::{Scratch, scratch};
 use crate::parse::{ETH_LEN, IP_CSUM_OFF, IP_LEN, IP_SRC_OFF, IP_TTL_OFF, L4_OFF, Packet, Unfit};
 use crate::redirect::{self, Flow};
-use crate::tc::drop;
+use crate::tc::{drop, drop_unlogged};
+use forwarder_common::reasons::Dropped;
 
 /// A cheap first look, in place: IPv4 carrying ICMP. Everything else that
 /// is not TCP or UDP (ARP, IPv6, ...) goes on without a helper call.
@@ -151,11 +152,11 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
     s.ct = unsafe { *entry };
     let rule_id = s.ct.rule_id;
     if ttl <= 1 {
-        return Some(drop(ctx, rule_id, "ICMP error with TTL expired"));
+        return Some(drop(ctx, rule_id, Dropped::TtlExpired));
     }
     let (Some(new_src), Some(new_dst)) = (addr_ipv4_be(&s.ct.new_src), addr_ipv4_be(&s.ct.new_dst))
     else {
-        return Some(drop(ctx, rule_id, "ICMP error: not IPv4"));
+        return Some(drop(ctx, rule_id, Dropped::NotIpv4));
     };
     let flow = Flow {
         ifindex,
@@ -167,7 +168,7 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
         tot_len,
     };
     if redirect::route(ctx, &flow, s).is_err() {
-        return Some(drop(ctx, rule_id, "ICMP error: no route"));
+        return Some(drop(ctx, rule_id, Dropped::NoRoute));
     }
     let inner = Inner {
         proto,
@@ -206,7 +207,7 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
         Ok(())
     })();
     if rewritten.is_err() {
-        return Some(drop(ctx, rule_id, "ICMP error: rewrite failed"));
+        return Some(drop(ctx, rule_id, Dropped::RewriteFailed));
     }
     with_rule(rule_id, |c| c.icmp_translated += 1);
     Some(redirect::send(s))
@@ -268,11 +269,11 @@ pub fn reply_error(ctx: &TcContext, pkt: &Packet, why: Unforwardable, s: &mut Sc
         }),
     };
     if pkt.unfit == Unfit::LaterFragment || usize::from(pkt.l4_off) != L4_OFF {
-        return not_answered(rule_id);
+        return not_answered(rule_id, why);
     }
     let embedded = (&mut s.icmp[INNER_IP_OFF..]).try_into().ok();
     if !embedded.is_some_and(|e: &mut [u8; EMBEDDED_LEN]| load_exact(ctx, ETH_LEN, e)) {
-        return not_answered(rule_id);
+        return not_answered(rule_id, why);
     }
     build_error(&mut s.icmp, icmp_type, code, mtu);
     let flow = Flow {
@@ -285,7 +286,7 @@ pub fn reply_error(ctx: &TcContext, pkt: &Packet, why: Unforwardable, s: &mut Sc
         tot_len: ERROR_LEN as u16,
     };
     if redirect::route(ctx, &flow, s).is_err() {
-        return not_answered(rule_id);
+        return not_answered(rule_id, why);
     }
     // SAFETY: the helper resizes the skb; the context pointer stays valid.
     let resized = unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_LEN + ERROR_LEN) as u32, 0) };
@@ -299,14 +300,17 @@ pub fn reply_error(ctx: &TcContext, pkt: &Packet, why: Unforwardable, s: &mut Sc
             .store(ETH_LEN, &s.icmp, u64::from(BPF_F_RECOMPUTE_CSUM))
             .is_err()
     {
-        return not_answered(rule_id);
+        return not_answered(rule_id, why);
     }
     with_rule(rule_id, |c| c.icmp_sent += 1);
     redirect::send(s)
 }
 
 #[inline(always)]
-fn not_answered(rule_id: u32) -> i32 {
-    with_rule(rule_id, |c| c.dropped += 1);
-    TC_ACT_SHOT as i32
+fn not_answered(rule_id: u32, why: Unforwardable) -> i32 {
+    let why = match why {
+        Unforwardable::TtlExpired => Dropped::TtlExpired,
+        Unforwardable::TooBig => Dropped::TooBig,
+    };
+    drop_unlogged(rule_id, why)
 }

@@ -10,7 +10,7 @@ use aya_ebpf::{
 use forwarder_common::{
     AclKey, Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_ACL_ENTRIES,
     MAX_BACKENDS_PER_RULE, MAX_RULES, RULE_IDS, RelayFlow, RuleCounters, RuleKey, RuleValue,
-    Settings, icmp::ERROR_LEN, mss::MAX_OPTIONS_LEN,
+    Settings, icmp::ERROR_LEN, mss::MAX_OPTIONS_LEN, reasons::REASON_SLOTS,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -24,6 +24,11 @@ pub static IFACE_COUNTERS: PerCpuHashMap<u32, IfaceCounters> =
 /// Per-rule counters, indexed by rule id.
 #[map]
 pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::with_max_entries(RULE_IDS, 0);
+
+/// Why flows and packets were not carried, per rule and reason; the slot
+/// of each is `forwarder_common::reasons`'s, and so is this map's name.
+#[map]
+pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_SLOTS, 0);
 
 /// (address, port, protocol) to rule; written by userspace.
 #[map]

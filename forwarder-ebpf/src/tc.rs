@@ -4,19 +4,22 @@
 //! [`NEXT`] so that the hook's other programs and filters still see it.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_FWD_DISABLED, TC_ACT_SHOT, TC_ACT_UNSPEC,
+    },
     helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use forwarder_common::{
-    CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, RULE_F_ACL, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY,
-    RuleValue, addr_ipv4_be,
+    ADDR_ANY, CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, RULE_F_ACL, RULE_F_PRESERVE_CLIENT_IP,
+    RULE_F_RELAY, RuleValue, addr_ipv4_be,
+    reasons::{Dropped, Fallback},
 };
 
 use crate::acl;
-use crate::conntrack::{self, Fallback};
-use crate::counters::{Hook, count_interface, with_rule};
+use crate::conntrack;
+use crate::counters::{Hook, count_interface, count_reason, with_rule};
 use crate::fragments;
 use crate::icmp::{self, Unforwardable};
 use crate::maps::{Scratch, scratch};
@@ -104,8 +107,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
         return NEXT;
     }
     if w.pkt.unfit != Unfit::None {
-        unfit(ctx, &w, s);
-        return NEXT;
+        return unfit(ctx, &w, s);
     }
     let Some(matched) = rules::lookup(&w.pkt) else {
         return NEXT;
@@ -166,26 +168,23 @@ fn log_first_packet(ctx: &TcContext, ifindex: u32) {
 /// A new flow that begins with a fragment or a header with options: the
 /// relay gets it, if it is one of ours.
 #[inline(never)]
-fn unfit(ctx: &TcContext, w: &Work, s: &mut Scratch) {
+fn unfit(ctx: &TcContext, w: &Work, s: &mut Scratch) -> i32 {
     let Some(matched) = rules::lookup(&w.pkt) else {
-        return;
+        return NEXT;
     };
     let rule = matched.rule;
     if rule.flags & RULE_F_RELAY != 0 {
-        return;
+        return NEXT;
     }
     if matched.wildcard && !addressed_here(ctx, w, s) {
-        return;
+        return NEXT;
     }
-    conntrack::give_to_relay(&s.key, rule.rule_id, w.now);
-    with_rule(rule.rule_id, |c| c.fallback_other += 1);
-    debug!(
-        ctx,
-        "rule {}: fragment or IP options from {:i}:{}, flow left to the relay",
-        rule.rule_id,
-        u32::from_be(w.pkt.src),
-        u16::from_be(w.pkt.sport)
-    );
+    let why = if w.pkt.unfit == Unfit::Options {
+        Fallback::IpOptions
+    } else {
+        Fallback::Fragment
+    };
+    fall_back(ctx, &s.key, rule.rule_id, w.now, why)
 }
 
 #[inline(never)]
@@ -198,7 +197,7 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
         return icmp::reply_error(ctx, pkt, Unforwardable::TtlExpired, s);
     }
     let (Some(src), Some(dst)) = (addr_ipv4_be(&s.ct.new_src), addr_ipv4_be(&s.ct.new_dst)) else {
-        return drop(ctx, rule_id, "not IPv4");
+        return drop(ctx, rule_id, Dropped::NotIpv4);
     };
     let flow = Flow {
         ifindex: w.ifindex,
@@ -211,7 +210,12 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
     };
     if let Err(rc) = redirect::route(ctx, &flow, s) {
         if rc != i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) || !pkt.dont_fragment {
-            return drop(ctx, rule_id, "no route, or too big without DF");
+            let why = if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+                Dropped::TooBig
+            } else {
+                Dropped::NoRoute
+            };
+            return drop(ctx, rule_id, why);
         }
         return icmp::reply_error(ctx, pkt, Unforwardable::TooBig, s);
     }
@@ -221,7 +225,7 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
     let change = conntrack::touch(entry, pkt.proto, pkt.tcp_flags, w.now);
     conntrack::follow_up(entry, change, pkt.proto, w.now, &mut s.reverse_key);
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
-        return drop(ctx, rule_id, "rewrite failed");
+        return drop(ctx, rule_id, Dropped::RewriteFailed);
     }
     if pkt.tcp_flags & TCP_SYN != 0 {
         mss::clamp(ctx, pkt, s);
@@ -243,19 +247,21 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
 fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32 {
     let (pkt, now) = (&w.pkt, w.now);
     let Some(backend) = rules::pick_backend(rule) else {
-        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
+        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::NoBackend);
     };
     let src = if rule.flags & RULE_F_PRESERVE_CLIENT_IP != 0 {
         Some(pkt.src)
+    } else if backend.snat_addr == ADDR_ANY {
+        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::NoSnatAddress);
     } else {
         addr_ipv4_be(&backend.snat_addr)
     };
     let (Some(src), Some(dst)) = (src, addr_ipv4_be(&backend.addr)) else {
-        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
+        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::NotIpv4);
     };
     // Packets for us with TTL 1 are fine for the relay, not for forwarding.
     if pkt.ttl <= 1 {
-        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
+        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::TtlExpiring);
     }
     // Route first: an unroutable backend must not cost a conntrack entry.
     let flow = Flow {
@@ -267,15 +273,20 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
         dport: backend.port,
         tot_len: SKB_MTU_CHECK,
     };
-    if redirect::route(ctx, &flow, s).is_err() {
-        return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::Other);
+    if let Err(rc) = redirect::route(ctx, &flow, s) {
+        let why = if rc == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED) {
+            Fallback::ForwardingOff
+        } else {
+            Fallback::NoRoute
+        };
+        return fall_back(ctx, &s.key, rule.rule_id, now, why);
     }
     let created = match conntrack::create(rule, backend, now, s) {
         Ok(created) => created,
         Err(why) => return fall_back(ctx, &s.key, rule.rule_id, now, why),
     };
     if nat::rewrite(ctx, pkt, &s.ct).is_err() {
-        return drop(ctx, rule.rule_id, "rewrite failed");
+        return drop(ctx, rule.rule_id, Dropped::RewriteFailed);
     }
     if pkt.tcp_flags & TCP_SYN != 0 {
         mss::clamp(ctx, pkt, s);
@@ -307,29 +318,34 @@ fn log_new_flow(ctx: &TcContext, rule_id: u32, pkt: &Packet, to: &CtValue) {
     );
 }
 
-/// Leaves a new flow to the relay for its whole life.
+/// Leaves a new flow to the relay for its whole life: the one place that
+/// gives TC's verdict for a fallback and counts its reason.
 #[inline(always)]
 fn fall_back(ctx: &TcContext, key: &CtKey, rule_id: u32, now: u64, why: Fallback) -> i32 {
     conntrack::give_to_relay(key, rule_id, now);
-    with_rule(rule_id, |c| match why {
-        Fallback::Full => c.fallback_full += 1,
-        Fallback::Other => c.fallback_other += 1,
-    });
-    if why == Fallback::Full {
-        debug!(
-            ctx,
-            "rule {}: table full, new flow left to the relay", rule_id
-        );
-    } else {
-        debug!(ctx, "rule {}: new flow left to the relay", rule_id);
-    }
+    count_reason(why.slot(rule_id));
+    debug!(
+        ctx,
+        "rule {}: new flow left to the relay: {}",
+        rule_id,
+        why.name()
+    );
     NEXT
 }
 
-/// Drops a packet of a kernel flow that cannot be sent on.
+/// Drops a packet of a kernel flow that cannot be sent on: the one place
+/// that gives TC's drop verdict and counts its reason (the ACL's denials
+/// are counted as such, by `acl::deny`).
 #[inline(always)]
-pub(crate) fn drop(ctx: &TcContext, rule_id: u32, why: &'static str) -> i32 {
-    with_rule(rule_id, |c| c.dropped += 1);
-    debug!(ctx, "rule {}: packet dropped: {}", rule_id, why);
+pub(crate) fn drop(ctx: &TcContext, rule_id: u32, why: Dropped) -> i32 {
+    debug!(ctx, "rule {}: packet dropped: {}", rule_id, why.name());
+    drop_unlogged(rule_id, why)
+}
+
+/// [`drop`] without the log record, for callers whose stack has no room
+/// for its frame.
+#[inline(always)]
+pub(crate) fn drop_unlogged(rule_id: u32, why: Dropped) -> i32 {
+    count_reason(why.slot(rule_id));
     TC_ACT_SHOT as i32
 }

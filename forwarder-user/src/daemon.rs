@@ -8,8 +8,9 @@
 //! undoes the steps before it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -21,6 +22,7 @@ use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
 use crate::docker::{self, DiscoveryStatus, ReportLog};
 use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, StartOptions};
+use crate::metrics;
 use crate::names;
 use crate::relay::Relay;
 use crate::reload::{self, Plan, Summary};
@@ -54,6 +56,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let loaded = config::load_text_with_containers(&file_text, &opts.config, &[])
         .map_err(RunError::Config)?;
     let compiled = loaded.compiled;
+    // First: a port that is taken stops the start before anything changed.
+    let metrics_listener = match compiled.metrics {
+        Some(m) => Some((m.listen, metrics::bind(m.listen).await?)),
+        None => None,
+    };
     let kernel = if opts.relay_only {
         if let Some((l, why)) = compiled
             .listeners
@@ -101,7 +108,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
     };
     let rules = compiled.listeners.len();
-    let daemon = Arc::new(Daemon {
+    let daemon = Arc::new_cyclic(|me| Daemon {
+        me: me.clone(),
+        metrics: Mutex::new(None),
         config: opts.config.clone(),
         relay_only: opts.relay_only,
         relay,
@@ -137,6 +146,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             .await
         })
     });
+    if let Some((listen, listener)) = metrics_listener {
+        daemon.serve_metrics(listen, listener);
+    }
     let handlers = Handlers {
         status: status_fn(daemon.clone()),
         reload: reload_fn(daemon.clone()),
@@ -172,6 +184,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let _ = control_task.await;
     names_task.abort();
     let _ = names_task.await;
+    daemon.stop_metrics().await;
     if let Some(task) = discovery_task {
         task.abort();
         let _ = task.await;
@@ -192,6 +205,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 
 /// The running daemon, as reloads and status queries see it.
 struct Daemon {
+    /// For the tasks it starts itself (the metrics endpoint), which must
+    /// not keep it alive at stop.
+    me: Weak<Daemon>,
+    /// The metrics endpoint serving now.
+    metrics: Mutex<Option<MetricsEndpoint>>,
     config: PathBuf,
     relay_only: bool,
     relay: Arc<Relay>,
@@ -213,6 +231,11 @@ struct Daemon {
     /// Status documents carry the time since, so rates between two of
     /// them need no clock of the client's.
     started: std::time::Instant,
+}
+
+struct MetricsEndpoint {
+    listen: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// What a reload did, as `forwarder reload` reports it.
@@ -297,9 +320,31 @@ impl Daemon {
             lock(&self.discovery).set_containers(&loaded.containers);
         }
         let loaded_in = started.elapsed();
+        // The endpoint's new socket is bound first: a reload that cannot
+        // bind it changes nothing.
+        let wanted = loaded.compiled.metrics.map(|m| m.listen);
+        let serving = lock(&self.metrics).as_ref().map(|e| e.listen);
+        let metrics_moved = wanted != serving;
+        let new_metrics = match wanted.filter(|_| metrics_moved) {
+            Some(listen) => match metrics::bind(listen).await {
+                Ok(listener) => Some((listen, listener)),
+                Err(e) => {
+                    warn!("{what}: {e:#}; the running rules stay");
+                    return ReloadOutcome::Refused(format!("{e:#}"));
+                }
+            },
+            None => None,
+        };
         match self.apply(loaded.compiled).await {
             Ok(mut summary) => {
                 *lock(&self.file_text) = text;
+                if metrics_moved {
+                    self.stop_metrics().await;
+                    match new_metrics {
+                        Some((listen, listener)) => self.serve_metrics(listen, listener),
+                        None => info!("{what}: metrics: the endpoint at {serving:?} is closed"),
+                    }
+                }
                 if loaded.docker != self.docker {
                     summary.needs_restart.push(format!(
                         "docker: {} -> {}",
@@ -387,6 +432,64 @@ impl Daemon {
         if let Err(e) = self.apply_plan(plan).await {
             warn!("names: the new answers cannot be applied: {e:#}");
         }
+    }
+
+    /// Serves the metrics endpoint on `listener`.
+    fn serve_metrics(&self, listen: SocketAddr, listener: tokio::net::TcpListener) {
+        if !listen.ip().is_loopback() {
+            warn!(
+                "metrics: {listen} is not a loopback address: every host that reaches it can read the rules' aliases and counters"
+            );
+        }
+        info!("metrics: serving GET /metrics on {listen}");
+        let me = self.me.clone();
+        let scrape: metrics::ScrapeFn = Arc::new(move || match me.upgrade() {
+            Some(daemon) => daemon.scrape(),
+            None => Err("the daemon is stopping".to_owned()),
+        });
+        let task = tokio::spawn(metrics::serve(listener, scrape));
+        *lock(&self.metrics) = Some(MetricsEndpoint { listen, task });
+    }
+
+    /// Closes the metrics endpoint: its socket is closed on return.
+    async fn stop_metrics(&self) {
+        let endpoint = lock(&self.metrics).take();
+        if let Some(endpoint) = endpoint {
+            endpoint.task.abort();
+            let _ = endpoint.task.await;
+        }
+    }
+
+    /// One scrape of the metrics endpoint.
+    fn scrape(&self) -> Result<String, String> {
+        let relay = self.relay.counters();
+        let kernel = match &self.kernel {
+            Some(k) => Some(
+                k.counters()
+                    .map_err(|e| format!("the kernel path's counters cannot be read: {e:#}"))?,
+            ),
+            None => None,
+        };
+        let health_checks = self.relay.health();
+        let health = self
+            .running()
+            .listeners
+            .iter()
+            .map(|l| {
+                (
+                    l.alias.clone(),
+                    l.protocol.as_str(),
+                    health_checks.status(l.rule_id),
+                )
+            })
+            .collect();
+        let discovery = self.docker.as_ref().map(|_| lock(&self.discovery).clone());
+        Ok(metrics::render(&metrics::Sample {
+            relay: &relay,
+            kernel: kernel.as_ref(),
+            health,
+            docker: discovery.as_ref(),
+        }))
     }
 
     /// Prepares everything that can fail on both paths, then switches.
@@ -493,7 +596,9 @@ fn docker_setting(s: &Option<config::DockerSettings>) -> String {
 /// The file unchanged but for what its names resolve to: the same rules,
 /// settings included, with other backends.
 fn only_backends_changed(running: &Compiled, plan: &Plan) -> bool {
-    let same_settings = running.relay == plan.next.relay && running.dns == plan.next.dns;
+    let same_settings = running.relay == plan.next.relay
+        && running.dns == plan.next.dns
+        && running.metrics == plan.next.metrics;
     same_settings
         && plan.added.is_empty()
         && plan.removed.is_empty()

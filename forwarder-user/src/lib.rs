@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod docker;
 pub mod health;
 pub mod kernel;
+pub mod metrics;
 pub mod names;
 pub mod relay;
 pub mod reload;

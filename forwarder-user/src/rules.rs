@@ -334,6 +334,14 @@ pub struct Compiled {
     pub dns: DnsSettings,
     /// The hostnames the targets were given as, with their answers.
     pub hostnames: BTreeMap<String, Answer>,
+    /// The Prometheus endpoint (`metrics:`); off when `None`.
+    pub metrics: Option<MetricsSettings>,
+}
+
+/// `metrics:`: where `GET /metrics` is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsSettings {
+    pub listen: SocketAddr,
 }
 
 /// Told of the flows the relay owns, so that the kernel path leaves them

@@ -202,9 +202,15 @@ fn sum(a: &Value, b: &Value) -> Option<u64> {
 pub fn kernel_path_counts(k: &Value) -> PathCounts {
     let mut notes = Vec::new();
     for (key, what) in [
-        ("fallback_full", "to relay, table full"),
-        ("fallback_other", "to relay, other reason"),
-        ("dropped", "dropped"),
+        ("fallbacks", "to relay"),
+        ("drops", "dropped"),
+        ("xdp_passes", "XDP left to TC"),
+    ] {
+        if let Some(note) = reasons_note(&k[key]) {
+            notes.push(format!("{what}: {note}"));
+        }
+    }
+    for (key, what) in [
         ("icmp_translated", "ICMP errors passed on"),
         ("icmp_sent", "ICMP errors sent"),
         ("acl_denied", "denied by the ACL"),
@@ -228,6 +234,17 @@ pub fn kernel_path_counts(k: &Value) -> PathCounts {
         bytes: sum(&k["bytes_fwd"], &k["bytes_rev"]),
         notes,
     }
+}
+
+/// `no_route 2, fragment 1` from a reason-to-count object; `None` if empty.
+fn reasons_note(reasons: &Value) -> Option<String> {
+    let list: Vec<String> = reasons
+        .as_object()?
+        .iter()
+        .filter_map(|(name, n)| Some((name, n.as_u64().filter(|n| *n > 0)?)))
+        .map(|(name, n)| format!("{name} {}", count(n)))
+        .collect();
+    (!list.is_empty()).then(|| list.join(", "))
 }
 
 /// A TCP relay flow has no packets of its own (the sockets below segment
@@ -328,6 +345,9 @@ fn totals(doc: &Value) -> Vec<String> {
                 count(ports),
                 percent(used, ports)
             ));
+        }
+        if let Some(note) = reasons_note(&k["xdp_passes_without_rule"]) {
+            out.push(format!("XDP left to TC, no kernel flow: {note}"));
         }
     }
     let empty = Vec::new();
@@ -476,7 +496,8 @@ mod tests {
                      "xdp_packets": 0, "fallback_full": 0, "fallback_other": 0, "dropped": 0},
                     {"rule_id": 1, "alias": "turn-udp", "protocol": "udp", "packets_fwd": 0,
                      "bytes_fwd": 0, "packets_rev": 0, "bytes_rev": 0, "flows": 0,
-                     "xdp_packets": 0, "fallback_full": 0, "fallback_other": 1, "dropped": 0}
+                     "xdp_packets": 0, "fallback_full": 0, "fallback_other": 1, "dropped": 0,
+                     "fallbacks": {"fragment": 1}}
                 ],
                 "conntrack_entries": 2, "relay_flow_entries": 1, "expired_flows": 0,
                 "conntrack_capacity": 65536, "snat_ports": 20000, "snat_ports_in_use": 1
@@ -575,7 +596,7 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("to relay, other reason: 1"), "{text}");
+        assert!(text.contains("to relay: fragment 1"), "{text}");
         assert!(text.contains("1 fell back from kernel"), "{text}");
         assert!(
             text.contains("conntrack   1 of 65.5k flows (0.0%)"),

@@ -245,6 +245,17 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no status:\n{}", self.log_text()))
     }
 
+    /// `forwarder reload --control PATH`, within [`WAIT`].
+    pub fn reload(&self) -> std::process::Output {
+        common::output_within(
+            Command::new(common::forwarder_bin())
+                .arg("reload")
+                .arg("--control")
+                .arg(&self.control),
+            WAIT,
+        )
+    }
+
     /// The daemon's rule file, to rewrite before a reload.
     pub fn config_path(&self) -> PathBuf {
         self.dir.join("forwarder.yaml")
@@ -362,6 +373,22 @@ pub fn counter(rule: &serde_json::Value, name: &str) -> u64 {
     rule[name]
         .as_u64()
         .unwrap_or_else(|| panic!("no counter {name} in {rule}"))
+}
+
+/// A rule's non-zero reasons of one kind in a status document
+/// (`fallbacks`, `drops` or `xdp_passes`), as `name=count` pairs.
+pub fn reasons(rule: &serde_json::Value, kind: &str) -> Vec<(String, u64)> {
+    let map = rule[kind]
+        .as_object()
+        .unwrap_or_else(|| panic!("no reasons {kind} in {rule}"));
+    map.iter()
+        .map(|(name, n)| (name.clone(), n.as_u64().expect("a count")))
+        .collect()
+}
+
+/// `[(name, n)]` as [`reasons`] gives it, for comparing.
+pub fn only(name: &str, n: u64) -> Vec<(String, u64)> {
+    vec![(name.to_owned(), n)]
 }
 
 /// The interface counters of `name` in a status document.

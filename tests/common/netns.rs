@@ -21,10 +21,22 @@ pub fn require_root(test: &str) -> bool {
         remove_stale_namespaces();
         return true;
     }
+    skip(test, "root (network namespaces and BPF)")
+}
+
+/// True when `tool` (what `cargo xtask setup` installs, and for what) is
+/// present; otherwise the test is skipped with that reason, except under
+/// `CI=true`, where that fails.
+pub fn require_tool(test: &str, tool: &str, present: bool) -> bool {
+    present || skip(test, &format!("{tool} (`cargo xtask setup` installs it)"))
+}
+
+/// Skips `test`, which needs what it lacks, or fails it under `CI=true`.
+fn skip(test: &str, needs: &str) -> bool {
     if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping it");
+        panic!("{test}: needs {needs}, and CI=true forbids skipping it");
     }
-    eprintln!("SKIPPED {test}: needs root (network namespaces and BPF)");
+    eprintln!("SKIPPED {test}: needs {needs}");
     record_skip(test);
     false
 }

@@ -473,21 +473,23 @@ pub fn explain(doc: &Value) -> Explanation {
                     count(packets)
                 ));
             }
-            let (full, other) = (n(&k["fallback_full"]), n(&k["fallback_other"]));
-            fell_back += full + other;
-            if other > 0 {
+            let reasons = k["fallbacks"].as_object().cloned().unwrap_or_default();
+            for (reason, left) in reasons {
+                let left = n(&left);
+                fell_back += left;
+                let why = match reason.as_str() {
+                    "fragment" => {
+                        "the first datagram came in fragments, which the kernel path does \
+                         not reassemble"
+                    }
+                    "conntrack_full" | "snat_ports_exhausted" => {
+                        "the conntrack table or the SNAT ports were full"
+                    }
+                    _ => "see Reasons in README.md",
+                };
                 lines.push(format!(
-                    "{name}: {} left to the relay (fallback_other {other}): the first \
-                     datagram came in fragments, which the kernel path does not reassemble \
-                     (IP options, no route or no usable backend would count here too)",
-                    flows(other, protocol)
-                ));
-            }
-            if full > 0 {
-                lines.push(format!(
-                    "{name}: {} left to the relay (fallback_full {full}): the conntrack \
-                     table or the SNAT ports were full",
-                    flows(full, protocol)
+                    "{name}: {} left to the relay (reason {reason}): {why}",
+                    flows(left, protocol)
                 ));
             }
         }
@@ -538,7 +540,8 @@ mod tests {
                  "fallback_full": 0, "fallback_other": 0},
                 {"alias": "turn-udp", "protocol": "udp", "flows": 1, "bytes_fwd": 6_000_000,
                  "bytes_rev": 6_000_000, "packets_fwd": 5000, "packets_rev": 5000,
-                 "fallback_full": 0, "fallback_other": fallback_other}
+                 "fallback_full": 0, "fallback_other": fallback_other,
+                 "fallbacks": if fallback_other > 0 { json!({"fragment": fallback_other}) } else { json!({}) }}
             ]},
             "relay": [
                 {"alias": "turn-tcp", "protocol": "tcp", "flows": 0, "bytes_to_backend": 0,
@@ -561,7 +564,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("turn-udp (udp): 1 flow left to the relay (fallback_other 1)"),
+            text.contains("turn-udp (udp): 1 flow left to the relay (reason fragment)"),
             "{text}"
         );
         assert!(

@@ -29,6 +29,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "busybox-static",
         "the test's container image, built with `docker import`",
     ),
+    (
+        "python3-prometheus-client",
+        "the metrics test's parser of what the endpoint serves",
+    ),
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";

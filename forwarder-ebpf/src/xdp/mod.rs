@@ -17,10 +17,11 @@ use aya_log_ebpf::debug;
 use forwarder_common::{
     CT_DIR_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtValue, PROTO_TCP, RULE_F_XDP,
     addr_ipv4_be,
+    reasons::{NO_RULE, XdpPass},
 };
 
 use crate::conntrack;
-use crate::counters::{Hook, count_interface, with_rule};
+use crate::counters::{Hook, count_interface, count_reason, with_rule};
 use crate::maps::{RULE_FLAGS, Scratch, scratch};
 use crate::parse::{Packet, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::redirect::Flow;
@@ -40,22 +41,17 @@ pub fn handle(ctx: &XdpContext) -> u32 {
     if count_interface(ifindex, Hook::Xdp, bytes) {
         debug!(ctx, "xdp: first packet on ifindex {}", ifindex);
     }
-    let Some(pkt) = parse::parse(ctx) else {
-        return PASS;
+    let pkt = match parse::parse(ctx) {
+        Ok(pkt) => pkt,
+        Err(why) => return pass(NO_RULE, why),
     };
-    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
-        return PASS;
-    }
-    // TC counts the drop of an expiring packet.
-    if pkt.ttl <= 1 {
-        return PASS;
-    }
+    // Never taken: a one-entry per-CPU array always has its slot.
     let Some(s) = scratch() else {
         return PASS;
     };
     s.key = pkt.key();
     let Some(entry) = conntrack::lookup(&s.key) else {
-        return PASS;
+        return pass(NO_RULE, XdpPass::NoFlow);
     };
     let w = Work {
         pkt,
@@ -72,11 +68,21 @@ fn carry(ctx: &XdpContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> u3
     // SAFETY: copied out at once.
     s.ct = unsafe { *entry };
     let (rule_id, direction) = (s.ct.rule_id, s.ct.direction);
-    if !xdp_allowed(rule_id) || !established(entry, pkt.proto, s) {
-        return PASS;
+    if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
+        return pass(rule_id, XdpPass::TcpControl);
+    }
+    // TC answers or drops an expiring packet, and counts it.
+    if pkt.ttl <= 1 {
+        return pass(rule_id, XdpPass::TtlExpiring);
+    }
+    if !xdp_allowed(rule_id) {
+        return pass(rule_id, XdpPass::RuleNotXdp);
+    }
+    if !established(entry, pkt.proto, s) {
+        return pass(rule_id, XdpPass::NotEstablished);
     }
     let (Some(src), Some(dst)) = (addr_ipv4_be(&s.ct.new_src), addr_ipv4_be(&s.ct.new_dst)) else {
-        return PASS;
+        return pass(rule_id, XdpPass::NotIpv4);
     };
     let flow = Flow {
         ifindex,
@@ -87,11 +93,14 @@ fn carry(ctx: &XdpContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> u3
         dport: s.ct.new_dport,
         tot_len: pkt.tot_len,
     };
-    if redirect::route(ctx, &flow, s).is_err() || !redirect::can_send(s) {
-        return PASS;
+    if redirect::route(ctx, &flow, s).is_err() {
+        return pass(rule_id, XdpPass::NoRoute);
+    }
+    if !redirect::can_send(s) {
+        return pass(rule_id, XdpPass::EgressNotXdp);
     }
     if nat::rewrite(ctx, pkt, &s.ct, &s.fib).is_none() {
-        return PASS;
+        return pass(rule_id, XdpPass::RewriteFailed);
     }
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -108,6 +117,14 @@ fn carry(ctx: &XdpContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> u3
         c.xdp_packets += 1;
     });
     redirect::send(ifindex, s)
+}
+
+/// Leaves the packet to TC: the one place that gives XDP's pass verdict
+/// and counts its reason, in `rule_id`'s row (or `NO_RULE`'s).
+#[inline(always)]
+fn pass(rule_id: u32, why: XdpPass) -> u32 {
+    count_reason(why.slot(rule_id));
+    PASS
 }
 
 /// The rule lets XDP carry its flows (`path: xdp`).

@@ -10,7 +10,7 @@
 //! 1 in 65536 chance, and then TC carries the packet, which is still right.
 
 use aya_ebpf::programs::XdpContext;
-use forwarder_common::{PROTO_TCP, PROTO_UDP, csum};
+use forwarder_common::{PROTO_TCP, PROTO_UDP, csum, reasons::XdpPass};
 
 use crate::parse::{ETH_LEN, IP_LEN, L4_OFF, Packet, Unfit};
 
@@ -27,52 +27,52 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// The packet's headers, or `None` for anything XDP leaves to TC.
+/// The packet's headers, or why XDP leaves it to TC.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Option<Packet> {
-    let ethertype: *const [u8; 2] = ptr_at(ctx, 12)?;
+pub fn parse(ctx: &XdpContext) -> Result<Packet, XdpPass> {
+    let ethertype: *const [u8; 2] = ptr_at(ctx, 12).ok_or(XdpPass::Unparsed)?;
     // SAFETY: bounds checked by `ptr_at`.
     if unsafe { *ethertype } != [0x08, 0x00] {
-        return None;
+        return Err(XdpPass::Unparsed);
     }
-    let ip: *const [u8; IP_LEN] = ptr_at(ctx, ETH_LEN)?;
+    let ip: *const [u8; IP_LEN] = ptr_at(ctx, ETH_LEN).ok_or(XdpPass::Unparsed)?;
     // SAFETY: as above.
     let ip = unsafe { *ip };
     // Version 4 with a 20-byte header: the rewrite's offsets are fixed.
     if ip[0] != 0x45 {
-        return None;
+        return Err(XdpPass::Unparsed);
     }
     let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
     let frame_len = ctx.data_end() - ctx.data();
     if usize::from(tot_len) < IP_LEN || ETH_LEN + usize::from(tot_len) > frame_len {
-        return None;
+        return Err(XdpPass::Unparsed);
     }
     // Any fragment (more-fragments set or an offset) is TC's.
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-        return None;
+        return Err(XdpPass::Unparsed);
     }
     let proto = ip[9];
     let mut tcp_flags = 0;
     let mut udp_no_csum = false;
     let (ports, l4_csum) = if proto == PROTO_TCP {
-        let tcp: *const [u8; TCP_LEN] = ptr_at(ctx, L4_OFF)?;
+        let tcp: *const [u8; TCP_LEN] = ptr_at(ctx, L4_OFF).ok_or(XdpPass::Unparsed)?;
         // SAFETY: as above.
         let tcp = unsafe { *tcp };
         tcp_flags = tcp[13];
         ([tcp[0], tcp[1], tcp[2], tcp[3]], [tcp[16], tcp[17]])
     } else if proto == PROTO_UDP {
-        let udp: *const [u8; UDP_LEN] = ptr_at(ctx, L4_OFF)?;
+        let udp: *const [u8; UDP_LEN] = ptr_at(ctx, L4_OFF).ok_or(XdpPass::Unparsed)?;
         // SAFETY: as above.
         let udp = unsafe { *udp };
         udp_no_csum = udp[6] == 0 && udp[7] == 0;
         ([udp[0], udp[1], udp[2], udp[3]], [udp[6], udp[7]])
     } else {
-        return None;
+        return Err(XdpPass::Unparsed);
     };
     if !udp_no_csum && is_pseudo_header_sum(&ip, tot_len, u16::from_ne_bytes(l4_csum)) {
-        return None;
+        return Err(XdpPass::ChecksumPartial);
     }
-    Some(Packet {
+    Ok(Packet {
         src: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
         dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
         sport: u16::from_ne_bytes([ports[0], ports[1]]),

@@ -296,6 +296,7 @@ fn load_inner(
     };
     let mut compiled = compile(&config);
     compiled.dns = globals.dns;
+    compiled.metrics = globals.metrics;
     compiled.hostnames = answers;
     Ok((compiled, globals.docker, diag.warnings))
 }

@@ -1,5 +1,5 @@
 //! The daemon-wide sections: `interfaces`, `relay`, `kernel`, `dns`,
-//! `timeouts`, `docker`, `acl`.
+//! `timeouts`, `docker`, `acl`, `metrics`.
 //! Each is optional; what is left out keeps the defaults of `rules.rs`.
 
 use super::acl::{self, Acl};
@@ -9,7 +9,7 @@ use super::fields::parse_timeouts;
 use super::source::RawFile;
 use super::values;
 use super::yaml::Node;
-use crate::rules::{DnsSettings, KernelSettings, RelaySettings, Timeouts};
+use crate::rules::{DnsSettings, KernelSettings, MetricsSettings, RelaySettings, Timeouts};
 
 const RELAY_FIELDS: &[&str] = &[
     "max_udp_sessions",
@@ -25,6 +25,9 @@ const FIRST_BYTE_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 const FIRST_BYTE_MAX: std::time::Duration = std::time::Duration::from_secs(7200);
 const KERNEL_FIELDS: &[&str] = &["conntrack_size", "snat_ports"];
 const DNS_FIELDS: &[&str] = &["refresh", "min_ttl", "max_ttl"];
+const METRICS_FIELDS: &[&str] = &["listen"];
+const METRICS_LISTEN_ALLOWED: &str =
+    "an address and port to serve GET /metrics on (e.g. `127.0.0.1:9531`, `[::1]:9531`)";
 const SNAT_ALLOWED: &str = "`min-max` within 1024–65535, min ≤ max (e.g. `40000-59999`)";
 /// How often names may be resolved again (each of `dns`' durations): not
 /// a load on the resolver, not so rarely that a moved backend waits long.
@@ -47,6 +50,8 @@ pub(crate) struct Globals {
     pub docker: Option<DockerSettings>,
     /// Combined with every route's own `acl`.
     pub acl: Acl,
+    /// The Prometheus endpoint; off when `None`.
+    pub metrics: Option<MetricsSettings>,
 }
 
 pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
@@ -56,6 +61,9 @@ pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
     }
     if let Some(node) = &raw.docker {
         g.docker = docker::settings(node, diag);
+    }
+    if let Some(node) = &raw.metrics {
+        g.metrics = metrics(node, diag);
     }
     if let Some(node) = &raw.relay {
         for (k, v) in section(node, "relay", RELAY_FIELDS, diag) {
@@ -196,6 +204,60 @@ fn section(node: &Node, name: &str, known: &[&str], diag: &mut Diag) -> Vec<(Nod
         }
     }
     out
+}
+
+/// `metrics: {listen: ADDR:PORT}`: the listen address is required.
+fn metrics(node: &Node, diag: &mut Diag) -> Option<MetricsSettings> {
+    if node.entries().is_none() {
+        diag.error(
+            ConfigError::new(
+                &node.pos,
+                node.describe(),
+                "a mapping with `listen` (e.g. `metrics: {listen: 127.0.0.1:9531}`)",
+            )
+            .field("metrics"),
+        );
+        return None;
+    }
+    let fields = section(node, "metrics", METRICS_FIELDS, diag);
+    let Some((_, v)) = fields.into_iter().next() else {
+        diag.error(
+            ConfigError::new(&node.pos, "no `listen`", METRICS_LISTEN_ALLOWED)
+                .field("metrics")
+                .hint("leave `metrics:` out to serve no metrics"),
+        );
+        return None;
+    };
+    let text = match values::text(&v, METRICS_LISTEN_ALLOWED) {
+        Ok(t) => t.trim().to_owned(),
+        Err(e) => {
+            diag.error(e.field("metrics.listen"));
+            return None;
+        }
+    };
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(listen) if listen.port() != 0 => {
+            if !listen.ip().is_loopback() {
+                diag.warn(
+                    &v.pos,
+                    None,
+                    Some("metrics.listen"),
+                    format!(
+                        "{listen} is not a loopback address: every host that reaches it can \
+                         read the rules' aliases and counters"
+                    ),
+                );
+            }
+            Some(MetricsSettings { listen })
+        }
+        _ => {
+            diag.error(
+                ConfigError::new(&v.pos, quoted(&text), METRICS_LISTEN_ALLOWED)
+                    .field("metrics.listen"),
+            );
+            None
+        }
+    }
 }
 
 fn snat_ports(node: &Node) -> Result<(u16, u16), ConfigError> {

@@ -24,6 +24,7 @@ pub(crate) const SECTIONS: &[&str] = &[
     "timeouts",
     "docker",
     "acl",
+    "metrics",
 ];
 
 /// One route in any of the three forms.
@@ -45,6 +46,7 @@ pub(crate) struct RawFile {
     pub kernel: Option<Node>,
     pub timeouts: Option<Node>,
     pub docker: Option<Node>,
+    pub metrics: Option<Node>,
     /// The ACL every rule enforces along with its own.
     pub acl: Option<Node>,
     /// In file order; includes where the `include:` key stands.
@@ -86,6 +88,7 @@ pub(crate) fn read(
             "dns" => raw.dns = Some(v.clone()),
             "timeouts" => raw.timeouts = Some(v.clone()),
             "docker" => raw.docker = Some(v.clone()),
+            "metrics" => raw.metrics = Some(v.clone()),
             "acl" => raw.acl = Some(v.clone()),
             "routes" => route_map(v, "routes", &mut raw.routes, diag),
             "labels" => raw.routes.extend(labels::routes(v, diag)),

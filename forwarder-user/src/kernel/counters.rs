@@ -1,13 +1,17 @@
 //! The programs' per-CPU counters, summed for `forwarder status`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use forwarder_common::reasons::{
+    Dropped, Fallback, NO_RULE, REASON_COUNTERS_MAP, ReasonCounts, XdpPass,
+};
 use forwarder_common::{IfaceCounters, RuleCounters};
 use serde::Serialize;
 
 use super::interfaces::Interface;
-use super::sweeper::Gauges;
+use super::sweeper::{Gauges, SnatUse};
 use crate::rules::Listener;
 
 /// What both programs saw on one interface.
@@ -37,14 +41,19 @@ pub struct KernelRuleCounters {
     pub flows: u64,
     /// Of these packets, those XDP carried (TC carried the rest).
     pub xdp_packets: u64,
-    /// New flows left to the relay because a table was full.
+    /// New flows left to the relay because a table was full (the
+    /// `fallbacks` whose reason `is_full`).
     pub fallback_full: u64,
-    /// New flows left to the relay for another reason (fragments, IP
-    /// options, no route, no usable backend).
+    /// New flows left to the relay for another reason (the other `fallbacks`).
     pub fallback_other: u64,
-    /// Packets of kernel flows dropped (no route any more, too big without
-    /// DF, TTL or MTU where no ICMP error could be sent).
+    /// Packets of kernel flows dropped (the sum of `drops`).
     pub dropped: u64,
+    /// New flows left to the relay, by reason (non-zero ones).
+    pub fallbacks: BTreeMap<&'static str, u64>,
+    /// Packets XDP left to TC, by reason (non-zero ones).
+    pub xdp_passes: BTreeMap<&'static str, u64>,
+    /// Packets of kernel flows dropped, by reason (non-zero ones).
+    pub drops: BTreeMap<&'static str, u64>,
     /// ICMP errors about kernel flows translated and sent to the other side.
     pub icmp_translated: u64,
     /// ICMP errors sent for kernel flows' packets that could not be
@@ -55,8 +64,40 @@ pub struct KernelRuleCounters {
     pub acl_denied: u64,
 }
 
+/// What one rule id counted: its counters and its reasons.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleTotals {
+    pub counters: RuleCounters,
+    pub reasons: ReasonCounts,
+}
+
+impl RuleTotals {
+    pub fn add(&mut self, other: &RuleTotals) {
+        self.counters.add(&other.counters);
+        self.reasons.add(&other.reasons);
+    }
+}
+
+/// The non-zero counts of `reasons`, by name.
+fn non_zero<R: Copy>(
+    reasons: &[R],
+    name: impl Fn(R) -> &'static str,
+    count: impl Fn(R) -> u64,
+) -> BTreeMap<&'static str, u64> {
+    reasons
+        .iter()
+        .map(|&r| (name(r), count(r)))
+        .filter(|&(_, n)| n != 0)
+        .collect()
+}
+
+/// XDP's passes of `reasons`, by name (non-zero ones).
+fn xdp_passes(reasons: &ReasonCounts) -> BTreeMap<&'static str, u64> {
+    non_zero(&XdpPass::ALL, XdpPass::name, |r| reasons.xdp_pass(r))
+}
+
 impl KernelRuleCounters {
-    fn new(listener: &Listener, sum: &RuleCounters) -> KernelRuleCounters {
+    fn new(listener: &Listener, sum: &RuleTotals) -> KernelRuleCounters {
         let RuleCounters {
             packets_fwd,
             bytes_fwd,
@@ -64,13 +105,22 @@ impl KernelRuleCounters {
             bytes_rev,
             flows,
             xdp_packets,
-            fallback_full,
-            fallback_other,
-            dropped,
             icmp_translated,
             icmp_sent,
             acl_denied,
-        } = *sum;
+        } = sum.counters;
+        let reasons = &sum.reasons;
+        let fallback_full = Fallback::ALL
+            .iter()
+            .filter(|r| r.is_full())
+            .map(|&r| reasons.fallback(r))
+            .sum();
+        let fallback_other = Fallback::ALL
+            .iter()
+            .filter(|r| !r.is_full())
+            .map(|&r| reasons.fallback(r))
+            .sum();
+        let dropped = Dropped::ALL.iter().map(|&r| reasons.dropped(r)).sum();
         KernelRuleCounters {
             rule_id: listener.rule_id,
             alias: listener.alias.clone(),
@@ -84,6 +134,9 @@ impl KernelRuleCounters {
             fallback_full,
             fallback_other,
             dropped,
+            fallbacks: non_zero(&Fallback::ALL, Fallback::name, |r| reasons.fallback(r)),
+            xdp_passes: xdp_passes(reasons),
+            drops: non_zero(&Dropped::ALL, Dropped::name, |r| reasons.dropped(r)),
             icmp_translated,
             icmp_sent,
             acl_denied,
@@ -127,12 +180,24 @@ pub struct KernelCounters {
     pub snat_ports: u64,
     /// SNAT ports in use toward the busiest backend at the last sweep.
     pub snat_ports_in_use: u64,
+    /// SNAT ports in use per source address and backend at the last sweep.
+    pub snat_ports_in_use_per_backend: Vec<SnatUse>,
+    /// Packets XDP left to TC before it knew their rule, by reason
+    /// (non-zero ones): not a kernel flow, or a frame it cannot read.
+    pub xdp_passes_without_rule: BTreeMap<&'static str, u64>,
+    /// Sweeper passes completed, how long the last one took and all of
+    /// them together (nanoseconds).
+    pub sweeper_passes: u64,
+    pub sweeper_last_pass_ns: u64,
+    pub sweeper_passes_ns: u64,
 }
 
 /// Reads the counter maps.
 pub struct CounterMaps {
     pub interfaces: PerCpuHashMap<MapData, u32, IfaceCounters>,
     pub rules: PerCpuArray<MapData, RuleCounters>,
+    /// `forwarder_common::reasons`'s slots.
+    pub reasons: PerCpuArray<MapData, u64>,
 }
 
 impl CounterMaps {
@@ -140,16 +205,39 @@ impl CounterMaps {
         Ok(CounterMaps {
             interfaces: PerCpuHashMap::try_from(take_map(ebpf, "IFACE_COUNTERS")?)?,
             rules: PerCpuArray::try_from(take_map(ebpf, "RULE_COUNTERS")?)?,
+            reasons: PerCpuArray::try_from(take_map(ebpf, REASON_COUNTERS_MAP)?)?,
         })
     }
 
-    /// One rule id's counters, summed over CPUs.
-    pub fn rule(&self, rule_id: u32) -> anyhow::Result<RuleCounters> {
-        let mut sum = RuleCounters::default();
+    /// One rule id's counters and reasons, summed over CPUs.
+    pub fn rule(&self, rule_id: u32) -> anyhow::Result<RuleTotals> {
+        let mut sum = RuleTotals::default();
         for c in self.rules.get(&rule_id, 0)?.iter() {
-            sum.add(c);
+            sum.counters.add(c);
+        }
+        sum.reasons = self.reasons(rule_id)?;
+        Ok(sum)
+    }
+
+    /// One row of reasons (a rule id's, or `NO_RULE`'s), summed over CPUs.
+    fn reasons(&self, rule_id: u32) -> anyhow::Result<ReasonCounts> {
+        let mut sum = ReasonCounts::default();
+        for (at, slot) in sum.0.iter_mut().zip(ReasonCounts::slots(rule_id)) {
+            *at = self.reasons.get(&slot, 0)?.iter().sum();
         }
         Ok(sum)
+    }
+
+    /// Zeroes what rule id `rule_id` counted, before it is handed out.
+    pub fn zero(&mut self, rule_id: u32) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+        let zero = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?;
+        self.rules.set(rule_id, zero, 0)?;
+        for slot in ReasonCounts::slots(rule_id) {
+            self.reasons
+                .set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        }
+        Ok(())
     }
 
     /// `earlier(id)`: the rule's earlier ids still in the table, and what
@@ -158,7 +246,7 @@ impl CounterMaps {
         &self,
         interfaces: &[Interface],
         listeners: &[Listener],
-        earlier: &dyn Fn(u32) -> (Vec<u32>, RuleCounters),
+        earlier: &dyn Fn(u32) -> (Vec<u32>, RuleTotals),
         gauges: &Gauges,
     ) -> anyhow::Result<KernelCounters> {
         let mut out = KernelCounters {
@@ -168,6 +256,15 @@ impl CounterMaps {
             conntrack_capacity: gauges.conntrack_capacity.load(Ordering::Relaxed),
             snat_ports: gauges.snat_ports.load(Ordering::Relaxed),
             snat_ports_in_use: gauges.snat_busiest.load(Ordering::Relaxed),
+            snat_ports_in_use_per_backend: gauges
+                .snat_use
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            xdp_passes_without_rule: xdp_passes(&self.reasons(NO_RULE)?),
+            sweeper_passes: gauges.passes.load(Ordering::Acquire),
+            sweeper_last_pass_ns: gauges.last_pass_ns.load(Ordering::Relaxed),
+            sweeper_passes_ns: gauges.passes_ns.load(Ordering::Relaxed),
             ..KernelCounters::default()
         };
         for l in listeners {

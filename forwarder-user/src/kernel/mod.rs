@@ -39,12 +39,13 @@ pub use counters::{InterfaceCounters, KernelCounters, KernelRuleCounters};
 pub use interfaces::{Interface, NoSuchInterface};
 pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
+pub use sweeper::SnatUse;
 pub use sysctl::{PortSet, RESERVED_PORTS};
 
 use crate::reload::Plan;
 use crate::rules::{Compiled, FlowObserver, Listener};
 use attach::Attached;
-use counters::CounterMaps;
+use counters::{CounterMaps, RuleTotals};
 use rule_maps::RuleMaps;
 use sweeper::{Gauges, RuleTimeouts, Sweeper};
 use sysctl::ReservedPorts;
@@ -141,7 +142,7 @@ struct RuleSet {
     /// counters add to its own.
     predecessors: StdHashMap<u32, Vec<u32>>,
     /// What earlier ids counted before they were handed out again.
-    folded: StdHashMap<u32, RuleCounters>,
+    folded: StdHashMap<u32, RuleTotals>,
 }
 
 impl KernelPath {
@@ -218,9 +219,10 @@ impl KernelPath {
         };
         let relay_flows = options.relay_flows.clone().unwrap_or_default();
         let gauges = Arc::new(Gauges::default());
+        // The map holds two entries per flow (forward and reverse).
         gauges
             .conntrack_capacity
-            .store(u64::from(conntrack_size), Ordering::Relaxed);
+            .store(u64::from(conntrack_size) / 2, Ordering::Relaxed);
         let snat_ports = u64::from(settings.snat_ports.1) - u64::from(settings.snat_ports.0) + 1;
         gauges.snat_ports.store(snat_ports, Ordering::Relaxed);
         let timeouts = Arc::new(RwLock::new(rule_timeouts(&compiled.listeners)));
@@ -443,7 +445,7 @@ impl KernelPath {
             .unwrap_or_else(|e| e.into_inner())
             .set(&plan.next.listeners);
         set.maps
-            .apply(&set.tables, &next, &fresh, &mut set.counters.rules)?;
+            .apply(&set.tables, &next, &fresh, &mut set.counters)?;
         set.tables = next;
         set.listeners = plan.next.listeners.clone();
         Ok(())
@@ -534,6 +536,7 @@ impl Drop for KernelPath {
 fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::PathBuf> {
     pins::ensure_bpffs().map_err(|e| anyhow::anyhow!("cannot mount bpffs at /sys/fs/bpf: {e}"))?;
     let dir = pins::dir(cookie);
+    use forwarder_common::reasons::{REASON_COUNTERS_MAP, REASON_SLOTS};
     use forwarder_common::{Backend, MAX_BACKENDS_PER_RULE, RULE_IDS, RelayFlow};
     use std::mem::size_of;
     let want = [
@@ -545,6 +548,7 @@ fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::Pa
             size_of::<Backend>(),
         ),
         ("RULE_COUNTERS", RULE_IDS, size_of::<RuleCounters>()),
+        (REASON_COUNTERS_MAP, REASON_SLOTS, size_of::<u64>()),
         ("RULE_FLAGS", RULE_IDS, size_of::<u32>()),
     ];
     for (name, entries, value_size) in want {

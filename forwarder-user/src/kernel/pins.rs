@@ -27,6 +27,7 @@ pub const MAPS: &[&str] = &[
     "SETTINGS",
     "RULE_FLAGS",
     "RULE_COUNTERS",
+    forwarder_common::reasons::REASON_COUNTERS_MAP,
     "IFACE_COUNTERS",
     "XDP_EGRESS",
 ];

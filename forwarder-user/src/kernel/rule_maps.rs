@@ -12,12 +12,10 @@ use std::collections::{HashMap, HashSet};
 
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuValues};
-use forwarder_common::{
-    AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleCounters, RuleKey, RuleValue, Settings,
-};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use forwarder_common::{AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleKey, RuleValue, Settings};
 
-use super::counters::take_map;
+use super::counters::{CounterMaps, take_map};
 use super::tables::Tables;
 
 pub struct RuleMaps {
@@ -147,13 +145,11 @@ impl RuleMaps {
         running: &Tables,
         next: &Tables,
         fresh: &HashSet<u32>,
-        counters: &mut PerCpuArray<MapData, RuleCounters>,
+        counters: &mut CounterMaps,
     ) -> anyhow::Result<()> {
         let by_id = ById::of(next);
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
         for &id in fresh {
-            let zero = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?;
-            counters.set(id, zero, 0)?;
+            counters.zero(id)?;
             self.write_entries(&by_id, id)?;
         }
         self.write_acl(next, fresh)?;

@@ -13,6 +13,7 @@ use forwarder_common::{
     CtKey, CtValue, PROTO_TCP, RELAY_OWNER_KERNEL, RelayFlow,
 };
 
+use super::snat::ip_of;
 use crate::rules::Timeouts;
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns`.
@@ -252,8 +253,13 @@ pub struct Gauges {
     /// At the last sweep, SNAT ports in use toward the busiest backend:
     /// the pair that runs out first.
     pub snat_busiest: AtomicU64,
+    /// At the last sweep, SNAT ports in use per source address and backend.
+    pub snat_use: Mutex<Vec<SnatUse>>,
     /// Passes completed.
     pub passes: AtomicU64,
+    /// How long the last pass took, and all passes together (nanoseconds).
+    pub last_pass_ns: AtomicU64,
+    pub passes_ns: AtomicU64,
     /// The rule ids the entries of the last pass held: a reload hands out
     /// no id a flow still has.
     pub rule_ids: Mutex<HashSet<u32>>,
@@ -269,9 +275,18 @@ pub struct Sweeper {
     pub gauges: Arc<Gauges>,
 }
 
-/// The most SNAT ports any (source address, backend, protocol) holds
-/// among the forward entries that stay: each such entry is one port.
-fn busiest_snat_pair(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> u64 {
+/// SNAT ports in use toward one backend from one source address.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct SnatUse {
+    pub source: std::net::IpAddr,
+    pub backend: std::net::SocketAddr,
+    pub protocol: &'static str,
+    pub ports: u64,
+}
+
+/// The SNAT ports each (source address, backend, protocol) holds among
+/// the forward entries that stay (each such entry is one port), sorted.
+fn snat_use(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> Vec<SnatUse> {
     let gone: HashSet<&CtKey> = expired.iter().collect();
     let mut per_pair: StdHashMap<(Addr, Addr, u16, u8), u64> = StdHashMap::new();
     for (key, value) in entries {
@@ -283,12 +298,23 @@ fn busiest_snat_pair(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) ->
             .entry((value.new_src, value.new_dst, value.new_dport, key.proto))
             .or_default() += 1;
     }
-    per_pair.into_values().max().unwrap_or(0)
+    let mut out: Vec<SnatUse> = per_pair
+        .into_iter()
+        .map(|((src, dst, dport, proto), ports)| SnatUse {
+            source: ip_of(&src),
+            backend: std::net::SocketAddr::new(ip_of(&dst), u16::from_be(dport)),
+            protocol: if proto == PROTO_TCP { "tcp" } else { "udp" },
+            ports,
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 impl Sweeper {
     /// One pass; returns how many flows expired.
     pub fn sweep(&mut self) -> usize {
+        let started = std::time::Instant::now();
         let timeouts = self.timeouts();
         let now = monotonic_ns();
         let keys: Vec<CtKey> = self
@@ -335,14 +361,19 @@ impl Sweeper {
         g.relay_flow_entries
             .store(relay.len() as u64, Ordering::Relaxed);
         g.expired_flows.fetch_add(flows as u64, Ordering::Relaxed);
-        g.snat_busiest
-            .store(busiest_snat_pair(&entries, &expired), Ordering::Relaxed);
+        let snat = snat_use(&entries, &expired);
+        let busiest = snat.iter().map(|u| u.ports).max().unwrap_or(0);
+        g.snat_busiest.store(busiest, Ordering::Relaxed);
+        *g.snat_use.lock().unwrap_or_else(|e| e.into_inner()) = snat;
         let ids = entries
             .values()
             .map(|v| v.rule_id)
             .chain(relay.iter().map(|(_, f)| f.rule_id))
             .collect();
         *g.rule_ids.lock().unwrap_or_else(|e| e.into_inner()) = ids;
+        let took = started.elapsed().as_nanos() as u64;
+        g.last_pass_ns.store(took, Ordering::Relaxed);
+        g.passes_ns.fetch_add(took, Ordering::Relaxed);
         g.passes.fetch_add(1, Ordering::Release);
         flows
     }
@@ -459,13 +490,19 @@ mod tests {
         let mut preserved = pair(PROTO_UDP, 20, 0, 0, est);
         preserved[0].1.new_src = preserved[0].0.src;
         entries.extend(preserved);
-        assert_eq!(busiest_snat_pair(&entries, &[]), 3);
+        let ports = |use_: Vec<SnatUse>| -> Vec<(&'static str, u64)> {
+            use_.into_iter().map(|u| (u.protocol, u.ports)).collect()
+        };
+        assert_eq!(ports(snat_use(&entries, &[])), [("tcp", 1), ("udp", 3)]);
         let expired = pair(PROTO_UDP, 1, 0, 0, est)
             .into_iter()
             .map(|(k, _)| k)
             .collect::<Vec<_>>();
-        assert_eq!(busiest_snat_pair(&entries, &expired), 2);
-        assert_eq!(busiest_snat_pair(&StdHashMap::new(), &[]), 0);
+        assert_eq!(
+            ports(snat_use(&entries, &expired)),
+            [("tcp", 1), ("udp", 2)]
+        );
+        assert!(snat_use(&StdHashMap::new(), &[]).is_empty());
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod forms;
 mod fuzz;
 mod godoxy_examples;
 mod health;
+mod metrics;
 mod names;
 mod proxy_protocol;
 mod relay_bounds;

@@ -9,6 +9,7 @@ use forwarder_common::{
 use super::fixture::*;
 use super::packet::{Spec, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, view};
 use super::*;
+use forwarder_common::reasons::Fallback;
 
 #[test]
 fn a_reset_closes_the_flow_either_way() {
@@ -70,7 +71,7 @@ fn a_closed_flows_port_goes_to_a_new_flow_after_a_quiet_second() {
         );
         // Closed both ways but not yet quiet for a second: the port is held.
         assert_port_held(k, 50061);
-        assert_eq!(k.rule_counters(TCP_RULE).fallback_full, 1);
+        k.assert_reasons(TCP_RULE, &[(Fallback::SnatPortsExhausted.slot(0), 1)]);
 
         age_conntrack(k, std::time::Duration::from_secs(2));
         let syn = Spec::tcp(client(50062), listener(), TCP_SYN).build();
@@ -173,6 +174,6 @@ fn a_port_stays_with_a_half_closed_backend_closed_or_sweepable_flow() {
         age_conntrack(k, std::time::Duration::from_secs(9));
         assert_port_held(k, 50091);
         assert_eq!(k.conntrack().len(), 2, "the old pair stays for the sweeper");
-        assert_eq!(k.rule_counters(TCP_RULE).fallback_full, 1);
+        k.assert_reasons(TCP_RULE, &[(Fallback::SnatPortsExhausted.slot(0), 1)]);
     });
 }

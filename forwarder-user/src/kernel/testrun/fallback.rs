@@ -8,6 +8,7 @@ use forwarder_common::{PROTO_TCP, PROTO_UDP, RELAY_OWNER_KERNEL};
 use super::fixture::*;
 use super::packet::{Spec, TCP_ACK, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
 use super::*;
+use forwarder_common::reasons::Fallback;
 
 #[test]
 fn fragments_and_ip_options_go_to_the_relay_for_the_whole_flow() {
@@ -41,8 +42,8 @@ fn fragments_and_ip_options_go_to_the_relay_for_the_whole_flow() {
         let relay = k.relay_flows();
         assert_eq!(relay.len(), 2, "{relay:?}");
         assert!(relay.iter().all(|(_, f)| f.owner == RELAY_OWNER_KERNEL));
-        assert_eq!(k.rule_counters(UDP_RULE).fallback_other, 1);
-        assert_eq!(k.rule_counters(TCP_RULE).fallback_other, 1);
+        k.assert_reasons(UDP_RULE, &[(Fallback::Fragment.slot(0), 1)]);
+        k.assert_reasons(TCP_RULE, &[(Fallback::IpOptions.slot(0), 1)]);
     });
 }
 
@@ -125,7 +126,7 @@ fn a_kernel_flows_fragments_and_ip_options_stay_on_the_kernel_path() {
             (1, 3, 2),
             "{udp:?}"
         );
-        assert_eq!(udp.fallback_other, 0);
+        k.assert_reasons(UDP_RULE, &[]);
     });
 }
 
@@ -151,8 +152,8 @@ fn a_full_conntrack_table_leaves_new_flows_to_the_relay() {
         }
         let out = k.run_tc(&second);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &second));
-        let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.flows, c.fallback_full), (1, 1), "{c:?}");
+        assert_eq!(k.rule_counters(UDP_RULE).flows, 1);
+        k.assert_reasons(UDP_RULE, &[(Fallback::ConntrackFull.slot(0), 1)]);
         assert!(k.conntrack().is_empty(), "no half pair left behind");
     });
 }
@@ -179,8 +180,8 @@ fn a_pair_that_does_not_fit_leaves_no_half_behind() {
         let relay = k.relay_flows();
         assert_eq!(relay.len(), 1, "{relay:?}");
         assert_eq!(relay[0].0.sport, 50034u16.to_be());
-        let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.flows, c.fallback_full), (1, 1), "{c:?}");
+        assert_eq!(k.rule_counters(UDP_RULE).flows, 1);
+        k.assert_reasons(UDP_RULE, &[(Fallback::ConntrackFull.slot(0), 1)]);
     });
 }
 
@@ -206,7 +207,7 @@ fn a_full_snat_port_range_leaves_new_flows_to_the_relay() {
         let third = Spec::udp(client(50042), listener()).build();
         let out = k.run_tc(&third);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &third));
-        assert_eq!(k.rule_counters(UDP_RULE).fallback_full, 1);
+        k.assert_reasons(UDP_RULE, &[(Fallback::SnatPortsExhausted.slot(0), 1)]);
         // The failed probes left no entry behind.
         assert_eq!(k.conntrack().len(), 4);
     });

@@ -11,6 +11,7 @@ use super::fixture::{SNAT_PORTS, TCP_RULE, client, listener, rule, tables, with_
 use super::packet::{Spec, TCP_SYN, view};
 use super::*;
 use crate::kernel::tables::Tables;
+use forwarder_common::reasons::Fallback;
 
 const FIRST: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
 /// The router of `flows` has a neighbour entry for it too.
@@ -53,11 +54,12 @@ fn only_healthy_backends_take_new_flows() {
         assert!(syns(k, 21000, 40).iter().all(|d| *d == Some(SECOND)));
 
         // Every backend down: the SYN goes to the relay, which resets it.
-        let fallen = k.rule_counters(TCP_RULE).fallback_other;
+        let fallen = k.reasons(TCP_RULE).fallback(Fallback::NoBackend);
         t.set_health(TCP_RULE, &[false, false]);
         k.write_health(&t, TCP_RULE);
         assert_eq!(syns(k, 22000, 3), [None, None, None]);
-        assert_eq!(k.rule_counters(TCP_RULE).fallback_other, fallen + 3);
+        assert_eq!(fallen, 0);
+        k.assert_reasons(TCP_RULE, &[(Fallback::NoBackend.slot(0), 3)]);
         let to_relay = k.relay_flows();
         assert_eq!(to_relay.len(), 3, "{to_relay:?}");
         assert!(to_relay.iter().all(|(_, f)| f.owner == RELAY_OWNER_KERNEL));

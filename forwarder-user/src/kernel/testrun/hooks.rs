@@ -13,6 +13,7 @@ use super::fixture::{
 };
 use super::packet::{Spec, TCP_ACK, TCP_SYN, view};
 use super::*;
+use forwarder_common::reasons::Dropped;
 
 /// The TC program passed `p` on, unmodified, to whatever runs next.
 fn assert_next(k: &Loaded, p: &[u8], what: &str) {
@@ -54,7 +55,7 @@ fn only_packets_we_redirect_or_drop_get_a_final_verdict() {
         too_big.frag = 0;
         too_big.payload = vec![0; 1600];
         assert_eq!(k.run_tc(&too_big.build()).verdict, TC_ACT_SHOT);
-        assert_eq!(k.rule_counters(TCP_RULE).dropped, 1);
+        k.assert_reasons(TCP_RULE, &[(Dropped::TooBig.slot(0), 1)]);
     });
     // A rule the kernel path must leave to the relay.
     let relay_only = tables(
@@ -114,7 +115,8 @@ fn broadcast_and_multicast_on_a_wildcard_rule_go_to_the_stack() {
         assert!(k.conntrack().is_empty(), "no flow opened");
         assert!(k.relay_flows().is_empty(), "nothing entered for the relay");
         let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.flows, c.fallback_other, c.packets_fwd), (0, 0, 0));
+        assert_eq!((c.flows, c.packets_fwd), (0, 0));
+        k.assert_reasons(UDP_RULE, &[]);
 
         // The same datagram to the host's own address is a flow.
         let ours = to(LISTENER, unicast_mac);

@@ -17,6 +17,7 @@ use super::packet::{
 };
 use super::*;
 use crate::kernel::testns::ip;
+use forwarder_common::reasons::Dropped;
 
 const ICMP_UNREACH: u8 = 3;
 const CODE_PORT: u8 = 3;
@@ -128,8 +129,8 @@ fn a_port_unreachable_from_the_backend_reaches_the_client_as_from_the_listener()
         );
         assert_eq!(back.packet[ETH_LEN..], expected[ETH_LEN..]);
         assert_checksums(&back.packet);
-        let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.icmp_translated, c.dropped), (1, 0));
+        assert_eq!(k.rule_counters(UDP_RULE).icmp_translated, 1);
+        k.assert_reasons(UDP_RULE, &[]);
 
         // skb->csum (CHECKSUM_COMPLETE) still matches the bytes.
         let (_, out) = udp_flow(k, 50101);
@@ -268,8 +269,8 @@ fn icmp_that_is_no_error_about_a_kernel_flow_passes_unchanged() {
             assert_eq!(run.verdict, TC_ACT_UNSPEC, "frame of {} bytes", frame.len());
             assert_eq!(run.packet, frame, "unchanged");
         }
-        let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.icmp_translated, c.dropped), (0, 0));
+        assert_eq!(k.rule_counters(UDP_RULE).icmp_translated, 0);
+        k.assert_reasons(UDP_RULE, &[]);
         // The valid one still is.
         assert_eq!(k.run_tc(&valid).verdict, TC_ACT_REDIRECT);
         // XDP leaves ICMP to TC.
@@ -294,8 +295,8 @@ fn a_kernel_flows_packet_with_ttl_one_is_answered_with_time_exceeded() {
         let kind = (ICMP_TIME_EXCEEDED, 0, 0);
         let expected = sent_error(LISTENER, CLIENT, kind, &expiring);
         assert_eq!(answer.packet[ETH_LEN..], expected[ETH_LEN..]);
-        let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.icmp_sent, c.dropped), (1, 0));
+        assert_eq!(k.rule_counters(UDP_RULE).icmp_sent, 1);
+        k.assert_reasons(UDP_RULE, &[]);
         // A reply from the backend expiring here goes back to the backend,
         // from the address it talks to. Its frame is as long as the error
         // (70 bytes), so the skb keeps CHECKSUM_COMPLETE (resizing drops
@@ -343,8 +344,8 @@ fn a_df_packet_too_big_for_the_next_hop_is_answered_with_frag_needed() {
         spec.payload = vec![7; 1450];
         spec.frag = 0;
         assert_eq!(k.run_tc(&spec.build()).verdict, TC_ACT_SHOT);
-        let c = k.rule_counters(UDP_RULE);
-        assert_eq!((c.icmp_sent, c.dropped), (1, 1));
+        assert_eq!(k.rule_counters(UDP_RULE).icmp_sent, 1);
+        k.assert_reasons(UDP_RULE, &[(Dropped::TooBig.slot(0), 1)]);
     });
 }
 

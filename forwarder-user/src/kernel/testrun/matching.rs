@@ -8,6 +8,7 @@ use forwarder_common::{ADDR_ANY, CT_DIR_FORWARD, PROTO_TCP, PROTO_UDP, RULE_F_RE
 use super::fixture::*;
 use super::packet::{Spec, TCP_ACK, TCP_SYN, ip_csum_ok, l4_csum_ok, view};
 use super::*;
+use forwarder_common::reasons::Fallback;
 
 #[test]
 fn traffic_without_a_rule_or_flow_passes_byte_for_byte() {
@@ -66,7 +67,7 @@ fn relay_rules_and_unroutable_backends_are_not_taken() {
         let out = k.run_tc(&p);
         assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &p));
         assert!(k.conntrack().is_empty(), "no entry for an unroutable flow");
-        assert_eq!(k.rule_counters(UDP_RULE).fallback_other, 1);
+        k.assert_reasons(UDP_RULE, &[(Fallback::NoRoute.slot(0), 1)]);
         assert_eq!(k.relay_flows().len(), 1);
     });
 }
@@ -157,8 +158,8 @@ fn a_wildcard_rule_leaves_traffic_through_this_host_alone() {
         assert!(k.conntrack().is_empty(), "no flow of ours");
         assert!(k.relay_flows().is_empty(), "nothing for the relay");
         for id in [TCP_RULE, UDP_RULE] {
-            let c = k.rule_counters(id);
-            assert_eq!((c.flows, c.fallback_other), (0, 0), "rule {id}");
+            assert_eq!(k.rule_counters(id).flows, 0, "rule {id}");
+            k.assert_reasons(id, &[]);
         }
         // The same to this host's own address is forwarded.
         let ours = Spec::udp(client(50093), (LISTENER, LISTEN_PORT)).build();
@@ -255,8 +256,8 @@ fn ipv6_frames_pass_both_programs_untouched() {
         assert!(k.conntrack().is_empty(), "{:?}", k.conntrack());
         assert!(k.relay_flows().is_empty(), "{:?}", k.relay_flows());
         for rule_id in [TCP_RULE, UDP_RULE] {
-            let c = k.rule_counters(rule_id);
-            assert_eq!((c.flows, c.fallback_other, c.fallback_full), (0, 0, 0));
+            assert_eq!(k.rule_counters(rule_id).flows, 0);
+            k.assert_reasons(rule_id, &[]);
         }
     });
 }

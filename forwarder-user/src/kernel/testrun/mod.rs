@@ -23,6 +23,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::Ebpf;
 use aya::maps::{HashMap, PerCpuArray, PerCpuHashMap};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use forwarder_common::reasons::{REASON_COUNTERS_MAP, ReasonCounts};
 use forwarder_common::{CtKey, CtValue, IfaceCounters, RelayFlow, RuleCounters};
 
 use super::attach::{Attached, TC_PROGRAM, XDP_PROGRAM};
@@ -174,6 +175,28 @@ impl Loaded {
             sum.add(c);
         }
         sum
+    }
+
+    /// The reasons counted in `rule_id`'s row (or `NO_RULE`'s), summed over CPUs.
+    pub fn reasons(&self, rule_id: u32) -> ReasonCounts {
+        let map: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(REASON_COUNTERS_MAP).expect("map")).expect("array");
+        let mut sum = ReasonCounts::default();
+        for (at, slot) in sum.0.iter_mut().zip(ReasonCounts::slots(rule_id)) {
+            *at = map.get(&slot, 0).expect("reason counters").iter().sum();
+        }
+        sum
+    }
+
+    /// Asserts that `rule_id`'s row counted exactly `expected`: each
+    /// `(slot, n)` at a reason's slot in rule 0's row (as
+    /// `Fallback::Fragment.slot(0)`), every other reason zero.
+    pub fn assert_reasons(&self, rule_id: u32, expected: &[(u32, u64)]) {
+        let mut want = ReasonCounts::default();
+        for &(slot, n) in expected {
+            want.0[slot as usize] = n;
+        }
+        assert_eq!(self.reasons(rule_id), want, "reasons of rule {rule_id}");
     }
 
     /// The interface counters of `ifindex`, summed over CPUs.

@@ -15,6 +15,7 @@ use super::packet::{Csum, Spec, TCP_ACK, TCP_FIN, TCP_SYN, ip_csum_ok, l4_csum_o
 use super::*;
 use crate::kernel::interfaces::ifindex;
 use crate::kernel::testns::ip;
+use forwarder_common::reasons::{NO_RULE, XdpPass};
 
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
@@ -100,10 +101,22 @@ fn answered_udp(k: &Loaded, cport: u16, backend: Ipv4Addr) -> u16 {
     snat_port
 }
 
-/// XDP left the frame to TC exactly as it came.
-fn assert_passed(out: &Run, sent: &[u8], what: &str) {
+/// XDP left the frame to TC exactly as it came, and counted it once, as
+/// `why`, in `rule_id`'s row (`NO_RULE` before it knew the rule), and
+/// nothing else there.
+fn assert_passed(
+    k: &Loaded,
+    sent: &[u8],
+    ingress: u32,
+    (rule_id, why): (u32, XdpPass),
+    what: &str,
+) {
+    let mut expected = k.reasons(rule_id);
+    expected.0[why.slot(0) as usize] += 1;
+    let out = k.run_xdp_from(sent, ingress);
     assert_eq!(out.verdict, XDP_PASS, "{what}: passed to TC");
     assert_eq!(out.packet, sent, "{what}: unchanged");
+    assert_eq!(k.reasons(rule_id), expected, "{what}: counted as {why:?}");
 }
 
 /// XDP rewrote `sent` to `src` -> `dst`, for the next hop `dmac` out of
@@ -136,15 +149,21 @@ fn xdp_carries_established_tcp_both_ways_and_leaves_the_rest_to_tc() {
         k.allow_egress();
         let lo = ifindex("lo").unwrap();
         let syn = Spec::tcp(client(50000), listener(), TCP_SYN).build();
-        assert_passed(&k.run_xdp_from(&syn, lo), &syn, "SYN of a new flow");
+        assert_passed(k, &syn, lo, (NO_RULE, XdpPass::NoFlow), "SYN of a new flow");
         let snat_port = view(&k.run_tc(&syn).packet).sport;
         let snat = (SNAT, snat_port);
 
         // Before the backend answered, data is TC's.
         let early = Spec::tcp(client(50000), listener(), TCP_ACK).build();
-        assert_passed(&k.run_xdp_from(&early, lo), &early, "before the answer");
+        assert_passed(
+            k,
+            &early,
+            lo,
+            (TCP_RULE, XdpPass::NotEstablished),
+            "before the answer",
+        );
         let syn_ack = Spec::tcp((BACKEND, BACKEND_PORT), snat, TCP_SYN | TCP_ACK).build();
-        assert_passed(&k.run_xdp_from(&syn_ack, lo), &syn_ack, "SYN-ACK");
+        assert_passed(k, &syn_ack, lo, (TCP_RULE, XdpPass::TcpControl), "SYN-ACK");
         assert_eq!(k.run_tc(&syn_ack).verdict, TC_ACT_REDIRECT);
 
         let data = Spec::tcp(client(50000), listener(), TCP_ACK).build();
@@ -176,15 +195,21 @@ fn xdp_carries_established_tcp_both_ways_and_leaves_the_rest_to_tc() {
         let partial = Spec::tcp(client(50000), listener(), TCP_ACK)
             .csum(Csum::Partial)
             .build();
-        assert_passed(&k.run_xdp_from(&partial, lo), &partial, "partial checksum");
+        assert_passed(
+            k,
+            &partial,
+            lo,
+            (NO_RULE, XdpPass::ChecksumPartial),
+            "partial checksum",
+        );
 
         // Teardown is TC's, and so is a packet about to expire.
         let fin = Spec::tcp(client(50000), listener(), TCP_ACK | TCP_FIN).build();
-        assert_passed(&k.run_xdp_from(&fin, lo), &fin, "FIN");
+        assert_passed(k, &fin, lo, (TCP_RULE, XdpPass::TcpControl), "FIN");
         let mut last_hop = Spec::tcp(client(50000), listener(), TCP_ACK);
         last_hop.ttl = 1;
         let last_hop = last_hop.build();
-        assert_passed(&k.run_xdp_from(&last_hop, lo), &last_hop, "TTL 1");
+        assert_passed(k, &last_hop, lo, (TCP_RULE, XdpPass::TtlExpiring), "TTL 1");
 
         let c = k.rule_counters(TCP_RULE);
         assert_eq!(c.xdp_packets, 2, "{c:?}");
@@ -203,7 +228,7 @@ fn xdp_carries_udp_once_the_backend_answered_and_keeps_a_zero_checksum() {
         k.allow_egress();
         let lo = ifindex("lo").unwrap();
         let first = Spec::udp(client(50001), listener()).build();
-        assert_passed(&k.run_xdp_from(&first, lo), &first, "a new flow");
+        assert_passed(k, &first, lo, (NO_RULE, XdpPass::NoFlow), "a new flow");
         let snat_port = view(&k.run_tc(&first).packet).sport;
         assert!((SNAT_PORTS.0..=SNAT_PORTS.1).contains(&snat_port));
         let snat = (SNAT, snat_port);
@@ -211,9 +236,21 @@ fn xdp_carries_udp_once_the_backend_answered_and_keeps_a_zero_checksum() {
         // Until the backend answers, the flow is TC's (which times out
         // unanswered flows sooner); its answer goes by TC too.
         let second = Spec::udp(client(50001), listener()).build();
-        assert_passed(&k.run_xdp_from(&second, lo), &second, "before the answer");
+        assert_passed(
+            k,
+            &second,
+            lo,
+            (UDP_RULE, XdpPass::NotEstablished),
+            "before the answer",
+        );
         let answer = Spec::udp((BACKEND, BACKEND_PORT), snat).build();
-        assert_passed(&k.run_xdp_from(&answer, lo), &answer, "the answer");
+        assert_passed(
+            k,
+            &answer,
+            lo,
+            (UDP_RULE, XdpPass::NotEstablished),
+            "the answer",
+        );
         assert_eq!(k.run_tc(&answer).verdict, TC_ACT_REDIRECT);
 
         let out = k.run_xdp_from(&second, lo);
@@ -252,25 +289,43 @@ fn xdp_carries_udp_once_the_backend_answered_and_keeps_a_zero_checksum() {
         let partial = Spec::udp(client(50001), listener())
             .csum(Csum::Partial)
             .build();
-        assert_passed(&k.run_xdp_from(&partial, lo), &partial, "partial checksum");
+        assert_passed(
+            k,
+            &partial,
+            lo,
+            (NO_RULE, XdpPass::ChecksumPartial),
+            "partial checksum",
+        );
         let mut fragment = Spec::udp(client(50001), listener());
         fragment.frag = 0x2000;
         let fragment = fragment.build();
-        assert_passed(&k.run_xdp_from(&fragment, lo), &fragment, "first fragment");
+        assert_passed(
+            k,
+            &fragment,
+            lo,
+            (NO_RULE, XdpPass::Unparsed),
+            "first fragment",
+        );
         let mut later = Spec::udp(client(50001), listener());
         later.frag = 0x0010;
         let later = later.build();
-        assert_passed(&k.run_xdp_from(&later, lo), &later, "later fragment");
+        assert_passed(
+            k,
+            &later,
+            lo,
+            (NO_RULE, XdpPass::Unparsed),
+            "later fragment",
+        );
         let mut options = Spec::udp(client(50001), listener());
         options.ip_options = vec![1, 1, 1, 0];
         let options = options.build();
-        assert_passed(&k.run_xdp_from(&options, lo), &options, "IP options");
+        assert_passed(k, &options, lo, (NO_RULE, XdpPass::Unparsed), "IP options");
         // Nothing of ours: another port, another protocol.
         let other = Spec::udp(client(50001), (LISTENER, 7879)).build();
-        assert_passed(&k.run_xdp_from(&other, lo), &other, "no rule");
+        assert_passed(k, &other, lo, (NO_RULE, XdpPass::NoFlow), "no rule");
         let mut icmp = Spec::udp(client(50001), listener()).build();
         icmp[super::packet::ETH_LEN + 9] = 1;
-        assert_passed(&k.run_xdp_from(&icmp, lo), &icmp, "not TCP or UDP");
+        assert_passed(k, &icmp, lo, (NO_RULE, XdpPass::Unparsed), "not TCP or UDP");
 
         let c = k.rule_counters(UDP_RULE);
         assert_eq!((c.flows, c.xdp_packets), (1, 3), "{c:?}");
@@ -334,11 +389,23 @@ fn xdp_leaves_flows_to_tc_without_the_flag_a_neighbour_or_an_egress() {
         assert_eq!(k.run_tc(&syn_ack.build()).verdict, TC_ACT_REDIRECT);
         let data = Spec::tcp(client(50003), listener(), TCP_ACK).build();
         k.allow_egress();
-        assert_passed(&k.run_xdp_from(&data, lo), &data, "rule without XDP");
+        assert_passed(
+            k,
+            &data,
+            lo,
+            (TCP_RULE, XdpPass::RuleNotXdp),
+            "rule without XDP",
+        );
 
         answered_udp(k, 50004, unresolved);
         let first = Spec::udp(client(50004), listener()).build();
-        assert_passed(&k.run_xdp_from(&first, lo), &first, "neighbour unresolved");
+        assert_passed(
+            k,
+            &first,
+            lo,
+            (UDP_RULE, XdpPass::NoRoute),
+            "neighbour unresolved",
+        );
         assert_eq!(k.rule_counters(UDP_RULE).xdp_packets, 0);
     });
     // An established flow whose egress XDP may not redirect to.
@@ -346,7 +413,13 @@ fn xdp_leaves_flows_to_tc_without_the_flag_a_neighbour_or_an_egress() {
         let lo = ifindex("lo").unwrap();
         answered_udp(k, 50005, BACKEND);
         let first = Spec::udp(client(50005), listener()).build();
-        assert_passed(&k.run_xdp_from(&first, lo), &first, "egress not allowed");
+        assert_passed(
+            k,
+            &first,
+            lo,
+            (UDP_RULE, XdpPass::EgressNotXdp),
+            "egress not allowed",
+        );
         assert_eq!(k.rule_counters(UDP_RULE).xdp_packets, 0);
     });
 }
