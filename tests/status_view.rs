@@ -151,7 +151,7 @@ fn human_status_shows_rules_paths_and_rates_while_traffic_runs() {
         "{udp:?}\n{screen}"
     );
     assert!(udp[8] == "KiB/s" || udp[8] == "MiB/s", "{udp:?}\n{screen}");
-    assert!(screen.contains("conntrack   1 of 262k flows"), "{screen}");
+    assert!(screen.contains("conntrack   1 of 131k flows"), "{screen}");
     assert!(screen.contains("SNAT ports  1 of 20.0k in use"), "{screen}");
     for line in screen.lines() {
         assert!(line.chars().count() <= 100, "wider than 100: {line}");
