@@ -21,9 +21,9 @@ const PINS: &str = "/sys/fs/bpf/forwarder";
 
 /// These tests share the host's bpffs: one at a time, and bpffs is left
 /// mounted or not as it was found.
-static HOST_BPFFS: Mutex<()> = Mutex::new(());
+pub static HOST_BPFFS: Mutex<()> = Mutex::new(());
 
-struct BpffsAsFound {
+pub struct BpffsAsFound {
     was_mounted: bool,
 }
 
@@ -35,7 +35,7 @@ fn bpffs_mounted() -> bool {
 }
 
 impl BpffsAsFound {
-    fn new() -> BpffsAsFound {
+    pub fn new() -> BpffsAsFound {
         BpffsAsFound {
             was_mounted: bpffs_mounted(),
         }
@@ -65,7 +65,7 @@ routes:
 
 /// Nothing of ours is left on `topo`'s forwarder: no program on its
 /// interfaces, no pin for its namespace.
-fn assert_nothing_left(topo: &Topology) {
+pub fn assert_nothing_left(topo: &Topology) {
     for interface in [&topo.client_link.a_if, &topo.backend_link.a_if] {
         let on = seen(&topo.forwarder, interface);
         assert!(on.nothing(), "{interface}: {on:?}");

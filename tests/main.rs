@@ -38,3 +38,5 @@ mod relay_tcp;
 mod relay_udp;
 mod reload;
 mod status_view;
+mod udp_flood;
+mod upgrade;

@@ -85,7 +85,7 @@ pub fn udp_ask(socket: &UdpSocket, msg: &[u8]) -> Vec<u8> {
 
 /// Echoes numbered datagrams one at a time until `stop`, and returns
 /// (sent, answered): a lost or wrong answer ends the stream early.
-fn udp_stream(socket: UdpSocket, stop: Arc<AtomicBool>) -> (u64, u64) {
+pub fn udp_stream(socket: UdpSocket, stop: Arc<AtomicBool>) -> (u64, u64) {
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();

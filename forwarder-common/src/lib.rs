@@ -277,6 +277,9 @@ pub struct RuleCounters {
     pub icmp_sent: u64,
     /// New flows' first packets the rule's ACL denied (dropped or reset).
     pub acl_denied: u64,
+    /// New flows that took the SNAT port of an unanswered, quiet UDP flow
+    /// because no probed port was free; that flow is gone.
+    pub unanswered_taken_over: u64,
 }
 
 impl RuleCounters {
@@ -293,6 +296,7 @@ impl RuleCounters {
             icmp_translated,
             icmp_sent,
             acl_denied,
+            unanswered_taken_over,
         } = *other;
         self.packets_fwd += packets_fwd;
         self.bytes_fwd += bytes_fwd;
@@ -303,6 +307,7 @@ impl RuleCounters {
         self.icmp_translated += icmp_translated;
         self.icmp_sent += icmp_sent;
         self.acl_denied += acl_denied;
+        self.unanswered_taken_over += unanswered_taken_over;
     }
 }
 
@@ -343,6 +348,11 @@ pub struct Settings {
     /// ...and less than this long: older ones are the sweeper's, which must
     /// never remove a pair the kernel just handed on. 0: no reuse.
     pub closed_reuse_before_ns: u64,
+    /// Likewise for the port of a UDP flow the backend never answered,
+    /// quiet (no packet either way) at least this long...
+    pub unanswered_reuse_after_ns: u64,
+    /// ...and less than this long (the sweeper's turn). 0: no reuse.
+    pub unanswered_reuse_before_ns: u64,
 }
 
 /// The kernel's bound on `Settings::snat_probe_limit`. Probes cost only
@@ -380,9 +390,9 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 40);
         assert_eq!(size_of::<FragKey>(), 40);
         assert_eq!(size_of::<CtValue>(), 56);
-        assert_eq!(size_of::<Settings>(), 24);
+        assert_eq!(size_of::<Settings>(), 40);
         assert_eq!(size_of::<IfaceCounters>(), 32);
-        assert_eq!(size_of::<RuleCounters>(), 72);
+        assert_eq!(size_of::<RuleCounters>(), 80);
         assert_eq!(size_of::<AclKey>(), 24);
         assert_eq!(size_of::<RelayFlow>(), 16);
     }
@@ -442,6 +452,7 @@ mod tests {
             icmp_sent: 31 * k,
             icmp_translated: 37 * k,
             acl_denied: 41 * k,
+            unanswered_taken_over: 43 * k,
         };
         let mut sum = one(2);
         sum.add(&one(3));

@@ -9,6 +9,7 @@ use forwarder_common::{
     reasons::Fallback,
 };
 
+use crate::counters::with_rule;
 use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, Scratch};
 use crate::parse::{TCP_FIN, TCP_RST, TCP_SYN};
 
@@ -259,8 +260,8 @@ fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
 
 /// Finds a free SNAT port by inserting the reverse entry with it; leaves
 /// the port in `s.reverse_key.dport` with the entry in place. When every
-/// probed port is taken, the first one held by a closed flow that has
-/// been quiet long enough is taken over.
+/// probed port is taken, the first one held by a flow that may be taken
+/// over (see `take_over`) goes to the new flow.
 #[inline(always)]
 fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     let settings = SETTINGS.get(0).ok_or(Fallback::NoSnatRange)?;
@@ -278,7 +279,11 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     // SAFETY: a helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() } % span;
     let limit = settings.snat_probe_limit;
-    let may_reuse = s.reverse_key.proto == PROTO_TCP && settings.closed_reuse_before_ns != 0;
+    let may_reuse = if s.reverse_key.proto == PROTO_TCP {
+        settings.closed_reuse_before_ns != 0
+    } else {
+        settings.unanswered_reuse_before_ns != 0
+    };
     let mut reusable: u16 = 0;
     for i in 0..MAX_SNAT_PROBES {
         if i >= limit {
@@ -293,7 +298,7 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
                 if may_reuse
                     && reusable == 0
                     && unsafe { CONNTRACK.get(&s.reverse_key) }
-                        .is_some_and(|ct| closed_and_quiet(ct, settings, now))
+                        .is_some_and(|ct| may_be_taken(ct, s.reverse_key.proto, settings, now))
                 {
                     reusable = port;
                 }
@@ -313,6 +318,17 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     }
 }
 
+/// The first test of a taken port's reverse entry `ct` (`take_over` checks
+/// the whole pair): closed and quiet (TCP), or unanswered and quiet (UDP).
+#[inline(always)]
+fn may_be_taken(ct: &CtValue, proto: u8, settings: &Settings, now: u64) -> bool {
+    if proto == PROTO_TCP {
+        return closed_and_quiet(ct, settings, now);
+    }
+    ct.state == CT_STATE_NEW
+        && now.wrapping_sub(ct.last_seen_ns) >= settings.unanswered_reuse_after_ns
+}
+
 /// True if `ct` saw FIN or RST in its direction and has been idle within
 /// the reuse window.
 #[inline(always)]
@@ -323,9 +339,22 @@ fn closed_and_quiet(ct: &CtValue, settings: &Settings, now: u64) -> bool {
         && idle < settings.closed_reuse_before_ns
 }
 
-/// Removes the closed flow that holds `s.reverse_key`, both entries, if
-/// its client side is closed and quiet too and closed first; the port is
-/// then free.
+/// True if neither side of a UDP pair has moved past unanswered (XDP marks
+/// a forward entry established too) and the pair, idle since the later of
+/// its two packets as the sweeper counts it, is within the reuse window.
+#[inline(always)]
+fn unanswered_and_quiet(fwd: &CtValue, rev: &CtValue, settings: &Settings, now: u64) -> bool {
+    let idle = now.wrapping_sub(fwd.last_seen_ns.max(rev.last_seen_ns));
+    fwd.state == CT_STATE_NEW
+        && rev.state == CT_STATE_NEW
+        && idle >= settings.unanswered_reuse_after_ns
+        && idle < settings.unanswered_reuse_before_ns
+}
+
+/// Removes the flow that holds `s.reverse_key`, both entries, if it may
+/// give up its port; the port is then free. A TCP flow may if both sides
+/// closed, the client first, and are quiet; a UDP flow if the backend
+/// never answered and it is quiet. An answered UDP flow never does.
 #[inline(always)]
 fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallback> {
     // SAFETY: read in place (the stack has no room for a copy).
@@ -333,25 +362,32 @@ fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallb
         // Swept meanwhile: the port is free.
         return Ok(());
     };
+    let proto = s.reverse_key.proto;
     // Checked again: another CPU may have handed the port on meanwhile.
-    if old.direction != CT_DIR_REVERSE || !closed_and_quiet(old, settings, now) {
+    if old.direction != CT_DIR_REVERSE || !may_be_taken(old, proto, settings, now) {
         return Err(Fallback::SnatPortsExhausted);
     }
-    s.old_key = old.pair_key(s.reverse_key.proto);
+    s.old_key = old.pair_key(proto);
     // SAFETY: read at once.
     let Some(fwd) = (unsafe { CONNTRACK.get(&s.old_key) }) else {
         return Err(Fallback::SnatPortsExhausted);
     };
-    // The client's side must be closed and quiet too, still this pair's
-    // (a client reusing its port starts a flow over), and the client must
-    // have closed first: then the backend closed passively and holds no
-    // TIME_WAIT that would turn the new flow's SYN away.
-    if fwd.new_sport != s.reverse_key.dport
-        || !closed_and_quiet(fwd, settings, now)
-        || fwd.closed_first == 0
-        || old.closed_first != 0
-    {
+    // Still this pair's (a TCP client reusing its port starts a flow over).
+    if fwd.new_sport != s.reverse_key.dport {
         return Err(Fallback::SnatPortsExhausted);
+    }
+    if proto == PROTO_TCP {
+        // The client's side must be closed and quiet too, and the client
+        // must have closed first: then the backend closed passively and
+        // holds no TIME_WAIT that would turn the new flow's SYN away.
+        if !closed_and_quiet(fwd, settings, now) || fwd.closed_first == 0 || old.closed_first != 0 {
+            return Err(Fallback::SnatPortsExhausted);
+        }
+    } else {
+        if !unanswered_and_quiet(fwd, old, settings, now) {
+            return Err(Fallback::SnatPortsExhausted);
+        }
+        with_rule(s.reverse.rule_id, |c| c.unanswered_taken_over += 1);
     }
     let _ = CONNTRACK.remove(&s.old_key);
     let _ = CONNTRACK.remove(&s.reverse_key);

@@ -27,11 +27,16 @@ pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 pub type ReloadFn =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = serde_json::Value> + Send>> + Send + Sync>;
 
+/// Takes the connection of an `upgrade` request: the daemon answers on it
+/// when the upgrade failed, the new image when it succeeded.
+pub type UpgradeFn = Arc<dyn Fn(StdUnixStream) + Send + Sync>;
+
 /// What the daemon answers on its control socket.
 #[derive(Clone)]
 pub struct Handlers {
     pub status: StatusFn,
     pub reload: ReloadFn,
+    pub upgrade: Option<UpgradeFn>,
 }
 
 /// How long a client may take to send its request line.
@@ -70,6 +75,22 @@ impl ControlSocket {
         })
     }
 
+    /// The socket an upgrade handed over (bound at `path` already).
+    pub fn inherit(path: &Path, fd: std::os::fd::OwnedFd) -> Result<ControlSocket> {
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.set_nonblocking(true)?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            listener: UnixListener::from_std(listener)
+                .with_context(|| format!("take over the control socket {}", path.display()))?,
+        })
+    }
+
+    /// The listening descriptor, for an upgrade's record.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.listener)
+    }
+
     /// Answers every connection, until dropped.
     pub async fn serve(&self, handlers: Handlers) {
         loop {
@@ -95,8 +116,15 @@ async fn answer(stream: UnixStream, handlers: Handlers) {
     let doc = match line.trim() {
         "" | "status" => (handlers.status)(),
         "reload" => (handlers.reload)().await,
+        "upgrade" => match (&handlers.upgrade, stream.into_inner().into_std()) {
+            (Some(upgrade), Ok(std)) => {
+                let _ = std.set_nonblocking(false);
+                return upgrade(std);
+            }
+            _ => return,
+        },
         other => serde_json::json!({
-            "error": format!("unknown request {other:?}: `status` or `reload`")
+            "error": format!("unknown request {other:?}: `status`, `reload` or `upgrade`")
         }),
     };
     let mut body = doc.to_string();
@@ -164,7 +192,13 @@ mod tests {
         let reload: ReloadFn =
             Arc::new(|| Box::pin(async { serde_json::json!({ "reloaded": true }) }));
         let server = tokio::spawn(async move {
-            socket.serve(Handlers { status, reload }).await;
+            socket
+                .serve(Handlers {
+                    status,
+                    reload,
+                    upgrade: None,
+                })
+                .await;
         });
         let p = path.clone();
         let first = tokio::task::spawn_blocking(move || query(&p))

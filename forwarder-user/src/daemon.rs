@@ -21,11 +21,11 @@ use tracing::{info, warn};
 use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
 use crate::docker::{self, DiscoveryStatus, ReportLog};
-use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, StartOptions};
+use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, RelayFlows, StartOptions};
 use crate::metrics;
 use crate::names;
 use crate::relay::Relay;
-use crate::reload::{self, Plan, Summary};
+use crate::reload::{self, ListenKey, Plan, Summary};
 use crate::rules::{Answer, Compiled, FlowObserver, NoKernelPath};
 
 pub struct RunOptions {
@@ -52,6 +52,19 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // Before anything on the host changes: a signal during start-up must
     // find the handlers that undo it.
     let mut signals = Signals::install()?;
+    // Blocked in main until now (and across an upgrade's exec): from here
+    // on they reach the handlers, on this thread only.
+    crate::upgrade::unblock_signals();
+    let mut inherited = crate::upgrade::inherited()?;
+    if let Some(record) = &inherited {
+        info!(
+            "upgraded in place from {}: taking over {} listeners, {} tcp pairs, {} udp sessions",
+            record.from_version,
+            record.relay.listeners.len(),
+            record.relay.tcp.len(),
+            record.relay.udp.len()
+        );
+    }
     let file_text = config::read_file(&opts.config).map_err(RunError::Config)?;
     let loaded = config::load_text_with_containers(&file_text, &opts.config, &[])
         .map_err(RunError::Config)?;
@@ -61,40 +74,85 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         Some(m) => Some((m.listen, metrics::bind(m.listen).await?)),
         None => None,
     };
-    let kernel = if opts.relay_only {
-        if let Some((l, why)) = compiled
+    if opts.relay_only
+        && let Some((l, why)) = compiled
             .listeners
             .iter()
             .find_map(|l| Some((l, l.needs_kernel()?)))
             .filter(|(l, _)| l.preserve_client_ip)
-        {
-            return Err(RunError::Fatal(anyhow!(
-                "rule `{}` in {} has {why}: --relay-only cannot carry it",
-                l.alias,
-                opts.config.display()
-            )));
+    {
+        return Err(RunError::Fatal(anyhow!(
+            "rule `{}` in {} has {why}: --relay-only cannot carry it",
+            l.alias,
+            opts.config.display()
+        )));
+    }
+    // An upgrade's relay goes first: its handed-over flows are frozen
+    // until it runs, and the kernel path then finds them in the observer
+    // it is given, so their RELAY_FLOWS entries stay.
+    let early = match inherited.as_mut() {
+        Some(record) => {
+            let flows = Arc::new(RelayFlows::new());
+            let relay = Relay::start_inheriting(
+                &compiled.listeners,
+                compiled.relay,
+                flows.clone(),
+                Some(std::mem::take(&mut record.relay)),
+            )
+            .await?;
+            let frozen_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
+            info!(
+                frozen_ms,
+                "relay carries on: it was frozen for {frozen_ms} ms"
+            );
+            Some((relay, flows, frozen_ms))
         }
+        None => None,
+    };
+    let kernel = if opts.relay_only {
         info!("relay only (--relay-only): the kernel path is not loaded");
         None
     } else {
         // Containers may bring rules the kernel path can take at any time.
-        start_kernel_path(&compiled, &opts, loaded.docker.is_some()).await?
-    };
-    let observer: Arc<dyn FlowObserver> = match &kernel {
-        Some(k) => k.observer(),
-        None => Arc::new(NoKernelPath),
+        let relay_flows = early.as_ref().map(|(_, flows, _)| flows.clone());
+        let started =
+            start_kernel_path(&compiled, &opts, loaded.docker.is_some(), relay_flows).await;
+        match started {
+            Ok(kernel) => kernel,
+            Err(e) => {
+                if let Some((relay, _, _)) = early {
+                    relay.shutdown(std::time::Duration::ZERO).await;
+                }
+                return Err(e);
+            }
+        }
     };
     let kernel = kernel.map(Arc::new);
-
-    let relay = match Relay::start(&compiled.listeners, compiled.relay, observer).await {
-        Ok(relay) => Arc::new(relay),
-        Err(e) => {
-            stop_kernel_path(kernel);
-            return Err(e.into());
+    let frozen_ms = early.as_ref().map_or(0, |(_, _, ms)| *ms);
+    let relay = match early {
+        Some((relay, _, _)) => Arc::new(relay),
+        None => {
+            let observer: Arc<dyn FlowObserver> = match &kernel {
+                Some(k) => k.observer(),
+                None => Arc::new(NoKernelPath),
+            };
+            match Relay::start(&compiled.listeners, compiled.relay, observer).await {
+                Ok(relay) => Arc::new(relay),
+                Err(e) => {
+                    stop_kernel_path(kernel);
+                    return Err(e.into());
+                }
+            }
         }
     };
     start_health_checks(&relay, kernel.as_ref(), &compiled);
-    let control = match ControlSocket::bind(&opts.control) {
+    let control = match inherited.as_mut().and_then(|r| r.control.take()) {
+        Some(fd) => crate::relay::gate::own_fd(fd)
+            .map_err(anyhow::Error::from)
+            .and_then(|fd| ControlSocket::inherit(&opts.control, fd)),
+        None => ControlSocket::bind(&opts.control),
+    };
+    let control = match control {
         Ok(c) => c,
         Err(e) => {
             relay.health().stop();
@@ -149,10 +207,15 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     if let Some((listen, listener)) = metrics_listener {
         daemon.serve_metrics(listen, listener);
     }
+    let (upgrade_tx, mut upgrade_rx) = tokio::sync::mpsc::unbounded_channel();
     let handlers = Handlers {
         status: status_fn(daemon.clone()),
         reload: reload_fn(daemon.clone()),
+        upgrade: Some(Arc::new(move |requester| {
+            let _ = upgrade_tx.send(requester);
+        })),
     };
+    let control_fd = control.raw_fd();
     let control_task = tokio::spawn(async move { control.serve(handlers).await });
     let names_task = tokio::spawn(follow_names(daemon.clone()));
     info!(
@@ -161,9 +224,33 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         control = %opts.control.display(),
         "forwarder running"
     );
+    if let Some(record) = inherited {
+        let took_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
+        info!(
+            took_ms,
+            frozen_ms, "upgrade done: the new image runs everything {took_ms} ms after the freeze"
+        );
+        if let Some(fd) = record.requester {
+            answer_upgrade(
+                crate::relay::gate::own_fd(fd).ok().map(Into::into),
+                serde_json::json!({
+                    "outcome": "upgraded",
+                    "pid": std::process::id(),
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "from_version": record.from_version,
+                    "frozen_ms": frozen_ms,
+                    "took_ms": took_ms,
+                }),
+            );
+        }
+    }
 
     loop {
-        match signals.next().await {
+        let event = tokio::select! {
+            signal = signals.next() => signal,
+            Some(requester) = upgrade_rx.recv() => Signal::UpgradeAsked(requester),
+        };
+        match event {
             Signal::Stop(name) => {
                 info!("{name}");
                 break;
@@ -172,10 +259,18 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 info!("SIGHUP: reloading {}", daemon.config.display());
                 daemon.reload().await;
             }
-            Signal::Upgrade => warn!(
-                "SIGUSR2: upgrading in place is not supported yet; `forwarder reload` (or \
-                 SIGHUP) applies a changed rule file without a restart"
-            ),
+            Signal::Upgrade => {
+                info!("SIGUSR2: upgrading in place");
+                let why = daemon.upgrade(control_fd, None).await;
+                warn!("upgrade failed, this daemon runs on: {why}");
+            }
+            Signal::UpgradeAsked(requester) => {
+                info!("upgrade asked on the control socket");
+                let why = daemon.upgrade(control_fd, Some(&requester)).await;
+                warn!("upgrade failed, this daemon runs on: {why}");
+                let answer = serde_json::json!({ "outcome": "failed", "error": why });
+                answer_upgrade(Some(requester), answer);
+            }
         }
     }
 
@@ -236,6 +331,18 @@ struct Daemon {
 struct MetricsEndpoint {
     listen: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// How long the relay may take to reach a point where it can be handed over.
+const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Writes the outcome of an upgrade to the `forwarder upgrade` client.
+fn answer_upgrade(requester: Option<std::os::unix::net::UnixStream>, doc: serde_json::Value) {
+    use std::io::Write;
+    if let Some(mut stream) = requester {
+        let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+        let _ = stream.write_all(format!("{doc}\n").as_bytes());
+    }
 }
 
 /// What a reload did, as `forwarder reload` reports it.
@@ -432,6 +539,73 @@ impl Daemon {
         if let Err(e) = self.apply_plan(plan).await {
             warn!("names: the new answers cannot be applied: {e:#}");
         }
+    }
+
+    /// Re-executes the binary at the start path in place, handing over
+    /// everything; returns only if that did not happen, with the reason,
+    /// and then everything runs on as before.
+    async fn upgrade(
+        &self,
+        control_fd: std::os::fd::RawFd,
+        requester: Option<&std::os::unix::net::UnixStream>,
+    ) -> String {
+        let _one_at_a_time = self.reloading.lock().await;
+        if self.docker.is_some() {
+            // The new image would start without the containers' routes.
+            return "an upgrade in place does not carry the routes of Docker containers yet \
+                    (`docker:` is set); restart the daemon instead"
+                .into();
+        }
+        let path = self.config.clone();
+        let running: Vec<ListenKey> = self.running().listeners.iter().map(ListenKey::of).collect();
+        let checked = tokio::task::spawn_blocking(move || {
+            let loaded = config::load(&path).map_err(|e| {
+                format!(
+                    "{} is invalid, so the new image could not start on it:\n{e}",
+                    path.display()
+                )
+            })?;
+            let mut now: Vec<ListenKey> = loaded.listeners.iter().map(ListenKey::of).collect();
+            let mut before = running;
+            now.sort();
+            before.sort();
+            if now != before {
+                return Err(format!(
+                    "{} has other listeners than the running rules: `forwarder reload` first, \
+                     then upgrade",
+                    path.display()
+                ));
+            }
+            crate::upgrade::preflight(&path)
+        })
+        .await;
+        let exe = match checked {
+            Ok(Ok(exe)) => exe,
+            Ok(Err(why)) => return why,
+            Err(e) => return format!("the preflight check failed: {e}"),
+        };
+        let frozen_at_ms = crate::upgrade::unix_ms();
+        let relay = match self.relay.freeze(FREEZE_WAIT).await {
+            Ok(relay) => relay,
+            Err(why) => return why,
+        };
+        info!(
+            "relay frozen: {} listeners, {} tcp pairs, {} udp sessions; executing {}",
+            relay.listeners.len(),
+            relay.tcp.len(),
+            relay.udp.len(),
+            exe.display()
+        );
+        let record = crate::upgrade::Record {
+            control: Some(control_fd),
+            requester: requester.map(std::os::fd::AsRawFd::as_raw_fd),
+            relay,
+            frozen_at_ms,
+            from_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let why = crate::upgrade::exec(&exe, &record);
+        self.relay.thaw();
+        why
     }
 
     /// Serves the metrics endpoint on `listener`.
@@ -716,6 +890,8 @@ enum Signal {
     Stop(&'static str),
     Reload,
     Upgrade,
+    /// `forwarder upgrade`, waiting on this connection for the outcome.
+    UpgradeAsked(std::os::unix::net::UnixStream),
 }
 
 /// SIGTERM, SIGINT and SIGQUIT stop the daemon cleanly; SIGHUP reloads the
@@ -758,6 +934,9 @@ async fn start_kernel_path(
     compiled: &Compiled,
     opts: &RunOptions,
     docker: bool,
+    // The relay's flows when an upgrade's relay started first; also marks
+    // this image as the exec'd successor of the one that pinned the kernel path.
+    relay_flows: Option<Arc<RelayFlows>>,
 ) -> Result<Option<KernelPath>, RunError> {
     if !docker
         && compiled
@@ -776,6 +955,8 @@ async fn start_kernel_path(
     let options = StartOptions {
         config_file: Some(opts.config.display().to_string()),
         pin: true,
+        successor: relay_flows.is_some(),
+        relay_flows,
         ..StartOptions::default()
     };
     match KernelPath::start_with(compiled, &options).await {

@@ -13,3 +13,4 @@ pub mod reload;
 pub mod rules;
 pub mod state;
 pub mod status_view;
+pub mod upgrade;

@@ -50,6 +50,14 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         control: PathBuf,
     },
+    /// Make the running daemon re-execute its binary in place (same pid),
+    /// handing over the kernel path, the relay's sockets and live flows,
+    /// and its counters; as SIGUSR2 does. Exit 1 if it did not happen.
+    Upgrade {
+        /// The daemon's control socket.
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        control: PathBuf,
+    },
     /// Remove what a daemon that died (SIGKILL, crash) left on this host:
     /// its reserved ports and its control socket. Refuses while it runs.
     Cleanup {
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Reload { control } => reload(&control),
+        Command::Upgrade { control } => upgrade(&control),
         Command::Cleanup { control } => cleanup(&control),
         Command::Run {
             config,
@@ -124,7 +133,16 @@ fn main() -> ExitCode {
             control,
         } => {
             init_logging("info", true);
-            let runtime = match tokio::runtime::Runtime::new() {
+            forwarder::upgrade::remember_start_path();
+            // Only the thread that runs the daemon takes its signals: it
+            // unblocks them once its handlers are in, and an upgrade
+            // blocks them again just before the exec.
+            forwarder::upgrade::block_signals();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .on_thread_start(forwarder::upgrade::block_signals)
+                .build();
+            let runtime = match runtime {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("forwarder: cannot start the async runtime: {e}");
@@ -298,6 +316,44 @@ fn reload(control: &std::path::Path) -> ExitCode {
             eprintln!(
                 "forwarder: {}; the running rules stay",
                 text(&answer["errors"])
+            );
+            ExitCode::FAILURE
+        }
+        _ => {
+            eprintln!("forwarder: unexpected answer from the daemon: {answer}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks the daemon to upgrade in place and prints the outcome.
+fn upgrade(control: &std::path::Path) -> ExitCode {
+    // The new binary checks the rule file first, and the relay drains its
+    // buffers: allow it some time.
+    let answer = match control::request(control, "upgrade", std::time::Duration::from_secs(120)) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("forwarder: {e:#}; the upgrade may not have happened (see the daemon's log)");
+            return ExitCode::FAILURE;
+        }
+    };
+    match answer["outcome"].as_str() {
+        Some("upgraded") => {
+            println!(
+                "upgraded in place: pid {}, version {} (was {}), relay frozen for {} ms, all \
+                 running after {} ms",
+                answer["pid"],
+                answer["version"].as_str().unwrap_or("?"),
+                answer["from_version"].as_str().unwrap_or("?"),
+                answer["frozen_ms"],
+                answer["took_ms"]
+            );
+            ExitCode::SUCCESS
+        }
+        Some("failed") => {
+            eprintln!(
+                "forwarder: upgrade failed, the daemon runs on unchanged: {}",
+                answer["error"].as_str().unwrap_or_default()
             );
             ExitCode::FAILURE
         }

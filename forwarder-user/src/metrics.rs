@@ -68,6 +68,7 @@ struct Families {
     icmp_translated: Counters,
     icmp_sent: Counters,
     acl_denied: Counters,
+    unanswered_taken_over: Counters,
     relay_active: Gauges,
     relay_refused: Counters,
     relay_connect_failures: Counters,
@@ -123,6 +124,10 @@ impl Families {
             "forwarder_acl_denied",
             "New flows' first packets (kernel) or connections and datagrams (relay) the ACL denied",
         );
+        let unanswered_taken_over = counter(
+            "forwarder_unanswered_taken_over",
+            "New kernel flows that took the SNAT port of an unanswered, quiet UDP flow",
+        );
         let relay_refused = counter(
             "forwarder_relay_refused",
             "New relay flows refused, by reason",
@@ -156,6 +161,7 @@ impl Families {
             icmp_translated,
             icmp_sent,
             acl_denied,
+            unanswered_taken_over,
             relay_active,
             relay_refused,
             relay_connect_failures,
@@ -184,6 +190,11 @@ impl Families {
         Self::set(&self.icmp_translated, labels.clone(), k.icmp_translated);
         Self::set(&self.icmp_sent, labels.clone(), k.icmp_sent);
         Self::set(&self.acl_denied, labels.clone(), k.acl_denied);
+        Self::set(
+            &self.unanswered_taken_over,
+            labels.clone(),
+            k.unanswered_taken_over,
+        );
         let count = |map: &std::collections::BTreeMap<&'static str, u64>, name: &str| {
             map.get(name).copied().unwrap_or(0)
         };

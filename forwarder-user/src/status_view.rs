@@ -214,6 +214,7 @@ pub fn kernel_path_counts(k: &Value) -> PathCounts {
         ("icmp_translated", "ICMP errors passed on"),
         ("icmp_sent", "ICMP errors sent"),
         ("acl_denied", "denied by the ACL"),
+        ("unanswered_taken_over", "unanswered flows' ports taken"),
     ] {
         if let Some(n) = k[key].as_u64().filter(|n| *n > 0) {
             notes.push(format!("{what}: {}", count(n)));
@@ -707,6 +708,14 @@ mod tests {
         now["relay"][0]["proxy_headers_refused"] = json!(4);
         let text = render(&now, None);
         assert!(text.contains("PROXY headers refused: 4"), "{text}");
+    }
+
+    #[test]
+    fn ports_of_unanswered_flows_taken_over_are_shown() {
+        let mut now = doc(0, 0, 0, 0);
+        now["kernel"]["rules"][1]["unanswered_taken_over"] = json!(7);
+        let text = render(&now, None);
+        assert!(text.contains("unanswered flows' ports taken: 7"), "{text}");
     }
 
     #[test]

@@ -179,6 +179,18 @@ impl Daemon {
         Daemon::start_in(ns, cmd, name, yaml, "info", |_| {})
     }
 
+    /// [`Daemon::start_pinning`] with the binary at `bin` (which an
+    /// upgrade test replaces).
+    pub fn start_pinning_from(ns: &Netns, name: &str, yaml: &str, bin: &std::path::Path) -> Daemon {
+        let cmd = ns.nsenter(bin.to_str().expect("a UTF-8 path"));
+        Daemon::start_in(ns, cmd, name, yaml, "info", |_| {})
+    }
+
+    /// The daemon's directory, removed on drop.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     fn start_in(
         ns: &Netns,
         mut cmd: Command,

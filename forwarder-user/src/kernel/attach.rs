@@ -6,6 +6,7 @@
 //! mode the driver chooses. [`Attached`] remembers everything it did, so
 //! that detaching (explicit or on drop) leaves nothing of ours behind.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use aya::Ebpf;
@@ -120,12 +121,29 @@ impl Attached {
                 .map(|dir| pins::link_path(dir, hook, ifindex))
         };
         let (xdp_pin, tc_pin) = (pin("xdp"), pin("tc"));
+        let mut xdp_replaced = false;
         if let Some(path) = &xdp_pin {
-            // One XDP program per interface: a dead daemon's goes first;
-            // TC carries its flows meanwhile.
-            pins::detach_pinned(path)?;
+            // A previous daemon's XDP link (an upgrade, a crash) gets our
+            // program in one step; otherwise it goes first (one XDP
+            // program per interface) and TC carries its flows meanwhile.
+            if with_xdp && path.exists() {
+                let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
+                match super::links::replace_program(path, xdp.fd()?.as_fd()) {
+                    Ok(pinned) => {
+                        on.xdp_pinned = Some(pinned);
+                        xdp_replaced = true;
+                        tracing::info!(interface = %name, "took over the XDP hook of the previous daemon: its link runs our program now");
+                    }
+                    Err(e) => {
+                        tracing::debug!(interface = %name, "cannot update the pinned XDP link: {e:#}")
+                    }
+                }
+            }
+            if !xdp_replaced {
+                pins::detach_pinned(path)?;
+            }
         }
-        if with_xdp {
+        if with_xdp && !xdp_replaced {
             let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
             let id = xdp
                 .attach_to_if_index(ifindex, XdpMode::default())
@@ -143,6 +161,18 @@ impl Attached {
             }
         }
         let tc: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?.try_into()?;
+        if tcx && let Some(path) = tc_pin.as_ref().filter(|p| p.exists()) {
+            match super::links::replace_program(path, tc.fd()?.as_fd()) {
+                Ok(pinned) => {
+                    on.tc_pinned = Some(pinned);
+                    tracing::info!(interface = %name, "took over the TC hook of the previous daemon: its link runs our program now");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!(interface = %name, "cannot update the pinned TC link, attaching beside it: {e:#}")
+                }
+            }
+        }
         let options = if tcx {
             TcAttachOptions::TcxOrder(LinkOrder::default())
         } else {

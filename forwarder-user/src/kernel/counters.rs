@@ -62,6 +62,9 @@ pub struct KernelRuleCounters {
     /// New flows' first packets (TCP SYN, UDP datagram) the ACL denied:
     /// dropped, or a SYN reset.
     pub acl_denied: u64,
+    /// New flows that took the SNAT port of an unanswered UDP flow quiet
+    /// for a second, when no port toward the backend was free.
+    pub unanswered_taken_over: u64,
 }
 
 /// What one rule id counted: its counters and its reasons.
@@ -108,6 +111,7 @@ impl KernelRuleCounters {
             icmp_translated,
             icmp_sent,
             acl_denied,
+            unanswered_taken_over,
         } = sum.counters;
         let reasons = &sum.reasons;
         let fallback_full = Fallback::ALL
@@ -140,6 +144,7 @@ impl KernelRuleCounters {
             icmp_translated,
             icmp_sent,
             acl_denied,
+            unanswered_taken_over,
         }
     }
 }

@@ -6,10 +6,13 @@
 //! detaches at once, whoever still holds the link.
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::loaded_links;
 
+const BPF_LINK_UPDATE: libc::c_long = 29;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -37,6 +40,29 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     } else {
         Ok(rc)
     }
+}
+
+/// Puts `program` in place of the program of the link pinned at `path`
+/// (`BPF_LINK_UPDATE`): one step, so no packet finds the hook empty or
+/// goes through both. Returns the link, still pinned.
+pub fn replace_program(path: &Path, program: BorrowedFd<'_>) -> anyhow::Result<PinnedLink> {
+    let link = FdLink::from(PinnedLink::from_pin(path)?);
+    let id = link.info()?.id();
+    drop(link);
+    let mut get = Attr {
+        first: id,
+        ..Attr::default()
+    };
+    let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut get)?;
+    // SAFETY: a descriptor the kernel just gave us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut update = Attr {
+        first: fd.as_raw_fd() as u32,
+        second: program.as_raw_fd() as u32,
+        ..Attr::default()
+    };
+    bpf(BPF_LINK_UPDATE, &mut update)?;
+    Ok(PinnedLink::from_pin(path)?)
 }
 
 /// Detaches every link of the programs `program_ids`; returns how many.

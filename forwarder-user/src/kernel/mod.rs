@@ -85,6 +85,9 @@ pub struct StartOptions {
     /// a crash and the next daemon adopts it (the daemon does; tests that
     /// share the host's mount namespace leave bpffs alone).
     pub pin: bool,
+    /// This process is the exec'd successor of the daemon whose pid is
+    /// recorded (an upgrade in place): its pins are adopted, not refused.
+    pub successor: bool,
 }
 
 /// The running kernel path. Dropping it detaches everything (best effort);
@@ -195,7 +198,8 @@ impl KernelPath {
         };
         // A live owner of the records and pins (only ever this process:
         // tests start two kernel paths in one namespace) keeps them.
-        let owner = crate::state::live_pid(&state_dir);
+        let owner = crate::state::live_pid(&state_dir)
+            .filter(|&pid| !(options.successor && pid == std::process::id() as i32));
         if let Some(pid) = owner
             && pid != std::process::id() as i32
         {

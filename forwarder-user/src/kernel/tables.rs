@@ -106,39 +106,82 @@ impl Tables {
 /// (Linux reuses a TIME_WAIT port for a new connection after 1 s too).
 pub const CLOSED_REUSE_AFTER: Duration = Duration::from_secs(1);
 
-/// The kernel stops reusing a closed flow's port this long before the
-/// sweeper may remove it, so that the two never act on one pair.
+/// An unanswered UDP flow's SNAT port may go to a new flow, when no port
+/// is free, after this much quiet: a backend that answers at all answers
+/// sooner, and a flood of one-datagram flows cannot hold the range longer.
+pub const UNANSWERED_REUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// The kernel stops reusing a flow's port this long before the sweeper
+/// may remove it, so that the two never act on one pair.
 pub const SWEEPER_GUARD: Duration = Duration::from_secs(1);
 
+/// The shortest timeouts of the rules that decide when ports are reused.
+#[derive(Clone, Copy, Debug)]
+pub struct Shortest {
+    /// The least `tcp_close` of any TCP rule.
+    pub tcp_close: Duration,
+    /// The least unanswered timeout (`udp_unreplied`, at most `udp_idle`)
+    /// of any UDP rule.
+    pub udp_unanswered: Duration,
+}
+
+impl Default for Shortest {
+    fn default() -> Shortest {
+        let t = Timeouts::default();
+        Shortest {
+            tcp_close: t.tcp_close,
+            udp_unanswered: t.udp_unanswered(),
+        }
+    }
+}
+
+/// The reuse window `[after, sweeper's timeout - guard)`, or none (0, 0)
+/// when that is empty.
+fn reuse_window(after: Duration, timeout: Duration) -> (u64, u64) {
+    let before = timeout.saturating_sub(SWEEPER_GUARD);
+    if before > after {
+        (after.as_nanos() as u64, before.as_nanos() as u64)
+    } else {
+        (0, 0)
+    }
+}
+
 /// Settings for the SNAT range `ports` (inclusive), with port reuse of
-/// closed flows up to `shortest_tcp_close` (the least `tcp_close` of any rule).
-pub fn settings(kernel: &KernelSettings, shortest_tcp_close: Duration) -> Settings {
+/// closed TCP and unanswered UDP flows up to the sweeper's turn.
+pub fn settings(kernel: &KernelSettings, shortest: Shortest) -> Settings {
     let (min, max) = kernel.snat_ports;
     let span = u32::from(max.saturating_sub(min)) + 1;
-    let reuse_before = shortest_tcp_close.saturating_sub(SWEEPER_GUARD);
-    let (after, before) = if reuse_before > CLOSED_REUSE_AFTER {
-        (CLOSED_REUSE_AFTER, reuse_before)
-    } else {
-        (Duration::ZERO, Duration::ZERO)
-    };
+    let (closed_after, closed_before) = reuse_window(CLOSED_REUSE_AFTER, shortest.tcp_close);
+    let (unanswered_after, unanswered_before) =
+        reuse_window(UNANSWERED_REUSE_AFTER, shortest.udp_unanswered);
     Settings {
         snat_port_min: min,
         snat_port_max: max,
         snat_probe_limit: span.min(MAX_SNAT_PROBES),
-        closed_reuse_after_ns: after.as_nanos() as u64,
-        closed_reuse_before_ns: before.as_nanos() as u64,
+        closed_reuse_after_ns: closed_after,
+        closed_reuse_before_ns: closed_before,
+        unanswered_reuse_after_ns: unanswered_after,
+        unanswered_reuse_before_ns: unanswered_before,
     }
 }
 
-/// The least `tcp_close` of the TCP rules (the default where there is none).
-fn shortest_tcp_close(compiled: &Compiled) -> Duration {
-    compiled
-        .listeners
-        .iter()
-        .filter(|l| l.protocol == Protocol::Tcp)
-        .map(|l| l.timeouts.tcp_close)
-        .min()
-        .unwrap_or(Timeouts::default().tcp_close)
+/// The shortest timeouts of the compiled rules (defaults where a protocol
+/// has no rule).
+fn shortest(compiled: &Compiled) -> Shortest {
+    let of = |protocol: Protocol, pick: fn(&Timeouts) -> Duration| {
+        compiled
+            .listeners
+            .iter()
+            .filter(|l| l.protocol == protocol)
+            .map(|l| pick(&l.timeouts))
+            .min()
+    };
+    let default = Shortest::default();
+    Shortest {
+        tcp_close: of(Protocol::Tcp, |t| t.tcp_close).unwrap_or(default.tcp_close),
+        udp_unanswered: of(Protocol::Udp, Timeouts::udp_unanswered)
+            .unwrap_or(default.udp_unanswered),
+    }
 }
 
 /// Looks up the route to every backend: fills `snat_addr`, and makes a
@@ -201,7 +244,7 @@ pub fn prepare(compiled: &Compiled, served: &[Interface]) -> Tables {
     Tables {
         rules,
         backends,
-        settings: settings(&compiled.kernel_settings, shortest_tcp_close(compiled)),
+        settings: settings(&compiled.kernel_settings, shortest(compiled)),
         acl: compiled.kernel.acl.clone(),
     }
 }
@@ -286,26 +329,29 @@ mod tests {
 
     #[test]
     fn the_probe_limit_is_bounded_by_the_range_and_the_kernel() {
-        let close = Timeouts::default().tcp_close;
         let s = settings(
             &KernelSettings {
                 conntrack_size: 8,
                 snat_ports: (40000, 40003),
             },
-            close,
+            Shortest::default(),
         );
         assert_eq!(
             (s.snat_port_min, s.snat_port_max, s.snat_probe_limit),
             (40000, 40003, 4)
         );
-        let s = settings(&KernelSettings::default(), close);
+        let s = settings(&KernelSettings::default(), Shortest::default());
         assert_eq!(s.snat_probe_limit, MAX_SNAT_PROBES);
     }
 
     #[test]
     fn closed_ports_are_reused_between_a_second_of_quiet_and_the_sweepers_turn() {
         let kernel = KernelSettings::default();
-        let s = settings(&kernel, Duration::from_secs(10));
+        let with_close = |tcp_close| Shortest {
+            tcp_close,
+            ..Shortest::default()
+        };
+        let s = settings(&kernel, with_close(Duration::from_secs(10)));
         assert_eq!(s.closed_reuse_after_ns, 1_000_000_000);
         assert_eq!(s.closed_reuse_before_ns, 9_000_000_000);
         // No window left: no reuse at all.
@@ -314,8 +360,70 @@ mod tests {
             Duration::from_millis(500),
             Duration::ZERO,
         ] {
-            let s = settings(&kernel, close);
+            let s = settings(&kernel, with_close(close));
             assert_eq!((s.closed_reuse_after_ns, s.closed_reuse_before_ns), (0, 0));
         }
+    }
+
+    #[test]
+    fn unanswered_ports_are_reused_between_a_second_of_quiet_and_the_sweepers_turn() {
+        let kernel = KernelSettings::default();
+        let with_unanswered = |udp_unanswered| Shortest {
+            udp_unanswered,
+            ..Shortest::default()
+        };
+        let s = settings(&kernel, Shortest::default());
+        assert_eq!(
+            (s.unanswered_reuse_after_ns, s.unanswered_reuse_before_ns),
+            (1_000_000_000, 29_000_000_000)
+        );
+        // Independent of the TCP window.
+        assert_eq!(s.closed_reuse_before_ns, 9_000_000_000);
+        let s = settings(&kernel, with_unanswered(Duration::from_millis(2500)));
+        assert_eq!(s.unanswered_reuse_before_ns, 1_500_000_000);
+        for unanswered in [Duration::from_secs(2), Duration::from_secs(1)] {
+            let s = settings(&kernel, with_unanswered(unanswered));
+            assert_eq!(
+                (s.unanswered_reuse_after_ns, s.unanswered_reuse_before_ns),
+                (0, 0)
+            );
+        }
+    }
+
+    #[test]
+    fn the_shortest_unanswered_timeout_counts_udp_rules_only() {
+        use crate::rules::{Listener, PathMode};
+        let mut compiled = Compiled::default();
+        let listener = |protocol, udp_unreplied: u64, udp_idle: u64| Listener {
+            rule_id: 0,
+            alias: "r".into(),
+            protocol,
+            bind: "127.0.0.1:7878".parse().unwrap(),
+            listen_picked: false,
+            backends: Vec::new(),
+            timeouts: Timeouts {
+                udp_unreplied: Duration::from_secs(udp_unreplied),
+                udp_idle: Duration::from_secs(udp_idle),
+                ..Timeouts::default()
+            },
+            path: PathMode::Auto,
+            preserve_client_ip: false,
+            proxy: Default::default(),
+            health: None,
+            acl: None,
+            max_connections: None,
+        };
+        assert_eq!(
+            shortest(&compiled).udp_unanswered,
+            Duration::from_secs(30),
+            "no UDP rule: the default"
+        );
+        compiled.listeners = vec![
+            listener(Protocol::Tcp, 2, 2),
+            listener(Protocol::Udp, 20, 60),
+            listener(Protocol::Udp, 30, 10),
+        ];
+        // The TCP rule's is not a UDP flow's; the last rule's udp_idle caps its unreplied.
+        assert_eq!(shortest(&compiled).udp_unanswered, Duration::from_secs(10));
     }
 }

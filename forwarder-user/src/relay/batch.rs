@@ -3,6 +3,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use super::gate::SourceRecord;
+
 /// Datagrams per recvmmsg/sendmmsg call.
 pub const BATCH: usize = 32;
 
@@ -23,6 +25,20 @@ pub enum PacketInfo {
 }
 
 impl PacketInfo {
+    pub fn to_record(self) -> SourceRecord {
+        match self {
+            PacketInfo::V4 { addr, spec_dst } => SourceRecord::V4 { addr, spec_dst },
+            PacketInfo::V6 { addr, ifindex } => SourceRecord::V6 { addr, ifindex },
+        }
+    }
+
+    pub fn from_record(r: SourceRecord) -> PacketInfo {
+        match r {
+            SourceRecord::V4 { addr, spec_dst } => PacketInfo::V4 { addr, spec_dst },
+            SourceRecord::V6 { addr, ifindex } => PacketInfo::V6 { addr, ifindex },
+        }
+    }
+
     /// The address the client sent to, IPv4 unmapped.
     pub fn local_ip(&self) -> IpAddr {
         match *self {

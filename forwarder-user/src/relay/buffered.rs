@@ -7,24 +7,34 @@ use std::sync::atomic::AtomicU64;
 use tokio::net::TcpStream;
 
 use super::counters::RuleCounters;
+use super::gate::Gate;
 use super::idle::{IdleClock, Millis};
 
 const BUFFER: usize = 64 * 1024;
 
 /// Sends `pending` first, then copies `src` to `dst` until `src` sends FIN.
+/// While the gate is closed it parks only with an empty buffer: every
+/// byte it took from `src` has gone to `dst`.
 pub async fn copy_one_way(
     src: &TcpStream,
     dst: &TcpStream,
     pending: Vec<u8>,
     moved: &AtomicU64,
     clock: &IdleClock,
+    gate: &Gate,
 ) -> io::Result<()> {
     write_all(dst, &pending, moved, clock).await?;
     let mut buf = pending;
     buf.clear();
     buf.resize(BUFFER, 0);
     loop {
-        src.readable().await?;
+        tokio::select! {
+            ready = src.readable() => ready?,
+            () = gate.closing() => {
+                gate.park().await;
+                continue;
+            }
+        }
         let n = match src.try_read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,

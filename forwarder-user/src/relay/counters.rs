@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Serialize;
 
+use super::gate::CounterValues;
 use crate::rules::Protocol;
 
 /// The live counters of one listener.
@@ -50,6 +51,47 @@ pub struct RuleCounters {
 impl RuleCounters {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// The values an upgrade hands over (`active` is counted anew).
+    pub fn values(&self) -> CounterValues {
+        CounterValues {
+            flows: self.flows.load(Relaxed),
+            bytes_to_backend: self.bytes_to_backend.load(Relaxed),
+            bytes_to_client: self.bytes_to_client.load(Relaxed),
+            datagrams_to_backend: self.datagrams_to_backend.load(Relaxed),
+            datagrams_to_client: self.datagrams_to_client.load(Relaxed),
+            connect_failures: self.connect_failures.load(Relaxed),
+            connections_refused: self.connections_refused.load(Relaxed),
+            first_byte_timeouts: self.first_byte_timeouts.load(Relaxed),
+            sessions_refused: self.sessions_refused.load(Relaxed),
+            proxy_headers_refused: self.proxy_headers_refused.load(Relaxed),
+            no_backend: self.no_backend.load(Relaxed),
+            client_ip_refused: self.client_ip_refused.load(Relaxed),
+            acl_denied: self.acl_denied.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
+    }
+
+    /// Counters that carry on from `v`.
+    pub fn carried_on(v: &CounterValues) -> RuleCounters {
+        RuleCounters {
+            flows: v.flows.into(),
+            bytes_to_backend: v.bytes_to_backend.into(),
+            bytes_to_client: v.bytes_to_client.into(),
+            datagrams_to_backend: v.datagrams_to_backend.into(),
+            datagrams_to_client: v.datagrams_to_client.into(),
+            connect_failures: v.connect_failures.into(),
+            connections_refused: v.connections_refused.into(),
+            first_byte_timeouts: v.first_byte_timeouts.into(),
+            sessions_refused: v.sessions_refused.into(),
+            proxy_headers_refused: v.proxy_headers_refused.into(),
+            no_backend: v.no_backend.into(),
+            client_ip_refused: v.client_ip_refused.into(),
+            acl_denied: v.acl_denied.into(),
+            errors: v.errors.into(),
+            active: 0.into(),
+        }
     }
 
     pub fn snapshot(&self, rule_id: u32, alias: &str, protocol: Protocol) -> RelayRuleCounters {

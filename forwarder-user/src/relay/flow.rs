@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 
 use super::backend::{Alarm, BackendPicker};
 use super::counters::RuleCounters;
+use super::gate::FlowAddrs;
 use super::limits::{LOG_INTERVAL, LogEvery};
 use super::sys::canonical;
 use crate::acl::RuleAcl;
@@ -142,6 +143,30 @@ impl FlowGuard {
             destination: local,
             peer: client,
             local,
+        }
+    }
+
+    /// A flow the previous image handed over: counted as active again
+    /// (not as a new flow), and told to this image's observer.
+    pub fn resume(rule: &Arc<RuleCtx>, addrs: FlowAddrs) -> FlowGuard {
+        RuleCounters::add(&rule.counters.active, 1);
+        rule.observer
+            .relay_flow_started(rule.protocol, addrs.peer, addrs.local);
+        FlowGuard {
+            rule: rule.clone(),
+            client: addrs.client,
+            destination: addrs.destination,
+            peer: addrs.peer,
+            local: addrs.local,
+        }
+    }
+
+    pub fn addrs(&self) -> FlowAddrs {
+        FlowAddrs {
+            peer: self.peer,
+            local: self.local,
+            client: self.client,
+            destination: self.destination,
         }
     }
 

@@ -175,6 +175,13 @@ impl UdpBudget {
             .map(|_| SessionPort(self.clone()))
     }
 
+    /// A place for a session the previous image handed over: it exists
+    /// already, so it counts even beyond the limit.
+    pub fn claim(self: &Arc<Self>) -> SessionPort {
+        self.open.fetch_add(1, Relaxed);
+        SessionPort(self.clone())
+    }
+
     /// A session refused at the limit: `Some(n)` when to log it (see [`LogEvery`]).
     pub fn refused(&self) -> Option<u64> {
         self.full.hit(Millis::now())

@@ -21,6 +21,8 @@ mod batch;
 mod buffered;
 mod counters;
 mod flow;
+pub mod gate;
+mod handover;
 mod idle;
 mod limits;
 pub mod proxy_protocol;
@@ -41,13 +43,16 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 pub use counters::RelayRuleCounters;
+pub use gate::RelayRecord;
 pub use limits::{EphemeralPorts, UdpSessionsStatus};
 
 use crate::health::HealthBook;
 use crate::reload::{ListenKey, Plan};
 use crate::rules::{FlowObserver, Listener, Protocol, RelaySettings};
 use backend::BackendPicker;
+use counters::RuleCounters;
 use flow::RuleCtx;
+use gate::{CounterValues, Gate};
 use limits::UdpBudget;
 
 /// Where a listener is in its life; it watches this.
@@ -116,6 +121,16 @@ pub struct Relay {
     observer: Arc<dyn FlowObserver>,
     health: Arc<HealthBook>,
     udp_budget: Arc<UdpBudget>,
+    /// Closed while an upgrade hands everything over.
+    gate: Gate,
+}
+
+/// What a listener takes over from the previous image.
+#[derive(Default)]
+struct Adopted {
+    counters: Option<CounterValues>,
+    tcp: Vec<tcp::ResumedPair>,
+    udp: Vec<udp::ResumedSession>,
 }
 
 enum Bound {
@@ -150,7 +165,7 @@ fn bind_error(l: &Listener, e: impl std::fmt::Display) -> anyhow::Error {
 /// Sockets bound for a reload's new rules, and the retiring listeners it
 /// revived; [`Relay::apply`] serves them, dropping them undoes the binds.
 pub struct Prepared {
-    bound: Vec<(Listener, Bound)>,
+    bound: Vec<(Listener, Bound, Adopted)>,
     /// Keys of retiring UDP listeners put back to serving.
     revived: Vec<ListenKey>,
 }
@@ -164,18 +179,36 @@ impl Relay {
         settings: RelaySettings,
         observer: Arc<dyn FlowObserver>,
     ) -> Result<Relay> {
+        Relay::start_inheriting(listeners, settings, observer, None).await
+    }
+
+    /// [`Relay::start`], taking over the sockets and flows an upgrade
+    /// handed over where their listener is still in `listeners`.
+    pub async fn start_inheriting(
+        listeners: &[Listener],
+        settings: RelaySettings,
+        observer: Arc<dyn FlowObserver>,
+        inherited: Option<RelayRecord>,
+    ) -> Result<Relay> {
         // Each TCP flow takes six descriptors (two sockets, two pipes).
         match sys::raise_nofile_limit() {
             Ok(limit) => debug!("open files limit: {limit}"),
             Err(e) => warn!("cannot raise the open files limit: {e}"),
         }
+        let mut inherited = match inherited {
+            Some(record) => handover::Inherited::take(record),
+            None => handover::Inherited::default(),
+        };
         let mut bound = Vec::with_capacity(listeners.len());
         for l in listeners {
             if l.backends.is_empty() {
                 bail!("{}: {} {} has no backend", l.alias, l.protocol, l.bind);
             }
-            let socket = bind(l).map_err(|e| bind_error(l, e))?;
-            bound.push((l.clone(), socket));
+            let (socket, adopted) = match inherited.listener(l)? {
+                Some(taken) => taken,
+                None => (bind(l).map_err(|e| bind_error(l, e))?, Adopted::default()),
+            };
+            bound.push((l.clone(), socket, adopted));
         }
         let (udp_budget, unread) = UdpBudget::of_host();
         if let Some(e) = unread {
@@ -184,12 +217,14 @@ impl Relay {
             );
         }
         log_udp_limit(&udp_budget.ports());
+        inherited.close_unclaimed();
         let relay = Relay {
             listeners: Mutex::default(),
             settings,
             observer,
             health: Arc::default(),
             udp_budget,
+            gate: Gate::default(),
         };
         relay.serve(bound);
         Ok(relay)
@@ -200,23 +235,41 @@ impl Relay {
         self.listeners.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn serve(&self, bound: Vec<(Listener, Bound)>) {
+    fn serve(&self, bound: Vec<(Listener, Bound, Adopted)>) {
         let mut listeners = self.listeners();
-        for (l, socket) in bound {
+        for (l, socket, adopted) in bound {
             let health = self.health.rule(&l);
-            let rule = Arc::new(RuleCtx::new(&l, self.observer.clone(), health));
+            let mut rule = RuleCtx::new(&l, self.observer.clone(), health);
+            if let Some(values) = &adopted.counters {
+                rule.counters = Arc::new(RuleCounters::carried_on(values));
+            }
+            let rule = Arc::new(rule);
             let local = socket.local_addr().unwrap_or(l.bind);
             log_listener(&l, local);
             let (rule_tx, rule_rx) = watch::channel(rule);
             let phase = Arc::new(watch::channel(Phase::Serving).0);
+            let gate = self.gate.clone();
             let task = match socket {
-                Bound::Tcp(s) => tokio::spawn(tcp::serve(s, rule_rx, phase.clone(), self.settings)),
+                Bound::Tcp(s) => tokio::spawn(tcp::serve(
+                    s,
+                    rule_rx,
+                    phase.clone(),
+                    self.settings,
+                    gate,
+                    l.bind,
+                    adopted.tcp,
+                )),
                 Bound::Udp(s) => tokio::spawn(udp::serve(
                     s,
                     rule_rx,
-                    self.settings.max_udp_sessions,
-                    self.udp_budget.clone(),
+                    udp::SessionBounds {
+                        max_sessions: self.settings.max_udp_sessions,
+                        budget: self.udp_budget.clone(),
+                    },
                     phase.clone(),
+                    gate,
+                    l.bind,
+                    adopted.udp,
                 )),
             };
             listeners.serving.push(Served {
@@ -248,7 +301,7 @@ impl Relay {
                 continue;
             }
             match self.bind_after_retired(l, key).await {
-                Ok(socket) => prepared.bound.push((l.clone(), socket)),
+                Ok(socket) => prepared.bound.push((l.clone(), socket, Adopted::default())),
                 Err(e) => {
                     self.unrevive(&prepared.revived);
                     return Err(e);
@@ -374,6 +427,33 @@ impl Relay {
     /// The relay's UDP sessions against their limit.
     pub fn udp_sessions(&self) -> UdpSessionsStatus {
         self.udp_budget.status()
+    }
+
+    /// Quiesces the relay for an upgrade: no listener accepts or reads,
+    /// no flow holds a byte in userspace, every descriptor is described
+    /// in the record. Until [`Relay::thaw`] everything stays parked.
+    pub async fn freeze(&self, within: Duration) -> Result<RelayRecord, String> {
+        {
+            let mut listeners = self.listeners();
+            listeners.reap();
+            if let Some(s) = listeners.retiring.first() {
+                let r = s.rule();
+                return Err(format!(
+                    "rule `{}` ({} {}), removed by a reload, still has {} flows; they are not \
+                     handed over, so upgrade once they have finished",
+                    r.alias,
+                    r.protocol,
+                    s.local,
+                    r.counters.active.load(std::sync::atomic::Ordering::Relaxed)
+                ));
+            }
+        }
+        self.gate.close(within).await
+    }
+
+    /// Lets the relay go on after a [`Relay::freeze`] (the upgrade did not happen).
+    pub fn thaw(&self) {
+        self.gate.open();
     }
 
     /// The health of every rule's backends, which the relay's picks follow.

@@ -9,6 +9,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::counters::RuleCounters;
+use super::gate::Gate;
 use super::idle::{IdleClock, Millis};
 use super::sys;
 
@@ -18,8 +19,8 @@ use super::sys;
 const MIN_PIPE_SIZE: usize = 64 << 10;
 
 pub struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
+    pub read: OwnedFd,
+    pub write: OwnedFd,
     size: usize,
 }
 
@@ -38,6 +39,12 @@ impl Pipe {
                 "the kernel grants pipes of {size} bytes only (fs.pipe-user-pages-soft)"
             )));
         }
+        Ok(Pipe { read, write, size })
+    }
+
+    /// A pipe handed over by an upgrade, with the bytes still in it.
+    pub fn adopt(read: OwnedFd, write: OwnedFd) -> io::Result<Pipe> {
+        let size = sys::pipe_size(&write)?;
         Ok(Pipe { read, write, size })
     }
 }
@@ -61,19 +68,53 @@ fn is_refusal(e: &io::Error) -> bool {
 
 /// Moves `src`'s bytes to `dst` until `src` sends FIN. Each round fills
 /// the empty pipe with one splice (so EAGAIN means the socket is empty, not
-/// the pipe full) and then drains it completely into `dst`.
+/// the pipe full) and then drains it completely into `dst`. Bytes already
+/// in the pipe (handed over by an upgrade) go first. While the gate is
+/// closed it parks at its awaits: whatever is in flight is in the pipe.
 pub async fn splice_one_way(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: &Pipe,
     moved: &AtomicU64,
     clock: &IdleClock,
+    gate: &Gate,
 ) -> io::Result<SpliceEnd> {
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     let (pipe_in, pipe_out) = (pipe.write.as_raw_fd(), pipe.read.as_raw_fd());
+    let mut left = sys::pipe_bytes(pipe_out)?;
     loop {
-        src.readable().await?;
-        let filled = match src.try_io(Interest::READABLE, || {
+        // Only bytes moved count as traffic (the first-byte timeout reads it).
+        let draining = left > 0;
+        while left > 0 {
+            match dst.try_io(Interest::WRITABLE, || sys::splice(pipe_out, dst_fd, left)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    left -= n;
+                    RuleCounters::add(moved, n as u64);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::select! {
+                    ready = dst.writable() => ready?,
+                    () = gate.closing() => gate.park().await,
+                },
+                Err(e) if is_refusal(&e) => {
+                    return Ok(SpliceEnd::Refused {
+                        pending: empty_pipe(pipe, left)?,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if draining {
+            clock.touch(Millis::now());
+        }
+        tokio::select! {
+            ready = src.readable() => ready?,
+            () = gate.closing() => {
+                gate.park().await;
+                continue;
+            }
+        }
+        left = match src.try_io(Interest::READABLE, || {
             sys::splice(src_fd, pipe_in, pipe.size)
         }) {
             Ok(0) => return Ok(SpliceEnd::Eof),
@@ -86,24 +127,6 @@ pub async fn splice_one_way(
             }
             Err(e) => return Err(e),
         };
-        clock.touch(Millis::now());
-        let mut left = filled;
-        while left > 0 {
-            match dst.try_io(Interest::WRITABLE, || sys::splice(pipe_out, dst_fd, left)) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    left -= n;
-                    RuleCounters::add(moved, n as u64);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
-                Err(e) if is_refusal(&e) => {
-                    return Ok(SpliceEnd::Refused {
-                        pending: empty_pipe(pipe, left)?,
-                    });
-                }
-                Err(e) => return Err(e),
-            }
-        }
         clock.touch(Millis::now());
     }
 }

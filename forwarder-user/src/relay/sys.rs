@@ -35,6 +35,13 @@ pub fn pipe_size(pipe: &OwnedFd) -> io::Result<usize> {
     check(unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_GETPIPE_SZ) })
 }
 
+/// The bytes waiting in a pipe (or a socket's receive queue).
+pub fn pipe_bytes(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    check(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) })?;
+    Ok(n as usize)
+}
+
 /// Moves up to `len` bytes from `from` to `to` without copying them through
 /// userspace; one of the two must be a pipe. Never blocks on the pipe; the
 /// socket is non-blocking already.

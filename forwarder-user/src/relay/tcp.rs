@@ -6,8 +6,9 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -22,6 +23,9 @@ use super::backend::Alarm;
 use super::buffered::copy_one_way;
 use super::counters::RuleCounters;
 use super::flow::{FlowGuard, RuleCtx};
+use super::gate::{
+    Described, FlowAddrs, Gate, ListenerRecord, Registered, TcpPairRecord, Ticket, idle_ms,
+};
 use super::idle::{IdleClock, Millis};
 use super::next_phase;
 use super::proxy_protocol::{
@@ -41,11 +45,20 @@ pub async fn serve(
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     phase: Arc<watch::Sender<Phase>>,
     settings: RelaySettings,
+    gate: Gate,
+    bind: SocketAddr,
+    inherited: Vec<ResumedPair>,
 ) {
     let mut flows = JoinSet::new();
+    for pair in inherited {
+        let rule = rules.borrow().clone();
+        flows.spawn(resume(pair, rule, gate.clone(), bind, gate.ticket()));
+    }
+    let mut registered = register_listener(&gate, &listener, bind, &rules);
     let mut listener = Some(listener);
     let accept_failing = Alarm::default();
     let mut phase = phase.subscribe();
+    let _ticket = gate.ticket();
     while listener.is_some() || !flows.is_empty() {
         let rule = rules.borrow_and_update().clone();
         tokio::select! {
@@ -61,11 +74,14 @@ pub async fn serve(
                     if flows.len() >= rule.max_connections {
                         over_limit(&rule, stream, flows.len());
                     } else {
-                        flows.spawn(flow(stream, peer, rule, settings));
+                        let ticket = gate.ticket();
+                        flows.spawn(flow(stream, peer, rule, settings, gate.clone(), bind, ticket));
                     }
                 }
                 Err(e) => accept_error(&rule, &accept_failing, e).await,
             },
+            // Accepts nothing while an upgrade hands the socket over.
+            () = gate.closing() => gate.park().await,
             Some(joined) = flows.join_next(), if !flows.is_empty() => flow_joined(&rule, joined),
             Ok(()) = rules.changed() => {}
             next = next_phase(&mut phase) => match next {
@@ -73,6 +89,7 @@ pub async fn serve(
                 // Closing the socket refuses new connections at once;
                 // accepted ones go on.
                 Phase::Draining | Phase::Retiring => {
+                    drop(registered.take());
                     if listener.take().is_some() {
                         debug!(alias = %rule.alias, flows = flows.len(), "tcp listener closed, draining");
                     }
@@ -108,6 +125,25 @@ fn over_limit(rule: &RuleCtx, client: TcpStream, open: usize) {
     let _ = client.set_zero_linger();
 }
 
+/// The listener's socket and counters, for an upgrade's record.
+fn register_listener(
+    gate: &Gate,
+    listener: &TcpListener,
+    bind: SocketAddr,
+    rules: &watch::Receiver<Arc<RuleCtx>>,
+) -> Option<Registered> {
+    let fd = listener.as_raw_fd();
+    let rules = rules.clone();
+    Some(
+        gate.register(Described::Listener(Box::new(move || ListenerRecord {
+            protocol: "tcp".into(),
+            bind,
+            fd,
+            counters: rules.borrow().counters.values(),
+        }))),
+    )
+}
+
 async fn accept(listener: &Option<TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
     match listener {
         Some(l) => l.accept().await,
@@ -133,15 +169,20 @@ async fn accept_error(rule: &RuleCtx, failing: &Alarm, e: io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// One accepted connection; `connecting` keeps an upgrade waiting until
+/// the flow carries bytes (or ended).
 async fn flow(
     mut client: TcpStream,
     peer: SocketAddr,
     rule: Arc<RuleCtx>,
     settings: RelaySettings,
+    gate: Gate,
+    bind: SocketAddr,
+    connecting: Ticket,
 ) {
     // From the accept: connecting to the backend counts against the
     // first-byte timeout too.
-    let clock = IdleClock::new(Millis::now());
+    let accepted = Millis::now();
     // A trusted upstream's client is checked once its PROXY header names it.
     let trusted = rule.trusts_proxy_header_from(canonical(peer));
     if !trusted && !rule.admits(peer) {
@@ -163,13 +204,15 @@ async fn flow(
     }
     // Bytes that came with a trusted upstream's header: the stream's start.
     let mut early = Vec::new();
+    // A header is a first byte.
+    let mut header_at = None;
     if rule.trusts_proxy_header_from(guard.client) {
         match read_proxy_header(&mut client).await {
             Ok((received, rest)) => {
                 if rule.proxy_headers_failing.clear() {
                     info!(alias = %rule.alias, upstream = %guard.client, "trusted upstreams send valid PROXY headers again");
                 }
-                clock.touch(Millis::now());
+                header_at = Some(Millis::now());
                 if let Some((source, destination)) = received.addresses {
                     guard.proxied(source, destination);
                 }
@@ -240,12 +283,65 @@ async fn flow(
         }
         RuleCounters::add(&rule.counters.bytes_to_backend, early.len() as u64);
     }
-    let copy = CopySpec {
-        mode: CopyMode::Splice,
-        pipe_size: settings.pipe_size,
-        first_byte: settings.first_byte_timeout,
-    };
-    match relay_streams(&client, &backend, &rule, &copy, &clock).await {
+    let pipes = Pipes::new(CopyMode::Splice, settings.pipe_size);
+    let shared = Arc::new(PairShared::new(
+        bind,
+        &client,
+        &backend,
+        &pipes,
+        guard.addrs(),
+        accepted,
+        settings.first_byte_timeout,
+    ));
+    if let Some(at) = header_at {
+        shared.clock.touch(at);
+    }
+    let _registered = gate.register(shared.describe());
+    let ended = carry(&client, &backend, &rule, &pipes, &shared, &gate, connecting).await;
+    finish(ended, &rule, &guard, &client, &backend);
+}
+
+/// A pair the previous image handed over, with its descriptors.
+pub struct ResumedPair {
+    pub record: TcpPairRecord,
+    pub client: TcpStream,
+    pub backend: TcpStream,
+    pub pipes: Pipes,
+}
+
+/// Carries on a pair the previous image handed over: bytes in its pipes
+/// go first, a direction that had ended stays ended.
+async fn resume(
+    pair: ResumedPair,
+    rule: Arc<RuleCtx>,
+    gate: Gate,
+    bind: SocketAddr,
+    ticket: Ticket,
+) {
+    let guard = FlowGuard::resume(&rule, pair.record.addrs);
+    let shared = Arc::new(PairShared::resumed(bind, &pair.record));
+    let _registered = gate.register(shared.describe());
+    let ended = carry(
+        &pair.client,
+        &pair.backend,
+        &rule,
+        &pair.pipes,
+        &shared,
+        &gate,
+        ticket,
+    )
+    .await;
+    finish(ended, &rule, &guard, &pair.client, &pair.backend);
+}
+
+fn finish(
+    ended: Ended,
+    rule: &RuleCtx,
+    guard: &FlowGuard,
+    client: &TcpStream,
+    backend: &TcpStream,
+) {
+    match ended {
         Ended::Closed => {
             debug!(alias = %rule.alias, client = %guard.client, "tcp closed by both ends")
         }
@@ -257,8 +353,7 @@ async fn flow(
             RuleCounters::add(&rule.counters.first_byte_timeouts, 1);
             debug!(
                 alias = %rule.alias, client = %guard.client,
-                "no byte either way within {:?} of the accept; resetting both ends",
-                copy.first_byte
+                "no byte either way within relay.first_byte_timeout of the accept; resetting both ends"
             );
             let _ = client.set_zero_linger();
             let _ = backend.set_zero_linger();
@@ -277,6 +372,124 @@ async fn flow(
             let _ = client.set_zero_linger();
             let _ = backend.set_zero_linger();
         }
+    }
+}
+
+/// Both directions' pipes (`None`: copied through a buffer).
+pub struct Pipes {
+    pub up: Option<Pipe>,
+    pub down: Option<Pipe>,
+}
+
+impl Pipes {
+    pub fn new(mode: CopyMode, size: usize) -> Pipes {
+        let one = || match mode {
+            CopyMode::Buffered => None,
+            CopyMode::Splice => Pipe::new(size)
+                .inspect_err(|e| debug!("no pipe for splice ({e}); copying through a buffer"))
+                .ok(),
+        };
+        Pipes {
+            up: one(),
+            down: one(),
+        }
+    }
+}
+
+/// What a pair's record says beyond its descriptors: where its
+/// directions are, and when it last moved a byte.
+pub struct PairShared {
+    fixed: TcpPairRecord,
+    up_done: AtomicBool,
+    down_done: AtomicBool,
+    clock: IdleClock,
+    /// No byte either way this long from the clock's start ends the pair.
+    first_byte: Option<Duration>,
+}
+
+impl PairShared {
+    fn new(
+        bind: SocketAddr,
+        client: &TcpStream,
+        backend: &TcpStream,
+        pipes: &Pipes,
+        addrs: FlowAddrs,
+        accepted: Millis,
+        first_byte: Duration,
+    ) -> PairShared {
+        let fds = |p: &Option<Pipe>| {
+            p.as_ref()
+                .map(|p| (p.read.as_raw_fd(), p.write.as_raw_fd()))
+        };
+        let shared = PairShared::resumed(
+            bind,
+            &TcpPairRecord {
+                bind,
+                client_fd: client.as_raw_fd(),
+                backend_fd: backend.as_raw_fd(),
+                up_pipe: fds(&pipes.up),
+                down_pipe: fds(&pipes.down),
+                up_done: false,
+                down_done: false,
+                addrs,
+                // Its clock starts at the accept.
+                idle_ms: Millis::now().0.saturating_sub(accepted.0),
+            },
+        );
+        PairShared {
+            first_byte: Some(first_byte),
+            ..shared
+        }
+    }
+
+    fn resumed(bind: SocketAddr, record: &TcpPairRecord) -> PairShared {
+        let now = Millis::now().0;
+        PairShared {
+            fixed: TcpPairRecord {
+                bind,
+                ..record.clone()
+            },
+            up_done: AtomicBool::new(record.up_done),
+            down_done: AtomicBool::new(record.down_done),
+            clock: IdleClock::new(Millis(now.saturating_sub(record.idle_ms))),
+            // A handed-over pair carried bytes before the upgrade.
+            first_byte: None,
+        }
+    }
+
+    #[cfg(test)]
+    fn fresh() -> PairShared {
+        let any = SocketAddr::from(([0, 0, 0, 0], 0));
+        let addrs = FlowAddrs {
+            peer: any,
+            local: any,
+            client: any,
+            destination: any,
+        };
+        PairShared::resumed(
+            any,
+            &TcpPairRecord {
+                bind: any,
+                client_fd: -1,
+                backend_fd: -1,
+                up_pipe: None,
+                down_pipe: None,
+                up_done: false,
+                down_done: false,
+                addrs,
+                idle_ms: 0,
+            },
+        )
+    }
+
+    fn describe(self: &Arc<Self>) -> Described {
+        let shared = self.clone();
+        Described::Tcp(Box::new(move || TcpPairRecord {
+            up_done: shared.up_done.load(Relaxed),
+            down_done: shared.down_done.load(Relaxed),
+            idle_ms: idle_ms(&shared.clock),
+            ..shared.fixed.clone()
+        }))
     }
 }
 
@@ -371,7 +584,8 @@ pub enum CopyMode {
     Buffered,
 }
 
-/// How a flow's bytes are copied and how long it may stay silent.
+/// How a test's flow is copied and how long it may stay silent.
+#[cfg(test)]
 pub struct CopySpec {
     pub mode: CopyMode,
     /// Bytes of each direction's splice pipe.
@@ -393,19 +607,71 @@ pub enum Ended {
 }
 
 /// Copies both ways until both ends closed, one failed, nothing passed
-/// within the first-byte timeout of `clock`'s start, or the flow idled out.
+/// within the first-byte timeout, or the flow idled out.
+#[cfg(test)]
 pub async fn relay_streams(
     client: &TcpStream,
     backend: &TcpStream,
     rule: &RuleCtx,
     copy: &CopySpec,
-    clock: &IdleClock,
 ) -> Ended {
+    let gate = Gate::default();
+    let entered = gate.ticket();
+    let shared = PairShared {
+        first_byte: Some(copy.first_byte),
+        ..PairShared::fresh()
+    };
+    carry(
+        client,
+        backend,
+        rule,
+        &Pipes::new(copy.mode, copy.pipe_size),
+        &shared,
+        &gate,
+        entered,
+    )
+    .await
+}
+
+/// Copies both ways until both ends closed, one failed, nothing passed
+/// within `first_byte` of the clock's start, or the flow idled out. `entered` (the flow's ticket until now) is given up once both
+/// directions hold theirs.
+async fn carry(
+    client: &TcpStream,
+    backend: &TcpStream,
+    rule: &RuleCtx,
+    pipes: &Pipes,
+    shared: &PairShared,
+    gate: &Gate,
+    entered: Ticket,
+) -> Ended {
+    let first_byte = shared.first_byte;
+    let clock = &shared.clock;
     let counters = &rule.counters;
-    let up = one_way(client, backend, &counters.bytes_to_backend, clock, copy);
-    let down = one_way(backend, client, &counters.bytes_to_client, clock, copy);
+    let (mut up_done, mut down_done) =
+        (shared.up_done.load(Relaxed), shared.down_done.load(Relaxed));
+    let up_ticket = (!up_done).then(|| gate.ticket());
+    let down_ticket = (!down_done).then(|| gate.ticket());
+    drop(entered);
+    let up = one_way(
+        client,
+        backend,
+        pipes.up.as_ref(),
+        &counters.bytes_to_backend,
+        clock,
+        gate,
+        up_ticket,
+    );
+    let down = one_way(
+        backend,
+        client,
+        pipes.down.as_ref(),
+        &counters.bytes_to_client,
+        clock,
+        gate,
+        down_ticket,
+    );
     tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
     loop {
         let silent = !clock.carried();
         let idle = if up_done || down_done {
@@ -414,17 +680,31 @@ pub async fn relay_streams(
             rule.timeouts.tcp_established
         };
         // The first-byte timeout only ever shortens a silent flow's life.
-        let first_byte_ends = silent && copy.first_byte <= idle;
+        let first_byte_ends = silent && first_byte.is_some_and(|limit| limit <= idle);
         tokio::select! {
             r = &mut up, if !up_done => match r {
-                Ok(()) => up_done = true,
+                Ok(()) => {
+                    up_done = true;
+                    shared.up_done.store(true, Relaxed);
+                }
                 Err(e) => return Ended::Failed(e),
             },
             r = &mut down, if !down_done => match r {
-                Ok(()) => down_done = true,
+                Ok(()) => {
+                    down_done = true;
+                    shared.down_done.store(true, Relaxed);
+                }
                 Err(e) => return Ended::Failed(e),
             },
-            _ = clock.expired(if first_byte_ends { copy.first_byte } else { idle }) => {
+            _ = clock.expired(match first_byte {
+                Some(limit) if first_byte_ends => limit,
+                _ => idle,
+            }) => {
+                // Parked for an upgrade: the descriptors are in its record.
+                if gate.is_closed() {
+                    gate.opened().await;
+                    continue;
+                }
                 match (first_byte_ends, clock.carried()) {
                     // Bytes came meanwhile: the idle timeouts apply from now on.
                     (true, true) => continue,
@@ -440,32 +720,29 @@ pub async fn relay_streams(
 }
 
 /// One direction until FIN, which then goes on to `dst` as a write shutdown
-/// while the other direction keeps flowing.
+/// while the other direction keeps flowing. Through `pipe` with splice,
+/// else (or where splice is refused) through a buffer.
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
+    pipe: Option<&Pipe>,
     moved: &AtomicU64,
     clock: &IdleClock,
-    copy: &CopySpec,
+    gate: &Gate,
+    _ticket: Option<Ticket>,
 ) -> io::Result<()> {
-    let pending = match copy.mode {
-        CopyMode::Buffered => Some(Vec::new()),
-        CopyMode::Splice => match Pipe::new(copy.pipe_size) {
-            Ok(pipe) => match splice_one_way(src, dst, &pipe, moved, clock).await? {
-                SpliceEnd::Eof => None,
-                SpliceEnd::Refused { pending } => {
-                    debug!("splice refused for this flow; copying through a buffer");
-                    Some(pending)
-                }
-            },
-            Err(e) => {
-                debug!("no pipe for splice ({e}); copying through a buffer");
-                Some(Vec::new())
+    let pending = match pipe {
+        None => Some(Vec::new()),
+        Some(pipe) => match splice_one_way(src, dst, pipe, moved, clock, gate).await? {
+            SpliceEnd::Eof => None,
+            SpliceEnd::Refused { pending } => {
+                debug!("splice refused for this flow; copying through a buffer");
+                Some(pending)
             }
         },
     };
     if let Some(pending) = pending {
-        copy_one_way(src, dst, pending, moved, clock).await?;
+        copy_one_way(src, dst, pending, moved, clock, gate).await?;
     }
     match SockRef::from(dst).shutdown(Shutdown::Write) {
         // The peer is gone entirely; the other direction finds out itself.
@@ -519,10 +796,6 @@ mod tests {
         }
     }
 
-    fn fresh_clock() -> IdleClock {
-        IdleClock::new(Millis::now())
-    }
-
     /// A connected pair of loopback sockets: (the end we hold, the end the relay holds).
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -537,8 +810,8 @@ mod tests {
         let rule = rule(Duration::from_secs(30));
         let (mut client, c) = pair().await;
         let (b, mut backend) = pair().await;
-        let (copy, clock) = (spec(mode), fresh_clock());
-        let relay = relay_streams(&c, &b, &rule, &copy, &clock);
+        let copy = spec(mode);
+        let relay = relay_streams(&c, &b, &rule, &copy);
         let ends = async {
             let request: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
             client.write_all(&request).await.unwrap();
@@ -573,7 +846,7 @@ mod tests {
         let rule = rule(Duration::from_millis(100));
         let (_client, c) = pair().await;
         let (b, _backend) = pair().await;
-        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Splice), &fresh_clock()).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Splice)).await;
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
     }
 
@@ -591,7 +864,7 @@ mod tests {
         let (b, _backend) = pair().await;
         client.shutdown().await.unwrap();
         let started = std::time::Instant::now();
-        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Splice), &fresh_clock()).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Splice)).await;
         let took = started.elapsed();
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
         // The idle clock counts whole milliseconds: it may end the flow up
@@ -615,7 +888,7 @@ mod tests {
             ..spec(CopyMode::Splice)
         };
         let started = std::time::Instant::now();
-        let ended = relay_streams(&c, &b, &rule, &copy, &fresh_clock()).await;
+        let ended = relay_streams(&c, &b, &rule, &copy).await;
         let took = started.elapsed();
         assert!(matches!(ended, Ended::Silent), "{ended:?}");
         assert!(
@@ -638,8 +911,7 @@ mod tests {
             ..spec(CopyMode::Splice)
         };
         let started = std::time::Instant::now();
-        let clock = fresh_clock();
-        let relay = relay_streams(&c, &b, &rule, &copy, &clock);
+        let relay = relay_streams(&c, &b, &rule, &copy);
         let ends = async {
             client.write_all(b"x").await.unwrap();
             let mut one = [0u8; 1];
@@ -662,7 +934,7 @@ mod tests {
         let (b, _backend) = pair().await;
         client.set_zero_linger().unwrap();
         drop(client);
-        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Buffered), &fresh_clock()).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Buffered)).await;
         assert!(matches!(ended, Ended::Failed(_)), "{ended:?}");
     }
 }

@@ -21,6 +21,7 @@ use super::backend::Alarm;
 use super::batch::{Datagrams, PacketInfo};
 use super::counters::RuleCounters;
 use super::flow::{FlowGuard, RuleCtx};
+use super::gate::{Described, Gate, ListenerRecord, Registered, Ticket, UdpSessionRecord, idle_ms};
 use super::idle::{IdleClock, Millis, sweep_interval};
 use super::limits::{SessionPort, UdpBudget};
 use super::proxy_protocol::{self, Transport, Version};
@@ -73,11 +74,22 @@ struct Entry {
     session: Arc<Session>,
     task: Id,
     abort: AbortHandle,
+    /// The session in an upgrade's record while it lives.
+    _registered: Registered,
+}
+
+/// A session the previous image handed over, with its socket.
+pub struct ResumedSession {
+    pub record: UdpSessionRecord,
+    pub upstream: UdpSocket,
 }
 
 struct UdpListener {
     socket: Arc<UdpSocket>,
     bound: SocketAddr,
+    /// The rule's address, as the record names the listener.
+    bind: SocketAddr,
+    gate: Gate,
     rule: Arc<RuleCtx>,
     table: SessionTable<SessionKey, Entry>,
     tasks: JoinSet<SessionKey>,
@@ -92,18 +104,29 @@ enum Event {
     Joined(Result<(Id, SessionKey), JoinError>),
     Rule,
     Phase(Phase),
+    Handover,
 }
 
 /// Serves one listener until the relay closes it, or it drains (or
 /// retires) and has no session left. New sessions take the rule current at
 /// their first datagram; a session keeps its backend.
+/// How many sessions one listener may hold, and the relay-wide budget of
+/// ephemeral ports they all draw on.
+pub struct SessionBounds {
+    pub max_sessions: usize,
+    pub budget: Arc<UdpBudget>,
+}
+
 pub async fn serve(
     socket: UdpSocket,
     mut rules: watch::Receiver<Arc<RuleCtx>>,
-    max_sessions: usize,
-    budget: Arc<UdpBudget>,
+    bounds: SessionBounds,
     phase_control: Arc<watch::Sender<Phase>>,
+    gate: Gate,
+    bind: SocketAddr,
+    inherited: Vec<ResumedSession>,
 ) {
+    let _ticket = gate.ticket();
     let rule = rules.borrow_and_update().clone();
     let bound = match socket.local_addr() {
         Ok(addr) => addr,
@@ -113,16 +136,30 @@ pub async fn serve(
         }
     };
     let mut phase = phase_control.subscribe();
+    let registered = {
+        let (fd, rules) = (socket.as_raw_fd(), rules.clone());
+        gate.register(Described::Listener(Box::new(move || ListenerRecord {
+            protocol: "udp".into(),
+            bind,
+            fd,
+            counters: rules.borrow().counters.values(),
+        })))
+    };
     let mut l = UdpListener {
         socket: Arc::new(socket),
         bound,
+        bind,
+        gate,
         rule,
-        table: SessionTable::new(max_sessions),
+        table: SessionTable::new(bounds.max_sessions),
         tasks: JoinSet::new(),
         accepting: *phase.borrow_and_update() == Phase::Serving,
         table_full: Alarm::default(),
-        budget,
+        budget: bounds.budget,
     };
+    for session in inherited {
+        l.resume(session);
+    }
     let mut batch = Datagrams::new();
     let mut sweep = tokio::time::interval(sweep_interval(l.rule.timeouts.udp_unanswered()));
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -148,6 +185,8 @@ pub async fn serve(
             Some(joined) = l.tasks.join_next_with_id(), if !l.tasks.is_empty() => Event::Joined(joined),
             Ok(()) = rules.changed() => Event::Rule,
             next = next_phase(&mut phase) => Event::Phase(next),
+            // Reads nothing while an upgrade hands the socket over.
+            () = l.gate.closing() => Event::Handover,
         };
         match event {
             Event::Readable(Ok(())) => {
@@ -176,8 +215,10 @@ pub async fn serve(
                 debug!(alias = %l.rule.alias, sessions = l.table.len(), "udp listener draining");
             }
             Event::Phase(Phase::Closing) => break,
+            Event::Handover => l.gate.park().await,
         }
     }
+    drop(registered);
     // Closing (or drained): end every session still there.
     l.table.drain();
     l.tasks.shutdown().await;
@@ -314,21 +355,66 @@ impl UdpListener {
             _port: port,
         });
         debug!(alias = %rule.alias, client = %guard.client, %backend, "udp session opened");
+        self.start_session(key, session.clone(), guard);
+        Some(session)
+    }
+
+    /// Spawns the session's reply task and enters it in the table (and
+    /// in an upgrade's record).
+    fn start_session(&mut self, key: SessionKey, session: Arc<Session>, guard: FlowGuard) {
+        let described = {
+            let (session, bind, addrs) = (session.clone(), self.bind, guard.addrs());
+            Described::Udp(Box::new(move || UdpSessionRecord {
+                bind,
+                upstream_fd: session.upstream.as_raw_fd(),
+                client: session.client,
+                source: session.source.map(PacketInfo::to_record),
+                backend: session.backend,
+                answered: session.answered.load(Relaxed),
+                header: session.header.clone(),
+                addrs,
+                idle_ms: idle_ms(&session.clock),
+            }))
+        };
         let abort = self.tasks.spawn(replies(
             session.clone(),
             self.socket.clone(),
-            rule.clone(),
+            self.rule.clone(),
             guard,
             key,
+            self.gate.ticket(),
         ));
         let entry = Entry {
-            session: session.clone(),
+            session,
             task: abort.id(),
             abort,
+            _registered: self.gate.register(described),
         };
-        // Not full: checked above.
+        // A handed-over session may find the table smaller now: it stays anyway.
         let _ = self.table.insert(key, entry);
-        Some(session)
+    }
+
+    /// Carries on a session the previous image handed over.
+    fn resume(&mut self, resumed: ResumedSession) {
+        let r = resumed.record;
+        let source = r.source.map(PacketInfo::from_record);
+        let key = SessionKey {
+            client: r.client,
+            local: source.map(|s| s.local_ip()),
+        };
+        let guard = FlowGuard::resume(&self.rule, r.addrs);
+        let now = Millis::now().0;
+        let session = Arc::new(Session {
+            upstream: resumed.upstream,
+            client: r.client,
+            source,
+            clock: IdleClock::new(Millis(now.saturating_sub(r.idle_ms))),
+            header: r.header,
+            answered: AtomicBool::new(r.answered),
+            backend: r.backend,
+            _port: self.budget.claim(),
+        });
+        self.start_session(key, session, guard);
     }
 
     /// Ends the sessions without a datagram either way for the idle
@@ -457,16 +543,21 @@ async fn replies(
     rule: Arc<RuleCtx>,
     guard: FlowGuard,
     key: SessionKey,
+    ticket: Ticket,
 ) -> SessionKey {
     let _guard = guard;
     // Replies the listener socket had no room for, kept in order.
     let mut spill: Vec<Vec<u8>> = Vec::new();
     loop {
-        let ready = match session
-            .upstream
-            .ready(Interest::READABLE | Interest::ERROR)
-            .await
-        {
+        // Here `spill` is empty: a safe point to park for an upgrade.
+        let ready = tokio::select! {
+            ready = session.upstream.ready(Interest::READABLE | Interest::ERROR) => ready,
+            () = ticket.gate().closing() => {
+                ticket.gate().park().await;
+                continue;
+            }
+        };
+        let ready = match ready {
             Ok(ready) => ready,
             Err(e) => {
                 rule.error();

@@ -1,9 +1,11 @@
-//! `cargo xtask bench --lifecycle`: what a reload costs. The daemon runs
-//! 4,000 kernel-path rules (2,000 `tcp,udp` aliases) plus one UDP rule that
+//! `cargo xtask bench --lifecycle`: what a reload and an upgrade in place
+//! cost. The daemon runs 4,000 kernel-path rules (2,000 `tcp,udp` aliases) plus one UDP rule that
 //! carries an echoed stream of numbered datagrams at a fixed rate; the
 //! figures are the wall time of `forwarder reload` (every rule changed,
-//! then nothing changed) and the datagrams the stream lost in a window with
-//! a reload against an equal window without one.
+//! then nothing changed) and of `forwarder upgrade` (the new binary's check,
+//! the relay's freeze, the exec, the new image up and answering), and the
+//! datagrams the stream lost in a window with a reload or an upgrade against
+//! an equal window without one.
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -165,6 +167,34 @@ fn reload(bin: &Path, socket: &Path) -> Result<Duration> {
     Ok(took)
 }
 
+/// `forwarder upgrade`, timed; also returns how long the relay was frozen,
+/// as the new image measured it.
+fn upgrade(bin: &Path, socket: &Path) -> Result<(Duration, u64)> {
+    let start = Instant::now();
+    let out = Command::new(bin)
+        .arg("upgrade")
+        .arg("--control")
+        .arg(socket)
+        .output()?;
+    let took = start.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "forwarder upgrade failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = stdout.lines().next().unwrap_or("");
+    eprintln!("  {line} ({} ms in all)", took.as_millis());
+    let frozen = line
+        .split("frozen for ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|ms| ms.parse().ok())
+        .with_context(|| format!("no freeze time in {line:?}"))?;
+    Ok((took, frozen))
+}
+
 pub fn run(bin: &Path, dir: &Path) -> Result<String> {
     let topo = Topology::new();
     topo.forwarder.sysctl("net.ipv4.ip_forward", "1");
@@ -222,6 +252,7 @@ pub fn run(bin: &Path, dir: &Path) -> Result<String> {
     let mut rows = String::new();
     let mut changed_ms = Vec::new();
     let mut unchanged_ms = Vec::new();
+    let upgrades = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut target = 9001;
     for rate in RATES {
         let (sent, echoed, _) = stream(&topo.client, to, rate, || Ok(Duration::ZERO))?;
@@ -246,6 +277,18 @@ pub fn run(bin: &Path, dir: &Path) -> Result<String> {
             "| {rate} | reload, nothing changed | {} of {sent} |\n",
             sent - echoed
         ));
+        let (bin4, socket4, seen) = (bin.to_path_buf(), socket.clone(), upgrades.clone());
+        let (sent, echoed, _) = stream(&topo.client, to, rate, move || {
+            let (took, frozen) = upgrade(&bin4, &socket4)?;
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((took, frozen));
+            Ok(took)
+        })?;
+        rows.push_str(&format!(
+            "| {rate} | upgrade in place (`forwarder upgrade`) | {} of {sent} |\n",
+            sent - echoed
+        ));
     }
     daemon.check_alive()?;
     drop(daemon);
@@ -258,6 +301,9 @@ pub fn run(bin: &Path, dir: &Path) -> Result<String> {
             .join(", ")
     };
     let rules = 2 * u32::from(ALIASES) + 1;
+    let upgrades = upgrades.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let upgrade_ms: Vec<Duration> = upgrades.iter().map(|(took, _)| *took).collect();
+    let frozen_ms: Vec<String> = upgrades.iter().map(|(_, f)| f.to_string()).collect();
     Ok(format!(
         "## Lifecycle\n\n\
          {rules} kernel-path rules ({ALIASES} `tcp,udp` aliases and one UDP rule); a UDP \
@@ -266,12 +312,16 @@ pub fn run(bin: &Path, dir: &Path) -> Result<String> {
          | figure | ms |\n|---|---:|\n\
          | daemon start to first status | {} |\n\
          | `forwarder reload`, {} rules changed | {} |\n\
-         | `forwarder reload`, nothing changed | {} |\n\n\
+         | `forwarder reload`, nothing changed | {} |\n\
+         | `forwarder upgrade` (check, freeze, exec, new image answering) | {} |\n\
+         | of which the relay was frozen (freeze to the new image's relay running) | {} |\n\n\
          | datagrams/s | window | lost |\n|---:|---|---:|\n{rows}",
         WINDOW.as_secs(),
         start_time.as_millis(),
         2 * ALIASES,
         ms(&changed_ms),
         ms(&unchanged_ms),
+        ms(&upgrade_ms),
+        frozen_ms.join(", "),
     ))
 }

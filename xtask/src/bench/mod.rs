@@ -53,8 +53,8 @@ pub struct BenchArgs {
     /// kernel rows' figure).
     #[arg(long, default_value_t = 15_000)]
     connections: u64,
-    /// Only the lifecycle figures: reload time with 4,000 rules, and the
-    /// datagrams a 100k/s UDP stream loses during a reload.
+    /// Only the lifecycle figures: reload and upgrade time with 4,000
+    /// rules, and the datagrams a 100k/s UDP stream loses during each.
     #[arg(long)]
     lifecycle: bool,
 }

@@ -109,6 +109,8 @@ pub(super) fn tables(rules: RuleRows, ports: (u16, u16)) -> Tables {
             snat_probe_limit: u32::from(ports.1 - ports.0 + 1).min(MAX_SNAT_PROBES),
             closed_reuse_after_ns: 1_000_000_000,
             closed_reuse_before_ns: 9_000_000_000,
+            unanswered_reuse_after_ns: 1_000_000_000,
+            unanswered_reuse_before_ns: 29_000_000_000,
         },
         ..Tables::default()
     };

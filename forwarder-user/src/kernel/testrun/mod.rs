@@ -16,6 +16,7 @@ mod packet;
 mod programs;
 mod refresh;
 mod rewrite;
+mod unanswered;
 mod xdp;
 
 use std::os::fd::{AsFd, AsRawFd};
