@@ -95,6 +95,15 @@ fn attach_count_detach(tc_attach: TcAttach, clsact_before: bool) {
         }
     };
     assert!(program_loaded(xdp_prog) && program_loaded(tc_prog));
+    // The egress program (the host's own NAT beside ours) goes on the
+    // same way.
+    match tc_attach {
+        TcAttach::Auto => assert_eq!(during.tcx_egress_progs.len(), 1, "{during:?}"),
+        TcAttach::Netlink => assert!(
+            during.tc_egress_filters.contains("forwarder_tc_egress"),
+            "{during:?}"
+        ),
+    }
 
     let n = 200;
     send_from_client(&topo, n);
@@ -131,6 +140,11 @@ fn attach_count_detach(tc_attach: TcAttach, clsact_before: bool) {
         assert!(after.tcx_progs.is_empty(), "{interface}: {after:?}");
         assert!(
             !after.tc_filters.contains("forwarder"),
+            "{interface}: {after:?}"
+        );
+        assert!(after.tcx_egress_progs.is_empty(), "{interface}: {after:?}");
+        assert!(
+            !after.tc_egress_filters.contains("forwarder"),
             "{interface}: {after:?}"
         );
         let ours_before = clsact_before && interface == &fwd_if;

@@ -17,6 +17,7 @@ mod flow_timeouts;
 mod handover;
 mod health;
 mod host_hooks;
+mod host_nat;
 mod icmp;
 mod interfaces;
 mod kernel_attach;

@@ -11,6 +11,7 @@
 pub type Addr = [u32; 4];
 
 pub mod csum;
+pub mod host_nat;
 pub mod icmp;
 pub mod mss;
 pub mod reasons;
@@ -375,6 +376,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for RelayFlow {}
     unsafe impl aya::Pod for AclKey {}
+    unsafe impl aya::Pod for host_nat::HostPortKey {}
 }
 
 #[cfg(test)]

@@ -10,12 +10,13 @@ use forwarder_common::{
 };
 
 use crate::counters::with_rule;
+use crate::host_nat;
 use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, Scratch};
 use crate::parse::{TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Timestamps in the maps are refreshed at most this often, so that busy
 /// flows do not write a shared cache line on every packet.
-const TOUCH_EVERY_NS: u64 = 100_000_000;
+pub(crate) const TOUCH_EVERY_NS: u64 = 100_000_000;
 
 const EEXIST: i32 = 17;
 
@@ -228,7 +229,7 @@ pub fn create(
 
 /// Sets every field of `ct`: the addresses and ports a packet is rewritten to.
 #[inline(always)]
-fn fill(
+pub(crate) fn fill(
     ct: &mut CtValue,
     (new_src, new_dst): (Addr, Addr),
     (new_sport, new_dport): (u16, u16),
@@ -259,11 +260,12 @@ fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
 }
 
 /// Finds a free SNAT port by inserting the reverse entry with it; leaves
-/// the port in `s.reverse_key.dport` with the entry in place. When every
+/// the port in `s.reverse_key.dport` with the entry in place. Ports the
+/// host's own NAT uses toward the backend are skipped. When every
 /// probed port is taken, the first one held by a flow that may be taken
 /// over (see `take_over`) goes to the new flow.
 #[inline(always)]
-fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
+pub(crate) fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     let settings = SETTINGS.get(0).ok_or(Fallback::NoSnatRange)?;
     let (min, max) = (
         u32::from(settings.snat_port_min),
@@ -292,6 +294,11 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
         let port = (min + (start + i) % span) as u16;
         s.reverse_key.dport = port.to_be();
         match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
+            // Checked once the port is ours, so that a host packet racing
+            // us finds either our entry (and moves) or its note here.
+            Ok(()) if host_nat::host_holds(s, now) => {
+                let _ = CONNTRACK.remove(&s.reverse_key);
+            }
             Ok(()) => return Ok(()),
             Err(e) if e == -EEXIST => {
                 // SAFETY: read at once.
@@ -312,6 +319,10 @@ fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     s.reverse_key.dport = reusable.to_be();
     take_over(s, settings, now)?;
     match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
+        Ok(()) if host_nat::host_holds(s, now) => {
+            let _ = CONNTRACK.remove(&s.reverse_key);
+            Err(Fallback::SnatPortsExhausted)
+        }
         Ok(()) => Ok(()),
         // Another CPU took the port first.
         Err(_) => Err(Fallback::SnatPortsExhausted),

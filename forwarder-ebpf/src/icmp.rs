@@ -20,6 +20,7 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     PROTO_TCP, PROTO_UDP, addr_from_ipv4_be, addr_ipv4_be, csum,
+    host_nat::CT_DIR_HOST_IN,
     icmp::{
         CODE_FRAG_NEEDED, CODE_TTL_EXCEEDED, EMBEDDED_LEN, ERROR_LEN, ICMP_CSUM_OFF,
         ICMP_DEST_UNREACH, ICMP_OFF, ICMP_TIME_EXCEEDED, INNER_IP_CSUM_OFF, INNER_IP_OFF,
@@ -30,6 +31,7 @@ use forwarder_common::{
 
 use crate::conntrack;
 use crate::counters::with_rule;
+use crate::host_nat;
 use crate::maps::{Scratch, scratch};
 use crate::parse::{ETH_LEN, IP_CSUM_OFF, IP_LEN, IP_SRC_OFF, IP_TTL_OFF, L4_OFF, Packet, Unfit};
 use crate::redirect::{self, Flow};
@@ -150,6 +152,22 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
     let entry = conntrack::lookup(&s.key)?;
     // SAFETY: copied out at once.
     s.ct = unsafe { *entry };
+    let inner = Inner {
+        proto,
+        src: inner_src,
+        dst: inner_dst,
+        sport,
+        dport,
+        ip_csum,
+        l4_csum,
+    };
+    if host_nat::is_host(entry) {
+        // Only an error about a packet sent from a port we moved it to.
+        if s.ct.direction != CT_DIR_HOST_IN {
+            return None;
+        }
+        return Some(host_nat::error_about(ctx, &inner, &s.ct));
+    }
     let rule_id = s.ct.rule_id;
     if ttl <= 1 {
         return Some(drop(ctx, rule_id, Dropped::TtlExpired));
@@ -170,15 +188,6 @@ pub fn translate_error(ctx: &TcContext, ifindex: u32) -> Option<i32> {
     if redirect::route(ctx, &flow, s).is_err() {
         return Some(drop(ctx, rule_id, Dropped::NoRoute));
     }
-    let inner = Inner {
-        proto,
-        src: inner_src,
-        dst: inner_dst,
-        sport,
-        dport,
-        ip_csum,
-        l4_csum,
-    };
     let ct = &s.ct;
     let to = translate_inner(&inner, (new_dst, ct.new_dport), (new_src, ct.new_sport));
     let outer = csum::add(

@@ -1,5 +1,6 @@
-//! The forwarder's kernel path: a TC classifier on clsact ingress and an XDP
-//! program, both attached to the interfaces the daemon serves.
+//! The forwarder's kernel path: a TC classifier on clsact ingress, one on
+//! clsact egress and an XDP program, all attached to the interfaces the
+//! daemon serves.
 #![no_std]
 #![no_main]
 
@@ -7,6 +8,7 @@ mod acl;
 mod conntrack;
 mod counters;
 mod fragments;
+mod host_nat;
 mod icmp;
 mod maps;
 mod mss;
@@ -34,6 +36,13 @@ pub fn forwarder_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn forwarder_tc(ctx: TcContext) -> i32 {
     tc::handle(&ctx)
+}
+
+/// On clsact egress: the host's own packets from our SNAT ports (its NAT,
+/// its sockets) are noted, or moved off a port a kernel flow holds.
+#[classifier]
+pub fn forwarder_tc_egress(ctx: TcContext) -> i32 {
+    host_nat::egress(&ctx)
 }
 
 #[cfg(not(test))]

@@ -10,7 +10,11 @@ use aya_ebpf::{
 use forwarder_common::{
     AclKey, Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_ACL_ENTRIES,
     MAX_BACKENDS_PER_RULE, MAX_RULES, RULE_IDS, RelayFlow, RuleCounters, RuleKey, RuleValue,
-    Settings, icmp::ERROR_LEN, mss::MAX_OPTIONS_LEN, reasons::REASON_SLOTS,
+    Settings,
+    host_nat::{HOST_PORTS_SIZE, HostPortKey},
+    icmp::ERROR_LEN,
+    mss::MAX_OPTIONS_LEN,
+    reasons::REASON_SLOTS,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -64,6 +68,13 @@ pub static RELAY_FLOWS: HashMap<CtKey, RelayFlow> = HashMap::with_max_entries(1,
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, CtKey> = LruHashMap::with_max_entries(8192, 0);
 
+/// Source ports the host's own traffic (its NAT, its sockets) used toward
+/// a backend, seen by the egress program, to when; the SNAT allocator
+/// skips them. Named by `host_nat::HOST_PORTS_MAP`.
+#[map]
+pub static HOST_PORTS: LruHashMap<HostPortKey, u64> =
+    LruHashMap::with_max_entries(HOST_PORTS_SIZE, 0);
+
 /// Per-CPU working space for values too big for the 512-byte stack.
 /// Private to the programs: userspace never reads it, so it is no shared
 /// layout (those live in forwarder-common).
@@ -89,6 +100,8 @@ pub struct Scratch {
     /// The FIB's working space when asked only for a path's MTU (`fib`
     /// holds the packet's route meanwhile).
     pub mtu_fib: bpf_fib_lookup,
+    /// A `HOST_PORTS` key the SNAT allocator looks up.
+    pub host_port: HostPortKey,
 }
 
 #[map]

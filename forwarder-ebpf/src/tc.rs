@@ -14,6 +14,7 @@ use aya_log_ebpf::debug;
 use forwarder_common::{
     ADDR_ANY, CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, RULE_F_ACL, RULE_F_PRESERVE_CLIENT_IP,
     RULE_F_RELAY, RuleValue, addr_ipv4_be,
+    host_nat::CT_DIR_HOST_IN,
     reasons::{Dropped, Fallback},
 };
 
@@ -21,6 +22,7 @@ use crate::acl;
 use crate::conntrack;
 use crate::counters::{Hook, count_interface, count_reason, with_rule};
 use crate::fragments;
+use crate::host_nat;
 use crate::icmp::{self, Unforwardable};
 use crate::maps::{Scratch, scratch};
 use crate::mss;
@@ -98,6 +100,9 @@ pub fn handle(ctx: &TcContext) -> i32 {
         };
     }
     if let Some(entry) = conntrack::lookup(&s.key) {
+        if host_nat::is_host(entry) {
+            return host_nat::follow(ctx, &w.pkt, entry, w.now, CT_DIR_HOST_IN);
+        }
         if w.pkt.unfit == Unfit::Fragment {
             fragments::remember(&w.pkt, s);
         }
@@ -240,6 +245,7 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
             c.bytes_rev += bytes;
         }
     });
+    host_nat::mark_forwarded(ctx);
     redirect::send(s)
 }
 
@@ -299,6 +305,7 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
         c.bytes_fwd += bytes;
     });
     log_new_flow(ctx, rule.rule_id, pkt, &s.ct);
+    host_nat::mark_forwarded(ctx);
     redirect::send(s)
 }
 

@@ -347,6 +347,12 @@ fn totals(doc: &Value) -> Vec<String> {
                 percent(used, ports)
             ));
         }
+        if let Some(moved) = k["host_flows_moved"].as_u64().filter(|n| *n > 0) {
+            out.push(format!(
+                "host NAT    {} host flows moved off kernel flows' SNAT ports",
+                count(moved)
+            ));
+        }
         if let Some(note) = reasons_note(&k["xdp_passes_without_rule"]) {
             out.push(format!("XDP left to TC, no kernel flow: {note}"));
         }
@@ -554,6 +560,22 @@ mod tests {
         );
         let none = relay_path_counts(&json!({"flows": 1, "acl_denied": 0}), "tcp", None);
         assert!(none.notes.is_empty(), "{none:?}");
+    }
+
+    #[test]
+    fn moved_host_flows_get_a_line_only_when_there_are_some() {
+        let doc = |moved: u64| {
+            json!({"kernel": {"conntrack_entries": 4, "conntrack_capacity": 100,
+                              "snat_ports": 20000, "snat_ports_in_use": 1,
+                              "host_flows_moved": moved}})
+        };
+        let line = "host NAT    3 host flows moved off kernel flows' SNAT ports".to_owned();
+        assert!(totals(&doc(3)).contains(&line), "{:?}", totals(&doc(3)));
+        assert!(
+            !totals(&doc(0)).iter().any(|l| l.starts_with("host NAT")),
+            "{:?}",
+            totals(&doc(0))
+        );
     }
 
     #[test]

@@ -67,6 +67,9 @@ pub struct Seen {
     pub tcx_progs: Vec<u32>,
     pub tc_filters: String,
     pub clsact: bool,
+    /// The same on the egress hook.
+    pub tcx_egress_progs: Vec<u32>,
+    pub tc_egress_filters: String,
 }
 
 impl Seen {
@@ -75,6 +78,8 @@ impl Seen {
             && self.tcx_progs.is_empty()
             && !self.tc_filters.contains("forwarder")
             && !self.clsact
+            && self.tcx_egress_progs.is_empty()
+            && !self.tc_egress_filters.contains("forwarder")
     }
 }
 
@@ -82,16 +87,22 @@ pub fn seen(ns: &Netns, interface: &str) -> Seen {
     let link = ns.exec("ip", &["-d", "-j", "link", "show", "dev", interface]);
     let link: serde_json::Value = serde_json::from_slice(&link.stdout).unwrap();
     let xdp_prog = link[0]["xdp"]["prog"]["id"].as_u64().map(|id| id as u32);
-    let tcx_progs = in_netns(ns, || {
-        SchedClassifier::query_tcx(interface, TcAttachType::Ingress)
-            .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
-            .unwrap_or_default()
-    });
-    let tc_filters = String::from_utf8_lossy(
-        &ns.exec("tc", &["filter", "show", "dev", interface, "ingress"])
-            .stdout,
-    )
-    .into_owned();
+    let tcx = |hook| {
+        in_netns(ns, || {
+            SchedClassifier::query_tcx(interface, hook)
+                .map(|(_, progs)| progs.iter().map(|p| p.id()).collect())
+                .unwrap_or_default()
+        })
+    };
+    let filters = |hook| {
+        String::from_utf8_lossy(
+            &ns.exec("tc", &["filter", "show", "dev", interface, hook])
+                .stdout,
+        )
+        .into_owned()
+    };
+    let (tcx_progs, tcx_egress_progs) = (tcx(TcAttachType::Ingress), tcx(TcAttachType::Egress));
+    let (tc_filters, tc_egress_filters) = (filters("ingress"), filters("egress"));
     let qdiscs = ns.exec("tc", &["qdisc", "show", "dev", interface]);
     let clsact = String::from_utf8_lossy(&qdiscs.stdout).contains("clsact");
     Seen {
@@ -99,6 +110,8 @@ pub fn seen(ns: &Netns, interface: &str) -> Seen {
         tcx_progs,
         tc_filters,
         clsact,
+        tcx_egress_progs,
+        tc_egress_filters,
     }
 }
 

@@ -15,8 +15,8 @@ mod redirect;
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use aya_log_ebpf::debug;
 use forwarder_common::{
-    CT_DIR_FORWARD, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtValue, PROTO_TCP, RULE_F_XDP,
-    addr_ipv4_be,
+    CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_ESTABLISHED, CT_STATE_NEW, CtValue, PROTO_TCP,
+    RULE_F_XDP, addr_ipv4_be,
     reasons::{NO_RULE, XdpPass},
 };
 
@@ -68,6 +68,10 @@ fn carry(ctx: &XdpContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -> u3
     // SAFETY: copied out at once.
     s.ct = unsafe { *entry };
     let (rule_id, direction) = (s.ct.rule_id, s.ct.direction);
+    // A moved host flow's answers are TC's to move back: no kernel flow.
+    if direction > CT_DIR_REVERSE {
+        return pass(NO_RULE, XdpPass::NoFlow);
+    }
     if pkt.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
         return pass(rule_id, XdpPass::TcpControl);
     }

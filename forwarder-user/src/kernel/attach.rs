@@ -1,8 +1,10 @@
 //! Attaching the TC and XDP programs to interfaces, and taking them off.
 //!
-//! TC goes on clsact ingress: as a TCX link where the kernel has TCX (6.6+),
-//! otherwise as a netlink filter on a clsact qdisc, which is added if
-//! missing and then removed again at detach. XDP goes on as a link in the
+//! TC goes on clsact ingress, and its egress program (the host's own NAT
+//! beside ours, see `forwarder_common::host_nat`) on clsact egress: as TCX
+//! links where the kernel has TCX (6.6+), otherwise as netlink filters on
+//! a clsact qdisc, which is added if missing and then removed again at
+//! detach. XDP goes on as a link in the
 //! mode the driver chooses. [`Attached`] remembers everything it did, so
 //! that detaching (explicit or on drop) leaves nothing of ours behind.
 
@@ -22,6 +24,7 @@ use super::interfaces::Interface;
 use super::{pins, qdisc};
 
 pub const TC_PROGRAM: &str = "forwarder_tc";
+pub const TC_EGRESS_PROGRAM: &str = "forwarder_tc_egress";
 pub const XDP_PROGRAM: &str = "forwarder_xdp";
 
 /// How the TC program is attached.
@@ -50,9 +53,11 @@ struct OnInterface {
     interface: Interface,
     xdp: Option<XdpLinkId>,
     tc: Option<SchedClassifierLinkId>,
+    tc_egress: Option<SchedClassifierLinkId>,
     /// The links when pinned (they then outlive the process).
     xdp_pinned: Option<PinnedLink>,
     tc_pinned: Option<PinnedLink>,
+    tc_egress_pinned: Option<PinnedLink>,
     /// The clsact qdisc was added by us and goes away at detach.
     clsact_added: bool,
 }
@@ -67,11 +72,13 @@ pub struct Attached {
 }
 
 impl Attached {
-    /// Loads both programs of `ebpf` into the kernel.
+    /// Loads the programs of `ebpf` into the kernel.
     pub fn load_programs(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-        let tc: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?.try_into()?;
-        retry_interrupted(|| tc.load())
-            .map_err(|e| anyhow::anyhow!("the kernel refused the TC program: {e}"))?;
+        for name in [TC_PROGRAM, TC_EGRESS_PROGRAM] {
+            let tc: &mut SchedClassifier = program(ebpf, name)?.try_into()?;
+            retry_interrupted(|| tc.load())
+                .map_err(|e| anyhow::anyhow!("the kernel refused the TC program {name}: {e}"))?;
+        }
         let xdp: &mut Xdp = program(ebpf, XDP_PROGRAM)?.try_into()?;
         retry_interrupted(|| xdp.load())
             .map_err(|e| anyhow::anyhow!("the kernel refused the XDP program: {e}"))?;
@@ -100,8 +107,10 @@ impl Attached {
                 interface: interface.clone(),
                 xdp: None,
                 tc: None,
+                tc_egress: None,
                 xdp_pinned: None,
                 tc_pinned: None,
+                tc_egress_pinned: None,
                 clsact_added: false,
             });
             // On error `attached` drops here and detaches everything.
@@ -120,7 +129,7 @@ impl Attached {
                 .as_deref()
                 .map(|dir| pins::link_path(dir, hook, ifindex))
         };
-        let (xdp_pin, tc_pin) = (pin("xdp"), pin("tc"));
+        let (xdp_pin, tc_pin, egress_pin) = (pin("xdp"), pin("tc"), pin("tc-egress"));
         let mut xdp_replaced = false;
         if let Some(path) = &xdp_pin {
             // A previous daemon's XDP link (an upgrade, a crash) gets our
@@ -160,46 +169,67 @@ impl Attached {
                 None => on.xdp = Some(id),
             }
         }
-        let tc: &mut SchedClassifier = program(ebpf, TC_PROGRAM)?.try_into()?;
-        if tcx && let Some(path) = tc_pin.as_ref().filter(|p| p.exists()) {
-            match super::links::replace_program(path, tc.fd()?.as_fd()) {
-                Ok(pinned) => {
-                    on.tc_pinned = Some(pinned);
-                    tracing::info!(interface = %name, "took over the TC hook of the previous daemon: its link runs our program now");
-                    return Ok(());
-                }
-                Err(e) => {
-                    tracing::debug!(interface = %name, "cannot update the pinned TC link, attaching beside it: {e:#}")
-                }
-            }
-        }
-        let options = if tcx {
-            TcAttachOptions::TcxOrder(LinkOrder::default())
-        } else {
+        if !tcx {
             if tc_pin.is_some() {
                 remove_stale_filters(&name)?;
             }
             on.clsact_added = qdisc::add_clsact(&name)?;
-            TcAttachOptions::Netlink(NlOptions::default())
-        };
-        let id = tc
-            .attach_with_options(&name, TcAttachType::Ingress, options)
-            .map_err(|e| anyhow::anyhow!("cannot attach TC ingress to {name}: {e}"))?;
-        match &tc_pin {
-            // A netlink filter is no link: it cannot be pinned.
-            Some(path) if tcx => {
-                let link = FdLink::try_from(tc.take_link(id)?)?;
-                // Ours runs now; the dead daemon's link can go.
-                if pins::detach_pinned(path)? {
-                    tracing::info!(interface = %name, "took over the TC hook of the previous daemon");
+        }
+        let hooks = [
+            (TC_PROGRAM, TcAttachType::Ingress, &tc_pin),
+            (TC_EGRESS_PROGRAM, TcAttachType::Egress, &egress_pin),
+        ];
+        for (program_name, hook, pin_path) in hooks {
+            let tc: &mut SchedClassifier = program(ebpf, program_name)?.try_into()?;
+            let (slot, pinned, label) = match hook {
+                TcAttachType::Egress => (&mut on.tc_egress, &mut on.tc_egress_pinned, "TC egress"),
+                _ => (&mut on.tc, &mut on.tc_pinned, "TC"),
+            };
+            // A previous daemon's link (an upgrade, a crash) gets our
+            // program in one step.
+            if tcx && let Some(path) = pin_path.as_ref().filter(|p| p.exists()) {
+                match super::links::replace_program(path, tc.fd()?.as_fd()) {
+                    Ok(link) => {
+                        *pinned = Some(link);
+                        tracing::info!(interface = %name, "took over the {label} hook of the previous daemon: its link runs our program now");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(interface = %name, "cannot update the pinned {label} link: {e:#}")
+                    }
                 }
-                on.tc_pinned = Some(pins::pin_link(link, path)?);
             }
-            _ => on.tc = Some(id),
+            if let (TcAttachType::Egress, Some(path)) = (hook, pin_path) {
+                // Two of our egress programs in a row would not know each
+                // other's packets (the first clears the mark): the previous
+                // daemon's goes first. Host packets of that moment are not
+                // noted; new kernel flows still are.
+                pins::detach_pinned(path)?;
+            }
+            let options = if tcx {
+                TcAttachOptions::TcxOrder(LinkOrder::default())
+            } else {
+                TcAttachOptions::Netlink(NlOptions::default())
+            };
+            let id = tc
+                .attach_with_options(&name, hook, options)
+                .map_err(|e| anyhow::anyhow!("cannot attach TC {hook:?} to {name}: {e}"))?;
+            match pin_path {
+                // A netlink filter is no link: it cannot be pinned.
+                Some(path) if tcx => {
+                    let link = FdLink::try_from(tc.take_link(id)?)?;
+                    // Ours runs now; the dead daemon's link can go.
+                    if pins::detach_pinned(path)? {
+                        tracing::info!(interface = %name, "took over the {label} hook of the previous daemon");
+                    }
+                    *pinned = Some(pins::pin_link(link, path)?);
+                }
+                _ => *slot = Some(id),
+            }
         }
         tracing::debug!(
             interface = %name,
-            "kernel path attached: TC ingress ({}){}",
+            "kernel path attached: TC ingress and egress ({}){}",
             if tcx { "tcx" } else { "netlink" },
             if with_xdp { " and XDP" } else { "" }
         );
@@ -222,7 +252,7 @@ impl Attached {
         let Some(mut ebpf) = self.ebpf.take() else {
             return Ok(());
         };
-        let program_ids: Vec<u32> = [TC_PROGRAM, XDP_PROGRAM]
+        let program_ids: Vec<u32> = [TC_PROGRAM, TC_EGRESS_PROGRAM, XDP_PROGRAM]
             .iter()
             .filter_map(|name| ebpf.program(name)?.info().ok())
             .map(|info| info.id())
@@ -230,12 +260,16 @@ impl Attached {
         for on in self.on.drain(..).rev() {
             let name = &on.interface.name;
             let gone = super::interfaces::ifindex(name) != Some(on.interface.ifindex);
-            if let Some(id) = on.tc
-                && let Ok(tc) = program_as::<SchedClassifier>(&mut ebpf, TC_PROGRAM)
-                && let Err(e) = tc.detach(id)
-                && !gone
-            {
-                note(anyhow::anyhow!("cannot detach TC from {name}: {e}"));
+            for (id, program_name) in [(on.tc, TC_PROGRAM), (on.tc_egress, TC_EGRESS_PROGRAM)] {
+                if let Some(id) = id
+                    && let Ok(tc) = program_as::<SchedClassifier>(&mut ebpf, program_name)
+                    && let Err(e) = tc.detach(id)
+                    && !gone
+                {
+                    note(anyhow::anyhow!(
+                        "cannot detach {program_name} from {name}: {e}"
+                    ));
+                }
             }
             if let Some(id) = on.xdp
                 && let Ok(xdp) = program_as::<Xdp>(&mut ebpf, XDP_PROGRAM)
@@ -245,7 +279,10 @@ impl Attached {
                 note(anyhow::anyhow!("cannot detach XDP from {name}: {e}"));
             }
             // Unpinned and closed, a link is detached.
-            for pinned in [on.tc_pinned, on.xdp_pinned].into_iter().flatten() {
+            for pinned in [on.tc_pinned, on.tc_egress_pinned, on.xdp_pinned]
+                .into_iter()
+                .flatten()
+            {
                 if let Err(e) = pinned.unpin() {
                     note(anyhow::anyhow!("cannot unpin a link on {name}: {e}"));
                 }
@@ -306,18 +343,28 @@ fn retry_interrupted(
 /// Removes netlink filters of our TC program that a dead daemon left on
 /// `interface` (kernels without TCX): a new one must not run behind them.
 fn remove_stale_filters(interface: &str) -> anyhow::Result<()> {
-    match aya::programs::tc::qdisc_detach_program(interface, TcAttachType::Ingress, TC_PROGRAM) {
-        Ok(()) => {
-            tracing::info!(interface, "removed the TC filter a previous daemon left");
-            Ok(())
+    let hooks = [
+        (TcAttachType::Ingress, TC_PROGRAM),
+        (TcAttachType::Egress, TC_EGRESS_PROGRAM),
+    ];
+    for (hook, name) in hooks {
+        match aya::programs::tc::qdisc_detach_program(interface, hook, name) {
+            Ok(()) => {
+                tracing::info!(
+                    interface,
+                    "removed the TC {hook:?} filter a previous daemon left"
+                );
+            }
+            Err(aya::programs::tc::TcError::IoError(e))
+                if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "cannot remove a previous daemon's TC {hook:?} filter from {interface}: {e}"
+                ));
+            }
         }
-        Err(aya::programs::tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-            Ok(())
-        }
-        Err(e) => Err(anyhow::anyhow!(
-            "cannot remove a previous daemon's TC filter from {interface}: {e}"
-        )),
     }
+    Ok(())
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::programs::Program> {

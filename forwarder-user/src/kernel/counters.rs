@@ -195,6 +195,9 @@ pub struct KernelCounters {
     pub sweeper_passes: u64,
     pub sweeper_last_pass_ns: u64,
     pub sweeper_passes_ns: u64,
+    /// Host flows (its NAT's, its sockets') moved off a kernel flow's SNAT
+    /// port, at the last sweep.
+    pub host_flows_moved: u64,
 }
 
 /// Reads the counter maps.
@@ -270,6 +273,7 @@ impl CounterMaps {
             sweeper_passes: gauges.passes.load(Ordering::Acquire),
             sweeper_last_pass_ns: gauges.last_pass_ns.load(Ordering::Relaxed),
             sweeper_passes_ns: gauges.passes_ns.load(Ordering::Relaxed),
+            host_flows_moved: gauges.host_flows_moved.load(Ordering::Relaxed),
             ..KernelCounters::default()
         };
         for l in listeners {

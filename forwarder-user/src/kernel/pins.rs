@@ -3,7 +3,8 @@
 //! the established flows with their maps, and the next daemon adopts both.
 //!
 //! One directory per network namespace, `/sys/fs/bpf/forwarder/netns-COOKIE`:
-//! the maps by name, and one link per hook (`tc-IFINDEX`, `xdp-IFINDEX`).
+//! the maps by name, and one link per hook (`tc-IFINDEX`, `tc-egress-IFINDEX`,
+//! `xdp-IFINDEX`).
 //! A clean stop removes all of it; `forwarder cleanup` removes what a dead
 //! daemon left.
 
@@ -30,6 +31,7 @@ pub const MAPS: &[&str] = &[
     forwarder_common::reasons::REASON_COUNTERS_MAP,
     "IFACE_COUNTERS",
     "XDP_EGRESS",
+    forwarder_common::host_nat::HOST_PORTS_MAP,
 ];
 
 /// This network namespace's pin directory (not created).

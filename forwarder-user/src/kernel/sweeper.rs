@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
+use forwarder_common::host_nat::{CT_DIR_HOST_IN, CT_DIR_HOST_OUT, host_hold_ns};
 use forwarder_common::{
     Addr, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET,
     CtKey, CtValue, PROTO_TCP, RELAY_OWNER_KERNEL, RelayFlow,
@@ -55,6 +56,17 @@ impl RuleTimeouts {
     /// How long a kernel flow of `rule_id` may be idle (see [`idle_limit`]).
     fn flow(&self, rule_id: u32, proto: u8, pair: Pair) -> Duration {
         idle_limit(&self.get(rule_id), proto, pair)
+    }
+
+    /// How long the pair that starts with `entry` may be idle: a host flow
+    /// moved off a kernel flow's port keeps its new port as long as the
+    /// host's conntrack may keep the flow.
+    fn pair_limit(&self, entry: &CtValue, proto: u8, pair: Pair) -> Duration {
+        if is_host(entry) {
+            Duration::from_nanos(host_hold_ns(proto))
+        } else {
+            self.flow(entry.rule_id, proto, pair)
+        }
     }
 
     /// How long a relay flow the kernel entered may go unclaimed and idle.
@@ -179,9 +191,21 @@ pub fn idle_limit(t: &Timeouts, proto: u8, pair: Pair) -> Duration {
     }
 }
 
+/// A host flow's entry (see `forwarder_common::host_nat`).
+fn is_host(entry: &CtValue) -> bool {
+    matches!(entry.direction, CT_DIR_HOST_OUT | CT_DIR_HOST_IN)
+}
+
+/// The entry a pair is read from: a kernel flow's forward entry, or a
+/// moved host flow's outgoing one.
+fn leads_pair(entry: &CtValue) -> bool {
+    matches!(entry.direction, CT_DIR_FORWARD | CT_DIR_HOST_OUT)
+}
+
 /// The keys to remove from a conntrack snapshot at `now`: both entries of
 /// every pair idle past its [`idle_limit`] (idle since the later of the two
-/// timestamps), and reverse entries whose pair is gone.
+/// timestamps), and reverse entries whose pair is gone. Moved host flows
+/// are pairs too, held by [`host_hold_ns`].
 pub fn expired_flows(
     entries: &StdHashMap<CtKey, CtValue>,
     now: u64,
@@ -189,14 +213,11 @@ pub fn expired_flows(
 ) -> Vec<CtKey> {
     let mut out = Vec::new();
     let mut paired = std::collections::HashSet::new();
-    for (key, fwd) in entries
-        .iter()
-        .filter(|(_, v)| v.direction == CT_DIR_FORWARD)
-    {
+    for (key, fwd) in entries.iter().filter(|(_, v)| leads_pair(v)) {
         let rkey = fwd.pair_key(key.proto);
         let rev = entries.get(&rkey);
         let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
-        let timeout = timeouts.flow(fwd.rule_id, key.proto, Pair::of(fwd, rev));
+        let timeout = timeouts.pair_limit(fwd, key.proto, Pair::of(fwd, rev));
         if rev.is_some() {
             paired.insert(rkey);
         }
@@ -207,14 +228,11 @@ pub fn expired_flows(
             }
         }
     }
-    for (key, rev) in entries
-        .iter()
-        .filter(|(_, v)| v.direction != CT_DIR_FORWARD)
-    {
+    for (key, rev) in entries.iter().filter(|(_, v)| !leads_pair(v)) {
         if paired.contains(key) {
             continue;
         }
-        let timeout = timeouts.flow(rev.rule_id, key.proto, Pair::of(rev, Some(rev)));
+        let timeout = timeouts.pair_limit(rev, key.proto, Pair::of(rev, Some(rev)));
         if now.saturating_sub(rev.last_seen_ns) > timeout.as_nanos() as u64 {
             out.push(*key);
         }
@@ -255,6 +273,8 @@ pub struct Gauges {
     pub snat_busiest: AtomicU64,
     /// At the last sweep, SNAT ports in use per source address and backend.
     pub snat_use: Mutex<Vec<SnatUse>>,
+    /// At the last sweep, host flows moved off a kernel flow's SNAT port.
+    pub host_flows_moved: AtomicU64,
     /// Passes completed.
     pub passes: AtomicU64,
     /// How long the last pass took, and all passes together (nanoseconds).
@@ -290,8 +310,10 @@ fn snat_use(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> Vec<Snat
     let gone: HashSet<&CtKey> = expired.iter().collect();
     let mut per_pair: StdHashMap<(Addr, Addr, u16, u8), u64> = StdHashMap::new();
     for (key, value) in entries {
-        // preserve_client_ip flows keep the client's address: no SNAT port.
-        if value.direction != CT_DIR_FORWARD || value.new_src == key.src || gone.contains(key) {
+        // preserve_client_ip flows keep the client's address: no SNAT port
+        // (a moved host flow keeps its address and holds one).
+        let preserved = value.direction == CT_DIR_FORWARD && value.new_src == key.src;
+        if !leads_pair(value) || preserved || gone.contains(key) {
             continue;
         }
         *per_pair
@@ -309,6 +331,15 @@ fn snat_use(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> Vec<Snat
         .collect();
     out.sort();
     out
+}
+
+/// The moved host flows among the entries that stay (one outgoing entry each).
+fn moved_host_flows(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> u64 {
+    let gone: HashSet<&CtKey> = expired.iter().collect();
+    entries
+        .iter()
+        .filter(|(key, value)| value.direction == CT_DIR_HOST_OUT && !gone.contains(key))
+        .count() as u64
 }
 
 impl Sweeper {
@@ -365,6 +396,8 @@ impl Sweeper {
         let busiest = snat.iter().map(|u| u.ports).max().unwrap_or(0);
         g.snat_busiest.store(busiest, Ordering::Relaxed);
         *g.snat_use.lock().unwrap_or_else(|e| e.into_inner()) = snat;
+        g.host_flows_moved
+            .store(moved_host_flows(&entries, &expired), Ordering::Relaxed);
         let ids = entries
             .values()
             .map(|v| v.rule_id)
@@ -476,6 +509,92 @@ mod tests {
         let mut out: Vec<(u16, u16)> = v.drain(..).map(|k| (k.sport, k.dport)).collect();
         out.sort();
         out
+    }
+
+    /// A host flow from our SNAT address's port 40000 + `port` moved to
+    /// 50000 + `port`: its outgoing and its incoming entry.
+    fn host_pair(proto: u8, port: u16, last_out: u64, last_in: u64) -> Vec<(CtKey, CtValue)> {
+        let snat = addr_from_ipv4_be(u32::from_ne_bytes([198, 18, 2, 1]));
+        let backend = addr_from_ipv4_be(u32::from_ne_bytes([198, 18, 2, 2]));
+        let out_key = CtKey {
+            src: snat,
+            dst: backend,
+            sport: (40000 + port).to_be(),
+            dport: 3478u16.to_be(),
+            proto,
+            _pad: [0; 3],
+        };
+        let out = CtValue {
+            new_src: snat,
+            new_dst: backend,
+            new_sport: (50000 + port).to_be(),
+            new_dport: 3478u16.to_be(),
+            rule_id: forwarder_common::host_nat::HOST_RULE_ID,
+            last_seen_ns: last_out,
+            direction: CT_DIR_HOST_OUT,
+            state: CT_STATE_NEW,
+            closed_first: 0,
+            _pad: [0; 5],
+        };
+        let in_key = out.pair_key(proto);
+        let back = CtValue {
+            new_src: backend,
+            new_dst: snat,
+            new_sport: out_key.dport,
+            new_dport: out_key.sport,
+            last_seen_ns: last_in,
+            direction: CT_DIR_HOST_IN,
+            ..out
+        };
+        vec![(out_key, out), (in_key, back)]
+    }
+
+    #[test]
+    fn a_moved_host_flow_keeps_its_port_as_long_as_the_hosts_conntrack_may_keep_the_flow() {
+        let now = 10 * 24 * 3600 * S;
+        let mut entries: StdHashMap<CtKey, CtValue> = StdHashMap::new();
+        // UDP: 179 s idle stays, 181 s goes (both entries); a recent
+        // answer alone keeps the pair (the port is its incoming key).
+        entries.extend(host_pair(PROTO_UDP, 1, now - 179 * S, now - 179 * S));
+        let udp_dead = host_pair(PROTO_UDP, 2, now - 181 * S, now - 181 * S);
+        entries.extend(udp_dead.clone());
+        entries.extend(host_pair(PROTO_UDP, 3, now - 181 * S, now - S));
+        // TCP: a day idle stays, six go.
+        entries.extend(host_pair(
+            PROTO_TCP,
+            4,
+            now - 24 * 3600 * S,
+            now - 24 * 3600 * S,
+        ));
+        let tcp_dead = host_pair(
+            PROTO_TCP,
+            5,
+            now - 6 * 24 * 3600 * S,
+            now - 6 * 24 * 3600 * S,
+        );
+        entries.extend(tcp_dead.clone());
+        // An incoming entry alone, idle past the hold: goes.
+        let lone = host_pair(PROTO_UDP, 6, 0, now - 181 * S)[1];
+        entries.insert(lone.0, lone.1);
+        let mut want: Vec<CtKey> = udp_dead.iter().chain(&tcp_dead).map(|(k, _)| *k).collect();
+        want.push(lone.0);
+        assert_eq!(
+            sorted(expired_flows(&entries, now, &timeouts())),
+            sorted(want)
+        );
+        // Each moved flow holds one of our ports toward its backend.
+        let udp_pairs: StdHashMap<CtKey, CtValue> = (1..=3)
+            .flat_map(|p| host_pair(PROTO_UDP, p, now, now))
+            .collect();
+        let used = snat_use(&udp_pairs, &[]);
+        assert_eq!(used.len(), 1, "{used:?}");
+        assert_eq!(used[0].ports, 3);
+        assert_eq!(moved_host_flows(&udp_pairs, &[]), 3);
+        let gone: Vec<CtKey> = host_pair(PROTO_UDP, 2, now, now)
+            .iter()
+            .map(|(k, _)| *k)
+            .collect();
+        assert_eq!(moved_host_flows(&udp_pairs, &gone), 2);
     }
 
     #[test]

@@ -19,8 +19,8 @@ use super::*;
 use crate::kernel::testns::ip;
 use forwarder_common::reasons::Dropped;
 
-const ICMP_UNREACH: u8 = 3;
-const CODE_PORT: u8 = 3;
+pub(super) const ICMP_UNREACH: u8 = 3;
+pub(super) const CODE_PORT: u8 = 3;
 const CODE_FRAG_NEEDED: u8 = 4;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 /// A router between the forwarder and the backend.
@@ -28,7 +28,13 @@ const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 3);
 
 /// An Ethernet frame with an ICMP error from `from` to `to` (TTL `ttl`)
 /// about `about`, an IPv4 packet (header first), of which it holds all.
-fn error(from: Ipv4Addr, to: Ipv4Addr, ttl: u8, kind: (u8, u8, u16), about: &[u8]) -> Vec<u8> {
+pub(super) fn error(
+    from: Ipv4Addr,
+    to: Ipv4Addr,
+    ttl: u8,
+    kind: (u8, u8, u16),
+    about: &[u8],
+) -> Vec<u8> {
     let mut p = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0x08, 0x00];
     let total = IP_LEN + 8 + about.len();
     p.extend_from_slice(&[0x45, 0xc0]);
@@ -64,7 +70,7 @@ fn fix_checksum(p: &mut [u8], from: usize, to: usize, at: usize) {
 
 /// `packet` (a frame) as the IPv4 packet it carries, its TTL lowered by
 /// `hops` and its header checksum fixed: what a router sends on.
-fn after_hops(packet: &[u8], hops: u8) -> Vec<u8> {
+pub(super) fn after_hops(packet: &[u8], hops: u8) -> Vec<u8> {
     let mut ipv4 = packet[ETH_LEN..].to_vec();
     ipv4[8] -= hops;
     fix_checksum(&mut ipv4, 0, IP_LEN, 10);
@@ -74,7 +80,7 @@ fn after_hops(packet: &[u8], hops: u8) -> Vec<u8> {
 /// Every checksum of a frame with an ICMP error verifies: outer header,
 /// ICMP message, embedded header, and the embedded L4 checksum when the
 /// error holds the whole segment.
-fn assert_checksums(p: &[u8]) {
+pub(super) fn assert_checksums(p: &[u8]) {
     assert!(ip_csum_ok(p), "outer IPv4 checksum");
     let icmp = ETH_LEN + IP_LEN;
     assert_eq!(fold(sum(&p[icmp..])), 0xffff, "ICMP checksum");

@@ -10,6 +10,7 @@ mod fixture;
 mod flow_state;
 mod health;
 mod hooks;
+mod host_nat;
 mod icmp;
 mod matching;
 mod packet;
@@ -24,10 +25,11 @@ use std::os::fd::{AsFd, AsRawFd};
 use aya::Ebpf;
 use aya::maps::{HashMap, PerCpuArray, PerCpuHashMap};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
+use forwarder_common::host_nat::{HOST_PORTS_MAP, HostPortKey};
 use forwarder_common::reasons::{REASON_COUNTERS_MAP, ReasonCounts};
 use forwarder_common::{CtKey, CtValue, IfaceCounters, RelayFlow, RuleCounters};
 
-use super::attach::{Attached, TC_PROGRAM, XDP_PROGRAM};
+use super::attach::{Attached, TC_EGRESS_PROGRAM, TC_PROGRAM, XDP_PROGRAM};
 use super::load;
 use super::rule_maps::RuleMaps;
 pub use super::testns::require_root;
@@ -111,6 +113,50 @@ impl Loaded {
     pub fn run_tc_flags(&self, packet: &[u8], flags: u32) -> Result<Run, i32> {
         let fd = self.tc().fd().expect("loaded").as_fd().as_raw_fd();
         raw_test_run(fd, packet, flags)
+    }
+
+    /// Runs the TC egress program once on `packet`, whose skb has `mark`;
+    /// the run and the mark it left.
+    pub fn run_tc_egress(&self, packet: &[u8], mark: u32) -> (Run, u32) {
+        let egress: &SchedClassifier = self
+            .ebpf
+            .program(TC_EGRESS_PROGRAM)
+            .expect("tc egress program")
+            .try_into()
+            .expect("a classifier");
+        // `struct __sk_buff` up to its mark (len and pkt_type must be 0).
+        const MARK_AT: usize = 8;
+        let mut ctx_in = [0u8; MARK_AT + 4];
+        ctx_in[MARK_AT..].copy_from_slice(&mark.to_ne_bytes());
+        // The kernel writes the whole `__sk_buff` back (192 bytes in 6.x).
+        let mut ctx_out = [0u8; 256];
+        let mut out = vec![0u8; packet.len() + 256];
+        let result = egress
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx_in),
+                ctx_out: Some(&mut ctx_out),
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN of the TC egress program");
+        out.truncate(result.data_size_out as usize);
+        let mark_out =
+            u32::from_ne_bytes(ctx_out[MARK_AT..MARK_AT + 4].try_into().expect("4 bytes"));
+        (
+            Run {
+                verdict: result.return_value,
+                packet: out,
+            },
+            mark_out,
+        )
+    }
+
+    /// The host's source ports the egress program noted, and when.
+    pub fn host_ports(&self) -> Vec<(HostPortKey, u64)> {
+        let map: HashMap<_, HostPortKey, u64> =
+            HashMap::try_from(self.ebpf.map(HOST_PORTS_MAP).expect("map")).expect("lru hash");
+        map.iter().map(|r| r.expect("entry")).collect()
     }
 
     /// Runs the XDP program once on `packet`.
