@@ -208,6 +208,7 @@ fn relay_udp(rule_id: u32, backend: SocketAddr, timeouts: Timeouts) -> Listener 
         listen_picked: false,
         health: None,
         acl: None,
+        max_connections: None,
     }
 }
 

@@ -33,6 +33,7 @@ mod preserve_client_ip;
 mod proxy_protocol;
 mod relay_iperf3;
 mod relay_lifecycle;
+mod relay_limits;
 mod relay_one_port;
 mod relay_splice_fallback;
 mod relay_tcp;

@@ -707,6 +707,7 @@ impl Daemon {
             return Err(e.context("updating the kernel tables"));
         }
         self.relay.apply(&plan, prepared);
+        self.relay.refresh_udp_limit();
         // Changed rules have fresh ids: their checks restart with the new settings.
         self.relay.health().sync(&plan.next.listeners);
         let summary = plan.summary();
@@ -1047,6 +1048,8 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
                     "backends": l.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
                     "path": l.path.as_str(),
                     "health_check": l.health.as_ref().map(crate::health::describe),
+                    "max_connections": (l.protocol == crate::rules::Protocol::Tcp)
+                        .then(|| l.connection_limit()),
                     "health": health.status(l.rule_id),
                 })
             })
@@ -1058,6 +1061,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
             "kernel_path": daemon.kernel.is_some(),
             "rules": rules,
             "relay": relay_counters,
+            "relay_udp_sessions": daemon.relay.udp_sessions(),
             "kernel": kernel_counters,
             "docker": daemon.docker.as_ref().map(|_| {
                 serde_json::to_value(&*lock(&daemon.discovery)).unwrap_or_default()

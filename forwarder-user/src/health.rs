@@ -372,6 +372,7 @@ mod tests {
             preserve_client_ip: false,
             proxy: Default::default(),
             acl: None,
+            max_connections: None,
             health: with_check.then_some(HealthSpec {
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),

@@ -233,6 +233,8 @@ impl Families {
             ("no_backend", r.no_backend),
             ("proxy_header", r.proxy_headers_refused),
             ("client_ip", r.client_ip_refused),
+            ("max_connections", r.connections_refused),
+            ("first_byte_timeout", r.first_byte_timeouts),
         ];
         for (reason, n) in refused {
             Self::set(
@@ -500,6 +502,8 @@ mod tests {
             datagrams_to_client: 5,
             connect_failures: 6,
             sessions_refused: 7,
+            connections_refused: 0,
+            first_byte_timeouts: 0,
             proxy_headers_refused: 0,
             no_backend: 8,
             client_ip_refused: 0,

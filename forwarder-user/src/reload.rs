@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use forwarder_common::{MAX_BACKENDS_PER_RULE, RULE_IDS};
 use serde::Serialize;
 
+use crate::config::{format_bytes, format_duration};
 use crate::rules::{Compiled, Listener, Protocol};
 
 /// What identifies a rule across reloads: the socket it listens on.
@@ -225,6 +226,23 @@ fn keep_fixed_settings(running: &Compiled, mut next: Compiled) -> (Compiled, Vec
         ));
         next.relay.max_udp_sessions = running.relay.max_udp_sessions;
     }
+    // Every listener and flow took these at start.
+    if running.relay.first_byte_timeout != next.relay.first_byte_timeout {
+        needs.push(format!(
+            "relay.first_byte_timeout: {} -> {}",
+            format_duration(running.relay.first_byte_timeout),
+            format_duration(next.relay.first_byte_timeout)
+        ));
+        next.relay.first_byte_timeout = running.relay.first_byte_timeout;
+    }
+    if running.relay.pipe_size != next.relay.pipe_size {
+        needs.push(format!(
+            "relay.pipe_size: {} -> {}",
+            format_bytes(running.relay.pipe_size),
+            format_bytes(next.relay.pipe_size)
+        ));
+        next.relay.pipe_size = running.relay.pipe_size;
+    }
     (next, needs)
 }
 
@@ -378,7 +396,7 @@ routes:
         let running = load(BASE);
         let next = format!(
             "{BASE}kernel: {{conntrack_size: 1024, snat_ports: 30000-30999}}\n\
-             relay: {{max_udp_sessions: 10, drain_timeout: 3s}}\n"
+             relay: {{max_udp_sessions: 10, drain_timeout: 3s, first_byte_timeout: 5s, pipe_size: 64k}}\n"
         );
         let plan = plan(&running, load(&next), &none_held).unwrap();
         assert!(plan.is_empty());
@@ -388,10 +406,14 @@ routes:
                 "kernel.conntrack_size: 262144 -> 1024",
                 "kernel.snat_ports: 40000-59999 -> 30000-30999",
                 "relay.max_udp_sessions: 65536 -> 10",
+                "relay.first_byte_timeout: 30s -> 5s",
+                "relay.pipe_size: 256k -> 64k",
             ]
         );
         assert_eq!(plan.next.kernel_settings, running.kernel_settings);
         assert_eq!(plan.next.relay.max_udp_sessions, 65536);
+        assert_eq!(plan.next.relay.first_byte_timeout.as_secs(), 30);
+        assert_eq!(plan.next.relay.pipe_size, 256 << 10);
         // What applies in place does.
         assert_eq!(plan.next.relay.drain_timeout.as_secs(), 3);
     }

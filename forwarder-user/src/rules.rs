@@ -171,9 +171,21 @@ pub struct Listener {
     pub health: Option<HealthSpec>,
     /// The rule's own ACL with the global one; `None`: every client.
     pub acl: Option<RuleAcl>,
+    /// TCP connections the relay holds open at once for this rule; `None`:
+    /// not set, [`DEFAULT_MAX_CONNECTIONS`]. Set, it makes the rule
+    /// relay-only (the kernel path does not count connections).
+    pub max_connections: Option<u32>,
 }
 
+/// The relay's open TCP connections per rule when `max_connections` is left out.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
+
 impl Listener {
+    /// The relay's limit of open TCP connections for this rule.
+    pub fn connection_limit(&self) -> u32 {
+        self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
+    }
+
     /// Why the rule cannot run without the kernel path, if it cannot.
     pub fn needs_kernel(&self) -> Option<String> {
         if self.path.requires_kernel() {
@@ -232,6 +244,12 @@ pub struct RelaySettings {
     pub max_udp_sessions: usize,
     /// How long live flows may finish after SIGTERM before they are closed.
     pub drain_timeout: Duration,
+    /// A TCP connection that carried no byte either way this long after
+    /// it was accepted is reset.
+    pub first_byte_timeout: Duration,
+    /// Bytes of each splice pipe (one per direction of a TCP connection):
+    /// what a slow reader can make the relay hold per direction.
+    pub pipe_size: usize,
 }
 
 impl Default for RelaySettings {
@@ -239,6 +257,8 @@ impl Default for RelaySettings {
         RelaySettings {
             max_udp_sessions: 65536,
             drain_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(30),
+            pipe_size: 256 << 10,
         }
     }
 }

@@ -256,6 +256,11 @@ pub fn relay_path_counts(r: &Value, protocol: &str, kernel: Option<&Value>) -> P
     for (key, what) in [
         ("connect_failures", "connect failures"),
         ("sessions_refused", "sessions refused"),
+        ("connections_refused", "reset at max_connections"),
+        (
+            "first_byte_timeouts",
+            "reset, silent past first_byte_timeout",
+        ),
         ("no_backend", "refused, every backend down"),
         ("proxy_headers_refused", "PROXY headers refused"),
         ("acl_denied", "denied by the ACL"),
@@ -362,8 +367,17 @@ fn totals(doc: &Value) -> Vec<String> {
             .sum()
     };
     let (tcp, udp) = (open("tcp"), open("udp"));
+    let limit = &doc["relay_udp_sessions"];
+    let udp_limit = match (limit["session_limit"].as_u64(), limit["free"].as_u64()) {
+        (Some(max), Some(free)) => format!(
+            " of {} (of {} free ephemeral ports)",
+            count(max),
+            count(free)
+        ),
+        _ => String::new(),
+    };
     out.push(format!(
-        "relay       {} open: {} TCP connections, {} UDP sessions",
+        "relay       {} open: {} TCP connections, {} UDP sessions{udp_limit}",
         count(tcp + udp),
         count(tcp),
         count(udp)
@@ -479,6 +493,8 @@ mod tests {
                  "datagrams_to_backend": 5, "datagrams_to_client": 5, "connect_failures": 0,
                  "sessions_refused": 0, "errors": 0}
             ],
+            "relay_udp_sessions": {"open": 1, "range": [32768, 60999], "free": 8232,
+                                   "kept_for_host": 2058, "session_limit": 6174},
             "kernel": {
                 "interfaces": [],
                 "rules": [
@@ -512,6 +528,22 @@ mod tests {
         assert_eq!(duration(187), "3m07s");
         assert_eq!(duration(7500), "2h05m");
         assert_eq!(duration(3 * 86_400 + 4 * 3600), "3d04h");
+    }
+
+    #[test]
+    fn relay_refusals_at_a_bound_are_noted() {
+        let relay = relay_path_counts(
+            &json!({"flows": 9, "connections_refused": 51, "first_byte_timeouts": 2}),
+            "tcp",
+            None,
+        );
+        assert_eq!(
+            relay.notes,
+            [
+                "reset at max_connections: 51",
+                "reset, silent past first_byte_timeout: 2"
+            ],
+        );
     }
 
     #[test]
@@ -595,7 +627,10 @@ mod tests {
         );
         assert!(text.contains("SNAT ports  1 of 20.0k in use"), "{text}");
         assert!(
-            text.contains("relay       1 open: 0 TCP connections, 1 UDP sessions"),
+            text.contains(
+                "relay       1 open: 0 TCP connections, 1 UDP sessions of 6.17k (of 8.23k free \
+                 ephemeral ports)"
+            ),
             "{text}"
         );
         for line in text.lines() {

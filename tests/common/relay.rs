@@ -48,6 +48,7 @@ pub fn listener(
         proxy: Default::default(),
         health: None,
         acl: None,
+        max_connections: None,
         listen_picked: false,
     }
 }

@@ -157,6 +157,7 @@ pub(crate) const FIELDS: &[Field] = &[
     honoured("healthcheck", true, &[]),
     honoured("proxy_protocol", false, &[]),
     honoured("accept_proxy_protocol", false, &[]),
+    honoured("max_connections", false, &[]),
     // `true` is `proxy_protocol: v2` on tcp, as Godoxy sends it.
     honoured(
         "relay_proxy_protocol_header",

@@ -58,6 +58,9 @@ pub struct Route {
     pub proxy_protocol_on_udp: bool,
     /// Trusted upstreams whose PROXY headers are read (tcp only).
     pub accept_proxy_protocol: Vec<Cidr>,
+    /// The relay's open connections of the tcp rule; set, that rule is
+    /// relay-only.
+    pub max_connections: Option<u32>,
 }
 
 impl Route {
@@ -112,7 +115,8 @@ pub fn compile(config: &Config) -> Compiled {
         for &protocol in &route.protocols {
             let proxy = route.proxy(protocol);
             let mut flags = route_flags;
-            if relay_only || proxy.needs_relay() {
+            let max_connections = route.max_connections.filter(|_| protocol == Protocol::Tcp);
+            if relay_only || proxy.needs_relay() || max_connections.is_some() {
                 flags |= RULE_F_RELAY;
             }
             let bind = SocketAddr::new(
@@ -161,6 +165,7 @@ pub fn compile(config: &Config) -> Compiled {
                 proxy,
                 health: route.healthcheck.as_ref().map(|h| health_spec(h, protocol)),
                 acl: acl.clone(),
+                max_connections,
             });
             rule_id += 1;
         }

@@ -4,7 +4,8 @@
 //! [`catalog`](super::catalog)'s to say. Fields forwarder uses: `scheme`,
 //! `port`, `host`, `bind`, `backends`, `path`, `timeouts`,
 //! `preserve_client_ip`, `healthcheck`, `acl`, `proxy_protocol`,
-//! `accept_proxy_protocol` (and Godoxy's `relay_proxy_protocol_header`).
+//! `accept_proxy_protocol` (and Godoxy's `relay_proxy_protocol_header`),
+//! `max_connections`.
 //! Godoxy's fields that change a stream in ways forwarder cannot are refused;
 //! those that mean nothing for a stream are ignored with a warning; anything
 //! else is an error with a "did you mean".
@@ -38,6 +39,9 @@ const HEALTHCHECK_FIELDS: &[&str] = &[
     "disable", "disabled", "interval", "timeout", "retries", "fall", "rise", "payload", "expect",
 ];
 const HEALTHCHECK_IGNORED: &[&str] = &["path", "use_get"];
+/// Open relay connections one rule may hold; more would exhaust descriptors
+/// (six per connection) long before.
+const MAX_CONNECTIONS_MAX: u64 = 1_000_000;
 const BACKEND_ALLOWED: &str =
     "`host:port`, `host:port weight=N`, or a mapping {host, port, weight} (weight 1–65535)";
 
@@ -112,6 +116,8 @@ pub(crate) struct RouteSpec {
     /// `relay_proxy_protocol_header`, which Godoxy sends on TCP only.
     pub proxy_protocol_on_udp: bool,
     pub accept_proxy_protocol: Vec<Cidr>,
+    /// The relay's open TCP connections for this route; `None`: the default.
+    pub max_connections: Option<u32>,
 }
 
 /// Errors for one alias.
@@ -237,6 +243,7 @@ pub(crate) fn route(
         get("relay_proxy_protocol_header"),
         get("accept_proxy_protocol"),
     );
+    let max_connections = get("max_connections");
 
     let protocols = match scheme {
         Some(node) => match parse_scheme(node) {
@@ -360,6 +367,22 @@ pub(crate) fn route(
         None => Some(Vec::new()),
     };
 
+    let max_connections_value = max_connections.and_then(|m| {
+        cx.take(
+            "max_connections",
+            values::integer(m, 1, MAX_CONNECTIONS_MAX).map(|n| n as u32),
+        )
+    });
+    if let Some(m) = max_connections {
+        max_connections_together(
+            &mut cx,
+            m,
+            protocols.as_deref(),
+            path.zip(path_mode),
+            preserve.zip(preserve_value),
+        );
+    }
+
     // Fields that only make sense together.
     if let (Some(ProxyProtocol::V1), Some(protocols), Some(p)) =
         (proxy_protocol_value, &protocols, proxy_protocol)
@@ -424,7 +447,38 @@ pub(crate) fn route(
         },
         proxy_protocol_on_udp: proxy_protocol.is_some(),
         accept_proxy_protocol: accept_proxy_value?,
+        max_connections: max_connections_value,
     })
+}
+
+/// `max_connections` is the relay's count of a tcp rule's connections:
+/// the kernel path keeps no such count, so it cannot go with a path that
+/// requires the kernel, nor with `preserve_client_ip`, which needs it.
+fn max_connections_together(
+    cx: &mut Ctx<'_>,
+    node: &Node,
+    protocols: Option<&[Protocol]>,
+    path: Option<(&Node, PathMode)>,
+    preserve: Option<(&Node, bool)>,
+) {
+    if let Some([Protocol::Udp]) = protocols {
+        cx.error(
+            "max_connections",
+            ConfigError::new(
+                &node.pos,
+                "`max_connections` on a udp route",
+                "tcp routes only: the relay's udp sessions are bounded by `relay.max_udp_sessions` and the free ephemeral ports",
+            ),
+        );
+    }
+    relay_only_conflicts(
+        cx,
+        (node, "`max_connections`"),
+        path,
+        preserve,
+        "`auto` or `relay`: only the relay counts a rule's connections, so `max_connections` makes the tcp rule relay-only",
+        "`false`: `max_connections` makes the tcp rule relay-only, and the relay cannot keep the client's address",
+    );
 }
 
 /// The PROXY protocol fields of a route, each with its value where valid.
@@ -493,6 +547,27 @@ fn proxy_protocol_together(
     let Some((asker, what)) = sends.or(accepts) else {
         return;
     };
+    relay_only_conflicts(
+        cx,
+        (asker, &what),
+        path,
+        preserve,
+        "`auto` or `relay`: only the relay sends and reads PROXY protocol headers",
+        "`false`: PROXY protocol rules go through the relay, which cannot keep the client's address (the header carries it)",
+    );
+}
+
+/// A field (`asker`, named `what`) that makes a rule relay-only, against
+/// a path that requires the kernel and `preserve_client_ip`, which needs
+/// it; `*_allowed` say what may be written instead.
+fn relay_only_conflicts(
+    cx: &mut Ctx<'_>,
+    (asker, what): (&Node, &str),
+    path: Option<(&Node, PathMode)>,
+    preserve: Option<(&Node, bool)>,
+    path_allowed: &str,
+    preserve_allowed: &str,
+) {
     if let Some((p, mode)) = path
         && mode.requires_kernel()
     {
@@ -501,7 +576,7 @@ fn proxy_protocol_together(
             ConfigError::new(
                 &p.pos,
                 format!("`path: {}` with {what}", mode.as_str()),
-                "`auto` or `relay`: only the relay sends and reads PROXY protocol headers",
+                path_allowed,
             )
             .hint(format!("{what} is at {}", asker.pos)),
         );
@@ -509,12 +584,8 @@ fn proxy_protocol_together(
     if let Some((p, true)) = preserve {
         cx.error(
             "preserve_client_ip",
-            ConfigError::new(
-                &p.pos,
-                format!("`true` with {what}"),
-                "`false`: PROXY protocol rules go through the relay, which cannot keep the client's address (the header carries it)",
-            )
-            .hint(format!("{what} is at {}", asker.pos)),
+            ConfigError::new(&p.pos, format!("`true` with {what}"), preserve_allowed)
+                .hint(format!("{what} is at {}", asker.pos)),
         );
     }
 }

@@ -54,10 +54,11 @@ use std::sync::Arc;
 pub use acl::Acl;
 pub use compile::{Config, Route, addr_of, compile};
 pub use docker::{Container, DockerSettings};
+pub(crate) use env::parse_port_range;
 pub use errors::{ConfigError, Errors, Pos, Warning};
 pub use fields::{HealthCheck, ProxyProtocol};
 pub use table::table;
-pub use values::{Cidr, format_duration};
+pub use values::{Cidr, format_bytes, format_duration};
 
 use std::collections::BTreeMap;
 
@@ -273,6 +274,7 @@ fn load_inner(
             proxy_protocol: spec.proxy_protocol,
             proxy_protocol_on_udp: spec.proxy_protocol_on_udp,
             accept_proxy_protocol: spec.accept_proxy_protocol.clone(),
+            max_connections: spec.max_connections,
         })
         .collect();
     resolve::pick_ports(

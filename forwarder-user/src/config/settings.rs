@@ -11,7 +11,18 @@ use super::values;
 use super::yaml::Node;
 use crate::rules::{DnsSettings, KernelSettings, MetricsSettings, RelaySettings, Timeouts};
 
-const RELAY_FIELDS: &[&str] = &["max_udp_sessions", "drain_timeout"];
+const RELAY_FIELDS: &[&str] = &[
+    "max_udp_sessions",
+    "drain_timeout",
+    "first_byte_timeout",
+    "pipe_size",
+];
+/// Below 64 KiB splice moves too little per call (the relay would copy
+/// through a buffer instead); above 1 MiB is `fs.pipe-max-size`.
+pub const PIPE_SIZE_MIN: usize = 64 << 10;
+pub const PIPE_SIZE_MAX: usize = 1 << 20;
+const FIRST_BYTE_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const FIRST_BYTE_MAX: std::time::Duration = std::time::Duration::from_secs(7200);
 const KERNEL_FIELDS: &[&str] = &["conntrack_size", "snat_ports"];
 const DNS_FIELDS: &[&str] = &["refresh", "min_ttl", "max_ttl"];
 const METRICS_FIELDS: &[&str] = &["listen"];
@@ -60,6 +71,20 @@ pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
             let r = match k.key_text() {
                 "max_udp_sessions" => values::integer(&v, 1, 16_777_216)
                     .map(|n| g.relay.max_udp_sessions = n as usize),
+                "first_byte_timeout" => values::duration(&v, false).and_then(|d| {
+                    if (FIRST_BYTE_MIN..=FIRST_BYTE_MAX).contains(&d) {
+                        g.relay.first_byte_timeout = d;
+                        Ok(())
+                    } else {
+                        Err(ConfigError::new(
+                            &v.pos,
+                            quoted(&values::format_duration(d)),
+                            "from 1s to 2h (e.g. `30s`)",
+                        ))
+                    }
+                }),
+                "pipe_size" => values::pipe_bytes(&v, PIPE_SIZE_MIN, PIPE_SIZE_MAX)
+                    .map(|n| g.relay.pipe_size = n),
                 _ => values::duration(&v, true).map(|d| g.relay.drain_timeout = d),
             };
             if let Err(e) = r {

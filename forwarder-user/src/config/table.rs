@@ -4,8 +4,8 @@ use std::fmt::Write;
 
 use forwarder_common::RULE_F_RELAY;
 
-use super::values::format_duration;
-use crate::rules::{Compiled, Listener, PathMode, ProxyProtocol};
+use super::values::{format_bytes, format_duration};
+use crate::rules::{Compiled, DEFAULT_MAX_CONNECTIONS, Listener, PathMode, ProxyProtocol};
 
 /// One line per rule: id, alias, protocol, bind:listen → target(s), path,
 /// ACL (entries in the order tried, the default, the action); then the
@@ -73,9 +73,12 @@ pub fn table(compiled: &Compiled) -> String {
     let _ = writeln!(out, "\ninterfaces: {interfaces}");
     let _ = writeln!(
         out,
-        "relay: max_udp_sessions {}, drain_timeout {}",
+        "relay: max_udp_sessions {}, drain_timeout {}, first_byte_timeout {}, pipe_size {}, \
+         max_connections {DEFAULT_MAX_CONNECTIONS} per tcp rule unless set",
         r.max_udp_sessions,
-        format_duration(r.drain_timeout)
+        format_duration(r.drain_timeout),
+        format_duration(r.first_byte_timeout),
+        format_bytes(r.pipe_size)
     );
     let _ = writeln!(
         out,
@@ -142,11 +145,17 @@ fn path_text(compiled: &Compiled, l: &Listener) -> String {
         .is_some_and(|(_, v)| v.flags & RULE_F_RELAY != 0);
     let mut text = match (l.path, relay_flag) {
         (PathMode::Auto, true) if l.proxy.needs_relay() => "relay (proxy_protocol)".to_owned(),
+        (PathMode::Auto, true) if l.max_connections.is_some() => {
+            "relay (max_connections)".to_owned()
+        }
         (PathMode::Auto, true) => "relay (loopback target)".to_owned(),
         (path, _) => path.as_str().to_owned(),
     };
     if l.preserve_client_ip {
         text.push_str(", client ip kept");
+    }
+    if let Some(max) = l.max_connections {
+        let _ = write!(text, ", at most {max} connections");
     }
     if l.proxy.send != ProxyProtocol::Off {
         let _ = write!(text, ", PROXY {} to backend", l.proxy.send.as_str());

@@ -92,6 +92,46 @@ pub fn integer(node: &Node, min: u64, max: u64) -> Result<u64, ConfigError> {
     }
 }
 
+/// A size in bytes: a whole number, or one with `k` (KiB) or `m` (MiB).
+/// It must be a power of two in `min..=max`: the kernel rounds a pipe up
+/// to a power of two pages, and a size it would change is refused here
+/// rather than silently grown.
+pub fn pipe_bytes(node: &Node, min: usize, max: usize) -> Result<usize, ConfigError> {
+    let allowed = format!(
+        "a power of two from {} to {}, in bytes or with `k` or `m` (e.g. `256k`)",
+        format_bytes(min),
+        format_bytes(max)
+    );
+    let t = text(node, &allowed)?.trim();
+    let lower = t.to_ascii_lowercase();
+    let (digits, unit) = match lower.strip_suffix('k') {
+        Some(d) => (d, 1usize << 10),
+        None => match lower.strip_suffix('m') {
+            Some(d) => (d, 1 << 20),
+            None => (lower.as_str(), 1),
+        },
+    };
+    let n = (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse::<usize>().ok())
+        .flatten()
+        .and_then(|n| n.checked_mul(unit));
+    match n {
+        Some(n) if (min..=max).contains(&n) && n.is_power_of_two() => Ok(n),
+        _ => Err(ConfigError::new(&node.pos, quoted(t), allowed)),
+    }
+}
+
+/// `256k`, `1m`, or bytes: as [`pipe_bytes`] reads them.
+pub fn format_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{}m", n >> 20)
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
+        format!("{}k", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
 /// Digits as a number (saturating, so that long ones are out of range).
 fn port_number(part: &str) -> Option<u64> {
     if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {

@@ -40,7 +40,7 @@ pub use interfaces::{Interface, NoSuchInterface};
 pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
 pub use sweeper::SnatUse;
-pub use sysctl::RESERVED_PORTS;
+pub use sysctl::{PortSet, RESERVED_PORTS};
 
 use crate::reload::Plan;
 use crate::rules::{Compiled, FlowObserver, Listener};

@@ -952,6 +952,7 @@ mod tests {
             proxy: Default::default(),
             health: None,
             acl: None,
+            max_connections: None,
         };
         let connect = |t: &RuleTimeouts| -> Vec<Option<u64>> {
             t.0.iter().map(|t| t.map(|t| t.connect.as_secs())).collect()

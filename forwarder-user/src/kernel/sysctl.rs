@@ -62,6 +62,14 @@ impl PortSet {
         self.0.is_empty()
     }
 
+    /// How many ports the set holds.
+    pub fn len(&self) -> usize {
+        self.0
+            .iter()
+            .map(|&(lo, hi)| usize::from(hi) - usize::from(lo) + 1)
+            .sum()
+    }
+
     pub fn union(&self, other: &PortSet) -> PortSet {
         let mut all: Vec<(u16, u16)> = self.0.iter().chain(&other.0).copied().collect();
         all.sort_unstable();
@@ -271,6 +279,14 @@ mod tests {
         for bad in ["x", "1-", "9-1", "70000", "1-2-3"] {
             assert!(PortSet::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn len_counts_every_port_once() {
+        assert_eq!(set("").len(), 0);
+        assert_eq!(set("7").len(), 1);
+        assert_eq!(set("1000-1009,2000,0-0").len(), 12);
+        assert_eq!(set("1-65535").len(), 65535);
     }
 
     #[test]

@@ -411,6 +411,7 @@ mod tests {
             proxy: Default::default(),
             health: None,
             acl: None,
+            max_connections: None,
         };
         assert_eq!(
             shortest(&compiled).udp_unanswered,

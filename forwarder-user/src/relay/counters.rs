@@ -24,6 +24,12 @@ pub struct RuleCounters {
     /// UDP datagrams of new clients dropped because the session table was
     /// full or the relay was draining.
     pub sessions_refused: AtomicU64,
+    /// TCP connections reset at accept because the rule had
+    /// `max_connections` open.
+    pub connections_refused: AtomicU64,
+    /// TCP connections reset because no byte went either way within
+    /// `relay.first_byte_timeout` of their accept.
+    pub first_byte_timeouts: AtomicU64,
     /// TCP connections of trusted upstreams (`accept_proxy_protocol`)
     /// closed for want of a valid PROXY header in time.
     pub proxy_headers_refused: AtomicU64,
@@ -56,6 +62,8 @@ impl RuleCounters {
             datagrams_to_backend: self.datagrams_to_backend.load(Relaxed),
             datagrams_to_client: self.datagrams_to_client.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
+            connections_refused: self.connections_refused.load(Relaxed),
+            first_byte_timeouts: self.first_byte_timeouts.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
             proxy_headers_refused: self.proxy_headers_refused.load(Relaxed),
             no_backend: self.no_backend.load(Relaxed),
@@ -74,6 +82,8 @@ impl RuleCounters {
             datagrams_to_backend: v.datagrams_to_backend.into(),
             datagrams_to_client: v.datagrams_to_client.into(),
             connect_failures: v.connect_failures.into(),
+            connections_refused: v.connections_refused.into(),
+            first_byte_timeouts: v.first_byte_timeouts.into(),
             sessions_refused: v.sessions_refused.into(),
             proxy_headers_refused: v.proxy_headers_refused.into(),
             no_backend: v.no_backend.into(),
@@ -96,6 +106,8 @@ impl RuleCounters {
             datagrams_to_client: self.datagrams_to_client.load(Relaxed),
             connect_failures: self.connect_failures.load(Relaxed),
             sessions_refused: self.sessions_refused.load(Relaxed),
+            connections_refused: self.connections_refused.load(Relaxed),
+            first_byte_timeouts: self.first_byte_timeouts.load(Relaxed),
             proxy_headers_refused: self.proxy_headers_refused.load(Relaxed),
             no_backend: self.no_backend.load(Relaxed),
             client_ip_refused: self.client_ip_refused.load(Relaxed),
@@ -123,8 +135,15 @@ pub struct RelayRuleCounters {
     /// TCP connects to a backend that failed (refused, unreachable, timed out).
     pub connect_failures: u64,
     /// Datagrams of new UDP clients dropped because the session table was
-    /// full or the relay was draining (each such datagram asks for a session).
+    /// full, the relay's session limit (from the free ephemeral ports) was
+    /// reached, or the relay was draining (each such datagram asks for a
+    /// session).
     pub sessions_refused: u64,
+    /// TCP connections reset at accept: the rule had `max_connections` open.
+    pub connections_refused: u64,
+    /// TCP connections reset because no byte went either way within
+    /// `relay.first_byte_timeout`.
+    pub first_byte_timeouts: u64,
     /// Connections of trusted upstreams closed because they did not start
     /// with a valid PROXY header in time.
     pub proxy_headers_refused: u64,

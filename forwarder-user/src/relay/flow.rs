@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 use super::backend::{Alarm, BackendPicker};
 use super::counters::RuleCounters;
 use super::gate::FlowAddrs;
+use super::limits::{LOG_INTERVAL, LogEvery};
 use super::sys::canonical;
 use crate::acl::RuleAcl;
 use crate::health::RuleHealth;
@@ -32,6 +33,10 @@ pub struct RuleCtx {
     /// Said once that such a flow was refused.
     client_ip_said: Alarm,
     pub acl: Option<RuleAcl>,
+    /// Open TCP connections the listener holds at most.
+    pub max_connections: usize,
+    /// Says now and then that connections are refused at `max_connections`.
+    pub over_limit_log: LogEvery,
     /// Shared with the rule's successors after a reload changes it.
     pub counters: Arc<RuleCounters>,
     pub observer: Arc<dyn FlowObserver>,
@@ -54,6 +59,8 @@ impl RuleCtx {
             preserve_client_ip: listener.preserve_client_ip,
             client_ip_said: Alarm::default(),
             acl: listener.acl.clone(),
+            max_connections: listener.connection_limit() as usize,
+            over_limit_log: LogEvery::new(LOG_INTERVAL),
             counters: Arc::default(),
             observer,
         }

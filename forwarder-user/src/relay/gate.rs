@@ -34,6 +34,8 @@ pub struct CounterValues {
     pub datagrams_to_backend: u64,
     pub datagrams_to_client: u64,
     pub connect_failures: u64,
+    pub connections_refused: u64,
+    pub first_byte_timeouts: u64,
     pub sessions_refused: u64,
     pub proxy_headers_refused: u64,
     pub no_backend: u64,

@@ -224,6 +224,7 @@ mod tests {
             proxy: Default::default(),
             listen_picked: false,
             health: None,
+            max_connections: None,
         };
         let settings = RelaySettings::default();
         let old = Relay::start(

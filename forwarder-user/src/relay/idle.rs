@@ -2,7 +2,7 @@
 //! (either direction) into an atomic; a timer compares it with the timeout.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 /// Milliseconds since the first use in this process: small, monotonic, atomic-friendly.
@@ -31,21 +31,32 @@ impl Millis {
 /// When a flow last carried traffic.
 pub struct IdleClock {
     last: AtomicU64,
+    /// Some traffic was seen since the clock started.
+    carried: AtomicBool,
 }
 
 impl IdleClock {
     pub fn new(now: Millis) -> IdleClock {
         IdleClock {
             last: AtomicU64::new(now.0),
+            carried: AtomicBool::new(false),
         }
     }
 
     /// Traffic seen at `now`. Stores only when the millisecond changed, so a
     /// busy flow does not write the shared line on every call.
     pub fn touch(&self, now: Millis) {
+        if !self.carried.load(Relaxed) {
+            self.carried.store(true, Relaxed);
+        }
         if self.last.load(Relaxed) < now.0 {
             self.last.store(now.0, Relaxed);
         }
+    }
+
+    /// Whether any traffic was seen since the clock started.
+    pub fn carried(&self) -> bool {
+        self.carried.load(Relaxed)
     }
 
     pub fn last(&self) -> Millis {
@@ -100,7 +111,9 @@ mod tests {
     #[test]
     fn touch_never_moves_back() {
         let clock = IdleClock::new(Millis(1000));
+        assert!(!clock.carried());
         clock.touch(Millis(900));
+        assert!(clock.carried(), "traffic in the first millisecond counts");
         assert_eq!(clock.last(), Millis(1000));
         clock.touch(Millis(1001));
         assert_eq!(clock.last(), Millis(1001));

@@ -12,8 +12,9 @@
 //! info), with the listener's port.
 //!
 //! Each UDP session holds an ephemeral port of its own towards its backend,
-//! so sessions per backend are bounded by `net.ipv4.ip_local_port_range`
-//! too; a session whose socket cannot be made is counted as an error.
+//! so the relay's sessions over all rules are bounded by a share of the
+//! free ephemeral ports ([`limits`]), read at start and at every reload; a
+//! session whose socket cannot be made is counted as an error.
 
 mod backend;
 mod batch;
@@ -23,6 +24,7 @@ mod flow;
 pub mod gate;
 mod handover;
 mod idle;
+mod limits;
 pub mod proxy_protocol;
 mod sessions;
 mod socket;
@@ -42,6 +44,7 @@ use tracing::{debug, info, warn};
 
 pub use counters::RelayRuleCounters;
 pub use gate::RelayRecord;
+pub use limits::{EphemeralPorts, UdpSessionsStatus};
 
 use crate::health::HealthBook;
 use crate::reload::{ListenKey, Plan};
@@ -50,6 +53,7 @@ use backend::BackendPicker;
 use counters::RuleCounters;
 use flow::RuleCtx;
 use gate::{CounterValues, Gate};
+use limits::UdpBudget;
 
 /// Where a listener is in its life; it watches this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +120,7 @@ pub struct Relay {
     settings: RelaySettings,
     observer: Arc<dyn FlowObserver>,
     health: Arc<HealthBook>,
+    udp_budget: Arc<UdpBudget>,
     /// Closed while an upgrade hands everything over.
     gate: Gate,
 }
@@ -205,12 +210,20 @@ impl Relay {
             };
             bound.push((l.clone(), socket, adopted));
         }
+        let (udp_budget, unread) = UdpBudget::of_host();
+        if let Some(e) = unread {
+            warn!(
+                "cannot read the ephemeral port sysctls ({e}); udp sessions are bounded as for Linux's defaults"
+            );
+        }
+        log_udp_limit(&udp_budget.ports());
         inherited.close_unclaimed();
         let relay = Relay {
             listeners: Mutex::default(),
             settings,
             observer,
             health: Arc::default(),
+            udp_budget,
             gate: Gate::default(),
         };
         relay.serve(bound);
@@ -241,6 +254,7 @@ impl Relay {
                     s,
                     rule_rx,
                     phase.clone(),
+                    self.settings,
                     gate,
                     l.bind,
                     adopted.tcp,
@@ -248,7 +262,10 @@ impl Relay {
                 Bound::Udp(s) => tokio::spawn(udp::serve(
                     s,
                     rule_rx,
-                    self.settings.max_udp_sessions,
+                    udp::SessionBounds {
+                        max_sessions: self.settings.max_udp_sessions,
+                        budget: self.udp_budget.clone(),
+                    },
                     phase.clone(),
                     gate,
                     l.bind,
@@ -392,6 +409,26 @@ impl Relay {
             .sort_by_key(|s| s.rule.borrow().rule_id);
     }
 
+    /// Reads the ephemeral port sysctls again (a reload): the session limit
+    /// follows them. Sessions over a lowered limit go on.
+    pub fn refresh_udp_limit(&self) {
+        match EphemeralPorts::of_host() {
+            Ok(ports) if ports != self.udp_budget.ports() => {
+                log_udp_limit(&ports);
+                self.udp_budget.set_ports(ports);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!("cannot read the ephemeral port sysctls ({e}); the udp session limit stays")
+            }
+        }
+    }
+
+    /// The relay's UDP sessions against their limit.
+    pub fn udp_sessions(&self) -> UdpSessionsStatus {
+        self.udp_budget.status()
+    }
+
     /// Quiesces the relay for an upgrade: no listener accepts or reads,
     /// no flow holds a byte in userspace, every descriptor is described
     /// in the record. Until [`Relay::thaw`] everything stays parked.
@@ -500,6 +537,21 @@ impl Relay {
         }
         info!("relay stopped");
     }
+}
+
+fn log_udp_limit(p: &EphemeralPorts) {
+    if p.session_limit == 0 {
+        warn!(
+            "relay: no udp session is possible: ephemeral ports {}-{} have {} not reserved \
+             (net.ipv4.ip_local_port_range, ip_local_reserved_ports with kernel.snat_ports)",
+            p.range.0, p.range.1, p.free
+        );
+        return;
+    }
+    info!(
+        "relay: at most {} udp sessions: ephemeral ports {}-{} have {} not reserved, {} of them kept for the host",
+        p.session_limit, p.range.0, p.range.1, p.free, p.kept_for_host
+    );
 }
 
 fn log_listener(l: &Listener, local: SocketAddr) {

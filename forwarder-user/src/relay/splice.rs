@@ -13,10 +13,6 @@ use super::gate::Gate;
 use super::idle::{IdleClock, Millis};
 use super::sys;
 
-/// What the pipe is asked to hold; the kernel may grant less (an
-/// unprivileged user over `fs.pipe-user-pages-soft` keeps the default).
-const PIPE_SIZE: usize = 1 << 20;
-
 /// Below this (an unprivileged user far over `fs.pipe-user-pages-soft` gets
 /// pipes of two pages), splice would move a few KiB per call: the buffered
 /// copy does better then.
@@ -29,9 +25,12 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    pub fn new() -> io::Result<Pipe> {
+    /// A pipe of `size` bytes (`relay.pipe_size`); the kernel may grant
+    /// less (an unprivileged user over `fs.pipe-user-pages-soft` keeps the
+    /// default).
+    pub fn new(size: usize) -> io::Result<Pipe> {
         let (read, write) = sys::pipe()?;
-        let size = match sys::set_pipe_size(&write, PIPE_SIZE) {
+        let size = match sys::set_pipe_size(&write, size) {
             Ok(size) => size,
             Err(_) => sys::pipe_size(&write)?,
         };
@@ -84,6 +83,8 @@ pub async fn splice_one_way(
     let (pipe_in, pipe_out) = (pipe.write.as_raw_fd(), pipe.read.as_raw_fd());
     let mut left = sys::pipe_bytes(pipe_out)?;
     loop {
+        // Only bytes moved count as traffic (the first-byte timeout reads it).
+        let draining = left > 0;
         while left > 0 {
             match dst.try_io(Interest::WRITABLE, || sys::splice(pipe_out, dst_fd, left)) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -103,7 +104,9 @@ pub async fn splice_one_way(
                 Err(e) => return Err(e),
             }
         }
-        clock.touch(Millis::now());
+        if draining {
+            clock.touch(Millis::now());
+        }
         tokio::select! {
             ready = src.readable() => ready?,
             () = gate.closing() => {

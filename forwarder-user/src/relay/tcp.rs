@@ -1,5 +1,8 @@
 //! TCP: accept, connect to a backend, copy both ways (splice, or buffered
-//! where splice is refused), half-close, idle timeout.
+//! where splice is refused), half-close, idle timeout. Bounded: at most
+//! `max_connections` open per rule (more are reset at accept), a reset for
+//! a connection that carries no byte within `relay.first_byte_timeout`,
+//! and pipes of `relay.pipe_size`.
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -32,7 +35,7 @@ use super::splice::{Pipe, SpliceEnd, splice_one_way};
 use super::sys::canonical;
 use crate::acl::AclAction;
 use crate::health::Source;
-use crate::rules::ProxyProtocol;
+use crate::rules::{ProxyProtocol, RelaySettings};
 
 /// Serves one listener until the relay closes it, or it drains (or
 /// retires) and has no flow left. Each new flow takes the rule current at
@@ -41,6 +44,7 @@ pub async fn serve(
     listener: TcpListener,
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     phase: Arc<watch::Sender<Phase>>,
+    settings: RelaySettings,
     gate: Gate,
     bind: SocketAddr,
     inherited: Vec<ResumedPair>,
@@ -63,19 +67,22 @@ pub async fn serve(
                     accept_failing.clear();
                     // The rule of now: a reload may have changed it while we waited.
                     let rule = rules.borrow_and_update().clone();
-                    flows.spawn(flow(stream, peer, rule, gate.clone(), bind, gate.ticket()));
+                    // Flows that ended meanwhile make room first.
+                    while let Some(joined) = flows.try_join_next() {
+                        flow_joined(&rule, joined);
+                    }
+                    if flows.len() >= rule.max_connections {
+                        over_limit(&rule, stream, flows.len());
+                    } else {
+                        let ticket = gate.ticket();
+                        flows.spawn(flow(stream, peer, rule, settings, gate.clone(), bind, ticket));
+                    }
                 }
                 Err(e) => accept_error(&rule, &accept_failing, e).await,
             },
             // Accepts nothing while an upgrade hands the socket over.
             () = gate.closing() => gate.park().await,
-            Some(joined) = flows.join_next(), if !flows.is_empty() => {
-                if let Err(e) = joined
-                    && e.is_panic()
-                {
-                    error!(alias = %rule.alias, "tcp flow panicked: {e}");
-                }
-            },
+            Some(joined) = flows.join_next(), if !flows.is_empty() => flow_joined(&rule, joined),
             Ok(()) = rules.changed() => {}
             next = next_phase(&mut phase) => match next {
                 Phase::Serving => {}
@@ -93,6 +100,29 @@ pub async fn serve(
     }
     // Closing: whatever still runs is cut off (sockets closed as tasks drop).
     flows.shutdown().await;
+}
+
+fn flow_joined(rule: &RuleCtx, joined: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined
+        && e.is_panic()
+    {
+        error!(alias = %rule.alias, "tcp flow panicked: {e}");
+    }
+}
+
+/// The rule has `max_connections` open: this one is reset at once (the
+/// kernel completed its handshake already), counted, and said at most
+/// once per [`LOG_INTERVAL`](super::limits::LOG_INTERVAL).
+fn over_limit(rule: &RuleCtx, client: TcpStream, open: usize) {
+    RuleCounters::add(&rule.counters.connections_refused, 1);
+    if let Some(held) = rule.over_limit_log.hit(Millis::now()) {
+        warn!(
+            alias = %rule.alias,
+            "{open} tcp connections open, the rule's max_connections: new connections are reset \
+             until some close (counted in connections_refused; {held} reset since the last such line)"
+        );
+    }
+    let _ = client.set_zero_linger();
 }
 
 /// The listener's socket and counters, for an upgrade's record.
@@ -145,10 +175,14 @@ async fn flow(
     mut client: TcpStream,
     peer: SocketAddr,
     rule: Arc<RuleCtx>,
+    settings: RelaySettings,
     gate: Gate,
     bind: SocketAddr,
     connecting: Ticket,
 ) {
+    // From the accept: connecting to the backend counts against the
+    // first-byte timeout too.
+    let accepted = Millis::now();
     // A trusted upstream's client is checked once its PROXY header names it.
     let trusted = rule.trusts_proxy_header_from(canonical(peer));
     if !trusted && !rule.admits(peer) {
@@ -170,12 +204,15 @@ async fn flow(
     }
     // Bytes that came with a trusted upstream's header: the stream's start.
     let mut early = Vec::new();
+    // A header is a first byte.
+    let mut header_at = None;
     if rule.trusts_proxy_header_from(guard.client) {
         match read_proxy_header(&mut client).await {
             Ok((received, rest)) => {
                 if rule.proxy_headers_failing.clear() {
                     info!(alias = %rule.alias, upstream = %guard.client, "trusted upstreams send valid PROXY headers again");
                 }
+                header_at = Some(Millis::now());
                 if let Some((source, destination)) = received.addresses {
                     guard.proxied(source, destination);
                 }
@@ -246,14 +283,19 @@ async fn flow(
         }
         RuleCounters::add(&rule.counters.bytes_to_backend, early.len() as u64);
     }
-    let pipes = Pipes::new(CopyMode::Splice);
+    let pipes = Pipes::new(CopyMode::Splice, settings.pipe_size);
     let shared = Arc::new(PairShared::new(
         bind,
         &client,
         &backend,
         &pipes,
         guard.addrs(),
+        accepted,
+        settings.first_byte_timeout,
     ));
+    if let Some(at) = header_at {
+        shared.clock.touch(at);
+    }
     let _registered = gate.register(shared.describe());
     let ended = carry(&client, &backend, &rule, &pipes, &shared, &gate, connecting).await;
     finish(ended, &rule, &guard, &client, &backend);
@@ -307,6 +349,15 @@ fn finish(
             alias = %rule.alias, client = %guard.client,
             "tcp idle past tcp_established (tcp_half_closed once one end closed), closed"
         ),
+        Ended::Silent => {
+            RuleCounters::add(&rule.counters.first_byte_timeouts, 1);
+            debug!(
+                alias = %rule.alias, client = %guard.client,
+                "no byte either way within relay.first_byte_timeout of the accept; resetting both ends"
+            );
+            let _ = client.set_zero_linger();
+            let _ = backend.set_zero_linger();
+        }
         Ended::Failed(e) => {
             // An end that resets is the endpoints' business (iperf3 does it
             // on every test); anything else is the relay's error.
@@ -331,10 +382,10 @@ pub struct Pipes {
 }
 
 impl Pipes {
-    pub fn new(mode: CopyMode) -> Pipes {
+    pub fn new(mode: CopyMode, size: usize) -> Pipes {
         let one = || match mode {
             CopyMode::Buffered => None,
-            CopyMode::Splice => Pipe::new()
+            CopyMode::Splice => Pipe::new(size)
                 .inspect_err(|e| debug!("no pipe for splice ({e}); copying through a buffer"))
                 .ok(),
         };
@@ -352,6 +403,8 @@ pub struct PairShared {
     up_done: AtomicBool,
     down_done: AtomicBool,
     clock: IdleClock,
+    /// No byte either way this long from the clock's start ends the pair.
+    first_byte: Option<Duration>,
 }
 
 impl PairShared {
@@ -361,12 +414,14 @@ impl PairShared {
         backend: &TcpStream,
         pipes: &Pipes,
         addrs: FlowAddrs,
+        accepted: Millis,
+        first_byte: Duration,
     ) -> PairShared {
         let fds = |p: &Option<Pipe>| {
             p.as_ref()
                 .map(|p| (p.read.as_raw_fd(), p.write.as_raw_fd()))
         };
-        PairShared::resumed(
+        let shared = PairShared::resumed(
             bind,
             &TcpPairRecord {
                 bind,
@@ -377,9 +432,14 @@ impl PairShared {
                 up_done: false,
                 down_done: false,
                 addrs,
-                idle_ms: 0,
+                // Its clock starts at the accept.
+                idle_ms: Millis::now().0.saturating_sub(accepted.0),
             },
-        )
+        );
+        PairShared {
+            first_byte: Some(first_byte),
+            ..shared
+        }
     }
 
     fn resumed(bind: SocketAddr, record: &TcpPairRecord) -> PairShared {
@@ -392,6 +452,8 @@ impl PairShared {
             up_done: AtomicBool::new(record.up_done),
             down_done: AtomicBool::new(record.down_done),
             clock: IdleClock::new(Millis(now.saturating_sub(record.idle_ms))),
+            // A handed-over pair carried bytes before the upgrade.
+            first_byte: None,
         }
     }
 
@@ -522,6 +584,16 @@ pub enum CopyMode {
     Buffered,
 }
 
+/// How a test's flow is copied and how long it may stay silent.
+#[cfg(test)]
+pub struct CopySpec {
+    pub mode: CopyMode,
+    /// Bytes of each direction's splice pipe.
+    pub pipe_size: usize,
+    /// No byte either way this long from the clock's start ends the flow.
+    pub first_byte: Duration,
+}
+
 #[derive(Debug)]
 pub enum Ended {
     /// Both directions saw FIN and delivered everything.
@@ -529,25 +601,31 @@ pub enum Ended {
     /// No byte either way for the idle timeout: `tcp_established`, or
     /// `tcp_half_closed` once one end has closed.
     Idle,
+    /// No byte either way within the first-byte timeout.
+    Silent,
     Failed(io::Error),
 }
 
-/// Copies both ways until both ends closed, one failed or the flow idled out.
+/// Copies both ways until both ends closed, one failed, nothing passed
+/// within the first-byte timeout, or the flow idled out.
 #[cfg(test)]
 pub async fn relay_streams(
     client: &TcpStream,
     backend: &TcpStream,
     rule: &RuleCtx,
-    mode: CopyMode,
+    copy: &CopySpec,
 ) -> Ended {
     let gate = Gate::default();
     let entered = gate.ticket();
-    let shared = PairShared::fresh();
+    let shared = PairShared {
+        first_byte: Some(copy.first_byte),
+        ..PairShared::fresh()
+    };
     carry(
         client,
         backend,
         rule,
-        &Pipes::new(mode),
+        &Pipes::new(copy.mode, copy.pipe_size),
         &shared,
         &gate,
         entered,
@@ -555,8 +633,8 @@ pub async fn relay_streams(
     .await
 }
 
-/// Copies both ways until both ends closed, one failed or the flow idled
-/// out. `entered` (the flow's ticket until now) is given up once both
+/// Copies both ways until both ends closed, one failed, nothing passed
+/// within `first_byte` of the clock's start, or the flow idled out. `entered` (the flow's ticket until now) is given up once both
 /// directions hold theirs.
 async fn carry(
     client: &TcpStream,
@@ -567,6 +645,7 @@ async fn carry(
     gate: &Gate,
     entered: Ticket,
 ) -> Ended {
+    let first_byte = shared.first_byte;
     let clock = &shared.clock;
     let counters = &rule.counters;
     let (mut up_done, mut down_done) =
@@ -594,11 +673,14 @@ async fn carry(
     );
     tokio::pin!(up, down);
     loop {
+        let silent = !clock.carried();
         let idle = if up_done || down_done {
             rule.timeouts.tcp_half_closed
         } else {
             rule.timeouts.tcp_established
         };
+        // The first-byte timeout only ever shortens a silent flow's life.
+        let first_byte_ends = silent && first_byte.is_some_and(|limit| limit <= idle);
         tokio::select! {
             r = &mut up, if !up_done => match r {
                 Ok(()) => {
@@ -614,13 +696,21 @@ async fn carry(
                 }
                 Err(e) => return Ended::Failed(e),
             },
-            _ = clock.expired(idle) => {
+            _ = clock.expired(match first_byte {
+                Some(limit) if first_byte_ends => limit,
+                _ => idle,
+            }) => {
                 // Parked for an upgrade: the descriptors are in its record.
                 if gate.is_closed() {
                     gate.opened().await;
                     continue;
                 }
-                return Ended::Idle;
+                match (first_byte_ends, clock.carried()) {
+                    // Bytes came meanwhile: the idle timeouts apply from now on.
+                    (true, true) => continue,
+                    (true, false) => return Ended::Silent,
+                    (false, _) => return Ended::Idle,
+                }
             }
         }
         if up_done && down_done {
@@ -689,12 +779,21 @@ mod tests {
             path: PathMode::Relay,
             preserve_client_ip: false,
             acl: None,
+            max_connections: None,
             proxy: Default::default(),
             listen_picked: false,
             health: None,
         };
         let health = crate::health::HealthBook::default().rule(&listener);
         RuleCtx::new(&listener, Arc::new(NoKernelPath), health)
+    }
+
+    fn spec(mode: CopyMode) -> CopySpec {
+        CopySpec {
+            mode,
+            pipe_size: RelaySettings::default().pipe_size,
+            first_byte: Duration::from_secs(3600),
+        }
     }
 
     /// A connected pair of loopback sockets: (the end we hold, the end the relay holds).
@@ -711,7 +810,8 @@ mod tests {
         let rule = rule(Duration::from_secs(30));
         let (mut client, c) = pair().await;
         let (b, mut backend) = pair().await;
-        let relay = relay_streams(&c, &b, &rule, mode);
+        let copy = spec(mode);
+        let relay = relay_streams(&c, &b, &rule, &copy);
         let ends = async {
             let request: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
             client.write_all(&request).await.unwrap();
@@ -746,7 +846,7 @@ mod tests {
         let rule = rule(Duration::from_millis(100));
         let (_client, c) = pair().await;
         let (b, _backend) = pair().await;
-        let ended = relay_streams(&c, &b, &rule, CopyMode::Splice).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Splice)).await;
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
     }
 
@@ -764,7 +864,7 @@ mod tests {
         let (b, _backend) = pair().await;
         client.shutdown().await.unwrap();
         let started = std::time::Instant::now();
-        let ended = relay_streams(&c, &b, &rule, CopyMode::Splice).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Splice)).await;
         let took = started.elapsed();
         assert!(matches!(ended, Ended::Idle), "{ended:?}");
         // The idle clock counts whole milliseconds: it may end the flow up
@@ -776,6 +876,57 @@ mod tests {
         );
     }
 
+    /// Bounded both ways: not before the first-byte timeout, not long after.
+    #[tokio::test]
+    async fn a_flow_without_a_byte_ends_at_the_first_byte_timeout() {
+        let rule = rule(Duration::from_secs(30));
+        let (_client, c) = pair().await;
+        let (b, _backend) = pair().await;
+        let first_byte = Duration::from_millis(200);
+        let copy = CopySpec {
+            first_byte,
+            ..spec(CopyMode::Splice)
+        };
+        let started = std::time::Instant::now();
+        let ended = relay_streams(&c, &b, &rule, &copy).await;
+        let took = started.elapsed();
+        assert!(matches!(ended, Ended::Silent), "{ended:?}");
+        assert!(
+            took + Duration::from_millis(2) >= first_byte
+                && took <= first_byte * 3 + Duration::from_millis(500),
+            "ended after {took:?}"
+        );
+    }
+
+    /// One byte, and the flow lives by `tcp_established`, not the
+    /// first-byte timeout.
+    #[tokio::test]
+    async fn a_flow_that_carried_a_byte_outlives_the_first_byte_timeout() {
+        let established = Duration::from_millis(900);
+        let rule = rule(established);
+        let (mut client, c) = pair().await;
+        let (b, mut backend) = pair().await;
+        let copy = CopySpec {
+            first_byte: Duration::from_millis(100),
+            ..spec(CopyMode::Splice)
+        };
+        let started = std::time::Instant::now();
+        let relay = relay_streams(&c, &b, &rule, &copy);
+        let ends = async {
+            client.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            backend.read_exact(&mut one).await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(relay, ends);
+        let took = started.elapsed();
+        assert!(matches!(ended, Ended::Idle), "{ended:?}");
+        // Whole milliseconds: the idle clock may end it up to one early.
+        assert!(
+            took + Duration::from_millis(2) >= established,
+            "ended after {took:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_reset_fails_the_flow() {
         let rule = rule(Duration::from_secs(30));
@@ -783,7 +934,7 @@ mod tests {
         let (b, _backend) = pair().await;
         client.set_zero_linger().unwrap();
         drop(client);
-        let ended = relay_streams(&c, &b, &rule, CopyMode::Buffered).await;
+        let ended = relay_streams(&c, &b, &rule, &spec(CopyMode::Buffered)).await;
         assert!(matches!(ended, Ended::Failed(_)), "{ended:?}");
     }
 }

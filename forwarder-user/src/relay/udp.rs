@@ -23,6 +23,7 @@ use super::counters::RuleCounters;
 use super::flow::{FlowGuard, RuleCtx};
 use super::gate::{Described, Gate, ListenerRecord, Registered, Ticket, UdpSessionRecord, idle_ms};
 use super::idle::{IdleClock, Millis, sweep_interval};
+use super::limits::{SessionPort, UdpBudget};
 use super::proxy_protocol::{self, Transport, Version};
 use super::sessions::SessionTable;
 use super::socket::connect_udp;
@@ -64,6 +65,9 @@ struct Session {
     answered: AtomicBool,
     /// The backend's index in the rule, for its health.
     backend: usize,
+    /// The session's share of the relay's ephemeral ports; after `upstream`
+    /// so that it is given back once the port is.
+    _port: SessionPort,
 }
 
 struct Entry {
@@ -91,6 +95,7 @@ struct UdpListener {
     tasks: JoinSet<SessionKey>,
     accepting: bool,
     table_full: Alarm,
+    budget: Arc<UdpBudget>,
 }
 
 enum Event {
@@ -105,10 +110,17 @@ enum Event {
 /// Serves one listener until the relay closes it, or it drains (or
 /// retires) and has no session left. New sessions take the rule current at
 /// their first datagram; a session keeps its backend.
+/// How many sessions one listener may hold, and the relay-wide budget of
+/// ephemeral ports they all draw on.
+pub struct SessionBounds {
+    pub max_sessions: usize,
+    pub budget: Arc<UdpBudget>,
+}
+
 pub async fn serve(
     socket: UdpSocket,
     mut rules: watch::Receiver<Arc<RuleCtx>>,
-    max_sessions: usize,
+    bounds: SessionBounds,
     phase_control: Arc<watch::Sender<Phase>>,
     gate: Gate,
     bind: SocketAddr,
@@ -139,10 +151,11 @@ pub async fn serve(
         bind,
         gate,
         rule,
-        table: SessionTable::new(max_sessions),
+        table: SessionTable::new(bounds.max_sessions),
         tasks: JoinSet::new(),
         accepting: *phase.borrow_and_update() == Phase::Serving,
         table_full: Alarm::default(),
+        budget: bounds.budget,
     };
     for session in inherited {
         l.resume(session);
@@ -284,6 +297,21 @@ impl UdpListener {
             }
             return None;
         }
+        let Some(port) = self.budget.take() else {
+            RuleCounters::add(&rule.counters.sessions_refused, 1);
+            if let Some(held) = self.budget.refused() {
+                let p = self.budget.ports();
+                warn!(
+                    alias = %rule.alias,
+                    "the relay holds {} udp sessions, its share of the {} free ephemeral ports \
+                     ({} are kept for the host's own sockets): new clients are refused until \
+                     sessions end (counted in sessions_refused; {held} refused since the last \
+                     such line)",
+                    p.session_limit, p.free, p.kept_for_host
+                );
+            }
+            return None;
+        };
         if rule.refuses_client_ip() {
             return None;
         }
@@ -324,6 +352,7 @@ impl UdpListener {
             header,
             answered: AtomicBool::new(false),
             backend: index,
+            _port: port,
         });
         debug!(alias = %rule.alias, client = %guard.client, %backend, "udp session opened");
         self.start_session(key, session.clone(), guard);
@@ -383,6 +412,7 @@ impl UdpListener {
             header: r.header,
             answered: AtomicBool::new(r.answered),
             backend: r.backend,
+            _port: self.budget.claim(),
         });
         self.start_session(key, session, guard);
     }

@@ -113,6 +113,7 @@ fn sample(name: &str) -> Option<Sample> {
         "accept_proxy_protocol" => s(Honoured, "10.0.0.0/8", Some("[]"), |l| {
             l.proxy.accept_from.len() == 1
         }),
+        "max_connections" => s(Honoured, "77", None, |l| l.max_connections == Some(77)),
         // Godoxy's header is `proxy_protocol: v2`.
         "relay_proxy_protocol_header" => s(Honoured, "true", Some("false"), |l| {
             l.proxy.send == ProxyProtocol::V2

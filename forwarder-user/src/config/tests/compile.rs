@@ -40,6 +40,7 @@ fn route(
         proxy_protocol: ProxyProtocol::Off,
         proxy_protocol_on_udp: true,
         accept_proxy_protocol: Vec::new(),
+        max_connections: None,
     }
 }
 

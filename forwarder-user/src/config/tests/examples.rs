@@ -85,7 +85,10 @@ fn the_shipped_example_compiles_to_its_table() {
     assert!(t.contains(&format!("{} (picked)", echo.bind)), "{t}");
     assert!(t.contains("turn-udp"), "{t}");
     assert!(
-        t.contains("relay (proxy_protocol), PROXY v2 to backend, PROXY read from 127.0.0.2/32"),
+        t.contains(
+            "relay (proxy_protocol), at most 500 connections, PROXY v2 to backend, PROXY read from \
+             127.0.0.2/32"
+        ),
         "{t}"
     );
 }
