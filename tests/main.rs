@@ -5,6 +5,7 @@ mod common;
 
 mod acl;
 mod broadcast;
+mod capabilities;
 mod checksums;
 mod config_cli;
 mod crash;

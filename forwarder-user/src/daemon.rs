@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use forwarder_common::RULE_F_RELAY;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
@@ -24,6 +24,7 @@ use crate::docker::{self, DiscoveryStatus, ReportLog};
 use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, RelayFlows, StartOptions};
 use crate::metrics;
 use crate::names;
+use crate::privileges;
 use crate::relay::Relay;
 use crate::reload::{self, ListenKey, Plan, Summary};
 use crate::rules::{Answer, Compiled, FlowObserver, NoKernelPath};
@@ -218,12 +219,21 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     let control_fd = control.raw_fd();
     let control_task = tokio::spawn(async move { control.serve(handlers).await });
     let names_task = tokio::spawn(follow_names(daemon.clone()));
-    info!(
-        rules,
-        kernel_path = daemon.kernel.is_some(),
-        control = %opts.control.display(),
-        "forwarder running"
-    );
+    // Set-up is done: every thread keeps only what reloads, the relay and
+    // the stop still use, and bounds what a start (an upgrade's exec)
+    // needs. A daemon that cannot drop stops.
+    let keep = privileges::needed_after_setup(daemon.kernel.is_some());
+    let dropped = privileges::drop_to(keep, privileges::needed_for_start());
+    match &dropped {
+        Ok(()) => info!(
+            rules,
+            kernel_path = daemon.kernel.is_some(),
+            control = %opts.control.display(),
+            capabilities = %privileges::names(keep).join(","),
+            "forwarder running"
+        ),
+        Err(e) => error!("cannot drop capabilities: {e:#}; stopping"),
+    }
     if let Some(record) = inherited {
         let took_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
         info!(
@@ -245,7 +255,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         }
     }
 
-    loop {
+    while dropped.is_ok() {
         let event = tokio::select! {
             signal = signals.next() => signal,
             Some(requester) = upgrade_rx.recv() => Signal::UpgradeAsked(requester),
@@ -294,6 +304,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         Arc::try_unwrap(daemon.relay).map_err(|_| anyhow!("the relay is still shared at stop"))?;
     relay.shutdown(drain).await;
     stop_kernel_path(daemon.kernel);
+    dropped.map_err(|e| anyhow!("cannot drop capabilities: {e:#}"))?;
     info!("stopped");
     Ok(())
 }

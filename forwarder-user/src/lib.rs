@@ -8,6 +8,7 @@ pub mod health;
 pub mod kernel;
 pub mod metrics;
 pub mod names;
+pub mod privileges;
 pub mod relay;
 pub mod reload;
 pub mod rules;
