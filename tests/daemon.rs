@@ -231,27 +231,33 @@ fn a_partly_invalid_file_is_refused_whole_by_check_and_run() {
     drop(held);
 }
 
-/// A free port on 127.0.0.1 for TCP and UDP both (for a moment), outside
-/// the default SNAT range, where rules may not listen.
-fn free_port_both_protocols() -> u16 {
+/// A TCP listener and a UDP socket on one port of 127.0.0.1, outside the
+/// default SNAT range, where rules may not listen.
+fn bound_on_both_protocols() -> (std::net::TcpListener, std::net::UdpSocket, u16) {
     loop {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = tcp.local_addr().unwrap().port();
-        if !(40000..=59999).contains(&port)
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-        {
-            return port;
+        if (40000..=59999).contains(&port) {
+            continue;
+        }
+        if let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            return (tcp, udp, port);
         }
     }
+}
+
+/// A free port on 127.0.0.1 for TCP and UDP both (for a moment), outside
+/// the default SNAT range.
+fn free_port_both_protocols() -> u16 {
+    bound_on_both_protocols().2
 }
 
 #[test]
 fn relay_only_daemon_forwards_a_turn_pair_and_stops_on_sigint() {
     use std::io::{Read, Write};
     // The backends: a TCP echo and a UDP echo on one port, like a TURN server.
-    let target = free_port_both_protocols();
-    let tcp_backend = std::net::TcpListener::bind(("127.0.0.1", target)).unwrap();
-    let udp_backend = std::net::UdpSocket::bind(("127.0.0.1", target)).unwrap();
+    // Held from the pick on: tests running beside this one bind ports too.
+    let (tcp_backend, udp_backend, target) = bound_on_both_protocols();
     std::thread::spawn(move || {
         for mut conn in tcp_backend.incoming().flatten() {
             std::thread::spawn(move || {
