@@ -15,6 +15,7 @@ pub mod host_nat;
 pub mod icmp;
 pub mod mss;
 pub mod reasons;
+pub mod snat;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -377,6 +378,7 @@ mod pod {
     unsafe impl aya::Pod for RelayFlow {}
     unsafe impl aya::Pod for AclKey {}
     unsafe impl aya::Pod for host_nat::HostPortKey {}
+    unsafe impl aya::Pod for snat::SnatPool {}
 }
 
 #[cfg(test)]

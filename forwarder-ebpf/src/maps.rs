@@ -15,6 +15,7 @@ use forwarder_common::{
     icmp::ERROR_LEN,
     mss::MAX_OPTIONS_LEN,
     reasons::REASON_SLOTS,
+    snat::SnatPool,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -50,6 +51,11 @@ pub static ACL: LpmTrie<AclKey, u32> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES
 /// The one [`Settings`] entry; written by userspace.
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// The SNAT address pool (`snat::SNAT_POOL_MAP`), one entry; written by
+/// userspace at start and reload.
+#[map]
+pub static SNAT_POOL: Array<SnatPool> = Array::with_max_entries(1, 0);
 
 /// Both directions of every kernel flow. Preallocated: the fast path never
 /// allocates, and a full table is a clean insert failure. Sized at load.

@@ -347,6 +347,14 @@ fn totals(doc: &Value) -> Vec<String> {
                 percent(used, ports)
             ));
         }
+        if let Some(addrs) = k["snat_addresses"].as_array().filter(|a| !a.is_empty()) {
+            let addrs: Vec<&str> = addrs.iter().filter_map(|a| a.as_str()).collect();
+            out.push(format!(
+                "SNAT addrs  {} ({}): ports count per address",
+                addrs.len(),
+                addrs.join(", ")
+            ));
+        }
         if let Some(moved) = k["host_flows_moved"].as_u64().filter(|n| *n > 0) {
             out.push(format!(
                 "host NAT    {} host flows moved off kernel flows' SNAT ports",

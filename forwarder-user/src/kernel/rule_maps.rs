@@ -13,7 +13,10 @@ use std::collections::{HashMap, HashSet};
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
-use forwarder_common::{AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleKey, RuleValue, Settings};
+use forwarder_common::{
+    AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleKey, RuleValue, Settings,
+    snat::{SNAT_POOL_MAP, SnatPool},
+};
 
 use super::counters::{CounterMaps, take_map};
 use super::tables::Tables;
@@ -27,6 +30,8 @@ pub struct RuleMaps {
     /// (rule, client network) to verdict; not pinned: a new daemon writes
     /// its own whole.
     acl: LpmTrie<MapData, AclKey, u32>,
+    /// `kernel.snat_addresses`; rewritten whole at start and reload.
+    pool: Array<MapData, SnatPool>,
 }
 
 impl RuleMaps {
@@ -37,6 +42,7 @@ impl RuleMaps {
             settings: Array::try_from(take_map(ebpf, "SETTINGS")?)?,
             flags: Array::try_from(take_map(ebpf, "RULE_FLAGS")?)?,
             acl: LpmTrie::try_from(take_map(ebpf, "ACL")?)?,
+            pool: Array::try_from(take_map(ebpf, SNAT_POOL_MAP)?)?,
         })
     }
 
@@ -53,6 +59,8 @@ impl RuleMaps {
         for key in &stale {
             self.rules.remove(key)?;
         }
+        // Before any backend flagged for it points new flows at it.
+        self.pool.set(0, tables.pool, 0)?;
         let by_id = ById::of(tables);
         for (_, value) in &tables.rules {
             self.write_entries(&by_id, value.rule_id)?;
@@ -163,10 +171,28 @@ impl RuleMaps {
         }
         // Routes may have changed for kept rules too: a changed value is
         // one map update either way.
+        // Kept rules whose backends changed in place (a route's address,
+        // the pool's flag) are rewritten too.
+        let old_backends: HashMap<u32, &Backend> =
+            running.backends.iter().map(|(i, b)| (*i, b)).collect();
+        let moved: HashSet<u32> = next
+            .backends
+            .iter()
+            .filter(|(i, b)| old_backends.get(i) != Some(&b))
+            .map(|(i, _)| i / MAX_BACKENDS_PER_RULE)
+            .collect();
         for (key, value) in &next.rules {
-            if fresh.contains(&value.rule_id) || self.rules.get(key, 0).ok() != Some(*value) {
-                if !fresh.contains(&value.rule_id) {
-                    self.write_entries(&by_id, value.rule_id)?;
+            let id = value.rule_id;
+            if fresh.contains(&id) {
+                self.rules.insert(key, value, 0)?;
+                continue;
+            }
+            if moved.contains(&id) {
+                self.write_entries(&by_id, id)?;
+            }
+            if moved.contains(&id) || self.rules.get(key, 0).ok() != Some(*value) {
+                if !moved.contains(&id) {
+                    self.write_entries(&by_id, id)?;
                 }
                 self.rules.insert(key, value, 0)?;
             }

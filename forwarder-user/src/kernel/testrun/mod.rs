@@ -17,6 +17,7 @@ mod packet;
 mod programs;
 mod refresh;
 mod rewrite;
+mod snat_pool;
 mod unanswered;
 mod xdp;
 
