@@ -39,6 +39,7 @@ mod relay_splice_fallback;
 mod relay_tcp;
 mod relay_udp;
 mod reload;
+mod scale_flows;
 mod status_view;
 mod udp_flood;
 mod upgrade;

@@ -8,7 +8,7 @@ use forwarder_common::{
     RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings,
     addr_from_ipv4_be, addr_ipv4_be,
     reasons::Fallback,
-    snat::{BACKEND_F_SNAT_POOL, MAX_SNAT_ADDRS, probe_pair},
+    snat::{BACKEND_F_SNAT_POOL, MAX_SNAT_ADDRS, probe_pair, probes_walk},
 };
 
 use crate::counters::with_rule;
@@ -264,7 +264,9 @@ fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
     }
 }
 
-/// Finds a free SNAT port by inserting the reverse entry with it; leaves
+/// Finds a free SNAT port by inserting the reverse entry with it (random
+/// pairs, or every pair of a small table from a random start; see
+/// `probes_walk`); leaves
 /// the port in `s.reverse_key.dport` with the entry in place. With
 /// `pooled`, each probe is an (address, port) pair of the SNAT pool, the
 /// address left in `s.reverse_key.dst`; else the address there is kept
@@ -297,6 +299,7 @@ pub(crate) fn reserve_port(s: &mut Scratch, now: u64, pooled: bool) -> Result<()
     // SAFETY: a helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() } % pairs;
     let limit = settings.snat_probe_limit.min(pairs);
+    let walk = probes_walk(count, span);
     let may_reuse = if s.reverse_key.proto == PROTO_TCP {
         settings.closed_reuse_before_ns != 0
     } else {
@@ -308,7 +311,13 @@ pub(crate) fn reserve_port(s: &mut Scratch, now: u64, pooled: bool) -> Result<()
         if i >= limit {
             break;
         }
-        let (index, port) = probe_pair(start, i, count, span, min);
+        let seed = match (i, walk) {
+            (0, _) => start,
+            (_, true) => start + i,
+            // SAFETY: a helper without arguments.
+            (_, false) => unsafe { bpf_get_prandom_u32() },
+        };
+        let (index, port) = probe_pair(seed, count, span, min);
         if let Some(pool) = pool {
             // Below `count` already, which LLVM knows and the verifier
             // does not: read through a volatile so that the mask (the
