@@ -40,6 +40,7 @@ mod relay_tcp;
 mod relay_udp;
 mod reload;
 mod scale_flows;
+mod snat_addresses;
 mod status_view;
 mod udp_flood;
 mod upgrade;

@@ -155,6 +155,10 @@ impl RuleMaps {
         fresh: &HashSet<u32>,
         counters: &mut CounterMaps,
     ) -> anyhow::Result<()> {
+        // The new pool first: new flows take it at once (a packet reading
+        // it mid-write skips a torn slot), and flows keep the address they
+        // have.
+        self.pool.set(0, next.pool, 0)?;
         let by_id = ById::of(next);
         for &id in fresh {
             counters.zero(id)?;
@@ -170,9 +174,8 @@ impl RuleMaps {
             }
         }
         // Routes may have changed for kept rules too: a changed value is
-        // one map update either way.
-        // Kept rules whose backends changed in place (a route's address,
-        // the pool's flag) are rewritten too.
+        // one map update either way, and backends changed in place (a
+        // route's address, the pool's flag) are rewritten too.
         let old_backends: HashMap<u32, &Backend> =
             running.backends.iter().map(|(i, b)| (*i, b)).collect();
         let moved: HashSet<u32> = next
@@ -183,15 +186,9 @@ impl RuleMaps {
             .collect();
         for (key, value) in &next.rules {
             let id = value.rule_id;
-            if fresh.contains(&id) {
-                self.rules.insert(key, value, 0)?;
-                continue;
-            }
-            if moved.contains(&id) {
-                self.write_entries(&by_id, id)?;
-            }
-            if moved.contains(&id) || self.rules.get(key, 0).ok() != Some(*value) {
-                if !moved.contains(&id) {
+            let changed = moved.contains(&id) || self.rules.get(key, 0).ok() != Some(*value);
+            if fresh.contains(&id) || changed {
+                if !fresh.contains(&id) {
                     self.write_entries(&by_id, id)?;
                 }
                 self.rules.insert(key, value, 0)?;

@@ -209,13 +209,12 @@ pub fn prepare(compiled: &Compiled, served: &[Interface]) -> anyhow::Result<Tabl
     if !missing.is_empty() {
         let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
         anyhow::bail!(
-            "kernel.snat_addresses: {} not an address of this host (in this network namespace); \
-             add it to the interface toward the backends (`ip addr add {}/32 dev IFACE`) or \
-             remove it from the list",
-            if list.len() == 1 {
-                format!("{} is", list[0])
-            } else {
-                format!("{} are", list.join(", "))
+            "kernel.snat_addresses: {} of this host (in this network namespace); add it to \
+             the interface toward the backends (`ip addr add {}/32 dev IFACE`) or remove it \
+             from the list",
+            match list.len() {
+                1 => format!("{} is not an address", list[0]),
+                _ => format!("{} are not addresses", list.join(", ")),
             },
             missing[0]
         );
