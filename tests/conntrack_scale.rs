@@ -6,9 +6,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use forwarder::kernel::sweeper::pass_time;
-use forwarder_common::CtKey;
+use forwarder_common::{CtKey, PROTO_UDP};
 
-use crate::common::conntrack::{conntrack, monotonic_ns, udp_pair};
+use crate::common::conntrack::{conntrack, flow_pair, monotonic_ns};
 use crate::common::harness::Daemon;
 use crate::common::turn::turn_rules;
 use crate::common::{self, Topology};
@@ -47,7 +47,7 @@ fn of_200k_flows_written_into_the_map_the_sweeper_removes_exactly_the_expired_on
             2 => (old, now, false),
             _ => (ahead, old, false),
         };
-        for (key, value) in udp_pair(n, RULE, fwd, rev) {
+        for (key, value) in flow_pair(n, PROTO_UDP, RULE, fwd, rev) {
             map.insert(key, value, 0).unwrap();
             if gone { &mut go } else { &mut stay }.insert(key);
         }
@@ -55,7 +55,7 @@ fn of_200k_flows_written_into_the_map_the_sweeper_removes_exactly_the_expired_on
     // Entries whose pair is gone, idle 150 s: reverse ones, then
     // forward ones (flows).
     for n in PAIRS..PAIRS + 2 * LONE {
-        let (key, value) = udp_pair(n, RULE, old, old)[usize::from(n < PAIRS + LONE)];
+        let (key, value) = flow_pair(n, PROTO_UDP, RULE, old, old)[usize::from(n < PAIRS + LONE)];
         map.insert(key, value, 0).unwrap();
         go.insert(key);
     }

@@ -5,8 +5,7 @@
 
 use aya::maps::{HashMap, Map, MapData};
 use forwarder_common::{
-    CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_ESTABLISHED, CtKey, CtValue, PROTO_UDP,
-    addr_from_ipv4_be,
+    CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_ESTABLISHED, CtKey, CtValue, addr_from_ipv4_be,
 };
 
 /// A BPF map `pid` holds open, with the kernel's memlock figure for it.
@@ -77,11 +76,17 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The two entries of made-up answered UDP flow number `n` (distinct for
-/// each `n` below 2^24) of rule `rule_id`: from 10.0.0.0/8 to
+/// The two entries of made-up answered (`proto`: established) flow
+/// number `n` (distinct for each `n` below 2^24) of rule `rule_id`: from 10.0.0.0/8 to
 /// 198.18.1.1:7878, SNAT from 100.64.0.0/16 to 198.18.2.2:3478. Each
 /// entry last saw a packet at the time given.
-pub fn udp_pair(n: u32, rule_id: u32, last_fwd: u64, last_rev: u64) -> [(CtKey, CtValue); 2] {
+pub fn flow_pair(
+    n: u32,
+    proto: u8,
+    rule_id: u32,
+    last_fwd: u64,
+    last_rev: u64,
+) -> [(CtKey, CtValue); 2] {
     let v4 = |a: [u8; 4]| addr_from_ipv4_be(u32::from_ne_bytes(a));
     let [_, b, c, d] = n.to_be_bytes();
     let client = v4([10, b, c, d]);
@@ -95,7 +100,7 @@ pub fn udp_pair(n: u32, rule_id: u32, last_fwd: u64, last_rev: u64) -> [(CtKey, 
         dst: listener,
         sport: port.to_be(),
         dport: 7878u16.to_be(),
-        proto: PROTO_UDP,
+        proto,
         _pad: [0; 3],
     };
     let fwd = CtValue {
@@ -119,5 +124,5 @@ pub fn udp_pair(n: u32, rule_id: u32, last_fwd: u64, last_rev: u64) -> [(CtKey, 
         direction: CT_DIR_REVERSE,
         ..fwd
     };
-    [(key, fwd), (fwd.pair_key(PROTO_UDP), rev)]
+    [(key, fwd), (fwd.pair_key(proto), rev)]
 }
