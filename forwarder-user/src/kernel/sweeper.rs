@@ -383,6 +383,8 @@ pub const ENTRIES_PER_SECOND: u64 = 131_072;
 
 /// Entries read per system call.
 pub const CHUNK: usize = 4096;
+/// Entries asked for at least, however little of a tick's budget is left.
+const MIN_BATCH: usize = 64;
 
 /// Entries one tick of `period` may read: its share of
 /// [`ENTRIES_PER_SECOND`], and at least a chunk.
@@ -562,7 +564,9 @@ impl Sweeper {
         let mut flows = 0;
         let mut ended = false;
         while left > 0 {
-            let max = left.min(CHUNK);
+            // A batch ends at a bucket's end, and fails if even the next
+            // bucket does not fit: never ask for fewer than a few buckets'.
+            let max = left.clamp(MIN_BATCH, CHUNK);
             let read = match self.walk {
                 Walk::Conntrack(cursor) => self.conntrack_chunk(cursor, max, now, &timeouts),
                 Walk::RelayFlows(cursor) => self.relay_chunk(cursor, max, now, &timeouts),
@@ -710,10 +714,14 @@ impl Sweeper {
     /// Ticks every `period` on the current runtime until aborted.
     pub fn spawn(mut self) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
+            let mut took = Duration::ZERO;
             loop {
                 // A reload may bring shorter timeouts.
                 let period = self.timeouts().period();
-                tokio::time::sleep(period).await;
+                // Ticks start a period apart, so a pass keeps its pace,
+                // but a slow tick (many flows expiring) leaves a pause.
+                tokio::time::sleep(period.saturating_sub(took).max(period / 4)).await;
+                let started = std::time::Instant::now();
                 // The map syscalls block.
                 self = match tokio::task::spawn_blocking(move || {
                     let n = self.tick(tick_budget(period));
@@ -727,6 +735,7 @@ impl Sweeper {
                     Ok(sweeper) => sweeper,
                     Err(_) => return,
                 };
+                took = started.elapsed();
             }
         })
     }

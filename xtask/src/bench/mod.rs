@@ -58,7 +58,7 @@ pub struct BenchArgs {
     /// rules, and the datagrams a 100k/s UDP stream loses during each.
     #[arg(long)]
     lifecycle: bool,
-    /// Only the conntrack sweeper's CPU with 10k and with 1M idle flows
+    /// Only the conntrack sweeper's CPU with 10k, 250k and 1M idle flows
     /// written into the table.
     #[arg(long)]
     sweep: bool,
