@@ -1386,6 +1386,22 @@ mod tests {
             verdict(&rk, &rev, Some(Some(&rev)), later, &t),
             Verdict::Expire { pair: false }
         );
+        // An established TCP lead alone: its floor is tcp_close (5 s), its
+        // own limit tcp_established (600 s); it stays, one entry.
+        let [(tk, tcp), _] = pair(
+            PROTO_TCP,
+            2,
+            now - 6 * S,
+            now - 6 * S,
+            (CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED),
+        )[..] else {
+            unreachable!()
+        };
+        assert_eq!(verdict(&tk, &tcp, None, now, &t), Verdict::LookUpPair);
+        assert_eq!(
+            verdict(&tk, &tcp, Some(None), now, &t),
+            Verdict::Keep { entries: 1 }
+        );
         // judge looks the pair up only when asked to.
         let (v, seen) = judge(&fk, &fwd, now, &t, |_| panic!("looked up"));
         assert_eq!((v, seen), (Verdict::Keep { entries: 2 }, None));
