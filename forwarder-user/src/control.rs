@@ -20,8 +20,9 @@ use tokio::net::{UnixListener, UnixStream};
 
 pub const DEFAULT_SOCKET: &str = "/run/forwarder.sock";
 
-/// Produces the status document on demand.
-pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Produces the status document on demand, as JSON text (a large table's
+/// document is written straight to text, never held as a tree).
+pub type StatusFn = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Reloads the rule file and answers with what happened.
 pub type ReloadFn =
@@ -113,9 +114,9 @@ async fn answer(stream: UnixStream, handlers: Handlers) {
     let mut line = String::new();
     // A client that sends nothing (or is slow to) asks for the status.
     let _ = tokio::time::timeout(REQUEST_WAIT, stream.read_line(&mut line)).await;
-    let doc = match line.trim() {
+    let mut body = match line.trim() {
         "" | "status" => (handlers.status)(),
-        "reload" => (handlers.reload)().await,
+        "reload" => (handlers.reload)().await.to_string(),
         "upgrade" => match (&handlers.upgrade, stream.into_inner().into_std()) {
             (Some(upgrade), Ok(std)) => {
                 let _ = std.set_nonblocking(false);
@@ -125,13 +126,15 @@ async fn answer(stream: UnixStream, handlers: Handlers) {
         },
         other => serde_json::json!({
             "error": format!("unknown request {other:?}: `status`, `reload` or `upgrade`")
-        }),
+        })
+        .to_string(),
     };
-    let mut body = doc.to_string();
     body.push('\n');
     let mut stream = stream.into_inner();
     let _ = stream.write_all(body.as_bytes()).await;
     let _ = stream.shutdown().await;
+    drop(body);
+    crate::process::release_free_memory();
 }
 
 impl Drop for ControlSocket {
@@ -187,7 +190,7 @@ mod tests {
         let counted = calls.clone();
         let status: StatusFn = Arc::new(move || {
             let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            serde_json::json!({ "calls": n })
+            serde_json::json!({ "calls": n }).to_string()
         });
         let reload: ReloadFn =
             Arc::new(|| Box::pin(async { serde_json::json!({ "reloaded": true }) }));
