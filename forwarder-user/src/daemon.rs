@@ -1103,18 +1103,28 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
             kernel: Option<StatusKernel>,
             docker: Option<crate::docker::DiscoveryStatus>,
         }
-        serde_json::to_string(&Doc {
-            pid: std::process::id(),
-            uptime_ms: daemon.started.elapsed().as_millis() as u64,
-            process,
-            config: daemon.config.display().to_string(),
-            kernel_path: daemon.kernel.is_some(),
-            rules,
-            relay: relay_counters,
-            relay_udp_sessions: daemon.relay.udp_sessions(),
-            kernel,
-            docker,
-        })
-        .unwrap_or_else(|e| serde_json::json!({ "error": format!("status: {e}") }).to_string())
+        // About 1.7 KB per rule: sized once, so that the text is never
+        // copied into a buffer twice its size as it grows.
+        let mut text = Vec::with_capacity(4096 + rules.len() * 2048);
+        let written = serde_json::to_writer(
+            &mut text,
+            &Doc {
+                pid: std::process::id(),
+                uptime_ms: daemon.started.elapsed().as_millis() as u64,
+                process,
+                config: daemon.config.display().to_string(),
+                kernel_path: daemon.kernel.is_some(),
+                rules,
+                relay: relay_counters,
+                relay_udp_sessions: daemon.relay.udp_sessions(),
+                kernel,
+                docker,
+            },
+        );
+        match written.map(|()| String::from_utf8(text)) {
+            Ok(Ok(text)) => text,
+            Ok(Err(e)) => serde_json::json!({ "error": format!("status: {e}") }).to_string(),
+            Err(e) => serde_json::json!({ "error": format!("status: {e}") }).to_string(),
+        }
     })
 }

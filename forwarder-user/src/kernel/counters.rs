@@ -1,10 +1,11 @@
 //! The programs' per-CPU counters, summed for `forwarder status`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::mem::size_of;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use forwarder_common::reasons::{
     Dropped, Fallback, NO_RULE, REASON_COUNTERS_MAP, REASONS_PER_RULE, ReasonCounts, XdpPass,
 };
@@ -291,14 +292,27 @@ impl CounterMaps {
         Ok(sum)
     }
 
-    /// Zeroes what rule id `rule_id` counted, before it is handed out.
-    pub fn zero(&mut self, rule_id: u32) -> anyhow::Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let zero = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?;
-        self.rules.set(rule_id, zero, 0)?;
-        for slot in ReasonCounts::slots(rule_id) {
-            self.reasons
-                .set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+    /// Zeroes what the rule ids `ids` counted, before they are handed out:
+    /// one batch update per run of consecutive ids and map.
+    pub fn zero_all(&mut self, ids: &[u32]) -> anyhow::Result<()> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        for (first, count) in map_batch::runs(&ids, map_batch::CHUNK) {
+            map_batch::zero_per_cpu(
+                self.rules_fd.as_fd(),
+                first,
+                count,
+                size_of::<RuleCounters>(),
+                self.cpus,
+            )?;
+            map_batch::zero_per_cpu(
+                self.reasons_fd.as_fd(),
+                first * REASONS_PER_RULE,
+                count * REASONS_PER_RULE,
+                size_of::<u64>(),
+                self.cpus,
+            )?;
         }
         Ok(())
     }
