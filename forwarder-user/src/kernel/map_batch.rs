@@ -1,28 +1,13 @@
 //! Reading or zeroing a run of a per-CPU array in one `BPF_MAP_*_BATCH`
 //! call (Linux 5.6) instead of one per entry: at 10,000 rules a status, or
 //! a start, would otherwise make some 300,000 system calls. aya 0.14 has no batch
-//! operations, so this is the raw `bpf(2)` call.
+//! operations; the raw call is `super::batch`'s.
 
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// `union bpf_attr`'s `batch` member.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
+use super::batch::{BPF_MAP_LOOKUP_BATCH, BPF_MAP_UPDATE_BATCH, BatchAttr, sys_bpf};
 
 /// Entries read per call: bounds the buffer (per-CPU values of 80 bytes
 /// on 64 CPUs: 5 MiB).
@@ -61,22 +46,10 @@ pub fn read_per_cpu<V: Copy + Default>(
             map_fd: fd.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: the buffers hold `want` keys and `want * cpus` values,
-        // and outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
         // ENOENT: the end of the map, after `attr.count` entries.
-        if let Some(e) = err
-            && e.raw_os_error() != Some(libc::ENOENT)
-        {
-            return Err(e);
+        match sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+            _ => {}
         }
         if attr.count != want || keys[0] != start || keys[want as usize - 1] != start + want - 1 {
             return Err(io::Error::other(format!(
@@ -114,18 +87,7 @@ pub fn zero_per_cpu(
             map_fd: fd.as_raw_fd() as u32,
             ..BatchAttr::default()
         };
-        // SAFETY: `want` keys and `want * cpus` zeroed values, read only.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &raw mut attr,
-                size_of::<BatchAttr>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
         if attr.count != want {
             return Err(io::Error::other(format!(
                 "batch update of {want} entries from {} wrote {}",
