@@ -40,6 +40,7 @@ mod relay_splice_fallback;
 mod relay_tcp;
 mod relay_udp;
 mod reload;
+mod rule_scale;
 mod scale_flows;
 mod snat_addresses;
 mod status_view;

@@ -160,8 +160,8 @@ impl RuleMaps {
         // have.
         self.pool.set(0, next.pool, 0)?;
         let by_id = ById::of(next);
+        counters.zero_all(&fresh.iter().copied().collect::<Vec<_>>())?;
         for &id in fresh {
-            counters.zero(id)?;
             self.write_entries(&by_id, id)?;
         }
         self.write_acl(next, fresh)?;
