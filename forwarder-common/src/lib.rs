@@ -14,6 +14,7 @@ pub mod csum;
 pub mod host_nat;
 pub mod icmp;
 pub mod mss;
+pub mod ranges;
 pub mod reasons;
 
 pub const PROTO_TCP: u8 = 6;

@@ -158,6 +158,7 @@ pub fn compile(config: &Config) -> Compiled {
                 protocol,
                 bind,
                 listen_picked: route.listen_picked,
+                ports: crate::rules::ListenPorts::SINGLE,
                 backends: route.backends.clone(),
                 timeouts: route.timeouts,
                 path: route.path,

@@ -400,6 +400,7 @@ mod tests {
             protocol,
             bind: "127.0.0.1:7878".parse().unwrap(),
             listen_picked: false,
+            ports: crate::rules::ListenPorts::SINGLE,
             backends: Vec::new(),
             timeouts: Timeouts {
                 udp_unreplied: Duration::from_secs(udp_unreplied),

@@ -782,6 +782,7 @@ mod tests {
             max_connections: None,
             proxy: Default::default(),
             listen_picked: false,
+            ports: crate::rules::ListenPorts::SINGLE,
             health: None,
         };
         let health = crate::health::HealthBook::default().rule(&listener);
