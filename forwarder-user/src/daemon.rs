@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
 use crate::docker::{self, DiscoveryStatus, ReportLog};
-use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, RelayFlows, StartOptions};
+use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, RelayFlows, StartOptions, Steering};
 use crate::metrics;
 use crate::names;
 use crate::privileges;
@@ -88,17 +88,19 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             opts.config.display()
         )));
     }
+    let steering = load_steering(&compiled, &opts)?;
     // An upgrade's relay goes first: its handed-over flows are frozen
     // until it runs, and the kernel path then finds them in the observer
     // it is given, so their RELAY_FLOWS entries stay.
     let early = match inherited.as_mut() {
         Some(record) => {
             let flows = Arc::new(RelayFlows::new());
-            let relay = Relay::start_inheriting(
+            let relay = Relay::start_steered(
                 &compiled.listeners,
                 compiled.relay,
                 flows.clone(),
                 Some(std::mem::take(&mut record.relay)),
+                steering.clone(),
             )
             .await?;
             let frozen_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
@@ -137,7 +139,14 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 Some(k) => k.observer(),
                 None => Arc::new(NoKernelPath),
             };
-            match Relay::start(&compiled.listeners, compiled.relay, observer).await {
+            let started = Relay::start_steered(
+                &compiled.listeners,
+                compiled.relay,
+                observer,
+                None,
+                steering.clone(),
+            );
+            match started.await {
                 Ok(relay) => Arc::new(relay),
                 Err(e) => {
                     stop_kernel_path(kernel);
@@ -222,7 +231,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // Set-up is done: every thread keeps only what reloads, the relay and
     // the stop still use, and bounds what a start (an upgrade's exec)
     // needs. A daemon that cannot drop stops.
-    let keep = privileges::needed_after_setup(daemon.kernel.is_some());
+    // The steering's maps are written at reloads too.
+    let keep = privileges::needed_after_setup(daemon.kernel.is_some() || steering.is_some());
     let dropped = privileges::drop_to(keep, privileges::needed_for_start());
     match &dropped {
         Ok(()) => info!(
@@ -691,6 +701,24 @@ impl Daemon {
     }
 
     async fn apply_plan(&self, mut plan: Plan) -> anyhow::Result<Summary> {
+        if !self.relay.steers()
+            && let Some(l) = plan.added.iter().find(|l| l.ports.is_range())
+        {
+            // The first port range: its sockets need the steering program.
+            let steering = Steering::load().with_context(|| {
+                format!(
+                    "rule `{}` is a port range, which the relay serves through a socket-lookup \
+                     BPF program (sk_lookup), and it cannot be loaded now; restart the daemon \
+                     as root",
+                    l.alias
+                )
+            })?;
+            info!(
+                program = ?steering.program_id(),
+                "port ranges: socket lookup steers them to the relay"
+            );
+            self.relay.enable_steering(Arc::new(steering));
+        }
         let kernel = self.kernel.as_deref();
         let tables = match kernel {
             Some(k) => Some(k.prepare(&plan)?),
@@ -938,6 +966,36 @@ impl Signals {
             _ = self.hup.recv() => Signal::Reload,
             _ = self.usr2.recv() => Signal::Upgrade,
         }
+    }
+}
+
+/// The socket-lookup program that steers port ranges to the relay,
+/// loaded when a rule is a range; without it such a rule cannot run.
+fn load_steering(
+    compiled: &Compiled,
+    opts: &RunOptions,
+) -> Result<Option<Arc<Steering>>, RunError> {
+    let Some(range) = compiled.listeners.iter().find(|l| l.ports.is_range()) else {
+        return Ok(None);
+    };
+    match Steering::load() {
+        Ok(steering) => {
+            info!(
+                program = ?steering.program_id(),
+                "port ranges: socket lookup steers them to the relay"
+            );
+            Ok(Some(Arc::new(steering)))
+        }
+        Err(e) => Err(RunError::Fatal(e.context(format!(
+            "rule `{}` in {} is a port range ({} {}-{}), which the relay serves with one \
+             socket per protocol steered by a socket-lookup BPF program (sk_lookup), and it \
+             cannot be loaded; run as root on a kernel with BPF, or use single ports",
+            range.alias,
+            opts.config.display(),
+            range.protocol,
+            range.bind,
+            range.ports.last(range.bind.port())
+        )))),
     }
 }
 

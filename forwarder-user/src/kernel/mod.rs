@@ -19,6 +19,7 @@ mod qdisc;
 mod relay_flows;
 mod rule_maps;
 mod snat;
+mod steer;
 mod sweeper;
 mod sysctl;
 mod tables;
@@ -39,6 +40,7 @@ pub use counters::{InterfaceCounters, KernelCounters, KernelRuleCounters};
 pub use interfaces::{Interface, NoSuchInterface};
 pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
+pub use steer::Steering;
 pub use sweeper::SnatUse;
 pub use sysctl::{PortSet, RESERVED_PORTS};
 

@@ -1,0 +1,233 @@
+//! Port ranges on the relay: one socket per protocol for a whole range,
+//! steered by the sk_lookup program, with real traffic between namespaces.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use forwarder::kernel::Steering;
+use forwarder::relay::Relay;
+use forwarder::rules::{ListenPorts, Listener, Protocol, RelaySettings, TargetPorts, Timeouts};
+
+use crate::common::harness::{WAIT, in_netns, runtime, spawn_in};
+use crate::common::relay::{Recorder, listener};
+use crate::common::{Netns, Topology, require_root};
+
+/// The range: 16,384 ports, one aligned block, below the ephemeral ports.
+const FIRST: u16 = 16384;
+const COUNT: u16 = 16384;
+const LAST: u16 = FIRST + (COUNT - 1);
+const MIDDLE: u16 = FIRST + COUNT / 2;
+
+/// Backends on `ports` of the backend namespace: TCP answers with the
+/// port it was reached on (two bytes) then echoes; UDP answers each
+/// datagram with that port and the datagram.
+struct PortServers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PortServers {
+    fn start(ns: &Netns, ports: &[u16]) -> PortServers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for &port in ports {
+            let (stop_t, ready) = (stop.clone(), ready_tx.clone());
+            threads.push(spawn_in(ns, move || {
+                let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+                l.set_nonblocking(true).unwrap();
+                ready.send(()).unwrap();
+                let mut conns = Vec::new();
+                while !stop_t.load(Ordering::Relaxed) {
+                    match l.accept() {
+                        Ok((mut s, _)) => conns.push(std::thread::spawn(move || {
+                            s.set_nonblocking(false).unwrap();
+                            s.set_read_timeout(Some(WAIT)).unwrap();
+                            let _ = s.write_all(&port.to_be_bytes());
+                            let mut buf = [0u8; 4096];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        })),
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+                drop(l);
+                for c in conns {
+                    let _ = c.join();
+                }
+            }));
+            let (stop_u, ready) = (stop.clone(), ready_tx.clone());
+            threads.push(spawn_in(ns, move || {
+                let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                ready.send(()).unwrap();
+                let mut buf = [0u8; 2048];
+                while !stop_u.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        let reply = [&port.to_be_bytes()[..], &buf[..n]].concat();
+                        let _ = s.send_to(&reply, from);
+                    }
+                }
+            }));
+        }
+        for _ in 0..threads.len() {
+            ready_rx.recv_timeout(WAIT).expect("backend servers up");
+        }
+        PortServers { stop, threads }
+    }
+}
+
+impl Drop for PortServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A TCP connection to `to`: the port the backend says it was reached on,
+/// and an echo through it.
+fn tcp_port_of(to: SocketAddr) -> u16 {
+    let mut s = TcpStream::connect_timeout(&to, WAIT).unwrap_or_else(|e| panic!("{to}: {e}"));
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut port = [0u8; 2];
+    s.read_exact(&mut port).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut echo = [0u8; 4];
+    s.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping");
+    u16::from_be_bytes(port)
+}
+
+/// One datagram to `to` from `socket`: the backend's port, and where the
+/// reply came from.
+fn udp_port_of(socket: &UdpSocket, to: SocketAddr, msg: &[u8]) -> (u16, SocketAddr) {
+    socket.send_to(msg, to).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .unwrap_or_else(|e| panic!("reply from {to}: {e}"));
+    assert_eq!(&buf[2..n], msg, "the reply carries the datagram");
+    (u16::from_be_bytes([buf[0], buf[1]]), from)
+}
+
+fn range(l: Listener) -> Listener {
+    Listener {
+        ports: ListenPorts {
+            count: COUNT,
+            target: TargetPorts::Shifted,
+        },
+        ..l
+    }
+}
+
+#[test]
+fn ranges_relay_library_steers_every_port_of_a_range_to_one_socket() {
+    if !require_root("ranges_relay_library_steers_every_port_of_a_range_to_one_socket") {
+        return;
+    }
+    let topo = Topology::new();
+    let backend = SocketAddr::from((topo.backend_addr(), FIRST));
+    let _servers = PortServers::start(&topo.backend, &[FIRST, MIDDLE, LAST]);
+    let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, FIRST));
+    let listeners = vec![
+        range(listener(
+            0,
+            Protocol::Tcp,
+            any,
+            &[(backend, 1)],
+            Timeouts::default(),
+        )),
+        range(listener(
+            1,
+            Protocol::Udp,
+            any,
+            &[(backend, 1)],
+            Timeouts::default(),
+        )),
+    ];
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let recorder = Arc::new(Recorder::default());
+    let observer = recorder.clone();
+    let relay_thread = spawn_in(&topo.forwarder, move || {
+        let rt = runtime();
+        rt.block_on(async move {
+            let steering = Arc::new(Steering::load().expect("steering loads"));
+            let relay = Relay::start_steered(
+                &listeners,
+                RelaySettings::default(),
+                observer,
+                None,
+                Some(steering),
+            )
+            .await
+            .expect("relay starts");
+            ready_tx.send(()).unwrap();
+            tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(120)))
+                .await
+                .unwrap()
+                .ok();
+            // A reply's count lands just after the client may have read it.
+            let settled = tokio::time::Instant::now() + Duration::from_secs(5);
+            while relay
+                .counters()
+                .iter()
+                .any(|c| c.datagrams_to_client != c.datagrams_to_backend)
+                && tokio::time::Instant::now() < settled
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let counters = relay.counters();
+            relay.shutdown(Duration::ZERO).await;
+            counters
+        })
+    });
+    ready_rx.recv_timeout(WAIT).expect("relay up");
+    let fwd = topo.forwarder_addr();
+    in_netns(&topo.client, || {
+        for port in [FIRST, MIDDLE, LAST] {
+            assert_eq!(tcp_port_of(SocketAddr::from((fwd, port))), port);
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.set_read_timeout(Some(WAIT)).unwrap();
+            for i in 0..3u8 {
+                let (got, from) = udp_port_of(&socket, SocketAddr::from((fwd, port)), &[i; 10]);
+                assert_eq!(got, port, "udp to {port} reaches the backend's {port}");
+                assert_eq!(
+                    from,
+                    SocketAddr::from((fwd, port)),
+                    "the reply comes from {port}"
+                );
+            }
+        }
+    });
+    stop_tx.send(()).unwrap();
+    let counters = relay_thread.join().unwrap();
+    let tcp = counters.iter().find(|c| c.rule_id == 0).unwrap();
+    let udp = counters.iter().find(|c| c.rule_id == 1).unwrap();
+    assert_eq!(tcp.flows, 3, "{tcp:?}");
+    assert_eq!(udp.flows, 3, "{udp:?}");
+    assert_eq!(udp.datagrams_to_backend, 9, "{udp:?}");
+    assert_eq!(udp.datagrams_to_client, 9, "{udp:?}");
+    // The flows are reported on the port the client used.
+    let locals: HashSet<(Protocol, u16)> = recorder
+        .events()
+        .iter()
+        .filter(|e| e.0)
+        .map(|e| (e.1, e.3.port()))
+        .collect();
+    for p in [Protocol::Tcp, Protocol::Udp] {
+        for port in [FIRST, MIDDLE, LAST] {
+            assert!(locals.contains(&(p, port)), "{p} {port} in {locals:?}");
+        }
+    }
+}
