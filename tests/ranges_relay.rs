@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use forwarder::kernel::Steering;
-use forwarder::relay::Relay;
+use forwarder::relay::{Relay, RelayRuleCounters};
 use forwarder::rules::{ListenPorts, Listener, Protocol, RelaySettings, TargetPorts, Timeouts};
 
 use crate::common::harness::{WAIT, in_netns, runtime, spawn_in};
@@ -130,6 +130,79 @@ fn range(l: Listener) -> Listener {
     }
 }
 
+/// The relay as a library in the forwarder namespace, with the steering
+/// program loaded there; stopping it gives its counters.
+struct SteeredRelay {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: Option<JoinHandle<Vec<RelayRuleCounters>>>,
+    recorder: Arc<Recorder>,
+}
+
+impl SteeredRelay {
+    fn start(ns: &Netns, listeners: Vec<Listener>) -> SteeredRelay {
+        let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let recorder = Arc::new(Recorder::default());
+        let observer = recorder.clone();
+        let thread = spawn_in(ns, move || {
+            runtime().block_on(async move {
+                let steering = Arc::new(Steering::load().expect("steering loads"));
+                let relay = Relay::start_steered(
+                    &listeners,
+                    RelaySettings::default(),
+                    observer,
+                    None,
+                    Some(steering),
+                )
+                .await
+                .expect("relay starts");
+                ready_tx.send(()).unwrap();
+                tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(120)))
+                    .await
+                    .unwrap()
+                    .ok();
+                // A reply's count lands just after the client may have read it.
+                let settled = tokio::time::Instant::now() + Duration::from_secs(5);
+                while relay
+                    .counters()
+                    .iter()
+                    .any(|c| c.datagrams_to_client != c.datagrams_to_backend)
+                    && tokio::time::Instant::now() < settled
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let counters = relay.counters();
+                relay.shutdown(Duration::ZERO).await;
+                counters
+            })
+        });
+        ready_rx.recv_timeout(WAIT).expect("relay up");
+        SteeredRelay {
+            stop,
+            thread: Some(thread),
+            recorder,
+        }
+    }
+
+    fn stop(mut self) -> Vec<RelayRuleCounters> {
+        let _ = self.stop.send(());
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for SteeredRelay {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn rule(counters: &[RelayRuleCounters], id: u32) -> &RelayRuleCounters {
+    counters.iter().find(|c| c.rule_id == id).unwrap()
+}
+
 #[test]
 fn ranges_relay_library_steers_every_port_of_a_range_to_one_socket() {
     if !require_root("ranges_relay_library_steers_every_port_of_a_range_to_one_socket") {
@@ -139,60 +212,25 @@ fn ranges_relay_library_steers_every_port_of_a_range_to_one_socket() {
     let backend = SocketAddr::from((topo.backend_addr(), FIRST));
     let _servers = PortServers::start(&topo.backend, &[FIRST, MIDDLE, LAST]);
     let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, FIRST));
-    let listeners = vec![
-        range(listener(
-            0,
-            Protocol::Tcp,
-            any,
-            &[(backend, 1)],
-            Timeouts::default(),
-        )),
-        range(listener(
-            1,
-            Protocol::Udp,
-            any,
-            &[(backend, 1)],
-            Timeouts::default(),
-        )),
-    ];
-    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let recorder = Arc::new(Recorder::default());
-    let observer = recorder.clone();
-    let relay_thread = spawn_in(&topo.forwarder, move || {
-        let rt = runtime();
-        rt.block_on(async move {
-            let steering = Arc::new(Steering::load().expect("steering loads"));
-            let relay = Relay::start_steered(
-                &listeners,
-                RelaySettings::default(),
-                observer,
-                None,
-                Some(steering),
-            )
-            .await
-            .expect("relay starts");
-            ready_tx.send(()).unwrap();
-            tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(120)))
-                .await
-                .unwrap()
-                .ok();
-            // A reply's count lands just after the client may have read it.
-            let settled = tokio::time::Instant::now() + Duration::from_secs(5);
-            while relay
-                .counters()
-                .iter()
-                .any(|c| c.datagrams_to_client != c.datagrams_to_backend)
-                && tokio::time::Instant::now() < settled
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            let counters = relay.counters();
-            relay.shutdown(Duration::ZERO).await;
-            counters
-        })
-    });
-    ready_rx.recv_timeout(WAIT).expect("relay up");
+    let relay = SteeredRelay::start(
+        &topo.forwarder,
+        vec![
+            range(listener(
+                0,
+                Protocol::Tcp,
+                any,
+                &[(backend, 1)],
+                Timeouts::default(),
+            )),
+            range(listener(
+                1,
+                Protocol::Udp,
+                any,
+                &[(backend, 1)],
+                Timeouts::default(),
+            )),
+        ],
+    );
     let fwd = topo.forwarder_addr();
     in_netns(&topo.client, || {
         for port in [FIRST, MIDDLE, LAST] {
@@ -210,10 +248,9 @@ fn ranges_relay_library_steers_every_port_of_a_range_to_one_socket() {
             }
         }
     });
-    stop_tx.send(()).unwrap();
-    let counters = relay_thread.join().unwrap();
-    let tcp = counters.iter().find(|c| c.rule_id == 0).unwrap();
-    let udp = counters.iter().find(|c| c.rule_id == 1).unwrap();
+    let recorder = relay.recorder.clone();
+    let counters = relay.stop();
+    let (tcp, udp) = (rule(&counters, 0), rule(&counters, 1));
     assert_eq!(tcp.flows, 3, "{tcp:?}");
     assert_eq!(udp.flows, 3, "{udp:?}");
     assert_eq!(udp.datagrams_to_backend, 9, "{udp:?}");
@@ -230,4 +267,72 @@ fn ranges_relay_library_steers_every_port_of_a_range_to_one_socket() {
             assert!(locals.contains(&(p, port)), "{p} {port} in {locals:?}");
         }
     }
+}
+
+#[test]
+fn ranges_relay_udp_clients_on_two_ports_get_only_their_own_replies() {
+    if !require_root("ranges_relay_udp_clients_on_two_ports_get_only_their_own_replies") {
+        return;
+    }
+    let topo = Topology::new();
+    let (p1, p2) = (FIRST + 7, FIRST + 4000);
+    let _servers = PortServers::start(&topo.backend, &[p1, p2]);
+    let backend = SocketAddr::from((topo.backend_addr(), FIRST));
+    let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, FIRST));
+    let relay = SteeredRelay::start(
+        &topo.forwarder,
+        vec![range(listener(
+            1,
+            Protocol::Udp,
+            any,
+            &[(backend, 1)],
+            Timeouts::default(),
+        ))],
+    );
+    let fwd = topo.forwarder_addr();
+    const ROUNDS: u8 = 50;
+    in_netns(&topo.client, || {
+        let a = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let b = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for s in [&a, &b] {
+            s.set_read_timeout(Some(WAIT)).unwrap();
+        }
+        let (to1, to2) = (SocketAddr::from((fwd, p1)), SocketAddr::from((fwd, p2)));
+        // Both at once: each sends before either reads.
+        for i in 0..ROUNDS {
+            a.send_to(&[b'a', i], to1).unwrap();
+            b.send_to(&[b'b', i], to2).unwrap();
+        }
+        for (socket, to, tag) in [(&a, to1, b'a'), (&b, to2, b'b')] {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 64];
+            for _ in 0..ROUNDS {
+                let (n, from) = socket.recv_from(&mut buf).expect("a reply");
+                assert_eq!(from, to, "replies come from the port the client sent to");
+                assert_eq!(n, 4);
+                assert_eq!(
+                    u16::from_be_bytes([buf[0], buf[1]]),
+                    to.port(),
+                    "backend port"
+                );
+                assert_eq!(buf[2], tag, "only the client's own replies");
+                seen.push(buf[3]);
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..ROUNDS).collect::<Vec<_>>());
+        }
+        // One client on both ports: two sessions, each answered from its port.
+        let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+        c.set_read_timeout(Some(WAIT)).unwrap();
+        for to in [to1, to2, to1, to2] {
+            let (port, from) = udp_port_of(&c, to, b"c");
+            assert_eq!((port, from), (to.port(), to));
+        }
+    });
+    let counters = relay.stop();
+    let udp = rule(&counters, 1);
+    assert_eq!(udp.flows, 4, "{udp:?}");
+    let total = 2 * u64::from(ROUNDS) + 4;
+    assert_eq!(udp.datagrams_to_backend, total, "{udp:?}");
+    assert_eq!(udp.datagrams_to_client, total, "{udp:?}");
 }

@@ -189,3 +189,60 @@ impl Steering {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{ListenPorts, PathMode, Protocol, Timeouts};
+
+    fn rule(bind: &str, count: u16, target: TargetPorts) -> Listener {
+        Listener {
+            rule_id: 7,
+            alias: "media".into(),
+            protocol: Protocol::Udp,
+            bind: bind.parse().unwrap(),
+            listen_picked: false,
+            ports: ListenPorts { count, target },
+            backends: Vec::new(),
+            timeouts: Timeouts::default(),
+            path: PathMode::Auto,
+            preserve_client_ip: false,
+            proxy: Default::default(),
+            health: None,
+            acl: None,
+            max_connections: None,
+        }
+    }
+
+    #[test]
+    fn a_single_port_rule_has_no_range_entry() {
+        assert!(range_entries(&rule("0.0.0.0:5000", 1, TargetPorts::Shifted)).is_empty());
+    }
+
+    #[test]
+    fn an_aligned_range_is_one_wildcard_entry_naming_the_rule() {
+        let entries = range_entries(&rule("[::]:49152", 16384, TargetPorts::Shifted));
+        assert_eq!(entries.len(), 1);
+        let ((len, key), value) = entries[0];
+        assert_eq!(len, RangeKey::prefix_len(14));
+        assert_eq!(key, RangeKey::new(ADDR_ANY, 17, 49152));
+        assert_eq!(value.rule.rule_id, 7);
+        assert_eq!(value.first_port, 49152);
+        assert_eq!(value.target, RANGE_TARGET_SHIFTED);
+    }
+
+    #[test]
+    fn a_bound_range_keys_its_address_and_covers_exactly_its_ports() {
+        let l = rule("10.0.0.1:5000", 100, TargetPorts::Same);
+        let entries = range_entries(&l);
+        let ip = "10.0.0.1".parse().unwrap();
+        let mut covered = 0u32;
+        for ((len, key), value) in &entries {
+            assert_eq!(key.addr, addr_of(ip));
+            assert_eq!(value.target, RANGE_TARGET_SAME);
+            covered += 1 << (RangeKey::LOOKUP_PREFIX_LEN - len);
+        }
+        assert_eq!(covered, 100);
+        assert_eq!(entries[0].0.1.port, 5000u16.to_be_bytes());
+    }
+}
