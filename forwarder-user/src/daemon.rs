@@ -79,8 +79,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         && let Some((l, why)) = compiled
             .listeners
             .iter()
+            .filter(|l| l.preserve_client_ip || l.ports.is_range())
             .find_map(|l| Some((l, l.needs_kernel()?)))
-            .filter(|(l, _)| l.preserve_client_ip)
     {
         return Err(RunError::Fatal(anyhow!(
             "rule `{}` in {} has {why}: --relay-only cannot carry it",
@@ -737,9 +737,8 @@ impl Daemon {
             let kernel_capable = plan
                 .next
                 .kernel
-                .rules
-                .iter()
-                .any(|(_, v)| v.rule_id == l.rule_id && v.flags & RULE_F_RELAY == 0);
+                .values()
+                .any(|v| v.rule_id == l.rule_id && v.flags & RULE_F_RELAY == 0);
             if !self.relay_only && kernel_capable {
                 could.push(l.alias.clone());
             }
@@ -952,9 +951,8 @@ async fn start_kernel_path(
     if !docker
         && compiled
             .kernel
-            .rules
-            .iter()
-            .all(|(_, rule)| rule.flags & RULE_F_RELAY != 0)
+            .values()
+            .all(|rule| rule.flags & RULE_F_RELAY != 0)
     {
         info!("no rule can use the kernel path (relay-only or local targets): it is not loaded");
         return Ok(None);

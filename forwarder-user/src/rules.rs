@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use forwarder_common::ranges::{RangeKey, RangeValue};
 use forwarder_common::{AclKey, Backend, RuleKey, RuleValue};
 
 use crate::acl::RuleAcl;
@@ -238,6 +239,8 @@ impl Listener {
             Some(format!("`path: {}`", self.path.as_str()))
         } else if self.preserve_client_ip {
             Some("`preserve_client_ip: true` (the relay cannot keep the client's address)".into())
+        } else if self.ports.is_range() {
+            Some("a port range (the relay does not listen on ranges yet)".into())
         } else {
             None
         }
@@ -336,6 +339,24 @@ pub struct KernelTable {
     pub backends: Vec<(u32, Backend)>,
     /// `ACL` trie entries: (key prefix length, key data, verdict).
     pub acl: Vec<(u32, AclKey, u32)>,
+    /// `RANGES` trie entries of the range rules (which have no `rules` entry).
+    pub ranges: Vec<RangeEntry>,
+}
+
+/// One `RANGES` trie entry: a block of a range rule's ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeEntry {
+    pub prefix_len: u32,
+    pub key: RangeKey,
+    pub value: RangeValue,
+}
+
+impl KernelTable {
+    /// Every rule's value: single ports' and each range block's.
+    pub fn values(&self) -> impl Iterator<Item = &RuleValue> {
+        let ranges = self.ranges.iter().map(|e| &e.value.rule);
+        self.rules.iter().map(|(_, v)| v).chain(ranges)
+    }
 }
 
 /// How the hostnames of targets are followed; new flows follow each answer.

@@ -264,6 +264,7 @@ fn load_inner(
             protocols: spec.protocols.clone(),
             bind: spec.bind,
             listen: spec.listen,
+            ports: spec.ports,
             listen_picked: false,
             backends: backends.unwrap_or_default(),
             timeouts: spec.timeouts,

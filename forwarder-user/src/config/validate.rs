@@ -76,6 +76,21 @@ pub(crate) fn bind_text(bind: Option<IpAddr>, port: u16) -> String {
     }
 }
 
+/// `bind_text` of a route's listen port, or of its range (`[::]:5000-5099`).
+fn listen_text(spec: &RouteSpec) -> String {
+    let text = bind_text(spec.bind, spec.listen);
+    if spec.ports.is_range() {
+        format!("{text}-{}", spec.ports.last(spec.listen))
+    } else {
+        text
+    }
+}
+
+/// The listen ports of a route, inclusive; `None` for a port picked at start.
+fn listen_span(spec: &RouteSpec) -> Option<(u16, u16)> {
+    (spec.listen != 0).then(|| (spec.listen, spec.ports.last(spec.listen)))
+}
+
 /// `targets[i]` are the resolved targets of `specs[i]` (`None`: unresolved).
 pub(crate) fn routes(
     specs: &[RouteSpec],
@@ -88,17 +103,28 @@ pub(crate) fn routes(
     conflicts(specs, diag);
     let (lo, hi) = globals.kernel.snat_ports;
     for (spec, targets) in specs.iter().zip(targets) {
-        if spec.listen != 0 && (lo..=hi).contains(&spec.listen) {
+        if let Some((first, last)) = listen_span(spec)
+            && first <= hi
+            && lo <= last
+        {
             let whose = match &globals.snat_pos {
                 Some(p) => format!("`kernel.snat_ports` at {p} is {lo}-{hi}"),
                 None => format!("`kernel.snat_ports` is {lo}-{hi} by default"),
             };
+            let found = if spec.ports.is_range() {
+                format!("listen range {first}-{last} overlaps the SNAT range")
+            } else {
+                format!("listen port {first} inside the SNAT range")
+            };
             diag.error(
-                ConfigError::new(&spec.port_pos, format!("listen port {} inside the SNAT range", spec.listen), "a listen port outside `kernel.snat_ports` (the kernel path uses those as source ports)")
+                ConfigError::new(&spec.port_pos, found, "a listen port outside `kernel.snat_ports` (the kernel path uses those as source ports)")
                     .alias(Some(&spec.alias))
                     .field("port")
                     .hint(whose),
             );
+        }
+        if spec.ports.is_range() {
+            range_needs_kernel(spec, diag);
         }
         if spec.preserve_client_ip && spec.path == PathMode::Relay {
             diag.error(
@@ -115,6 +141,18 @@ pub(crate) fn routes(
         let Some(targets) = targets else { continue };
         let loopback = targets.iter().find(|b| is_loopback(b.addr.ip()));
         if let Some(b) = loopback {
+            if spec.ports.is_range() {
+                diag.error(
+                    ConfigError::new(
+                        &spec.targets_pos,
+                        format!("a port range with the loopback target {}", b.addr),
+                        "a target off this host: a port range is carried by the kernel path \
+                         alone, which cannot reach loopback targets",
+                    )
+                    .alias(Some(&spec.alias))
+                    .field(spec.targets.first().map_or("host", |t| t.field)),
+                );
+            }
             if spec.path.requires_kernel() {
                 diag.error(
                     ConfigError::new(
@@ -187,43 +225,94 @@ fn acl_limit(specs: &[RouteSpec], globals: &Globals, diag: &mut Diag) {
     }
 }
 
-/// Two rules on the same port and protocol whose bind addresses overlap:
-/// the second bind would fail, and the kernel could not tell them apart.
+/// Two rules on overlapping ports and the same protocol whose bind
+/// addresses overlap: the second bind would fail, and the kernel could
+/// not tell them apart. Each is named with its place.
 fn conflicts(specs: &[RouteSpec], diag: &mut Diag) {
-    let mut by_port: HashMap<u16, Vec<usize>> = HashMap::new();
-    for (i, spec) in specs.iter().enumerate() {
-        if spec.listen == 0 {
-            continue;
-        }
-        let earlier = by_port.entry(spec.listen).or_default();
-        for &j in earlier.iter() {
-            let other = &specs[j];
-            let shared: Vec<&str> = spec
-                .protocols
-                .iter()
-                .filter(|p| other.protocols.contains(p))
-                .map(|p| p.as_str())
-                .collect();
-            if shared.is_empty() || !overlap(cover(spec.bind), cover(other.bind)) {
+    // Sorted by first port, so each route is compared only with those
+    // whose spans can still reach it.
+    let mut order: Vec<(u16, u16, usize)> = specs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| listen_span(s).map(|(a, b)| (a, b, i)))
+        .collect();
+    order.sort_unstable();
+    let mut found: Vec<(usize, usize)> = Vec::new();
+    for (n, &(first, _, i)) in order.iter().enumerate() {
+        for &(_, other_last, j) in &order[..n] {
+            if other_last < first {
                 continue;
             }
-            let protos = shared.join(",");
-            diag.error(
-                ConfigError::new(
-                    &spec.port_pos,
-                    format!(
-                        "{protos} {}, which alias `{}` also claims ({protos} {})",
-                        bind_text(spec.bind, spec.listen),
-                        other.alias,
-                        bind_text(other.bind, other.listen)
-                    ),
-                    "one rule per (bind, port, protocol); a wildcard bind covers every address of its family",
-                )
-                .alias(Some(&spec.alias))
-                .field("port")
-                .hint(format!("alias `{}` is at {}", other.alias, other.port_pos)),
-            );
+            found.push((i.max(j), i.min(j)));
         }
-        earlier.push(i);
+    }
+    // Reported at the later route, in file order.
+    found.sort_unstable();
+    for (i, j) in found {
+        let (spec, other) = (&specs[i], &specs[j]);
+        let shared: Vec<&str> = spec
+            .protocols
+            .iter()
+            .filter(|p| other.protocols.contains(p))
+            .map(|p| p.as_str())
+            .collect();
+        if shared.is_empty() || !overlap(cover(spec.bind), cover(other.bind)) {
+            continue;
+        }
+        let protos = shared.join(",");
+        diag.error(
+            ConfigError::new(
+                &spec.port_pos,
+                format!(
+                    "{protos} {}, which alias `{}` also claims ({protos} {})",
+                    listen_text(spec),
+                    other.alias,
+                    listen_text(other)
+                ),
+                "one rule per (bind, port, protocol), ranges included; a wildcard bind covers every address of its family",
+            )
+            .alias(Some(&spec.alias))
+            .field("port")
+            .hint(format!("alias `{}` is at {}", other.alias, other.port_pos)),
+        );
+    }
+}
+
+/// A range rule is the kernel path's alone until the relay can listen on
+/// a range without a socket per port: whatever would make it relay-only
+/// is refused.
+fn range_needs_kernel(spec: &RouteSpec, diag: &mut Diag) {
+    const ALLOWED: &str =
+        "a port range is carried by the kernel path alone (the relay has no socket per port)";
+    let mut refuse = |pos: &Pos, field: &str, found: String| {
+        diag.error(
+            ConfigError::new(pos, found, ALLOWED)
+                .alias(Some(&spec.alias))
+                .field(field),
+        );
+    };
+    if spec.path == PathMode::Relay {
+        refuse(&spec.path_pos, "path", "`relay` with a port range".into());
+    }
+    if spec.proxy_protocol != super::fields::ProxyProtocol::Off {
+        refuse(
+            &spec.port_pos,
+            "proxy_protocol",
+            "`proxy_protocol` with a port range (only the relay sends PROXY headers)".into(),
+        );
+    }
+    if !spec.accept_proxy_protocol.is_empty() {
+        refuse(
+            &spec.port_pos,
+            "accept_proxy_protocol",
+            "`accept_proxy_protocol` with a port range (only the relay reads PROXY headers)".into(),
+        );
+    }
+    if spec.max_connections.is_some() {
+        refuse(
+            &spec.port_pos,
+            "max_connections",
+            "`max_connections` with a port range (only the relay counts connections)".into(),
+        );
     }
 }

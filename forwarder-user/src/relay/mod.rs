@@ -158,6 +158,12 @@ fn bind(listener: &Listener) -> std::io::Result<Bound> {
     })
 }
 
+/// Whether the relay listens for this rule: not for a port range, which
+/// would take a socket per port (validation makes such rules kernel-only).
+fn carries(l: &Listener) -> bool {
+    !l.ports.is_range()
+}
+
 fn bind_error(l: &Listener, e: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("{}: cannot bind {} {}: {}", l.alias, l.protocol, l.bind, e)
 }
@@ -200,7 +206,7 @@ impl Relay {
             None => handover::Inherited::default(),
         };
         let mut bound = Vec::with_capacity(listeners.len());
-        for l in listeners {
+        for l in listeners.iter().filter(|l| carries(l)) {
             if l.backends.is_empty() {
                 bail!("{}: {} {} has no backend", l.alias, l.protocol, l.bind);
             }
@@ -290,7 +296,7 @@ impl Relay {
             bound: Vec::new(),
             revived: Vec::new(),
         };
-        for l in &plan.added {
+        for l in plan.added.iter().filter(|l| carries(l)) {
             if l.backends.is_empty() {
                 self.unrevive(&prepared.revived);
                 bail!("{}: {} {} has no backend", l.alias, l.protocol, l.bind);
