@@ -52,7 +52,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use acl::Acl;
-pub use compile::{Config, Route, addr_of, compile};
+pub use compile::{Config, Route, addr_of, compile, range_entries};
 pub use docker::{Container, DockerSettings};
 pub(crate) use env::parse_port_range;
 pub use errors::{ConfigError, Errors, Pos, Warning};
