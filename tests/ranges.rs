@@ -152,6 +152,11 @@ fn one_to_one_shifted_and_many_to_one_ranges_on_the_kernel_path() {
         assert_eq!(counter(u, "packets_fwd"), 3, "{u}");
         assert_eq!(counter(u, "packets_rev"), 3, "{u}");
     }
+    let rule = status["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["alias"] == "media"))
+        .expect("media in the status");
+    assert_eq!(rule["bind"], "[::]:49152-65535", "{rule}");
     // The relay has no listener for a range, so it carried none of it.
     let relay = status["relay"].as_array().expect("relay rules");
     assert!(
@@ -165,6 +170,39 @@ fn one_to_one_shifted_and_many_to_one_ranges_on_the_kernel_path() {
         let past = SocketAddr::from((fwd, 30000 + 1000));
         assert!(std::net::TcpStream::connect_timeout(&past, WAIT).is_err());
     });
+    // A reload: `shifted` loses its upper half (a removed rule and a new
+    // one), `many` goes; `media` stays as it was.
+    let reloaded = yaml
+        .replace("30000-30999:31000-31999", "30000-30499:31000-31499")
+        .lines()
+        .filter(|l| !l.contains("many:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(daemon.config_path(), reloaded + "\n").unwrap();
+    let out = daemon.reload();
+    assert!(out.status.success(), "{out:?}");
+    in_netns(&topo.client, || {
+        for (listen, backend) in [(30000u16, 31000u16), (65535, 65535)] {
+            let to = SocketAddr::from((fwd, listen));
+            assert_eq!(
+                tcp_answer(to),
+                format!("port {backend}"),
+                "after reload, {listen}"
+            );
+        }
+        for gone in [30999u16, 40050] {
+            let to = SocketAddr::from((fwd, gone));
+            assert!(
+                std::net::TcpStream::connect_timeout(&to, WAIT).is_err(),
+                "{gone} after reload"
+            );
+        }
+    });
+    let status = daemon.status();
+    let k = kernel_rule(&status, "shifted", "tcp");
+    assert_eq!(counter(k, "flows"), 1, "the new rule's own: {k}");
+    let k = kernel_rule(&status, "media", "tcp");
+    assert_eq!(counter(k, "flows"), 4, "kept with its counters: {k}");
     daemon.stop();
 }
 

@@ -233,6 +233,15 @@ impl Listener {
         self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
     }
 
+    /// `bind`, or for a range `bind` and its last port (`[::]:5000-5099`).
+    pub fn listen_text(&self) -> String {
+        if self.ports.is_range() {
+            format!("{}-{}", self.bind, self.ports.last(self.bind.port()))
+        } else {
+            self.bind.to_string()
+        }
+    }
+
     /// Why the rule cannot run without the kernel path, if it cannot.
     pub fn needs_kernel(&self) -> Option<String> {
         if self.path.requires_kernel() {

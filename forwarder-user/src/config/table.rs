@@ -122,10 +122,8 @@ fn names_text(compiled: &Compiled) -> String {
 fn listen_text(l: &Listener) -> String {
     if l.listen_picked {
         format!("{} (picked)", l.bind)
-    } else if l.ports.is_range() {
-        format!("{}-{}", l.bind, l.ports.last(l.bind.port()))
     } else {
-        l.bind.to_string()
+        l.listen_text()
     }
 }
 
