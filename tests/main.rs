@@ -31,6 +31,7 @@ mod names;
 mod preserve;
 mod preserve_client_ip;
 mod proxy_protocol;
+mod ranges;
 mod ranges_relay;
 mod relay_iperf3;
 mod relay_lifecycle;

@@ -9,9 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use forwarder::config::range_entries;
 use forwarder::kernel::Steering;
 use forwarder::relay::{Relay, RelayRuleCounters};
 use forwarder::rules::{ListenPorts, Listener, Protocol, RelaySettings, TargetPorts, Timeouts};
+use forwarder_common::{ADDR_ANY, RuleValue};
 
 use crate::common::harness::{WAIT, in_netns, runtime, spawn_in};
 use crate::common::relay::{Recorder, listener};
@@ -152,10 +154,22 @@ impl SteeredRelay {
                     RelaySettings::default(),
                     observer,
                     None,
-                    Some(steering),
+                    Some(steering.clone()),
                 )
                 .await
                 .expect("relay starts");
+                // The trie entries as the config compiles them (wildcard binds).
+                let entries: Vec<_> = listeners
+                    .iter()
+                    .flat_map(|l| {
+                        let rule = RuleValue {
+                            rule_id: l.rule_id,
+                            ..RuleValue::default()
+                        };
+                        range_entries(ADDR_ANY, l.protocol, l.bind.port(), l.ports, rule)
+                    })
+                    .collect();
+                steering.set_ranges(&entries).expect("ranges written");
                 ready_tx.send(()).unwrap();
                 tokio::task::spawn_blocking(move || stop_rx.recv_timeout(Duration::from_secs(120)))
                     .await

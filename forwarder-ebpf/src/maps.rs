@@ -39,10 +39,15 @@ pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REA
 #[map]
 pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, 0);
 
-/// Port-range rules, by (address, protocol, port block); written by
-/// userspace. Named by `ranges::RANGES_MAP`.
+/// Blocks of range rules' ports to rule; written by userspace. Named by
+/// `ranges::RANGES_MAP`.
 #[map]
 pub static RANGES: LpmTrie<RangeKey, RangeValue> = LpmTrie::with_max_entries(MAX_RANGE_ENTRIES, 0);
+
+/// How many range rules `RANGES` holds; 0 skips its lookups. Named by
+/// `ranges::RANGE_COUNT_MAP`.
+#[map]
+pub static RANGE_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Backends at `rule_id * MAX_BACKENDS_PER_RULE + n`; written by userspace.
 #[map]

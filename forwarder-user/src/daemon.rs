@@ -79,8 +79,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         && let Some((l, why)) = compiled
             .listeners
             .iter()
+            .filter(|l| l.preserve_client_ip)
             .find_map(|l| Some((l, l.needs_kernel()?)))
-            .filter(|(l, _)| l.preserve_client_ip)
     {
         return Err(RunError::Fatal(anyhow!(
             "rule `{}` in {} has {why}: --relay-only cannot carry it",
@@ -155,6 +155,17 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             }
         }
     };
+    if let Some(steering) = &steering {
+        // The sockets are in its map: the ranges may point at them.
+        if let Err(e) = steering.set_ranges(&compiled.kernel.ranges) {
+            relay.health().stop();
+            if let Ok(relay) = Arc::try_unwrap(relay) {
+                relay.shutdown(std::time::Duration::ZERO).await;
+            }
+            stop_kernel_path(kernel);
+            return Err(e.into());
+        }
+    }
     start_health_checks(&relay, kernel.as_ref(), &compiled);
     let control = match inherited.as_mut().and_then(|r| r.control.take()) {
         Some(fd) => crate::relay::gate::own_fd(fd)
@@ -765,9 +776,8 @@ impl Daemon {
             let kernel_capable = plan
                 .next
                 .kernel
-                .rules
-                .iter()
-                .any(|(_, v)| v.rule_id == l.rule_id && v.flags & RULE_F_RELAY == 0);
+                .values()
+                .any(|v| v.rule_id == l.rule_id && v.flags & RULE_F_RELAY == 0);
             if !self.relay_only && kernel_capable {
                 could.push(l.alias.clone());
             }
@@ -1010,9 +1020,8 @@ async fn start_kernel_path(
     if !docker
         && compiled
             .kernel
-            .rules
-            .iter()
-            .all(|(_, rule)| rule.flags & RULE_F_RELAY != 0)
+            .values()
+            .all(|rule| rule.flags & RULE_F_RELAY != 0)
     {
         info!("no rule can use the kernel path (relay-only or local targets): it is not loaded");
         return Ok(None);
@@ -1102,7 +1111,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
                     "rule_id": l.rule_id,
                     "alias": l.alias,
                     "protocol": l.protocol.as_str(),
-                    "bind": l.bind.to_string(),
+                    "bind": l.listen_text(),
                     "backends": l.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
                     "path": l.path.as_str(),
                     "health_check": l.health.as_ref().map(crate::health::describe),

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use forwarder_common::ranges::{RangeKey, RangeValue};
 use forwarder_common::{AclKey, Backend, RuleKey, RuleValue};
 
 use crate::acl::RuleAcl;
@@ -232,6 +233,15 @@ impl Listener {
         self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
     }
 
+    /// `bind`, or for a range `bind` and its last port (`[::]:5000-5099`).
+    pub fn listen_text(&self) -> String {
+        if self.ports.is_range() {
+            format!("{}-{}", self.bind, self.ports.last(self.bind.port()))
+        } else {
+            self.bind.to_string()
+        }
+    }
+
     /// Why the rule cannot run without the kernel path, if it cannot.
     pub fn needs_kernel(&self) -> Option<String> {
         if self.path.requires_kernel() {
@@ -336,6 +346,24 @@ pub struct KernelTable {
     pub backends: Vec<(u32, Backend)>,
     /// `ACL` trie entries: (key prefix length, key data, verdict).
     pub acl: Vec<(u32, AclKey, u32)>,
+    /// `RANGES` trie entries of the range rules (which have no `rules` entry).
+    pub ranges: Vec<RangeEntry>,
+}
+
+/// One `RANGES` trie entry: a block of a range rule's ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeEntry {
+    pub prefix_len: u32,
+    pub key: RangeKey,
+    pub value: RangeValue,
+}
+
+impl KernelTable {
+    /// Every rule's value: single ports' and each range block's.
+    pub fn values(&self) -> impl Iterator<Item = &RuleValue> {
+        let ranges = self.ranges.iter().map(|e| &e.value.rule);
+        self.rules.iter().map(|(_, v)| v).chain(ranges)
+    }
 }
 
 /// How the hostnames of targets are followed; new flows follow each answer.

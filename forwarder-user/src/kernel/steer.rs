@@ -18,54 +18,17 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{MapData, SockMap};
 use aya::programs::SkLookup;
 use aya::{Ebpf, EbpfLoader};
-use forwarder_common::ranges::{
-    MAX_RANGE_ENTRIES, RANGE_TARGET_SAME, RANGE_TARGET_SHIFTED, RANGES_MAP, RangeKey, RangeValue,
-    prefixes,
-};
+use forwarder_common::ranges::{MAX_RANGE_ENTRIES, RANGES_MAP, RangeKey, RangeValue};
 use forwarder_common::steer::{STEER_PROGRAM, STEER_SOCKETS_MAP};
-use forwarder_common::{ADDR_ANY, RuleValue};
 
 use super::EBPF_OBJECT;
 use super::load::{check_object, check_privileges};
-use crate::config::addr_of;
-use crate::rules::{Listener, TargetPorts};
+use crate::rules::RangeEntry;
 
 const BPF_MAP_TYPE_PERF_EVENT_ARRAY: u32 = 4;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 
 type Entry = (u32, RangeKey);
-
-/// The `RANGES` entries of one range rule: its listen range cut into
-/// aligned blocks, each naming the rule. Empty for a single-port rule.
-pub fn range_entries(l: &Listener) -> Vec<(Entry, RangeValue)> {
-    if !l.ports.is_range() {
-        return Vec::new();
-    }
-    let ip = l.bind.ip();
-    let addr = if ip.to_canonical().is_unspecified() {
-        ADDR_ANY
-    } else {
-        addr_of(ip)
-    };
-    let first = l.bind.port();
-    let target = match l.ports.target {
-        TargetPorts::Shifted => RANGE_TARGET_SHIFTED,
-        TargetPorts::Same => RANGE_TARGET_SAME,
-    };
-    let rule = RuleValue {
-        rule_id: l.rule_id,
-        ..RuleValue::default()
-    };
-    prefixes(first, l.ports.last(first))
-        .map(|(start, bits)| {
-            let key = RangeKey::new(addr, l.protocol.ip_proto(), start);
-            (
-                (RangeKey::prefix_len(bits), key),
-                RangeValue::new(rule, first, target),
-            )
-        })
-        .collect()
-}
 
 /// The loaded, attached program and its maps.
 pub struct Steering {
@@ -148,22 +111,24 @@ impl Steering {
         let _ = lock(&self.sockets).clear_index(&rule_id);
     }
 
-    /// Makes the trie hold exactly the range rules of `listeners`: new and
-    /// changed entries first (a changed rule's blocks point at its new id
-    /// in one write each), then the stale ones go.
-    pub fn set_ranges(&self, listeners: &[Listener]) -> Result<()> {
+    /// Makes the trie hold exactly `entries` (the compiled table's, one
+    /// definition with the kernel path's): new and changed entries first
+    /// (a changed rule's blocks point at its new id in one write each),
+    /// then the stale ones go.
+    pub fn set_ranges(&self, entries: &[RangeEntry]) -> Result<()> {
         let mut ranges = lock(&self.ranges);
         let mut next = HashSet::new();
-        for l in listeners {
-            for ((len, key), value) in range_entries(l) {
-                ranges
-                    .trie
-                    .insert(&Key::new(len, key), value, 0)
-                    .with_context(|| {
-                        format!("{}: writing its port range for the relay", l.alias)
-                    })?;
-                next.insert((len, key));
-            }
+        for e in entries {
+            ranges
+                .trie
+                .insert(&Key::new(e.prefix_len, e.key), e.value, 0)
+                .with_context(|| {
+                    format!(
+                        "writing rule {}'s port range for the relay",
+                        e.value.rule.rule_id
+                    )
+                })?;
+            next.insert((e.prefix_len, e.key));
         }
         let stale: Vec<Entry> = ranges.written.difference(&next).copied().collect();
         for (len, key) in stale {
@@ -188,61 +153,4 @@ impl Steering {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rules::{ListenPorts, PathMode, Protocol, Timeouts};
-
-    fn rule(bind: &str, count: u16, target: TargetPorts) -> Listener {
-        Listener {
-            rule_id: 7,
-            alias: "media".into(),
-            protocol: Protocol::Udp,
-            bind: bind.parse().unwrap(),
-            listen_picked: false,
-            ports: ListenPorts { count, target },
-            backends: Vec::new(),
-            timeouts: Timeouts::default(),
-            path: PathMode::Auto,
-            preserve_client_ip: false,
-            proxy: Default::default(),
-            health: None,
-            acl: None,
-            max_connections: None,
-        }
-    }
-
-    #[test]
-    fn a_single_port_rule_has_no_range_entry() {
-        assert!(range_entries(&rule("0.0.0.0:5000", 1, TargetPorts::Shifted)).is_empty());
-    }
-
-    #[test]
-    fn an_aligned_range_is_one_wildcard_entry_naming_the_rule() {
-        let entries = range_entries(&rule("[::]:49152", 16384, TargetPorts::Shifted));
-        assert_eq!(entries.len(), 1);
-        let ((len, key), value) = entries[0];
-        assert_eq!(len, RangeKey::prefix_len(14));
-        assert_eq!(key, RangeKey::new(ADDR_ANY, 17, 49152));
-        assert_eq!(value.rule.rule_id, 7);
-        assert_eq!(value.first_port, 49152);
-        assert_eq!(value.target, RANGE_TARGET_SHIFTED);
-    }
-
-    #[test]
-    fn a_bound_range_keys_its_address_and_covers_exactly_its_ports() {
-        let l = rule("10.0.0.1:5000", 100, TargetPorts::Same);
-        let entries = range_entries(&l);
-        let ip = "10.0.0.1".parse().unwrap();
-        let mut covered = 0u32;
-        for ((len, key), value) in &entries {
-            assert_eq!(key.addr, addr_of(ip));
-            assert_eq!(value.target, RANGE_TARGET_SAME);
-            covered += 1 << (RangeKey::LOOKUP_PREFIX_LEN - len);
-        }
-        assert_eq!(covered, 100);
-        assert_eq!(entries[0].0.1.port, 5000u16.to_be_bytes());
-    }
 }

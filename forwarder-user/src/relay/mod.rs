@@ -185,15 +185,6 @@ fn bind(listener: &Listener) -> std::io::Result<Bound> {
     })
 }
 
-/// The listen address as the user wrote it: a range as `addr:first-last`.
-fn describe_bind(l: &Listener) -> String {
-    if l.ports.is_range() {
-        format!("{}-{}", l.bind, l.ports.last(l.bind.port()))
-    } else {
-        l.bind.to_string()
-    }
-}
-
 /// Steers a port range's ports to its new socket; nothing for a single port.
 fn steer(steering: Option<&Steering>, l: &Listener, socket: &Bound) -> Result<()> {
     if !l.ports.is_range() {
@@ -206,7 +197,7 @@ fn steer(steering: Option<&Steering>, l: &Listener, socket: &Bound) -> Result<()
              and BPF); use single ports, or run as root",
             l.alias,
             l.protocol,
-            describe_bind(l)
+            l.listen_text()
         );
     };
     steering.set_socket(l.rule_id, socket)
@@ -217,7 +208,7 @@ fn bind_error(l: &Listener, e: impl std::fmt::Display) -> anyhow::Error {
         "{}: cannot bind {} {}: {}",
         l.alias,
         l.protocol,
-        describe_bind(l),
+        l.listen_text(),
         e
     )
 }
@@ -228,6 +219,10 @@ pub struct Prepared {
     bound: Vec<(Listener, Bound, Adopted)>,
     /// Keys of retiring UDP listeners put back to serving.
     revived: Vec<ListenKey>,
+    /// A new range that takes over the socket of a removed one on the same
+    /// first port (other ports or target): the removed one's key and the
+    /// new rule. Its socket is in the sockmap at the new id already.
+    taken: Vec<(ListenKey, Listener)>,
 }
 
 impl Relay {
@@ -254,7 +249,8 @@ impl Relay {
 
     /// [`Relay::start`], taking over the sockets and flows an upgrade
     /// handed over where their listener is still in `listeners`, with
-    /// port ranges steered to their sockets by `steering`.
+    /// port ranges' sockets put in `steering`'s map (the caller then
+    /// writes the ranges with [`Steering::set_ranges`]).
     pub async fn start_steered(
         listeners: &[Listener],
         settings: RelaySettings,
@@ -282,9 +278,6 @@ impl Relay {
             };
             steer(steering.as_deref(), l, &socket)?;
             bound.push((l.clone(), socket, adopted));
-        }
-        if let Some(steering) = &steering {
-            steering.set_ranges(listeners)?;
         }
         let (udp_budget, unread) = UdpBudget::of_host();
         if let Some(e) = unread {
@@ -372,6 +365,7 @@ impl Relay {
         let mut prepared = Prepared {
             bound: Vec::new(),
             revived: Vec::new(),
+            taken: Vec::new(),
         };
         for l in &plan.added {
             if l.backends.is_empty() {
@@ -379,6 +373,10 @@ impl Relay {
                 bail!("{}: {} {} has no backend", l.alias, l.protocol, l.bind);
             }
             let key = ListenKey::of(l);
+            if let Some(old) = self.take_over(plan, l) {
+                prepared.taken.push((old, l.clone()));
+                continue;
+            }
             // A port range's socket is bound anew beside a retiring one
             // (SO_REUSEADDR): its sessions' sockets hold its ports.
             if l.protocol == Protocol::Udp && !l.ports.is_range() && self.revive(key) {
@@ -398,6 +396,35 @@ impl Relay {
             }
         }
         Ok(prepared)
+    }
+
+    /// The key of a removed range whose socket the new range `l` can take
+    /// over (same protocol and first port: a second listening socket
+    /// could not be bound there), with `l`'s id steered to it.
+    fn take_over(&self, plan: &Plan, l: &Listener) -> Option<ListenKey> {
+        let steering = self.steering.get()?;
+        if !l.ports.is_range() {
+            return None;
+        }
+        let old = plan
+            .removed
+            .iter()
+            .find(|o| o.protocol == l.protocol && o.bind == l.bind && o.ports.is_range())?;
+        let key = ListenKey::of(old);
+        let listeners = self.listeners();
+        let fd = listeners
+            .serving
+            .iter()
+            .find(|s| s.key == key)?
+            .steered
+            .as_ref()?;
+        match steering.set_socket(l.rule_id, fd) {
+            Ok(()) => Some(key),
+            Err(e) => {
+                warn!(alias = %l.alias, "{e:#}; binding anew");
+                None
+            }
+        }
     }
 
     /// Binds `l`, waiting a moment for a retiring listener on the same
@@ -476,6 +503,17 @@ impl Relay {
             .map(|(i, s)| (s.key, i))
             .collect();
         let mut unsteer = Vec::new();
+        for (old_key, l) in &prepared.taken {
+            let Some(s) = listeners.serving.iter_mut().find(|s| s.key == *old_key) else {
+                continue;
+            };
+            // A rule of its own (fresh counters); the old one's flows keep theirs.
+            unsteer.push(s.rule().rule_id);
+            let next = RuleCtx::new(l, self.observer.clone(), self.health.rule(l));
+            let _ = s.rule.send(Arc::new(next));
+            s.key = ListenKey::of(l);
+            info!(alias = %l.alias, "relay: {} {} takes over the socket of the range it replaces", l.protocol, l.listen_text());
+        }
         for (old, new) in &plan.changed {
             if let Some(s) = at.get(&ListenKey::of(new)).map(|&i| &listeners.serving[i]) {
                 // A changed rule has a new id: its socket moves there
@@ -513,7 +551,7 @@ impl Relay {
         if let Some(steering) = self.steering.get() {
             // New ranges' sockets are in place: the trie may point at them,
             // and removed ranges' ports go nowhere from now on.
-            if let Err(e) = steering.set_ranges(&plan.next.listeners) {
+            if let Err(e) = steering.set_ranges(&plan.next.kernel.ranges) {
                 warn!("{e:#}");
             }
             for id in unsteer {

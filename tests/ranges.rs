@@ -1,0 +1,257 @@
+//! Port-range rules through the daemon: a 1:1 range of 16,384 ports,
+//! a shifted one and a many-to-one one, TCP and UDP, on the kernel path
+//! (the relay's steered sockets take none of it); and `check` refusing overlaps,
+//! unequal lengths and the SNAT range with both places named.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::common::harness::{
+    Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, spawn_in,
+};
+
+use crate::common::traffic::connect;
+use crate::common::{self, Netns, TempConfig, Topology, stderr_lines};
+
+/// TCP and UDP servers on each of `ports` that answer with the port they
+/// serve: a TCP connection gets `port N` and is closed; a datagram gets
+/// `port N: ` and itself back.
+struct PortServers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl PortServers {
+    fn start(ns: &Netns, ports: &[u16]) -> PortServers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for &port in ports {
+            let (stop, ready) = (stop.clone(), ready_tx.clone());
+            threads.push(spawn_in(ns, move || {
+                let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+                tcp.set_nonblocking(true).unwrap();
+                let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
+                udp.set_read_timeout(Some(Duration::from_millis(5)))
+                    .unwrap();
+                ready.send(()).unwrap();
+                let mut buf = [0u8; 1500];
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((mut s, _)) = tcp.accept() {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(format!("port {port}").as_bytes());
+                    }
+                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        let mut answer = format!("port {port}: ").into_bytes();
+                        answer.extend_from_slice(&buf[..n]);
+                        let _ = udp.send_to(&answer, from);
+                    }
+                }
+            }));
+        }
+        for _ in ports {
+            ready_rx.recv_timeout(WAIT).expect("port servers up");
+        }
+        PortServers { stop, threads }
+    }
+}
+
+impl Drop for PortServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the backend said over TCP to a connection to `to`.
+fn tcp_answer(to: SocketAddr) -> String {
+    let mut s = connect(to);
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("the backend's answer");
+    got
+}
+
+/// What the backend said to one datagram sent to `to` (a connected socket:
+/// only an answer from `to` itself is read).
+fn udp_answer(to: SocketAddr, msg: &str) -> String {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+    socket.connect(to).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    socket.send(msg.as_bytes()).unwrap();
+    let mut buf = [0u8; 1500];
+    let n = socket
+        .recv(&mut buf)
+        .expect("an answer from the listen port");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[test]
+fn one_to_one_shifted_and_many_to_one_ranges_on_the_kernel_path() {
+    if !common::require_root("one_to_one_shifted_and_many_to_one_ranges_on_the_kernel_path") {
+        return;
+    }
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    // First, middle and last of each range; 7000 is the many-to-one target.
+    let media = [49152u16, 57344, 65535];
+    let shifted = [(30000u16, 31000u16), (30500, 31500), (30999, 31999)];
+    let many = [40000u16, 40050, 40099];
+    let mut backend_ports: Vec<u16> = media.to_vec();
+    backend_ports.extend(shifted.iter().map(|(_, b)| *b));
+    backend_ports.push(7000);
+    let _servers = PortServers::start(&topo.backend, &backend_ports);
+    let yaml = format!(
+        "interfaces: [{a}, {b}]\n\
+         relay: {{drain_timeout: 1s}}\n\
+         kernel: {{snat_ports: 10000-19999}}\n\
+         routes:\n\
+         \x20 media: {{scheme: 'tcp,udp', host: {backend}, port: 49152-65535:49152-65535}}\n\
+         \x20 shifted: {{scheme: 'tcp,udp', host: {backend}, port: 30000-30999:31000-31999}}\n\
+         \x20 many: {{scheme: 'tcp,udp', host: {backend}, port: 40000-40099:7000}}\n",
+        a = topo.client_link.a_if,
+        b = topo.backend_link.a_if,
+        backend = topo.backend_addr(),
+    );
+    let daemon = Daemon::start(&topo.forwarder, "ranges", &yaml);
+    let fwd = topo.forwarder_addr();
+    let expect: Vec<(&str, u16, u16)> = media
+        .iter()
+        .map(|&p| ("media", p, p))
+        .chain(shifted.iter().map(|&(l, b)| ("shifted", l, b)))
+        .chain(many.iter().map(|&l| ("many", l, 7000)))
+        .collect();
+    in_netns(&topo.client, || {
+        for &(alias, listen, backend) in &expect {
+            let to = SocketAddr::from((fwd, listen));
+            assert_eq!(
+                tcp_answer(to),
+                format!("port {backend}"),
+                "{alias} tcp {listen}"
+            );
+            assert_eq!(
+                udp_answer(to, &format!("to {listen}")),
+                format!("port {backend}: to {listen}"),
+                "{alias} udp {listen}"
+            );
+        }
+    });
+    let status = daemon.status();
+    for alias in ["media", "shifted", "many"] {
+        for proto in ["tcp", "udp"] {
+            let k = kernel_rule(&status, alias, proto);
+            assert_eq!(counter(k, "flows"), 3, "{alias} {proto}: {k}");
+        }
+        let u = kernel_rule(&status, alias, "udp");
+        assert_eq!(counter(u, "packets_fwd"), 3, "{u}");
+        assert_eq!(counter(u, "packets_rev"), 3, "{u}");
+    }
+    let rule = status["rules"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["alias"] == "media"))
+        .expect("media in the status");
+    assert_eq!(rule["bind"], "[::]:49152-65535", "{rule}");
+    // The relay listens on each range (one steered socket per protocol)
+    // but the kernel path carried all of it.
+    for alias in ["media", "shifted", "many"] {
+        for proto in ["tcp", "udp"] {
+            let r = common::harness::relay_rule(&status, alias, proto);
+            assert_eq!(counter(r, "flows"), 0, "{alias} {proto}: {r}");
+        }
+    }
+    // One past the end: nobody listens there, the stack refuses.
+    in_netns(&topo.client, || {
+        let past = SocketAddr::from((fwd, 30000 + 1000));
+        assert!(std::net::TcpStream::connect_timeout(&past, WAIT).is_err());
+    });
+    // A reload: `shifted` loses its upper half (a removed rule and a new
+    // one), `many` goes; `media` stays as it was.
+    let reloaded = yaml
+        .replace("30000-30999:31000-31999", "30000-30499:31000-31499")
+        .lines()
+        .filter(|l| !l.contains("many:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(daemon.config_path(), reloaded + "\n").unwrap();
+    let out = daemon.reload();
+    assert!(out.status.success(), "{out:?}");
+    in_netns(&topo.client, || {
+        for (listen, backend) in [(30000u16, 31000u16), (65535, 65535)] {
+            let to = SocketAddr::from((fwd, listen));
+            assert_eq!(
+                tcp_answer(to),
+                format!("port {backend}"),
+                "after reload, {listen}"
+            );
+        }
+        for gone in [30999u16, 40050] {
+            let to = SocketAddr::from((fwd, gone));
+            assert!(
+                std::net::TcpStream::connect_timeout(&to, WAIT).is_err(),
+                "{gone} after reload"
+            );
+        }
+    });
+    let status = daemon.status();
+    let k = kernel_rule(&status, "shifted", "tcp");
+    assert_eq!(counter(k, "flows"), 1, "the new rule's own: {k}");
+    let k = kernel_rule(&status, "media", "tcp");
+    assert_eq!(counter(k, "flows"), 4, "kept with its counters: {k}");
+    daemon.stop();
+}
+
+fn check(cfg: &TempConfig) -> Output {
+    Command::new(common::forwarder_bin())
+        .args(["check", "-c"])
+        .arg(&cfg.path)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_refuses_overlapping_and_mismatched_ranges_naming_both_rules() {
+    let yaml = "kernel: {snat_ports: 10000-19999}
+routes:
+  media: {scheme: udp, host: 10.0.0.5, port: 30000-30999:30000-30999}
+  single: {scheme: udp, host: 10.0.0.6, port: 30500:53}
+  short: {scheme: tcp, host: 10.0.0.6, port: 20000-20999:21000-21099}
+  snat: {scheme: tcp, host: 10.0.0.6, port: 19000-20000:7000}
+labels:
+  proxy.aliases: lab
+  proxy.lab.scheme: udp
+  proxy.lab.host: 10.0.0.7
+  proxy.lab.port: 30990-31010:30990-31010
+";
+    let cfg = TempConfig::new("ranges", yaml);
+    let out = check(&cfg);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let file = cfg.path.display().to_string();
+    let lines = stderr_lines(&out);
+    let want = [
+        format!(
+            "{file}:4:47: alias `single`, field `port`: found udp [::]:30500, which alias `media` also claims (udp [::]:30000-30999); allowed one rule per (bind, port, protocol), ranges included; a wildcard bind covers every address of its family; alias `media` is at {file}:3:46"
+        ),
+        format!(
+            "{file}:5:46: alias `short`, field `port`: found `20000-20999:21000-21099` (listen range of 1000 ports, target range of 100)"
+        ),
+        format!(
+            "{file}:6:45: alias `snat`, field `port`: found listen range 19000-20000 overlaps the SNAT range"
+        ),
+        format!(
+            "{file}:11:19: alias `lab`, field `port`: found udp [::]:30990-31010, which alias `media` also claims (udp [::]:30000-30999)"
+        ),
+    ];
+    for w in &want {
+        assert!(
+            lines.iter().any(|l| l.starts_with(w.as_str())),
+            "no line starting `{w}` in {lines:#?}"
+        );
+    }
+    assert_eq!(lines.len(), want.len(), "{lines:#?}");
+}
