@@ -15,7 +15,7 @@ use forwarder::relay::{Relay, RelayRuleCounters};
 use forwarder::rules::{ListenPorts, Listener, Protocol, RelaySettings, TargetPorts, Timeouts};
 use forwarder_common::{ADDR_ANY, RuleValue};
 
-use crate::common::harness::{WAIT, in_netns, runtime, spawn_in};
+use crate::common::harness::{Daemon, WAIT, counter, in_netns, relay_rule, runtime, spawn_in};
 use crate::common::relay::{Recorder, listener};
 use crate::common::{Netns, Topology, require_root};
 
@@ -349,4 +349,124 @@ fn ranges_relay_udp_clients_on_two_ports_get_only_their_own_replies() {
     let total = 2 * u64::from(ROUNDS) + 4;
     assert_eq!(udp.datagrams_to_backend, total, "{udp:?}");
     assert_eq!(udp.datagrams_to_client, total, "{udp:?}");
+}
+
+/// The rule file of the daemon tests: a `tcp,udp` range of 16,384 ports
+/// 1:1 to the backend, and a single port beside it.
+fn range_file(backend: Ipv4Addr, with_range: bool) -> String {
+    let mut yaml = format!(
+        "relay: {{drain_timeout: 1s}}\nroutes:\n  keep: {{scheme: tcp, host: {backend}, port: 7000:{FIRST}}}\n"
+    );
+    if with_range {
+        yaml.push_str(&format!(
+            "  media: {{scheme: 'tcp,udp', host: {backend}, port: {FIRST}-{LAST}:{FIRST}-{LAST}}}\n"
+        ));
+    }
+    yaml
+}
+
+fn relay_only(cmd: &mut std::process::Command) {
+    cmd.arg("--relay-only");
+}
+
+/// The daemon's open descriptors.
+fn open_fds(daemon: &Daemon) -> usize {
+    let pid = daemon.status()["pid"].as_u64().expect("pid in the status");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn ranges_relay_only_daemon_serves_16384_ports_with_a_socket_per_protocol() {
+    if !require_root("ranges_relay_only_daemon_serves_16384_ports_with_a_socket_per_protocol") {
+        return;
+    }
+    let topo = Topology::new();
+    let _servers = PortServers::start(&topo.backend, &[FIRST, MIDDLE, LAST]);
+    let yaml = range_file(topo.backend_addr(), true);
+    let daemon = Daemon::start_with(&topo.forwarder, "ranges-relay", &yaml, "info", relay_only);
+    let fwd = topo.forwarder_addr();
+    in_netns(&topo.client, || {
+        for port in [FIRST, MIDDLE, LAST] {
+            let to = SocketAddr::from((fwd, port));
+            assert_eq!(tcp_port_of(to), port, "tcp to {port}");
+            let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket.set_read_timeout(Some(WAIT)).unwrap();
+            assert_eq!(
+                udp_port_of(&socket, to, b"hello"),
+                (port, to),
+                "udp to {port}"
+            );
+        }
+    });
+    let status = daemon.status();
+    assert_eq!(status["kernel_path"], false, "--relay-only");
+    let tcp = relay_rule(&status, "media", "tcp");
+    assert_eq!(counter(tcp, "flows"), 3, "{tcp}");
+    let udp = relay_rule(&status, "media", "udp");
+    assert_eq!(counter(udp, "flows"), 3, "{udp}");
+    assert_eq!(counter(udp, "datagrams_to_backend"), 3, "{udp}");
+    // One socket per protocol for 16,384 ports (and a few per live UDP
+    // session), not one per port.
+    let fds = open_fds(&daemon);
+    eprintln!("the relay-only daemon with a 16,384-port tcp,udp range holds {fds} descriptors");
+    assert!(fds < 200, "the daemon holds {fds} descriptors");
+    let log = daemon.stop();
+    assert!(
+        log.contains("port ranges: socket lookup steers them"),
+        "{log}"
+    );
+}
+
+#[test]
+fn ranges_relay_removing_a_range_refuses_new_flows_and_lets_open_ones_finish() {
+    if !require_root("ranges_relay_removing_a_range_refuses_new_flows_and_lets_open_ones_finish") {
+        return;
+    }
+    let topo = Topology::new();
+    let _servers = PortServers::start(&topo.backend, &[FIRST, MIDDLE]);
+    let yaml = range_file(topo.backend_addr(), true);
+    let daemon = Daemon::start_with(&topo.forwarder, "ranges-reload", &yaml, "info", relay_only);
+    let fwd = topo.forwarder_addr();
+    let to = SocketAddr::from((fwd, MIDDLE));
+    // A TCP flow and a UDP session open before the reload.
+    let (mut tcp, udp) = in_netns(&topo.client, || {
+        let mut s = TcpStream::connect_timeout(&to, WAIT).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut port = [0u8; 2];
+        s.read_exact(&mut port).unwrap();
+        assert_eq!(u16::from_be_bytes(port), MIDDLE);
+        let u = UdpSocket::bind("0.0.0.0:0").unwrap();
+        u.set_read_timeout(Some(WAIT)).unwrap();
+        assert_eq!(udp_port_of(&u, to, b"before"), (MIDDLE, to));
+        (s, u)
+    });
+    std::fs::write(daemon.config_path(), range_file(topo.backend_addr(), false)).unwrap();
+    let out = daemon.reload();
+    assert!(out.status.success(), "{out:?}");
+    in_netns(&topo.client, || {
+        // New flows: no socket takes the range's ports any more.
+        let err = TcpStream::connect_timeout(&to, WAIT).expect_err("refused after the reload");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+        let fresh = UdpSocket::bind("0.0.0.0:0").unwrap();
+        fresh.connect(to).unwrap();
+        fresh
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        fresh.send(b"new").unwrap();
+        let mut buf = [0u8; 64];
+        assert!(fresh.recv(&mut buf).is_err(), "no reply to a new client");
+        // The open ones go on.
+        tcp.write_all(b"after").unwrap();
+        let mut echo = [0u8; 5];
+        tcp.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"after");
+        assert_eq!(udp_port_of(&udp, to, b"after"), (MIDDLE, to));
+    });
+    drop(tcp);
+    let status = daemon.status();
+    let rules = status["rules"].as_array().unwrap();
+    assert!(rules.iter().all(|r| r["alias"] != "media"), "{rules:?}");
+    daemon.stop();
 }
