@@ -255,3 +255,28 @@ labels:
     }
     assert_eq!(lines.len(), want.len(), "{lines:#?}");
 }
+
+#[test]
+fn relay_only_refuses_a_range_rule_in_one_line() {
+    let yaml = "kernel: {snat_ports: 10000-19999}
+routes:
+  media: {scheme: udp, host: 10.0.0.5, port: 30000-30999:30000-30999}
+";
+    let cfg = TempConfig::new("ranges-relay-only", yaml);
+    let mut run = Command::new(common::forwarder_bin());
+    run.args(["run", "--relay-only", "-c"])
+        .arg(&cfg.path)
+        .args(["--control", &cfg.control()]);
+    let out = common::output_within(&mut run, WAIT);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let lines = stderr_lines(&out);
+    let file = cfg.path.display().to_string();
+    assert_eq!(
+        lines,
+        [format!(
+            "forwarder: rule `media` in {file} has a port range (the relay does not listen on ranges yet): --relay-only cannot carry it"
+        )],
+        "{out:?}"
+    );
+    assert!(!std::path::Path::new(&cfg.control()).exists());
+}

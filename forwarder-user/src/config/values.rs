@@ -148,10 +148,9 @@ fn port_number(part: &str) -> Option<u64> {
 fn port_range(part: &str) -> Option<Result<(u16, u16), String>> {
     let (a, b) = part.split_once('-')?;
     let (a, b) = (a.trim(), b.trim());
-    // `-2` is a negative number, not a range.
-    if a.is_empty() {
-        return None;
-    }
+    // `-2` is a negative number and `no-such-service` a service name,
+    // not ranges.
+    port_number(a)?;
     Some(match (port_number(a), port_number(b)) {
         (Some(0), _) | (_, Some(0)) => Err("a range that includes port 0".into()),
         (Some(a), Some(b)) if a <= 65535 && b <= 65535 && a <= b => Ok((a as u16, b as u16)),
@@ -615,6 +614,15 @@ mod tests {
         assert!(err("5000-5099:dns").contains("port number or a range"));
         assert!(err("5000-:7000").contains("not `first-last`"));
         assert!(err("5000-5099:7000:1").starts_with("`5000-5099:7000:1`"));
+        // A service name with a dash is a name.
+        let svc = |name: &str| match name {
+            "my-svc" => Ok(53),
+            _ => Err(format!("no service `{name}`")),
+        };
+        assert_eq!(
+            port(&n("17055:my-svc"), false, &svc).unwrap().target,
+            Some(53)
+        );
     }
 
     #[test]
