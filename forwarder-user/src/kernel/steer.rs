@@ -142,13 +142,6 @@ impl Steering {
     pub fn program_id(&self) -> Option<u32> {
         self.program_id
     }
-
-    /// Detaches the program at once, whoever else holds its link.
-    pub fn stop(self) {
-        if let Some(id) = self.program_id {
-            let _ = super::links::detach_links_of(&[id]);
-        }
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
