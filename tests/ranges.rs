@@ -1,7 +1,7 @@
 //! Port-range rules through the daemon: a 1:1 range of 16,384 ports,
 //! a shifted one and a many-to-one one, TCP and UDP, on the kernel path
-//! (the relay's steered sockets take none of it); and `check` refusing overlaps,
-//! unequal lengths and the SNAT range with both places named.
+//! (the relay's steered sockets take none of it), through a reload and a
+//! crash; and `check` and a start without BPF refusing what cannot be, with places.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
@@ -16,6 +16,7 @@ use crate::common::harness::{
 
 use crate::common::traffic::connect;
 use crate::common::{self, Netns, TempConfig, Topology, stderr_lines};
+use crate::crash::{BpffsAsFound, HOST_BPFFS, assert_nothing_left};
 
 /// TCP and UDP servers on each of `ports` that answer with the port they
 /// serve: a TCP connection gets `port N` and is closed; a datagram gets
@@ -287,4 +288,94 @@ routes:
         "{out:?}"
     );
     assert!(!std::path::Path::new(&cfg.control()).exists());
+}
+
+#[test]
+fn a_killed_daemons_pinned_ranges_go_on_and_the_next_daemon_adopts_them() {
+    if !common::require_root("a_killed_daemons_pinned_ranges_go_on_and_the_next_daemon_adopts_them")
+    {
+        return;
+    }
+    let _one_at_a_time = HOST_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+    let _bpffs = BpffsAsFound::new();
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = PortServers::start(&topo.backend, &[31000, 31999]);
+    let yaml = format!(
+        "kernel: {{snat_ports: 10000-19999}}\n\
+         routes:\n\
+         \x20 shifted: {{scheme: 'tcp,udp', host: {backend}, port: 30000-30999:31000-31999}}\n",
+        backend = topo.backend_addr(),
+    );
+    let fwd = topo.forwarder_addr();
+    let (first_port, last_port) = (
+        SocketAddr::from((fwd, 30000)),
+        SocketAddr::from((fwd, 30999)),
+    );
+    let mut first = Daemon::start_pinning(&topo.forwarder, "ranges-pin-first", &yaml);
+    let dgram = in_netns(&topo.client, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        s.connect(last_port).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s
+    });
+    let echo = |msg: &str| {
+        dgram.send(msg.as_bytes()).unwrap();
+        let mut buf = [0u8; 1500];
+        let n = dgram
+            .recv(&mut buf)
+            .expect("an answer from the listen port");
+        assert_eq!(&buf[..n], format!("port 31999: {msg}").as_bytes());
+    };
+    echo("before the kill");
+    // The trie and its count are pinned with the rules, for the next daemon.
+    let cookie = in_netns(&topo.forwarder, forwarder::state::netns_cookie).unwrap();
+    let pins = std::path::Path::new("/sys/fs/bpf/forwarder").join(format!("netns-{cookie}"));
+    for map in ["RANGES", "RANGE_COUNT"] {
+        assert!(
+            pins.join(map).exists(),
+            "{map} pinned in {}",
+            pins.display()
+        );
+    }
+    first.kill();
+    // Nobody runs: the pinned program and trie carry the flow on, and
+    // open new ones.
+    echo("no daemon");
+    in_netns(&topo.client, || {
+        assert_eq!(tcp_answer(first_port), "port 31000", "no daemon");
+    });
+    let second = Daemon::start_pinning(&topo.forwarder, "ranges-pin-second", &yaml);
+    assert!(
+        second
+            .log_text()
+            .contains("adopted the kernel path of a previous daemon"),
+        "{}",
+        second.log_text()
+    );
+    echo("after the restart");
+    in_netns(&topo.client, || {
+        assert_eq!(tcp_answer(first_port), "port 31000", "after the restart");
+    });
+    let status = second.status();
+    let k = kernel_rule(&status, "shifted", "udp");
+    assert_eq!(counter(k, "flows"), 1, "{k}");
+    assert_eq!(counter(k, "packets_fwd"), 3, "{k}");
+    let k = kernel_rule(&status, "shifted", "tcp");
+    assert_eq!(counter(k, "flows"), 2, "one while no daemon ran: {k}");
+    // The adopted trie is the one the programs read: a reload that takes
+    // the upper half away shows there.
+    let shrunk = yaml.replace("30000-30999:31000-31999", "30000-30499:31000-31499");
+    std::fs::write(second.config_path(), shrunk).unwrap();
+    let out = second.reload();
+    assert!(out.status.success(), "{out:?}");
+    in_netns(&topo.client, || {
+        assert_eq!(tcp_answer(first_port), "port 31000", "after the reload");
+        assert!(
+            std::net::TcpStream::connect_timeout(&last_port, WAIT).is_err(),
+            "30999 is no rule's after the reload"
+        );
+    });
+    second.stop();
+    assert_nothing_left(&topo);
 }
