@@ -489,3 +489,28 @@ fn ranges_relay_removing_a_range_refuses_new_flows_and_lets_open_ones_finish() {
     assert!(rules.iter().all(|r| r["alias"] != "media"), "{rules:?}");
     daemon.stop();
 }
+
+#[test]
+fn ranges_relay_first_range_by_reload_needs_a_restart_under_relay_only() {
+    if !require_root("ranges_relay_first_range_by_reload_needs_a_restart_under_relay_only") {
+        return;
+    }
+    let topo = Topology::new();
+    let yaml = range_file(topo.backend_addr(), false);
+    let daemon = Daemon::start_with(&topo.forwarder, "ranges-first", &yaml, "info", relay_only);
+    // Started without a range, the daemon gave up what loading BPF takes.
+    std::fs::write(daemon.config_path(), range_file(topo.backend_addr(), true)).unwrap();
+    let out = daemon.reload();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rule `media` is a port range") && err.contains("restart the daemon as root"),
+        "{err}"
+    );
+    // The running rules stay, and the range's ports take nothing.
+    let status = daemon.status();
+    let rules = status["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["alias"], "keep");
+    daemon.stop();
+}
