@@ -8,6 +8,7 @@ mod broadcast;
 mod capabilities;
 mod checksums;
 mod config_cli;
+mod conntrack_scale;
 mod crash;
 mod daemon;
 mod daemon_lifecycle;

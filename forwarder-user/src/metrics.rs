@@ -379,13 +379,13 @@ fn kernel(registry: &mut Registry, f: &Families, k: &KernelCounters) {
     total.inc_by(seconds(k.sweeper_passes_ns));
     registry.register(
         "forwarder_sweeper_pass_seconds",
-        "Time the sweeper's passes took, all together",
+        "Time the sweeper spent in its ticks, all together",
         total,
     );
     let last = GaugesF64::default();
     registry.register(
         "forwarder_sweeper_last_pass_seconds",
-        "How long the sweeper's last pass took",
+        "Time the sweeper spent in the ticks of its last pass",
         last.clone(),
     );
     last.get_or_create(&Vec::new())

@@ -299,6 +299,11 @@ impl Daemon {
             .expect("signal the daemon");
     }
 
+    /// The daemon's process id (`ip netns exec` runs it in its own place).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

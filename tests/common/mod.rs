@@ -1,6 +1,7 @@
 //! Test harness shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod conntrack;
 pub mod dns;
 pub mod docker;
 pub mod harness;

@@ -22,6 +22,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "the tests' veth offload settings for XDP"),
     ("bpftool", "the tests' check that nothing stays attached"),
     (
+        "nftables",
+        "the host-NAT tests' masquerading container namespace",
+    ),
+    (
         "docker.io",
         "the Docker Engine the Docker discovery test starts",
     ),

@@ -8,6 +8,7 @@
 //! Start and stop must run in the same network namespace (the daemon's).
 
 mod attach;
+mod batch;
 mod counters;
 mod interfaces;
 mod links;
@@ -19,7 +20,7 @@ mod qdisc;
 mod relay_flows;
 mod rule_maps;
 mod snat;
-mod sweeper;
+pub mod sweeper;
 mod sysctl;
 mod tables;
 
@@ -235,9 +236,12 @@ impl KernelPath {
             let mut maps = RuleMaps::take(&mut ebpf)?;
             maps.write(&tables)?;
             if adopted {
+                use std::os::fd::AsFd;
                 let entries = match ebpf.map("CONNTRACK") {
-                    Some(map) => HashMap::<_, CtKey, CtValue>::try_from(map)?.keys().count(),
-                    None => 0,
+                    Some(aya::maps::Map::HashMap(data)) => {
+                        batch::count::<CtKey, CtValue>(data.fd().as_fd())?
+                    }
+                    _ => 0,
                 };
                 tracing::info!(
                     "adopted the kernel path of a previous daemon: its {} flows go on",
@@ -267,13 +271,7 @@ impl KernelPath {
                 with_xdp,
                 pin_dir.clone(),
             )?;
-            let sweeper = Sweeper {
-                conntrack,
-                relay_flows: sweeper_view,
-                timeouts: timeouts.clone(),
-                limit: conntrack_size as usize * 2,
-                gauges: gauges.clone(),
-            };
+            let sweeper = Sweeper::new(conntrack, sweeper_view, timeouts.clone(), gauges.clone());
             anyhow::Ok((maps, counters, reserved, attached, sweeper, egress))
         })();
         let (maps, counters, reserved, attached, sweeper, egress) = match result {
@@ -301,7 +299,8 @@ impl KernelPath {
             .filter(|(_, v)| v.flags & RULE_F_RELAY != 0)
             .count();
         tracing::info!(
-            "kernel path attached to {}{}: {} rules ({} relay only, {} port ranges), SNAT ports {}-{}, conntrack {}",
+            "kernel path attached to {}{}: {} rules ({} relay only, {} port ranges), SNAT ports \
+             {}-{}, conntrack {} entries (a pass over them all takes up to {:?})",
             names.join(", "),
             if with_xdp { " (TC and XDP)" } else { " (TC)" },
             tables.rule_count(),
@@ -309,7 +308,8 @@ impl KernelPath {
             tables.range_rules(),
             settings.snat_ports.0,
             settings.snat_ports.1,
-            conntrack_size
+            conntrack_size,
+            sweeper::pass_time(u64::from(conntrack_size), timeouts_period(&timeouts)),
         );
         Ok(KernelPath {
             rule_set: Mutex::new(RuleSet {
@@ -627,6 +627,10 @@ fn warn_if_not_forwarding(interfaces: &[Interface]) {
             );
         }
     }
+}
+
+fn timeouts_period(timeouts: &RwLock<RuleTimeouts>) -> std::time::Duration {
+    timeouts.read().unwrap_or_else(|e| e.into_inner()).period()
 }
 
 fn rule_timeouts(listeners: &[Listener]) -> RuleTimeouts {

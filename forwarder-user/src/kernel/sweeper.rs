@@ -7,13 +7,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use aya::maps::{HashMap, MapData};
+use std::os::fd::AsFd;
+
+use aya::maps::{HashMap, IterableMap, MapData};
 use forwarder_common::host_nat::{CT_DIR_HOST_IN, CT_DIR_HOST_OUT, host_hold_ns};
 use forwarder_common::{
     Addr, CT_DIR_FORWARD, CT_STATE_CLOSING, CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET,
     CtKey, CtValue, PROTO_TCP, RELAY_OWNER_KERNEL, RelayFlow,
 };
 
+use super::batch::{self, Cursor};
 use super::snat::ip_of;
 use crate::rules::Timeouts;
 
@@ -202,46 +205,164 @@ fn leads_pair(entry: &CtValue) -> bool {
     matches!(entry.direction, CT_DIR_FORWARD | CT_DIR_HOST_OUT)
 }
 
-/// The keys to remove from a conntrack snapshot at `now`: both entries of
-/// every pair idle past its [`idle_limit`] (idle since the later of the two
-/// timestamps), and reverse entries whose pair is gone. Moved host flows
-/// are pairs too, held by [`host_hold_ns`].
+fn idle_past(now: u64, last_seen_ns: u64, limit: Duration) -> bool {
+    now.saturating_sub(last_seen_ns) > limit.as_nanos() as u64
+}
+
+impl RuleTimeouts {
+    /// The least the pair led by `lead` may be idle, whatever its other
+    /// entry holds: the pair is idle since the later of its two packets,
+    /// so while the lead itself has been idle no longer than this, the
+    /// pair stays and a pass need not look its other entry up.
+    pub fn pair_floor(&self, proto: u8, lead: &CtValue) -> Duration {
+        if is_host(lead) {
+            return Duration::from_nanos(host_hold_ns(proto));
+        }
+        let t = self.get(lead.rule_id);
+        [
+            CT_STATE_NEW,
+            CT_STATE_ESTABLISHED,
+            CT_STATE_CLOSING,
+            CT_STATE_RESET,
+        ]
+        .into_iter()
+        .flat_map(|reverse| {
+            [false, true].map(|backend_closed_first| Pair {
+                forward: lead.state,
+                reverse,
+                backend_closed_first,
+            })
+        })
+        .map(|pair| idle_limit(&t, proto, pair))
+        .min()
+        .unwrap_or_default()
+    }
+}
+
+/// What a pass does with one conntrack entry it read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Stays. `entries`: how many entries of the table it accounts for; a
+    /// lead accounts for its pair's other entry too, and an entry a lead
+    /// accounts for, for none.
+    Keep { entries: u64 },
+    /// Goes, with the other entry of its pair if `pair`.
+    Expire { pair: bool },
+    /// Its pair's other entry (at `CtValue::pair_key`) decides: look it up
+    /// and ask again.
+    LookUpPair,
+}
+
+/// The verdict on the entry `key` at `now`. `pair` is the other entry of
+/// its pair: `None` if not looked up yet, `Some(None)` if it is gone.
+///
+/// A lead (a kernel flow's forward entry, a moved host flow's outgoing
+/// one) decides for its pair: both go once idle past their
+/// [`idle_limit`], idle since the later of the two timestamps. Another
+/// entry goes alone once idle past its own limit, unless a lead still
+/// points at it. Moved host flows are held by [`host_hold_ns`].
+pub fn verdict(
+    key: &CtKey,
+    entry: &CtValue,
+    pair: Option<Option<&CtValue>>,
+    now: u64,
+    timeouts: &RuleTimeouts,
+) -> Verdict {
+    let proto = key.proto;
+    if leads_pair(entry) {
+        if !idle_past(now, entry.last_seen_ns, timeouts.pair_floor(proto, entry)) {
+            return Verdict::Keep { entries: 2 };
+        }
+        let Some(other) = pair else {
+            return Verdict::LookUpPair;
+        };
+        let last = other.map_or(entry.last_seen_ns, |o| {
+            o.last_seen_ns.max(entry.last_seen_ns)
+        });
+        let limit = timeouts.pair_limit(entry, proto, Pair::of(entry, other));
+        return if idle_past(now, last, limit) {
+            Verdict::Expire {
+                pair: other.is_some(),
+            }
+        } else {
+            Verdict::Keep {
+                entries: 1 + u64::from(other.is_some()),
+            }
+        };
+    }
+    let limit = timeouts.pair_limit(entry, proto, Pair::of(entry, Some(entry)));
+    if !idle_past(now, entry.last_seen_ns, limit) {
+        return Verdict::Keep { entries: 0 };
+    }
+    match pair {
+        None => Verdict::LookUpPair,
+        Some(Some(lead)) if leads_pair(lead) && lead.pair_key(proto) == *key => {
+            Verdict::Keep { entries: 0 }
+        }
+        Some(_) => Verdict::Expire { pair: false },
+    }
+}
+
+/// The [`verdict`] on the entry `key`, with the other entry of its pair
+/// fetched by `look_up` if needed (returned too, if it was).
+pub fn judge(
+    key: &CtKey,
+    entry: &CtValue,
+    now: u64,
+    timeouts: &RuleTimeouts,
+    look_up: impl FnOnce(&CtKey) -> Option<CtValue>,
+) -> (Verdict, Option<CtValue>) {
+    match verdict(key, entry, None, now, timeouts) {
+        Verdict::LookUpPair => {
+            let pair = look_up(&entry.pair_key(key.proto));
+            (
+                verdict(key, entry, Some(pair.as_ref()), now, timeouts),
+                pair,
+            )
+        }
+        v => (v, None),
+    }
+}
+
+/// The keys to remove from a conntrack snapshot at `now` (see [`verdict`]).
+#[cfg(test)]
 pub fn expired_flows(
     entries: &StdHashMap<CtKey, CtValue>,
     now: u64,
     timeouts: &RuleTimeouts,
 ) -> Vec<CtKey> {
     let mut out = Vec::new();
-    let mut paired = std::collections::HashSet::new();
-    for (key, fwd) in entries.iter().filter(|(_, v)| leads_pair(v)) {
-        let rkey = fwd.pair_key(key.proto);
-        let rev = entries.get(&rkey);
-        let last = rev.map_or(fwd.last_seen_ns, |r| r.last_seen_ns.max(fwd.last_seen_ns));
-        let timeout = timeouts.pair_limit(fwd, key.proto, Pair::of(fwd, rev));
-        if rev.is_some() {
-            paired.insert(rkey);
-        }
-        if now.saturating_sub(last) > timeout.as_nanos() as u64 {
+    for (key, entry) in entries {
+        let (v, _) = judge(key, entry, now, timeouts, |k| entries.get(k).copied());
+        if let Verdict::Expire { pair } = v {
             out.push(*key);
-            if rev.is_some() {
-                out.push(rkey);
+            if pair {
+                out.push(entry.pair_key(key.proto));
             }
-        }
-    }
-    for (key, rev) in entries.iter().filter(|(_, v)| !leads_pair(v)) {
-        if paired.contains(key) {
-            continue;
-        }
-        let timeout = timeouts.pair_limit(rev, key.proto, Pair::of(rev, Some(rev)));
-        if now.saturating_sub(rev.last_seen_ns) > timeout.as_nanos() as u64 {
-            out.push(*key);
         }
     }
     out
 }
 
+/// Whether the relay-flow entry `key` is one the kernel made, the relay
+/// never claimed, and that went idle.
+pub fn relay_flow_expired(
+    key: &CtKey,
+    flow: &RelayFlow,
+    now: u64,
+    timeouts: &RuleTimeouts,
+) -> bool {
+    flow.owner == RELAY_OWNER_KERNEL
+        && idle_past(
+            now,
+            flow.last_seen_ns,
+            timeouts.unclaimed(flow.rule_id, key.proto),
+        )
+}
+
 /// The relay-flow entries the kernel made that the relay never claimed
 /// and that went idle.
+#[cfg(test)]
 pub fn expired_relay_flows(
     entries: &[(CtKey, RelayFlow)],
     now: u64,
@@ -249,13 +370,96 @@ pub fn expired_relay_flows(
 ) -> Vec<CtKey> {
     entries
         .iter()
-        .filter(|(key, flow)| {
-            flow.owner == RELAY_OWNER_KERNEL
-                && now.saturating_sub(flow.last_seen_ns)
-                    > timeouts.unclaimed(flow.rule_id, key.proto).as_nanos() as u64
-        })
+        .filter(|(key, flow)| relay_flow_expired(key, flow, now, timeouts))
         .map(|(key, _)| *key)
         .collect()
+}
+
+/// Entries a pass reads per second at most, over both maps: what bounds
+/// the sweeper's CPU whatever the table's size. A table of more entries
+/// takes more than a second per pass (2M entries, a full table of 1M
+/// flows: 16 s), and a flow goes at the latest that long after its timeout.
+pub const ENTRIES_PER_SECOND: u64 = 131_072;
+
+/// Entries read per system call.
+pub const CHUNK: usize = 4096;
+/// Entries asked for at least, however little of a tick's budget is left.
+const MIN_BATCH: usize = 64;
+
+/// Entries one tick of `period` may read: its share of
+/// [`ENTRIES_PER_SECOND`], and at least a chunk.
+pub fn tick_budget(period: Duration) -> usize {
+    let share = ENTRIES_PER_SECOND as u128 * period.as_millis() / 1000;
+    (share as usize).max(CHUNK)
+}
+
+/// How long a pass over `entries` entries takes at most, ticks of
+/// `period` apart: a flow expires at most this long after its timeout.
+pub fn pass_time(entries: u64, period: Duration) -> Duration {
+    let ticks = entries.div_ceil(tick_budget(period) as u64).max(1);
+    period * ticks as u32
+}
+
+/// What one pass counts, published when it ends.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub conntrack_entries: u64,
+    pub relay_flow_entries: u64,
+    /// SNAT ports in use per (source address, backend, port, protocol).
+    snat: StdHashMap<(Addr, Addr, u16, u8), u64>,
+    pub host_flows_moved: u64,
+    /// The rule ids of every entry read, those that went included.
+    pub rule_ids: HashSet<u32>,
+}
+
+impl Tally {
+    /// A conntrack entry read, and what the pass did with it (`Keep` or
+    /// `Expire`).
+    pub fn conntrack(&mut self, key: &CtKey, value: &CtValue, verdict: Verdict) {
+        self.rule_ids.insert(value.rule_id);
+        let Verdict::Keep { entries } = verdict else {
+            return;
+        };
+        self.conntrack_entries += entries;
+        if !leads_pair(value) {
+            return;
+        }
+        if value.direction == CT_DIR_HOST_OUT {
+            self.host_flows_moved += 1;
+        }
+        // preserve_client_ip flows keep the client's address: no SNAT port
+        // (a moved host flow keeps its address and holds one).
+        if value.direction == CT_DIR_FORWARD && value.new_src == key.src {
+            return;
+        }
+        *self
+            .snat
+            .entry((value.new_src, value.new_dst, value.new_dport, key.proto))
+            .or_default() += 1;
+    }
+
+    /// A relay-flow entry read, and whether it went.
+    pub fn relay_flow(&mut self, flow: &RelayFlow, expired: bool) {
+        self.rule_ids.insert(flow.rule_id);
+        self.relay_flow_entries += u64::from(!expired);
+    }
+
+    /// The SNAT ports each (source address, backend, protocol) holds among
+    /// the forward entries that stay (each such entry is one port), sorted.
+    pub fn snat_use(&self) -> Vec<SnatUse> {
+        let mut out: Vec<SnatUse> = self
+            .snat
+            .iter()
+            .map(|(&(src, dst, dport, proto), &ports)| SnatUse {
+                source: ip_of(&src),
+                backend: std::net::SocketAddr::new(ip_of(&dst), u16::from_be(dport)),
+                protocol: if proto == PROTO_TCP { "tcp" } else { "udp" },
+                ports,
+            })
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 /// Sizes the sweeper saw last.
@@ -268,31 +472,22 @@ pub struct Gauges {
     pub conntrack_capacity: AtomicU64,
     /// SNAT ports each (source address, backend) pair can hand out.
     pub snat_ports: AtomicU64,
-    /// At the last sweep, SNAT ports in use toward the busiest backend:
+    /// At the last pass, SNAT ports in use toward the busiest backend:
     /// the pair that runs out first.
     pub snat_busiest: AtomicU64,
-    /// At the last sweep, SNAT ports in use per source address and backend.
+    /// At the last pass, SNAT ports in use per source address and backend.
     pub snat_use: Mutex<Vec<SnatUse>>,
-    /// At the last sweep, host flows moved off a kernel flow's SNAT port.
+    /// At the last pass, host flows moved off a kernel flow's SNAT port.
     pub host_flows_moved: AtomicU64,
-    /// Passes completed.
+    /// Passes completed (each over both maps, in as many ticks as it takes).
     pub passes: AtomicU64,
-    /// How long the last pass took, and all passes together (nanoseconds).
+    /// The sweeper's time in the last pass, and in all ticks together
+    /// (nanoseconds).
     pub last_pass_ns: AtomicU64,
     pub passes_ns: AtomicU64,
     /// The rule ids the entries of the last pass held: a reload hands out
     /// no id a flow still has.
     pub rule_ids: Mutex<HashSet<u32>>,
-}
-
-pub struct Sweeper {
-    pub conntrack: HashMap<MapData, CtKey, CtValue>,
-    pub relay_flows: HashMap<MapData, CtKey, RelayFlow>,
-    /// Shared with reloads, which add the timeouts of new rule ids.
-    pub timeouts: Arc<RwLock<RuleTimeouts>>,
-    /// Upper bound on entries read per pass (the map sizes).
-    pub limit: usize,
-    pub gauges: Arc<Gauges>,
 }
 
 /// SNAT ports in use toward one backend from one source address.
@@ -304,111 +499,209 @@ pub struct SnatUse {
     pub ports: u64,
 }
 
-/// The SNAT ports each (source address, backend, protocol) holds among
-/// the forward entries that stay (each such entry is one port), sorted.
-fn snat_use(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> Vec<SnatUse> {
-    let gone: HashSet<&CtKey> = expired.iter().collect();
-    let mut per_pair: StdHashMap<(Addr, Addr, u16, u8), u64> = StdHashMap::new();
-    for (key, value) in entries {
-        // preserve_client_ip flows keep the client's address: no SNAT port
-        // (a moved host flow keeps its address and holds one).
-        let preserved = value.direction == CT_DIR_FORWARD && value.new_src == key.src;
-        if !leads_pair(value) || preserved || gone.contains(key) {
-            continue;
-        }
-        *per_pair
-            .entry((value.new_src, value.new_dst, value.new_dport, key.proto))
-            .or_default() += 1;
-    }
-    let mut out: Vec<SnatUse> = per_pair
-        .into_iter()
-        .map(|((src, dst, dport, proto), ports)| SnatUse {
-            source: ip_of(&src),
-            backend: std::net::SocketAddr::new(ip_of(&dst), u16::from_be(dport)),
-            protocol: if proto == PROTO_TCP { "tcp" } else { "udp" },
-            ports,
-        })
-        .collect();
-    out.sort();
-    out
+/// Where a pass is: in the conntrack map, then in the relay-flow map.
+#[derive(Clone, Copy, Debug)]
+enum Walk {
+    Conntrack(Cursor),
+    RelayFlows(Cursor),
 }
 
-/// The moved host flows among the entries that stay (one outgoing entry each).
-fn moved_host_flows(entries: &StdHashMap<CtKey, CtValue>, expired: &[CtKey]) -> u64 {
-    let gone: HashSet<&CtKey> = expired.iter().collect();
-    entries
-        .iter()
-        .filter(|(key, value)| value.direction == CT_DIR_HOST_OUT && !gone.contains(key))
-        .count() as u64
+/// Removes idle flows a bounded slice at a time: each tick reads at most
+/// [`tick_budget`] entries in batches from where the last one stopped, so
+/// the cost per second does not grow with the table; no copy of the table
+/// is kept.
+pub struct Sweeper {
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    relay_flows: HashMap<MapData, CtKey, RelayFlow>,
+    /// Shared with reloads, which add the timeouts of new rule ids.
+    timeouts: Arc<RwLock<RuleTimeouts>>,
+    gauges: Arc<Gauges>,
+    walk: Walk,
+    tally: Tally,
+    /// Time spent in the pass so far.
+    pass_ns: u64,
+    keys: Vec<CtKey>,
+    values: Vec<CtValue>,
+    relay_values: Vec<RelayFlow>,
+}
+
+/// An entry the tick found expired, as it read it.
+struct Doomed {
+    key: CtKey,
+    seen: CtValue,
 }
 
 impl Sweeper {
-    /// One pass; returns how many flows expired.
-    pub fn sweep(&mut self) -> usize {
+    pub fn new(
+        conntrack: HashMap<MapData, CtKey, CtValue>,
+        relay_flows: HashMap<MapData, CtKey, RelayFlow>,
+        timeouts: Arc<RwLock<RuleTimeouts>>,
+        gauges: Arc<Gauges>,
+    ) -> Sweeper {
+        Sweeper {
+            conntrack,
+            relay_flows,
+            timeouts,
+            gauges,
+            walk: Walk::Conntrack(None),
+            tally: Tally::default(),
+            pass_ns: 0,
+            keys: Vec::new(),
+            values: Vec::new(),
+            relay_values: Vec::new(),
+        }
+    }
+
+    /// One tick: reads at most `budget` entries on from where the last
+    /// tick stopped and removes what expired; ends the pass (publishing
+    /// its gauges) if it reaches the end of both maps. Returns how many
+    /// flows expired.
+    pub fn tick(&mut self, budget: usize) -> usize {
         let started = std::time::Instant::now();
         let timeouts = self.timeouts();
         let now = monotonic_ns();
-        let keys: Vec<CtKey> = self
-            .conntrack
-            .keys()
-            .take(self.limit)
-            .filter_map(Result::ok)
-            .collect();
-        let entries: StdHashMap<CtKey, CtValue> = keys
-            .into_iter()
-            .filter_map(|k| self.conntrack.get(&k, 0).ok().map(|v| (k, v)))
-            .collect();
-        let expired = expired_flows(&entries, now, &timeouts);
+        let mut left = budget;
         let mut flows = 0;
-        for key in &expired {
-            let Some(seen) = entries.get(key) else {
-                continue;
+        let mut ended = false;
+        while left > 0 {
+            // A batch ends at a bucket's end, and fails if even the next
+            // bucket does not fit: never ask for fewer than a few buckets'.
+            let max = left.clamp(MIN_BATCH, CHUNK);
+            let read = match self.walk {
+                Walk::Conntrack(cursor) => self.conntrack_chunk(cursor, max, now, &timeouts),
+                Walk::RelayFlows(cursor) => self.relay_chunk(cursor, max, now, &timeouts),
             };
-            // A packet since the snapshot keeps the flow; its pair stays too
-            // because the next pass sees both again.
-            if let Ok(current) = self.conntrack.get(key, 0)
-                && current.last_seen_ns != seen.last_seen_ns
-            {
-                continue;
-            }
-            if self.conntrack.remove(key).is_ok() && seen.direction == CT_DIR_FORWARD {
-                flows += 1;
+            let (n, next, expired) = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    // Tried again from the same place next tick.
+                    tracing::warn!("conntrack sweep: {e}");
+                    break;
+                }
+            };
+            flows += expired;
+            left = left.saturating_sub(n.max(1));
+            self.walk = match (self.walk, next) {
+                (Walk::Conntrack(_), Some(c)) => Walk::Conntrack(Some(c)),
+                (Walk::Conntrack(_), None) => Walk::RelayFlows(None),
+                (Walk::RelayFlows(_), Some(c)) => Walk::RelayFlows(Some(c)),
+                (Walk::RelayFlows(_), None) => {
+                    ended = true;
+                    Walk::Conntrack(None)
+                }
+            };
+            if ended {
+                break;
             }
         }
-        let relay: Vec<(CtKey, RelayFlow)> = self
-            .relay_flows
-            .iter()
-            .take(self.limit)
-            .filter_map(Result::ok)
-            .collect();
-        for key in expired_relay_flows(&relay, now, &timeouts) {
-            let _ = self.relay_flows.remove(&key);
+        let took = started.elapsed().as_nanos() as u64;
+        self.pass_ns += took;
+        if ended {
+            self.end_pass();
         }
         let g = &self.gauges;
-        g.conntrack_entries.store(
-            entries.len().saturating_sub(expired.len()) as u64,
-            Ordering::Relaxed,
-        );
-        g.relay_flow_entries
-            .store(relay.len() as u64, Ordering::Relaxed);
         g.expired_flows.fetch_add(flows as u64, Ordering::Relaxed);
-        let snat = snat_use(&entries, &expired);
+        g.passes_ns.fetch_add(took, Ordering::Relaxed);
+        flows
+    }
+
+    /// Publishes the pass's tally.
+    fn end_pass(&mut self) {
+        let tally = std::mem::take(&mut self.tally);
+        let g = &self.gauges;
+        g.conntrack_entries
+            .store(tally.conntrack_entries, Ordering::Relaxed);
+        g.relay_flow_entries
+            .store(tally.relay_flow_entries, Ordering::Relaxed);
+        let snat = tally.snat_use();
         let busiest = snat.iter().map(|u| u.ports).max().unwrap_or(0);
         g.snat_busiest.store(busiest, Ordering::Relaxed);
         *g.snat_use.lock().unwrap_or_else(|e| e.into_inner()) = snat;
         g.host_flows_moved
-            .store(moved_host_flows(&entries, &expired), Ordering::Relaxed);
-        let ids = entries
-            .values()
-            .map(|v| v.rule_id)
-            .chain(relay.iter().map(|(_, f)| f.rule_id))
-            .collect();
-        *g.rule_ids.lock().unwrap_or_else(|e| e.into_inner()) = ids;
-        let took = started.elapsed().as_nanos() as u64;
-        g.last_pass_ns.store(took, Ordering::Relaxed);
-        g.passes_ns.fetch_add(took, Ordering::Relaxed);
+            .store(tally.host_flows_moved, Ordering::Relaxed);
+        *g.rule_ids.lock().unwrap_or_else(|e| e.into_inner()) = tally.rule_ids;
+        g.last_pass_ns
+            .store(std::mem::take(&mut self.pass_ns), Ordering::Relaxed);
         g.passes.fetch_add(1, Ordering::Release);
-        flows
+    }
+
+    /// Reads and judges one batch of conntrack entries, removes what
+    /// expired; returns (entries read, where to go on, flows expired).
+    fn conntrack_chunk(
+        &mut self,
+        cursor: Cursor,
+        max: usize,
+        now: u64,
+        timeouts: &RuleTimeouts,
+    ) -> std::io::Result<(usize, Cursor, usize)> {
+        let fd = self.conntrack.map().fd().as_fd();
+        let next = batch::lookup(fd, cursor, max, &mut self.keys, &mut self.values)?;
+        let mut doomed: Vec<Doomed> = Vec::new();
+        for (key, value) in self.keys.iter().zip(&self.values) {
+            let conntrack = &self.conntrack;
+            let (v, pair) = judge(key, value, now, timeouts, |k| conntrack.get(k, 0).ok());
+            if let Verdict::Expire { pair: with_pair } = v {
+                doomed.push(Doomed {
+                    key: *key,
+                    seen: *value,
+                });
+                if let (true, Some(seen)) = (with_pair, pair) {
+                    let key = value.pair_key(key.proto);
+                    doomed.push(Doomed { key, seen });
+                }
+            }
+            self.tally.conntrack(key, value, v);
+        }
+        let n = self.keys.len();
+        let flows = self.remove(&doomed)?;
+        Ok((n, next, flows))
+    }
+
+    /// Removes the doomed entries that saw no packet since they were read
+    /// (a packet keeps the flow; its pair stays too, as the next pass sees
+    /// both again); forward entries first. Returns the flows removed.
+    fn remove(&mut self, doomed: &[Doomed]) -> std::io::Result<usize> {
+        let mut forward = Vec::new();
+        let mut rest = Vec::new();
+        for d in doomed {
+            match self.conntrack.get(&d.key, 0) {
+                Ok(current) if current.last_seen_ns != d.seen.last_seen_ns => {
+                    // Counted as it stays.
+                    self.tally
+                        .conntrack(&d.key, &d.seen, Verdict::Keep { entries: 1 });
+                }
+                Ok(_) if d.seen.direction == CT_DIR_FORWARD => forward.push(d.key),
+                Ok(_) => rest.push(d.key),
+                Err(_) => {}
+            }
+        }
+        let fd = self.conntrack.map().fd().as_fd();
+        let flows = batch::delete(fd, &forward)?;
+        batch::delete(fd, &rest)?;
+        Ok(flows)
+    }
+
+    /// Reads one batch of relay-flow entries and removes the unclaimed
+    /// idle ones; returns (entries read, where to go on, 0).
+    fn relay_chunk(
+        &mut self,
+        cursor: Cursor,
+        max: usize,
+        now: u64,
+        timeouts: &RuleTimeouts,
+    ) -> std::io::Result<(usize, Cursor, usize)> {
+        let fd = self.relay_flows.map().fd().as_fd();
+        let next = batch::lookup(fd, cursor, max, &mut self.keys, &mut self.relay_values)?;
+        let mut doomed = Vec::new();
+        for (key, flow) in self.keys.iter().zip(&self.relay_values) {
+            let expired = relay_flow_expired(key, flow, now, timeouts);
+            if expired {
+                doomed.push(*key);
+            }
+            self.tally.relay_flow(flow, expired);
+        }
+        batch::delete(fd, &doomed)?;
+        Ok((self.keys.len(), next, 0))
     }
 
     fn timeouts(&self) -> RuleTimeouts {
@@ -418,15 +711,20 @@ impl Sweeper {
             .clone()
     }
 
-    /// Sweeps every `period` on the current runtime until aborted.
+    /// Ticks every `period` on the current runtime until aborted.
     pub fn spawn(mut self) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
+            let mut took = Duration::ZERO;
             loop {
                 // A reload may bring shorter timeouts.
-                tokio::time::sleep(self.timeouts().period()).await;
-                // The map syscalls block; a pass over a full table takes a while.
+                let period = self.timeouts().period();
+                // Ticks start a period apart, so a pass keeps its pace,
+                // but a slow tick (many flows expiring) leaves a pause.
+                tokio::time::sleep(period.saturating_sub(took).max(period / 4)).await;
+                let started = std::time::Instant::now();
+                // The map syscalls block.
                 self = match tokio::task::spawn_blocking(move || {
-                    let n = self.sweep();
+                    let n = self.tick(tick_budget(period));
                     if n > 0 {
                         tracing::debug!("kernel path: {n} idle flows expired");
                     }
@@ -437,6 +735,7 @@ impl Sweeper {
                     Ok(sweeper) => sweeper,
                     Err(_) => return,
                 };
+                took = started.elapsed();
             }
         })
     }
@@ -586,42 +885,53 @@ mod tests {
         let udp_pairs: StdHashMap<CtKey, CtValue> = (1..=3)
             .flat_map(|p| host_pair(PROTO_UDP, p, now, now))
             .collect();
-        let used = snat_use(&udp_pairs, &[]);
+        let t = pass(&udp_pairs, now);
+        let used = t.snat_use();
         assert_eq!(used.len(), 1, "{used:?}");
         assert_eq!(used[0].ports, 3);
-        assert_eq!(moved_host_flows(&udp_pairs, &[]), 3);
-        let gone: Vec<CtKey> = host_pair(PROTO_UDP, 2, now, now)
-            .iter()
-            .map(|(k, _)| *k)
-            .collect();
-        assert_eq!(moved_host_flows(&udp_pairs, &gone), 2);
+        assert_eq!((t.host_flows_moved, t.conntrack_entries), (3, 6));
+        let mut one_gone = udp_pairs.clone();
+        one_gone.extend(host_pair(PROTO_UDP, 2, now - 181 * S, now - 181 * S));
+        let t = pass(&one_gone, now);
+        assert_eq!((t.host_flows_moved, t.conntrack_entries), (2, 4));
+        assert_eq!(t.snat_use()[0].ports, 2);
+    }
+
+    /// What a pass over `entries` at `now` counts.
+    fn pass(entries: &StdHashMap<CtKey, CtValue>, now: u64) -> Tally {
+        let mut tally = Tally::default();
+        for (key, value) in entries {
+            let (v, _) = judge(key, value, now, &timeouts(), |k| entries.get(k).copied());
+            tally.conntrack(key, value, v);
+        }
+        tally
     }
 
     #[test]
     fn snat_use_counts_ports_of_the_busiest_backend_that_stay() {
+        let now = 1000 * S;
         let est = (CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED);
         let mut entries: StdHashMap<CtKey, CtValue> = StdHashMap::new();
         for sport in 1..=3 {
-            entries.extend(pair(PROTO_UDP, sport, 0, 0, est));
+            entries.extend(pair(PROTO_UDP, sport, now, now, est));
         }
-        entries.extend(pair(PROTO_TCP, 9, 0, 0, est));
+        entries.extend(pair(PROTO_TCP, 9, now, now, est));
         // A flow that keeps the client's address holds no SNAT port.
-        let mut preserved = pair(PROTO_UDP, 20, 0, 0, est);
+        let mut preserved = pair(PROTO_UDP, 20, now, now, est);
         preserved[0].1.new_src = preserved[0].0.src;
         entries.extend(preserved);
         let ports = |use_: Vec<SnatUse>| -> Vec<(&'static str, u64)> {
             use_.into_iter().map(|u| (u.protocol, u.ports)).collect()
         };
-        assert_eq!(ports(snat_use(&entries, &[])), [("tcp", 1), ("udp", 3)]);
-        let expired = pair(PROTO_UDP, 1, 0, 0, est)
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect::<Vec<_>>();
-        assert_eq!(
-            ports(snat_use(&entries, &expired)),
-            [("tcp", 1), ("udp", 2)]
-        );
-        assert!(snat_use(&StdHashMap::new(), &[]).is_empty());
+        let t = pass(&entries, now);
+        assert_eq!(ports(t.snat_use()), [("tcp", 1), ("udp", 3)]);
+        assert_eq!((t.conntrack_entries, t.host_flows_moved), (10, 0));
+        // Idle past udp_idle: its port is free.
+        entries.extend(pair(PROTO_UDP, 1, now - 31 * S, now - 31 * S, est));
+        let t = pass(&entries, now);
+        assert_eq!(ports(t.snat_use()), [("tcp", 1), ("udp", 2)]);
+        assert_eq!(t.conntrack_entries, 8);
+        assert!(Tally::default().snat_use().is_empty());
     }
 
     #[test]
@@ -964,6 +1274,182 @@ mod tests {
         // A reload that changes rule 2 only: rule 0's flows keep theirs.
         t.set(&[with_connect(2, 9)]);
         assert_eq!(connect(&t), [Some(3), None, Some(9)]);
+    }
+
+    #[test]
+    fn the_floor_is_the_least_limit_any_other_entry_gives_the_pair() {
+        let t = timeouts();
+        let lead = |proto: u8, state: u8| {
+            let mut p = pair(proto, 1, 0, 0, (state, CT_STATE_NEW))[0].1;
+            p.state = state;
+            p
+        };
+        let (n, e, c, r) = (
+            CT_STATE_NEW,
+            CT_STATE_ESTABLISHED,
+            CT_STATE_CLOSING,
+            CT_STATE_RESET,
+        );
+        // (proto, lead state, floor in s): the connect timeout before an
+        // answer, tcp_close once reset or closing both ways, the
+        // unanswered UDP limit.
+        for (proto, state, want) in [
+            (PROTO_TCP, n, 3),
+            (PROTO_TCP, e, 5),
+            (PROTO_TCP, c, 3),
+            (PROTO_TCP, r, 5),
+            (PROTO_UDP, n, 10),
+            (PROTO_UDP, e, 30),
+        ] {
+            let floor = t.pair_floor(proto, &lead(proto, state));
+            assert_eq!(
+                floor,
+                Duration::from_secs(want),
+                "proto {proto} state {state}"
+            );
+            for reverse in [n, e, c, r] {
+                for backend_closed_first in [false, true] {
+                    let p = Pair {
+                        forward: state,
+                        reverse,
+                        backend_closed_first,
+                    };
+                    assert!(idle_limit(&t.get(0), proto, p) >= floor, "{p:?}");
+                }
+            }
+        }
+        let host = host_pair(PROTO_UDP, 1, 0, 0)[0].1;
+        assert_eq!(
+            t.pair_floor(PROTO_UDP, &host),
+            Duration::from_nanos(host_hold_ns(PROTO_UDP))
+        );
+    }
+
+    #[test]
+    fn a_lead_idle_within_its_floor_stays_without_a_look_at_its_pair() {
+        let now = 1000 * S;
+        let est = (CT_STATE_NEW, CT_STATE_ESTABLISHED);
+        let t = timeouts();
+        // UDP lead in state NEW: floor 10 s.
+        let [(fk, fwd), (rk, rev)] = pair(PROTO_UDP, 1, now - 10 * S, now - 10 * S, est)[..] else {
+            unreachable!()
+        };
+        assert_eq!(
+            verdict(&fk, &fwd, None, now, &t),
+            Verdict::Keep { entries: 2 }
+        );
+        assert_eq!(verdict(&fk, &fwd, None, now + 1, &t), Verdict::LookUpPair);
+        // Answered: stays 30 s, with its pair or alone.
+        assert_eq!(
+            verdict(&fk, &fwd, Some(Some(&rev)), now + 1, &t),
+            Verdict::Keep { entries: 2 }
+        );
+        assert_eq!(
+            verdict(&fk, &fwd, Some(None), now + 1, &t),
+            Verdict::Expire { pair: false }
+        );
+        let later = now + 20 * S + 1;
+        assert_eq!(
+            verdict(&fk, &fwd, Some(Some(&rev)), later, &t),
+            Verdict::Expire { pair: true }
+        );
+        // Alone and unanswered it has 10 s; a recent answer keeps it.
+        let mut fresh_rev = rev;
+        fresh_rev.last_seen_ns = now;
+        assert_eq!(
+            verdict(&fk, &fwd, Some(Some(&fresh_rev)), later, &t),
+            Verdict::Keep { entries: 2 }
+        );
+        // Its reverse entry: its own limit first (30 s once answered),
+        // then the lead decides while it points back.
+        assert_eq!(
+            verdict(&rk, &rev, None, now + 20 * S, &t),
+            Verdict::Keep { entries: 0 }
+        );
+        assert_eq!(verdict(&rk, &rev, None, later, &t), Verdict::LookUpPair);
+        assert_eq!(
+            verdict(&rk, &rev, Some(Some(&fwd)), later, &t),
+            Verdict::Keep { entries: 0 }
+        );
+        assert_eq!(
+            verdict(&rk, &rev, Some(None), later, &t),
+            Verdict::Expire { pair: false }
+        );
+        // A lead at its key that points elsewhere (the client started a
+        // flow over on another port), or another reverse entry: alone.
+        let mut moved = fwd;
+        moved.new_sport = 40999u16.to_be();
+        assert_eq!(
+            verdict(&rk, &rev, Some(Some(&moved)), later, &t),
+            Verdict::Expire { pair: false }
+        );
+        assert_eq!(
+            verdict(&rk, &rev, Some(Some(&rev)), later, &t),
+            Verdict::Expire { pair: false }
+        );
+        // An established TCP lead alone: its floor is tcp_close (5 s), its
+        // own limit tcp_established (600 s); it stays, one entry.
+        let [(tk, tcp), _] = pair(
+            PROTO_TCP,
+            2,
+            now - 6 * S,
+            now - 6 * S,
+            (CT_STATE_ESTABLISHED, CT_STATE_ESTABLISHED),
+        )[..] else {
+            unreachable!()
+        };
+        assert_eq!(verdict(&tk, &tcp, None, now, &t), Verdict::LookUpPair);
+        assert_eq!(
+            verdict(&tk, &tcp, Some(None), now, &t),
+            Verdict::Keep { entries: 1 }
+        );
+        // judge looks the pair up only when asked to.
+        let (v, seen) = judge(&fk, &fwd, now, &t, |_| panic!("looked up"));
+        assert_eq!((v, seen), (Verdict::Keep { entries: 2 }, None));
+        let (v, seen) = judge(&fk, &fwd, later, &t, |k| (*k == rk).then_some(rev));
+        assert_eq!((v, seen), (Verdict::Expire { pair: true }, Some(rev)));
+    }
+
+    #[test]
+    fn a_pass_counts_the_rule_ids_of_every_entry_and_the_relay_entries_that_stay() {
+        let mut tally = Tally::default();
+        let [(k, mut v), _] = pair(PROTO_UDP, 1, 0, 0, (1, 1))[..] else {
+            unreachable!()
+        };
+        v.rule_id = 7;
+        tally.conntrack(&k, &v, Verdict::Expire { pair: true });
+        v.rule_id = 8;
+        tally.conntrack(&k, &v, Verdict::Keep { entries: 2 });
+        let flow = |rule_id| RelayFlow {
+            last_seen_ns: 0,
+            rule_id,
+            owner: RELAY_OWNER_KERNEL,
+            _pad: [0; 3],
+        };
+        tally.relay_flow(&flow(9), true);
+        tally.relay_flow(&flow(10), false);
+        tally.relay_flow(&flow(10), false);
+        let mut ids: Vec<u32> = tally.rule_ids.iter().copied().collect();
+        ids.sort();
+        assert_eq!(ids, [7, 8, 9, 10]);
+        assert_eq!((tally.conntrack_entries, tally.relay_flow_entries), (2, 2));
+    }
+
+    #[test]
+    fn a_tick_reads_its_share_of_the_rate_and_a_pass_takes_the_ticks_it_needs() {
+        let ms = Duration::from_millis;
+        assert_eq!(tick_budget(ms(1000)), ENTRIES_PER_SECOND as usize);
+        assert_eq!(tick_budget(ms(750)), 98_304);
+        assert_eq!(tick_budget(ms(5000)), 655_360);
+        // Never less than one chunk.
+        assert_eq!(tick_budget(ms(10)), CHUNK);
+        assert_eq!(tick_budget(ms(32)), CHUNK + 98);
+        // A small table in one tick; 1M flows (2M entries) in 16 s.
+        assert_eq!(pass_time(0, ms(100)), ms(100));
+        assert_eq!(pass_time(13_107, ms(100)), ms(100));
+        assert_eq!(pass_time(13_108, ms(100)), ms(200));
+        assert_eq!(pass_time(2_097_152, ms(1000)), ms(16_000));
+        assert_eq!(pass_time(2_097_153, ms(1000)), ms(17_000));
     }
 
     #[test]

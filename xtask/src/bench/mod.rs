@@ -19,6 +19,7 @@ mod results;
 mod rss;
 mod sockperf;
 mod stats;
+mod sweep;
 mod tools;
 
 use std::path::Path;
@@ -57,6 +58,10 @@ pub struct BenchArgs {
     /// rules, and the datagrams a 100k/s UDP stream loses during each.
     #[arg(long)]
     lifecycle: bool,
+    /// Only the conntrack sweeper's CPU with 10k, 250k and 1M idle flows
+    /// written into the table.
+    #[arg(long)]
+    sweep: bool,
 }
 
 /// Picks contenders by name, in the report's order, direct routing first.
@@ -88,12 +93,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bail!("cargo xtask bench needs root: it creates network namespaces");
     }
     procs::install_signal_handlers();
-    if args.lifecycle {
+    if args.lifecycle || args.sweep {
         tools::ensure(&["iproute2"])?;
         setup::run()?;
         let bin = build::daemon()?;
         let dir = procs::TempDir::new()?;
-        let text = lifecycle::run(&bin, &dir.path)?;
+        let text = if args.sweep {
+            sweep::run(&bin, &dir.path)?
+        } else {
+            lifecycle::run(&bin, &dir.path)?
+        };
         println!("\n{text}");
         let path = results::write(&text)?;
         eprintln!("bench: written to {}", path.display());
