@@ -41,6 +41,7 @@ mod relay_splice_fallback;
 mod relay_tcp;
 mod relay_udp;
 mod reload;
+mod rule_scale;
 mod status_view;
 mod udp_flood;
 mod upgrade;

@@ -40,7 +40,7 @@ pub const fn addr_ipv4_be(addr: &Addr) -> Option<u32> {
 pub const ADDR_ANY: Addr = [0; 4];
 
 /// Most rules the kernel tables hold.
-pub const MAX_RULES: u32 = 4096;
+pub const MAX_RULES: u32 = 16_384;
 /// Rule ids, and so the size of the arrays indexed by one: twice
 /// [`MAX_RULES`], so that a reload can write every rule anew beside the
 /// running ones (a changed rule takes a fresh id; see the daemon's reload).

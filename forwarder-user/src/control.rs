@@ -20,8 +20,16 @@ use tokio::net::{UnixListener, UnixStream};
 
 pub const DEFAULT_SOCKET: &str = "/run/forwarder.sock";
 
-/// Produces the status document on demand.
-pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Writes one status document as JSON: what `StatusFn` took, owned, so
+/// that no lock is held while a slow client reads.
+pub type StatusWriter = Box<dyn FnOnce(&mut dyn Write) -> io::Result<()> + Send>;
+
+/// Takes the status on demand; its document is written straight to the
+/// socket (10,000 rules make 17 MB of text, never held whole).
+pub type StatusFn = Arc<dyn Fn() -> StatusWriter + Send + Sync>;
+
+/// How long a client may take to read its answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 /// Reloads the rule file and answers with what happened.
 pub type ReloadFn =
@@ -113,9 +121,16 @@ async fn answer(stream: UnixStream, handlers: Handlers) {
     let mut line = String::new();
     // A client that sends nothing (or is slow to) asks for the status.
     let _ = tokio::time::timeout(REQUEST_WAIT, stream.read_line(&mut line)).await;
-    let doc = match line.trim() {
-        "" | "status" => (handlers.status)(),
-        "reload" => (handlers.reload)().await,
+    let mut body = match line.trim() {
+        "" | "status" => {
+            let write = (handlers.status)();
+            if let Ok(std) = stream.into_inner().into_std() {
+                let _ = tokio::task::spawn_blocking(move || write_status(std, write)).await;
+            }
+            crate::process::release_free_memory();
+            return;
+        }
+        "reload" => (handlers.reload)().await.to_string(),
         "upgrade" => match (&handlers.upgrade, stream.into_inner().into_std()) {
             (Some(upgrade), Ok(std)) => {
                 let _ = std.set_nonblocking(false);
@@ -125,13 +140,27 @@ async fn answer(stream: UnixStream, handlers: Handlers) {
         },
         other => serde_json::json!({
             "error": format!("unknown request {other:?}: `status`, `reload` or `upgrade`")
-        }),
+        })
+        .to_string(),
     };
-    let mut body = doc.to_string();
     body.push('\n');
     let mut stream = stream.into_inner();
     let _ = stream.write_all(body.as_bytes()).await;
     let _ = stream.shutdown().await;
+    drop(body);
+    crate::process::release_free_memory();
+}
+
+/// Writes the status to the client, blocking (on a blocking thread).
+fn write_status(stream: StdUnixStream, write: StatusWriter) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(ANSWER_WAIT))?;
+    let mut out = io::BufWriter::with_capacity(64 << 10, &stream);
+    write(&mut out)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    drop(out);
+    stream.shutdown(std::net::Shutdown::Write)
 }
 
 impl Drop for ControlSocket {
@@ -187,7 +216,10 @@ mod tests {
         let counted = calls.clone();
         let status: StatusFn = Arc::new(move || {
             let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            serde_json::json!({ "calls": n })
+            Box::new(move |w: &mut dyn Write| {
+                serde_json::to_writer(w, &serde_json::json!({ "calls": n }))
+                    .map_err(io::Error::from)
+            })
         });
         let reload: ReloadFn =
             Arc::new(|| Box::pin(async { serde_json::json!({ "reloaded": true }) }));

@@ -9,6 +9,7 @@ pub mod kernel;
 pub mod metrics;
 pub mod names;
 pub mod privileges;
+pub mod process;
 pub mod relay;
 pub mod reload;
 pub mod rules;

@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use crate::docker::DiscoveryStatus;
 use crate::health::BackendStatus;
 use crate::kernel::{KernelCounters, KernelRuleCounters};
+use crate::process::Footprint;
 use crate::relay::RelayRuleCounters;
 
 /// The content type of what [`render`] writes.
@@ -35,6 +36,8 @@ pub struct Sample<'a> {
     pub health: Vec<(String, &'static str, Vec<BackendStatus>)>,
     /// `None` without `docker:`.
     pub docker: Option<&'a DiscoveryStatus>,
+    /// The daemon's descriptors and memory; `None` if /proc could not say.
+    pub process: Option<Footprint>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -302,10 +305,37 @@ pub fn render(sample: &Sample) -> String {
     if let Some(d) = sample.docker {
         docker(&mut registry, d);
     }
-    let mut out = String::new();
+    if let Some(p) = sample.process {
+        process(&mut registry, p);
+    }
+    // About 2.5 KB per rule and path: sized once, not grown by doubling
+    // (10,000 rules make 47 MB).
+    let mut out = String::with_capacity(4096 + 2560 * (sample.relay.len() * 2));
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &registry);
     out
+}
+
+/// The conventional process gauges (as the Prometheus clients name them).
+fn process(registry: &mut Registry, p: Footprint) {
+    gauge(
+        registry,
+        "process_open_fds",
+        "Open file descriptors of the daemon",
+        p.open_fds as i64,
+    );
+    gauge(
+        registry,
+        "process_max_fds",
+        "The daemon's soft limit of open file descriptors",
+        p.max_fds as i64,
+    );
+    gauge(
+        registry,
+        "process_resident_memory_bytes",
+        "Resident memory of the daemon in bytes",
+        p.rss_bytes as i64,
+    );
 }
 
 fn kernel(registry: &mut Registry, f: &Families, k: &KernelCounters) {
@@ -574,6 +604,11 @@ mod tests {
                 }],
             )],
             docker: Some(&docker),
+            process: Some(Footprint {
+                open_fds: 41,
+                rss_bytes: 9 << 20,
+                max_fds: 20_000,
+            }),
         });
         let l = lines(&text);
         let k = r#"alias="dns",protocol="udp",path="kernel""#;
@@ -593,6 +628,9 @@ mod tests {
             r#"forwarder_snat_ports_in_use{source="10.0.0.1",backend="10.0.0.5:53",protocol="udp"} 6"#.into(),
             "forwarder_sweeper_last_pass_seconds 0.0015".into(),
             "forwarder_docker_connected 1".into(),
+            "process_open_fds 41".into(),
+            "process_max_fds 20000".into(),
+            "process_resident_memory_bytes 9437184".into(),
             r#"forwarder_docker_containers{state="skipped"} 1"#.into(),
             format!(
                 r#"forwarder_build_info{{version="{}"}} 1"#,
@@ -616,8 +654,14 @@ mod tests {
             kernel: None,
             health: vec![],
             docker: None,
+            process: None,
         });
-        for absent in ["path=\"kernel\"", "forwarder_conntrack", "forwarder_docker"] {
+        for absent in [
+            "path=\"kernel\"",
+            "forwarder_conntrack",
+            "forwarder_docker",
+            "process_",
+        ] {
             assert!(
                 !text
                     .lines()

@@ -96,6 +96,10 @@ fn headline(doc: &Value) -> String {
     if let Some(ms) = doc["uptime_ms"].as_u64() {
         parts.push(format!("up {}", duration(ms / 1000)));
     }
+    let process = &doc["process"];
+    if let (Some(fds), Some(rss)) = (process["open_fds"].as_u64(), process["rss_bytes"].as_u64()) {
+        parts.push(format!("{fds} fds, {} resident", bytes(rss as f64)));
+    }
     if let Some(docker) = docker_part(&doc["docker"]) {
         parts.push(docker);
     }
@@ -668,6 +672,16 @@ mod tests {
         doc["docker"] = json!({"connected": false, "error": "no socket", "retry_in_ms": 4000,
                                "containers": []});
         assert!(render(&doc, None).contains("docker unreachable (retry in 4 s)"));
+    }
+
+    #[test]
+    fn the_headline_says_the_daemons_descriptors_and_memory() {
+        let mut doc =
+            json!({"pid": 7, "kernel_path": true, "rules": [], "relay": [], "kernel": null});
+        assert!(!render(&doc, None).contains("fds"));
+        doc["process"] = json!({"open_fds": 10042, "rss_bytes": 48_234_496, "max_fds": 20000});
+        let text = render(&doc, None);
+        assert!(text.contains("10042 fds, 46.0 MiB resident"), "{text}");
     }
 
     #[test]

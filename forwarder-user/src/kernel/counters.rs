@@ -1,16 +1,19 @@
 //! The programs' per-CPU counters, summed for `forwarder status`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::mem::size_of;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
-use aya::maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use forwarder_common::reasons::{
-    Dropped, Fallback, NO_RULE, REASON_COUNTERS_MAP, ReasonCounts, XdpPass,
+    Dropped, Fallback, NO_RULE, REASON_COUNTERS_MAP, REASONS_PER_RULE, ReasonCounts, XdpPass,
 };
 use forwarder_common::{IfaceCounters, RuleCounters};
 use serde::Serialize;
 
 use super::interfaces::Interface;
+use super::map_batch;
 use super::sweeper::{Gauges, SnatUse};
 use crate::rules::Listener;
 
@@ -206,15 +209,68 @@ pub struct CounterMaps {
     pub rules: PerCpuArray<MapData, RuleCounters>,
     /// `forwarder_common::reasons`'s slots.
     pub reasons: PerCpuArray<MapData, u64>,
+    /// Second descriptors of `rules` and `reasons`, for batch reads.
+    rules_fd: OwnedFd,
+    reasons_fd: OwnedFd,
+    /// Possible CPUs: the per-CPU values of each entry.
+    cpus: usize,
+}
+
+/// A second descriptor of a per-CPU array.
+fn second_fd(map: &aya::maps::Map) -> anyhow::Result<OwnedFd> {
+    let aya::maps::Map::PerCpuArray(data) = map else {
+        anyhow::bail!("not a per-CPU array: {map:?}");
+    };
+    Ok(data.fd().as_fd().try_clone_to_owned()?)
 }
 
 impl CounterMaps {
     pub fn take(ebpf: &mut aya::Ebpf) -> anyhow::Result<CounterMaps> {
+        let rules = take_map(ebpf, "RULE_COUNTERS")?;
+        let reasons = take_map(ebpf, REASON_COUNTERS_MAP)?;
         Ok(CounterMaps {
             interfaces: PerCpuHashMap::try_from(take_map(ebpf, "IFACE_COUNTERS")?)?,
-            rules: PerCpuArray::try_from(take_map(ebpf, "RULE_COUNTERS")?)?,
-            reasons: PerCpuArray::try_from(take_map(ebpf, REASON_COUNTERS_MAP)?)?,
+            rules_fd: second_fd(&rules)?,
+            reasons_fd: second_fd(&reasons)?,
+            rules: PerCpuArray::try_from(rules)?,
+            reasons: PerCpuArray::try_from(reasons)?,
+            cpus: aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?,
         })
+    }
+
+    /// The counters and reasons of every id in `ids`, summed over CPUs:
+    /// runs of consecutive ids are read with one batch call per chunk.
+    fn totals(&self, ids: &mut Vec<u32>) -> anyhow::Result<HashMap<u32, RuleTotals>> {
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = HashMap::with_capacity(ids.len());
+        let per_rule = REASONS_PER_RULE as usize;
+        for (first, count) in map_batch::runs(ids, map_batch::CHUNK) {
+            let counters = map_batch::read_per_cpu::<RuleCounters>(
+                self.rules_fd.as_fd(),
+                first,
+                count,
+                self.cpus,
+            )?;
+            let reasons = map_batch::read_per_cpu::<u64>(
+                self.reasons_fd.as_fd(),
+                first * REASONS_PER_RULE,
+                count * REASONS_PER_RULE,
+                self.cpus,
+            )?;
+            for i in 0..count as usize {
+                let mut sum = RuleTotals::default();
+                for c in &counters[i * self.cpus..(i + 1) * self.cpus] {
+                    sum.counters.add(c);
+                }
+                for (slot, at) in sum.reasons.0.iter_mut().enumerate() {
+                    let from = (i * per_rule + slot) * self.cpus;
+                    *at = reasons[from..from + self.cpus].iter().sum();
+                }
+                out.insert(first + i as u32, sum);
+            }
+        }
+        Ok(out)
     }
 
     /// One rule id's counters and reasons, summed over CPUs.
@@ -236,14 +292,27 @@ impl CounterMaps {
         Ok(sum)
     }
 
-    /// Zeroes what rule id `rule_id` counted, before it is handed out.
-    pub fn zero(&mut self, rule_id: u32) -> anyhow::Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-        let zero = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])?;
-        self.rules.set(rule_id, zero, 0)?;
-        for slot in ReasonCounts::slots(rule_id) {
-            self.reasons
-                .set(slot, PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+    /// Zeroes what the rule ids `ids` counted, before they are handed out:
+    /// one batch update per run of consecutive ids and map.
+    pub fn zero_all(&mut self, ids: &[u32]) -> anyhow::Result<()> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        for (first, count) in map_batch::runs(&ids, map_batch::CHUNK) {
+            map_batch::zero_per_cpu(
+                self.rules_fd.as_fd(),
+                first,
+                count,
+                size_of::<RuleCounters>(),
+                self.cpus,
+            )?;
+            map_batch::zero_per_cpu(
+                self.reasons_fd.as_fd(),
+                first * REASONS_PER_RULE,
+                count * REASONS_PER_RULE,
+                size_of::<u64>(),
+                self.cpus,
+            )?;
         }
         Ok(())
     }
@@ -276,10 +345,22 @@ impl CounterMaps {
             host_flows_moved: gauges.host_flows_moved.load(Ordering::Relaxed),
             ..KernelCounters::default()
         };
-        for l in listeners {
-            let (ids, mut sum) = earlier(l.rule_id);
-            for id in ids.into_iter().chain([l.rule_id]) {
-                sum.add(&self.rule(id)?);
+        let rows: Vec<(Vec<u32>, RuleTotals)> = listeners
+            .iter()
+            .map(|l| {
+                let (mut ids, sum) = earlier(l.rule_id);
+                ids.push(l.rule_id);
+                (ids, sum)
+            })
+            .collect();
+        let mut ids: Vec<u32> = rows
+            .iter()
+            .flat_map(|(ids, _)| ids.iter().copied())
+            .collect();
+        let totals = self.totals(&mut ids)?;
+        for (l, (ids, mut sum)) in listeners.iter().zip(rows) {
+            for id in ids {
+                sum.add(&totals[&id]);
             }
             out.rules.push(KernelRuleCounters::new(l, &sum));
         }

@@ -14,6 +14,7 @@ mod interfaces;
 mod links;
 mod load;
 mod log;
+mod map_batch;
 mod netlink;
 mod pins;
 mod qdisc;

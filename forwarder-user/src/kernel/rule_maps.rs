@@ -183,8 +183,8 @@ impl RuleMaps {
         counters: &mut CounterMaps,
     ) -> anyhow::Result<()> {
         let by_id = ById::of(next);
+        counters.zero_all(&fresh.iter().copied().collect::<Vec<_>>())?;
         for &id in fresh {
-            counters.zero(id)?;
             self.write_entries(&by_id, id)?;
         }
         self.write_acl(next, fresh)?;

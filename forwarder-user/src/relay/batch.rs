@@ -1,5 +1,6 @@
-//! Buffers for moving datagrams in batches (one recvmmsg/sendmmsg per batch),
-//! allocated once per listener or worker thread, never per packet.
+//! Buffers for moving datagrams in batches (one recvmmsg/sendmmsg per batch):
+//! one per worker thread for replies, and one per listener while it has
+//! traffic ([`OnDemand`]), never per packet.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -61,6 +62,35 @@ pub struct Datagrams {
     pub count: usize,
 }
 
+/// A listener's receive buffer (2 MiB): made at its first datagram and
+/// given back after a whole sweep interval without one, so that thousands
+/// of idle listeners hold none.
+#[derive(Default)]
+pub struct OnDemand {
+    batch: Option<Box<Datagrams>>,
+    used: bool,
+}
+
+impl OnDemand {
+    pub fn get(&mut self) -> &mut Datagrams {
+        self.used = true;
+        self.batch.get_or_insert_with(Datagrams::new)
+    }
+
+    /// At each sweep: releases the buffer if unused since the last one.
+    pub fn tick(&mut self) {
+        if !self.used {
+            self.batch = None;
+        }
+        self.used = false;
+    }
+
+    #[cfg(test)]
+    pub fn held(&self) -> bool {
+        self.batch.is_some()
+    }
+}
+
 impl Datagrams {
     pub fn new() -> Box<Datagrams> {
         Box::new(Datagrams {
@@ -84,5 +114,28 @@ impl Datagrams {
     /// Total payload bytes of datagrams `from..to`.
     pub fn bytes(&self, from: usize, to: usize) -> u64 {
         self.len[from..to].iter().map(|&l| l as u64).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_buffer_is_made_on_use_and_released_after_an_idle_interval() {
+        let mut b = OnDemand::default();
+        assert!(!b.held(), "nothing before the first datagram");
+        b.tick();
+        assert!(!b.held());
+        b.get().len[0] = 7;
+        assert!(b.held());
+        b.tick();
+        assert!(b.held(), "used during this interval: kept");
+        assert_eq!(b.get().len[0], 7, "the same buffer");
+        b.tick();
+        assert!(b.held(), "used again since the last tick");
+        b.tick();
+        assert!(!b.held(), "a whole interval unused: released");
+        assert_eq!(b.get().len[0], 0, "a fresh one");
     }
 }

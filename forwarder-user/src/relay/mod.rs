@@ -196,11 +196,10 @@ impl Relay {
         observer: Arc<dyn FlowObserver>,
         inherited: Option<RelayRecord>,
     ) -> Result<Relay> {
-        // Each TCP flow takes six descriptors (two sockets, two pipes).
-        match sys::raise_nofile_limit() {
-            Ok(limit) => debug!("open files limit: {limit}"),
-            Err(e) => warn!("cannot raise the open files limit: {e}"),
-        }
+        // One descriptor per listener; each TCP flow takes four more (two
+        // sockets, two pipes), so the soft limit goes up to the hard one.
+        let limit = crate::process::raise_nofile_limit(listeners.len())?;
+        debug!("open files limit: {limit}");
         let mut inherited = match inherited {
             Some(record) => handover::Inherited::take(record),
             None => handover::Inherited::default(),

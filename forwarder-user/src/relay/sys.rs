@@ -73,17 +73,6 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Raises the soft limit of open files to the hard limit; returns the new soft limit.
-pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim: libc::rlimit = unsafe { zeroed() };
-    check(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        check(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
-    }
-    Ok(lim.rlim_cur)
-}
-
 /// `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` (root only: they pass net.core.*mem_max).
 pub fn force_buffer_sizes(fd: RawFd, bytes: usize) -> io::Result<()> {
     let value = bytes as libc::c_int;

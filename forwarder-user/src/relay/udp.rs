@@ -18,7 +18,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn};
 
 use super::backend::Alarm;
-use super::batch::{Datagrams, PacketInfo};
+use super::batch::{Datagrams, OnDemand, PacketInfo};
 use super::counters::RuleCounters;
 use super::flow::{FlowGuard, RuleCtx};
 use super::gate::{Described, Gate, ListenerRecord, Registered, Ticket, UdpSessionRecord, idle_ms};
@@ -160,7 +160,7 @@ pub async fn serve(
     for session in inherited {
         l.resume(session);
     }
-    let mut batch = Datagrams::new();
+    let mut batch = OnDemand::default();
     let mut sweep = tokio::time::interval(sweep_interval(l.rule.timeouts.udp_unanswered()));
     sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let socket = l.socket.clone();
@@ -195,13 +195,16 @@ pub async fn serve(
                 if rules.has_changed().unwrap_or(false) {
                     l.rule = rules.borrow_and_update().clone();
                 }
-                l.receive(&mut batch).await
+                l.receive(batch.get()).await
             }
             Event::Readable(Err(e)) => {
                 error!(alias = %l.rule.alias, "udp listener failed: {e}");
                 break;
             }
-            Event::Sweep => l.sweep(),
+            Event::Sweep => {
+                batch.tick();
+                l.sweep()
+            }
             Event::Joined(joined) => l.session_task_ended(joined),
             Event::Rule => l.rule = rules.borrow_and_update().clone(),
             Event::Phase(Phase::Serving) => {

@@ -19,7 +19,7 @@ use super::procs::{self, Proc};
 
 /// The status document from the control socket: a `status` request, one
 /// JSON value back, then EOF.
-fn query(socket: &Path) -> Result<Value> {
+pub fn query(socket: &Path) -> Result<Value> {
     let mut stream = UnixStream::connect(socket)?;
     stream.write_all(b"status\n")?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;

@@ -44,7 +44,7 @@ fn rules(backend: Ipv4Addr, target: u16) -> String {
 }
 
 /// Runs `f` on a thread in `ns`.
-fn spawn_in<T: Send + 'static>(
+pub fn spawn_in<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<Result<T>> {
@@ -59,7 +59,7 @@ fn spawn_in<T: Send + 'static>(
     })
 }
 
-fn big_buffers(socket: &UdpSocket) {
+pub fn big_buffers(socket: &UdpSocket) {
     let size: libc::c_int = 8 << 20;
     for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
         // SAFETY: a valid socket and an int option.

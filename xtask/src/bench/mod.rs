@@ -17,6 +17,7 @@ pub mod procs;
 mod report;
 mod results;
 mod rss;
+mod scale;
 mod sockperf;
 mod stats;
 mod sweep;
@@ -58,6 +59,11 @@ pub struct BenchArgs {
     /// rules, and the datagrams a 100k/s UDP stream loses during each.
     #[arg(long)]
     lifecycle: bool,
+    /// Only the scale figures: start time, RSS idle and under load, status
+    /// time, fds and UDP kpps through the kernel path at 10, 1,000 and
+    /// 10,000 rules, then the sweeper's figures (as `--sweep`).
+    #[arg(long)]
+    scale: bool,
     /// Only the conntrack sweeper's CPU with 10k, 250k and 1M idle flows
     /// written into the table.
     #[arg(long)]
@@ -103,6 +109,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         } else {
             lifecycle::run(&bin, &dir.path)?
         };
+        println!("\n{text}");
+        let path = results::write(&text)?;
+        eprintln!("bench: written to {}", path.display());
+        return Ok(());
+    }
+    if args.scale {
+        tools::ensure(&["iproute2", "ethtool", "iperf3", "sockperf"])?;
+        setup::run()?;
+        let bin = build::daemon()?;
+        let dir = procs::TempDir::new()?;
+        let mut text = scale::run(&bin, &dir.path, args.seconds, args.repeat)?;
+        text.push('\n');
+        text.push_str(&sweep::run(&bin, &dir.path)?);
         println!("\n{text}");
         let path = results::write(&text)?;
         eprintln!("bench: written to {}", path.display());

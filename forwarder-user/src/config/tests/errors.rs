@@ -234,7 +234,7 @@ labels:
     (
         "more rules than the kernel tables hold",
         "",
-        &[("test.yaml:2050:3: alias `r2048`: found rule number 4098 (one rule per alias and protocol); allowed at most 4096 rules", &[])],
+        &[("test.yaml:8194:3: alias `r8192`: found rule number 16386 (one rule per alias and protocol); allowed at most 16384 rules", &[])],
     ),
     (
         "durations and sections",
@@ -360,7 +360,7 @@ labels:
 
 fn too_many_rules() -> String {
     let mut text = String::from("routes:\n");
-    for i in 0..2049 {
+    for i in 0..8193 {
         let _ = writeln!(
             text,
             "  r{i}: {{scheme: 'tcp,udp', host: 10.0.0.1, port: {}:1}}",
