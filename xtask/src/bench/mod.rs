@@ -61,7 +61,7 @@ pub struct BenchArgs {
     lifecycle: bool,
     /// Only the scale figures: start time, RSS idle and under load, status
     /// time, fds and UDP kpps through the kernel path at 10, 1,000 and
-    /// 10,000 rules.
+    /// 10,000 rules, then the sweeper's figures (as `--sweep`).
     #[arg(long)]
     scale: bool,
     /// Only the conntrack sweeper's CPU with 10k, 250k and 1M idle flows
@@ -119,7 +119,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         setup::run()?;
         let bin = build::daemon()?;
         let dir = procs::TempDir::new()?;
-        let text = scale::run(&bin, &dir.path, args.seconds, args.repeat)?;
+        let mut text = scale::run(&bin, &dir.path, args.seconds, args.repeat)?;
+        text.push('\n');
+        text.push_str(&sweep::run(&bin, &dir.path)?);
         println!("\n{text}");
         let path = results::write(&text)?;
         eprintln!("bench: written to {}", path.display());

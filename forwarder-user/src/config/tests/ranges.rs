@@ -1,6 +1,7 @@
 //! Port ranges in a rule file and in labels: the forms, the kernel entries
 //! they compile to, the table row, and every error with its place.
 
+use forwarder_common::MAX_RULES;
 use forwarder_common::ranges::{RANGE_TARGET_SAME, RANGE_TARGET_SHIFTED, RangeKey};
 
 use super::{errors, load};
@@ -224,24 +225,30 @@ fn a_range_may_be_relay_only_like_any_rule() {
 
 #[test]
 fn a_range_counts_as_one_rule_against_the_limit() {
-    // 4096 rules fill the table, each a range of 10 ports.
-    let rules = |n: u32| {
+    // MAX_RULES rules fill the table: tcp and udp ranges of 2 ports.
+    let aliases = MAX_RULES / 2;
+    let rules = |extra: bool| {
         let mut text = String::from("kernel: {snat_ports: 65000-65535}\nroutes:\n");
-        for i in 0..n {
-            let first = 1 + i * 10;
+        for i in 0..aliases {
+            let first = 1 + i * 2;
             text.push_str(&format!(
-                "  r{i}: {{scheme: tcp, host: 10.0.0.5, port: {first}-{}:7000}}\n",
-                first + 9
+                "  r{i}: {{scheme: 'tcp,udp', host: 10.0.0.5, port: {first}-{}:7000}}\n",
+                first + 1
             ));
+        }
+        if extra {
+            text.push_str("  one-more: {scheme: tcp, host: 10.0.0.5, port: 64000-64001:7000}\n");
         }
         text
     };
-    let (c, _) = load(&rules(4096)).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.listeners.len(), 4096);
-    let got = errors(&rules(4097));
+    let (c, _) = load(&rules(false)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.listeners.len(), MAX_RULES as usize);
+    let got = errors(&rules(true));
     assert_eq!(got.len(), 1, "{got:#?}");
-    assert!(
-        got[0].starts_with("test.yaml:4099:3: alias `r4096`: found rule number 4097"),
-        "{got:#?}"
+    let want = format!(
+        "test.yaml:{}:3: alias `one-more`: found rule number {}",
+        aliases + 3,
+        MAX_RULES + 1
     );
+    assert!(got[0].starts_with(&want), "{got:#?}");
 }
