@@ -1163,8 +1163,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
                 backends: l.backends.iter().map(|b| b.addr.to_string()).collect(),
                 path: l.path.as_str(),
                 health_check: l.health.as_ref().map(crate::health::describe),
-                // The relay does not listen on ranges.
-                max_connections: (l.protocol == crate::rules::Protocol::Tcp && !l.ports.is_range())
+                max_connections: (l.protocol == crate::rules::Protocol::Tcp)
                     .then(|| l.connection_limit()),
                 health: health.status(l.rule_id),
             })
