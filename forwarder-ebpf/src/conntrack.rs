@@ -154,6 +154,8 @@ pub fn follow_up(entry: *mut CtValue, change: Change, proto: u8, now: u64, pair_
 pub fn create(
     rule: &RuleValue,
     backend: &Backend,
+    // The backend port this flow goes to (network order): a range's own.
+    dport: u16,
     now: u64,
     s: &mut Scratch,
 ) -> Result<bool, Fallback> {
@@ -178,7 +180,7 @@ pub fn create(
     let (key, reverse_key) = (&s.key, &mut s.reverse_key);
     reverse_key.src = backend.addr;
     reverse_key.dst = snat_addr;
-    reverse_key.sport = backend.port;
+    reverse_key.sport = dport;
     reverse_key.dport = key.sport;
     reverse_key.proto = key.proto;
     reverse_key._pad = [0; 3];
@@ -206,7 +208,7 @@ pub fn create(
     fill(
         &mut s.ct,
         (snat_addr, backend.addr),
-        (new_sport, backend.port),
+        (new_sport, dport),
         rule.rule_id,
         now,
         CT_DIR_FORWARD,

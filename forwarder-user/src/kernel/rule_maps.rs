@@ -13,6 +13,7 @@ use std::collections::{HashMap, HashSet};
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use forwarder_common::ranges::{RANGE_COUNT_MAP, RANGES_MAP, RangeKey, RangeValue};
 use forwarder_common::{AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleKey, RuleValue, Settings};
 
 use super::counters::{CounterMaps, take_map};
@@ -27,6 +28,17 @@ pub struct RuleMaps {
     /// (rule, client network) to verdict; not pinned: a new daemon writes
     /// its own whole.
     acl: LpmTrie<MapData, AclKey, u32>,
+    /// Blocks of range rules' ports, and how many range rules there are
+    /// (0: packets skip the trie).
+    ranges: LpmTrie<MapData, RangeKey, RangeValue>,
+    range_count: Array<MapData, u32>,
+}
+
+/// A `RANGES` key as the map takes it, hashable for the differences.
+type TrieKey = (u32, RangeKey);
+
+fn trie_key(k: &TrieKey) -> Key<RangeKey> {
+    Key::new(k.0, k.1)
 }
 
 impl RuleMaps {
@@ -37,6 +49,8 @@ impl RuleMaps {
             settings: Array::try_from(take_map(ebpf, "SETTINGS")?)?,
             flags: Array::try_from(take_map(ebpf, "RULE_FLAGS")?)?,
             acl: LpmTrie::try_from(take_map(ebpf, "ACL")?)?,
+            ranges: LpmTrie::try_from(take_map(ebpf, RANGES_MAP)?)?,
+            range_count: Array::try_from(take_map(ebpf, RANGE_COUNT_MAP)?)?,
         })
     }
 
@@ -53,15 +67,34 @@ impl RuleMaps {
         for key in &stale {
             self.rules.remove(key)?;
         }
-        let by_id = ById::of(tables);
-        for (_, value) in &tables.rules {
-            self.write_entries(&by_id, value.rule_id)?;
+        let wanted: HashSet<TrieKey> = tables
+            .ranges
+            .iter()
+            .map(|e| (e.prefix_len, e.key))
+            .collect();
+        let stale: Vec<Key<RangeKey>> = self
+            .ranges
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in &stale {
+            self.ranges.remove(key)?;
         }
-        let ids: HashSet<u32> = tables.rules.iter().map(|(_, v)| v.rule_id).collect();
+        let by_id = ById::of(tables);
+        let ids: HashSet<u32> = tables.values().map(|v| v.rule_id).collect();
+        for &id in &ids {
+            self.write_entries(&by_id, id)?;
+        }
         self.write_acl(tables, &ids)?;
         self.settings.set(0, tables.settings, 0)?;
         for (key, value) in &tables.rules {
             self.rules.insert(key, value, 0)?;
+        }
+        self.range_count.set(0, tables.range_rules(), 0)?;
+        for e in &tables.ranges {
+            self.ranges
+                .insert(&Key::new(e.prefix_len, e.key), e.value, 0)?;
         }
         Ok(())
     }
@@ -115,17 +148,19 @@ impl RuleMaps {
                 self.rules.insert(key, value, 0)?;
             }
         }
+        for e in &tables.ranges {
+            if e.value.rule.rule_id == rule_id {
+                self.ranges
+                    .insert(&Key::new(e.prefix_len, e.key), e.value, 0)?;
+            }
+        }
         Ok(())
     }
 
     /// Removes the ACL entries of rules `tables` no longer has: after the
     /// keys moved, nothing looks them up.
     fn drop_stale_acl(&mut self, tables: &Tables) -> anyhow::Result<()> {
-        let live: HashSet<u32> = tables
-            .rules
-            .iter()
-            .map(|(_, v)| v.rule_id.to_be())
-            .collect();
+        let live: HashSet<u32> = tables.values().map(|v| v.rule_id.to_be()).collect();
         let stale: Vec<Key<AclKey>> = self
             .acl
             .keys()
@@ -171,7 +206,47 @@ impl RuleMaps {
                 self.rules.insert(key, value, 0)?;
             }
         }
+        self.apply_ranges(running, next, fresh, &by_id)?;
         self.drop_stale_acl(next)
+    }
+
+    /// The `RANGES` part of [`RuleMaps::apply`]. New and changed blocks go
+    /// in first, then blocks of no rule go: a port two versions both cover
+    /// (a range moved or grown) always finds one of them.
+    fn apply_ranges(
+        &mut self,
+        running: &Tables,
+        next: &Tables,
+        fresh: &HashSet<u32>,
+        by_id: &ById<'_>,
+    ) -> anyhow::Result<()> {
+        let old: HashMap<TrieKey, RangeValue> = running
+            .ranges
+            .iter()
+            .map(|e| ((e.prefix_len, e.key), e.value))
+            .collect();
+        let count = next.range_rules();
+        if count > 0 {
+            self.range_count
+                .set(0, count.max(running.range_rules()), 0)?;
+        }
+        let mut written: HashSet<u32> = HashSet::new();
+        for e in &next.ranges {
+            let id = e.value.rule.rule_id;
+            if old.get(&(e.prefix_len, e.key)) != Some(&e.value) {
+                if !fresh.contains(&id) && written.insert(id) {
+                    self.write_entries(by_id, id)?;
+                }
+                self.ranges
+                    .insert(&Key::new(e.prefix_len, e.key), e.value, 0)?;
+            }
+        }
+        let kept: HashSet<TrieKey> = next.ranges.iter().map(|e| (e.prefix_len, e.key)).collect();
+        for key in old.keys().filter(|k| !kept.contains(k)) {
+            self.ranges.remove(&trie_key(key))?;
+        }
+        self.range_count.set(0, count, 0)?;
+        Ok(())
     }
 }
 
@@ -190,11 +265,7 @@ impl<'a> ById<'a> {
                 .or_default()
                 .push((*index, backend));
         }
-        let flags = tables
-            .rules
-            .iter()
-            .map(|(_, v)| (v.rule_id, v.flags))
-            .collect();
+        let flags = tables.values().map(|v| (v.rule_id, v.flags)).collect();
         ById { backends, flags }
     }
 }
