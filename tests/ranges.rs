@@ -3,94 +3,23 @@
 //! (the relay's steered sockets take none of it), through a reload and a
 //! crash; and `check` and a start without BPF refusing what cannot be, with places.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::{Command, Output};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use crate::common::harness::{
-    Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, spawn_in,
-};
+use crate::common::harness::{Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule};
 
-use crate::common::traffic::connect;
-use crate::common::{self, Netns, TempConfig, Topology, stderr_lines};
+use crate::common::port_servers::{PortServers, tcp_port_of, udp_port_of};
+use crate::common::{self, TempConfig, Topology, stderr_lines};
 use crate::crash::{BpffsAsFound, HOST_BPFFS, assert_nothing_left};
 
-/// TCP and UDP servers on each of `ports` that answer with the port they
-/// serve: a TCP connection gets `port N` and is closed; a datagram gets
-/// `port N: ` and itself back.
-struct PortServers {
-    stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl PortServers {
-    fn start(ns: &Netns, ports: &[u16]) -> PortServers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let mut threads = Vec::new();
-        for &port in ports {
-            let (stop, ready) = (stop.clone(), ready_tx.clone());
-            threads.push(spawn_in(ns, move || {
-                let tcp = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
-                tcp.set_nonblocking(true).unwrap();
-                let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap();
-                udp.set_read_timeout(Some(Duration::from_millis(5)))
-                    .unwrap();
-                ready.send(()).unwrap();
-                let mut buf = [0u8; 1500];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((mut s, _)) = tcp.accept() {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.write_all(format!("port {port}").as_bytes());
-                    }
-                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
-                        let mut answer = format!("port {port}: ").into_bytes();
-                        answer.extend_from_slice(&buf[..n]);
-                        let _ = udp.send_to(&answer, from);
-                    }
-                }
-            }));
-        }
-        for _ in ports {
-            ready_rx.recv_timeout(WAIT).expect("port servers up");
-        }
-        PortServers { stop, threads }
-    }
-}
-
-impl Drop for PortServers {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
-/// What the backend said over TCP to a connection to `to`.
-fn tcp_answer(to: SocketAddr) -> String {
-    let mut s = connect(to);
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut got = String::new();
-    s.read_to_string(&mut got).expect("the backend's answer");
-    got
-}
-
-/// What the backend said to one datagram sent to `to` (a connected socket:
-/// only an answer from `to` itself is read).
-fn udp_answer(to: SocketAddr, msg: &str) -> String {
+/// What the backend said to one datagram sent to `to`: its port, checked
+/// to come back from `to` itself.
+fn udp_port_from(to: SocketAddr, msg: &[u8]) -> u16 {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
-    socket.connect(to).unwrap();
     socket.set_read_timeout(Some(WAIT)).unwrap();
-    socket.send(msg.as_bytes()).unwrap();
-    let mut buf = [0u8; 1500];
-    let n = socket
-        .recv(&mut buf)
-        .expect("an answer from the listen port");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    let (port, from) = udp_port_of(&socket, to, msg);
+    assert_eq!(from, to, "the answer comes from the listen port");
+    port
 }
 
 #[test]
@@ -131,14 +60,10 @@ fn one_to_one_shifted_and_many_to_one_ranges_on_the_kernel_path() {
     in_netns(&topo.client, || {
         for &(alias, listen, backend) in &expect {
             let to = SocketAddr::from((fwd, listen));
+            assert_eq!(tcp_port_of(to), backend, "{alias} tcp {listen}");
             assert_eq!(
-                tcp_answer(to),
-                format!("port {backend}"),
-                "{alias} tcp {listen}"
-            );
-            assert_eq!(
-                udp_answer(to, &format!("to {listen}")),
-                format!("port {backend}: to {listen}"),
+                udp_port_from(to, format!("to {listen}").as_bytes()),
+                backend,
                 "{alias} udp {listen}"
             );
         }
@@ -185,11 +110,7 @@ fn one_to_one_shifted_and_many_to_one_ranges_on_the_kernel_path() {
     in_netns(&topo.client, || {
         for (listen, backend) in [(30000u16, 31000u16), (65535, 65535)] {
             let to = SocketAddr::from((fwd, listen));
-            assert_eq!(
-                tcp_answer(to),
-                format!("port {backend}"),
-                "after reload, {listen}"
-            );
+            assert_eq!(tcp_port_of(to), backend, "after reload, {listen}");
         }
         for gone in [30999u16, 40050] {
             let to = SocketAddr::from((fwd, gone));
@@ -325,7 +246,8 @@ fn a_killed_daemons_pinned_ranges_go_on_and_the_next_daemon_adopts_them() {
         let n = dgram
             .recv(&mut buf)
             .expect("an answer from the listen port");
-        assert_eq!(&buf[..n], format!("port 31999: {msg}").as_bytes());
+        let want = [&31999u16.to_be_bytes()[..], msg.as_bytes()].concat();
+        assert_eq!(&buf[..n], &want[..], "port 31999 and the datagram");
     };
     echo("before the kill");
     // The trie and its count are pinned with the rules, for the next daemon.
@@ -343,7 +265,7 @@ fn a_killed_daemons_pinned_ranges_go_on_and_the_next_daemon_adopts_them() {
     // open new ones.
     echo("no daemon");
     in_netns(&topo.client, || {
-        assert_eq!(tcp_answer(first_port), "port 31000", "no daemon");
+        assert_eq!(tcp_port_of(first_port), 31000, "no daemon");
     });
     let second = Daemon::start_pinning(&topo.forwarder, "ranges-pin-second", &yaml);
     assert!(
@@ -355,7 +277,7 @@ fn a_killed_daemons_pinned_ranges_go_on_and_the_next_daemon_adopts_them() {
     );
     echo("after the restart");
     in_netns(&topo.client, || {
-        assert_eq!(tcp_answer(first_port), "port 31000", "after the restart");
+        assert_eq!(tcp_port_of(first_port), 31000, "after the restart");
     });
     let status = second.status();
     let k = kernel_rule(&status, "shifted", "udp");
@@ -370,7 +292,7 @@ fn a_killed_daemons_pinned_ranges_go_on_and_the_next_daemon_adopts_them() {
     let out = second.reload();
     assert!(out.status.success(), "{out:?}");
     in_netns(&topo.client, || {
-        assert_eq!(tcp_answer(first_port), "port 31000", "after the reload");
+        assert_eq!(tcp_port_of(first_port), 31000, "after the reload");
         assert!(
             std::net::TcpStream::connect_timeout(&last_port, WAIT).is_err(),
             "30999 is no rule's after the reload"
