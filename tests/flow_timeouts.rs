@@ -206,6 +206,7 @@ fn relay_udp(rule_id: u32, backend: SocketAddr, timeouts: Timeouts) -> Listener 
         preserve_client_ip: false,
         proxy: Default::default(),
         listen_picked: false,
+        ports: forwarder::rules::ListenPorts::SINGLE,
         health: None,
         acl: None,
         max_connections: None,

@@ -32,6 +32,7 @@ fn compiled_for(interfaces: Option<Vec<String>>) -> Compiled {
             rules: vec![xdp_rule],
             backends: Vec::new(),
             acl: Vec::new(),
+            ranges: Vec::new(),
         },
         relay: RelaySettings::default(),
         kernel_settings: KernelSettings {

@@ -32,6 +32,8 @@ mod names;
 mod preserve;
 mod preserve_client_ip;
 mod proxy_protocol;
+mod ranges;
+mod ranges_relay;
 mod relay_iperf3;
 mod relay_lifecycle;
 mod relay_limits;

@@ -14,8 +14,10 @@ pub mod csum;
 pub mod host_nat;
 pub mod icmp;
 pub mod mss;
+pub mod ranges;
 pub mod reasons;
 pub mod snat;
+pub mod steer;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;

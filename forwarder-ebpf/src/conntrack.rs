@@ -157,6 +157,8 @@ pub fn follow_up(entry: *mut CtValue, change: Change, proto: u8, now: u64, pair_
 pub fn create(
     rule: &RuleValue,
     backend: &Backend,
+    // The backend port this flow goes to (network order): a range's own.
+    dport: u16,
     now: u64,
     s: &mut Scratch,
 ) -> Result<bool, Fallback> {
@@ -181,7 +183,7 @@ pub fn create(
     let (key, reverse_key) = (&s.key, &mut s.reverse_key);
     reverse_key.src = backend.addr;
     reverse_key.dst = snat_addr;
-    reverse_key.sport = backend.port;
+    reverse_key.sport = dport;
     reverse_key.dport = key.sport;
     reverse_key.proto = key.proto;
     reverse_key._pad = [0; 3];
@@ -211,7 +213,7 @@ pub fn create(
     fill(
         &mut s.ct,
         (new_src, backend.addr),
-        (new_sport, backend.port),
+        (new_sport, dport),
         rule.rule_id,
         now,
         CT_DIR_FORWARD,

@@ -16,12 +16,13 @@ mod nat;
 mod parse;
 mod redirect;
 mod rules;
+mod steer;
 mod tc;
 mod xdp;
 
 use aya_ebpf::{
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{classifier, sk_lookup, xdp},
+    programs::{SkLookupContext, TcContext, XdpContext},
 };
 
 /// The XDP accelerator for established kernel flows; everything else
@@ -43,6 +44,13 @@ pub fn forwarder_tc(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn forwarder_tc_egress(ctx: TcContext) -> i32 {
     host_nat::egress(&ctx)
+}
+
+/// Socket lookup in the daemon's network namespace: every port of a range
+/// rule goes to the rule's one relay socket.
+#[sk_lookup]
+pub fn forwarder_steer(ctx: SkLookupContext) -> u32 {
+    steer::lookup(&ctx)
 }
 
 #[cfg(not(test))]

@@ -14,6 +14,7 @@ use forwarder_common::{
     host_nat::{HOST_PORTS_SIZE, HostPortKey},
     icmp::ERROR_LEN,
     mss::MAX_OPTIONS_LEN,
+    ranges::{MAX_RANGE_ENTRIES, RangeKey, RangeValue},
     reasons::REASON_SLOTS,
     snat::SnatPool,
 };
@@ -38,6 +39,16 @@ pub static REASON_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REA
 /// (address, port, protocol) to rule; written by userspace.
 #[map]
 pub static RULES: HashMap<RuleKey, RuleValue> = HashMap::with_max_entries(MAX_RULES, 0);
+
+/// Blocks of range rules' ports to rule; written by userspace. Named by
+/// `ranges::RANGES_MAP`.
+#[map]
+pub static RANGES: LpmTrie<RangeKey, RangeValue> = LpmTrie::with_max_entries(MAX_RANGE_ENTRIES, 0);
+
+/// How many range rules `RANGES` holds; 0 skips its lookups. Named by
+/// `ranges::RANGE_COUNT_MAP`.
+#[map]
+pub static RANGE_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Backends at `rule_id * MAX_BACKENDS_PER_RULE + n`; written by userspace.
 #[map]

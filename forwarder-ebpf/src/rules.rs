@@ -2,12 +2,14 @@
 //! goes to.
 
 use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::maps::lpm_trie::Key;
 use forwarder_common::{
     ADDR_ANY, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, RuleKey, RuleValue,
     addr_from_ipv4_be,
+    ranges::{RangeKey, RangeValue},
 };
 
-use crate::maps::{BACKENDS, RULES};
+use crate::maps::{BACKENDS, RANGE_COUNT, RANGES, RULES};
 use crate::parse::Packet;
 
 /// A rule a packet matched.
@@ -16,12 +18,17 @@ pub struct Matched {
     /// Matched by the wildcard bind, which names no address: the packet
     /// may be passing through this host rather than be addressed to it.
     pub wildcard: bool,
+    /// What to add to the backend's port (host order): a shifted range's
+    /// offset of the packet's port; 0 for single ports.
+    pub shift: u16,
 }
 
 /// The rule for the packet's (protocol, destination address, port): the
-/// exact bind address first, then the wildcard.
+/// exact bind address first (a single port, then a range), then the
+/// wildcard. Ranges are looked up only while some range rule exists.
 #[inline(always)]
 pub fn lookup(pkt: &Packet) -> Option<Matched> {
+    let ranges = RANGE_COUNT.get(0).is_some_and(|n| *n != 0);
     let mut key = RuleKey {
         addr: addr_from_ipv4_be(pkt.dst),
         port: pkt.dport,
@@ -33,13 +40,52 @@ pub fn lookup(pkt: &Packet) -> Option<Matched> {
         return Some(Matched {
             rule: *rule,
             wildcard: false,
+            shift: 0,
         });
     }
+    if ranges && let Some(r) = range_of(pkt.dst, pkt.dport, pkt.proto, false) {
+        return Some(in_range(r, pkt.dport, false));
+    }
     key.addr = ADDR_ANY;
-    unsafe { RULES.get(&key) }.map(|rule| Matched {
-        rule: *rule,
-        wildcard: true,
-    })
+    if let Some(rule) = unsafe { RULES.get(&key) } {
+        return Some(Matched {
+            rule: *rule,
+            wildcard: true,
+            shift: 0,
+        });
+    }
+    if ranges && let Some(r) = range_of(pkt.dst, pkt.dport, pkt.proto, true) {
+        return Some(in_range(r, pkt.dport, true));
+    }
+    None
+}
+
+#[inline(always)]
+fn in_range(r: &RangeValue, dport: u16, wildcard: bool) -> Matched {
+    // SAFETY: copied out at once; userspace replaces entries whole.
+    let r = unsafe { core::ptr::read_volatile(r) };
+    Matched {
+        rule: r.rule,
+        wildcard,
+        shift: r.port_shift(u16::from_be(dport)),
+    }
+}
+
+/// The `RANGES` entry holding `dport` (network order) of `proto` on `dst`
+/// (network order), or on the wildcard bind. Its own BPF function: the
+/// trie key's frame stays out of the caller's.
+#[inline(never)]
+fn range_of(dst: u32, dport: u16, proto: u8, wildcard: bool) -> Option<&'static RangeValue> {
+    let addr = if wildcard {
+        ADDR_ANY
+    } else {
+        addr_from_ipv4_be(dst)
+    };
+    let key = Key::new(
+        RangeKey::LOOKUP_PREFIX_LEN,
+        RangeKey::new(addr, proto, u16::from_be(dport)),
+    );
+    RANGES.get(&key)
 }
 
 /// A healthy backend of `rule`, picked by weight; one backend is the

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use forwarder_common::{
     ADDR_ANY, CT_DIR_FORWARD, CtKey, CtValue, PROTO_TCP, RULE_F_ACL, RULE_F_PRESERVE_CLIENT_IP,
-    RULE_F_RELAY, RuleValue, addr_ipv4_be,
+    RULE_F_RELAY, addr_ipv4_be,
     host_nat::CT_DIR_HOST_IN,
     reasons::{Dropped, Fallback},
 };
@@ -29,7 +29,7 @@ use crate::mss;
 use crate::nat;
 use crate::parse::{self, Packet, TCP_ACK, TCP_SYN, Unfit};
 use crate::redirect::{self, Flow};
-use crate::rules;
+use crate::rules::{self, Matched};
 
 /// Lets the FIB check the skb against the MTU: TC sees GRO/GSO skbs.
 const SKB_MTU_CHECK: u16 = 0;
@@ -131,7 +131,7 @@ pub fn handle(ctx: &TcContext) -> i32 {
     if matched.rule.flags & RULE_F_ACL != 0 && !acl::allows(&matched.rule, w.pkt.src) {
         return acl::deny(ctx, &w.pkt, &matched.rule, w.ifindex);
     }
-    new_flow(ctx, &w, &matched.rule, s)
+    new_flow(ctx, &w, &matched, s)
 }
 
 /// Whether a packet that matched a wildcard rule is for this host, as the
@@ -250,11 +250,15 @@ fn known_flow(ctx: &TcContext, w: &Work, entry: *mut CtValue, s: &mut Scratch) -
 }
 
 #[inline(never)]
-fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32 {
-    let (pkt, now) = (&w.pkt, w.now);
+fn new_flow(ctx: &TcContext, w: &Work, matched: &Matched, s: &mut Scratch) -> i32 {
+    let (pkt, now, rule) = (&w.pkt, w.now, &matched.rule);
     let Some(backend) = rules::pick_backend(rule) else {
         return fall_back(ctx, &s.key, rule.rule_id, now, Fallback::NoBackend);
     };
+    // A range's listen port + i goes to the backend's port + i.
+    let dport = u16::from_be(backend.port)
+        .wrapping_add(matched.shift)
+        .to_be();
     let src = if rule.flags & RULE_F_PRESERVE_CLIENT_IP != 0 {
         Some(pkt.src)
     } else if backend.snat_addr == ADDR_ANY {
@@ -276,7 +280,7 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
         dst,
         proto: pkt.proto,
         sport: pkt.sport,
-        dport: backend.port,
+        dport,
         tot_len: SKB_MTU_CHECK,
     };
     if let Err(rc) = redirect::route(ctx, &flow, s) {
@@ -287,7 +291,7 @@ fn new_flow(ctx: &TcContext, w: &Work, rule: &RuleValue, s: &mut Scratch) -> i32
         };
         return fall_back(ctx, &s.key, rule.rule_id, now, why);
     }
-    let created = match conntrack::create(rule, backend, now, s) {
+    let created = match conntrack::create(rule, backend, dport, now, s) {
         Ok(created) => created,
         Err(why) => return fall_back(ctx, &s.key, rule.rule_id, now, why),
     };

@@ -21,7 +21,7 @@ use tracing::{error, info, warn};
 use crate::config;
 use crate::control::{ControlSocket, Handlers, ReloadFn, StatusFn};
 use crate::docker::{self, DiscoveryStatus, ReportLog};
-use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, RelayFlows, StartOptions};
+use crate::kernel::{KernelPath, NEED_ROOT, NoSuchInterface, RelayFlows, StartOptions, Steering};
 use crate::metrics;
 use crate::names;
 use crate::privileges;
@@ -79,8 +79,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         && let Some((l, why)) = compiled
             .listeners
             .iter()
+            .filter(|l| l.preserve_client_ip)
             .find_map(|l| Some((l, l.needs_kernel()?)))
-            .filter(|(l, _)| l.preserve_client_ip)
     {
         return Err(RunError::Fatal(anyhow!(
             "rule `{}` in {} has {why}: --relay-only cannot carry it",
@@ -88,17 +88,19 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             opts.config.display()
         )));
     }
+    let steering = load_steering(&compiled, &opts)?;
     // An upgrade's relay goes first: its handed-over flows are frozen
     // until it runs, and the kernel path then finds them in the observer
     // it is given, so their RELAY_FLOWS entries stay.
     let early = match inherited.as_mut() {
         Some(record) => {
             let flows = Arc::new(RelayFlows::new());
-            let relay = Relay::start_inheriting(
+            let relay = Relay::start_steered(
                 &compiled.listeners,
                 compiled.relay,
                 flows.clone(),
                 Some(std::mem::take(&mut record.relay)),
+                steering.clone(),
             )
             .await?;
             let frozen_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
@@ -137,7 +139,14 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 Some(k) => k.observer(),
                 None => Arc::new(NoKernelPath),
             };
-            match Relay::start(&compiled.listeners, compiled.relay, observer).await {
+            let started = Relay::start_steered(
+                &compiled.listeners,
+                compiled.relay,
+                observer,
+                None,
+                steering.clone(),
+            );
+            match started.await {
                 Ok(relay) => Arc::new(relay),
                 Err(e) => {
                     stop_kernel_path(kernel);
@@ -146,6 +155,17 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             }
         }
     };
+    if let Some(steering) = &steering {
+        // The sockets are in its map: the ranges may point at them.
+        if let Err(e) = steering.set_ranges(&compiled.kernel.ranges) {
+            relay.health().stop();
+            if let Ok(relay) = Arc::try_unwrap(relay) {
+                relay.shutdown(std::time::Duration::ZERO).await;
+            }
+            stop_kernel_path(kernel);
+            return Err(e.into());
+        }
+    }
     start_health_checks(&relay, kernel.as_ref(), &compiled);
     let control = match inherited.as_mut().and_then(|r| r.control.take()) {
         Some(fd) => crate::relay::gate::own_fd(fd)
@@ -222,7 +242,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // Set-up is done: every thread keeps only what reloads, the relay and
     // the stop still use, and bounds what a start (an upgrade's exec)
     // needs. A daemon that cannot drop stops.
-    let keep = privileges::needed_after_setup(daemon.kernel.is_some());
+    // The steering's maps are written at reloads too.
+    let keep = privileges::needed_after_setup(daemon.kernel.is_some() || steering.is_some());
     let dropped = privileges::drop_to(keep, privileges::needed_for_start());
     match &dropped {
         Ok(()) => info!(
@@ -698,6 +719,24 @@ impl Daemon {
     }
 
     async fn apply_plan(&self, mut plan: Plan) -> anyhow::Result<Summary> {
+        if !self.relay.steers()
+            && let Some(l) = plan.added.iter().find(|l| l.ports.is_range())
+        {
+            // The first port range: its sockets need the steering program.
+            let steering = Steering::load().with_context(|| {
+                format!(
+                    "rule `{}` is a port range, which the relay serves through a socket-lookup \
+                     BPF program (sk_lookup), and it cannot be loaded now; restart the daemon \
+                     as root",
+                    l.alias
+                )
+            })?;
+            info!(
+                program = ?steering.program_id(),
+                "port ranges: socket lookup steers them to the relay"
+            );
+            self.relay.enable_steering(Arc::new(steering));
+        }
         let kernel = self.kernel.as_deref();
         let tables = match kernel {
             Some(k) => Some(k.prepare(&plan)?),
@@ -744,9 +783,8 @@ impl Daemon {
             let kernel_capable = plan
                 .next
                 .kernel
-                .rules
-                .iter()
-                .any(|(_, v)| v.rule_id == l.rule_id && v.flags & RULE_F_RELAY == 0);
+                .values()
+                .any(|v| v.rule_id == l.rule_id && v.flags & RULE_F_RELAY == 0);
             if !self.relay_only && kernel_capable {
                 could.push(l.alias.clone());
             }
@@ -948,6 +986,36 @@ impl Signals {
     }
 }
 
+/// The socket-lookup program that steers port ranges to the relay,
+/// loaded when a rule is a range; without it such a rule cannot run.
+fn load_steering(
+    compiled: &Compiled,
+    opts: &RunOptions,
+) -> Result<Option<Arc<Steering>>, RunError> {
+    let Some(range) = compiled.listeners.iter().find(|l| l.ports.is_range()) else {
+        return Ok(None);
+    };
+    match Steering::load() {
+        Ok(steering) => {
+            info!(
+                program = ?steering.program_id(),
+                "port ranges: socket lookup steers them to the relay"
+            );
+            Ok(Some(Arc::new(steering)))
+        }
+        Err(e) => Err(RunError::Fatal(e.context(format!(
+            "rule `{}` in {} is a port range ({} {}-{}), which the relay serves with one \
+             socket per protocol steered by a socket-lookup BPF program (sk_lookup), and it \
+             cannot be loaded; run as root on a kernel with BPF, or use single ports",
+            range.alias,
+            opts.config.display(),
+            range.protocol,
+            range.bind,
+            range.ports.last(range.bind.port())
+        )))),
+    }
+}
+
 async fn start_kernel_path(
     compiled: &Compiled,
     opts: &RunOptions,
@@ -959,9 +1027,8 @@ async fn start_kernel_path(
     if !docker
         && compiled
             .kernel
-            .rules
-            .iter()
-            .all(|(_, rule)| rule.flags & RULE_F_RELAY != 0)
+            .values()
+            .all(|rule| rule.flags & RULE_F_RELAY != 0)
     {
         info!("no rule can use the kernel path (relay-only or local targets): it is not loaded");
         return Ok(None);
@@ -1092,7 +1159,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
                 rule_id: l.rule_id,
                 alias: l.alias.clone(),
                 protocol: l.protocol.as_str(),
-                bind: l.bind.to_string(),
+                bind: l.listen_text(),
                 backends: l.backends.iter().map(|b| b.addr.to_string()).collect(),
                 path: l.path.as_str(),
                 health_check: l.health.as_ref().map(crate::health::describe),

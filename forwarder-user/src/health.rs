@@ -357,6 +357,7 @@ mod tests {
             protocol: Protocol::Tcp,
             bind: "127.0.0.1:1".parse().unwrap(),
             listen_picked: false,
+            ports: crate::rules::ListenPorts::SINGLE,
             backends: vec![
                 BackendSpec {
                     addr: "127.0.0.1:2".parse().unwrap(),

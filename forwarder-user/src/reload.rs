@@ -19,11 +19,14 @@ use serde::Serialize;
 use crate::config::{format_bytes, format_duration};
 use crate::rules::{Compiled, KernelSettings, Listener, Protocol};
 
-/// What identifies a rule across reloads: the socket it listens on.
+/// What identifies a rule across reloads: the socket it listens on, and
+/// for a range how many ports (a range of other ports is another rule).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ListenKey {
     pub protocol: Protocol,
     pub bind: SocketAddr,
+    /// 1 for a single port.
+    pub count: u16,
 }
 
 impl ListenKey {
@@ -31,13 +34,18 @@ impl ListenKey {
         ListenKey {
             protocol: listener.protocol,
             bind: listener.bind,
+            count: listener.ports.count,
         }
     }
 }
 
 impl std::fmt::Display for ListenKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.protocol, self.bind)
+        write!(f, "{} {}", self.protocol, self.bind)?;
+        if self.count > 1 {
+            write!(f, "-{}", self.bind.port().saturating_add(self.count - 1))?;
+        }
+        Ok(())
     }
 }
 
@@ -70,7 +78,7 @@ pub struct Summary {
 }
 
 fn describe(l: &Listener) -> String {
-    format!("{} ({} {})", l.alias, l.protocol, l.bind)
+    format!("{} ({})", l.alias, ListenKey::of(l))
 }
 
 impl Plan {
@@ -259,6 +267,9 @@ fn renumber(mut compiled: Compiled, ids: &BTreeMap<u32, u32>) -> Compiled {
     for (_, value) in &mut compiled.kernel.rules {
         value.rule_id = map(value.rule_id);
     }
+    for e in &mut compiled.kernel.ranges {
+        e.value.rule.rule_id = map(e.value.rule.rule_id);
+    }
     for (index, _) in &mut compiled.kernel.backends {
         let (rule, n) = (
             *index / MAX_BACKENDS_PER_RULE,
@@ -276,6 +287,7 @@ fn renumber(mut compiled: Compiled, ids: &BTreeMap<u32, u32>) -> Compiled {
 mod tests {
     use super::*;
     use crate::config;
+    use std::collections::BTreeSet;
 
     fn load(text: &str) -> Compiled {
         config::load_str(text, "test.yaml").unwrap_or_else(|e| panic!("{e}"))
@@ -448,5 +460,52 @@ routes:
         assert!(plan.is_empty(), "{:?}", plan.summary());
         assert_eq!(plan.next.listeners[0].bind.port(), port);
         assert_eq!(u16::from_be(plan.next.kernel.rules[0].0.port), port);
+    }
+
+    #[test]
+    fn a_range_of_other_ports_is_a_removed_rule_and_a_new_one() {
+        let file = |media: &str, many: &str| {
+            format!(
+                "kernel: {{snat_ports: 10000-19999}}
+routes:
+  media: {{scheme: udp, host: 10.0.0.1, port: {media}}}
+  many: {{scheme: tcp, host: 10.0.0.2, port: {many}}}
+  same: {{scheme: tcp, host: 10.0.0.3, port: 9000-9099:9000-9099}}
+"
+            )
+        };
+        let running = load(&file("20000-20999:30000-30999", "5000-5099:7000"));
+        // media: one port more; many: another target form, same ports.
+        let loaded = load(&file("20000-21000:30000-31000", "5000-5099:7000-7099"));
+        let plan = plan(&running, loaded, &none_held).unwrap();
+        let s = plan.summary();
+        assert_eq!(s.added, ["media (udp [::]:20000-21000)"]);
+        assert_eq!(s.removed, ["media (udp [::]:20000-20999)"]);
+        assert_eq!(s.changed, ["many (tcp [::]:5000-5099)"]);
+        assert_eq!(s.unchanged, 1);
+        // The trie entries follow the ids: `same` keeps 2, the others are fresh.
+        let ids_of = |port: u16| -> BTreeSet<u32> {
+            plan.next
+                .kernel
+                .ranges
+                .iter()
+                .filter(|e| e.value.first_port == port)
+                .map(|e| e.value.rule.rule_id)
+                .collect()
+        };
+        assert_eq!(ids_of(9000), BTreeSet::from([2]));
+        let fresh: BTreeSet<u32> = ids_of(20000).union(&ids_of(5000)).copied().collect();
+        assert_eq!(fresh, BTreeSet::from([3, 4]));
+        for l in &plan.next.listeners {
+            assert!(
+                plan.next
+                    .kernel
+                    .ranges
+                    .iter()
+                    .any(|e| e.value.rule.rule_id == l.rule_id
+                        && e.value.first_port == l.bind.port()),
+                "{l:?}"
+            );
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use forwarder_common::ranges::{RangeKey, RangeValue};
 use forwarder_common::{AclKey, Backend, RuleKey, RuleValue};
 
 use crate::acl::RuleAcl;
@@ -160,6 +161,8 @@ pub struct Listener {
     pub bind: SocketAddr,
     /// The rule asked for listen port 0 and `bind`'s port was picked at load.
     pub listen_picked: bool,
+    /// `bind.port()` alone, or a range of ports starting there.
+    pub ports: ListenPorts,
     pub backends: Vec<BackendSpec>,
     pub timeouts: Timeouts,
     pub path: PathMode,
@@ -177,6 +180,50 @@ pub struct Listener {
     pub max_connections: Option<u32>,
 }
 
+/// A rule's listen ports: `bind.port()` alone, or the range starting there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenPorts {
+    /// How many ports from `bind.port()`; 1 for a single-port rule.
+    pub count: u16,
+    pub target: TargetPorts,
+}
+
+/// How listen port `bind.port() + i` maps to a backend's port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TargetPorts {
+    /// The backend's port + i (single ports, 1:1 and shifted ranges).
+    Shifted,
+    /// Every listen port goes to the backend's port (many to one).
+    Same,
+}
+
+impl ListenPorts {
+    pub const SINGLE: ListenPorts = ListenPorts {
+        count: 1,
+        target: TargetPorts::Shifted,
+    };
+
+    pub fn is_range(&self) -> bool {
+        self.count > 1
+    }
+
+    /// The last listen port, given the first. Config validation keeps
+    /// `first + count - 1` within 65535; saturating so a bad table cannot panic.
+    pub fn last(&self, first: u16) -> u16 {
+        first.saturating_add(self.count.max(1) - 1)
+    }
+
+    /// The backend port for listen `port` (which is within the range from
+    /// `first`), for a backend on `backend_port`.
+    pub fn target_port(&self, first: u16, port: u16, backend_port: u16) -> u16 {
+        match self.target {
+            TargetPorts::Same => backend_port,
+            // Wrapping: validation rejects a target range past 65535.
+            TargetPorts::Shifted => backend_port.wrapping_add(port.wrapping_sub(first)),
+        }
+    }
+}
+
 /// The relay's open TCP connections per rule when `max_connections` is left out.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
 
@@ -184,6 +231,15 @@ impl Listener {
     /// The relay's limit of open TCP connections for this rule.
     pub fn connection_limit(&self) -> u32 {
         self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
+    }
+
+    /// `bind`, or for a range `bind` and its last port (`[::]:5000-5099`).
+    pub fn listen_text(&self) -> String {
+        if self.ports.is_range() {
+            format!("{}-{}", self.bind, self.ports.last(self.bind.port()))
+        } else {
+            self.bind.to_string()
+        }
     }
 
     /// Why the rule cannot run without the kernel path, if it cannot.
@@ -294,6 +350,24 @@ pub struct KernelTable {
     pub backends: Vec<(u32, Backend)>,
     /// `ACL` trie entries: (key prefix length, key data, verdict).
     pub acl: Vec<(u32, AclKey, u32)>,
+    /// `RANGES` trie entries of the range rules (which have no `rules` entry).
+    pub ranges: Vec<RangeEntry>,
+}
+
+/// One `RANGES` trie entry: a block of a range rule's ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeEntry {
+    pub prefix_len: u32,
+    pub key: RangeKey,
+    pub value: RangeValue,
+}
+
+impl KernelTable {
+    /// Every rule's value: single ports' and each range block's.
+    pub fn values(&self) -> impl Iterator<Item = &RuleValue> {
+        let ranges = self.ranges.iter().map(|e| &e.value.rule);
+        self.rules.iter().map(|(_, v)| v).chain(ranges)
+    }
 }
 
 /// How the hostnames of targets are followed; new flows follow each answer.
@@ -362,4 +436,50 @@ pub struct NoKernelPath;
 impl FlowObserver for NoKernelPath {
     fn relay_flow_started(&self, _: Protocol, _: SocketAddr, _: SocketAddr) {}
     fn relay_flow_ended(&self, _: Protocol, _: SocketAddr, _: SocketAddr) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_port_is_not_a_range_and_maps_to_the_backend_port() {
+        let p = ListenPorts::SINGLE;
+        assert!(!p.is_range());
+        assert_eq!(p.last(7878), 7878);
+        assert_eq!(p.target_port(7878, 7878, 3478), 3478);
+    }
+
+    #[test]
+    fn shifted_range_maps_each_port_by_its_offset() {
+        let p = ListenPorts {
+            count: 1000,
+            target: TargetPorts::Shifted,
+        };
+        assert!(p.is_range());
+        assert_eq!(p.last(20000), 20999);
+        assert_eq!(p.target_port(20000, 20000, 30000), 30000);
+        assert_eq!(p.target_port(20000, 20500, 30000), 30500);
+        assert_eq!(p.target_port(20000, 20999, 30000), 30999);
+        // 1:1 is a shift by zero.
+        let full = ListenPorts {
+            count: 16384,
+            target: TargetPorts::Shifted,
+        };
+        assert_eq!(full.last(49152), 65535);
+        assert_eq!(full.target_port(49152, 65535, 49152), 65535);
+        assert_eq!(full.target_port(49152, 57344, 49152), 57344);
+    }
+
+    #[test]
+    fn many_to_one_maps_every_port_to_the_backend_port() {
+        let p = ListenPorts {
+            count: 100,
+            target: TargetPorts::Same,
+        };
+        assert_eq!(p.last(5000), 5099);
+        for port in [5000, 5050, 5099] {
+            assert_eq!(p.target_port(5000, port, 7000), 7000);
+        }
+    }
 }

@@ -6,6 +6,7 @@ pub mod dns;
 pub mod docker;
 pub mod harness;
 mod netns;
+pub mod port_servers;
 pub mod relay;
 pub mod seccomp;
 mod tcx_counter;

@@ -50,6 +50,7 @@ pub fn listener(
         acl: None,
         max_connections: None,
         listen_picked: false,
+        ports: forwarder::rules::ListenPorts::SINGLE,
     }
 }
 

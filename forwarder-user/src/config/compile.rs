@@ -7,6 +7,7 @@ use forwarder_common::{
     ADDR_ANY, Addr, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, RULE_F_ACL,
     RULE_F_ACL_DEFAULT_DENY, RULE_F_ACL_REJECT, RULE_F_PRESERVE_CLIENT_IP, RULE_F_RELAY,
     RULE_F_XDP, RuleKey, RuleValue, addr_from_ipv4_be,
+    ranges::{RANGE_TARGET_SAME, RANGE_TARGET_SHIFTED, RangeKey, RangeValue, prefixes},
 };
 
 use super::acl::Acl;
@@ -15,8 +16,8 @@ use super::validate::is_loopback;
 use super::values::Cidr;
 use crate::acl::{AclAction, RuleAcl};
 use crate::rules::{
-    BackendSpec, Compiled, HealthSpec, KernelSettings, KernelTable, Listener, PathMode, Probe,
-    Protocol, ProxySettings, RelaySettings, Timeouts,
+    BackendSpec, Compiled, HealthSpec, KernelSettings, KernelTable, ListenPorts, Listener,
+    PathMode, Probe, Protocol, ProxySettings, RangeEntry, RelaySettings, TargetPorts, Timeouts,
 };
 
 /// A whole validated rule file, hosts resolved and listen ports fixed.
@@ -38,8 +39,9 @@ pub struct Route {
     pub protocols: Vec<Protocol>,
     /// `None`: every address, IPv4 and IPv6 (`[::]`).
     pub bind: Option<IpAddr>,
-    /// Never 0 when compiled.
+    /// Never 0 when compiled. The first port of a range.
     pub listen: u16,
+    pub ports: ListenPorts,
     /// The listen port was picked at load.
     pub listen_picked: bool,
     /// 1 to `MAX_BACKENDS_PER_RULE`.
@@ -123,20 +125,31 @@ pub fn compile(config: &Config) -> Compiled {
                 route.bind.unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
                 route.listen,
             );
-            kernel.rules.push((
-                RuleKey {
-                    addr: key_addr(route.bind),
-                    port: route.listen.to_be(),
-                    proto: protocol.ip_proto(),
-                    _pad: 0,
-                },
-                RuleValue {
-                    rule_id,
-                    flags,
-                    backend_count: route.backends.len() as u32,
-                    total_weight: route.backends.iter().map(|b| u32::from(b.weight)).sum(),
-                },
-            ));
+            let value = RuleValue {
+                rule_id,
+                flags,
+                backend_count: route.backends.len() as u32,
+                total_weight: route.backends.iter().map(|b| u32::from(b.weight)).sum(),
+            };
+            if route.ports.is_range() {
+                kernel.ranges.extend(range_entries(
+                    key_addr(route.bind),
+                    protocol,
+                    route.listen,
+                    route.ports,
+                    value,
+                ));
+            } else {
+                kernel.rules.push((
+                    RuleKey {
+                        addr: key_addr(route.bind),
+                        port: route.listen.to_be(),
+                        proto: protocol.ip_proto(),
+                        _pad: 0,
+                    },
+                    value,
+                ));
+            }
             for (n, b) in route.backends.iter().enumerate() {
                 kernel.backends.push((
                     rule_id * MAX_BACKENDS_PER_RULE + n as u32,
@@ -158,6 +171,7 @@ pub fn compile(config: &Config) -> Compiled {
                 protocol,
                 bind,
                 listen_picked: route.listen_picked,
+                ports: route.ports,
                 backends: route.backends.clone(),
                 timeouts: route.timeouts,
                 path: route.path,
@@ -197,6 +211,26 @@ fn health_spec(h: &HealthCheck, protocol: Protocol) -> HealthSpec {
         rise: h.rise,
         probe,
     }
+}
+
+/// The `RANGES` trie entries of a range rule: one per aligned block.
+pub fn range_entries(
+    addr: Addr,
+    protocol: Protocol,
+    first: u16,
+    ports: ListenPorts,
+    rule: RuleValue,
+) -> impl Iterator<Item = RangeEntry> {
+    let target = match ports.target {
+        TargetPorts::Shifted => RANGE_TARGET_SHIFTED,
+        TargetPorts::Same => RANGE_TARGET_SAME,
+    };
+    let value = RangeValue::new(rule, first, target);
+    prefixes(first, ports.last(first)).map(move |(start, bits)| RangeEntry {
+        prefix_len: RangeKey::prefix_len(bits),
+        key: RangeKey::new(addr, protocol.ip_proto(), start),
+        value,
+    })
 }
 
 /// The kernel key's address: any unspecified bind is the wildcard.

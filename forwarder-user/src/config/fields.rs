@@ -23,7 +23,7 @@ use super::services;
 use super::source::RawRoute;
 use super::values::{self, Cidr, HostSpec};
 use super::yaml::{Node, Value};
-use crate::rules::{PathMode, Protocol, Timeouts};
+use crate::rules::{ListenPorts, PathMode, Protocol, Timeouts};
 
 const HTTP_SCHEMES: &[&str] = &["http", "https", "h2c", "fileserver"];
 const SCHEME_ALLOWED: &str = "`tcp`, `udp`, or both: `tcp,udp`";
@@ -99,8 +99,9 @@ pub(crate) struct RouteSpec {
     pub protocols: Vec<Protocol>,
     pub bind: Option<IpAddr>,
     pub bind_pos: Pos,
-    /// 0: picked at start.
+    /// 0: picked at start. The first port of a range.
     pub listen: u16,
+    pub ports: ListenPorts,
     pub port_pos: Pos,
     pub targets: Vec<TargetSpec>,
     pub targets_pos: Pos,
@@ -431,6 +432,7 @@ pub(crate) fn route(
         bind: bind_ip,
         bind_pos: bind.map_or_else(|| raw.pos.clone(), |b| b.pos.clone()),
         listen: port_spec.listen,
+        ports: port_spec.ports,
         port_pos: port.map_or_else(|| raw.pos.clone(), |p| p.pos.clone()),
         targets,
         targets_pos,

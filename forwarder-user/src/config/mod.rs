@@ -53,7 +53,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use acl::Acl;
-pub use compile::{Config, Route, addr_of, compile};
+pub use compile::{Config, Route, addr_of, compile, range_entries};
 pub use docker::{Container, DockerSettings};
 pub(crate) use env::parse_port_range;
 pub use errors::{ConfigError, Errors, Pos, Warning};
@@ -265,6 +265,7 @@ fn load_inner(
             protocols: spec.protocols.clone(),
             bind: spec.bind,
             listen: spec.listen,
+            ports: spec.ports,
             listen_picked: false,
             backends: backends.unwrap_or_default(),
             timeouts: spec.timeouts,

@@ -5,7 +5,9 @@ use std::fmt::Write;
 use forwarder_common::RULE_F_RELAY;
 
 use super::values::{format_bytes, format_duration};
-use crate::rules::{Compiled, DEFAULT_MAX_CONNECTIONS, Listener, PathMode, ProxyProtocol};
+use crate::rules::{
+    BackendSpec, Compiled, DEFAULT_MAX_CONNECTIONS, Listener, PathMode, ProxyProtocol, TargetPorts,
+};
 
 /// One line per rule: id, alias, protocol, bind:listen → target(s), path,
 /// ACL (entries in the order tried, the default, the action); then the
@@ -124,17 +126,31 @@ fn listen_text(l: &Listener) -> String {
     if l.listen_picked {
         format!("{} (picked)", l.bind)
     } else {
-        l.bind.to_string()
+        l.listen_text()
+    }
+}
+
+/// A backend, with the ports a shifted range goes to.
+fn target_text(l: &Listener, b: &BackendSpec) -> String {
+    let first = l.bind.port();
+    match l.ports.target {
+        TargetPorts::Shifted if l.ports.is_range() => {
+            let last = l
+                .ports
+                .target_port(first, l.ports.last(first), b.addr.port());
+            format!("{}-{last}", b.addr)
+        }
+        _ => b.addr.to_string(),
     }
 }
 
 fn targets_text(l: &Listener) -> String {
     if l.backends.len() == 1 {
-        return l.backends[0].addr.to_string();
+        return target_text(l, &l.backends[0]);
     }
     l.backends
         .iter()
-        .map(|b| format!("{} (weight {})", b.addr, b.weight))
+        .map(|b| format!("{} (weight {})", target_text(l, b), b.weight))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -142,10 +158,9 @@ fn targets_text(l: &Listener) -> String {
 fn path_text(compiled: &Compiled, l: &Listener) -> String {
     let relay_flag = compiled
         .kernel
-        .rules
-        .iter()
-        .find(|(_, v)| v.rule_id == l.rule_id)
-        .is_some_and(|(_, v)| v.flags & RULE_F_RELAY != 0);
+        .values()
+        .find(|v| v.rule_id == l.rule_id)
+        .is_some_and(|v| v.flags & RULE_F_RELAY != 0);
     let mut text = match (l.path, relay_flag) {
         (PathMode::Auto, true) if l.proxy.needs_relay() => "relay (proxy_protocol)".to_owned(),
         (PathMode::Auto, true) if l.max_connections.is_some() => {

@@ -76,6 +76,21 @@ pub(crate) fn bind_text(bind: Option<IpAddr>, port: u16) -> String {
     }
 }
 
+/// `bind_text` of a route's listen port, or of its range (`[::]:5000-5099`).
+fn listen_text(spec: &RouteSpec) -> String {
+    let text = bind_text(spec.bind, spec.listen);
+    if spec.ports.is_range() {
+        format!("{text}-{}", spec.ports.last(spec.listen))
+    } else {
+        text
+    }
+}
+
+/// The listen ports of a route, inclusive; `None` for a port picked at start.
+fn listen_span(spec: &RouteSpec) -> Option<(u16, u16)> {
+    (spec.listen != 0).then(|| (spec.listen, spec.ports.last(spec.listen)))
+}
+
 /// `targets[i]` are the resolved targets of `specs[i]` (`None`: unresolved).
 pub(crate) fn routes(
     specs: &[RouteSpec],
@@ -88,13 +103,21 @@ pub(crate) fn routes(
     conflicts(specs, diag);
     let (lo, hi) = globals.kernel.snat_ports;
     for (spec, targets) in specs.iter().zip(targets) {
-        if spec.listen != 0 && (lo..=hi).contains(&spec.listen) {
+        if let Some((first, last)) = listen_span(spec)
+            && first <= hi
+            && lo <= last
+        {
             let whose = match &globals.snat_pos {
                 Some(p) => format!("`kernel.snat_ports` at {p} is {lo}-{hi}"),
                 None => format!("`kernel.snat_ports` is {lo}-{hi} by default"),
             };
+            let found = if spec.ports.is_range() {
+                format!("listen range {first}-{last} overlaps the SNAT range")
+            } else {
+                format!("listen port {first} inside the SNAT range")
+            };
             diag.error(
-                ConfigError::new(&spec.port_pos, format!("listen port {} inside the SNAT range", spec.listen), "a listen port outside `kernel.snat_ports` (the kernel path uses those as source ports)")
+                ConfigError::new(&spec.port_pos, found, "a listen port outside `kernel.snat_ports` (the kernel path uses those as source ports)")
                     .alias(Some(&spec.alias))
                     .field("port")
                     .hint(whose),
@@ -187,43 +210,55 @@ fn acl_limit(specs: &[RouteSpec], globals: &Globals, diag: &mut Diag) {
     }
 }
 
-/// Two rules on the same port and protocol whose bind addresses overlap:
-/// the second bind would fail, and the kernel could not tell them apart.
+/// Two rules on overlapping ports and the same protocol whose bind
+/// addresses overlap: the second bind would fail, and the kernel could
+/// not tell them apart. Each is named with its place.
 fn conflicts(specs: &[RouteSpec], diag: &mut Diag) {
-    let mut by_port: HashMap<u16, Vec<usize>> = HashMap::new();
-    for (i, spec) in specs.iter().enumerate() {
-        if spec.listen == 0 {
-            continue;
-        }
-        let earlier = by_port.entry(spec.listen).or_default();
-        for &j in earlier.iter() {
-            let other = &specs[j];
-            let shared: Vec<&str> = spec
-                .protocols
-                .iter()
-                .filter(|p| other.protocols.contains(p))
-                .map(|p| p.as_str())
-                .collect();
-            if shared.is_empty() || !overlap(cover(spec.bind), cover(other.bind)) {
+    // Sorted by first port, so each route is compared only with those
+    // whose spans can still reach it.
+    let mut order: Vec<(u16, u16, usize)> = specs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| listen_span(s).map(|(a, b)| (a, b, i)))
+        .collect();
+    order.sort_unstable();
+    let mut found: Vec<(usize, usize)> = Vec::new();
+    for (n, &(first, _, i)) in order.iter().enumerate() {
+        for &(_, other_last, j) in &order[..n] {
+            if other_last < first {
                 continue;
             }
-            let protos = shared.join(",");
-            diag.error(
-                ConfigError::new(
-                    &spec.port_pos,
-                    format!(
-                        "{protos} {}, which alias `{}` also claims ({protos} {})",
-                        bind_text(spec.bind, spec.listen),
-                        other.alias,
-                        bind_text(other.bind, other.listen)
-                    ),
-                    "one rule per (bind, port, protocol); a wildcard bind covers every address of its family",
-                )
-                .alias(Some(&spec.alias))
-                .field("port")
-                .hint(format!("alias `{}` is at {}", other.alias, other.port_pos)),
-            );
+            found.push((i.max(j), i.min(j)));
         }
-        earlier.push(i);
+    }
+    // Reported at the later route, in file order.
+    found.sort_unstable();
+    for (i, j) in found {
+        let (spec, other) = (&specs[i], &specs[j]);
+        let shared: Vec<&str> = spec
+            .protocols
+            .iter()
+            .filter(|p| other.protocols.contains(p))
+            .map(|p| p.as_str())
+            .collect();
+        if shared.is_empty() || !overlap(cover(spec.bind), cover(other.bind)) {
+            continue;
+        }
+        let protos = shared.join(",");
+        diag.error(
+            ConfigError::new(
+                &spec.port_pos,
+                format!(
+                    "{protos} {}, which alias `{}` also claims ({protos} {})",
+                    listen_text(spec),
+                    other.alias,
+                    listen_text(other)
+                ),
+                "one rule per (bind, port, protocol), ranges included; a wildcard bind covers every address of its family",
+            )
+            .alias(Some(&spec.alias))
+            .field("port")
+            .hint(format!("alias `{}` is at {}", other.alias, other.port_pos)),
+        );
     }
 }

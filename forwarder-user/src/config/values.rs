@@ -10,8 +10,9 @@ use std::time::Duration;
 use super::errors::{ConfigError, quoted};
 use super::services;
 use super::yaml::{self, Node, Value};
+use crate::rules::{ListenPorts, TargetPorts};
 
-pub const PORT_ALLOWED: &str = "`listen:target` or `target` (listen 0–65535, 0 = picked at start; target 1–65535 or a service name from /etc/services)";
+pub const PORT_ALLOWED: &str = "`listen:target` or `target` (listen 0–65535, 0 = picked at start; target 1–65535 or a service name from /etc/services), or a range `first-last:first-last` (same length) or `first-last:target` (1–65535)";
 pub const DURATION_ALLOWED: &str =
     "a duration such as `500ms`, `30s`, `2m`, `1h`, `1h30m`, or a whole number of seconds";
 pub const BOOL_ALLOWED: &str = "`true` or `false`";
@@ -19,12 +20,15 @@ pub const IP_ALLOWED: &str = "an IPv4 or IPv6 address";
 pub const HOST_ALLOWED: &str = "an IPv4 or IPv6 address, or a hostname";
 pub const CIDR_ALLOWED: &str = "an address or a CIDR such as `10.0.0.0/8` or `2001:db8::/32`";
 
-/// `port: listen:target`.
+/// `port: listen:target`, or a range.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortSpec {
+    /// The first listen port of a range.
     pub listen: u16,
-    /// `None` only for `listen:` (the backends name their ports).
+    /// `None` only for `listen:` (the backends name their ports); the
+    /// first target port of a range.
     pub target: Option<u16>,
+    pub ports: ListenPorts,
 }
 
 /// A backend's host as written.
@@ -140,9 +144,29 @@ fn port_number(part: &str) -> Option<u64> {
     Some(part.parse().unwrap_or(u64::MAX))
 }
 
+/// `first-last` as (first, last), or `None` if `part` has no dash.
+fn port_range(part: &str) -> Option<Result<(u16, u16), String>> {
+    let (a, b) = part.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    // `-2` is a negative number and `no-such-service` a service name,
+    // not ranges.
+    port_number(a)?;
+    Some(match (port_number(a), port_number(b)) {
+        (Some(0), _) | (_, Some(0)) => Err("a range that includes port 0".into()),
+        (Some(a), Some(b)) if a <= 65535 && b <= 65535 && a <= b => Ok((a as u16, b as u16)),
+        (Some(a), Some(b)) if a <= 65535 && b <= 65535 => {
+            Err(format!("range {a}-{b} ends before it starts"))
+        }
+        (Some(_), Some(_)) => Err("a range past port 65535".into()),
+        _ => Err(format!("range `{part}` is not `first-last`")),
+    })
+}
+
 /// `listen:target`, `target` (listen 0) or `:target`; `listen:` when
 /// `empty_target` is allowed. A target written as a service name (`dns`)
-/// is looked up with `service`, which says why when it cannot.
+/// is looked up with `service`, which says why when it cannot. Ranges:
+/// `first-last:first-last` (same length; shifted, or 1:1) and
+/// `first-last:target` (many to one).
 pub fn port(
     node: &Node,
     empty_target: bool,
@@ -156,6 +180,68 @@ pub fn port(
     };
     if target.contains(':') {
         return Err(bad(quoted(t)));
+    }
+    let listen_range = match port_range(listen) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(why)) => return Err(bad(format!("{} ({why})", quoted(t)))),
+        None => None,
+    };
+    let target_range = match port_range(target) {
+        Some(Ok(r)) => Some(r),
+        Some(Err(why)) => return Err(bad(format!("{} ({why})", quoted(t)))),
+        None => None,
+    };
+    if let Some((lf, ll)) = listen_range {
+        let count = ll - lf + 1;
+        let (target, kind) = match target_range {
+            Some((tf, tl)) if tl - tf == ll - lf => (tf, TargetPorts::Shifted),
+            Some((tf, tl)) => {
+                return Err(bad(format!(
+                    "{} (listen range of {count} ports, target range of {})",
+                    quoted(t),
+                    u32::from(tl - tf) + 1
+                )));
+            }
+            None if target.is_empty() => {
+                return Err(bad(format!(
+                    "{} (a range needs its target written: `first-last:first-last` or `first-last:port`)",
+                    quoted(t)
+                )));
+            }
+            None => match port_number(target) {
+                Some(p) if (1..=65535).contains(&p) => (p as u16, TargetPorts::Same),
+                Some(0) => return Err(bad(format!("{} (target port 0)", quoted(t)))),
+                Some(_) => {
+                    return Err(bad(format!("{} (target port out of range)", quoted(t))));
+                }
+                None => {
+                    return Err(bad(format!(
+                        "{} (a range's target is a port number or a range)",
+                        quoted(t)
+                    )));
+                }
+            },
+        };
+        // One port written as a range is a single-port rule.
+        let ports = if count == 1 {
+            ListenPorts::SINGLE
+        } else {
+            ListenPorts {
+                count,
+                target: kind,
+            }
+        };
+        return Ok(PortSpec {
+            listen: lf,
+            target: Some(target),
+            ports,
+        });
+    }
+    if target_range.is_some() {
+        return Err(bad(format!(
+            "{} (a target range needs a listen range of the same length)",
+            quoted(t)
+        )));
     }
     let listen = if listen.is_empty() {
         0
@@ -184,7 +270,11 @@ pub fn port(
             }
         }
     };
-    Ok(PortSpec { listen, target })
+    Ok(PortSpec {
+        listen,
+        target,
+        ports: ListenPorts::SINGLE,
+    })
 }
 
 /// `500ms`, `30s`, `2m`, `1h`, combinations (`1h30m`), or plain seconds.
@@ -446,7 +536,8 @@ mod tests {
             p("7878:3478").unwrap(),
             PortSpec {
                 listen: 7878,
-                target: Some(3478)
+                target: Some(3478),
+                ports: ListenPorts::SINGLE,
             }
         );
         assert_eq!(p("3478").unwrap().listen, 0);
@@ -475,6 +566,63 @@ mod tests {
         );
         // A listen port is never a name.
         assert!(port(&n("dns:53"), false, &dns).is_err());
+    }
+
+    #[test]
+    fn port_ranges() {
+        let none = |name: &str| Err(format!("no service `{name}`"));
+        let p = |s| port(&n(s), true, &none);
+        let range = |count, target| ListenPorts { count, target };
+        assert_eq!(
+            p("49152-65535:49152-65535").unwrap(),
+            PortSpec {
+                listen: 49152,
+                target: Some(49152),
+                ports: range(16384, TargetPorts::Shifted),
+            }
+        );
+        assert_eq!(
+            p("20000-20999:30000-30999").unwrap(),
+            PortSpec {
+                listen: 20000,
+                target: Some(30000),
+                ports: range(1000, TargetPorts::Shifted),
+            }
+        );
+        assert_eq!(
+            p(" 5000 - 5099 : 7000 ").unwrap(),
+            PortSpec {
+                listen: 5000,
+                target: Some(7000),
+                ports: range(100, TargetPorts::Same),
+            }
+        );
+        // One port written as a range is a single port.
+        assert_eq!(p("5000-5000:7000").unwrap().ports, ListenPorts::SINGLE);
+        let err = |s| p(s).unwrap_err().found;
+        assert_eq!(
+            err("20000-20999:30000-30099"),
+            "`20000-20999:30000-30099` (listen range of 1000 ports, target range of 100)"
+        );
+        assert!(err("80:7000-7099").contains("a target range needs a listen range"));
+        assert!(err("7000-7099").contains("a target range needs a listen range"));
+        assert!(err("0-99:1000-1099").contains("includes port 0"));
+        assert!(err("100-199:0-99").contains("includes port 0"));
+        assert!(err("6000-5000:7000").contains("ends before it starts"));
+        assert!(err("65000-70000:65000").contains("past port 65535"));
+        assert!(err("5000-5099:").contains("needs its target written"));
+        assert!(err("5000-5099:dns").contains("port number or a range"));
+        assert!(err("5000-:7000").contains("not `first-last`"));
+        assert!(err("5000-5099:7000:1").starts_with("`5000-5099:7000:1`"));
+        // A service name with a dash is a name.
+        let svc = |name: &str| match name {
+            "my-svc" => Ok(53),
+            _ => Err(format!("no service `{name}`")),
+        };
+        assert_eq!(
+            port(&n("17055:my-svc"), false, &svc).unwrap().target,
+            Some(53)
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod qdisc;
 mod relay_flows;
 mod rule_maps;
 mod snat;
+mod steer;
 pub mod sweeper;
 mod sysctl;
 mod tables;
@@ -41,6 +42,7 @@ pub use counters::{InterfaceCounters, KernelCounters, KernelRuleCounters};
 pub use interfaces::{Interface, NoSuchInterface};
 pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
+pub use steer::Steering;
 pub use sweeper::SnatUse;
 pub use sysctl::{PortSet, RESERVED_PORTS};
 
@@ -65,9 +67,8 @@ pub static EBPF_OBJECT: &[u8] = &[];
 /// an interface has room for one XDP program, which may be someone else's.
 fn wants_xdp(tables: &tables::Tables) -> bool {
     tables
-        .rules
-        .iter()
-        .any(|(_, v)| v.flags & RULE_F_XDP != 0 && v.flags & RULE_F_RELAY == 0)
+        .values()
+        .any(|v| v.flags & RULE_F_XDP != 0 && v.flags & RULE_F_RELAY == 0)
 }
 
 /// Choices beyond the rule table.
@@ -301,12 +302,13 @@ impl KernelPath {
             .filter(|(_, v)| v.flags & RULE_F_RELAY != 0)
             .count();
         tracing::info!(
-            "kernel path attached to {}{}: {} rules ({} relay only), SNAT ports {}-{}, \
-             conntrack {} entries (a pass over them all takes up to {:?})",
+            "kernel path attached to {}{}: {} rules ({} relay only, {} port ranges), SNAT ports \
+             {}-{}, conntrack {} entries (a pass over them all takes up to {:?})",
             names.join(", "),
             if with_xdp { " (TC and XDP)" } else { " (TC)" },
-            tables.rules.len(),
+            tables.rule_count(),
             relay_rules,
+            tables.range_rules(),
             settings.snat_ports.0,
             settings.snat_ports.1,
             conntrack_size,
@@ -562,6 +564,11 @@ fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::Pa
         ("RULE_COUNTERS", RULE_IDS, size_of::<RuleCounters>()),
         (REASON_COUNTERS_MAP, REASON_SLOTS, size_of::<u64>()),
         ("RULE_FLAGS", RULE_IDS, size_of::<u32>()),
+        (
+            forwarder_common::ranges::RANGES_MAP,
+            forwarder_common::ranges::MAX_RANGE_ENTRIES,
+            size_of::<forwarder_common::ranges::RangeValue>(),
+        ),
     ];
     for (name, entries, value_size) in want {
         let path = pins::map_path(&dir, name);

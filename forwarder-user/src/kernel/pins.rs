@@ -32,6 +32,8 @@ pub const MAPS: &[&str] = &[
     "IFACE_COUNTERS",
     "XDP_EGRESS",
     forwarder_common::host_nat::HOST_PORTS_MAP,
+    forwarder_common::ranges::RANGES_MAP,
+    forwarder_common::ranges::RANGE_COUNT_MAP,
 ];
 
 /// This network namespace's pin directory (not created).

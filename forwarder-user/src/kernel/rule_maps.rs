@@ -13,10 +13,9 @@ use std::collections::{HashMap, HashSet};
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
-use forwarder_common::{
-    AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleKey, RuleValue, Settings,
-    snat::{SNAT_POOL_MAP, SnatPool},
-};
+use forwarder_common::ranges::{RANGE_COUNT_MAP, RANGES_MAP, RangeKey, RangeValue};
+use forwarder_common::snat::{SNAT_POOL_MAP, SnatPool};
+use forwarder_common::{AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleKey, RuleValue, Settings};
 
 use super::counters::{CounterMaps, take_map};
 use super::tables::Tables;
@@ -32,6 +31,17 @@ pub struct RuleMaps {
     acl: LpmTrie<MapData, AclKey, u32>,
     /// `kernel.snat_addresses`; rewritten whole at start and reload.
     pool: Array<MapData, SnatPool>,
+    /// Blocks of range rules' ports, and how many range rules there are
+    /// (0: packets skip the trie).
+    ranges: LpmTrie<MapData, RangeKey, RangeValue>,
+    range_count: Array<MapData, u32>,
+}
+
+/// A `RANGES` key as the map takes it, hashable for the differences.
+type TrieKey = (u32, RangeKey);
+
+fn trie_key(k: &TrieKey) -> Key<RangeKey> {
+    Key::new(k.0, k.1)
 }
 
 impl RuleMaps {
@@ -43,6 +53,8 @@ impl RuleMaps {
             flags: Array::try_from(take_map(ebpf, "RULE_FLAGS")?)?,
             acl: LpmTrie::try_from(take_map(ebpf, "ACL")?)?,
             pool: Array::try_from(take_map(ebpf, SNAT_POOL_MAP)?)?,
+            ranges: LpmTrie::try_from(take_map(ebpf, RANGES_MAP)?)?,
+            range_count: Array::try_from(take_map(ebpf, RANGE_COUNT_MAP)?)?,
         })
     }
 
@@ -61,15 +73,34 @@ impl RuleMaps {
         }
         // Before any backend flagged for it points new flows at it.
         self.pool.set(0, tables.pool, 0)?;
-        let by_id = ById::of(tables);
-        for (_, value) in &tables.rules {
-            self.write_entries(&by_id, value.rule_id)?;
+        let wanted: HashSet<TrieKey> = tables
+            .ranges
+            .iter()
+            .map(|e| (e.prefix_len, e.key))
+            .collect();
+        let stale: Vec<Key<RangeKey>> = self
+            .ranges
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for key in &stale {
+            self.ranges.remove(key)?;
         }
-        let ids: HashSet<u32> = tables.rules.iter().map(|(_, v)| v.rule_id).collect();
+        let by_id = ById::of(tables);
+        let ids: HashSet<u32> = tables.values().map(|v| v.rule_id).collect();
+        for &id in &ids {
+            self.write_entries(&by_id, id)?;
+        }
         self.write_acl(tables, &ids)?;
         self.settings.set(0, tables.settings, 0)?;
         for (key, value) in &tables.rules {
             self.rules.insert(key, value, 0)?;
+        }
+        self.range_count.set(0, tables.range_rules(), 0)?;
+        for e in &tables.ranges {
+            self.ranges
+                .insert(&Key::new(e.prefix_len, e.key), e.value, 0)?;
         }
         Ok(())
     }
@@ -123,17 +154,19 @@ impl RuleMaps {
                 self.rules.insert(key, value, 0)?;
             }
         }
+        for e in &tables.ranges {
+            if e.value.rule.rule_id == rule_id {
+                self.ranges
+                    .insert(&Key::new(e.prefix_len, e.key), e.value, 0)?;
+            }
+        }
         Ok(())
     }
 
     /// Removes the ACL entries of rules `tables` no longer has: after the
     /// keys moved, nothing looks them up.
     fn drop_stale_acl(&mut self, tables: &Tables) -> anyhow::Result<()> {
-        let live: HashSet<u32> = tables
-            .rules
-            .iter()
-            .map(|(_, v)| v.rule_id.to_be())
-            .collect();
+        let live: HashSet<u32> = tables.values().map(|v| v.rule_id.to_be()).collect();
         let stale: Vec<Key<AclKey>> = self
             .acl
             .keys()
@@ -175,26 +208,71 @@ impl RuleMaps {
         }
         // Routes may have changed for kept rules too: a changed value is
         // one map update either way, and backends changed in place (a
-        // route's address, the pool's flag) are rewritten too.
+        // route's address, the pool's flag) are rewritten too, whether the
+        // rule is keyed by port or by range. `written`: ids done already.
         let old_backends: HashMap<u32, &Backend> =
             running.backends.iter().map(|(i, b)| (*i, b)).collect();
-        let moved: HashSet<u32> = next
+        let mut written: HashSet<u32> = fresh.clone();
+        for id in next
             .backends
             .iter()
             .filter(|(i, b)| old_backends.get(i) != Some(&b))
             .map(|(i, _)| i / MAX_BACKENDS_PER_RULE)
-            .collect();
+        {
+            if written.insert(id) {
+                self.write_entries(&by_id, id)?;
+            }
+        }
         for (key, value) in &next.rules {
             let id = value.rule_id;
-            let changed = moved.contains(&id) || self.rules.get(key, 0).ok() != Some(*value);
-            if fresh.contains(&id) || changed {
-                if !fresh.contains(&id) {
+            if fresh.contains(&id) || self.rules.get(key, 0).ok() != Some(*value) {
+                if written.insert(id) {
                     self.write_entries(&by_id, id)?;
                 }
                 self.rules.insert(key, value, 0)?;
             }
         }
+        self.apply_ranges(running, next, &mut written, &by_id)?;
         self.drop_stale_acl(next)
+    }
+
+    /// The `RANGES` part of [`RuleMaps::apply`]. New and changed blocks go
+    /// in first, then blocks of no rule go: a port two versions both cover
+    /// (a range moved or grown) always finds one of them. `written`: rule
+    /// ids whose backends and flags are in place already.
+    fn apply_ranges(
+        &mut self,
+        running: &Tables,
+        next: &Tables,
+        written: &mut HashSet<u32>,
+        by_id: &ById<'_>,
+    ) -> anyhow::Result<()> {
+        let old: HashMap<TrieKey, RangeValue> = running
+            .ranges
+            .iter()
+            .map(|e| ((e.prefix_len, e.key), e.value))
+            .collect();
+        let count = next.range_rules();
+        if count > 0 {
+            self.range_count
+                .set(0, count.max(running.range_rules()), 0)?;
+        }
+        for e in &next.ranges {
+            let id = e.value.rule.rule_id;
+            if old.get(&(e.prefix_len, e.key)) != Some(&e.value) {
+                if written.insert(id) {
+                    self.write_entries(by_id, id)?;
+                }
+                self.ranges
+                    .insert(&Key::new(e.prefix_len, e.key), e.value, 0)?;
+            }
+        }
+        let kept: HashSet<TrieKey> = next.ranges.iter().map(|e| (e.prefix_len, e.key)).collect();
+        for key in old.keys().filter(|k| !kept.contains(k)) {
+            self.ranges.remove(&trie_key(key))?;
+        }
+        self.range_count.set(0, count, 0)?;
+        Ok(())
     }
 }
 
@@ -213,11 +291,7 @@ impl<'a> ById<'a> {
                 .or_default()
                 .push((*index, backend));
         }
-        let flags = tables
-            .rules
-            .iter()
-            .map(|(_, v)| (v.rule_id, v.flags))
-            .collect();
+        let flags = tables.values().map(|v| (v.rule_id, v.flags)).collect();
         ById { backends, flags }
     }
 }

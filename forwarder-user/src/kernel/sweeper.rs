@@ -1252,6 +1252,7 @@ mod tests {
             protocol: crate::rules::Protocol::Tcp,
             bind: "127.0.0.1:7878".parse().unwrap(),
             listen_picked: false,
+            ports: crate::rules::ListenPorts::SINGLE,
             backends: Vec::new(),
             timeouts: Timeouts {
                 connect: Duration::from_secs(secs),

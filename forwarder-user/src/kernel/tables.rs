@@ -13,7 +13,7 @@ use forwarder_common::{
 use super::interfaces::{self, Interface};
 use super::netlink;
 use super::snat::{self, Egress};
-use crate::rules::{Compiled, KernelSettings, Protocol, Timeouts};
+use crate::rules::{Compiled, KernelSettings, Protocol, RangeEntry, Timeouts};
 
 /// The kernel's tables, snat addresses filled in.
 #[derive(Clone, Debug, Default)]
@@ -25,9 +25,33 @@ pub struct Tables {
     pub acl: Vec<(u32, AclKey, u32)>,
     /// `kernel.snat_addresses`, for backends flagged `BACKEND_F_SNAT_POOL`.
     pub pool: SnatPool,
+    /// `RANGES` trie entries: a range rule's value once per block.
+    pub ranges: Vec<RangeEntry>,
 }
 
 impl Tables {
+    /// Every rule's value: single ports' and each range block's.
+    pub fn values(&self) -> impl Iterator<Item = &RuleValue> {
+        let ranges = self.ranges.iter().map(|e| &e.value.rule);
+        self.rules.iter().map(|(_, v)| v).chain(ranges)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut RuleValue> {
+        let ranges = self.ranges.iter_mut().map(|e| &mut e.value.rule);
+        self.rules.iter_mut().map(|(_, v)| v).chain(ranges)
+    }
+
+    /// How many range rules there are (each has several blocks).
+    pub fn range_rules(&self) -> u32 {
+        let ids: HashSet<u32> = self.ranges.iter().map(|e| e.value.rule.rule_id).collect();
+        ids.len() as u32
+    }
+
+    /// How many rules there are, a range counting once.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len() + self.range_rules() as usize
+    }
+
     /// Sets the healthy flag of rule `rule_id`'s backends (in order) and its
     /// total weight to the sum of the healthy ones' weights.
     pub fn set_health(&mut self, rule_id: u32, healthy: &[bool]) {
@@ -47,7 +71,7 @@ impl Tables {
                 backend.flags &= !BACKEND_F_HEALTHY;
             }
         }
-        for (_, value) in &mut self.rules {
+        for value in self.values_mut() {
             if value.rule_id == rule_id {
                 value.total_weight = total;
             }
@@ -84,7 +108,7 @@ impl Tables {
                 *total += u32::from(backend.weight);
             }
         }
-        for (_, value) in &mut self.rules {
+        for value in self.values_mut() {
             if let Some(&total) = totals.get(&value.rule_id) {
                 value.total_weight = total;
             }
@@ -278,6 +302,17 @@ pub fn prepare(compiled: &Compiled, served: &[Interface]) -> anyhow::Result<Tabl
             (key, value)
         })
         .collect();
+    let ranges = compiled
+        .kernel
+        .ranges
+        .iter()
+        .map(|&(mut e)| {
+            if relay_only.contains(&e.value.rule.rule_id) {
+                e.value.rule.flags |= RULE_F_RELAY;
+            }
+            e
+        })
+        .collect();
     let pool = SnatPool::of(
         &pool_addrs
             .iter()
@@ -289,6 +324,7 @@ pub fn prepare(compiled: &Compiled, served: &[Interface]) -> anyhow::Result<Tabl
         backends,
         settings: settings(&compiled.kernel_settings, shortest(compiled)),
         acl: compiled.kernel.acl.clone(),
+        ranges,
         pool,
     })
 }
@@ -384,6 +420,7 @@ mod tests {
             settings: Settings::default(),
             acl: Vec::new(),
             pool: SnatPool::default(),
+            ranges: Vec::new(),
         };
         t.set_health(1, &[true, false, true]);
         assert_eq!(t.health(1), [true, false, true]);
@@ -490,6 +527,7 @@ mod tests {
             protocol,
             bind: "127.0.0.1:7878".parse().unwrap(),
             listen_picked: false,
+            ports: crate::rules::ListenPorts::SINGLE,
             backends: Vec::new(),
             timeouts: Timeouts {
                 udp_unreplied: Duration::from_secs(udp_unreplied),

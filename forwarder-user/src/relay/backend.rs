@@ -175,6 +175,7 @@ mod tests {
             protocol: Protocol::Tcp,
             bind: "127.0.0.1:1".parse().unwrap(),
             listen_picked: false,
+            ports: crate::rules::ListenPorts::SINGLE,
             backends: specs(weights),
             timeouts: Timeouts::default(),
             path: PathMode::Auto,

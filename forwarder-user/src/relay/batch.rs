@@ -59,6 +59,8 @@ pub struct Datagrams {
     pub len: [usize; BATCH],
     pub peer: [Option<SocketAddr>; BATCH],
     pub dst: [Option<PacketInfo>; BATCH],
+    /// The port each was sent to, on a port range's socket (which asks).
+    pub dst_port: [Option<u16>; BATCH],
     pub count: usize,
 }
 
@@ -98,6 +100,7 @@ impl Datagrams {
             len: [0; BATCH],
             peer: [None; BATCH],
             dst: [None; BATCH],
+            dst_port: [None; BATCH],
             count: 0,
         })
     }

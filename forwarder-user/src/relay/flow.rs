@@ -15,7 +15,7 @@ use super::limits::{LOG_INTERVAL, LogEvery};
 use super::sys::canonical;
 use crate::acl::RuleAcl;
 use crate::health::RuleHealth;
-use crate::rules::{FlowObserver, Listener, Protocol, ProxySettings, Timeouts};
+use crate::rules::{FlowObserver, ListenPorts, Listener, Protocol, ProxySettings, Timeouts};
 
 /// One listener's rule, as its flows need it.
 pub struct RuleCtx {
@@ -23,6 +23,9 @@ pub struct RuleCtx {
     pub alias: String,
     pub protocol: Protocol,
     pub backends: BackendPicker,
+    /// The listen port, or range of ports from `first_port`.
+    pub ports: ListenPorts,
+    pub first_port: u16,
     pub timeouts: Timeouts,
     pub proxy: ProxySettings,
     /// Trusted upstreams' connections are being refused for their headers.
@@ -53,6 +56,8 @@ impl RuleCtx {
             alias: listener.alias.clone(),
             protocol: listener.protocol,
             backends: BackendPicker::new(&listener.backends, health),
+            ports: listener.ports,
+            first_port: listener.bind.port(),
             timeouts: listener.timeouts,
             proxy: listener.proxy.clone(),
             proxy_headers_failing: Alarm::default(),
@@ -83,6 +88,19 @@ impl RuleCtx {
             debug!(alias = %self.alias, client = %canonical(client), "denied by the acl");
         }
         allowed
+    }
+
+    /// A backend picked for a flow to local `port`: for a port range, the
+    /// backend's port that `port` maps to.
+    pub fn pick_for(&self, port: u16) -> Option<(usize, SocketAddr)> {
+        let (index, mut backend) = self.backends.pick()?;
+        if self.ports.is_range() {
+            backend.set_port(
+                self.ports
+                    .target_port(self.first_port, port, backend.port()),
+            );
+        }
+        Some((index, backend))
     }
 
     pub fn error(&self) {

@@ -223,6 +223,7 @@ mod tests {
             acl: None,
             proxy: Default::default(),
             listen_picked: false,
+            ports: crate::rules::ListenPorts::SINGLE,
             health: None,
             max_connections: None,
         };

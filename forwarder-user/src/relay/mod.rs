@@ -34,6 +34,7 @@ mod tcp;
 mod udp;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,6 +48,7 @@ pub use gate::RelayRecord;
 pub use limits::{EphemeralPorts, UdpSessionsStatus};
 
 use crate::health::HealthBook;
+use crate::kernel::Steering;
 use crate::reload::{ListenKey, Plan};
 use crate::rules::{FlowObserver, Listener, Protocol, RelaySettings};
 use backend::BackendPicker;
@@ -91,6 +93,9 @@ struct Served {
     phase: Arc<watch::Sender<Phase>>,
     local: SocketAddr,
     task: JoinHandle<()>,
+    /// A port range's socket, for steering it at the rule's next id; held
+    /// only while serving (a retiring TCP listener must close).
+    steered: Option<OwnedFd>,
 }
 
 impl Served {
@@ -123,6 +128,9 @@ pub struct Relay {
     udp_budget: Arc<UdpBudget>,
     /// Closed while an upgrade hands everything over.
     gate: Gate,
+    /// Steers each port range to its one socket per protocol; `None`
+    /// without BPF, where a range rule cannot be served.
+    steering: std::sync::OnceLock<Arc<Steering>>,
 }
 
 /// What a listener takes over from the previous image.
@@ -138,7 +146,23 @@ enum Bound {
     Udp(tokio::net::UdpSocket),
 }
 
+impl AsRawFd for Bound {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Bound::Tcp(s) => s.as_raw_fd(),
+            Bound::Udp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl Bound {
+    fn duplicate(&self) -> std::io::Result<OwnedFd> {
+        match self {
+            Bound::Tcp(s) => s.as_fd().try_clone_to_owned(),
+            Bound::Udp(s) => s.as_fd().try_clone_to_owned(),
+        }
+    }
+
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         match self {
             Bound::Tcp(s) => s.local_addr(),
@@ -152,14 +176,41 @@ fn bind(listener: &Listener) -> std::io::Result<Bound> {
         Protocol::Tcp => Bound::Tcp(tokio::net::TcpListener::from_std(socket::bind_tcp(
             listener.bind,
         )?)?),
+        Protocol::Udp if listener.ports.is_range() => Bound::Udp(tokio::net::UdpSocket::from_std(
+            socket::bind_udp_range(listener.bind)?,
+        )?),
         Protocol::Udp => Bound::Udp(tokio::net::UdpSocket::from_std(socket::bind_udp(
             listener.bind,
         )?)?),
     })
 }
 
+/// Steers a port range's ports to its new socket; nothing for a single port.
+fn steer(steering: Option<&Steering>, l: &Listener, socket: &Bound) -> Result<()> {
+    if !l.ports.is_range() {
+        return Ok(());
+    }
+    let Some(steering) = steering else {
+        bail!(
+            "{}: {} {} is a port range, which the relay serves with one socket steered by a \
+             socket-lookup BPF program (sk_lookup), and it is not loaded here (it needs root \
+             and BPF); use single ports, or run as root",
+            l.alias,
+            l.protocol,
+            l.listen_text()
+        );
+    };
+    steering.set_socket(l.rule_id, socket)
+}
+
 fn bind_error(l: &Listener, e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("{}: cannot bind {} {}: {}", l.alias, l.protocol, l.bind, e)
+    anyhow!(
+        "{}: cannot bind {} {}: {}",
+        l.alias,
+        l.protocol,
+        l.listen_text(),
+        e
+    )
 }
 
 /// Sockets bound for a reload's new rules, and the retiring listeners it
@@ -168,6 +219,10 @@ pub struct Prepared {
     bound: Vec<(Listener, Bound, Adopted)>,
     /// Keys of retiring UDP listeners put back to serving.
     revived: Vec<ListenKey>,
+    /// A new range that takes over the socket of a removed one on the same
+    /// first port (other ports or target): the removed one's key and the
+    /// new rule. Its socket is in the sockmap at the new id already.
+    taken: Vec<(ListenKey, Listener)>,
 }
 
 impl Relay {
@@ -182,13 +237,26 @@ impl Relay {
         Relay::start_inheriting(listeners, settings, observer, None).await
     }
 
-    /// [`Relay::start`], taking over the sockets and flows an upgrade
-    /// handed over where their listener is still in `listeners`.
+    /// [`Relay::start_steered`] without steering: no port range.
     pub async fn start_inheriting(
         listeners: &[Listener],
         settings: RelaySettings,
         observer: Arc<dyn FlowObserver>,
         inherited: Option<RelayRecord>,
+    ) -> Result<Relay> {
+        Relay::start_steered(listeners, settings, observer, inherited, None).await
+    }
+
+    /// [`Relay::start`], taking over the sockets and flows an upgrade
+    /// handed over where their listener is still in `listeners`, with
+    /// port ranges' sockets put in `steering`'s map (the caller then
+    /// writes the ranges with [`Steering::set_ranges`]).
+    pub async fn start_steered(
+        listeners: &[Listener],
+        settings: RelaySettings,
+        observer: Arc<dyn FlowObserver>,
+        inherited: Option<RelayRecord>,
+        steering: Option<Arc<Steering>>,
     ) -> Result<Relay> {
         // One descriptor per listener; each TCP flow takes four more (two
         // sockets, two pipes), so the soft limit goes up to the hard one.
@@ -207,6 +275,7 @@ impl Relay {
                 Some(taken) => taken,
                 None => (bind(l).map_err(|e| bind_error(l, e))?, Adopted::default()),
             };
+            steer(steering.as_deref(), l, &socket)?;
             bound.push((l.clone(), socket, adopted));
         }
         let (udp_budget, unread) = UdpBudget::of_host();
@@ -224,6 +293,7 @@ impl Relay {
             health: Arc::default(),
             udp_budget,
             gate: Gate::default(),
+            steering: steering.map(Into::into).unwrap_or_default(),
         };
         relay.serve(bound);
         Ok(relay)
@@ -245,6 +315,11 @@ impl Relay {
             let rule = Arc::new(rule);
             let local = socket.local_addr().unwrap_or(l.bind);
             log_listener(&l, local);
+            let steered = if l.ports.is_range() {
+                socket.duplicate().ok()
+            } else {
+                None
+            };
             let (rule_tx, rule_rx) = watch::channel(rule);
             let phase = Arc::new(watch::channel(Phase::Serving).0);
             let gate = self.gate.clone();
@@ -277,6 +352,7 @@ impl Relay {
                 phase,
                 local,
                 task,
+                steered,
             });
         }
     }
@@ -288,6 +364,7 @@ impl Relay {
         let mut prepared = Prepared {
             bound: Vec::new(),
             revived: Vec::new(),
+            taken: Vec::new(),
         };
         for l in &plan.added {
             if l.backends.is_empty() {
@@ -295,11 +372,21 @@ impl Relay {
                 bail!("{}: {} {} has no backend", l.alias, l.protocol, l.bind);
             }
             let key = ListenKey::of(l);
-            if l.protocol == Protocol::Udp && self.revive(key) {
+            if let Some(old) = self.take_over(plan, l) {
+                prepared.taken.push((old, l.clone()));
+                continue;
+            }
+            // A port range's socket is bound anew beside a retiring one
+            // (SO_REUSEADDR): its sessions' sockets hold its ports.
+            if l.protocol == Protocol::Udp && !l.ports.is_range() && self.revive(key) {
                 prepared.revived.push(key);
                 continue;
             }
-            match self.bind_after_retired(l, key).await {
+            let bound = self.bind_after_retired(l, key).await.and_then(|socket| {
+                steer(self.steering.get().map(|s| &**s), l, &socket)?;
+                Ok(socket)
+            });
+            match bound {
                 Ok(socket) => prepared.bound.push((l.clone(), socket, Adopted::default())),
                 Err(e) => {
                     self.unrevive(&prepared.revived);
@@ -308,6 +395,35 @@ impl Relay {
             }
         }
         Ok(prepared)
+    }
+
+    /// The key of a removed range whose socket the new range `l` can take
+    /// over (same protocol and first port: a second listening socket
+    /// could not be bound there), with `l`'s id steered to it.
+    fn take_over(&self, plan: &Plan, l: &Listener) -> Option<ListenKey> {
+        let steering = self.steering.get()?;
+        if !l.ports.is_range() {
+            return None;
+        }
+        let old = plan
+            .removed
+            .iter()
+            .find(|o| o.protocol == l.protocol && o.bind == l.bind && o.ports.is_range())?;
+        let key = ListenKey::of(old);
+        let listeners = self.listeners();
+        let fd = listeners
+            .serving
+            .iter()
+            .find(|s| s.key == key)?
+            .steered
+            .as_ref()?;
+        match steering.set_socket(l.rule_id, fd) {
+            Ok(()) => Some(key),
+            Err(e) => {
+                warn!(alias = %l.alias, "{e:#}; binding anew");
+                None
+            }
+        }
     }
 
     /// Binds `l`, waiting a moment for a retiring listener on the same
@@ -385,8 +501,30 @@ impl Relay {
             .enumerate()
             .map(|(i, s)| (s.key, i))
             .collect();
-        for (_, new) in &plan.changed {
+        let mut unsteer = Vec::new();
+        for (old_key, l) in &prepared.taken {
+            let Some(s) = listeners.serving.iter_mut().find(|s| s.key == *old_key) else {
+                continue;
+            };
+            // A rule of its own (fresh counters); the old one's flows keep theirs.
+            unsteer.push(s.rule().rule_id);
+            let next = RuleCtx::new(l, self.observer.clone(), self.health.rule(l));
+            let _ = s.rule.send(Arc::new(next));
+            s.key = ListenKey::of(l);
+            info!(alias = %l.alias, "relay: {} {} takes over the socket of the range it replaces", l.protocol, l.listen_text());
+        }
+        for (old, new) in &plan.changed {
             if let Some(s) = at.get(&ListenKey::of(new)).map(|&i| &listeners.serving[i]) {
+                // A changed rule has a new id: its socket moves there
+                // before the trie points at it.
+                if let (Some(steering), Some(fd)) = (self.steering.get(), &s.steered)
+                    && new.ports.is_range()
+                {
+                    if let Err(e) = steering.set_socket(new.rule_id, fd) {
+                        warn!(alias = %new.alias, "{e:#}");
+                    }
+                    unsteer.push(old.rule_id);
+                }
                 let next = s.rule().succeed(new, self.health.rule(new));
                 let _ = s.rule.send(Arc::new(next));
                 log_listener(new, s.local);
@@ -395,7 +533,10 @@ impl Relay {
         for old in &plan.removed {
             let key = ListenKey::of(old);
             if let Some(at) = listeners.serving.iter().position(|s| s.key == key) {
-                let served = listeners.serving.swap_remove(at);
+                let mut served = listeners.serving.swap_remove(at);
+                if served.steered.take().is_some() {
+                    unsteer.push(old.rule_id);
+                }
                 let _ = served.phase.send(Phase::Retiring);
                 info!(alias = %old.alias, "relay: {} {} removed; its flows may finish", old.protocol, served.local);
                 listeners.retiring.push(served);
@@ -406,6 +547,28 @@ impl Relay {
         self.listeners()
             .serving
             .sort_by_key(|s| s.rule.borrow().rule_id);
+        if let Some(steering) = self.steering.get() {
+            // New ranges' sockets are in place: the trie may point at them,
+            // and removed ranges' ports go nowhere from now on.
+            if let Err(e) = steering.set_ranges(&plan.next.kernel.ranges) {
+                warn!("{e:#}");
+            }
+            for id in unsteer {
+                if !plan.next.listeners.iter().any(|l| l.rule_id == id) {
+                    steering.clear_socket(id);
+                }
+            }
+        }
+    }
+
+    /// Whether port ranges can be served (the steering program is loaded).
+    pub fn steers(&self) -> bool {
+        self.steering.get().is_some()
+    }
+
+    /// Serves port ranges from now on (a reload brought the first one).
+    pub fn enable_steering(&self, steering: Arc<Steering>) {
+        let _ = self.steering.set(steering);
     }
 
     /// Reads the ephemeral port sysctls again (a reload): the session limit
@@ -435,6 +598,14 @@ impl Relay {
         {
             let mut listeners = self.listeners();
             listeners.reap();
+            if let Some(s) = listeners.serving.iter().find(|s| s.steered.is_some()) {
+                let r = s.rule();
+                return Err(format!(
+                    "rule `{}` ({} from {}) is a port range: an upgrade in place does not hand \
+                     its steered sockets and sessions over yet; restart the daemon instead",
+                    r.alias, r.protocol, s.local
+                ));
+            }
             if let Some(s) = listeners.retiring.first() {
                 let r = s.rule();
                 return Err(format!(
@@ -489,6 +660,10 @@ impl Relay {
             .into_inner()
             .unwrap_or_else(|e| e.into_inner());
         let mut all: Vec<Served> = serving.into_iter().chain(retiring).collect();
+        for s in &mut all {
+            // A draining TCP listener must close, not hold connections in its backlog.
+            s.steered = None;
+        }
         for s in &all {
             s.phase.send_modify(|p| {
                 if *p != Phase::Closing {

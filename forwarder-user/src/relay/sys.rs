@@ -111,6 +111,30 @@ pub fn enable_packet_info(fd: RawFd, ipv6: bool) -> io::Result<()> {
     .map(drop)
 }
 
+/// Asks for the original destination (address and port) of every
+/// datagram: `IP_RECVORIGDSTADDR`, and on an IPv6 socket also
+/// `IPV6_RECVORIGDSTADDR` (IPv4 datagrams of a dual-stack socket report
+/// the former).
+pub fn enable_original_destination(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let mut opts = vec![(libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR)];
+    if ipv6 {
+        opts.push((libc::IPPROTO_IPV6, libc::IPV6_RECVORIGDSTADDR));
+    }
+    for (level, opt) in opts {
+        check(unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok(())
+}
+
 fn to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
     let len = match addr {
@@ -172,8 +196,31 @@ fn from_sockaddr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Opti
     }
 }
 
-/// Room for one packet-info control message (either family), aligned for cmsghdr.
-type ControlBuf = [u64; 8];
+/// Room for a packet-info and an original-destination control message
+/// (either family), aligned for cmsghdr.
+type ControlBuf = [u64; 16];
+
+/// The port a datagram was sent to, from `IP_ORIGDSTADDR` or `IPV6_ORIGDSTADDR`.
+fn parse_original_port(msg: &libc::msghdr) -> Option<u16> {
+    // SAFETY: as in parse_packet_info.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            let data = libc::CMSG_DATA(cmsg);
+            if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_ORIGDSTADDR {
+                let sin: libc::sockaddr_in = std::ptr::read_unaligned(data.cast());
+                return Some(u16::from_be(sin.sin_port));
+            }
+            if c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_ORIGDSTADDR {
+                let sin6: libc::sockaddr_in6 = std::ptr::read_unaligned(data.cast());
+                return Some(u16::from_be(sin6.sin6_port));
+            }
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
+        }
+    }
+    None
+}
 
 fn parse_packet_info(msg: &libc::msghdr) -> Option<PacketInfo> {
     // SAFETY: msg points at a control buffer the kernel just filled, with
@@ -221,7 +268,7 @@ fn write_packet_info(info: &PacketInfo, buf: &mut ControlBuf) -> usize {
         ),
     };
     // SAFETY: the buffer is aligned for cmsghdr and CMSG_SPACE of either
-    // payload (32 or 40 bytes) fits its 64 bytes; a msghdr describing it
+    // payload (32 or 40 bytes) fits its 128 bytes; a msghdr describing it
     // makes CMSG_FIRSTHDR point at its start.
     unsafe {
         let space = libc::CMSG_SPACE(payload_len as libc::c_uint) as usize;
@@ -269,7 +316,7 @@ fn write_packet_info(info: &PacketInfo, buf: &mut ControlBuf) -> usize {
 pub fn recv_batch(fd: RawFd, into: &mut Datagrams) -> io::Result<usize> {
     let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
     let mut names: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
-    let mut controls: [ControlBuf; BATCH] = [[0; 8]; BATCH];
+    let mut controls: [ControlBuf; BATCH] = [[0; 16]; BATCH];
     let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
     let base = into.data.as_mut_ptr();
     for i in 0..BATCH {
@@ -301,6 +348,7 @@ pub fn recv_batch(fd: RawFd, into: &mut Datagrams) -> io::Result<usize> {
         into.len[i] = m.msg_len as usize;
         into.peer[i] = from_sockaddr(&names[i], h.msg_namelen);
         into.dst[i] = parse_packet_info(h);
+        into.dst_port[i] = parse_original_port(h);
     }
     into.count = n;
     Ok(n)
@@ -317,7 +365,7 @@ pub fn send_batch<'a>(
 ) -> io::Result<usize> {
     let mut iovs: [libc::iovec; BATCH] = unsafe { zeroed() };
     let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-    let mut control: ControlBuf = [0; 8];
+    let mut control: ControlBuf = [0; 16];
     let control_len = source.map_or(0, |s| write_packet_info(s, &mut control));
     let mut name = dest.map(to_sockaddr);
     let mut n = 0;
@@ -395,7 +443,7 @@ mod tests {
                 ifindex: 0,
             },
         ] {
-            let mut buf: ControlBuf = [0; 8];
+            let mut buf: ControlBuf = [0; 16];
             let len = write_packet_info(&info, &mut buf);
             assert!(len > 0);
             let mut msg: libc::msghdr = unsafe { zeroed() };

@@ -233,7 +233,9 @@ async fn flow(
             }
         }
     }
-    let Some((index, backend_addr)) = rule.backends.pick() else {
+    // A port range's flows come to one socket; the local port is the one
+    // the client connected to.
+    let Some((index, backend_addr)) = rule.pick_for(local.port()) else {
         // Every backend is down: a prompt reset, not a wait for nothing.
         RuleCounters::add(&rule.counters.no_backend, 1);
         debug!(alias = %rule.alias, client = %guard.client, "no healthy backend; reset");
@@ -782,6 +784,7 @@ mod tests {
             max_connections: None,
             proxy: Default::default(),
             listen_picked: false,
+            ports: crate::rules::ListenPorts::SINGLE,
             health: None,
         };
         let health = crate::health::HealthBook::default().rule(&listener);

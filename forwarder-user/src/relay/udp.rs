@@ -26,7 +26,7 @@ use super::idle::{IdleClock, Millis, sweep_interval};
 use super::limits::{SessionPort, UdpBudget};
 use super::proxy_protocol::{self, Transport, Version};
 use super::sessions::SessionTable;
-use super::socket::connect_udp;
+use super::socket::{client_udp, connect_udp};
 use super::{Phase, next_phase, sys};
 use crate::health::Source;
 use crate::rules::ProxyProtocol;
@@ -35,11 +35,14 @@ use crate::rules::ProxyProtocol;
 const ROUNDS: usize = 16;
 
 /// A client as the relay tells it apart: its address and the local address
-/// it sent to (so a reply leaves from there).
+/// it sent to (so a reply leaves from there); on a port range's socket
+/// also the port it sent to (0 elsewhere), so that a client's flows to two
+/// ports of the range are two sessions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct SessionKey {
     client: SocketAddr,
     local: Option<IpAddr>,
+    port: u16,
 }
 
 impl SessionKey {
@@ -47,6 +50,7 @@ impl SessionKey {
         Some(SessionKey {
             client: batch.peer[i]?,
             local: batch.dst[i].map(|d| d.local_ip()),
+            port: batch.dst_port[i].unwrap_or(0),
         })
     }
 }
@@ -57,6 +61,10 @@ struct Session {
     client: SocketAddr,
     /// Where the client sent to: the source of every reply.
     source: Option<PacketInfo>,
+    /// A port range's session: its own socket bound to the port the client
+    /// sent to and connected to the client. Replies leave from it, and the
+    /// client's later datagrams arrive on it.
+    toward_client: Option<UdpSocket>,
     clock: IdleClock,
     /// The PROXY v2 header put before every datagram to the backend, or empty.
     header: Vec<u8>,
@@ -318,9 +326,28 @@ impl UdpListener {
         if rule.refuses_client_ip() {
             return None;
         }
-        let Some((index, backend)) = rule.backends.pick() else {
+        // A port range's datagrams all come to this socket: each says its port.
+        let local_port = if rule.ports.is_range() && key.port != 0 {
+            key.port
+        } else {
+            self.bound.port()
+        };
+        let local = SocketAddr::new(key.local.unwrap_or(self.bound.ip()), local_port);
+        let Some((index, backend)) = rule.pick_for(local_port) else {
             RuleCounters::add(&rule.counters.no_backend, 1);
             return None;
+        };
+        let toward_client = if rule.ports.is_range() {
+            match client_udp(local, sys::canonical(key.client)) {
+                Ok(socket) => Some(socket),
+                Err(e) => {
+                    rule.error();
+                    debug!(alias = %rule.alias, client = %sys::canonical(key.client), %local, "cannot open a udp socket toward the client: {e}");
+                    return None;
+                }
+            }
+        } else {
+            None
         };
         let upstream = match connect_udp(backend) {
             Ok(upstream) => upstream,
@@ -335,7 +362,6 @@ impl UdpListener {
         if rule.backends.down(index).clear() {
             info!(alias = %rule.alias, %backend, "backend reachable again");
         }
-        let local = SocketAddr::new(key.local.unwrap_or(self.bound.ip()), self.bound.port());
         let guard = FlowGuard::start(rule, key.client, local);
         let header = match rule.proxy.send {
             ProxyProtocol::Off => Vec::new(),
@@ -351,6 +377,7 @@ impl UdpListener {
             upstream,
             client: key.client,
             source: dst,
+            toward_client,
             clock: IdleClock::new(Millis::now()),
             header,
             answered: AtomicBool::new(false),
@@ -379,14 +406,24 @@ impl UdpListener {
                 idle_ms: idle_ms(&session.clock),
             }))
         };
-        let abort = self.tasks.spawn(replies(
-            session.clone(),
-            self.socket.clone(),
-            self.rule.clone(),
-            guard,
-            key,
-            self.gate.ticket(),
-        ));
+        let abort = if session.toward_client.is_some() {
+            self.tasks.spawn(range_session(
+                session.clone(),
+                self.rule.clone(),
+                guard,
+                key,
+                self.gate.ticket(),
+            ))
+        } else {
+            self.tasks.spawn(replies(
+                session.clone(),
+                self.socket.clone(),
+                self.rule.clone(),
+                guard,
+                key,
+                self.gate.ticket(),
+            ))
+        };
         let entry = Entry {
             session,
             task: abort.id(),
@@ -404,6 +441,7 @@ impl UdpListener {
         let key = SessionKey {
             client: r.client,
             local: source.map(|s| s.local_ip()),
+            port: 0,
         };
         let guard = FlowGuard::resume(&self.rule, r.addrs);
         let now = Millis::now().0;
@@ -411,6 +449,8 @@ impl UdpListener {
             upstream: resumed.upstream,
             client: r.client,
             source,
+            // Range rules are not handed over (an upgrade refuses them).
+            toward_client: None,
             clock: IdleClock::new(Millis(now.saturating_sub(r.idle_ms))),
             header: r.header,
             answered: AtomicBool::new(r.answered),
@@ -604,6 +644,156 @@ fn port_unreachable(session: &Session, rule: &RuleCtx) {
         .record(session.backend, why, Source::Relay);
 }
 
+impl Session {
+    /// Where replies go and from which address: the listener's socket
+    /// names both; a range session's own socket is connected already.
+    fn reply_target(&self) -> (Option<&SocketAddr>, Option<&PacketInfo>) {
+        if self.toward_client.is_some() {
+            (None, None)
+        } else {
+            (Some(&self.client), self.source.as_ref())
+        }
+    }
+}
+
+/// A range session after its first datagrams: replies go out on its own
+/// socket, and the client's next datagrams come in there. Returns when a
+/// socket fails; ends earlier when the listener aborts it.
+async fn range_session(
+    session: Arc<Session>,
+    rule: Arc<RuleCtx>,
+    guard: FlowGuard,
+    key: SessionKey,
+    ticket: Ticket,
+) -> SessionKey {
+    let _guard = guard;
+    let Some(toward) = session.toward_client.as_ref() else {
+        return key;
+    };
+    let mut spill: Vec<Vec<u8>> = Vec::new();
+    loop {
+        // Here `spill` is empty: a safe point to park for an upgrade.
+        let (from_backend, ready) = tokio::select! {
+            ready = session.upstream.ready(Interest::READABLE | Interest::ERROR) => (true, ready.map(|r| r.is_error())),
+            ready = toward.readable() => (false, ready.map(|()| false)),
+            () = ticket.gate().closing() => {
+                ticket.gate().park().await;
+                continue;
+            }
+        };
+        let failed = match ready {
+            Ok(error) if from_backend => {
+                if error {
+                    backend_error(&session, &rule);
+                }
+                let r = reply_batches(&session, toward, &rule, &mut spill);
+                if r.is_ok() && !spill.is_empty() {
+                    send_spill(&mut spill, &session, toward, &rule).await;
+                }
+                r.err()
+            }
+            Ok(_) => {
+                let r = client_batches(&session, toward, &rule, &mut spill);
+                if r.is_ok() && !spill.is_empty() {
+                    send_spill_upstream(&mut spill, &session, &rule).await;
+                }
+                r.err()
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed {
+            rule.error();
+            debug!(alias = %rule.alias, "udp session socket failed: {e}");
+            return key;
+        }
+    }
+}
+
+/// Reads the client's datagrams from a range session's own socket and
+/// sends them to the backend; what the upstream socket has no room for
+/// goes to `spill`, framed.
+fn client_batches(
+    session: &Session,
+    toward: &UdpSocket,
+    rule: &RuleCtx,
+    spill: &mut Vec<Vec<u8>>,
+) -> io::Result<()> {
+    let (in_fd, up_fd) = (toward.as_raw_fd(), session.upstream.as_raw_fd());
+    REPLIES.with_borrow_mut(|batch| {
+        for _ in 0..ROUNDS {
+            let n = match toward.try_io(Interest::READABLE, || sys::recv_batch(in_fd, batch)) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                // The client's port was closed (ICMP); its session idles out.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
+                Err(e) => return Err(e),
+            };
+            session.clock.touch(Millis::now());
+            let framed: Vec<Vec<u8>> = if session.header.is_empty() {
+                Vec::new()
+            } else {
+                batch
+                    .payloads(0, n)
+                    .map(|p| [&session.header[..], p].concat())
+                    .collect()
+            };
+            let mut at = 0;
+            while at < n {
+                let datagrams = (at..n).map(|i| datagram(batch, &framed, 0, i));
+                match sys::send_batch(up_fd, datagrams, None, None) {
+                    Ok(k) => {
+                        RuleCounters::add(&rule.counters.bytes_to_backend, batch.bytes(at, at + k));
+                        RuleCounters::add(&rule.counters.datagrams_to_backend, k as u64);
+                        at += k;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        spill.extend((at..n).map(|i| datagram(batch, &framed, 0, i).to_vec()));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        rule.error();
+                        debug!(alias = %rule.alias, "udp send to backend: {e}; datagram dropped");
+                        at += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The slow path toward the backend: waits for room for spilled datagrams.
+async fn send_spill_upstream(spill: &mut Vec<Vec<u8>>, session: &Session, rule: &RuleCtx) {
+    let fd = session.upstream.as_raw_fd();
+    let mut at = 0;
+    while at < spill.len() {
+        if session.upstream.writable().await.is_err() {
+            break;
+        }
+        let sent = session.upstream.try_io(Interest::WRITABLE, || {
+            sys::send_batch(fd, spill[at..].iter().map(Vec::as_slice), None, None)
+        });
+        match sent {
+            Ok(k) => {
+                let bytes: usize = spill[at..at + k]
+                    .iter()
+                    .map(|d| d.len() - session.header.len())
+                    .sum();
+                RuleCounters::add(&rule.counters.bytes_to_backend, bytes as u64);
+                RuleCounters::add(&rule.counters.datagrams_to_backend, k as u64);
+                at += k;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                rule.error();
+                debug!(alias = %rule.alias, "udp send to backend: {e}; datagram dropped");
+                at += 1;
+            }
+        }
+    }
+    spill.clear();
+}
+
 /// Reads reply batches until none is left, sending each to the client
 /// with one sendmmsg. What the listener socket has no room for goes to `spill`.
 fn reply_batches(
@@ -634,12 +824,8 @@ fn reply_batches(
             session.answered.store(true, Relaxed);
             let mut at = 0;
             while at < n {
-                match sys::send_batch(
-                    out_fd,
-                    batch.payloads(at, n),
-                    Some(&session.client),
-                    session.source.as_ref(),
-                ) {
+                let (dest, source) = session.reply_target();
+                match sys::send_batch(out_fd, batch.payloads(at, n), dest, source) {
                     Ok(k) => {
                         RuleCounters::add(&rule.counters.bytes_to_client, batch.bytes(at, at + k));
                         RuleCounters::add(&rule.counters.datagrams_to_client, k as u64);
@@ -674,13 +860,9 @@ async fn send_spill(
         if listener.writable().await.is_err() {
             break;
         }
+        let (dest, source) = session.reply_target();
         let sent = listener.try_io(Interest::WRITABLE, || {
-            sys::send_batch(
-                fd,
-                spill[at..].iter().map(Vec::as_slice),
-                Some(&session.client),
-                session.source.as_ref(),
-            )
+            sys::send_batch(fd, spill[at..].iter().map(Vec::as_slice), dest, source)
         });
         match sent {
             Ok(k) => {

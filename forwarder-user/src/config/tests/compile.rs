@@ -25,6 +25,7 @@ fn route(
         bind: bind.map(|b| b.parse().unwrap()),
         listen,
         listen_picked: false,
+        ports: crate::rules::ListenPorts::SINGLE,
         backends: backends
             .iter()
             .map(|(a, w)| BackendSpec {

@@ -13,6 +13,7 @@ mod health;
 mod metrics;
 mod names;
 mod proxy_protocol;
+mod ranges;
 mod relay_bounds;
 
 use std::collections::{HashMap, HashSet};

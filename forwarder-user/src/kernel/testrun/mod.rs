@@ -15,6 +15,7 @@ mod icmp;
 mod matching;
 mod packet;
 mod programs;
+mod ranges;
 mod refresh;
 mod rewrite;
 mod snat_pool;
