@@ -5,15 +5,14 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_get_prandom_u32};
 use forwarder_common::{
     ADDR_ANY, Addr, Backend, CT_DIR_FORWARD, CT_DIR_REVERSE, CT_STATE_CLOSING,
     CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP,
-    RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings,
-    addr_from_ipv4_be, addr_ipv4_be,
+    RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings, addr_ipv4_be,
     reasons::Fallback,
     snat::{BACKEND_F_SNAT_POOL, MAX_SNAT_ADDRS, probe_pair, probes_walk},
 };
 
 use crate::counters::with_rule;
 use crate::host_nat;
-use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, SNAT_POOL, Scratch};
+use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, SNAT_POOL, Scratch, SnatPair};
 use crate::parse::{TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Timestamps in the maps are refreshed at most this often, so that busy
@@ -290,18 +289,59 @@ pub(crate) fn reserve_port(s: &mut Scratch, now: u64, pooled: bool) -> Result<()
     if span == 0 {
         return Err(Fallback::NoSnatRange);
     }
-    let pool = match pooled {
-        true => SNAT_POOL
-            .get(0)
-            .filter(|p| p.count > 0 && p.count <= MAX_SNAT_ADDRS),
-        false => None,
+    let pool = SNAT_POOL.get(0).ok_or(Fallback::NoSnatRange)?;
+    let count = match pooled && pool.count <= MAX_SNAT_ADDRS {
+        true => pool.count,
+        false => 0,
     };
-    let count = pool.map_or(1, |p| p.count);
+    // An empty pool is none: the flow's own address.
+    let (count, pool_mask) = match count {
+        0 => (1, 0),
+        n => (n, u32::MAX),
+    };
     let pairs = span * count;
+    if pairs == 0 {
+        return Err(Fallback::NoSnatRange);
+    }
+    let walk_mask = match probes_walk(count, span) {
+        true => u32::MAX,
+        false => 0,
+    };
+    let own_addr = s.reverse_key.dst[3];
     // SAFETY: a helper without arguments.
     let start = unsafe { bpf_get_prandom_u32() } % pairs;
     let limit = settings.snat_probe_limit.min(pairs);
-    let walk = probes_walk(count, span);
+    // Every probe's pair first, chosen by masks rather than branches, into
+    // the scratch; the probing loop below reads them back as values the
+    // verifier knows nothing of. A choice the probing loop made by a branch
+    // would have the verifier walk all its probes once per outcome (the TC
+    // program took seconds to load).
+    for i in 0..MAX_SNAT_PROBES {
+        if i >= limit {
+            break;
+        }
+        // SAFETY: a helper without arguments.
+        let random = unsafe { bpf_get_prandom_u32() };
+        let seed = match i {
+            0 => start,
+            _ => (start + i) & walk_mask | random & !walk_mask,
+        };
+        let (index, port) = probe_pair(seed, count, span, min);
+        // Below `count` already, which LLVM knows and the verifier does
+        // not: read through a volatile so that the mask (the pool's size is
+        // a power of two) stays as the bound it sees.
+        // SAFETY: a read of a local.
+        let index = unsafe { core::ptr::read_volatile(&index) };
+        let slot = pool.addrs[index as usize & (MAX_SNAT_ADDRS as usize - 1)];
+        // A reload may be rewriting the pool: a torn (zero) slot gives
+        // the flow's own address.
+        let usable = pool_mask & 0u32.wrapping_sub((slot | slot.wrapping_neg()) >> 31);
+        s.probes[i as usize] = SnatPair {
+            addr: slot & usable | own_addr & !usable,
+            port_be: port.to_be(),
+            _pad: 0,
+        };
+    }
     let may_reuse = if s.reverse_key.proto == PROTO_TCP {
         settings.closed_reuse_before_ns != 0
     } else {
@@ -313,27 +353,11 @@ pub(crate) fn reserve_port(s: &mut Scratch, now: u64, pooled: bool) -> Result<()
         if i >= limit {
             break;
         }
-        let seed = match (i, walk) {
-            (0, _) => start,
-            (_, true) => start + i,
-            // SAFETY: a helper without arguments.
-            (_, false) => unsafe { bpf_get_prandom_u32() },
-        };
-        let (index, port) = probe_pair(seed, count, span, min);
-        if let Some(pool) = pool {
-            // Below `count` already, which LLVM knows and the verifier
-            // does not: read through a volatile so that the mask (the
-            // pool's size is a power of two) stays as the bound it sees.
-            // SAFETY: a read of a local.
-            let index = unsafe { core::ptr::read_volatile(&index) };
-            let addr = pool.addrs[index as usize & (MAX_SNAT_ADDRS as usize - 1)];
-            // A reload may be rewriting the pool: skip a torn slot.
-            if addr == 0 {
-                continue;
-            }
-            s.reverse_key.dst = addr_from_ipv4_be(addr);
-        }
-        s.reverse_key.dport = port.to_be();
+        // SAFETY: a read of this CPU's scratch.
+        let pair = unsafe { core::ptr::read_volatile(&s.probes[i as usize]) };
+        let port = u16::from_be(pair.port_be);
+        s.reverse_key.dst[3] = pair.addr;
+        s.reverse_key.dport = pair.port_be;
         match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
             // Checked once the port is ours, so that a host packet racing
             // us finds either our entry (and moves) or its note here.

@@ -9,8 +9,8 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AclKey, Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_ACL_ENTRIES,
-    MAX_BACKENDS_PER_RULE, MAX_RULES, RULE_IDS, RelayFlow, RuleCounters, RuleKey, RuleValue,
-    Settings,
+    MAX_BACKENDS_PER_RULE, MAX_RULES, MAX_SNAT_PROBES, RULE_IDS, RelayFlow, RuleCounters, RuleKey,
+    RuleValue, Settings,
     host_nat::{HOST_PORTS_SIZE, HostPortKey},
     icmp::ERROR_LEN,
     mss::MAX_OPTIONS_LEN,
@@ -119,6 +119,18 @@ pub struct Scratch {
     pub mtu_fib: bpf_fib_lookup,
     /// A `HOST_PORTS` key the SNAT allocator looks up.
     pub host_port: HostPortKey,
+    /// The pairs `conntrack::reserve_port` probes, in order.
+    pub probes: [SnatPair; MAX_SNAT_PROBES as usize],
+}
+
+/// One (address, port) pair `conntrack::reserve_port` probes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SnatPair {
+    /// IPv4, network byte order.
+    pub addr: u32,
+    pub port_be: u16,
+    pub _pad: u16,
 }
 
 #[map]
