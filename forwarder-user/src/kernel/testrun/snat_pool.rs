@@ -178,3 +178,73 @@ fn a_host_flow_on_a_pool_addresss_tuple_is_moved_there_and_back() {
         assert_eq!((out.verdict, &out.packet), (TC_ACT_UNSPEC, &other));
     });
 }
+
+#[test]
+fn a_range_rules_flows_take_pool_pairs_toward_their_concrete_port() {
+    if !require_root("a_range_rules_flows_take_pool_pairs_toward_their_concrete_port") {
+        return;
+    }
+    use crate::config::range_entries;
+    use crate::kernel::snat::addr_of;
+    use crate::rules::{ListenPorts, Protocol, TargetPorts};
+    use forwarder_common::{BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, RuleValue};
+    // UDP 20000-20999 shifted to the backend's 30000-30999, pooled.
+    const RANGE_RULE: u32 = 2;
+    let mut t = pooled(0, true);
+    t.ranges.extend(range_entries(
+        addr_of(LISTENER.into()),
+        Protocol::Udp,
+        20000,
+        ListenPorts {
+            count: 1000,
+            target: TargetPorts::Shifted,
+        },
+        RuleValue {
+            rule_id: RANGE_RULE,
+            flags: 0,
+            backend_count: 1,
+            total_weight: 1,
+        },
+    ));
+    t.backends.push((
+        RANGE_RULE * MAX_BACKENDS_PER_RULE,
+        Backend {
+            addr: addr_of(BACKEND.into()),
+            snat_addr: addr_of(SNAT.into()),
+            port: 30000u16.to_be(),
+            weight: 1,
+            flags: BACKEND_F_HEALTHY | BACKEND_F_SNAT_POOL,
+        },
+    ));
+    with_router(1024, t, |k| {
+        crate::kernel::testns::ip(&["addr", "add", "198.18.2.9/24", "dev", "dn0"]);
+        // Two clients to one port of the range: one SNAT port, so one
+        // flow on each address, both toward the range's concrete port.
+        let mut took = Vec::new();
+        for cport in [50001, 50002] {
+            let p = Spec::udp(client(cport), (LISTENER, 20500)).build();
+            let out = k.run_tc(&p);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "client port {cport}");
+            let v = view(&out.packet);
+            assert_eq!((v.dst, v.dport, v.sport), (BACKEND, 30500, 40000));
+            assert!(ip_csum_ok(&out.packet) && l4_csum_ok(&out.packet));
+            took.push((v.src, cport));
+        }
+        let mut addrs: Vec<Ipv4Addr> = took.iter().map(|t| t.0).collect();
+        addrs.sort();
+        assert_eq!(addrs, [SNAT, SNAT2], "one flow on each address");
+        // Each answer from the concrete port reaches its own client, from
+        // the port it sent to.
+        for (addr, cport) in took {
+            let reply = Spec::udp((BACKEND, 30500), (addr, 40000)).build();
+            let out = k.run_tc(&reply);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT);
+            let v = view(&out.packet);
+            assert_eq!(
+                (v.src, v.sport, v.dst, v.dport),
+                (LISTENER, 20500, CLIENT, cport)
+            );
+        }
+        assert_eq!(k.rule_counters(RANGE_RULE).flows, 2);
+    });
+}
