@@ -42,7 +42,7 @@ pub use counters::{InterfaceCounters, KernelCounters, KernelRuleCounters};
 pub use interfaces::{Interface, NoSuchInterface};
 pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
-pub use steer::Steering;
+pub use steer::{SteerRecord, Steering};
 pub use sweeper::SnatUse;
 pub use sysctl::{PortSet, RESERVED_PORTS};
 
