@@ -129,6 +129,7 @@ pub fn cleanup_leftovers(state_dir: &std::path::Path) -> anyhow::Result<Vec<Stri
     if !ports.is_empty() {
         done.push(format!("removed ports {ports} from {RESERVED_PORTS}"));
     }
+    done.extend(steer::remove_leftover_pins());
     let pinned = pins::dir(crate::state::netns_cookie()?);
     done.extend(pins::remove_all(&pinned)?);
     crate::state::remove(state_dir, PID)?;

@@ -80,10 +80,7 @@ impl Steering {
     pub fn load() -> Result<Steering> {
         check_object()?;
         check_privileges()?;
-        // What an upgrade that crashed while loading left (maps only).
-        if let Ok(dir) = transient_dir() {
-            remove_transient(&dir);
-        }
+        remove_leftover_pins();
         let object = parse()?;
         let mut ebpf = loader(&object, None)
             .load(EBPF_OBJECT)
@@ -292,6 +289,16 @@ fn transient_dir() -> Result<PathBuf> {
     Ok(dir.with_file_name(name))
 }
 
+/// Removes the maps an upgrade that crashed while loading the program
+/// left pinned (there is never a link); says what it removed.
+pub fn remove_leftover_pins() -> Option<String> {
+    let dir = transient_dir().ok()?;
+    dir.exists().then(|| {
+        remove_transient(&dir);
+        format!("removed the steering maps pinned at {}", dir.display())
+    })
+}
+
 /// Removes the transient pins, and their parent once no namespace has a
 /// directory there (as a clean stop of the kernel path does).
 fn remove_transient(dir: &Path) {
@@ -304,4 +311,21 @@ fn remove_transient(dir: &Path) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upgrade_pins_go_beside_the_pin_dir_with_no_dot_in_the_name() {
+        let dir = transient_dir().unwrap();
+        let pins = pins::dir(crate::state::netns_cookie().unwrap());
+        assert_eq!(dir.parent(), pins.parent());
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        // bpffs refuses a name with a dot (EPERM).
+        assert!(!name.contains('.'), "{name}");
+        let pin_name = pins.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, format!("{pin_name}-steer-upgrade"));
+    }
 }
