@@ -295,7 +295,7 @@ fn upgrade_ranges_relay_only_hands_over_range_flows_with_no_refused_flow() {
         daemon.log_text()
     );
     assert!(
-        probed.tcp_connected > 50 && probed.udp_answered > 5,
+        probed.tcp_connected > 20 && probed.udp_answered > 2,
         "{probed:?}"
     );
 
@@ -415,7 +415,7 @@ fn upgrade_ranges_kernel_flows_go_on_and_relay_ranges_see_no_gap() {
         daemon.log_text()
     );
     assert!(
-        probed.tcp_connected > 50 && probed.udp_answered > 5,
+        probed.tcp_connected > 20 && probed.udp_answered > 2,
         "{probed:?}"
     );
     let log = daemon.log_text();
