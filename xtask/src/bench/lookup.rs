@@ -304,6 +304,19 @@ impl Sender {
     }
 }
 
+/// `n` with a comma every three digits, as the README writes counts.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn spread(values: &[f64]) -> String {
     let Some(median) = stats::median(values) else {
         return "-".into();
@@ -357,30 +370,36 @@ fn document(costs: &[Cost], rates: &[Vec<(f64, f64)>], seconds: u64, repeat: u32
         let fwd: Vec<f64> = runs.iter().map(|r| r.0).collect();
         let sent: Vec<f64> = runs.iter().map(|r| r.1).collect();
         rate_table.push_str(&format!(
-            "| {total} | {} | {} |\n",
+            "| {} | {} | {} |\n",
+            grouped(u64::from(*total)),
             spread(&fwd),
             spread(&sent)
         ));
     }
+    let (test_flows, flows) = (grouped(TEST_RUN_FLOWS.into()), grouped(FLOWS as u64));
     format!(
         "## Rule lookup\n\n\
          Per packet, `BPF_PROG_TEST_RUN` of the TC ingress program (each run once, as the \
-         kernel timed it): {TEST_RUN_FLOWS} new UDP flows spread evenly over the table's \
+         kernel timed it): {test_flows} new UDP flows spread evenly over the table's \
          rules (or the range's ports), then one more packet of each; every table to one \
          backend ip:port, so that each fills the SNAT ports alike. The median of the \
          packets of a round; the median of {repeat} round(s), (min–max) of the rounds.\n\n\
          {per_packet}\n\
          UDP through the kernel path in namespaces: the daemon with the `--scale` tables, \
-         {FLOWS} flows ({SOCKETS} client sockets × {PER_SOCKET} rule ports, spread evenly \
+         {flows} flows ({SOCKETS} client sockets × {PER_SOCKET} rule ports, spread evenly \
          over the table's UDP rules) opened one by one, then {PAYLOAD}-byte datagrams from \
          them all as fast as one sender thread goes (`sendmmsg`) for {seconds} s. Forwarded: \
          the kernel rules' `packets_fwd` over the window. A run where a flow opened during \
-         the flood or on the relay fails. The median of {repeat} run(s) in fresh \
+         the flood or on the relay fails. The veth hands each datagram over within the \
+         sender's own system call, so the sender paces at the whole path's cost per packet \
+         and the sent and forwarded rates agree. The median of {repeat} run(s) in fresh \
          namespaces, (min–max).\n\n\
          {rate_table}\n\
-         Established flows match conntrack before any rule: the table's size is paid by \
-         the first packet of a flow, and by the later ones only through the caches (each \
-         flow's rule counters and backend).\n"
+         \"10,000 rules, flows to 10 of them\" has the big table with the small one's \
+         working set: its difference from \"10 rules\" is the table's size alone; that of \
+         \"10,000 rules\" from it is what flows over many rules pay for their rules' entries \
+         (key, counters, backend) out of the caches. Established flows match conntrack \
+         before any rule, so they pay the table only through those caches.\n"
     )
 }
 
@@ -419,6 +438,10 @@ mod tests {
             "{doc}"
         );
         assert!(doc.contains("| 10 | 100 | 120 |"), "{doc}");
+        assert_eq!(
+            [1, 999, 1_000, 10_000, 1_234_567].map(grouped),
+            ["1", "999", "1,000", "10,000", "1,234,567"]
+        );
         assert!(parse_costs("{\"table\":\"x\"}").is_err());
     }
 }

@@ -43,32 +43,47 @@ struct Variant {
     range: bool,
     /// The flows go to the range's ports rather than the single ports.
     to_range: bool,
+    /// The flows go to this many single-port rules, spread over the
+    /// table; 0 for every rule.
+    aimed: u32,
 }
 
-const VARIANTS: [Variant; 4] = [
+const VARIANTS: [Variant; 5] = [
     Variant {
         name: "10 rules",
         rules: 10,
         range: false,
         to_range: false,
+        aimed: 0,
     },
     Variant {
         name: "10,000 rules",
         rules: 10_000,
         range: false,
         to_range: false,
+        aimed: 0,
+    },
+    // The table's size alone: the flows touch as few rules as with 10.
+    Variant {
+        name: "10,000 rules, flows to 10 of them",
+        rules: 10_000,
+        range: false,
+        to_range: false,
+        aimed: 10,
     },
     Variant {
         name: "1 range of 16,384 ports",
         rules: 0,
         range: true,
         to_range: true,
+        aimed: 0,
     },
     Variant {
         name: "10,000 rules + the range, to a single port",
         rules: 10_000,
         range: true,
         to_range: false,
+        aimed: 0,
     },
 ];
 
@@ -146,7 +161,10 @@ fn target(v: Variant, i: u32, flows: u32) -> (u16, u32) {
     if v.to_range {
         (RANGE_FIRST + spread(u32::from(RANGE_PORTS)) as u16, v.rules)
     } else {
-        let id = spread(v.rules);
+        let id = match v.aimed {
+            0 => spread(v.rules),
+            n => spread(n) * (v.rules / n),
+        };
         (FIRST_RULE_PORT + id as u16, id)
     }
 }
@@ -232,9 +250,11 @@ fn measure(v: Variant, flows: u32) -> Cost {
         }
         // Exactly one flow (two entries) per frame, on the rule aimed at.
         assert_eq!(k.conntrack().len(), 2 * flows as usize, "{}", v.name);
-        let last = if v.to_range { v.rules } else { v.rules - 1 };
-        for id in [0, last / 2, last] {
-            let want = per_rule.get(&id).copied().unwrap_or(0);
+        // The first, middle and last rule aimed at counted their own.
+        let mut hit: Vec<u32> = per_rule.keys().copied().collect();
+        hit.sort_unstable();
+        for id in [hit[0], hit[hit.len() / 2], hit[hit.len() - 1]] {
+            let want = per_rule[&id];
             let got = k.rule_counters(id);
             assert_eq!(
                 (got.flows, got.packets_fwd),
@@ -294,13 +314,17 @@ fn new_flows_spread_over_ten_thousand_rules_or_a_range_each_find_their_rule() {
 fn flows_spread_evenly_over_the_rules_aimed_at() {
     let few = VARIANTS[0];
     let many = VARIANTS[1];
-    let range = VARIANTS[2];
+    let aimed = VARIANTS[2];
+    assert_eq!(target(aimed, 0, 200), (10_000, 0));
+    assert_eq!(target(aimed, 13, 200), (13_000, 3_000));
+    assert_eq!(target(aimed, 199, 200), (19_000, 9_000));
+    let range = VARIANTS[3];
     assert_eq!(target(few, 0, 200), (10_000, 0));
     assert_eq!(target(few, 13, 200), (10_003, 3));
     assert_eq!(target(many, 0, 200), (10_000, 0));
     assert_eq!(target(many, 199, 200), (19_950, 9_950));
     assert_eq!(target(range, 199, 200), (65_454, 0));
-    let t = table(VARIANTS[3]);
+    let t = table(VARIANTS[4]);
     assert_eq!(t.rules.len(), 10_000);
     assert_eq!(
         t.values().filter(|r| r.rule_id == 10_000).count(),
