@@ -283,7 +283,9 @@ fn scale() -> (u32, u32, Option<String>) {
     };
     let flows = num("FORWARDER_LOOKUP_FLOWS", 200);
     assert!((1..=10_000).contains(&flows), "1 to 10,000 flows");
-    (flows, num("FORWARDER_LOOKUP_ROUNDS", 1), out)
+    let rounds = num("FORWARDER_LOOKUP_ROUNDS", 1);
+    assert!(rounds >= 1, "at least 1 round");
+    (flows, rounds, out)
 }
 
 #[test]
