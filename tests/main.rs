@@ -48,3 +48,4 @@ mod snat_addresses;
 mod status_view;
 mod udp_flood;
 mod upgrade;
+mod upgrade_ranges;
