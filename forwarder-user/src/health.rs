@@ -72,6 +72,64 @@ impl HealthBook {
         }
     }
 
+    /// The state of every checked backend, for an upgrade's record.
+    pub fn export(&self) -> Vec<HealthRecord> {
+        let rules: Vec<Arc<RuleHealth>> = lock(&self.rules).values().cloned().collect();
+        let mut records = Vec::new();
+        for rule in rules.iter().filter(|r| r.spec.is_some()) {
+            let tracks = lock(&rule.track);
+            for (b, t) in rule.backends.iter().zip(tracks.iter()) {
+                records.push(HealthRecord {
+                    alias: rule.alias.clone(),
+                    protocol: rule.protocol.to_owned(),
+                    backend: b.addr,
+                    healthy: b.healthy.load(Relaxed),
+                    passes: t.passes,
+                    failures: t.failures,
+                    last_change_ms: t.last_change.map(unix_ms),
+                    last_failure: t.last_failure.clone(),
+                });
+            }
+        }
+        records
+    }
+
+    /// Takes over the state an upgrade handed over for the backends of
+    /// `listeners` (same alias, protocol and address, still checked) and
+    /// tells the sink of those that are down. Before [`HealthBook::sync`]:
+    /// the checks then go on from there.
+    pub fn restore(&self, listeners: &[Listener], records: &[HealthRecord]) {
+        for l in listeners.iter().filter(|l| l.health.is_some()) {
+            let rule = self.rule(l);
+            let mut tracks = lock(&rule.track);
+            let mut restored = false;
+            for (b, t) in rule.backends.iter().zip(tracks.iter_mut()) {
+                let Some(r) = records.iter().find(|r| {
+                    r.alias == l.alias && r.protocol == l.protocol.as_str() && r.backend == b.addr
+                }) else {
+                    continue;
+                };
+                b.healthy.store(r.healthy, Relaxed);
+                *t = Track {
+                    passes: r.passes,
+                    failures: r.failures,
+                    last_change: r
+                        .last_change_ms
+                        .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+                    last_failure: r.last_failure.clone(),
+                };
+                restored |= !r.healthy;
+            }
+            if restored && let Some(sink) = rule.sink.get() {
+                sink(rule.rule_id, &rule.healthy_flags());
+            }
+            drop(tracks);
+            if restored {
+                info!(alias = %l.alias, "health: backends down before the upgrade stay down until their checks pass");
+            }
+        }
+    }
+
     /// Stops every check.
     pub fn stop(&self) {
         lock(&self.checks).clear();
@@ -95,6 +153,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct RuleHealth {
     rule_id: u32,
     alias: String,
+    protocol: &'static str,
     spec: Option<HealthSpec>,
     backends: Vec<BackendHealth>,
     /// Counts and the kernel's copy change together, so that the kernel
@@ -131,6 +190,7 @@ impl RuleHealth {
         RuleHealth {
             rule_id: listener.rule_id,
             alias: listener.alias.clone(),
+            protocol: listener.protocol.as_str(),
             spec: listener.health.clone(),
             backends: listener
                 .backends
@@ -223,6 +283,25 @@ impl RuleHealth {
             })
             .collect()
     }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// One checked backend's state, as an upgrade hands it over.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct HealthRecord {
+    pub alias: String,
+    pub protocol: String,
+    pub backend: SocketAddr,
+    pub healthy: bool,
+    pub passes: u32,
+    pub failures: u32,
+    pub last_change_ms: Option<u64>,
+    pub last_failure: Option<String>,
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
