@@ -468,6 +468,54 @@ mod tests {
     }
 
     #[test]
+    fn exported_state_is_restored_in_a_new_book_and_told_to_the_sink() {
+        let old = HealthBook::default();
+        let l = listener(2, 2, true);
+        let rule = old.rule(&l);
+        for _ in 0..2 {
+            rule.record(1, fail(), Source::Check);
+        }
+        rule.record(0, fail(), Source::Check);
+        let records = old.export();
+        assert_eq!(records.len(), 2);
+
+        // The new image: another rule id, the same alias, protocol and backends.
+        let new = HealthBook::default();
+        let seen: Arc<Mutex<Vec<(u32, Vec<bool>)>>> = Arc::default();
+        let log = seen.clone();
+        new.set_sink(Arc::new(move |id, flags| {
+            log.lock().unwrap().push((id, flags.to_vec()))
+        }));
+        let moved = Listener {
+            rule_id: 9,
+            ..l.clone()
+        };
+        new.restore(std::slice::from_ref(&moved), &records);
+        let rule = new.rule(&moved);
+        assert_eq!(rule.healthy_flags(), vec![true, false]);
+        assert_eq!(*seen.lock().unwrap(), vec![(9, vec![true, false])]);
+        // The runs go on: one more failure takes backend 0 out (fall 2).
+        assert_eq!(rule.record(0, fail(), Source::Check), Some(false));
+        assert_eq!(new.status(9)[1].last_failure.as_deref(), Some("refused"));
+
+        // Another alias, or a rule without checks, takes nothing over.
+        let other = Listener {
+            alias: "other".into(),
+            ..l.clone()
+        };
+        let unchecked = Listener {
+            alias: "unit".into(),
+            rule_id: 11,
+            health: None,
+            ..l
+        };
+        let fresh = HealthBook::default();
+        fresh.restore(&[other.clone(), unchecked.clone()], &records);
+        assert_eq!(fresh.rule(&other).healthy_flags(), vec![true, true]);
+        assert_eq!(fresh.rule(&unchecked).healthy_flags(), vec![true, true]);
+    }
+
+    #[test]
     fn fall_and_rise_count_runs() {
         let book = HealthBook::default();
         type Seen = Mutex<Vec<(u32, Vec<bool>)>>;
