@@ -481,7 +481,8 @@ mod tests {
 
         // The new image: another rule id, the same alias, protocol and backends.
         let new = HealthBook::default();
-        let seen: Arc<Mutex<Vec<(u32, Vec<bool>)>>> = Arc::default();
+        type Seen = Mutex<Vec<(u32, Vec<bool>)>>;
+        let seen: Arc<Seen> = Arc::default();
         let log = seen.clone();
         new.set_sink(Arc::new(move |id, flags| {
             log.lock().unwrap().push((id, flags.to_vec()))
