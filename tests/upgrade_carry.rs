@@ -1,7 +1,8 @@
-//! Integration tests: what an upgrade in place carries besides the relay
-//! and the kernel path: Docker's containers (their rules keep their
+//! Integration tests: what an upgrade in place carries besides the
+//! running rules' flows: Docker's containers (their rules keep their
 //! listeners and flows), the metrics endpoint's socket (no scrape is
-//! refused), and the backends' health (one that is down stays down). The
+//! refused), the backends' health (one that is down stays down), and the
+//! flows of rules a reload removed (they drain on). The
 //! daemons run under `nsenter --net`, as the upgrade tests' do.
 
 use std::io::{ErrorKind, Read, Write};
@@ -13,7 +14,11 @@ use crate::common::docker::DockerEngine;
 use crate::common::harness::{
     Daemon, WAIT, counter, forwarding_on, in_netns, kernel_rule, relay_rule, spawn_in,
 };
-use crate::common::traffic::{BackendServers, connect, tcp_echo_conn, tcp_echo_round};
+use std::time::Duration;
+
+use crate::common::traffic::{
+    BackendServers, connect, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket,
+};
 use crate::common::{self, Netns, Topology, eventually, veth};
 use crate::crash::{BpffsAsFound, HOST_BPFFS};
 use crate::health::{TcpServer, two_backends};
@@ -311,6 +316,98 @@ fn a_backend_down_before_an_upgrade_takes_no_flow_after_it() {
         0
     );
     assert_eq!(counter(kernel_rule(&status, "hck", "tcp"), "flows"), 30);
+    let log = daemon.stop();
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+const DRAINING_RULES: &str = "
+timeouts: {udp_idle: 3s, udp_unreplied: 3s}
+routes:
+  keep: {scheme: tcp, host: 198.18.2.2, port: 7003:3478, path: relay}
+  gone: {scheme: tcp, host: 198.18.2.2, port: 7005:3478, path: relay}
+  goneu: {scheme: udp, host: 198.18.2.2, port: 7006:3478, path: relay}
+";
+
+/// No answer to a new client's datagram within a second.
+fn unanswered(socket: &std::net::UdpSocket) -> bool {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    socket.send(b"anyone?").unwrap();
+    let mut buf = [0u8; 64];
+    matches!(socket.recv(&mut buf), Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::ConnectionRefused))
+}
+
+#[test]
+fn flows_of_a_rule_removed_by_a_reload_drain_on_in_the_new_image() {
+    if !common::require_root("flows_of_a_rule_removed_by_a_reload_drain_on_in_the_new_image") {
+        return;
+    }
+    let _one_at_a_time = HOST_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+    let _bpffs = BpffsAsFound::new();
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start_pinning(&topo.forwarder, "upgrade-draining", DRAINING_RULES);
+    let fwd = topo.forwarder_addr();
+    let at = move |port: u16| SocketAddr::from((fwd, port));
+    let mut pair = in_netns(&topo.client, || tcp_echo_conn(at(7005)));
+    tcp_echo_round(&mut pair, b"before the reload");
+    let session = in_netns(&topo.client, || udp_socket(at(7006)));
+    udp_echo(&session, b"before the reload");
+
+    // Reloaded away: both take no new flows, their flows drain.
+    let keep_only: String = DRAINING_RULES
+        .lines()
+        .filter(|l| !l.contains("gone"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(daemon.config_path(), keep_only).unwrap();
+    let out = daemon.reload();
+    assert!(out.status.success(), "{out:?}");
+    tcp_echo_round(&mut pair, b"draining");
+    udp_echo(&session, b"draining");
+
+    upgrade(&daemon);
+    let log = daemon.log_text();
+    for (protocol, pairs, sessions) in [("tcp", 1, 0), ("udp", 0, 1)] {
+        let said = format!(
+            "relay: {protocol} [::]:{} was removed by a reload; its {pairs} tcp pairs and {sessions} udp sessions drain here",
+            if protocol == "tcp" { 7005 } else { 7006 }
+        );
+        assert!(log.contains(&said), "{said}:\n{log}");
+    }
+    // They go on, byte for byte, and still take no new flows.
+    tcp_echo_round(&mut pair, b"draining in the new image");
+    udp_echo(&session, b"draining in the new image");
+    let last_datagram = std::time::Instant::now();
+    assert!(
+        in_netns(&topo.client, || TcpStream::connect_timeout(&at(7005), WAIT))
+            .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
+        "a new connection to the removed rule"
+    );
+    let stranger = in_netns(&topo.client, || udp_socket(at(7006)));
+    assert!(unanswered(&stranger), "a new client of the removed rule");
+
+    // They end as they would have: the session at udp_idle (3 s) after
+    // its last datagram, the pair when the client closes it.
+    let took = common::expires_in_time(
+        "the drained udp session",
+        last_datagram,
+        Duration::from_secs(3),
+        || daemon.status()["relay_udp_sessions"]["open"].as_u64() == Some(0),
+    );
+    eprintln!("the handed-over session of the removed rule ended after {took:?}");
+    assert!(unanswered(&session), "the expired session is gone");
+    pair.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    pair.read_to_end(&mut rest)
+        .expect("the backend's FIN, passed on");
+    assert!(rest.is_empty(), "{rest:?}");
+    // The kept rule was never touched.
+    let mut kept = in_netns(&topo.client, || tcp_echo_conn(at(7003)));
+    tcp_echo_round(&mut kept, b"the kept rule");
+    drop(kept);
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
 }

@@ -41,6 +41,16 @@ impl HealthBook {
             .clone()
     }
 
+    /// A state of its own, unchecked (every backend up): for a removed
+    /// rule's flows handed over by an upgrade, which take no new flows.
+    pub fn detached(listener: &Listener) -> Arc<RuleHealth> {
+        let unchecked = Listener {
+            health: None,
+            ..listener.clone()
+        };
+        Arc::new(RuleHealth::new(&unchecked, Arc::default()))
+    }
+
     /// Where changes go from now on (the kernel path); set once.
     pub fn set_sink(&self, sink: HealthSink) {
         let _ = self.sink.set(sink);
