@@ -411,3 +411,60 @@ fn flows_of_a_rule_removed_by_a_reload_drain_on_in_the_new_image() {
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
 }
+
+#[test]
+fn an_upgrade_is_refused_while_a_removed_rule_drains_where_a_running_rule_listens() {
+    if !common::require_root(
+        "an_upgrade_is_refused_while_a_removed_rule_drains_where_a_running_rule_listens",
+    ) {
+        return;
+    }
+    let _one_at_a_time = HOST_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+    let _bpffs = BpffsAsFound::new();
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let daemon = Daemon::start_pinning(&topo.forwarder, "upgrade-shared", DRAINING_RULES);
+    let to = SocketAddr::from((topo.forwarder_addr(), 7005));
+    let mut pair = in_netns(&topo.client, || tcp_echo_conn(to));
+    tcp_echo_round(&mut pair, b"before the reloads");
+    // `gone` is removed, then another rule listens on its address.
+    let without = DRAINING_RULES.replace(
+        "  gone: {scheme: tcp, host: 198.18.2.2, port: 7005:3478, path: relay}\n",
+        "",
+    );
+    std::fs::write(daemon.config_path(), &without).unwrap();
+    assert!(daemon.reload().status.success());
+    let again = format!(
+        "{without}  back: {{scheme: tcp, host: 198.18.2.2, port: 7005:3478, path: relay}}\n"
+    );
+    std::fs::write(daemon.config_path(), again).unwrap();
+    assert!(daemon.reload().status.success());
+
+    let out = common::output_within(
+        std::process::Command::new(common::forwarder_bin())
+            .arg("upgrade")
+            .arg("--control")
+            .arg(daemon.control_path()),
+        WAIT,
+    );
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(
+            "rule `gone` (tcp [::]:7005), removed by a reload, still has 1 flows, and rule `back` \
+             listens on that address now"
+        ),
+        "{said}"
+    );
+    // Nothing changed: the draining pair and the new rule both go on.
+    tcp_echo_round(&mut pair, b"after the refusal");
+    let mut back = in_netns(&topo.client, || tcp_echo_conn(to));
+    tcp_echo_round(&mut back, b"the new rule");
+    let status = daemon.status();
+    assert_eq!(counter(relay_rule(&status, "back", "tcp"), "flows"), 1);
+    drop((pair, back));
+    let log = daemon.stop();
+    assert!(!log.contains("ERROR"), "{log}");
+}
