@@ -39,6 +39,17 @@ fn upgrade(daemon: &Daemon) {
     assert_eq!(daemon.status()["pid"].as_u64(), pid, "the same process");
 }
 
+/// `forwarder upgrade` for `daemon`, with its output.
+fn forwarder_upgrade(daemon: &Daemon) -> std::process::Output {
+    common::output_within(
+        std::process::Command::new(common::forwarder_bin())
+            .arg("upgrade")
+            .arg("--control")
+            .arg(daemon.control_path()),
+        WAIT,
+    )
+}
+
 fn has_rule(d: &Daemon, alias: &str) -> bool {
     d.status()["rules"]
         .as_array()
@@ -142,6 +153,21 @@ fn an_upgrade_carries_the_containers_rules_and_their_flows_and_discovery_goes_on
     tcp_echo_round(&mut late, b"a container started after the upgrade");
     tcp_echo_round(&mut relay_flow, b"relay, at the end");
     tcp_echo_round(&mut kernel_flow, b"kernel, at the end");
+
+    // Without `docker:` in the file, the new image would not follow
+    // Docker: refused, and everything runs on.
+    std::fs::write(
+        daemon.config_path(),
+        format!("interfaces: [{}, docker0]\n", link.a_if),
+    )
+    .unwrap();
+    let out = forwarder_upgrade(&daemon);
+    let said =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("has no `docker:` any more"), "{said}");
+    tcp_echo_round(&mut relay_flow, b"relay, after the refusal");
+    tcp_echo_round(&mut late, b"late, after the refusal");
     drop((late, relay_flow, kernel_flow));
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
@@ -379,8 +405,9 @@ fn flows_of_a_rule_removed_by_a_reload_drain_on_in_the_new_image() {
     }
     // They go on, byte for byte, and still take no new flows.
     tcp_echo_round(&mut pair, b"draining in the new image");
-    udp_echo(&session, b"draining in the new image");
+    // Its idle time starts no earlier than this send.
     let last_datagram = std::time::Instant::now();
+    udp_echo(&session, b"draining in the new image");
     assert!(
         in_netns(&topo.client, || TcpStream::connect_timeout(&at(7005), WAIT))
             .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
@@ -441,13 +468,7 @@ fn an_upgrade_is_refused_while_a_removed_rule_drains_where_a_running_rule_listen
     std::fs::write(daemon.config_path(), again).unwrap();
     assert!(daemon.reload().status.success());
 
-    let out = common::output_within(
-        std::process::Command::new(common::forwarder_bin())
-            .arg("upgrade")
-            .arg("--control")
-            .arg(daemon.control_path()),
-        WAIT,
-    );
+    let out = forwarder_upgrade(&daemon);
     let said =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{said}");

@@ -618,13 +618,21 @@ impl Daemon {
         let containers = lock(&self.containers).clone();
         let handed = containers.clone();
         let checked = tokio::task::spawn_blocking(move || {
-            let loaded = config::load_with_containers(&path, &handed).map(|l| l.compiled);
-            let loaded = loaded.map_err(|e| {
+            let loaded = config::load_with_containers(&path, &handed).map_err(|e| {
                 format!(
                     "{} is invalid, so the new image could not start on it:\n{e}",
                     path.display()
                 )
             })?;
+            if loaded.docker.is_none() && !handed.is_empty() {
+                // It would keep the containers' rules with nobody to follow them.
+                return Err(format!(
+                    "{} has no `docker:` any more, so the new image would not follow Docker: \
+                     restart the daemon to turn discovery off",
+                    path.display()
+                ));
+            }
+            let loaded = loaded.compiled;
             let mut now: Vec<ListenKey> = loaded.listeners.iter().map(ListenKey::of).collect();
             let mut before = running;
             now.sort();

@@ -474,15 +474,14 @@ pub async fn adopt_or_bind(handed: Option<i32>, listen: SocketAddr) -> anyhow::R
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Serves `GET /metrics` on `listener` until aborted, or until `stop`:
-/// then it accepts no more, lets the connections it has finish their
-/// request (at most [`STOP_WAIT`]) and returns the listener, whose backlog
-/// keeps new connections for whoever serves it next.
+/// then it accepts no more, lets the connections it has get their answer
+/// (at most [`STOP_WAIT`]) and returns the listener, whose backlog keeps
+/// new connections for whoever serves it next.
 pub async fn serve(
     listener: TcpListener,
     scrape: ScrapeFn,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> TcpListener {
-    let (stopping, stopped) = tokio::sync::watch::channel(false);
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -494,20 +493,18 @@ pub async fn serve(
             },
         };
         let scrape = scrape.clone();
-        let mut stopped = stopped.clone();
         conns.spawn(async move {
             let service = hyper::service::service_fn(move |req| answer(req, scrape.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stopped.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
-            }
-            let _ = conn.await;
+            // One request per connection: at a stop, every accepted
+            // connection is owed exactly one answer (a graceful shutdown
+            // would close one whose request is not read yet).
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .serve_connection(io, service)
+                .await;
         });
     }
-    let _ = stopping.send(true);
     let _ = tokio::time::timeout(STOP_WAIT, async {
         while conns.join_next().await.is_some() {}
     })
