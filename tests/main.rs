@@ -47,3 +47,4 @@ mod status_view;
 mod udp_flood;
 mod upgrade;
 mod upgrade_carry;
+mod upgrade_ranges;

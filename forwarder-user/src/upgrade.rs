@@ -37,6 +37,9 @@ pub struct Record {
     /// The `forwarder upgrade` client waiting for its answer.
     pub requester: Option<RawFd>,
     pub relay: RelayRecord,
+    /// The port ranges' socket steering, kept attached through the exec.
+    #[serde(default)]
+    pub steer: Option<crate::kernel::SteerRecord>,
     /// When the relay was frozen (ms since the Unix epoch), for the
     /// upgrade's duration.
     pub frozen_at_ms: u64,
@@ -57,6 +60,7 @@ pub struct Record {
 impl Record {
     fn fds(&self) -> Vec<RawFd> {
         let mut fds = self.relay.fds();
+        fds.extend(self.steer.iter().flat_map(|s| s.fds()));
         fds.extend(self.control);
         fds.extend(self.requester);
         fds.extend(self.metrics);
@@ -349,6 +353,7 @@ mod tests {
             control: Some(fd),
             requester: None,
             relay: RelayRecord::default(),
+            steer: None,
             frozen_at_ms: 0,
             from_version: "test".into(),
             containers: Vec::new(),
@@ -407,6 +412,8 @@ mod tests {
                 udp: vec![UdpSessionRecord {
                     bind: addr,
                     upstream_fd: 10,
+                    toward_client_fd: Some(14),
+                    port: 7,
                     client: addr,
                     source: Some(SourceRecord::V4 {
                         addr: [1, 2, 3, 4].into(),
@@ -427,6 +434,11 @@ mod tests {
                     counters: CounterValues::default(),
                 }],
             },
+            steer: Some(crate::kernel::SteerRecord {
+                link: 11,
+                sockets: 12,
+                ranges: 13,
+            }),
             frozen_at_ms: 1,
             from_version: "x".into(),
             containers: vec![crate::config::Container {
@@ -436,7 +448,7 @@ mod tests {
                 networks: [("bridge".to_owned(), [172, 17, 0, 2].into())].into(),
                 udp_only_ports: vec![3478],
             }],
-            metrics: Some(11),
+            metrics: Some(15),
             health: vec![crate::health::HealthRecord {
                 alias: "turn".into(),
                 protocol: "tcp".into(),
@@ -453,7 +465,7 @@ mod tests {
         assert_eq!(back, record);
         let mut fds = back.fds();
         fds.sort();
-        assert_eq!(fds, (3..=11).collect::<Vec<_>>());
+        assert_eq!(fds, (3..=15).collect::<Vec<_>>());
         // A record of an image before these fields still reads.
         let mut old = serde_json::to_value(&record).unwrap();
         for field in ["containers", "metrics", "health"] {
