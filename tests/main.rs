@@ -48,4 +48,5 @@ mod snat_addresses;
 mod status_view;
 mod udp_flood;
 mod upgrade;
+mod upgrade_carry;
 mod upgrade_ranges;
