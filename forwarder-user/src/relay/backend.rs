@@ -267,6 +267,23 @@ mod tests {
     }
 
     #[test]
+    fn describe_gives_weights_only_among_several() {
+        assert_eq!(BackendPicker::describe(&specs(&[3])), "127.0.0.1:1000");
+        assert_eq!(
+            BackendPicker::describe(&specs(&[3, 1])),
+            "127.0.0.1:1000 (weight 3), 127.0.0.1:1001 (weight 1)"
+        );
+    }
+
+    #[test]
+    fn each_backend_has_its_own_alarm() {
+        let picker = make_picker(&[1, 1]);
+        assert!(picker.down(1).raise());
+        assert!(!picker.down(1).raise(), "raised already");
+        assert!(picker.down(0).raise(), "backend 0's alarm is its own");
+    }
+
+    #[test]
     fn alarm_reports_start_and_end_once() {
         let alarm = Alarm::default();
         assert!(!alarm.clear());
