@@ -223,6 +223,15 @@ mod tests {
     }
 
     #[test]
+    fn with_some_down_the_walk_over_the_healthy_is_spread_too() {
+        // Backend 0 down: 3 + 1 of weight, walked with stride 3.
+        let picker = make_picker(&[1, 3, 1]);
+        set(&picker, 0, false);
+        let seq: Vec<usize> = (0..8).map(|_| picker.pick().unwrap().0).collect();
+        assert_eq!(seq, [1, 2, 1, 1, 1, 2, 1, 1]);
+    }
+
+    #[test]
     fn every_cycle_gives_each_backend_its_weight() {
         for weights in [
             &[1u16, 1][..],
