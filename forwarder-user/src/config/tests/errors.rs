@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::{TestEnv, data_dir, errors, errors_env};
+use super::{TestEnv, data_dir, errors, errors_env, load};
 
 /// (what, file, expected errors: (start of the line, parts it contains)).
 type Case = (
@@ -436,6 +436,19 @@ routes:
         "{}",
         got[0]
     );
+}
+
+#[test]
+fn snat_ports_are_an_ordered_range_within_1024_to_65535() {
+    let base = "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1:1}\n";
+    for bad in ["2000-1500", "2000-70000", "1000-2000", "2000"] {
+        let got = errors(&format!("kernel: {{snat_ports: {bad}}}\n{base}"));
+        assert_eq!(got.len(), 1, "{bad}: {got:#?}");
+        let want = format!("`kernel.snat_ports`: found `{bad}`");
+        assert!(got[0].contains(&want), "{}", got[0]);
+    }
+    let (c, _) = load(&format!("kernel: {{snat_ports: 30000-30000}}\n{base}")).unwrap();
+    assert_eq!(c.kernel_settings.snat_ports, (30000, 30000));
 }
 
 #[test]
