@@ -46,3 +46,4 @@ mod rule_scale;
 mod status_view;
 mod udp_flood;
 mod upgrade;
+mod upgrade_ranges;

@@ -315,25 +315,6 @@ fn ranges_relay_only_daemon_serves_16384_ports_with_a_socket_per_protocol() {
     let fds = open_fds(&daemon);
     eprintln!("the relay-only daemon with a 16,384-port tcp,udp range holds {fds} descriptors");
     assert!(fds < 200, "the daemon holds {fds} descriptors");
-    // An upgrade in place does not hand a range's sockets over: refused,
-    // and the daemon serves on.
-    let out = crate::common::output_within(
-        std::process::Command::new(crate::common::forwarder_bin())
-            .arg("upgrade")
-            .arg("--control")
-            .arg(daemon.control_path()),
-        WAIT,
-    );
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("rule `media` (tcp from ")
-            && err.contains("is a port range: an upgrade in place does not hand"),
-        "{err}"
-    );
-    in_netns(&topo.client, || {
-        assert_eq!(tcp_port_of(SocketAddr::from((fwd, MIDDLE))), MIDDLE);
-    });
     let log = daemon.stop();
     assert!(
         log.contains("port ranges: socket lookup steers them"),

@@ -88,7 +88,8 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             opts.config.display()
         )));
     }
-    let steering = load_steering(&compiled, &opts)?;
+    let handed_steer = inherited.as_mut().and_then(|r| r.steer.take());
+    let steering = load_steering(&compiled, &opts, handed_steer)?;
     // An upgrade's relay goes first: its handed-over flows are frozen
     // until it runs, and the kernel path then finds them in the observer
     // it is given, so their RELAY_FLOWS entries stay.
@@ -635,6 +636,7 @@ impl Daemon {
             control: Some(control_fd),
             requester: requester.map(std::os::fd::AsRawFd::as_raw_fd),
             relay,
+            steer: self.relay.steer_record(),
             frozen_at_ms,
             from_version: env!("CARGO_PKG_VERSION").into(),
         };
@@ -988,14 +990,42 @@ impl Signals {
 
 /// The socket-lookup program that steers port ranges to the relay,
 /// loaded when a rule is a range; without it such a rule cannot run.
+/// An upgrade's handed-over steering is adopted (it stays attached); if
+/// that fails, a fresh one is loaded and the old one detaches when its
+/// descriptors close here.
 fn load_steering(
     compiled: &Compiled,
     opts: &RunOptions,
+    handed: Option<crate::kernel::SteerRecord>,
 ) -> Result<Option<Arc<Steering>>, RunError> {
     let Some(range) = compiled.listeners.iter().find(|l| l.ports.is_range()) else {
+        if let Some(handed) = handed {
+            // No range left to steer: closing them detaches the program.
+            for fd in handed.fds() {
+                drop(crate::relay::gate::own_fd(fd));
+            }
+        }
         return Ok(None);
     };
-    match Steering::load() {
+    let adopted = handed.map(|record| {
+        Steering::adopt(record).inspect_err(|e| {
+            warn!(
+                "cannot take over the socket steering of the previous image ({e:#}); loading \
+                 it anew: new flows to the ports of ranges may be refused until it is attached"
+            )
+        })
+    });
+    let loaded = match adopted {
+        Some(Ok(steering)) => {
+            info!(
+                program = ?steering.program_id(),
+                "port ranges: took over the socket steering of the previous image"
+            );
+            return Ok(Some(Arc::new(steering)));
+        }
+        _ => Steering::load(),
+    };
+    match loaded {
         Ok(steering) => {
             info!(
                 program = ?steering.program_id(),

@@ -37,6 +37,9 @@ pub struct Record {
     /// The `forwarder upgrade` client waiting for its answer.
     pub requester: Option<RawFd>,
     pub relay: RelayRecord,
+    /// The port ranges' socket steering, kept attached through the exec.
+    #[serde(default)]
+    pub steer: Option<crate::kernel::SteerRecord>,
     /// When the relay was frozen (ms since the Unix epoch), for the
     /// upgrade's duration.
     pub frozen_at_ms: u64,
@@ -47,6 +50,7 @@ pub struct Record {
 impl Record {
     fn fds(&self) -> Vec<RawFd> {
         let mut fds = self.relay.fds();
+        fds.extend(self.steer.iter().flat_map(|s| s.fds()));
         fds.extend(self.control);
         fds.extend(self.requester);
         fds
@@ -338,6 +342,7 @@ mod tests {
             control: Some(fd),
             requester: None,
             relay: RelayRecord::default(),
+            steer: None,
             frozen_at_ms: 0,
             from_version: "test".into(),
         };
@@ -393,6 +398,8 @@ mod tests {
                 udp: vec![UdpSessionRecord {
                     bind: addr,
                     upstream_fd: 10,
+                    toward_client_fd: Some(14),
+                    port: 7,
                     client: addr,
                     source: Some(SourceRecord::V4 {
                         addr: [1, 2, 3, 4].into(),
@@ -405,6 +412,11 @@ mod tests {
                     idle_ms: 3,
                 }],
             },
+            steer: Some(crate::kernel::SteerRecord {
+                link: 11,
+                sockets: 12,
+                ranges: 13,
+            }),
             frozen_at_ms: 1,
             from_version: "x".into(),
         };
@@ -413,6 +425,6 @@ mod tests {
         assert_eq!(back, record);
         let mut fds = back.fds();
         fds.sort();
-        assert_eq!(fds, (3..=10).collect::<Vec<_>>());
+        assert_eq!(fds, (3..=14).collect::<Vec<_>>());
     }
 }

@@ -6,13 +6,16 @@
 //! detaches at once, whoever still holds the link.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::loaded_links;
 
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `enum bpf_attach_type`'s `BPF_SK_LOOKUP`.
+const BPF_SK_LOOKUP: u32 = 36;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
@@ -56,13 +59,38 @@ pub fn replace_program(path: &Path, program: BorrowedFd<'_>) -> anyhow::Result<P
     let fd = bpf(BPF_LINK_GET_FD_BY_ID, &mut get)?;
     // SAFETY: a descriptor the kernel just gave us.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    update_link(fd.as_fd(), program)?;
+    Ok(PinnedLink::from_pin(path)?)
+}
+
+/// Puts `program` in place of the program of `link` (`BPF_LINK_UPDATE`),
+/// in one step.
+pub fn update_link(link: BorrowedFd<'_>, program: BorrowedFd<'_>) -> io::Result<()> {
     let mut update = Attr {
-        first: fd.as_raw_fd() as u32,
+        first: link.as_raw_fd() as u32,
         second: program.as_raw_fd() as u32,
         ..Attr::default()
     };
-    bpf(BPF_LINK_UPDATE, &mut update)?;
-    Ok(PinnedLink::from_pin(path)?)
+    bpf(BPF_LINK_UPDATE, &mut update).map(drop)
+}
+
+/// Attaches the `sk_lookup` `program` to the network namespace `netns`
+/// (`BPF_LINK_CREATE`); the link is ours as a plain descriptor, so that
+/// an upgrade can hand it to the next image (aya keeps its own private).
+pub fn create_sk_lookup_link(
+    program: BorrowedFd<'_>,
+    netns: BorrowedFd<'_>,
+) -> io::Result<OwnedFd> {
+    let mut create = Attr {
+        first: program.as_raw_fd() as u32,
+        second: netns.as_raw_fd() as u32,
+        third: BPF_SK_LOOKUP,
+        ..Attr::default()
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut create)?;
+    // SAFETY: a descriptor the kernel just gave us, close-on-exec as
+    // every bpf(2) descriptor is.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Detaches every link of the programs `program_ids`; returns how many.

@@ -42,7 +42,7 @@ pub use counters::{InterfaceCounters, KernelCounters, KernelRuleCounters};
 pub use interfaces::{Interface, NoSuchInterface};
 pub use load::NEED_ROOT;
 pub use relay_flows::RelayFlows;
-pub use steer::Steering;
+pub use steer::{SteerRecord, Steering};
 pub use sweeper::SnatUse;
 pub use sysctl::{PortSet, RESERVED_PORTS};
 
@@ -129,6 +129,7 @@ pub fn cleanup_leftovers(state_dir: &std::path::Path) -> anyhow::Result<Vec<Stri
     if !ports.is_empty() {
         done.push(format!("removed ports {ports} from {RESERVED_PORTS}"));
     }
+    done.extend(steer::remove_leftover_pins());
     let pinned = pins::dir(crate::state::netns_cookie()?);
     done.extend(pins::remove_all(&pinned)?);
     crate::state::remove(state_dir, PID)?;

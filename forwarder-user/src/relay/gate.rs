@@ -78,6 +78,13 @@ pub struct TcpPairRecord {
 pub struct UdpSessionRecord {
     pub bind: SocketAddr,
     pub upstream_fd: i32,
+    /// A port range's session: its own socket toward the client, bound
+    /// to the port the client sent to and connected to the client.
+    #[serde(default)]
+    pub toward_client_fd: Option<i32>,
+    /// The port of a range the client sent to (0 for a single port).
+    #[serde(default)]
+    pub port: u16,
     /// The client as the listener socket knows it.
     pub client: SocketAddr,
     /// The local address the client sent to, and the interface (IPv6).
@@ -120,7 +127,10 @@ impl RelayRecord {
                 fds.extend([r, w]);
             }
         }
-        fds.extend(self.udp.iter().map(|s| s.upstream_fd));
+        for s in &self.udp {
+            fds.push(s.upstream_fd);
+            fds.extend(s.toward_client_fd);
+        }
         fds
     }
 }

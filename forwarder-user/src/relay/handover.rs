@@ -82,12 +82,20 @@ impl Inherited {
                 Bound::Tcp(tokio::net::TcpListener::from_std(std)?)
             }
             crate::rules::Protocol::Udp => {
+                let udp = |fd: i32| -> io::Result<tokio::net::UdpSocket> {
+                    let std = std::net::UdpSocket::from(own(fd)?);
+                    std.set_nonblocking(true)?;
+                    tokio::net::UdpSocket::from_std(std)
+                };
                 for session in extract(&mut self.udp, |s| s.bind == l.bind) {
-                    let upstream = std::net::UdpSocket::from(own(session.upstream_fd)?);
-                    upstream.set_nonblocking(true)?;
                     adopted.udp.push(ResumedSession {
+                        upstream: udp(session.upstream_fd).with_context(what)?,
+                        toward_client: session
+                            .toward_client_fd
+                            .map(udp)
+                            .transpose()
+                            .with_context(what)?,
                         record: session,
-                        upstream: tokio::net::UdpSocket::from_std(upstream)?,
                     });
                 }
                 let std = std::net::UdpSocket::from(fd);

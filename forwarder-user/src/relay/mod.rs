@@ -566,6 +566,11 @@ impl Relay {
         self.steering.get().is_some()
     }
 
+    /// The steering's descriptors for an upgrade's record, if it is loaded.
+    pub fn steer_record(&self) -> Option<crate::kernel::SteerRecord> {
+        self.steering.get().map(|s| s.record())
+    }
+
     /// Serves port ranges from now on (a reload brought the first one).
     pub fn enable_steering(&self, steering: Arc<Steering>) {
         let _ = self.steering.set(steering);
@@ -598,14 +603,6 @@ impl Relay {
         {
             let mut listeners = self.listeners();
             listeners.reap();
-            if let Some(s) = listeners.serving.iter().find(|s| s.steered.is_some()) {
-                let r = s.rule();
-                return Err(format!(
-                    "rule `{}` ({} from {}) is a port range: an upgrade in place does not hand \
-                     its steered sockets and sessions over yet; restart the daemon instead",
-                    r.alias, r.protocol, s.local
-                ));
-            }
             if let Some(s) = listeners.retiring.first() {
                 let r = s.rule();
                 return Err(format!(

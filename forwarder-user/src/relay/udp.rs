@@ -90,6 +90,7 @@ struct Entry {
 pub struct ResumedSession {
     pub record: UdpSessionRecord,
     pub upstream: UdpSocket,
+    pub toward_client: Option<UdpSocket>,
 }
 
 struct UdpListener {
@@ -397,6 +398,8 @@ impl UdpListener {
             Described::Udp(Box::new(move || UdpSessionRecord {
                 bind,
                 upstream_fd: session.upstream.as_raw_fd(),
+                toward_client_fd: session.toward_client.as_ref().map(AsRawFd::as_raw_fd),
+                port: key.port,
                 client: session.client,
                 source: session.source.map(PacketInfo::to_record),
                 backend: session.backend,
@@ -441,7 +444,7 @@ impl UdpListener {
         let key = SessionKey {
             client: r.client,
             local: source.map(|s| s.local_ip()),
-            port: 0,
+            port: r.port,
         };
         let guard = FlowGuard::resume(&self.rule, r.addrs);
         let now = Millis::now().0;
@@ -449,8 +452,7 @@ impl UdpListener {
             upstream: resumed.upstream,
             client: r.client,
             source,
-            // Range rules are not handed over (an upgrade refuses them).
-            toward_client: None,
+            toward_client: resumed.toward_client,
             clock: IdleClock::new(Millis(now.saturating_sub(r.idle_ms))),
             header: r.header,
             answered: AtomicBool::new(r.answered),

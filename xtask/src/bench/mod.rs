@@ -9,6 +9,7 @@ mod forwarder;
 mod iperf;
 mod lab;
 mod lifecycle;
+mod lookup;
 mod measure;
 #[path = "../../../tests/common/netns.rs"]
 pub mod netns;
@@ -64,6 +65,12 @@ pub struct BenchArgs {
     /// 10,000 rules, then the sweeper's figures (as `--sweep`).
     #[arg(long)]
     scale: bool,
+    /// Only the rule lookup's cost: ns per packet of the TC program with
+    /// 10 and 10,000 rules and a 16,384-port range (`BPF_PROG_TEST_RUN`),
+    /// and UDP kpps of 2,048 flows through the kernel path at 10 and 10,000
+    /// rules; `--repeat` rounds of each.
+    #[arg(long, conflicts_with_all = ["lifecycle", "scale", "sweep"])]
+    lookup: bool,
     /// Only the conntrack sweeper's CPU with 10k, 250k and 1M idle flows
     /// written into the table.
     #[arg(long)]
@@ -109,6 +116,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         } else {
             lifecycle::run(&bin, &dir.path)?
         };
+        println!("\n{text}");
+        let path = results::write(&text)?;
+        eprintln!("bench: written to {}", path.display());
+        return Ok(());
+    }
+    if args.lookup {
+        tools::ensure(&["iproute2", "ethtool", "iperf3", "sockperf"])?;
+        setup::run()?;
+        let bin = build::daemon()?;
+        let dir = procs::TempDir::new()?;
+        let text = lookup::run(&bin, &dir.path, args.seconds, args.repeat)?;
         println!("\n{text}");
         let path = results::write(&text)?;
         eprintln!("bench: written to {}", path.display());

@@ -54,6 +54,13 @@ pub fn rules(backend: Ipv4Addr, total: u32) -> String {
     yaml
 }
 
+/// Every filler port of a `total`-rule table (each has a UDP rule).
+pub fn udp_filler_ports(total: u32) -> Vec<u16> {
+    (0..(total - 3).div_ceil(2))
+        .map(|i| FIRST_PORT + i as u16)
+        .collect()
+}
+
 /// The filler ports of a `total`-rule table: first, middle, last.
 fn spread(total: u32) -> [u16; 3] {
     let aliases = (total - 3).div_ceil(2);
@@ -308,5 +315,7 @@ mod tests {
         // 7 fillers: r0..r2 tcp,udp and r3 udp only.
         assert_eq!(spread(10), [20_000, 20_002, 20_003]);
         assert_eq!(spread(10_000), [20_000, 22_499, 24_998]);
+        assert_eq!(udp_filler_ports(10), [20_000, 20_001, 20_002, 20_003]);
+        assert_eq!(udp_filler_ports(10_000).len(), 4_999);
     }
 }

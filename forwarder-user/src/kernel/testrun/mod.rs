@@ -12,6 +12,7 @@ mod health;
 mod hooks;
 mod host_nat;
 mod icmp;
+mod lookup_cost;
 mod matching;
 mod packet;
 mod programs;
