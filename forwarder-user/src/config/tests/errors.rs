@@ -452,6 +452,27 @@ fn snat_ports_are_an_ordered_range_within_1024_to_65535() {
 }
 
 #[test]
+fn interface_names_linux_would_refuse_are_refused() {
+    let base = "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1:1}\n";
+    for bad in [
+        "'eth 0'",
+        "\"a\\tb\"",
+        "\"a\\x01b\"",
+        "'.'",
+        "'..'",
+        "'x:1'",
+        "abcdefghijklmnop",
+    ] {
+        let got = errors(&format!("interfaces: [{bad}]\n{base}"));
+        assert_eq!(got.len(), 1, "{bad}: {got:#?}");
+        assert!(got[0].contains("`interfaces`: found"), "{}", got[0]);
+    }
+    // 15 bytes, IFNAMSIZ - 1: the longest Linux takes.
+    let (c, _) = load(&format!("interfaces: [abcdefghijklmno]\n{base}")).unwrap();
+    assert_eq!(c.interfaces, Some(vec!["abcdefghijklmno".to_owned()]));
+}
+
+#[test]
 fn all_errors_of_a_file_come_at_once_in_line_order() {
     let got = errors(
         "routes:
