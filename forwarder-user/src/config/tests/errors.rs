@@ -199,10 +199,13 @@ labels:
   one: {scheme: tcp, host: 10.0.0.1, port: 9000:1, bind: 127.0.0.1}
   v4: {scheme: udp, host: 10.0.0.1, port: 9001:1, bind: 0.0.0.0}
   v4one: {scheme: udp, host: 10.0.0.1, port: 9001:1, bind: 192.0.2.1}
+  six: {scheme: tcp, host: 10.0.0.1, port: 9002:1, bind: '::'}
+  sixone: {scheme: tcp, host: 10.0.0.1, port: 9002:1, bind: '2001:db8::1'}
 ",
         &[
             ("test.yaml:3:44: alias `one`, field `port`: found tcp 127.0.0.1:9000, which alias `wild` also claims (tcp [::]:9000)", &["alias `wild` is at test.yaml:2:45"]),
             ("test.yaml:5:46: alias `v4one`, field `port`: found udp 192.0.2.1:9001, which alias `v4` also claims (udp 0.0.0.0:9001)", &[]),
+            ("test.yaml:7:47: alias `sixone`, field `port`: found tcp [2001:db8::1]:9002, which alias `six` also claims (tcp [::]:9002)", &[]),
         ],
     ),
     (
