@@ -24,7 +24,7 @@ const RISE: u32 = 2;
 
 /// The client | forwarder | backend topology, with a second address in
 /// the backend namespace: backends A (198.18.2.2) and B (198.18.2.3).
-fn two_backends() -> (Topology, SocketAddr, SocketAddr) {
+pub(crate) fn two_backends() -> (Topology, SocketAddr, SocketAddr) {
     let topo = Topology::new();
     forwarding_on(&topo);
     let b = SocketAddr::from((Ipv4Addr::new(198, 18, 2, 3), PORT));
@@ -49,7 +49,7 @@ fn rule_file(a: SocketAddr, b: SocketAddr) -> String {
 }
 
 /// A TCP server on `addr` that sends `name` to each client and closes.
-struct TcpServer {
+pub(crate) struct TcpServer {
     stop: Arc<AtomicBool>,
     /// Connections accepted (flows and checks).
     accepted: Arc<AtomicU64>,
@@ -57,7 +57,7 @@ struct TcpServer {
 }
 
 impl TcpServer {
-    fn start(ns: &Netns, addr: SocketAddr, name: u8) -> TcpServer {
+    pub(crate) fn start(ns: &Netns, addr: SocketAddr, name: u8) -> TcpServer {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -46,4 +46,5 @@ mod rule_scale;
 mod status_view;
 mod udp_flood;
 mod upgrade;
+mod upgrade_carry;
 mod upgrade_ranges;

@@ -190,6 +190,22 @@ fn replace(path: &Path, contents: &[u8]) {
     std::fs::write(&tmp, contents).unwrap();
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+    // A child another test's thread forked while the file was open for
+    // writing holds it so until that child execs: running it fails with
+    // ETXTBSY ("Text file busy") meanwhile.
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::process::Command::new(path)
+        .arg("--help")
+        .output()
+        .is_err_and(|e| e.raw_os_error() == Some(libc::ETXTBSY))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} stays busy",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[test]

@@ -67,13 +67,27 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         );
     }
     let file_text = config::read_file(&opts.config).map_err(RunError::Config)?;
-    let loaded = config::load_text_with_containers(&file_text, &opts.config, &[])
+    // An upgrade starts with the containers the old image last applied, so
+    // their rules' listeners and flows are taken over, not closed.
+    let containers = inherited
+        .as_mut()
+        .map(|r| std::mem::take(&mut r.containers))
+        .unwrap_or_default();
+    let loaded = config::load_text_with_containers(&file_text, &opts.config, &containers)
         .map_err(RunError::Config)?;
     let compiled = loaded.compiled;
     // First: a port that is taken stops the start before anything changed.
+    // An upgrade's endpoint socket is taken over: no scrape is refused.
+    let handed_metrics = inherited.as_mut().and_then(|r| r.metrics.take());
     let metrics_listener = match compiled.metrics {
-        Some(m) => Some((m.listen, metrics::bind(m.listen).await?)),
-        None => None,
+        Some(m) => Some((
+            m.listen,
+            metrics::adopt_or_bind(handed_metrics, m.listen).await?,
+        )),
+        None => {
+            handed_metrics.map(crate::relay::gate::own_fd);
+            None
+        }
     };
     if opts.relay_only
         && let Some((l, why)) = compiled
@@ -167,7 +181,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             return Err(e.into());
         }
     }
-    start_health_checks(&relay, kernel.as_ref(), &compiled);
+    let handed_health = inherited.as_mut().map(|r| std::mem::take(&mut r.health));
+    start_health_checks(
+        &relay,
+        kernel.as_ref(),
+        &compiled,
+        &handed_health.unwrap_or_default(),
+    );
     let control = match inherited.as_mut().and_then(|r| r.control.take()) {
         Some(fd) => crate::relay::gate::own_fd(fd)
             .map_err(anyhow::Error::from)
@@ -200,7 +220,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         names_changed: tokio::sync::Notify::new(),
         file_text: Mutex::new(file_text),
         docker: loaded.docker.clone(),
-        containers: Mutex::new(Vec::new()),
+        containers: Mutex::new(containers),
         discovery: Arc::new(Mutex::new(DiscoveryStatus::default())),
         report_log: Mutex::new(ReportLog::default()),
         started: std::time::Instant::now(),
@@ -215,6 +235,11 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .socket = settings.socket.display().to_string();
+        if !lock(&daemon.containers).is_empty() {
+            // Handed over by an upgrade: the next listing finds them again.
+            lock(&daemon.report_log).log(&loaded.containers);
+            lock(&daemon.discovery).set_containers(&loaded.containers);
+        }
         let d = daemon.clone();
         let client = docker::Client::new(&settings.socket);
         tokio::spawn(async move {
@@ -365,7 +390,9 @@ struct Daemon {
 
 struct MetricsEndpoint {
     listen: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+    /// Gives the socket back once it is stopped.
+    task: tokio::task::JoinHandle<tokio::net::TcpListener>,
+    stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// How long the relay may take to reach a point where it can be handed over.
@@ -586,21 +613,27 @@ impl Daemon {
         requester: Option<&std::os::unix::net::UnixStream>,
     ) -> String {
         let _one_at_a_time = self.reloading.lock().await;
-        if self.docker.is_some() {
-            // The new image would start without the containers' routes.
-            return "an upgrade in place does not carry the routes of Docker containers yet \
-                    (`docker:` is set); restart the daemon instead"
-                .into();
-        }
         let path = self.config.clone();
         let running: Vec<ListenKey> = self.running().listeners.iter().map(ListenKey::of).collect();
+        // Docker's last listing, as applied: the new image starts with it.
+        let containers = lock(&self.containers).clone();
+        let handed = containers.clone();
         let checked = tokio::task::spawn_blocking(move || {
-            let loaded = config::load(&path).map_err(|e| {
+            let loaded = config::load_with_containers(&path, &handed).map_err(|e| {
                 format!(
                     "{} is invalid, so the new image could not start on it:\n{e}",
                     path.display()
                 )
             })?;
+            if loaded.docker.is_none() && !handed.is_empty() {
+                // It would keep the containers' rules with nobody to follow them.
+                return Err(format!(
+                    "{} has no `docker:` any more, so the new image would not follow Docker: \
+                     restart the daemon to turn discovery off",
+                    path.display()
+                ));
+            }
+            let loaded = loaded.compiled;
             let mut now: Vec<ListenKey> = loaded.listeners.iter().map(ListenKey::of).collect();
             let mut before = running;
             now.sort();
@@ -620,10 +653,18 @@ impl Daemon {
             Ok(Err(why)) => return why,
             Err(e) => return format!("the preflight check failed: {e}"),
         };
+        // Stops answering scrapes but keeps the socket: new ones wait in
+        // its backlog for the new image.
+        let metrics = self.pause_metrics().await;
         let frozen_at_ms = crate::upgrade::unix_ms();
         let relay = match self.relay.freeze(FREEZE_WAIT).await {
             Ok(relay) => relay,
-            Err(why) => return why,
+            Err(why) => {
+                if let Some((listen, listener)) = metrics {
+                    self.serve_metrics(listen, listener);
+                }
+                return why;
+            }
         };
         info!(
             "relay frozen: {} listeners, {} tcp pairs, {} udp sessions; executing {}",
@@ -639,10 +680,29 @@ impl Daemon {
             steer: self.relay.steer_record(),
             frozen_at_ms,
             from_version: env!("CARGO_PKG_VERSION").into(),
+            containers,
+            metrics: metrics
+                .as_ref()
+                .map(|(_, l)| std::os::fd::AsRawFd::as_raw_fd(l)),
+            health: self.relay.health().export(),
         };
         let why = crate::upgrade::exec(&exe, &record);
         self.relay.thaw();
+        if let Some((listen, listener)) = metrics {
+            self.serve_metrics(listen, listener);
+        }
         why
+    }
+
+    /// Stops the metrics endpoint's accepting, lets the scrapes under way
+    /// finish, and returns its socket, still listening.
+    async fn pause_metrics(&self) -> Option<(SocketAddr, tokio::net::TcpListener)> {
+        let endpoint = lock(&self.metrics).take()?;
+        let _ = endpoint.stop.send(());
+        match endpoint.task.await {
+            Ok(listener) => Some((endpoint.listen, listener)),
+            Err(_) => None,
+        }
     }
 
     /// Serves the metrics endpoint on `listener`.
@@ -658,8 +718,9 @@ impl Daemon {
             Some(daemon) => daemon.scrape(),
             None => Err("the daemon is stopping".to_owned()),
         });
-        let task = tokio::spawn(metrics::serve(listener, scrape));
-        *lock(&self.metrics) = Some(MetricsEndpoint { listen, task });
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(metrics::serve(listener, scrape, stopped));
+        *lock(&self.metrics) = Some(MetricsEndpoint { listen, task, stop });
     }
 
     /// Closes the metrics endpoint: its socket is closed on return.
@@ -1096,7 +1157,12 @@ async fn start_kernel_path(
 
 /// The checks of every rule with `healthcheck`; their changes reach the
 /// relay's picks directly and the kernel path's maps through the sink.
-fn start_health_checks(relay: &Relay, kernel: Option<&Arc<KernelPath>>, compiled: &Compiled) {
+fn start_health_checks(
+    relay: &Relay,
+    kernel: Option<&Arc<KernelPath>>,
+    compiled: &Compiled,
+    handed: &[crate::health::HealthRecord],
+) {
     let health = relay.health();
     if let Some(kernel) = kernel {
         // Weak: the kernel path must be the daemon's alone at stop.
@@ -1111,6 +1177,8 @@ fn start_health_checks(relay: &Relay, kernel: Option<&Arc<KernelPath>>, compiled
             }
         }));
     }
+    // An upgrade's state first, so that no flow goes to a backend that is down.
+    health.restore(&compiled.listeners, handed);
     health.sync(&compiled.listeners);
 }
 

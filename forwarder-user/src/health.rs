@@ -41,6 +41,16 @@ impl HealthBook {
             .clone()
     }
 
+    /// A state of its own, unchecked (every backend up): for a removed
+    /// rule's flows handed over by an upgrade, which take no new flows.
+    pub fn detached(listener: &Listener) -> Arc<RuleHealth> {
+        let unchecked = Listener {
+            health: None,
+            ..listener.clone()
+        };
+        Arc::new(RuleHealth::new(&unchecked, Arc::default()))
+    }
+
     /// Where changes go from now on (the kernel path); set once.
     pub fn set_sink(&self, sink: HealthSink) {
         let _ = self.sink.set(sink);
@@ -72,6 +82,64 @@ impl HealthBook {
         }
     }
 
+    /// The state of every checked backend, for an upgrade's record.
+    pub fn export(&self) -> Vec<HealthRecord> {
+        let rules: Vec<Arc<RuleHealth>> = lock(&self.rules).values().cloned().collect();
+        let mut records = Vec::new();
+        for rule in rules.iter().filter(|r| r.spec.is_some()) {
+            let tracks = lock(&rule.track);
+            for (b, t) in rule.backends.iter().zip(tracks.iter()) {
+                records.push(HealthRecord {
+                    alias: rule.alias.clone(),
+                    protocol: rule.protocol.to_owned(),
+                    backend: b.addr,
+                    healthy: b.healthy.load(Relaxed),
+                    passes: t.passes,
+                    failures: t.failures,
+                    last_change_ms: t.last_change.map(unix_ms),
+                    last_failure: t.last_failure.clone(),
+                });
+            }
+        }
+        records
+    }
+
+    /// Takes over the state an upgrade handed over for the backends of
+    /// `listeners` (same alias, protocol and address, still checked) and
+    /// tells the sink of those that are down. Before [`HealthBook::sync`]:
+    /// the checks then go on from there.
+    pub fn restore(&self, listeners: &[Listener], records: &[HealthRecord]) {
+        for l in listeners.iter().filter(|l| l.health.is_some()) {
+            let rule = self.rule(l);
+            let mut tracks = lock(&rule.track);
+            let mut restored = false;
+            for (b, t) in rule.backends.iter().zip(tracks.iter_mut()) {
+                let Some(r) = records.iter().find(|r| {
+                    r.alias == l.alias && r.protocol == l.protocol.as_str() && r.backend == b.addr
+                }) else {
+                    continue;
+                };
+                b.healthy.store(r.healthy, Relaxed);
+                *t = Track {
+                    passes: r.passes,
+                    failures: r.failures,
+                    last_change: r
+                        .last_change_ms
+                        .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+                    last_failure: r.last_failure.clone(),
+                };
+                restored |= !r.healthy;
+            }
+            if restored && let Some(sink) = rule.sink.get() {
+                sink(rule.rule_id, &rule.healthy_flags());
+            }
+            drop(tracks);
+            if restored {
+                info!(alias = %l.alias, "health: backends down before the upgrade stay down until their checks pass");
+            }
+        }
+    }
+
     /// Stops every check.
     pub fn stop(&self) {
         lock(&self.checks).clear();
@@ -95,6 +163,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct RuleHealth {
     rule_id: u32,
     alias: String,
+    protocol: &'static str,
     spec: Option<HealthSpec>,
     backends: Vec<BackendHealth>,
     /// Counts and the kernel's copy change together, so that the kernel
@@ -131,6 +200,7 @@ impl RuleHealth {
         RuleHealth {
             rule_id: listener.rule_id,
             alias: listener.alias.clone(),
+            protocol: listener.protocol.as_str(),
             spec: listener.health.clone(),
             backends: listener
                 .backends
@@ -223,6 +293,25 @@ impl RuleHealth {
             })
             .collect()
     }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// One checked backend's state, as an upgrade hands it over.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
+pub struct HealthRecord {
+    pub alias: String,
+    pub protocol: String,
+    pub backend: SocketAddr,
+    pub healthy: bool,
+    pub passes: u32,
+    pub failures: u32,
+    pub last_change_ms: Option<u64>,
+    pub last_failure: Option<String>,
 }
 
 fn unix_seconds(t: SystemTime) -> f64 {
@@ -386,6 +475,55 @@ mod tests {
 
     fn fail() -> Result<(), String> {
         Err("refused".into())
+    }
+
+    #[test]
+    fn exported_state_is_restored_in_a_new_book_and_told_to_the_sink() {
+        let old = HealthBook::default();
+        let l = listener(2, 2, true);
+        let rule = old.rule(&l);
+        for _ in 0..2 {
+            rule.record(1, fail(), Source::Check);
+        }
+        rule.record(0, fail(), Source::Check);
+        let records = old.export();
+        assert_eq!(records.len(), 2);
+
+        // The new image: another rule id, the same alias, protocol and backends.
+        let new = HealthBook::default();
+        type Seen = Mutex<Vec<(u32, Vec<bool>)>>;
+        let seen: Arc<Seen> = Arc::default();
+        let log = seen.clone();
+        new.set_sink(Arc::new(move |id, flags| {
+            log.lock().unwrap().push((id, flags.to_vec()))
+        }));
+        let moved = Listener {
+            rule_id: 9,
+            ..l.clone()
+        };
+        new.restore(std::slice::from_ref(&moved), &records);
+        let rule = new.rule(&moved);
+        assert_eq!(rule.healthy_flags(), vec![true, false]);
+        assert_eq!(*seen.lock().unwrap(), vec![(9, vec![true, false])]);
+        // The runs go on: one more failure takes backend 0 out (fall 2).
+        assert_eq!(rule.record(0, fail(), Source::Check), Some(false));
+        assert_eq!(new.status(9)[1].last_failure.as_deref(), Some("refused"));
+
+        // Another alias, or a rule without checks, takes nothing over.
+        let other = Listener {
+            alias: "other".into(),
+            ..l.clone()
+        };
+        let unchecked = Listener {
+            alias: "unit".into(),
+            rule_id: 11,
+            health: None,
+            ..l
+        };
+        let fresh = HealthBook::default();
+        fresh.restore(&[other.clone(), unchecked.clone()], &records);
+        assert_eq!(fresh.rule(&other).healthy_flags(), vec![true, true]);
+        assert_eq!(fresh.rule(&unchecked).healthy_flags(), vec![true, true]);
     }
 
     #[test]

@@ -457,21 +457,59 @@ pub async fn bind(listen: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("metrics.listen: cannot listen on {listen}: {e}"))
 }
 
-/// Serves `GET /metrics` on `listener` until aborted.
-pub async fn serve(listener: TcpListener, scrape: ScrapeFn) {
+/// The socket an upgrade handed over, if it is still bound to `listen`;
+/// otherwise (or without one) a new one.
+pub async fn adopt_or_bind(handed: Option<i32>, listen: SocketAddr) -> anyhow::Result<TcpListener> {
+    if let Some(fd) = handed {
+        let std = std::net::TcpListener::from(crate::relay::gate::own_fd(fd)?);
+        if std.local_addr().ok() == Some(listen) {
+            std.set_nonblocking(true)?;
+            return Ok(TcpListener::from_std(std)?);
+        }
+    }
+    bind(listen).await
+}
+
+/// How long a stop waits for the scrapes under way.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves `GET /metrics` on `listener` until aborted, or until `stop`:
+/// then it accepts no more, lets the connections it has get their answer
+/// (at most [`STOP_WAIT`]) and returns the listener, whose backlog keeps
+/// new connections for whoever serves it next.
+pub async fn serve(
+    listener: TcpListener,
+    scrape: ScrapeFn,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> TcpListener {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = tokio::select! {
+            _ = &mut stop => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
         };
         let scrape = scrape.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let service = hyper::service::service_fn(move |req| answer(req, scrape.clone()));
             let io = hyper_util::rt::TokioIo::new(stream);
+            // One request per connection: at a stop, every accepted
+            // connection is owed exactly one answer (a graceful shutdown
+            // would close one whose request is not read yet).
             let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
                 .serve_connection(io, service)
                 .await;
         });
     }
+    let _ = tokio::time::timeout(STOP_WAIT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    listener
 }
 
 async fn answer(

@@ -45,6 +45,16 @@ pub struct Record {
     pub frozen_at_ms: u64,
     /// The version that handed over.
     pub from_version: String,
+    /// Docker's last listing, whose routes are in the running rules: the
+    /// new image starts with them, not without until Docker answers.
+    #[serde(default)]
+    pub containers: Vec<crate::config::Container>,
+    /// The metrics endpoint's listening socket.
+    #[serde(default)]
+    pub metrics: Option<RawFd>,
+    /// The backends' health, so that one that is down stays down.
+    #[serde(default)]
+    pub health: Vec<crate::health::HealthRecord>,
 }
 
 impl Record {
@@ -53,6 +63,7 @@ impl Record {
         fds.extend(self.steer.iter().flat_map(|s| s.fds()));
         fds.extend(self.control);
         fds.extend(self.requester);
+        fds.extend(self.metrics);
         fds
     }
 }
@@ -345,6 +356,9 @@ mod tests {
             steer: None,
             frozen_at_ms: 0,
             from_version: "test".into(),
+            containers: Vec::new(),
+            metrics: None,
+            health: Vec::new(),
         };
         let why = exec(Path::new("/nonexistent/forwarder"), &record);
         assert!(
@@ -411,6 +425,14 @@ mod tests {
                     addrs,
                     idle_ms: 3,
                 }],
+                retiring: vec![RetiringRecord {
+                    alias: "gone".into(),
+                    protocol: "udp".into(),
+                    bind: addr,
+                    backends: vec![(addr, 2)],
+                    timeouts_ms: [1, 2, 3, 4, 5, 6],
+                    counters: CounterValues::default(),
+                }],
             },
             steer: Some(crate::kernel::SteerRecord {
                 link: 11,
@@ -419,12 +441,37 @@ mod tests {
             }),
             frozen_at_ms: 1,
             from_version: "x".into(),
+            containers: vec![crate::config::Container {
+                id: "c0ffee".into(),
+                name: "turn".into(),
+                labels: [("proxy.aliases".to_owned(), "turn".to_owned())].into(),
+                networks: [("bridge".to_owned(), [172, 17, 0, 2].into())].into(),
+                udp_only_ports: vec![3478],
+            }],
+            metrics: Some(15),
+            health: vec![crate::health::HealthRecord {
+                alias: "turn".into(),
+                protocol: "tcp".into(),
+                backend: addr,
+                healthy: false,
+                passes: 0,
+                failures: 3,
+                last_change_ms: Some(5),
+                last_failure: Some("connect: refused".into()),
+            }],
         };
         let text = serde_json::to_vec(&record).unwrap();
         let back: Record = serde_json::from_slice(&text).unwrap();
         assert_eq!(back, record);
         let mut fds = back.fds();
         fds.sort();
-        assert_eq!(fds, (3..=14).collect::<Vec<_>>());
+        assert_eq!(fds, (3..=15).collect::<Vec<_>>());
+        // A record of an image before these fields still reads.
+        let mut old = serde_json::to_value(&record).unwrap();
+        for field in ["containers", "metrics", "health"] {
+            old.as_object_mut().unwrap().remove(field);
+        }
+        let back: Record = serde_json::from_value(old).unwrap();
+        assert!(back.containers.is_empty() && back.metrics.is_none() && back.health.is_empty());
     }
 }

@@ -27,8 +27,9 @@ pub struct DockerSettings {
     pub socket: PathBuf,
 }
 
-/// A running container as the Docker Engine describes it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// A running container as the Docker Engine describes it (and as an
+/// upgrade hands the last listing over).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Container {
     pub id: String,
     /// Without Docker's leading `/`.

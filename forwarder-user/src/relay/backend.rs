@@ -29,6 +29,16 @@ pub struct BackendPicker {
 impl BackendPicker {
     /// `specs` must not be empty; a weight of 0 counts as 1. `health` is
     /// the state of the same backends, in the same order.
+    /// The backends and weights it was made from.
+    pub fn specs(&self) -> Vec<BackendSpec> {
+        (self.backends.iter().zip(&self.weights))
+            .map(|(&addr, &w)| BackendSpec {
+                addr,
+                weight: u16::try_from(w).unwrap_or(u16::MAX),
+            })
+            .collect()
+    }
+
     pub fn new(specs: &[BackendSpec], health: Arc<RuleHealth>) -> BackendPicker {
         assert!(!specs.is_empty(), "a listener needs a backend");
         let mut ends = Vec::with_capacity(specs.len());

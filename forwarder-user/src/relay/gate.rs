@@ -109,12 +109,32 @@ pub enum SourceRecord {
     },
 }
 
+/// A rule a reload removed whose flows still drain: what its flows need
+/// of it in the new image, which no longer has it in its rules. Its TCP
+/// socket is closed already; a UDP one is among the listeners.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RetiringRecord {
+    pub alias: String,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    pub bind: SocketAddr,
+    /// (address, weight), in the rule's order: sessions name theirs by index.
+    pub backends: Vec<(SocketAddr, u16)>,
+    /// The rule's timeouts in milliseconds: udp_idle, udp_unreplied,
+    /// tcp_established, tcp_half_closed, tcp_close, connect.
+    pub timeouts_ms: [u64; 6],
+    pub counters: CounterValues,
+}
+
 /// Everything the relay hands to its successor.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct RelayRecord {
     pub listeners: Vec<ListenerRecord>,
     pub tcp: Vec<TcpPairRecord>,
     pub udp: Vec<UdpSessionRecord>,
+    /// Rules removed by a reload whose flows go on draining.
+    #[serde(default)]
+    pub retiring: Vec<RetiringRecord>,
 }
 
 impl RelayRecord {

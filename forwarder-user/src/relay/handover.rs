@@ -7,7 +7,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
-use super::gate::{ListenerRecord, RelayRecord, TcpPairRecord, UdpSessionRecord};
+use super::gate::{ListenerRecord, RelayRecord, RetiringRecord, TcpPairRecord, UdpSessionRecord};
 use super::splice::Pipe;
 use super::tcp::{Pipes, ResumedPair};
 use super::udp::ResumedSession;
@@ -20,6 +20,15 @@ pub struct Inherited {
     listeners: Vec<ListenerRecord>,
     tcp: Vec<TcpPairRecord>,
     udp: Vec<UdpSessionRecord>,
+    retiring: Vec<RetiringRecord>,
+}
+
+/// A rule a reload removed, as its handed-over flows drain in this image:
+/// the rule as they need it, its UDP socket (a TCP one was closed), its flows.
+pub(super) struct Retiring {
+    pub(super) listener: Listener,
+    pub(super) socket: Option<Bound>,
+    pub(super) adopted: Adopted,
 }
 
 /// Takes ownership of an inherited descriptor, which must be open; it
@@ -48,7 +57,89 @@ impl Inherited {
             listeners: record.listeners,
             tcp: record.tcp,
             udp: record.udp,
+            retiring: record.retiring,
         }
+    }
+
+    /// The rules a reload removed before the upgrade, with their sockets
+    /// and flows; after every running rule took its own.
+    pub(super) fn retiring(&mut self) -> Result<Vec<Retiring>> {
+        let mut all = Vec::new();
+        for r in std::mem::take(&mut self.retiring) {
+            let protocol = match r.protocol.as_str() {
+                "tcp" => crate::rules::Protocol::Tcp,
+                "udp" => crate::rules::Protocol::Udp,
+                other => anyhow::bail!("{}: protocol {other:?} in the handover record", r.alias),
+            };
+            let [
+                udp_idle,
+                udp_unreplied,
+                tcp_established,
+                tcp_half_closed,
+                tcp_close,
+                connect,
+            ] = r.timeouts_ms.map(std::time::Duration::from_millis);
+            let listener = Listener {
+                // Not in this image's tables, which never see it.
+                rule_id: u32::MAX,
+                alias: r.alias.clone(),
+                protocol,
+                bind: r.bind,
+                listen_picked: false,
+                ports: crate::rules::ListenPorts::SINGLE,
+                backends: (r.backends.iter())
+                    .map(|&(addr, weight)| crate::rules::BackendSpec { addr, weight })
+                    .collect(),
+                timeouts: crate::rules::Timeouts {
+                    udp_idle,
+                    udp_unreplied,
+                    tcp_established,
+                    tcp_half_closed,
+                    tcp_close,
+                    connect,
+                },
+                path: crate::rules::PathMode::Relay,
+                preserve_client_ip: false,
+                proxy: Default::default(),
+                health: None,
+                acl: None,
+                max_connections: None,
+            };
+            let claimed = match protocol {
+                crate::rules::Protocol::Udp => self.listener(&listener)?,
+                crate::rules::Protocol::Tcp => None,
+            };
+            let (socket, mut adopted) = match claimed {
+                Some((socket, adopted)) => (Some(socket), adopted),
+                None => {
+                    let mut adopted = Adopted::default();
+                    for pair in extract(&mut self.tcp, |p| p.bind == r.bind) {
+                        adopted.tcp.push(
+                            resumed_pair(pair)
+                                .with_context(|| format!("{}: a tcp pair handed over", r.alias))?,
+                        );
+                    }
+                    (None, adopted)
+                }
+            };
+            if socket.is_none() || adopted.counters.is_none() {
+                adopted.counters = Some(r.counters.clone());
+            }
+            info!(
+                alias = %r.alias,
+                "relay: {} {} was removed by a reload; its {} tcp pairs and {} udp sessions drain here",
+                r.protocol,
+                r.bind,
+                adopted.tcp.len(),
+                adopted.udp.len()
+            );
+            all.push(Retiring {
+                listener,
+                socket,
+                adopted,
+            });
+        }
+        Ok(all)
     }
 
     /// The socket and flows of `l`'s listener, if it was handed over.
@@ -124,6 +215,7 @@ impl Inherited {
             listeners: self.listeners,
             tcp: self.tcp,
             udp: self.udp,
+            retiring: Vec::new(),
         }
         .fds();
         warn!(

@@ -44,7 +44,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 pub use counters::RelayRuleCounters;
-pub use gate::RelayRecord;
+pub use gate::{RelayRecord, RetiringRecord};
 pub use limits::{EphemeralPorts, UdpSessionsStatus};
 
 use crate::health::HealthBook;
@@ -285,6 +285,7 @@ impl Relay {
             );
         }
         log_udp_limit(&udp_budget.ports());
+        let retiring = inherited.retiring()?;
         inherited.close_unclaimed();
         let relay = Relay {
             listeners: Mutex::default(),
@@ -296,7 +297,58 @@ impl Relay {
             steering: steering.map(Into::into).unwrap_or_default(),
         };
         relay.serve(bound);
+        relay.resume_retiring(retiring);
         Ok(relay)
+    }
+
+    /// Rules a reload removed before an upgrade: their flows drain here
+    /// as they would have there, and they take no new ones.
+    fn resume_retiring(&self, retiring: Vec<handover::Retiring>) {
+        let mut listeners = self.listeners();
+        for r in retiring {
+            let l = &r.listener;
+            let health = HealthBook::detached(l);
+            let mut rule = RuleCtx::new(l, self.observer.clone(), health);
+            if let Some(values) = &r.adopted.counters {
+                rule.counters = Arc::new(RuleCounters::carried_on(values));
+            }
+            let (rule_tx, rule_rx) = watch::channel(Arc::new(rule));
+            let phase = Arc::new(watch::channel(Phase::Retiring).0);
+            let gate = self.gate.clone();
+            let task = match (l.protocol, r.socket) {
+                (Protocol::Tcp, _) => tokio::spawn(tcp::serve(
+                    None,
+                    rule_rx,
+                    phase.clone(),
+                    self.settings,
+                    gate,
+                    l.bind,
+                    r.adopted.tcp,
+                )),
+                (Protocol::Udp, Some(Bound::Udp(s))) => tokio::spawn(udp::serve(
+                    s,
+                    rule_rx,
+                    udp::SessionBounds {
+                        max_sessions: self.settings.max_udp_sessions,
+                        budget: self.udp_budget.clone(),
+                    },
+                    phase.clone(),
+                    gate,
+                    l.bind,
+                    r.adopted.udp,
+                )),
+                // Its socket closed as its last session ended, before the freeze.
+                (Protocol::Udp, _) => continue,
+            };
+            listeners.retiring.push(Served {
+                key: ListenKey::of(l),
+                rule: rule_tx,
+                phase,
+                local: l.bind,
+                task,
+                steered: None,
+            });
+        }
     }
 
     fn listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
@@ -325,7 +377,7 @@ impl Relay {
             let gate = self.gate.clone();
             let task = match socket {
                 Bound::Tcp(s) => tokio::spawn(tcp::serve(
-                    s,
+                    Some(s),
                     rule_rx,
                     phase.clone(),
                     self.settings,
@@ -603,19 +655,41 @@ impl Relay {
         {
             let mut listeners = self.listeners();
             listeners.reap();
-            if let Some(s) = listeners.retiring.first() {
+            for s in &listeners.retiring {
                 let r = s.rule();
-                return Err(format!(
-                    "rule `{}` ({} {}), removed by a reload, still has {} flows; they are not \
-                     handed over, so upgrade once they have finished",
-                    r.alias,
-                    r.protocol,
-                    s.local,
-                    r.counters.active.load(std::sync::atomic::Ordering::Relaxed)
-                ));
+                // Its flows are named by their listener's address alone.
+                if let Some(other) = listeners
+                    .serving
+                    .iter()
+                    .find(|o| o.key.protocol == s.key.protocol && o.key.bind == s.key.bind)
+                {
+                    return Err(format!(
+                        "rule `{}` ({} {}), removed by a reload, still has {} flows, and rule \
+                         `{}` listens on that address now: their flows cannot be told apart in \
+                         a handover, so upgrade once they have finished",
+                        r.alias,
+                        r.protocol,
+                        s.local,
+                        r.counters.active.load(std::sync::atomic::Ordering::Relaxed),
+                        other.rule().alias
+                    ));
+                }
+                if s.steered.is_some() || s.key.count > 1 {
+                    return Err(format!(
+                        "rule `{}` ({} from {}), removed by a reload, is a port range: an \
+                         upgrade in place does not hand its flows over yet; upgrade once they \
+                         have finished",
+                        r.alias, r.protocol, s.local
+                    ));
+                }
             }
         }
-        self.gate.close(within).await
+        let mut record = self.gate.close(within).await?;
+        // Parked: their counters hold still.
+        let mut listeners = self.listeners();
+        listeners.reap();
+        record.retiring = listeners.retiring.iter().map(retiring_record).collect();
+        Ok(record)
     }
 
     /// Lets the relay go on after a [`Relay::freeze`] (the upgrade did not happen).
@@ -707,6 +781,30 @@ impl Relay {
             }
         }
         info!("relay stopped");
+    }
+}
+
+/// What the flows of a rule a reload removed need of it in the next image.
+fn retiring_record(s: &Served) -> RetiringRecord {
+    let r = s.rule();
+    let t = r.timeouts;
+    let ms = |d: Duration| d.as_millis() as u64;
+    RetiringRecord {
+        alias: r.alias.clone(),
+        protocol: r.protocol.as_str().into(),
+        bind: s.key.bind,
+        backends: (r.backends.specs().iter())
+            .map(|b| (b.addr, b.weight))
+            .collect(),
+        timeouts_ms: [
+            ms(t.udp_idle),
+            ms(t.udp_unreplied),
+            ms(t.tcp_established),
+            ms(t.tcp_half_closed),
+            ms(t.tcp_close),
+            ms(t.connect),
+        ],
+        counters: r.counters.values(),
     }
 }
 

@@ -41,7 +41,8 @@ use crate::rules::{ProxyProtocol, RelaySettings};
 /// retires) and has no flow left. Each new flow takes the rule current at
 /// its accept; a flow keeps the rule it started with.
 pub async fn serve(
-    listener: TcpListener,
+    // `None`: a rule removed before an upgrade, whose handed-over flows drain.
+    listener: Option<TcpListener>,
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     phase: Arc<watch::Sender<Phase>>,
     settings: RelaySettings,
@@ -54,8 +55,9 @@ pub async fn serve(
         let rule = rules.borrow().clone();
         flows.spawn(resume(pair, rule, gate.clone(), bind, gate.ticket()));
     }
-    let mut registered = register_listener(&gate, &listener, bind, &rules);
-    let mut listener = Some(listener);
+    let mut registered =
+        (listener.as_ref()).and_then(|l| register_listener(&gate, l, bind, &rules));
+    let mut listener = listener;
     let accept_failing = Alarm::default();
     let mut phase = phase.subscribe();
     let _ticket = gate.ticket();
