@@ -27,8 +27,6 @@ pub struct BackendPicker {
 }
 
 impl BackendPicker {
-    /// `specs` must not be empty; a weight of 0 counts as 1. `health` is
-    /// the state of the same backends, in the same order.
     /// The backends and weights it was made from.
     pub fn specs(&self) -> Vec<BackendSpec> {
         (self.backends.iter().zip(&self.weights))
@@ -39,6 +37,8 @@ impl BackendPicker {
             .collect()
     }
 
+    /// `specs` must not be empty; a weight of 0 counts as 1. `health` is
+    /// the state of the same backends, in the same order.
     pub fn new(specs: &[BackendSpec], health: Arc<RuleHealth>) -> BackendPicker {
         assert!(!specs.is_empty(), "a listener needs a backend");
         let mut ends = Vec::with_capacity(specs.len());
