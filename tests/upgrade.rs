@@ -465,11 +465,7 @@ fn a_new_binary_that_fails_to_start_gives_everything_back_mid_transfer() {
     let daemon = Daemon::start_pinning_from(&topo.forwarder, "upgrade-fallback", RULES, &bin);
     let pid = daemon.status()["pid"].as_u64().unwrap();
     let broken = bin_dir.join("broken.yaml");
-    std::fs::write(
-        &broken,
-        format!("interfaces: [fwdt-nosuch0]\n{RULES}"),
-    )
-    .unwrap();
+    std::fs::write(&broken, format!("interfaces: [fwdt-nosuch0]\n{RULES}")).unwrap();
 
     const SIZE: u64 = 256 << 20;
     let transfer = |port: u16| {
@@ -509,7 +505,11 @@ fn a_new_binary_that_fails_to_start_gives_everything_back_mid_transfer() {
             && relay_progress.load(Ordering::Relaxed) < SIZE,
         "a transfer ended before the failed upgrade"
     );
-    assert_eq!(daemon.status()["pid"].as_u64(), Some(pid), "the same process");
+    assert_eq!(
+        daemon.status()["pid"].as_u64(),
+        Some(pid),
+        "the same process"
+    );
     // The new image's relay had resumed (the kernel path starts after
     // it): it froze again and handed back its flows as they were then.
     assert!(log.contains("relay carries on"), "{log}");

@@ -60,7 +60,9 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             RunError::Config(errors) => errors.to_string(),
             RunError::Fatal(e) => format!("{e:#}"),
         };
-        error!("the new image failed to start ({why}); giving everything back to the previous binary");
+        error!(
+            "the new image failed to start ({why}); giving everything back to the previous binary"
+        );
         let failed = crate::upgrade::give_back(&why);
         error!("cannot go back to the previous binary: {failed}");
     }
@@ -87,7 +89,9 @@ async fn start_and_run(opts: RunOptions) -> Result<(), RunError> {
         match crate::upgrade::arm(record) {
             Ok(true) => {}
             Ok(false) => info!("no way back to the previous image is kept for this start"),
-            Err(e) => warn!("no way back to the previous image ({e}): a failed start ends this process"),
+            Err(e) => {
+                warn!("no way back to the previous image ({e}): a failed start ends this process")
+            }
         }
         info!(
             "upgraded in place from {}: taking over {} listeners, {} tcp pairs, {} udp sessions",
@@ -323,7 +327,10 @@ async fn start_and_run(opts: RunOptions) -> Result<(), RunError> {
         let took_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
         if let Some(why) = &record.failed {
             let why = format!("the new binary failed to start: {why}");
-            info!(took_ms, frozen_ms, "took everything back from the new image");
+            info!(
+                took_ms,
+                frozen_ms, "took everything back from the new image"
+            );
             warn!("upgrade failed, this daemon runs on: {why}");
             if let Some(fd) = record.requester {
                 answer_upgrade(
@@ -347,7 +354,8 @@ async fn start_and_run(opts: RunOptions) -> Result<(), RunError> {
         if record.failed.is_none() {
             info!(
                 took_ms,
-                frozen_ms, "upgrade done: the new image runs everything {took_ms} ms after the freeze"
+                frozen_ms,
+                "upgrade done: the new image runs everything {took_ms} ms after the freeze"
             );
         }
     }

@@ -702,19 +702,122 @@ mod tests {
                 last_change_ms: Some(5),
                 last_failure: Some("connect: refused".into()),
             }],
+            fallback: Some(Fallback {
+                exe: 16,
+                argv: vec![b"forwarder".to_vec(), b"run".to_vec()],
+                env: vec![b"RUST_LOG=info".to_vec()],
+            }),
+            failed: Some("it panicked".into()),
         };
         let text = serde_json::to_vec(&record).unwrap();
         let back: Record = serde_json::from_slice(&text).unwrap();
         assert_eq!(back, record);
         let mut fds = back.fds();
         fds.sort();
-        assert_eq!(fds, (3..=15).collect::<Vec<_>>());
+        assert_eq!(fds, (3..=16).collect::<Vec<_>>());
+        let mut copy = back.clone();
+        let renumbered: Vec<RawFd> = copy.fds_mut().into_iter().map(|fd| *fd).collect();
+        assert_eq!(
+            renumbered,
+            back.fds(),
+            "fds_mut names the same, in the same order"
+        );
         // A record of an image before these fields still reads.
         let mut old = serde_json::to_value(&record).unwrap();
-        for field in ["containers", "metrics", "health"] {
+        for field in ["containers", "metrics", "health", "fallback", "failed"] {
             old.as_object_mut().unwrap().remove(field);
         }
         let back: Record = serde_json::from_value(old).unwrap();
         assert!(back.containers.is_empty() && back.metrics.is_none() && back.health.is_empty());
+        assert!(back.fallback.is_none() && back.failed.is_none());
+    }
+
+    fn same_file(a: RawFd, b: RawFd) -> bool {
+        // SAFETY: fstat into zeroed structs.
+        unsafe {
+            let (mut x, mut y): (libc::stat, libc::stat) = (std::mem::zeroed(), std::mem::zeroed());
+            libc::fstat(a, &mut x) == 0
+                && libc::fstat(b, &mut y) == 0
+                && (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+        }
+    }
+
+    fn is_open(fd: RawFd) -> bool {
+        // SAFETY: F_GETFD only inspects it.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+    }
+
+    #[test]
+    fn the_way_back_holds_a_duplicate_of_every_descriptor_until_disarmed() {
+        let (control, metrics) = std::io::pipe().unwrap();
+        let (listener, _w) = std::io::pipe().unwrap();
+        // SAFETY: a valid path.
+        let exe = unsafe { libc::open(c"/proc/self/exe".as_ptr(), libc::O_PATH) };
+        assert!(exe >= 0);
+        let mut relay = RelayRecord::default();
+        relay.listeners.push(crate::relay::gate::ListenerRecord {
+            protocol: "tcp".into(),
+            bind: "127.0.0.1:7".parse().unwrap(),
+            fd: listener.as_raw_fd(),
+            counters: Default::default(),
+        });
+        let record = Record {
+            control: Some(control.as_raw_fd()),
+            requester: None,
+            relay,
+            steer: None,
+            frozen_at_ms: 0,
+            from_version: "test".into(),
+            containers: Vec::new(),
+            metrics: Some(metrics.as_raw_fd()),
+            health: Vec::new(),
+            fallback: Some(Fallback {
+                exe,
+                argv: Vec::new(),
+                env: Vec::new(),
+            }),
+            failed: None,
+        };
+        for fd in record.fds() {
+            set_cloexec(fd, false); // as the exec left them
+        }
+        assert!(arm(&record).unwrap());
+        assert!(armed());
+        let kept = ARMED.lock().unwrap().as_ref().unwrap().record.clone();
+        let dups = kept.fds();
+        assert_eq!(dups.len(), 4);
+        for (&was, &dup) in record.fds().iter().zip(&dups) {
+            assert_ne!(was, dup);
+            assert!(cloexec(dup), "the reserve is close-on-exec");
+            if Some(was) == record.fallback.as_ref().map(|f| f.exe) {
+                assert!(
+                    !is_open(was),
+                    "the original of the binary's descriptor is closed"
+                );
+            } else {
+                assert!(same_file(was, dup) && cloexec(was));
+            }
+        }
+        // The relay frozen again: its record replaces the one read at start.
+        let (again, _w2) = std::io::pipe().unwrap();
+        let mut relay = kept.relay.clone();
+        relay.listeners[0].fd = again.as_raw_fd();
+        relay_frozen(relay).unwrap();
+        let now = ARMED.lock().unwrap().as_ref().unwrap().record.clone();
+        let fd = now.relay.listeners[0].fd;
+        assert!(fd != again.as_raw_fd() && same_file(fd, again.as_raw_fd()));
+        assert_eq!(now.control, kept.control);
+        disarm();
+        assert!(!armed());
+        for dup in dups.into_iter().chain([fd]) {
+            assert!(!is_open(dup), "descriptor {dup} closed with the way back");
+        }
+        // A record that says a start failed has no way back.
+        let back = Record {
+            failed: Some("x".into()),
+            fallback: None,
+            ..record
+        };
+        assert!(!arm(&back).unwrap());
     }
 }
