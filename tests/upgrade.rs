@@ -590,3 +590,94 @@ fn a_new_binary_that_fails_to_start_gives_everything_back_mid_transfer() {
     assert_nothing_left(&topo);
     let _ = std::fs::remove_dir_all(&bin_dir);
 }
+
+#[test]
+fn a_failed_start_freezes_the_buffered_copy_again_and_gives_it_back_with_nothing_lost() {
+    if !common::require_root(
+        "a_failed_start_freezes_the_buffered_copy_again_and_gives_it_back_with_nothing_lost",
+    ) {
+        return;
+    }
+    let ns = Netns::new("upg-fbk");
+    let backend = slow_hashing_backend(&ns, 3479);
+    let routes = "routes:\n  bulk: {scheme: tcp, bind: 127.0.0.1, port: 7878:3479}\n";
+    let bin_dir = std::env::temp_dir().join(format!("fwdt-{}-fallback-buf", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let bin = bin_dir.join("forwarder");
+    replace(&bin, &std::fs::read(common::forwarder_bin()).unwrap());
+    // The old image has no kernel path (a local backend); the new one is
+    // made to start one (`docker:`) on an interface that does not exist:
+    // it fails after its relay resumed and copied bytes again.
+    let broken = bin_dir.join("broken.yaml");
+    let docker = bin_dir.join("no-docker.sock");
+    std::fs::write(
+        &broken,
+        format!(
+            "interfaces: [fwdt-nosuch0]\ndocker: {{socket: {}}}\n{routes}",
+            docker.display()
+        ),
+    )
+    .unwrap();
+    // Splice fails in both images (the filter goes through every exec).
+    let daemon = Daemon::start_from_with(
+        &ns,
+        "upgrade-fallback-buf",
+        routes,
+        &bin,
+        "info,forwarder=debug",
+        |cmd| {
+            // SAFETY: only async-signal-safe calls (prctl) between fork and exec.
+            unsafe { cmd.pre_exec(|| fail_syscall(libc::SYS_splice, libc::EINVAL)) };
+        },
+    );
+    let pid = daemon.status()["pid"].as_u64();
+    const SIZE: u64 = 128 << 20;
+    let progress = Arc::new(AtomicU64::new(0));
+    let transfer = {
+        let progress = progress.clone();
+        let to = SocketAddr::from(([127, 0, 0, 1], 7878));
+        spawn_in(&ns, move || paced_transfer(to, SIZE, progress))
+    };
+    eventually("a quarter of the transfer sent", || {
+        progress.load(Ordering::Relaxed) >= SIZE / 4
+    });
+    failing_binary(&bin, &broken);
+    let out = upgrade(&daemon);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stderr}\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        stderr.contains("the new binary failed to start:"),
+        "{stderr}"
+    );
+    assert!(
+        progress.load(Ordering::Relaxed) < SIZE,
+        "the transfer ended before the failed upgrade"
+    );
+    let (sent, received) = transfer
+        .join()
+        .unwrap_or_else(|_| panic!("the transfer failed:\n{}", daemon.log_text()));
+    assert_eq!(sent, received, "SHA-256 of the 128 MiB at the backend");
+    backend.join().unwrap();
+    assert_eq!(daemon.status()["pid"].as_u64(), pid);
+    let log = daemon.stop();
+    assert!(
+        log.contains("giving everything back to the previous binary"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("the relay cannot freeze again"),
+        "the relay froze again: {log}"
+    );
+    assert_eq!(
+        log.matches("splice refused for this flow; copying through a buffer")
+            .count(),
+        3,
+        "the pair copied through a buffer in each image: {log}"
+    );
+    let _ = std::fs::remove_dir_all(&bin_dir);
+}

@@ -315,6 +315,9 @@ impl Relay {
             let (rule_tx, rule_rx) = watch::channel(Arc::new(rule));
             let phase = Arc::new(watch::channel(Phase::Retiring).0);
             let gate = self.gate.clone();
+            // Counted before the task runs: a freeze right after the
+            // start waits for it, so its flows are in the record.
+            let ticket = gate.ticket();
             let task = match (l.protocol, r.socket) {
                 (Protocol::Tcp, _) => tokio::spawn(tcp::serve(
                     None,
@@ -324,6 +327,7 @@ impl Relay {
                     gate,
                     l.bind,
                     r.adopted.tcp,
+                    ticket,
                 )),
                 (Protocol::Udp, Some(Bound::Udp(s))) => tokio::spawn(udp::serve(
                     s,
@@ -336,6 +340,7 @@ impl Relay {
                     gate,
                     l.bind,
                     r.adopted.udp,
+                    ticket,
                 )),
                 // Its socket closed as its last session ended, before the freeze.
                 (Protocol::Udp, _) => continue,
@@ -375,6 +380,9 @@ impl Relay {
             let (rule_tx, rule_rx) = watch::channel(rule);
             let phase = Arc::new(watch::channel(Phase::Serving).0);
             let gate = self.gate.clone();
+            // Counted before the task runs: a freeze right after the
+            // start waits for it, so its flows are in the record.
+            let ticket = gate.ticket();
             let task = match socket {
                 Bound::Tcp(s) => tokio::spawn(tcp::serve(
                     Some(s),
@@ -384,6 +392,7 @@ impl Relay {
                     gate,
                     l.bind,
                     adopted.tcp,
+                    ticket,
                 )),
                 Bound::Udp(s) => tokio::spawn(udp::serve(
                     s,
@@ -396,6 +405,7 @@ impl Relay {
                     gate,
                     l.bind,
                     adopted.udp,
+                    ticket,
                 )),
             };
             listeners.serving.push(Served {

@@ -49,6 +49,8 @@ pub async fn serve(
     gate: Gate,
     bind: SocketAddr,
     inherited: Vec<ResumedPair>,
+    // Taken by the caller before spawning (see `Gate::close`).
+    _ticket: Ticket,
 ) {
     let mut flows = JoinSet::new();
     for pair in inherited {
@@ -60,7 +62,6 @@ pub async fn serve(
     let mut listener = listener;
     let accept_failing = Alarm::default();
     let mut phase = phase.subscribe();
-    let _ticket = gate.ticket();
     while listener.is_some() || !flows.is_empty() {
         let rule = rules.borrow_and_update().clone();
         tokio::select! {

@@ -134,8 +134,9 @@ pub async fn serve(
     gate: Gate,
     bind: SocketAddr,
     inherited: Vec<ResumedSession>,
+    // Taken by the caller before spawning (see `Gate::close`).
+    _ticket: Ticket,
 ) {
-    let _ticket = gate.ticket();
     let rule = rules.borrow_and_update().clone();
     let bound = match socket.local_addr() {
         Ok(addr) => addr,
