@@ -314,20 +314,18 @@ impl Relay {
             }
             let (rule_tx, rule_rx) = watch::channel(Arc::new(rule));
             let phase = Arc::new(watch::channel(Phase::Retiring).0);
-            let gate = self.gate.clone();
             // Counted before the task runs: a freeze right after the
             // start waits for it, so its flows are in the record.
-            let ticket = gate.ticket();
+            let ticket = self.gate.ticket();
             let task = match (l.protocol, r.socket) {
                 (Protocol::Tcp, _) => tokio::spawn(tcp::serve(
                     None,
                     rule_rx,
                     phase.clone(),
                     self.settings,
-                    gate,
+                    ticket,
                     l.bind,
                     r.adopted.tcp,
-                    ticket,
                 )),
                 (Protocol::Udp, Some(Bound::Udp(s))) => tokio::spawn(udp::serve(
                     s,
@@ -337,10 +335,9 @@ impl Relay {
                         budget: self.udp_budget.clone(),
                     },
                     phase.clone(),
-                    gate,
+                    ticket,
                     l.bind,
                     r.adopted.udp,
-                    ticket,
                 )),
                 // Its socket closed as its last session ended, before the freeze.
                 (Protocol::Udp, _) => continue,
@@ -379,20 +376,18 @@ impl Relay {
             };
             let (rule_tx, rule_rx) = watch::channel(rule);
             let phase = Arc::new(watch::channel(Phase::Serving).0);
-            let gate = self.gate.clone();
             // Counted before the task runs: a freeze right after the
             // start waits for it, so its flows are in the record.
-            let ticket = gate.ticket();
+            let ticket = self.gate.ticket();
             let task = match socket {
                 Bound::Tcp(s) => tokio::spawn(tcp::serve(
                     Some(s),
                     rule_rx,
                     phase.clone(),
                     self.settings,
-                    gate,
+                    ticket,
                     l.bind,
                     adopted.tcp,
-                    ticket,
                 )),
                 Bound::Udp(s) => tokio::spawn(udp::serve(
                     s,
@@ -402,10 +397,9 @@ impl Relay {
                         budget: self.udp_budget.clone(),
                     },
                     phase.clone(),
-                    gate,
+                    ticket,
                     l.bind,
                     adopted.udp,
-                    ticket,
                 )),
             };
             listeners.serving.push(Served {

@@ -46,12 +46,12 @@ pub async fn serve(
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     phase: Arc<watch::Sender<Phase>>,
     settings: RelaySettings,
-    gate: Gate,
+    // The gate's, taken by the caller before spawning (see `Gate::close`).
+    ticket: Ticket,
     bind: SocketAddr,
     inherited: Vec<ResumedPair>,
-    // Taken by the caller before spawning (see `Gate::close`).
-    _ticket: Ticket,
 ) {
+    let gate = ticket.gate().clone();
     let mut flows = JoinSet::new();
     for pair in inherited {
         let rule = rules.borrow().clone();
