@@ -673,11 +673,16 @@ fn a_failed_start_freezes_the_buffered_copy_again_and_gives_it_back_with_nothing
         !log.contains("the relay cannot freeze again"),
         "the relay froze again: {log}"
     );
-    assert_eq!(
-        log.matches("splice refused for this flow; copying through a buffer")
-            .count(),
-        3,
-        "the pair copied through a buffer in each image: {log}"
+    // The old image, started again (the second record read), copies the
+    // pair through a buffer too.
+    let again = log
+        .split("upgraded in place from")
+        .nth(2)
+        .unwrap_or_else(|| panic!("the old image did not take the record back:\n{log}"));
+    assert!(
+        again.contains("1 tcp pairs")
+            && again.contains("splice refused for this flow; copying through a buffer"),
+        "{log}"
     );
     let _ = std::fs::remove_dir_all(&bin_dir);
 }
