@@ -72,12 +72,17 @@ routes:
 
 /// Each gap between queries is at least `least` (the server was not asked
 /// again before the answer lapsed) and at most 3x it plus the margin.
+/// How late the test's server may note a query: its thread runs when a
+/// busy core lets it, so a query can be noted tens of ms after the daemon
+/// sent it (a CI run saw a refresh 21 ms "early" from the noted time).
+const NOTED_LATE: Duration = Duration::from_millis(100);
+
 fn assert_spaced(queries: &[Instant], least: Duration) {
     assert!(queries.len() >= 2, "{} queries", queries.len());
     for pair in queries.windows(2) {
         let gap = pair[1] - pair[0];
         assert!(
-            gap >= least && gap <= 3 * least + TIMEOUT_MARGIN,
+            gap + NOTED_LATE >= least && gap <= 3 * least + TIMEOUT_MARGIN,
             "asked again after {gap:?}, the answer stands {least:?}: {:?}",
             gaps(queries)
         );
@@ -112,7 +117,7 @@ fn new_flows_follow_a_dns_answer_within_its_ttl_and_old_ones_finish() {
     // Moved right after the daemon asked: the answer it got stands for the TTL.
     let asked = n.dns.next_query(3 * ttl + TIMEOUT_MARGIN);
     n.dns.set(Zone::A(NEW, 2));
-    expires_in_time("new flows follow the name", asked, ttl, || {
+    expires_in_time("new flows follow the name", asked - NOTED_LATE, ttl, || {
         n.new_flow_goes_to() == b"two:n"
     });
     assert!(
@@ -168,9 +173,12 @@ fn a_long_ttl_is_cut_to_max_ttl_and_a_failing_name_backs_off() {
     std::fs::write(n.daemon.config_path(), edited).unwrap();
     let asked = n.dns.next_query(3 * max_ttl + TIMEOUT_MARGIN);
     n.dns.set(Zone::A(NEW, 3600));
-    expires_in_time("new flows follow the name", asked, max_ttl, || {
-        n.new_flow_goes_to() == b"two:n"
-    });
+    expires_in_time(
+        "new flows follow the name",
+        asked - NOTED_LATE,
+        max_ttl,
+        || n.new_flow_goes_to() == b"two:n",
+    );
     assert_spaced(&n.dns.queries(), max_ttl);
     let status = n.daemon.status();
     assert!(!status.to_string().contains("\"extra\""), "{status}");
@@ -188,7 +196,7 @@ fn a_long_ttl_is_cut_to_max_ttl_and_a_failing_name_backs_off() {
     for (at, wait) in failed.iter().zip(waits) {
         let gap = *at - prev;
         assert!(
-            gap >= wait && gap <= 3 * wait + TIMEOUT_MARGIN,
+            gap + NOTED_LATE >= wait && gap <= 3 * wait + TIMEOUT_MARGIN,
             "a try {gap:?} after the one before, {wait:?} expected: {:?}",
             gaps(&failed)
         );

@@ -43,6 +43,8 @@ mod relay_tcp;
 mod relay_udp;
 mod reload;
 mod rule_scale;
+mod scale_flows;
+mod snat_addresses;
 mod status_view;
 mod udp_flood;
 mod upgrade;

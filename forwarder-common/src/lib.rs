@@ -16,6 +16,7 @@ pub mod icmp;
 pub mod mss;
 pub mod ranges;
 pub mod reasons;
+pub mod snat;
 pub mod steer;
 
 pub const PROTO_TCP: u8 = 6;
@@ -379,6 +380,7 @@ mod pod {
     unsafe impl aya::Pod for RelayFlow {}
     unsafe impl aya::Pod for AclKey {}
     unsafe impl aya::Pod for host_nat::HostPortKey {}
+    unsafe impl aya::Pod for snat::SnatPool {}
 }
 
 #[cfg(test)]

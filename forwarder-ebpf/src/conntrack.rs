@@ -7,11 +7,12 @@ use forwarder_common::{
     CT_STATE_ESTABLISHED, CT_STATE_NEW, CT_STATE_RESET, CtKey, CtValue, MAX_SNAT_PROBES, PROTO_TCP,
     RELAY_OWNER_KERNEL, RULE_F_PRESERVE_CLIENT_IP, RelayFlow, RuleValue, Settings, addr_ipv4_be,
     reasons::Fallback,
+    snat::{BACKEND_F_SNAT_POOL, MAX_SNAT_ADDRS, probe_pair, probes_walk},
 };
 
 use crate::counters::with_rule;
 use crate::host_nat;
-use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, Scratch};
+use crate::maps::{CONNTRACK, RELAY_FLOWS, SETTINGS, SNAT_POOL, Scratch, SnatPair};
 use crate::parse::{TCP_FIN, TCP_RST, TCP_SYN};
 
 /// Timestamps in the maps are refreshed at most this often, so that busy
@@ -146,8 +147,9 @@ pub fn follow_up(entry: *mut CtValue, change: Change, proto: u8, now: u64, pair_
 
 /// Creates the pair of entries of a new flow from `s.key` (client to
 /// listener) to `backend`; the forward one is left in `s.ct`. SNAT takes a free
-/// port of the reserved range: a random start, then a bounded probe, each
-/// try being the no-exist insert of the reverse entry (see `reserve_port`).
+/// port of the reserved range (on an address of the pool if the backend
+/// uses it): a random start, then a bounded probe, each try being the
+/// no-exist insert of the reverse entry (see `reserve_port`).
 /// `Ok(false)`: another CPU created the same flow a moment ago, and its
 /// forward entry is in `s.ct`.
 #[inline(never)]
@@ -202,12 +204,14 @@ pub fn create(
             return Ok(false);
         }
     } else {
-        reserve_port(s, now)?;
+        reserve_port(s, now, backend.flags & BACKEND_F_SNAT_POOL != 0)?;
     }
+    // The pool's address, if one was picked; the reply matches it exactly.
+    let new_src = s.reverse_key.dst;
     let new_sport = s.reverse_key.dport;
     fill(
         &mut s.ct,
-        (snat_addr, backend.addr),
+        (new_src, backend.addr),
         (new_sport, dport),
         rule.rule_id,
         now,
@@ -261,13 +265,18 @@ fn insert_new(key: &CtKey, value: &CtValue) -> Result<(), Fallback> {
     }
 }
 
-/// Finds a free SNAT port by inserting the reverse entry with it; leaves
-/// the port in `s.reverse_key.dport` with the entry in place. Ports the
+/// Finds a free SNAT port by inserting the reverse entry with it (random
+/// pairs, or every pair of a small table from a random start; see
+/// `probes_walk`); leaves
+/// the port in `s.reverse_key.dport` with the entry in place. With
+/// `pooled`, each probe is an (address, port) pair of the SNAT pool, the
+/// address left in `s.reverse_key.dst`; else the address there is kept
+/// (an empty pool counts as none). Ports the
 /// host's own NAT uses toward the backend are skipped. When every
 /// probed port is taken, the first one held by a flow that may be taken
 /// over (see `take_over`) goes to the new flow.
 #[inline(always)]
-pub(crate) fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
+pub(crate) fn reserve_port(s: &mut Scratch, now: u64, pooled: bool) -> Result<(), Fallback> {
     let settings = SETTINGS.get(0).ok_or(Fallback::NoSnatRange)?;
     let (min, max) = (
         u32::from(settings.snat_port_min),
@@ -280,21 +289,75 @@ pub(crate) fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
     if span == 0 {
         return Err(Fallback::NoSnatRange);
     }
+    let pool = SNAT_POOL.get(0).ok_or(Fallback::NoSnatRange)?;
+    let count = match pooled && pool.count <= MAX_SNAT_ADDRS {
+        true => pool.count,
+        false => 0,
+    };
+    // An empty pool is none: the flow's own address.
+    let (count, pool_mask) = match count {
+        0 => (1, 0),
+        n => (n, u32::MAX),
+    };
+    let pairs = span * count;
+    if pairs == 0 {
+        return Err(Fallback::NoSnatRange);
+    }
+    let walk_mask = match probes_walk(count, span) {
+        true => u32::MAX,
+        false => 0,
+    };
+    let own_addr = s.reverse_key.dst[3];
     // SAFETY: a helper without arguments.
-    let start = unsafe { bpf_get_prandom_u32() } % span;
-    let limit = settings.snat_probe_limit;
+    let start = unsafe { bpf_get_prandom_u32() } % pairs;
+    let limit = settings.snat_probe_limit.min(pairs);
+    // Every probe's pair first, chosen by masks rather than branches, into
+    // the scratch; the probing loop below reads them back as values the
+    // verifier knows nothing of. A choice the probing loop made by a branch
+    // would have the verifier walk all its probes once per outcome (the TC
+    // program took seconds to load).
+    for i in 0..MAX_SNAT_PROBES {
+        if i >= limit {
+            break;
+        }
+        // SAFETY: a helper without arguments.
+        let random = unsafe { bpf_get_prandom_u32() };
+        let seed = match i {
+            0 => start,
+            _ => (start + i) & walk_mask | random & !walk_mask,
+        };
+        let (index, port) = probe_pair(seed, count, span, min);
+        // Below `count` already, which LLVM knows and the verifier does
+        // not: read through a volatile so that the mask (the pool's size is
+        // a power of two) stays as the bound it sees.
+        // SAFETY: a read of a local.
+        let index = unsafe { core::ptr::read_volatile(&index) };
+        let slot = pool.addrs[index as usize & (MAX_SNAT_ADDRS as usize - 1)];
+        // A reload may be rewriting the pool: a torn (zero) slot gives
+        // the flow's own address.
+        let usable = pool_mask & 0u32.wrapping_sub((slot | slot.wrapping_neg()) >> 31);
+        s.probes[i as usize] = SnatPair {
+            addr: slot & usable | own_addr & !usable,
+            port_be: port.to_be(),
+            _pad: 0,
+        };
+    }
     let may_reuse = if s.reverse_key.proto == PROTO_TCP {
         settings.closed_reuse_before_ns != 0
     } else {
         settings.unanswered_reuse_before_ns != 0
     };
     let mut reusable: u16 = 0;
+    let mut reusable_addr: u32 = 0;
     for i in 0..MAX_SNAT_PROBES {
         if i >= limit {
             break;
         }
-        let port = (min + (start + i) % span) as u16;
-        s.reverse_key.dport = port.to_be();
+        // SAFETY: a read of this CPU's scratch.
+        let pair = unsafe { core::ptr::read_volatile(&s.probes[i as usize]) };
+        let port = u16::from_be(pair.port_be);
+        s.reverse_key.dst[3] = pair.addr;
+        s.reverse_key.dport = pair.port_be;
         match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
             // Checked once the port is ours, so that a host packet racing
             // us finds either our entry (and moves) or its note here.
@@ -310,6 +373,7 @@ pub(crate) fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
                         .is_some_and(|ct| may_be_taken(ct, s.reverse_key.proto, settings, now))
                 {
                     reusable = port;
+                    reusable_addr = s.reverse_key.dst[3];
                 }
             }
             Err(_) => return Err(Fallback::ConntrackFull),
@@ -319,6 +383,7 @@ pub(crate) fn reserve_port(s: &mut Scratch, now: u64) -> Result<(), Fallback> {
         return Err(Fallback::SnatPortsExhausted);
     }
     s.reverse_key.dport = reusable.to_be();
+    s.reverse_key.dst[3] = reusable_addr;
     take_over(s, settings, now)?;
     match CONNTRACK.insert(&s.reverse_key, &s.reverse, u64::from(BPF_NOEXIST)) {
         Ok(()) if host_nat::host_holds(s, now) => {
@@ -386,7 +451,7 @@ fn take_over(s: &mut Scratch, settings: &Settings, now: u64) -> Result<(), Fallb
         return Err(Fallback::SnatPortsExhausted);
     };
     // Still this pair's (a TCP client reusing its port starts a flow over).
-    if fwd.new_sport != s.reverse_key.dport {
+    if fwd.new_sport != s.reverse_key.dport || fwd.new_src != s.reverse_key.dst {
         return Err(Fallback::SnatPortsExhausted);
     }
     if proto == PROTO_TCP {

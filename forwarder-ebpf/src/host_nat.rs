@@ -132,7 +132,7 @@ fn move_off(ctx: &TcContext, pkt: &Packet, now: u64, s: &mut Scratch) -> i32 {
     );
     // Without a port the backend could not tell the two flows apart and
     // the host's answers would go to our client: dropped instead.
-    if conntrack::reserve_port(s, now).is_err() {
+    if conntrack::reserve_port(s, now, false).is_err() {
         return DROP;
     }
     let port = s.reverse_key.dport;

@@ -9,13 +9,14 @@ use aya_ebpf::{
 };
 use forwarder_common::{
     AclKey, Backend, CtKey, CtValue, FragKey, IfaceCounters, MAX_ACL_ENTRIES,
-    MAX_BACKENDS_PER_RULE, MAX_RULES, RULE_IDS, RelayFlow, RuleCounters, RuleKey, RuleValue,
-    Settings,
+    MAX_BACKENDS_PER_RULE, MAX_RULES, MAX_SNAT_PROBES, RULE_IDS, RelayFlow, RuleCounters, RuleKey,
+    RuleValue, Settings,
     host_nat::{HOST_PORTS_SIZE, HostPortKey},
     icmp::ERROR_LEN,
     mss::MAX_OPTIONS_LEN,
     ranges::{MAX_RANGE_ENTRIES, RangeKey, RangeValue},
     reasons::REASON_SLOTS,
+    snat::SnatPool,
 };
 
 /// Interfaces counted at once (each attached interface takes one entry).
@@ -61,6 +62,11 @@ pub static ACL: LpmTrie<AclKey, u32> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES
 /// The one [`Settings`] entry; written by userspace.
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// The SNAT address pool (`snat::SNAT_POOL_MAP`), one entry; written by
+/// userspace at start and reload.
+#[map]
+pub static SNAT_POOL: Array<SnatPool> = Array::with_max_entries(1, 0);
 
 /// Both directions of every kernel flow. Preallocated: the fast path never
 /// allocates, and a full table is a clean insert failure. Sized at load.
@@ -113,6 +119,18 @@ pub struct Scratch {
     pub mtu_fib: bpf_fib_lookup,
     /// A `HOST_PORTS` key the SNAT allocator looks up.
     pub host_port: HostPortKey,
+    /// The pairs `conntrack::reserve_port` probes, in order.
+    pub probes: [SnatPair; MAX_SNAT_PROBES as usize],
+}
+
+/// One (address, port) pair `conntrack::reserve_port` probes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SnatPair {
+    /// IPv4, network byte order.
+    pub addr: u32,
+    pub port_be: u16,
+    pub _pad: u16,
 }
 
 #[map]

@@ -17,7 +17,7 @@ use forwarder_common::{MAX_BACKENDS_PER_RULE, RULE_IDS};
 use serde::Serialize;
 
 use crate::config::{format_bytes, format_duration};
-use crate::rules::{Compiled, Listener, Protocol};
+use crate::rules::{Compiled, KernelSettings, Listener, Protocol};
 
 /// What identifies a rule across reloads: the socket it listens on, and
 /// for a range how many ports (a range of other ports is another rule).
@@ -213,7 +213,7 @@ fn keep_fixed_settings(running: &Compiled, mut next: Compiled) -> (Compiled, Vec
         ));
         next.interfaces = running.interfaces.clone();
     }
-    let (old, new) = (running.kernel_settings, next.kernel_settings);
+    let (old, new) = (&running.kernel_settings, &next.kernel_settings);
     if old.conntrack_size != new.conntrack_size {
         needs.push(format!(
             "kernel.conntrack_size: {} -> {}",
@@ -226,7 +226,11 @@ fn keep_fixed_settings(running: &Compiled, mut next: Compiled) -> (Compiled, Vec
             old.snat_ports.0, old.snat_ports.1, new.snat_ports.0, new.snat_ports.1
         ));
     }
-    next.kernel_settings = old;
+    // The SNAT addresses apply to new flows at once (flows keep theirs).
+    next.kernel_settings = KernelSettings {
+        snat_addresses: new.snat_addresses.clone(),
+        ..old.clone()
+    };
     if running.relay.max_udp_sessions != next.relay.max_udp_sessions {
         needs.push(format!(
             "relay.max_udp_sessions: {} -> {}",
@@ -423,6 +427,17 @@ routes:
             ]
         );
         assert_eq!(plan.next.kernel_settings, running.kernel_settings);
+
+        // The SNAT addresses apply to new flows: no restart.
+        let next = format!("{BASE}kernel: {{snat_addresses: 10.9.0.8/30}}\n");
+        let pooled = super::plan(&running, load(&next), &none_held).unwrap();
+        assert!(
+            pooled.needs_restart.is_empty(),
+            "{:?}",
+            pooled.needs_restart
+        );
+        assert_eq!(pooled.next.kernel_settings.snat_addresses.len(), 4);
+        assert_eq!(pooled.next.kernel_settings.snat_ports, (40000, 59999));
         assert_eq!(plan.next.relay.max_udp_sessions, 65536);
         assert_eq!(plan.next.relay.first_byte_timeout.as_secs(), 30);
         assert_eq!(plan.next.relay.pipe_size, 256 << 10);

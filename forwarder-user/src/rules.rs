@@ -320,12 +320,15 @@ impl Default for RelaySettings {
 }
 
 /// Daemon-wide settings of the kernel path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KernelSettings {
     /// Entries of the conntrack map (each flow takes two).
     pub conntrack_size: u32,
     /// SNAT source ports, inclusive, reserved from local sockets while running.
     pub snat_ports: (u16, u16),
+    /// SNAT source addresses new flows spread over (`kernel.snat_addresses`);
+    /// empty: each backend's route address.
+    pub snat_addresses: Vec<std::net::Ipv4Addr>,
 }
 
 impl Default for KernelSettings {
@@ -333,6 +336,7 @@ impl Default for KernelSettings {
         KernelSettings {
             conntrack_size: 262_144,
             snat_ports: (40000, 59999),
+            snat_addresses: Vec::new(),
         }
     }
 }

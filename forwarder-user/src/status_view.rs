@@ -351,6 +351,14 @@ fn totals(doc: &Value) -> Vec<String> {
                 percent(used, ports)
             ));
         }
+        if let Some(addrs) = k["snat_addresses"].as_array().filter(|a| !a.is_empty()) {
+            let addrs: Vec<&str> = addrs.iter().filter_map(|a| a.as_str()).collect();
+            out.push(format!(
+                "SNAT addrs  {}: {} (the ports above are per address)",
+                addrs.len(),
+                addrs.join(", ")
+            ));
+        }
         if let Some(moved) = k["host_flows_moved"].as_u64().filter(|n| *n > 0) {
             out.push(format!(
                 "host NAT    {} host flows moved off kernel flows' SNAT ports",
@@ -579,6 +587,23 @@ mod tests {
             !totals(&doc(0)).iter().any(|l| l.starts_with("host NAT")),
             "{:?}",
             totals(&doc(0))
+        );
+    }
+
+    #[test]
+    fn snat_addresses_get_a_line_only_when_set() {
+        let doc = |addrs: serde_json::Value| {
+            json!({"kernel": {"conntrack_entries": 4, "conntrack_capacity": 100,
+                              "snat_ports": 20000, "snat_ports_in_use": 1,
+                              "snat_addresses": addrs}})
+        };
+        let set = totals(&doc(json!(["10.1.0.10", "10.1.0.11"])));
+        let line = "SNAT addrs  2: 10.1.0.10, 10.1.0.11 (the ports above are per address)";
+        assert!(set.contains(&line.to_owned()), "{set:?}");
+        let unset = totals(&doc(json!([])));
+        assert!(
+            !unset.iter().any(|l| l.starts_with("SNAT addrs")),
+            "{unset:?}"
         );
     }
 

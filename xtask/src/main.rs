@@ -50,14 +50,7 @@ enum Command {
     /// Mutation testing with cargo-mutants (installed if missing; not in
     /// CI): forwarder-common and the sweeper's expiry policy must have no
     /// missed mutant. Writes target/mutants/.
-    Mutants {
-        /// Also report config/ and the relay's pure parts (slow).
-        #[arg(long)]
-        all: bool,
-        /// Mutants built and tested at once.
-        #[arg(short, long, default_value_t = 1)]
-        jobs: u32,
-    },
+    Mutants(mutants::Args),
 }
 
 fn main() -> Result<()> {
@@ -80,9 +73,9 @@ fn main() -> Result<()> {
             test::run(filter.as_deref())
         }
         Command::Bench(args) => bench::run(args),
-        Command::Mutants { all, jobs } => {
+        Command::Mutants(args) => {
             setup::run()?;
-            mutants::run(all, jobs)
+            mutants::run(&args)
         }
         Command::Demo(args) => demo::run(args),
     }

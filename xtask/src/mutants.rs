@@ -11,99 +11,262 @@ use crate::{build, cmd, workspace_root};
 
 /// What one run mutates, and the unit tests that must catch it.
 struct Target {
+    /// What `--target` names it by.
+    id: &'static str,
     name: &'static str,
-    /// Arguments that pick the mutants.
+    /// The files mutated (cargo-mutants globs).
+    files: &'static [&'static str],
+    /// Further arguments that pick the mutants.
     select: &'static [&'static str],
-    /// The `cargo test` arguments: only the unit tests of that code, so a
-    /// mutant is caught by them and not by a namespace test of the daemon.
-    test: &'static [&'static str],
+    /// Test name filters: only the unit tests of that code (`--lib`), so
+    /// a mutant is caught by them and not by a namespace test of the
+    /// daemon, and each mutant builds only the library's test binary.
+    tests: &'static [&'static str],
 }
 
 const TARGETS: &[Target] = &[
     Target {
+        id: "common",
         name: "forwarder-common",
-        select: &["--package", "forwarder-common"],
-        test: &["--lib"],
+        files: &["forwarder-common/src/**"],
+        select: &[],
+        tests: &[],
     },
     Target {
+        id: "sweeper",
         name: "sweeper expiry policy",
         // By file, whatever its functions are called; the map I/O and the
         // task loop around the policy are the namespace tests' to drive.
-        select: &[
-            "--file",
-            "forwarder-user/src/kernel/sweeper.rs",
-            "--exclude-re",
-            r"Sweeper::|monotonic_ns",
-        ],
-        test: &["--lib", "--", "kernel::sweeper"],
+        files: &["forwarder-user/src/kernel/sweeper.rs"],
+        select: &["--exclude-re", r"Sweeper::|monotonic_ns"],
+        tests: &["kernel::sweeper"],
     },
 ];
 
-/// Reported, not yet held to zero missed (`--all`).
+/// Reported, not yet held to zero missed (`--all`, or `--target`).
 const MORE_TARGETS: &[Target] = &[
     Target {
+        id: "config",
         name: "config",
-        select: &["--file", "forwarder-user/src/config/**"],
-        test: &["--lib", "--", "config::"],
+        files: &["forwarder-user/src/config/**"],
+        select: &[],
+        tests: &["config::"],
     },
     Target {
+        id: "relay",
         name: "relay pure parts",
-        select: &[
-            "--file",
+        files: &[
             "forwarder-user/src/relay/backend.rs",
-            "--file",
             "forwarder-user/src/relay/idle.rs",
-            "--file",
             "forwarder-user/src/relay/sessions.rs",
         ],
-        test: &["--lib", "--", "relay::"],
+        select: &[],
+        // Not `relay::`: its socket tests take a minute per mutant.
+        tests: &["relay::backend::", "relay::idle::", "relay::sessions::"],
     },
 ];
 
-pub fn run(all: bool, jobs: u32) -> Result<()> {
+#[derive(clap::Args)]
+pub struct Args {
+    /// Also report config/ and the relay's pure parts (slow: config/ has
+    /// about a thousand mutants).
+    #[arg(long)]
+    all: bool,
+    /// Only this target (repeatable): common, sweeper, relay, config.
+    #[arg(long = "target", value_name = "ID")]
+    targets: Vec<String>,
+    /// Only the mutants of these files (repeatable), each one of the
+    /// chosen targets' files, e.g. forwarder-user/src/config/values.rs.
+    #[arg(long, value_name = "PATH")]
+    file: Vec<String>,
+    /// Only shard K of N (0-based, K/N) of each target's mutants, dealt
+    /// round-robin (`.cargo/mutants.toml`), so a shard samples every file.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<String>,
+    /// Skip the mutants that the last run of the same selection caught
+    /// (or found unviable): after new tests, rerun only what was missed.
+    #[arg(long)]
+    iterate: bool,
+    /// Mutants built and tested at once.
+    #[arg(short, long, default_value_t = 1)]
+    jobs: u32,
+}
+
+/// One target as this run narrows it.
+struct Run<'a> {
+    target: &'a Target,
+    files: Vec<String>,
+    /// Under target/mutants/: one per selection, so `--iterate` finds its
+    /// own last run.
+    dir: String,
+}
+
+fn plan<'a>(args: &Args) -> Result<Vec<Run<'a>>> {
+    let all_targets = TARGETS.iter().chain(MORE_TARGETS);
+    let chosen: Vec<&Target> = if args.targets.is_empty() {
+        let more = if args.all { MORE_TARGETS } else { &[] };
+        TARGETS.iter().chain(more).collect()
+    } else {
+        let mut chosen = Vec::new();
+        for id in &args.targets {
+            let Some(t) = all_targets.clone().find(|t| t.id == id) else {
+                let ids: Vec<&str> = all_targets.clone().map(|t| t.id).collect();
+                bail!("--target {id}: no such target; one of {}", ids.join(", "));
+            };
+            chosen.push(t);
+        }
+        chosen
+    };
+    let shard = match &args.shard {
+        Some(s) => Some(parse_shard(s)?),
+        None => None,
+    };
+    if shard.is_some() && args.iterate {
+        // cargo-mutants shards what is left after skipping: another set.
+        bail!("--shard and --iterate together pick a different set each run; use one");
+    }
+    for f in &args.file {
+        if !chosen.iter().any(|t| owns(t, f)) {
+            let ids: Vec<&str> = chosen.iter().map(|t| t.id).collect();
+            bail!(
+                "--file {f}: not a file of the chosen targets ({}); pick one with --target",
+                ids.join(", ")
+            );
+        }
+    }
+    let mut runs = Vec::new();
+    for target in chosen {
+        let files: Vec<String> = if args.file.is_empty() {
+            target.files.iter().map(|f| f.to_string()).collect()
+        } else {
+            args.file
+                .iter()
+                .filter(|f| owns(target, f))
+                .cloned()
+                .collect()
+        };
+        if files.is_empty() {
+            continue;
+        }
+        let mut dir = target.id.to_owned();
+        if !args.file.is_empty() {
+            for f in &files {
+                let stem = Path::new(f).file_stem().and_then(|s| s.to_str());
+                dir.push('-');
+                dir.push_str(stem.unwrap_or("file"));
+            }
+        }
+        if let Some((k, n)) = shard {
+            dir.push_str(&format!("-shard-{k}-of-{n}"));
+        }
+        runs.push(Run { target, files, dir });
+    }
+    Ok(runs)
+}
+
+/// Whether `file` is one of the target's files: named, or under a `dir/**`.
+fn owns(target: &Target, file: &str) -> bool {
+    target
+        .files
+        .iter()
+        .any(|glob| match glob.strip_suffix("**") {
+            Some(dir) => file.starts_with(dir) && file.ends_with(".rs"),
+            None => *glob == file,
+        })
+}
+
+fn parse_shard(s: &str) -> Result<(u32, u32)> {
+    let parsed = s
+        .split_once('/')
+        .and_then(|(k, n)| Some((k.parse::<u32>().ok()?, n.parse::<u32>().ok()?)));
+    match parsed {
+        Some((k, n)) if k < n => Ok((k, n)),
+        _ => bail!("--shard {s}: want K/N with 0 <= K < N, e.g. 0/8"),
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let runs = plan(args)?;
     install()?;
     let object = build::ebpf_object()?;
     let root = workspace_root();
-    let targets = TARGETS.iter().chain(if all { MORE_TARGETS } else { &[] });
     let mut reports = Vec::new();
-    for target in targets {
-        eprintln!("\n==> cargo mutants: {}", target.name);
-        let out = root
-            .join("target/mutants")
-            .join(target.name.replace(' ', "-"));
-        let status = Command::new("cargo")
-            .current_dir(&root)
+    for run in &runs {
+        let target = run.target;
+        eprintln!("\n==> cargo mutants: {} ({})", target.name, run.dir);
+        let out = root.join("target/mutants").join(&run.dir);
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&root)
             .env("FORWARDER_EBPF_OBJ", &object)
-            // Built once here and reused by every later run.
-            .env("CARGO_TARGET_DIR", root.join("target/mutants/build"))
-            .args(["mutants", "--no-shuffle", "--jobs", &jobs.to_string()])
+            // The workspace's own target dir: the dependencies are built
+            // there already; the mutated crates build apart (their copy
+            // has another path).
+            .env("CARGO_TARGET_DIR", root.join("target"))
+            .args(["mutants", "--no-shuffle", "--jobs", &args.jobs.to_string()])
             .arg("--output")
             .arg(&out)
-            .args(target.select)
-            .arg("--")
-            .args(target.test)
-            .status()
-            .context("cannot start cargo mutants")?;
+            // Every cargo call, the build included: only the library.
+            .arg("--cargo-arg=--lib");
+        // The target dir is the workspace's: a mutant's tests may wait
+        // for its lock while another build holds it, which is no hang.
+        cmd.args(["--minimum-test-timeout", "120"]);
+        // No debug info for the crates rebuilt per mutant: a third less to
+        // compile and link (the dependencies keep theirs, and stay built).
+        for package in ["forwarder-common", "forwarder-user"] {
+            cmd.arg(format!(
+                "--cargo-arg=--config=profile.test.package.{package}.debug=0"
+            ));
+        }
+        for f in &run.files {
+            cmd.args(["--file", f]);
+        }
+        cmd.args(target.select);
+        if let Some(shard) = &args.shard {
+            cmd.args(["--shard", shard]);
+        }
+        if args.iterate {
+            cmd.arg("--iterate");
+        }
+        if !target.tests.is_empty() {
+            // The second `--` passes them to libtest, which takes several.
+            cmd.args(["--", "--"]).args(target.tests);
+        }
+        eprintln!("{}", cmd::describe(&cmd));
+        let status = cmd.status().context("cannot start cargo mutants")?;
         // 0: all caught; 2: some missed; 3: some timed out. Anything else
         // (4: the tests fail without a mutant) is no score.
         if !matches!(status.code(), Some(0 | 2 | 3)) {
             bail!("cargo mutants for {} failed ({status})", target.name);
         }
-        reports.push((target.name, score(&out.join("mutants.out/outcomes.json"))?));
+        let outcomes = out.join("mutants.out");
+        let skipped = if args.iterate {
+            lines(&outcomes.join("previously_caught.txt"))
+        } else {
+            0
+        };
+        let held = TARGETS.iter().any(|t| t.id == target.id);
+        reports.push((run, held, skipped, score(&outcomes.join("outcomes.json"))?));
     }
     println!("\nmutants by file (caught + timed out of viable):");
-    for (name, by_file) in &reports {
-        println!("{name}:");
+    let mut missed = 0;
+    for (run, held, skipped, by_file) in &reports {
+        println!("{} ({}):", run.target.name, run.dir);
+        let mut sum = Tally::default();
         for (file, t) in by_file {
             println!("  {file}: {}", t.line());
+            sum.add(t);
+        }
+        println!("  total: {}", sum.line());
+        if *skipped > 0 {
+            println!("  and {skipped} skipped, caught or unviable in the last run (--iterate)");
+        }
+        // Only the held targets fail the command; the others are reported.
+        if *held {
+            missed += sum.missed;
         }
     }
-    // Only the held targets fail the command; the others are reported.
-    let missed: u64 = reports[..TARGETS.len()]
-        .iter()
-        .flat_map(|(_, by_file)| by_file.values())
-        .map(|t| t.missed)
-        .sum();
     if missed > 0 {
         bail!(
             "{missed} missed mutants where none may be: see target/mutants/*/mutants.out/missed.txt"
@@ -112,12 +275,25 @@ pub fn run(all: bool, jobs: u32) -> Result<()> {
     Ok(())
 }
 
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+/// The version the figures in the README were made with.
+const MUTANTS_VERSION: &str = "27.1.0";
+
 fn install() -> Result<()> {
     if cmd::output(Command::new("cargo").args(["mutants", "--version"])).is_some() {
         return Ok(());
     }
-    eprintln!("installing cargo-mutants (cargo install cargo-mutants --locked)");
-    cmd::run(Command::new("cargo").args(["install", "cargo-mutants", "--locked"]))
+    eprintln!("installing cargo-mutants {MUTANTS_VERSION}");
+    cmd::run(Command::new("cargo").args([
+        "install",
+        "cargo-mutants",
+        "--locked",
+        "--version",
+        MUTANTS_VERSION,
+    ]))
 }
 
 #[derive(Default, Debug, PartialEq)]
@@ -129,6 +305,13 @@ struct Tally {
 }
 
 impl Tally {
+    fn add(&mut self, other: &Tally) {
+        self.caught += other.caught;
+        self.timeout += other.timeout;
+        self.missed += other.missed;
+        self.unviable += other.unviable;
+    }
+
     fn line(&self) -> String {
         let viable = self.caught + self.timeout + self.missed;
         let pct = if viable == 0 {
@@ -174,6 +357,76 @@ fn tally(outcomes_json: &str) -> Result<BTreeMap<String, Tally>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(targets: &[&str], file: &[&str], shard: Option<&str>) -> Args {
+        Args {
+            all: false,
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            file: file.iter().map(|f| f.to_string()).collect(),
+            shard: shard.map(str::to_owned),
+            iterate: false,
+            jobs: 1,
+        }
+    }
+
+    fn dirs(args: &Args) -> Result<Vec<String>> {
+        Ok(plan(args)?.into_iter().map(|r| r.dir).collect())
+    }
+
+    #[test]
+    fn a_run_is_named_by_target_files_and_shard() {
+        assert_eq!(dirs(&args(&[], &[], None)).unwrap(), ["common", "sweeper"]);
+        let all = Args {
+            all: true,
+            ..args(&[], &[], None)
+        };
+        assert_eq!(
+            dirs(&all).unwrap(),
+            ["common", "sweeper", "config", "relay"]
+        );
+        let values = "forwarder-user/src/config/values.rs";
+        let validate = "forwarder-user/src/config/validate.rs";
+        let config = args(&["config"], &[validate, values], Some("1/4"));
+        let runs = plan(&config).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].files, [validate, values]);
+        assert_eq!(runs[0].dir, "config-validate-values-shard-1-of-4");
+        assert_eq!(
+            plan(&args(&["relay"], &[], None)).unwrap()[0].files.len(),
+            3
+        );
+    }
+
+    #[test]
+    fn bad_selections_are_refused() {
+        let values = "forwarder-user/src/config/values.rs";
+        for (a, want) in [
+            (args(&["nope"], &[], None), "--target nope: no such target"),
+            (
+                args(&["sweeper"], &[values], None),
+                "--file forwarder-user/src/config/values.rs: not a file",
+            ),
+            (args(&["config"], &[], Some("4/4")), "--shard 4/4: want K/N"),
+            (args(&["config"], &[], Some("x")), "--shard x: want K/N"),
+            (
+                Args {
+                    iterate: true,
+                    ..args(&["config"], &[], Some("0/4"))
+                },
+                "--shard and --iterate",
+            ),
+        ] {
+            let e = plan(&a).err().expect(want).to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+        let relay = TARGETS
+            .iter()
+            .chain(MORE_TARGETS)
+            .find(|t| t.id == "relay")
+            .unwrap();
+        assert!(owns(relay, "forwarder-user/src/relay/idle.rs"));
+        assert!(!owns(relay, "forwarder-user/src/relay/tcp.rs"));
+    }
 
     #[test]
     fn tallies_outcomes_by_file() {

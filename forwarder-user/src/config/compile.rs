@@ -189,7 +189,7 @@ pub fn compile(config: &Config) -> Compiled {
         listeners,
         kernel,
         relay: config.relay,
-        kernel_settings: config.kernel,
+        kernel_settings: config.kernel.clone(),
         ..Compiled::default()
     }
 }

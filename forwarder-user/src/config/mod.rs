@@ -12,7 +12,7 @@
 //!   proxy.game.port: 25565:25565
 //! include: [godoxy-routes.yml]   # Godoxy route files: alias -> fields
 //! relay: {max_udp_sessions: 65536, drain_timeout: 10s}
-//! kernel: {conntrack_size: 262144, snat_ports: 40000-59999}
+//! kernel: {conntrack_size: 262144, snat_ports: 40000-59999, snat_addresses: [10.1.0.8/29]}
 //! timeouts: {udp_idle: 2m, udp_unreplied: 30s, tcp_established: 2h,
 //!            tcp_half_closed: 2m, tcp_close: 10s, connect: 5s}
 //! acl: {deny: [192.0.2.0/24], action: reject}   # every route's, with its own
@@ -39,6 +39,7 @@ mod labels;
 mod resolve;
 mod services;
 mod settings;
+mod snat;
 mod source;
 mod table;
 mod validate;

@@ -23,7 +23,7 @@ pub const PIPE_SIZE_MIN: usize = 64 << 10;
 pub const PIPE_SIZE_MAX: usize = 1 << 20;
 const FIRST_BYTE_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 const FIRST_BYTE_MAX: std::time::Duration = std::time::Duration::from_secs(7200);
-const KERNEL_FIELDS: &[&str] = &["conntrack_size", "snat_ports"];
+const KERNEL_FIELDS: &[&str] = &["conntrack_size", "snat_ports", "snat_addresses"];
 const DNS_FIELDS: &[&str] = &["refresh", "min_ttl", "max_ttl"];
 const METRICS_FIELDS: &[&str] = &["listen"];
 const METRICS_LISTEN_ALLOWED: &str =
@@ -101,6 +101,17 @@ pub(crate) fn globals(raw: &RawFile, diag: &mut Diag) -> Globals {
             let r = match k.key_text() {
                 "conntrack_size" => {
                     values::integer(&v, 2, 16_777_216).map(|n| g.kernel.conntrack_size = n as u32)
+                }
+                "snat_addresses" => {
+                    match super::snat::parse(&v) {
+                        Ok(addrs) => g.kernel.snat_addresses = addrs,
+                        Err(errors) => {
+                            for e in errors {
+                                diag.error(e.field(field.clone()));
+                            }
+                        }
+                    }
+                    Ok(())
                 }
                 _ => snat_ports(&v).map(|r| {
                     g.kernel.snat_ports = r;

@@ -84,8 +84,11 @@ pub fn table(compiled: &Compiled) -> String {
     );
     let _ = writeln!(
         out,
-        "kernel: conntrack_size {}, snat_ports {}-{}",
-        k.conntrack_size, k.snat_ports.0, k.snat_ports.1
+        "kernel: conntrack_size {}, snat_ports {}-{}, snat_addresses {}",
+        k.conntrack_size,
+        k.snat_ports.0,
+        k.snat_ports.1,
+        super::snat::describe(&k.snat_addresses)
     );
     if !compiled.hostnames.is_empty() {
         out.push_str(&names_text(compiled));

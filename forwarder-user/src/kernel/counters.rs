@@ -186,6 +186,8 @@ pub struct KernelCounters {
     pub conntrack_capacity: u64,
     /// SNAT ports each (source address, backend) pair can hand out.
     pub snat_ports: u64,
+    /// `kernel.snat_addresses` in force (empty: each backend's route address).
+    pub snat_addresses: Vec<String>,
     /// SNAT ports in use toward the busiest backend at the last sweep.
     pub snat_ports_in_use: u64,
     /// SNAT ports in use per source address and backend at the last sweep.

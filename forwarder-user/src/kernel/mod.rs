@@ -180,7 +180,7 @@ impl KernelPath {
                  (name them in `interfaces:`)"
             );
         }
-        let settings = compiled.kernel_settings;
+        let settings = &compiled.kernel_settings;
         if settings.snat_ports.0 == 0 || settings.snat_ports.1 < settings.snat_ports.0 {
             anyhow::bail!(
                 "kernel.snat_ports {}-{} is not a range of ports (1-65535, low to high)",
@@ -188,7 +188,7 @@ impl KernelPath {
                 settings.snat_ports.1
             );
         }
-        let tables = tables::prepare(compiled, &interfaces);
+        let tables = tables::prepare(compiled, &interfaces)?;
         let with_xdp = wants_xdp(&tables);
         let conntrack_size = settings.conntrack_size.max(2);
         let sizes = load::Sizes {
@@ -356,8 +356,15 @@ impl KernelPath {
             let ids = set.predecessors.get(&id).cloned().unwrap_or_default();
             (ids, set.folded.get(&id).copied().unwrap_or_default())
         };
-        set.counters
-            .read(&self.interfaces, &set.listeners, &earlier, &self.gauges)
+        let mut counters =
+            set.counters
+                .read(&self.interfaces, &set.listeners, &earlier, &self.gauges)?;
+        let pool = &set.tables.pool;
+        counters.snat_addresses = pool.addrs[..pool.count as usize]
+            .iter()
+            .map(|a| std::net::Ipv4Addr::from(a.to_ne_bytes()).to_string())
+            .collect();
+        Ok(counters)
     }
 
     fn rule_set(&self) -> std::sync::MutexGuard<'_, RuleSet> {
@@ -387,7 +394,7 @@ impl KernelPath {
     /// The first half of a reload: the kernel tables of `plan.next` (routes
     /// to the backends looked up), or why this kernel path cannot run them.
     pub fn prepare(&self, plan: &Plan) -> anyhow::Result<tables::Tables> {
-        let next = tables::prepare(&plan.next, &self.interfaces);
+        let next = tables::prepare(&plan.next, &self.interfaces)?;
         if wants_xdp(&next) && !self.with_xdp {
             let alias = plan
                 .next

@@ -14,6 +14,7 @@ use aya::Ebpf;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use forwarder_common::ranges::{RANGE_COUNT_MAP, RANGES_MAP, RangeKey, RangeValue};
+use forwarder_common::snat::{SNAT_POOL_MAP, SnatPool};
 use forwarder_common::{AclKey, Backend, MAX_BACKENDS_PER_RULE, RuleKey, RuleValue, Settings};
 
 use super::counters::{CounterMaps, take_map};
@@ -28,6 +29,8 @@ pub struct RuleMaps {
     /// (rule, client network) to verdict; not pinned: a new daemon writes
     /// its own whole.
     acl: LpmTrie<MapData, AclKey, u32>,
+    /// `kernel.snat_addresses`; rewritten whole at start and reload.
+    pool: Array<MapData, SnatPool>,
     /// Blocks of range rules' ports, and how many range rules there are
     /// (0: packets skip the trie).
     ranges: LpmTrie<MapData, RangeKey, RangeValue>,
@@ -49,6 +52,7 @@ impl RuleMaps {
             settings: Array::try_from(take_map(ebpf, "SETTINGS")?)?,
             flags: Array::try_from(take_map(ebpf, "RULE_FLAGS")?)?,
             acl: LpmTrie::try_from(take_map(ebpf, "ACL")?)?,
+            pool: Array::try_from(take_map(ebpf, SNAT_POOL_MAP)?)?,
             ranges: LpmTrie::try_from(take_map(ebpf, RANGES_MAP)?)?,
             range_count: Array::try_from(take_map(ebpf, RANGE_COUNT_MAP)?)?,
         })
@@ -67,6 +71,8 @@ impl RuleMaps {
         for key in &stale {
             self.rules.remove(key)?;
         }
+        // Before any backend flagged for it points new flows at it.
+        self.pool.set(0, tables.pool, 0)?;
         let wanted: HashSet<TrieKey> = tables
             .ranges
             .iter()
@@ -182,6 +188,10 @@ impl RuleMaps {
         fresh: &HashSet<u32>,
         counters: &mut CounterMaps,
     ) -> anyhow::Result<()> {
+        // The new pool first: new flows take it at once (a packet reading
+        // it mid-write skips a torn slot), and flows keep the address they
+        // have.
+        self.pool.set(0, next.pool, 0)?;
         let by_id = ById::of(next);
         counters.zero_all(&fresh.iter().copied().collect::<Vec<_>>())?;
         for &id in fresh {
@@ -197,27 +207,44 @@ impl RuleMaps {
             }
         }
         // Routes may have changed for kept rules too: a changed value is
-        // one map update either way.
+        // one map update either way, and backends changed in place (a
+        // route's address, the pool's flag) are rewritten too, whether the
+        // rule is keyed by port or by range. `written`: ids done already.
+        let old_backends: HashMap<u32, &Backend> =
+            running.backends.iter().map(|(i, b)| (*i, b)).collect();
+        let mut written: HashSet<u32> = fresh.clone();
+        for id in next
+            .backends
+            .iter()
+            .filter(|(i, b)| old_backends.get(i) != Some(&b))
+            .map(|(i, _)| i / MAX_BACKENDS_PER_RULE)
+        {
+            if written.insert(id) {
+                self.write_entries(&by_id, id)?;
+            }
+        }
         for (key, value) in &next.rules {
-            if fresh.contains(&value.rule_id) || self.rules.get(key, 0).ok() != Some(*value) {
-                if !fresh.contains(&value.rule_id) {
-                    self.write_entries(&by_id, value.rule_id)?;
+            let id = value.rule_id;
+            if fresh.contains(&id) || self.rules.get(key, 0).ok() != Some(*value) {
+                if written.insert(id) {
+                    self.write_entries(&by_id, id)?;
                 }
                 self.rules.insert(key, value, 0)?;
             }
         }
-        self.apply_ranges(running, next, fresh, &by_id)?;
+        self.apply_ranges(running, next, &mut written, &by_id)?;
         self.drop_stale_acl(next)
     }
 
     /// The `RANGES` part of [`RuleMaps::apply`]. New and changed blocks go
     /// in first, then blocks of no rule go: a port two versions both cover
-    /// (a range moved or grown) always finds one of them.
+    /// (a range moved or grown) always finds one of them. `written`: rule
+    /// ids whose backends and flags are in place already.
     fn apply_ranges(
         &mut self,
         running: &Tables,
         next: &Tables,
-        fresh: &HashSet<u32>,
+        written: &mut HashSet<u32>,
         by_id: &ById<'_>,
     ) -> anyhow::Result<()> {
         let old: HashMap<TrieKey, RangeValue> = running
@@ -230,11 +257,10 @@ impl RuleMaps {
             self.range_count
                 .set(0, count.max(running.range_rules()), 0)?;
         }
-        let mut written: HashSet<u32> = HashSet::new();
         for e in &next.ranges {
             let id = e.value.rule.rule_id;
             if old.get(&(e.prefix_len, e.key)) != Some(&e.value) {
-                if !fresh.contains(&id) && written.insert(id) {
+                if written.insert(id) {
                     self.write_entries(by_id, id)?;
                 }
                 self.ranges

@@ -5,6 +5,7 @@
 //! local (an address of this host) cannot be reached by redirecting
 //! packets, so its rule is the relay's.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
@@ -36,6 +37,60 @@ pub fn egress(backend: SocketAddr) -> io::Result<Egress> {
     } else {
         Ok(Egress::From(local))
     }
+}
+
+/// The IPv4 addresses of this network namespace's interfaces, each with
+/// the index of the interface it is on.
+pub fn local_ipv4() -> io::Result<HashMap<Ipv4Addr, u32>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = HashMap::new();
+    let mut p = head;
+    while !p.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*p };
+        p = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: a sockaddr of the list; its family says its type.
+        if i32::from(unsafe { (*ifa.ifa_addr).sa_family }) != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: an AF_INET address is a sockaddr_in.
+        let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+        let addr = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
+        // SAFETY: the interface's NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(ifa.ifa_name) };
+        if index != 0 {
+            out.insert(addr, index);
+        }
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}
+
+/// The addresses of `pool` this host does not own (`owned` as from
+/// [`local_ipv4`]).
+pub fn not_owned(pool: &[Ipv4Addr], owned: &HashMap<Ipv4Addr, u32>) -> Vec<Ipv4Addr> {
+    pool.iter()
+        .filter(|a| !owned.contains_key(a))
+        .copied()
+        .collect()
+}
+
+/// The addresses of `pool` that are not on interface `oif`, the one the
+/// route toward a backend leaves by: its replies would not come back to
+/// them there. A backend uses the pool only if this is empty.
+pub fn off_route(pool: &[Ipv4Addr], owned: &HashMap<Ipv4Addr, u32>, oif: u32) -> Vec<Ipv4Addr> {
+    pool.iter()
+        .filter(|a| owned.get(a) != Some(&oif))
+        .copied()
+        .collect()
 }
 
 /// An address of the maps as an `IpAddr` (IPv4 when mapped).
@@ -72,6 +127,31 @@ mod tests {
             addr_of(IpAddr::V4(v4)),
             forwarder_common::addr_from_ipv4_be(u32::from_ne_bytes(v4.octets()))
         );
+    }
+
+    #[test]
+    fn a_pool_is_owned_and_on_the_route_or_named() {
+        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let owned: HashMap<Ipv4Addr, u32> = [
+            (a("10.1.0.10"), 3),
+            (a("10.1.0.11"), 3),
+            (a("192.0.2.1"), 4),
+        ]
+        .into();
+        let pool = [a("10.1.0.10"), a("10.1.0.11")];
+        assert!(not_owned(&pool, &owned).is_empty());
+        assert!(off_route(&pool, &owned, 3).is_empty());
+        assert_eq!(off_route(&pool, &owned, 4), pool);
+        let mixed = [a("10.1.0.10"), a("192.0.2.1"), a("10.1.0.99")];
+        assert_eq!(not_owned(&mixed, &owned), [a("10.1.0.99")]);
+        assert_eq!(
+            off_route(&mixed, &owned, 3),
+            [a("192.0.2.1"), a("10.1.0.99")]
+        );
+        // This host's own loopback address is found with its interface.
+        let here = local_ipv4().unwrap();
+        let lo = crate::kernel::interfaces::ifindex("lo").unwrap();
+        assert_eq!(here.get(&Ipv4Addr::LOCALHOST), Some(&lo));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 use forwarder_common::{
     AclKey, BACKEND_F_HEALTHY, Backend, MAX_BACKENDS_PER_RULE, MAX_SNAT_PROBES, RULE_F_RELAY,
     RuleKey, RuleValue, Settings,
+    snat::{BACKEND_F_SNAT_POOL, SnatPool},
 };
 
 use super::interfaces::{self, Interface};
@@ -22,6 +23,8 @@ pub struct Tables {
     pub settings: Settings,
     /// `ACL` trie entries: (key prefix length, key data, verdict).
     pub acl: Vec<(u32, AclKey, u32)>,
+    /// `kernel.snat_addresses`, for backends flagged `BACKEND_F_SNAT_POOL`.
+    pub pool: SnatPool,
     /// `RANGES` trie entries: a range rule's value once per block.
     pub ranges: Vec<RangeEntry>,
 }
@@ -174,7 +177,9 @@ fn reuse_window(after: Duration, timeout: Duration) -> (u64, u64) {
 /// closed TCP and unanswered UDP flows up to the sweeper's turn.
 pub fn settings(kernel: &KernelSettings, shortest: Shortest) -> Settings {
     let (min, max) = kernel.snat_ports;
-    let span = u32::from(max.saturating_sub(min)) + 1;
+    // (address, port) pairs: with a pool, probes spread over its addresses.
+    let addrs = kernel.snat_addresses.len().max(1) as u32;
+    let span = (u32::from(max.saturating_sub(min)) + 1) * addrs;
     let (closed_after, closed_before) = reuse_window(CLOSED_REUSE_AFTER, shortest.tcp_close);
     let (unanswered_after, unanswered_before) =
         reuse_window(UNANSWERED_REUSE_AFTER, shortest.udp_unanswered);
@@ -212,8 +217,33 @@ fn shortest(compiled: &Compiled) -> Shortest {
 /// rule relay-only when a backend is on this host, is not IPv4 (the kernel
 /// path is IPv4 for now), has no route, or is reached through an interface
 /// not in `served` (its replies would arrive where no program restores
-/// them).
-pub fn prepare(compiled: &Compiled, served: &[Interface]) -> Tables {
+/// them). A backend whose route leaves by the interface every
+/// `kernel.snat_addresses` address is on takes the pool; any other keeps
+/// its route's address, with a warning. An address this host does not
+/// own is an error.
+pub fn prepare(compiled: &Compiled, served: &[Interface]) -> anyhow::Result<Tables> {
+    let pool_addrs = &compiled.kernel_settings.snat_addresses;
+    let owned = match pool_addrs.is_empty() {
+        true => HashMap::new(),
+        false => snat::local_ipv4().map_err(|e| {
+            anyhow::anyhow!("kernel.snat_addresses: listing this host's addresses: {e}")
+        })?,
+    };
+    let missing = snat::not_owned(pool_addrs, &owned);
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        anyhow::bail!(
+            "kernel.snat_addresses: {} of this host (in this network namespace); add it to \
+             the interface toward the backends (`ip addr add {}/32 dev IFACE`) or remove it \
+             from the list",
+            match list.len() {
+                1 => format!("{} is not an address", list[0]),
+                _ => format!("{} are not addresses", list.join(", ")),
+            },
+            missing[0]
+        );
+    }
+    let mut pooled_oifs: HashMap<IpAddr, bool> = HashMap::new();
     let mut relay_only: HashSet<u32> = HashSet::new();
     let mut backends = Vec::with_capacity(compiled.kernel.backends.len());
     // The route depends on the address alone; thousands of rules often
@@ -230,6 +260,13 @@ pub fn prepare(compiled: &Compiled, served: &[Interface]) -> Tables {
         match route.clone() {
             Ok(Egress::From(local)) if ip.is_ipv4() && local.is_ipv4() => {
                 backend.snat_addr = snat::addr_of(local);
+                if !pool_addrs.is_empty()
+                    && *pooled_oifs
+                        .entry(ip)
+                        .or_insert_with(|| takes_pool(ip, local, pool_addrs, &owned))
+                {
+                    backend.flags |= BACKEND_F_SNAT_POOL;
+                }
                 if let Some(out) = unserved_egress(ip, served, &mut oifs) {
                     tracing::warn!(
                         "backend {addr} is reached through {out}, which the kernel path does not \
@@ -276,13 +313,54 @@ pub fn prepare(compiled: &Compiled, served: &[Interface]) -> Tables {
             e
         })
         .collect();
-    Tables {
+    let pool = SnatPool::of(
+        &pool_addrs
+            .iter()
+            .map(|a| u32::from_ne_bytes(a.octets()))
+            .collect::<Vec<u32>>(),
+    );
+    Ok(Tables {
         rules,
         backends,
         settings: settings(&compiled.kernel_settings, shortest(compiled)),
         acl: compiled.kernel.acl.clone(),
         ranges,
+        pool,
+    })
+}
+
+/// Whether the flows toward backend `ip` (whose route leaves from `local`)
+/// may leave from every pool address: all are on the route's interface.
+/// Warns once per backend address when not.
+fn takes_pool(
+    ip: IpAddr,
+    local: IpAddr,
+    pool: &[std::net::Ipv4Addr],
+    owned: &HashMap<std::net::Ipv4Addr, u32>,
+) -> bool {
+    let IpAddr::V4(v4) = ip else { return false };
+    let oif = match netlink::route_oif(v4) {
+        Ok(Some(oif)) => oif,
+        _ => {
+            tracing::warn!(
+                "kernel.snat_addresses: no interface toward backend {ip}: its flows leave from \
+                 {local}, its route's address"
+            );
+            return false;
+        }
+    };
+    let off = snat::off_route(pool, owned, oif);
+    if off.is_empty() {
+        return true;
     }
+    let off: Vec<String> = off.iter().map(ToString::to_string).collect();
+    let name = interfaces::name_of(oif).unwrap_or_else(|| format!("interface {oif}"));
+    tracing::warn!(
+        "kernel.snat_addresses: backend {ip} is reached through {name}, which does not have {}: \
+         its flows leave from {local}, its route's address",
+        off.join(", ")
+    );
+    false
 }
 
 /// The name of the interface toward `ip` if the kernel path does not serve
@@ -341,6 +419,7 @@ mod tests {
             ],
             settings: Settings::default(),
             acl: Vec::new(),
+            pool: SnatPool::default(),
             ranges: Vec::new(),
         };
         t.set_health(1, &[true, false, true]);
@@ -370,6 +449,7 @@ mod tests {
             &KernelSettings {
                 conntrack_size: 8,
                 snat_ports: (40000, 40003),
+                snat_addresses: Vec::new(),
             },
             Shortest::default(),
         );
@@ -379,6 +459,16 @@ mod tests {
         );
         let s = settings(&KernelSettings::default(), Shortest::default());
         assert_eq!(s.snat_probe_limit, MAX_SNAT_PROBES);
+        // A pool multiplies the pairs a probe may try.
+        let s = settings(
+            &KernelSettings {
+                conntrack_size: 8,
+                snat_ports: (40000, 40003),
+                snat_addresses: vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+            },
+            Shortest::default(),
+        );
+        assert_eq!(s.snat_probe_limit, 8);
     }
 
     #[test]

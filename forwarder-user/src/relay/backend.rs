@@ -27,8 +27,6 @@ pub struct BackendPicker {
 }
 
 impl BackendPicker {
-    /// `specs` must not be empty; a weight of 0 counts as 1. `health` is
-    /// the state of the same backends, in the same order.
     /// The backends and weights it was made from.
     pub fn specs(&self) -> Vec<BackendSpec> {
         (self.backends.iter().zip(&self.weights))
@@ -39,6 +37,8 @@ impl BackendPicker {
             .collect()
     }
 
+    /// `specs` must not be empty; a weight of 0 counts as 1. `health` is
+    /// the state of the same backends, in the same order.
     pub fn new(specs: &[BackendSpec], health: Arc<RuleHealth>) -> BackendPicker {
         assert!(!specs.is_empty(), "a listener needs a backend");
         let mut ends = Vec::with_capacity(specs.len());
@@ -233,6 +233,15 @@ mod tests {
     }
 
     #[test]
+    fn with_some_down_the_walk_over_the_healthy_is_spread_too() {
+        // Backend 0 down: 3 + 1 of weight, walked with stride 3.
+        let picker = make_picker(&[1, 3, 1]);
+        set(&picker, 0, false);
+        let seq: Vec<usize> = (0..8).map(|_| picker.pick().unwrap().0).collect();
+        assert_eq!(seq, [1, 2, 1, 1, 1, 2, 1, 1]);
+    }
+
+    #[test]
     fn every_cycle_gives_each_backend_its_weight() {
         for weights in [
             &[1u16, 1][..],
@@ -274,6 +283,23 @@ mod tests {
         for total in 1..500 {
             assert_eq!(gcd(coprime_stride(total), total), 1, "total {total}");
         }
+    }
+
+    #[test]
+    fn describe_gives_weights_only_among_several() {
+        assert_eq!(BackendPicker::describe(&specs(&[3])), "127.0.0.1:1000");
+        assert_eq!(
+            BackendPicker::describe(&specs(&[3, 1])),
+            "127.0.0.1:1000 (weight 3), 127.0.0.1:1001 (weight 1)"
+        );
+    }
+
+    #[test]
+    fn each_backend_has_its_own_alarm() {
+        let picker = make_picker(&[1, 1]);
+        assert!(picker.down(1).raise());
+        assert!(!picker.down(1).raise(), "raised already");
+        assert!(picker.down(0).raise(), "backend 0's alarm is its own");
     }
 
     #[test]

@@ -126,6 +126,32 @@ mod tests {
     }
 
     #[test]
+    fn an_instant_is_the_millisecond_capped_at_a_day_from_now() {
+        let day = Duration::from_secs(86_400);
+        let before = Instant::now();
+        let far = Millis(u64::MAX).instant();
+        assert!(
+            far >= before + day && far <= Instant::now() + day,
+            "{:?} from now",
+            far - before
+        );
+        let now = Millis::now();
+        let at = now.instant();
+        let after = Instant::now();
+        // Millis truncate: at most a millisecond before the reading.
+        assert!(at <= after, "{:?} ahead", at - after);
+        assert!(
+            after - at < Duration::from_secs(5),
+            "{:?} behind",
+            after - at
+        );
+        assert_eq!(
+            Millis(now.0 + 250).instant() - at,
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
     fn sweep_interval_bounds() {
         assert_eq!(
             sweep_interval(Duration::from_secs(120)),

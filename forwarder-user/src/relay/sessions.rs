@@ -73,6 +73,7 @@ mod tests {
             assert_eq!(t.insert(k, k * 10), Ok(()));
         }
         assert!(t.is_full());
+        assert!(!t.is_empty());
         assert_eq!(t.insert(3, 30), Err(Full));
         assert_eq!(t.len(), 3);
         assert_eq!(t.get(&0), Some(&0));

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::{TestEnv, data_dir, errors, errors_env};
+use super::{TestEnv, data_dir, errors, errors_env, load};
 
 /// (what, file, expected errors: (start of the line, parts it contains)).
 type Case = (
@@ -199,10 +199,13 @@ labels:
   one: {scheme: tcp, host: 10.0.0.1, port: 9000:1, bind: 127.0.0.1}
   v4: {scheme: udp, host: 10.0.0.1, port: 9001:1, bind: 0.0.0.0}
   v4one: {scheme: udp, host: 10.0.0.1, port: 9001:1, bind: 192.0.2.1}
+  six: {scheme: tcp, host: 10.0.0.1, port: 9002:1, bind: '::'}
+  sixone: {scheme: tcp, host: 10.0.0.1, port: 9002:1, bind: '2001:db8::1'}
 ",
         &[
             ("test.yaml:3:44: alias `one`, field `port`: found tcp 127.0.0.1:9000, which alias `wild` also claims (tcp [::]:9000)", &["alias `wild` is at test.yaml:2:45"]),
             ("test.yaml:5:46: alias `v4one`, field `port`: found udp 192.0.2.1:9001, which alias `v4` also claims (udp 0.0.0.0:9001)", &[]),
+            ("test.yaml:7:47: alias `sixone`, field `port`: found tcp [2001:db8::1]:9002, which alias `six` also claims (tcp [::]:9002)", &[]),
         ],
     ),
     (
@@ -436,6 +439,40 @@ routes:
         "{}",
         got[0]
     );
+}
+
+#[test]
+fn snat_ports_are_an_ordered_range_within_1024_to_65535() {
+    let base = "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1:1}\n";
+    for bad in ["2000-1500", "2000-70000", "1000-2000", "2000"] {
+        let got = errors(&format!("kernel: {{snat_ports: {bad}}}\n{base}"));
+        assert_eq!(got.len(), 1, "{bad}: {got:#?}");
+        let want = format!("`kernel.snat_ports`: found `{bad}`");
+        assert!(got[0].contains(&want), "{}", got[0]);
+    }
+    let (c, _) = load(&format!("kernel: {{snat_ports: 30000-30000}}\n{base}")).unwrap();
+    assert_eq!(c.kernel_settings.snat_ports, (30000, 30000));
+}
+
+#[test]
+fn interface_names_linux_would_refuse_are_refused() {
+    let base = "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1:1}\n";
+    for bad in [
+        "'eth 0'",
+        "\"a\\tb\"",
+        "\"a\\x01b\"",
+        "'.'",
+        "'..'",
+        "'x:1'",
+        "abcdefghijklmnop",
+    ] {
+        let got = errors(&format!("interfaces: [{bad}]\n{base}"));
+        assert_eq!(got.len(), 1, "{bad}: {got:#?}");
+        assert!(got[0].contains("`interfaces`: found"), "{}", got[0]);
+    }
+    // 15 bytes, IFNAMSIZ - 1: the longest Linux takes.
+    let (c, _) = load(&format!("interfaces: [abcdefghijklmno]\n{base}")).unwrap();
+    assert_eq!(c.interfaces, Some(vec!["abcdefghijklmno".to_owned()]));
 }
 
 #[test]

@@ -146,6 +146,14 @@ fn dns_ttl_bounds_are_read_bounded_and_in_order() {
     // A bound already refused is not compared as well.
     let e = errors(&format!("dns: {{min_ttl: 2h, max_ttl: 10s}}\n{base}"));
     assert_eq!(e.len(), 1, "{e:?}");
+    let e = errors(&format!("dns: {{min_ttl: 10m, max_ttl: 2h}}\n{base}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].contains("dns.max_ttl"), "{}", e[0]);
+    // A refused refresh leaves the bounds compared.
+    let e = errors(&format!("dns: {{refresh: 2h, min_ttl: 10m}}\n{base}"));
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(e[0].contains("dns.refresh"), "{}", e[0]);
+    assert!(e[1].contains("min_ttl 10m above max_ttl 5m"), "{}", e[1]);
 }
 
 #[test]

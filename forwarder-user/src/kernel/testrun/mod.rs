@@ -19,6 +19,7 @@ mod programs;
 mod ranges;
 mod refresh;
 mod rewrite;
+mod snat_pool;
 mod unanswered;
 mod xdp;
 
