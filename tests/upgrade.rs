@@ -425,3 +425,264 @@ fn where_splice_is_refused_the_buffered_copy_is_handed_over_with_nothing_held() 
         "the new image copied through a buffer too:\n{log}"
     );
 }
+
+/// A "new binary" that passes `check` but whose `run` fails for real: it
+/// runs this build on a rule file naming an interface that does not
+/// exist, so its kernel path cannot start, after its relay has resumed.
+fn failing_binary(path: &Path, broken_config: &Path) {
+    let script = format!(
+        "#!/bin/sh\n\
+         real='{real}'\n\
+         if [ \"$1\" = run ]; then\n\
+           prev=\n\
+           for a; do shift; [ \"$prev\" = -c ] && a='{broken}'; set -- \"$@\" \"$a\"; prev=\"$a\"; done\n\
+         fi\n\
+         exec \"$real\" \"$@\"\n",
+        real = common::forwarder_bin(),
+        broken = broken_config.display(),
+    );
+    replace(path, script.as_bytes());
+}
+
+#[test]
+fn a_new_binary_that_fails_to_start_gives_everything_back_mid_transfer() {
+    if !common::require_root("a_new_binary_that_fails_to_start_gives_everything_back_mid_transfer")
+    {
+        return;
+    }
+    let _one_at_a_time = HOST_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+    let _bpffs = BpffsAsFound::new();
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let fwd = topo.forwarder_addr();
+    let at = move |port: u16| SocketAddr::from((fwd, port));
+    let bin_dir = std::env::temp_dir().join(format!("fwdt-{}-fallback-bin", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let bin = bin_dir.join("forwarder");
+    let good = std::fs::read(common::forwarder_bin()).unwrap();
+    replace(&bin, &good);
+    let daemon = Daemon::start_pinning_from(&topo.forwarder, "upgrade-fallback", RULES, &bin);
+    let pid = daemon.status()["pid"].as_u64().unwrap();
+    let broken = bin_dir.join("broken.yaml");
+    std::fs::write(&broken, format!("interfaces: [fwdt-nosuch0]\n{RULES}")).unwrap();
+
+    const SIZE: u64 = 256 << 20;
+    let transfer = |port: u16| {
+        let progress = Arc::new(AtomicU64::new(0));
+        let seen = progress.clone();
+        let thread = spawn_in(&topo.client, move || {
+            paced_transfer(at(port), SIZE, progress)
+        });
+        (thread, seen)
+    };
+    let (kernel_tcp, kernel_progress) = transfer(7001);
+    let (relay_tcp, relay_progress) = transfer(7003);
+    let stop_udp = Arc::new(AtomicBool::new(false));
+    let relay_udp = {
+        let socket = in_netns(&topo.client, || udp_socket(at(7004)));
+        udp_echo(&socket, b"warm up");
+        let stop = stop_udp.clone();
+        std::thread::spawn(move || udp_stream(socket, stop))
+    };
+    eventually("a quarter of both transfers sent", || {
+        kernel_progress.load(Ordering::Relaxed) >= SIZE / 4
+            && relay_progress.load(Ordering::Relaxed) >= SIZE / 4
+    });
+
+    failing_binary(&bin, &broken);
+    let out = upgrade(&daemon);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = daemon.log_text();
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{log}");
+    assert!(
+        stderr.contains("the daemon runs on unchanged: the new binary failed to start:")
+            && stderr.contains("fwdt-nosuch0"),
+        "{stderr}"
+    );
+    assert!(
+        kernel_progress.load(Ordering::Relaxed) < SIZE
+            && relay_progress.load(Ordering::Relaxed) < SIZE,
+        "a transfer ended before the failed upgrade"
+    );
+    assert_eq!(
+        daemon.status()["pid"].as_u64(),
+        Some(pid),
+        "the same process"
+    );
+    // The new image's relay had resumed (the kernel path starts after
+    // it): it froze again and handed back its flows as they were then.
+    assert!(log.contains("relay carries on"), "{log}");
+    assert!(
+        log.contains("giving everything back to the previous binary"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("upgraded in place from").count(),
+        2,
+        "the new image, then the old one again: {log}"
+    );
+    assert!(log.contains("1 tcp pairs, 1 udp sessions"), "{log}");
+    assert!(!log.contains("upgrade done"), "{log}");
+    let status = daemon.status();
+    assert_eq!(
+        counter(relay_rule(&status, "rbulk", "tcp"), "active"),
+        1,
+        "{status}"
+    );
+    assert_eq!(
+        counter(kernel_rule(&status, "bulk", "tcp"), "flows"),
+        1,
+        "{status}"
+    );
+
+    // New flows are forwarded, on both paths.
+    for port in [7001, 7003] {
+        let mut conn = in_netns(&topo.client, || tcp_echo_conn(at(port)));
+        tcp_echo_round(&mut conn, b"after the fallback");
+    }
+    for port in [7002, 7004] {
+        let socket = in_netns(&topo.client, || udp_socket(at(port)));
+        udp_echo(&socket, b"a new client");
+    }
+    for (name, thread) in [("kernel", kernel_tcp), ("relay", relay_tcp)] {
+        let (sent, got) = thread
+            .join()
+            .unwrap_or_else(|_| panic!("the {name} transfer failed:\n{}", daemon.log_text()));
+        assert_eq!(sent, got, "the {name} 256 MiB transfer arrived intact");
+    }
+    stop_udp.store(true, Ordering::Relaxed);
+    let (sent, answered) = relay_udp.join().unwrap();
+    assert_eq!(sent, answered, "every relay datagram came back in order");
+    assert!(sent > 100, "the relay stream ran ({sent} datagrams)");
+    let status = daemon.status();
+    assert_eq!(
+        counter(relay_rule(&status, "rbulk", "tcp"), "bytes_to_backend"),
+        1 + 8 + SIZE + 1 + "after the fallback".len() as u64,
+        "every relay byte counted once, through both execs: {status}"
+    );
+
+    // A good binary afterwards upgrades as usual.
+    replace(&bin, &good);
+    let out = upgrade(&daemon);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log_text()
+    );
+    assert!(
+        stdout.contains(&format!("upgraded in place: pid {pid}")),
+        "{stdout}"
+    );
+    for port in [7001, 7003] {
+        let mut conn = in_netns(&topo.client, || tcp_echo_conn(at(port)));
+        tcp_echo_round(&mut conn, b"after the upgrade");
+    }
+    let log = daemon.stop();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("giving everything back to the previous binary"),
+        "{log}"
+    );
+    assert_nothing_left(&topo);
+    let _ = std::fs::remove_dir_all(&bin_dir);
+}
+
+#[test]
+fn a_failed_start_freezes_the_buffered_copy_again_and_gives_it_back_with_nothing_lost() {
+    if !common::require_root(
+        "a_failed_start_freezes_the_buffered_copy_again_and_gives_it_back_with_nothing_lost",
+    ) {
+        return;
+    }
+    let ns = Netns::new("upg-fbk");
+    let backend = slow_hashing_backend(&ns, 3479);
+    let routes = "routes:\n  bulk: {scheme: tcp, bind: 127.0.0.1, port: 7878:3479}\n";
+    let bin_dir = std::env::temp_dir().join(format!("fwdt-{}-fallback-buf", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let bin = bin_dir.join("forwarder");
+    replace(&bin, &std::fs::read(common::forwarder_bin()).unwrap());
+    // The old image has no kernel path (a local backend); the new one is
+    // made to start one (`docker:`) on an interface that does not exist:
+    // it fails after its relay resumed and copied bytes again.
+    let broken = bin_dir.join("broken.yaml");
+    let docker = bin_dir.join("no-docker.sock");
+    std::fs::write(
+        &broken,
+        format!(
+            "interfaces: [fwdt-nosuch0]\ndocker: {{socket: {}}}\n{routes}",
+            docker.display()
+        ),
+    )
+    .unwrap();
+    // Splice fails in both images (the filter goes through every exec).
+    let daemon = Daemon::start_from_with(
+        &ns,
+        "upgrade-fallback-buf",
+        routes,
+        &bin,
+        "info,forwarder=debug",
+        |cmd| {
+            // SAFETY: only async-signal-safe calls (prctl) between fork and exec.
+            unsafe { cmd.pre_exec(|| fail_syscall(libc::SYS_splice, libc::EINVAL)) };
+        },
+    );
+    let pid = daemon.status()["pid"].as_u64();
+    const SIZE: u64 = 128 << 20;
+    let progress = Arc::new(AtomicU64::new(0));
+    let transfer = {
+        let progress = progress.clone();
+        let to = SocketAddr::from(([127, 0, 0, 1], 7878));
+        spawn_in(&ns, move || paced_transfer(to, SIZE, progress))
+    };
+    eventually("a quarter of the transfer sent", || {
+        progress.load(Ordering::Relaxed) >= SIZE / 4
+    });
+    failing_binary(&bin, &broken);
+    let out = upgrade(&daemon);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stderr}\n{}",
+        daemon.log_text()
+    );
+    assert!(
+        stderr.contains("the new binary failed to start:"),
+        "{stderr}"
+    );
+    assert!(
+        progress.load(Ordering::Relaxed) < SIZE,
+        "the transfer ended before the failed upgrade"
+    );
+    let (sent, received) = transfer
+        .join()
+        .unwrap_or_else(|_| panic!("the transfer failed:\n{}", daemon.log_text()));
+    assert_eq!(sent, received, "SHA-256 of the 128 MiB at the backend");
+    backend.join().unwrap();
+    assert_eq!(daemon.status()["pid"].as_u64(), pid);
+    let log = daemon.stop();
+    assert!(
+        log.contains("giving everything back to the previous binary"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("the relay cannot freeze again"),
+        "the relay froze again: {log}"
+    );
+    // The old image, started again (the second record read), copies the
+    // pair through a buffer too.
+    let again = log
+        .split("upgraded in place from")
+        .nth(2)
+        .unwrap_or_else(|| panic!("the old image did not take the record back:\n{log}"));
+    assert!(
+        again.contains("1 tcp pairs")
+            && again.contains("splice refused for this flow; copying through a buffer"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&bin_dir);
+}

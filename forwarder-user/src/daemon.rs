@@ -50,6 +50,26 @@ impl From<anyhow::Error> for RunError {
 }
 
 pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    let result = start_and_run(opts).await;
+    if let Err(e) = &result
+        && crate::upgrade::armed()
+    {
+        // An upgrade's new image that cannot start: the old one takes
+        // everything back (this returns only if it cannot be executed).
+        let why = match e {
+            RunError::Config(errors) => errors.to_string(),
+            RunError::Fatal(e) => format!("{e:#}"),
+        };
+        error!(
+            "the new image failed to start ({why}); giving everything back to the previous binary"
+        );
+        let failed = crate::upgrade::give_back(&why);
+        error!("cannot go back to the previous binary: {failed}");
+    }
+    result
+}
+
+async fn start_and_run(opts: RunOptions) -> Result<(), RunError> {
     // Before anything on the host changes: a signal during start-up must
     // find the handlers that undo it.
     let mut signals = Signals::install()?;
@@ -57,7 +77,22 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
     // on they reach the handlers, on this thread only.
     crate::upgrade::unblock_signals();
     let mut inherited = crate::upgrade::inherited()?;
+    if let Some(record) = inherited.as_ref().filter(|r| r.failed.is_some()) {
+        warn!(
+            "the new binary failed to start, and this image takes everything back: {}",
+            record.failed.as_deref().unwrap_or_default()
+        );
+    }
     if let Some(record) = &inherited {
+        // From here until the upgrade is done, a failed start (an error
+        // or a panic on this thread) gives everything back to the old image.
+        match crate::upgrade::arm(record) {
+            Ok(true) => {}
+            Ok(false) => info!("no way back to the previous image is kept for this start"),
+            Err(e) => {
+                warn!("no way back to the previous image ({e}): a failed start ends this process")
+            }
+        }
         info!(
             "upgraded in place from {}: taking over {} listeners, {} tcp pairs, {} udp sessions",
             record.from_version,
@@ -139,7 +174,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
             Ok(kernel) => kernel,
             Err(e) => {
                 if let Some((relay, _, _)) = early {
-                    relay.shutdown(std::time::Duration::ZERO).await;
+                    undo_relay(relay).await;
                 }
                 return Err(e);
             }
@@ -175,7 +210,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         if let Err(e) = steering.set_ranges(&compiled.kernel.ranges) {
             relay.health().stop();
             if let Ok(relay) = Arc::try_unwrap(relay) {
-                relay.shutdown(std::time::Duration::ZERO).await;
+                undo_relay(relay).await;
             }
             stop_kernel_path(kernel);
             return Err(e.into());
@@ -198,11 +233,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         Ok(c) => c,
         Err(e) => {
             relay.health().stop();
-            Arc::try_unwrap(relay)
-                .ok()
-                .expect("no other owner yet")
-                .shutdown(std::time::Duration::ZERO)
-                .await;
+            undo_relay(Arc::try_unwrap(relay).ok().expect("no other owner yet")).await;
             stop_kernel_path(kernel);
             return Err(e.into());
         }
@@ -281,15 +312,33 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         ),
         Err(e) => error!("cannot drop capabilities: {e:#}; stopping"),
     }
+    if let Err(e) = &dropped
+        && crate::upgrade::armed()
+    {
+        // An upgrade's start that fails here gives everything back: the
+        // relay freezes again instead of stopping.
+        freeze_for_fallback(&daemon.relay).await;
+        return Err(RunError::Fatal(anyhow!("cannot drop capabilities: {e:#}")));
+    }
     // What loading and compiling the rules allocated is free now.
     crate::process::release_free_memory();
     if let Some(record) = inherited {
+        crate::upgrade::disarm();
         let took_ms = crate::upgrade::unix_ms().saturating_sub(record.frozen_at_ms);
-        info!(
-            took_ms,
-            frozen_ms, "upgrade done: the new image runs everything {took_ms} ms after the freeze"
-        );
-        if let Some(fd) = record.requester {
+        if let Some(why) = &record.failed {
+            let why = format!("the new binary failed to start: {why}");
+            info!(
+                took_ms,
+                frozen_ms, "took everything back from the new image"
+            );
+            warn!("upgrade failed, this daemon runs on: {why}");
+            if let Some(fd) = record.requester {
+                answer_upgrade(
+                    crate::relay::gate::own_fd(fd).ok().map(Into::into),
+                    serde_json::json!({ "outcome": "failed", "error": why }),
+                );
+            }
+        } else if let Some(fd) = record.requester {
             answer_upgrade(
                 crate::relay::gate::own_fd(fd).ok().map(Into::into),
                 serde_json::json!({
@@ -300,6 +349,13 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                     "frozen_ms": frozen_ms,
                     "took_ms": took_ms,
                 }),
+            );
+        }
+        if record.failed.is_none() {
+            info!(
+                took_ms,
+                frozen_ms,
+                "upgrade done: the new image runs everything {took_ms} ms after the freeze"
             );
         }
     }
@@ -397,6 +453,29 @@ struct MetricsEndpoint {
 
 /// How long the relay may take to reach a point where it can be handed over.
 const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The upgrade's relay, resumed, when a later step of the start fails:
+/// with a way back it freezes again, so nothing is held in userspace and
+/// the record the old image takes back names every flow as it is now
+/// (new ones included); without, it shuts down.
+async fn undo_relay(relay: Relay) {
+    if crate::upgrade::armed() {
+        freeze_for_fallback(&relay).await;
+        // Its descriptors are the old image's now; nothing may close them.
+        std::mem::forget(relay);
+        return;
+    }
+    relay.shutdown(std::time::Duration::ZERO).await;
+}
+
+async fn freeze_for_fallback(relay: &Relay) {
+    let frozen = relay.freeze(FREEZE_WAIT).await;
+    if let Err(e) = frozen.and_then(crate::upgrade::relay_frozen) {
+        // The record read at start goes back: flows of the buffered copy
+        // may lose what it held in userspace.
+        error!("the relay cannot freeze again for the way back: {e}");
+    }
+}
 
 /// Writes the outcome of an upgrade to the `forwarder upgrade` client.
 fn answer_upgrade(requester: Option<std::os::unix::net::UnixStream>, doc: serde_json::Value) {
@@ -685,6 +764,8 @@ impl Daemon {
                 .as_ref()
                 .map(|(_, l)| std::os::fd::AsRawFd::as_raw_fd(l)),
             health: self.relay.health().export(),
+            fallback: None,
+            failed: None,
         };
         let why = crate::upgrade::exec(&exe, &record);
         self.relay.thaw();

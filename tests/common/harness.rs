@@ -185,6 +185,20 @@ impl Daemon {
         Daemon::start_in(ns, cmd, name, yaml, rust_log, tweak)
     }
 
+    /// [`Daemon::start_with`] with the binary at `bin` (which an upgrade
+    /// test replaces).
+    pub fn start_from_with(
+        ns: &Netns,
+        name: &str,
+        yaml: &str,
+        bin: &std::path::Path,
+        rust_log: &str,
+        tweak: impl FnOnce(&mut Command),
+    ) -> Daemon {
+        let cmd = ns.command(bin.to_str().expect("a UTF-8 path"));
+        Daemon::start_in(ns, cmd, name, yaml, rust_log, tweak)
+    }
+
     /// [`Daemon::start`] in the host's mount namespace, where its bpffs
     /// pins outlive it (crash and adoption tests).
     pub fn start_pinning(ns: &Netns, name: &str, yaml: &str) -> Daemon {

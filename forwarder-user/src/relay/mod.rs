@@ -314,14 +314,16 @@ impl Relay {
             }
             let (rule_tx, rule_rx) = watch::channel(Arc::new(rule));
             let phase = Arc::new(watch::channel(Phase::Retiring).0);
-            let gate = self.gate.clone();
+            // Counted before the task runs: a freeze right after the
+            // start waits for it, so its flows are in the record.
+            let ticket = self.gate.ticket();
             let task = match (l.protocol, r.socket) {
                 (Protocol::Tcp, _) => tokio::spawn(tcp::serve(
                     None,
                     rule_rx,
                     phase.clone(),
                     self.settings,
-                    gate,
+                    ticket,
                     l.bind,
                     r.adopted.tcp,
                 )),
@@ -333,7 +335,7 @@ impl Relay {
                         budget: self.udp_budget.clone(),
                     },
                     phase.clone(),
-                    gate,
+                    ticket,
                     l.bind,
                     r.adopted.udp,
                 )),
@@ -374,14 +376,16 @@ impl Relay {
             };
             let (rule_tx, rule_rx) = watch::channel(rule);
             let phase = Arc::new(watch::channel(Phase::Serving).0);
-            let gate = self.gate.clone();
+            // Counted before the task runs: a freeze right after the
+            // start waits for it, so its flows are in the record.
+            let ticket = self.gate.ticket();
             let task = match socket {
                 Bound::Tcp(s) => tokio::spawn(tcp::serve(
                     Some(s),
                     rule_rx,
                     phase.clone(),
                     self.settings,
-                    gate,
+                    ticket,
                     l.bind,
                     adopted.tcp,
                 )),
@@ -393,7 +397,7 @@ impl Relay {
                         budget: self.udp_budget.clone(),
                     },
                     phase.clone(),
-                    gate,
+                    ticket,
                     l.bind,
                     adopted.udp,
                 )),

@@ -46,10 +46,12 @@ pub async fn serve(
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     phase: Arc<watch::Sender<Phase>>,
     settings: RelaySettings,
-    gate: Gate,
+    // The gate's, taken by the caller before spawning (see `Gate::close`).
+    ticket: Ticket,
     bind: SocketAddr,
     inherited: Vec<ResumedPair>,
 ) {
+    let gate = ticket.gate().clone();
     let mut flows = JoinSet::new();
     for pair in inherited {
         let rule = rules.borrow().clone();
@@ -60,7 +62,6 @@ pub async fn serve(
     let mut listener = listener;
     let accept_failing = Alarm::default();
     let mut phase = phase.subscribe();
-    let _ticket = gate.ticket();
     while listener.is_some() || !flows.is_empty() {
         let rule = rules.borrow_and_update().clone();
         tokio::select! {

@@ -131,11 +131,12 @@ pub async fn serve(
     mut rules: watch::Receiver<Arc<RuleCtx>>,
     bounds: SessionBounds,
     phase_control: Arc<watch::Sender<Phase>>,
-    gate: Gate,
+    // The gate's, taken by the caller before spawning (see `Gate::close`).
+    ticket: Ticket,
     bind: SocketAddr,
     inherited: Vec<ResumedSession>,
 ) {
-    let _ticket = gate.ticket();
+    let gate = ticket.gate().clone();
     let rule = rules.borrow_and_update().clone();
     let bound = match socket.local_addr() {
         Ok(addr) => addr,
