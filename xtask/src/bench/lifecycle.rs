@@ -7,16 +7,18 @@
 //! datagrams the stream lost in a window with a reload or an upgrade against
 //! an equal window without one.
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::netns::{Netns, Topology};
+use super::datagrams::{
+    BATCH, Batch, ahead_of_the_daemon, big_buffers, echo_server, rcvbuf_errors, spawn_in,
+};
+use super::netns::Topology;
 use super::procs::{self, Proc};
 
 /// Rules in the table: this many `tcp,udp` aliases, two rules each.
@@ -43,47 +45,41 @@ fn rules(backend: Ipv4Addr, target: u16) -> String {
     yaml
 }
 
-/// Runs `f` on a thread in `ns`.
-pub fn spawn_in<T: Send + 'static>(
-    ns: &Netns,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<Result<T>> {
-    let path = format!("/run/netns/{}", ns.name);
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).with_context(|| format!("open {path}"))?;
-        // SAFETY: setns on this thread only, with a namespace descriptor.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {path}: {}", std::io::Error::last_os_error());
-        }
-        Ok(f())
-    })
+/// One window of the stream, and where its losses were.
+struct Window {
+    sent: u64,
+    echoed: u64,
+    /// Datagrams that reached the echo server.
+    reached: u64,
+    /// Datagrams full socket buffers dropped in the client's and the
+    /// backend's namespaces: the bench's own, not the forwarder's.
+    socket_drops: u64,
+    took: Option<Duration>,
 }
 
-pub fn big_buffers(socket: &UdpSocket) {
-    let size: libc::c_int = 8 << 20;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-        // SAFETY: a valid socket and an int option.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&raw const size).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+impl Window {
+    fn row(&self, rate: u64, what: &str) -> String {
+        format!(
+            "| {rate} | {what} | {} of {} | {} | {} |\n",
+            self.sent - self.echoed,
+            self.sent,
+            self.sent - self.reached,
+            self.socket_drops
+        )
     }
 }
 
-/// Sends numbered datagrams to `to` at [`RATE`] for [`WINDOW`], counting
-/// the echoes; returns (sent, echoed). `during` runs once, a third in.
+/// Sends numbered datagrams to `to` at `rate` for [`WINDOW`], in batches
+/// of a millisecond's worth, counting the echoes. `during` runs once, a
+/// third in.
 fn stream(
-    client: &Netns,
+    topo: &Topology,
     to: SocketAddr,
     rate: u64,
+    reached: &AtomicU64,
     during: impl FnOnce() -> Result<Duration> + Send + 'static,
-) -> Result<(u64, u64, Option<Duration>)> {
-    let socket = spawn_in(client, move || -> Result<UdpSocket> {
+) -> Result<Window> {
+    let socket = spawn_in(&topo.client, move || -> Result<UdpSocket> {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         s.connect(to)?;
         big_buffers(&s);
@@ -91,19 +87,24 @@ fn stream(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("socket thread panicked"))???;
+    let drops_before = rcvbuf_errors(&topo.client)? + rcvbuf_errors(&topo.backend)?;
+    let reached_before = reached.load(Ordering::Relaxed);
     let receiver = socket.try_clone()?;
     receiver.set_read_timeout(Some(Duration::from_millis(100)))?;
     let done = Arc::new(AtomicBool::new(false));
     let counting = {
         let done = done.clone();
         std::thread::spawn(move || {
+            ahead_of_the_daemon();
             let total = (rate * WINDOW.as_secs()) as usize;
             let mut seen = vec![false; total];
-            let mut buf = [0u8; 64];
+            let mut batch = Batch::default();
             while !done.load(Ordering::Relaxed) {
-                if let Ok(8) = receiver.recv(&mut buf) {
-                    let seq = u64::from_be_bytes(buf[..8].try_into().unwrap()) as usize;
-                    if let Some(s) = seen.get_mut(seq) {
+                for i in 0..batch.recv(&receiver) {
+                    let Ok(seq) = <[u8; 8]>::try_from(batch.get(i)) else {
+                        continue;
+                    };
+                    if let Some(s) = seen.get_mut(u64::from_be_bytes(seq) as usize) {
                         *s = true;
                     }
                 }
@@ -118,11 +119,19 @@ fn stream(
     let start = Instant::now();
     let total = rate * WINDOW.as_secs();
     let per_ms = rate / 1000;
+    let mut batch = Batch::default();
     let mut sent = 0u64;
     while sent < total {
-        for _ in 0..per_ms {
-            let _ = socket.send(&sent.to_be_bytes());
-            sent += 1;
+        let tick = sent + per_ms;
+        while sent < tick {
+            let n = (tick - sent).min(BATCH as u64) as usize;
+            for i in 0..n {
+                batch.set(i, &(sent + i as u64).to_be_bytes());
+            }
+            // Counted as sent either way: a datagram the client's own
+            // stack refused is a loss of the window too.
+            batch.send(&socket, n, false);
+            sent += n as u64;
         }
         let due = start + Duration::from_micros(sent * 1_000_000 / rate);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -137,7 +146,14 @@ fn stream(
     let echoed = counting
         .join()
         .map_err(|_| anyhow::anyhow!("the counting thread panicked"))?;
-    Ok((sent, echoed, (took > Duration::ZERO).then_some(took)))
+    let drops_after = rcvbuf_errors(&topo.client)? + rcvbuf_errors(&topo.backend)?;
+    Ok(Window {
+        sent,
+        echoed,
+        reached: reached.load(Ordering::Relaxed) - reached_before,
+        socket_drops: drops_after - drops_before,
+        took: (took > Duration::ZERO).then_some(took),
+    })
 }
 
 /// `forwarder reload`, timed.
@@ -200,21 +216,8 @@ pub fn run(bin: &Path, dir: &Path) -> Result<String> {
     topo.forwarder.sysctl("net.ipv4.ip_forward", "1");
     let backend = topo.backend_addr();
     let stop = Arc::new(AtomicBool::new(false));
-    let echo = {
-        let stop = stop.clone();
-        spawn_in(&topo.backend, move || -> Result<()> {
-            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT))?;
-            big_buffers(&s);
-            s.set_read_timeout(Some(Duration::from_millis(100)))?;
-            let mut buf = [0u8; 64];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(&buf[..n], from);
-                }
-            }
-            Ok(())
-        })
-    };
+    let reached = Arc::new(AtomicU64::new(0));
+    let echo = echo_server(&topo.backend, ECHO_PORT, stop.clone(), reached.clone());
     let config = dir.join("lifecycle.yaml");
     let socket = dir.join("lifecycle.sock");
     std::fs::write(&config, rules(backend, 9001))?;
@@ -248,47 +251,34 @@ pub fn run(bin: &Path, dir: &Path) -> Result<String> {
     );
     let to = SocketAddr::from((topo.forwarder_addr(), STREAM_PORT));
     // Warm up the stream's flow (neighbours, conntrack).
-    stream(&topo.client, to, RATES[0], || Ok(Duration::ZERO))?;
+    stream(&topo, to, RATES[0], &reached, || Ok(Duration::ZERO))?;
     let mut rows = String::new();
     let mut changed_ms = Vec::new();
     let mut unchanged_ms = Vec::new();
     let upgrades = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut target = 9001;
     for rate in RATES {
-        let (sent, echoed, _) = stream(&topo.client, to, rate, || Ok(Duration::ZERO))?;
-        rows.push_str(&format!(
-            "| {rate} | no reload | {} of {sent} |\n",
-            sent - echoed
-        ));
+        let window = stream(&topo, to, rate, &reached, || Ok(Duration::ZERO))?;
+        rows.push_str(&window.row(rate, "no reload"));
         target += 1;
         std::fs::write(&config, rules(backend, target))?;
         let (bin2, socket2) = (bin.to_path_buf(), socket.clone());
-        let (sent, echoed, took) = stream(&topo.client, to, rate, move || reload(&bin2, &socket2))?;
-        changed_ms.extend(took);
-        rows.push_str(&format!(
-            "| {rate} | reload, {} rules changed | {} of {sent} |\n",
-            2 * ALIASES,
-            sent - echoed
-        ));
+        let window = stream(&topo, to, rate, &reached, move || reload(&bin2, &socket2))?;
+        changed_ms.extend(window.took);
+        rows.push_str(&window.row(rate, &format!("reload, {} rules changed", 2 * ALIASES)));
         let (bin3, socket3) = (bin.to_path_buf(), socket.clone());
-        let (sent, echoed, took) = stream(&topo.client, to, rate, move || reload(&bin3, &socket3))?;
-        unchanged_ms.extend(took);
-        rows.push_str(&format!(
-            "| {rate} | reload, nothing changed | {} of {sent} |\n",
-            sent - echoed
-        ));
+        let window = stream(&topo, to, rate, &reached, move || reload(&bin3, &socket3))?;
+        unchanged_ms.extend(window.took);
+        rows.push_str(&window.row(rate, "reload, nothing changed"));
         let (bin4, socket4, seen) = (bin.to_path_buf(), socket.clone(), upgrades.clone());
-        let (sent, echoed, _) = stream(&topo.client, to, rate, move || {
+        let window = stream(&topo, to, rate, &reached, move || {
             let (took, frozen) = upgrade(&bin4, &socket4)?;
             seen.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((took, frozen));
             Ok(took)
         })?;
-        rows.push_str(&format!(
-            "| {rate} | upgrade in place (`forwarder upgrade`) | {} of {sent} |\n",
-            sent - echoed
-        ));
+        rows.push_str(&window.row(rate, "upgrade in place (`forwarder upgrade`)"));
     }
     daemon.check_alive()?;
     drop(daemon);
@@ -315,7 +305,11 @@ pub fn run(bin: &Path, dir: &Path) -> Result<String> {
          | `forwarder reload`, nothing changed | {} |\n\
          | `forwarder upgrade` (check, freeze, exec, new image answering) | {} |\n\
          | of which the relay was frozen (freeze to the new image's relay running) | {} |\n\n\
-         | datagrams/s | window | lost |\n|---:|---|---:|\n{rows}",
+         Lost: sent and not echoed back. Of those, \"not at the backend\" never reached the \
+         echo server, and \"socket drops\" are what full socket buffers of the bench's own \
+         client and echo server dropped (`RcvbufErrors`), not the forwarder.\n\n\
+         | datagrams/s | window | lost | not at the backend | socket drops |\n\
+         |---:|---|---:|---:|---:|\n{rows}",
         WINDOW.as_secs(),
         start_time.as_millis(),
         2 * ALIASES,

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::forwarder::{kernel_path_off, query, relay_flows};
 use super::lab::Lab;
-use super::lifecycle::spawn_in;
+use super::datagrams::spawn_in;
 use super::netns::Netns;
 use super::pin::{self, Side};
 use super::procs::{self, Proc};

@@ -5,6 +5,7 @@ mod configs;
 mod connrate;
 mod contenders;
 mod cpu;
+mod datagrams;
 mod forwarder;
 mod iperf;
 mod lab;

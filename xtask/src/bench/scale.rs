@@ -8,14 +8,14 @@
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 use super::forwarder::{kernel_path_off, query, relay_flows};
 use super::lab::Lab;
-use super::lifecycle::{big_buffers, spawn_in};
+use super::datagrams::{echo_server, spawn_in};
 use super::netns::Netns;
 use super::procs::{self, Proc};
 use super::rss::{RssSampler, parse_vm_rss};
@@ -107,21 +107,12 @@ fn one(bin: &Path, dir: &Path, total: u32, seconds: u64) -> Result<Row> {
     let lab = Lab::new(dir, true)?;
     let topo = &lab.topo;
     let stop = Arc::new(AtomicBool::new(false));
-    let echo = {
-        let stop = stop.clone();
-        spawn_in(&topo.backend, move || -> Result<()> {
-            let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT))?;
-            big_buffers(&s);
-            s.set_read_timeout(Some(Duration::from_millis(100)))?;
-            let mut buf = [0u8; 64];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((n, from)) = s.recv_from(&mut buf) {
-                    let _ = s.send_to(&buf[..n], from);
-                }
-            }
-            Ok(())
-        })
-    };
+    let echo = echo_server(
+        &topo.backend,
+        ECHO_PORT,
+        stop.clone(),
+        Arc::new(AtomicU64::new(0)),
+    );
     let config = dir.join(format!("scale-{total}.yaml"));
     let socket = dir.join(format!("scale-{total}.sock"));
     let _ = std::fs::remove_file(&socket);
