@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use super::datagrams::spawn_in;
 use super::forwarder::{kernel_path_off, query, relay_flows};
 use super::lab::Lab;
-use super::datagrams::spawn_in;
 use super::netns::Netns;
 use super::pin::{self, Side};
 use super::procs::{self, Proc};

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use super::datagrams::{echo_server, spawn_in};
 use super::forwarder::{kernel_path_off, query, relay_flows};
 use super::lab::Lab;
-use super::datagrams::{echo_server, spawn_in};
 use super::netns::Netns;
 use super::procs::{self, Proc};
 use super::rss::{RssSampler, parse_vm_rss};
