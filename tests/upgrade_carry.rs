@@ -2,7 +2,8 @@
 //! running rules' flows: Docker's containers (their rules keep their
 //! listeners and flows), the metrics endpoint's socket (no scrape is
 //! refused), the backends' health (one that is down stays down), and the
-//! flows of rules a reload removed (they drain on). The
+//! flows of rules a reload removed (they drain on), and the kernel flows
+//! into flow tables of a new size (also after a crash). The
 //! daemons run under `nsenter --net`, as the upgrade tests' do.
 
 use std::io::{ErrorKind, Read, Write};
@@ -17,10 +18,10 @@ use crate::common::harness::{
 use std::time::Duration;
 
 use crate::common::traffic::{
-    BackendServers, connect, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket,
+    BackendServers, connect, paced_transfer, tcp_echo_conn, tcp_echo_round, udp_echo, udp_socket,
 };
 use crate::common::{self, Netns, Topology, eventually, veth};
-use crate::crash::{BpffsAsFound, HOST_BPFFS};
+use crate::crash::{BpffsAsFound, HOST_BPFFS, assert_nothing_left};
 use crate::health::{TcpServer, two_backends};
 
 /// SIGUSR2, then waits until the new image says it runs everything.
@@ -488,4 +489,155 @@ fn an_upgrade_is_refused_while_a_removed_rule_drains_where_a_running_rule_listen
     drop((pair, back));
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+const SIZED_RULES: &str = "
+routes:
+  bulk: {scheme: tcp, host: 198.18.2.2, port: 7001:3478}
+  dgram: {scheme: udp, host: 198.18.2.2, port: 7002:3478}
+";
+
+/// The rule file with flow tables of `conntrack_size` entries, and a relay
+/// bound that sizes RELAY_FLOWS at `max_udp_sessions` (one UDP rule).
+fn sized(conntrack_size: u32, max_udp_sessions: u32) -> String {
+    format!(
+        "kernel: {{conntrack_size: {conntrack_size}}}\n\
+         relay: {{max_udp_sessions: {max_udp_sessions}}}\n{SIZED_RULES}"
+    )
+}
+
+/// Flow tables set aside while their entries move must all be gone.
+fn tables_set_aside() -> Vec<String> {
+    let Ok(dirs) = std::fs::read_dir("/sys/fs/bpf/forwarder") else {
+        return Vec::new();
+    };
+    dirs.filter_map(Result::ok)
+        .filter_map(|d| std::fs::read_dir(d.path()).ok())
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.ends_with("-previous"))
+        .collect()
+}
+
+enum Event {
+    Upgrade,
+    Crash,
+}
+
+/// Kernel flows running through `event` after which the daemon wants its
+/// flow tables at another size: a 64 MiB TCP transfer and 40 UDP flows
+/// go on in the flows they had (one lost conntrack entry would reset the
+/// transfer or count a new UDP flow).
+fn flows_carried_into_tables_of_a_new_size(name: &str, event: Event) {
+    let _one_at_a_time = HOST_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+    let _bpffs = BpffsAsFound::new();
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let fwd = topo.forwarder_addr();
+    let at = move |port: u16| SocketAddr::from((fwd, port));
+    let mut first = Daemon::start_pinning(&topo.forwarder, name, &sized(4096, 70_000));
+
+    const SIZE: u64 = 64 << 20;
+    let progress = Arc::new(AtomicU64::new(0));
+    let transfer = {
+        let progress = progress.clone();
+        spawn_in(&topo.client, move || {
+            paced_transfer(at(7001), SIZE, progress)
+        })
+    };
+    const CLIENTS: u64 = 40;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let s = in_netns(&topo.client, || udp_socket(at(7002)));
+            udp_echo(&s, b"before");
+            s
+        })
+        .collect();
+    let dgram_flows = |d: &Daemon| counter(kernel_rule(&d.status(), "dgram", "udp"), "flows");
+    assert_eq!(dgram_flows(&first), CLIENTS);
+    eventually("a quarter of the transfer sent", || {
+        progress.load(Ordering::Relaxed) >= SIZE / 4
+    });
+
+    let second = match event {
+        Event::Upgrade => {
+            std::fs::write(first.config_path(), sized(8192, 80_000)).unwrap();
+            let out = first.reload();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                stdout.contains(
+                    "needs a restart: kernel.conntrack_size: 4096 -> 8192 (`forwarder upgrade` \
+                     carries the flows over)"
+                ),
+                "{stdout}"
+            );
+            upgrade(&first);
+            None
+        }
+        Event::Crash => {
+            first.kill();
+            Some(Daemon::start_pinning(
+                &topo.forwarder,
+                name,
+                &sized(8192, 80_000),
+            ))
+        }
+    };
+    let daemon = second.as_ref().unwrap_or(&first);
+    let log = daemon.log_text();
+    assert!(
+        log.contains("CONNTRACK went from 4096 to 8192 entries;")
+            && log.contains("RELAY_FLOWS went from 70000 to 80000 entries;"),
+        "{log}"
+    );
+    assert!(!log.contains("does not fit"), "{log}");
+    assert_eq!(
+        daemon.status()["kernel"]["conntrack_capacity"].as_u64(),
+        Some(4096),
+        "8,192 entries, two per flow"
+    );
+    assert_eq!(tables_set_aside(), Vec::<String>::new());
+    for s in &clients {
+        udp_echo(s, b"after");
+    }
+    assert_eq!(
+        dgram_flows(daemon),
+        CLIENTS,
+        "every datagram went on in its flow"
+    );
+    let Ok((sent, got)) = transfer.join() else {
+        panic!("the transfer failed:\n{}", daemon.log_text());
+    };
+    assert_eq!(sent, got, "the 64 MiB transfer arrived intact");
+    assert_eq!(
+        counter(kernel_rule(&daemon.status(), "bulk", "tcp"), "flows"),
+        1
+    );
+    drop(clients);
+    let log = match second {
+        Some(second) => second.stop(),
+        None => first.stop(),
+    };
+    assert!(!log.contains("ERROR"), "{log}");
+    assert_nothing_left(&topo);
+}
+
+#[test]
+fn an_upgrade_carries_the_kernel_flows_into_flow_tables_of_a_new_size() {
+    if !common::require_root("an_upgrade_carries_the_kernel_flows_into_flow_tables_of_a_new_size") {
+        return;
+    }
+    flows_carried_into_tables_of_a_new_size("upgrade-resize", Event::Upgrade);
+}
+
+#[test]
+fn a_start_after_a_crash_carries_the_kernel_flows_into_flow_tables_of_a_new_size() {
+    if !common::require_root(
+        "a_start_after_a_crash_carries_the_kernel_flows_into_flow_tables_of_a_new_size",
+    ) {
+        return;
+    }
+    flows_carried_into_tables_of_a_new_size("crash-resize", Event::Crash);
 }

@@ -216,7 +216,7 @@ fn keep_fixed_settings(running: &Compiled, mut next: Compiled) -> (Compiled, Vec
     let (old, new) = (&running.kernel_settings, &next.kernel_settings);
     if old.conntrack_size != new.conntrack_size {
         needs.push(format!(
-            "kernel.conntrack_size: {} -> {}",
+            "kernel.conntrack_size: {} -> {} (`forwarder upgrade` carries the flows over)",
             old.conntrack_size, new.conntrack_size
         ));
     }
@@ -233,7 +233,7 @@ fn keep_fixed_settings(running: &Compiled, mut next: Compiled) -> (Compiled, Vec
     };
     if running.relay.max_udp_sessions != next.relay.max_udp_sessions {
         needs.push(format!(
-            "relay.max_udp_sessions: {} -> {}",
+            "relay.max_udp_sessions: {} -> {} (`forwarder upgrade` carries the flows over)",
             running.relay.max_udp_sessions, next.relay.max_udp_sessions
         ));
         next.relay.max_udp_sessions = running.relay.max_udp_sessions;
@@ -419,9 +419,9 @@ routes:
         assert_eq!(
             plan.needs_restart,
             [
-                "kernel.conntrack_size: 262144 -> 1024",
+                "kernel.conntrack_size: 262144 -> 1024 (`forwarder upgrade` carries the flows over)",
                 "kernel.snat_ports: 40000-59999 -> 30000-30999",
-                "relay.max_udp_sessions: 65536 -> 10",
+                "relay.max_udp_sessions: 65536 -> 10 (`forwarder upgrade` carries the flows over)",
                 "relay.first_byte_timeout: 30s -> 5s",
                 "relay.pipe_size: 256k -> 64k",
             ]

@@ -116,39 +116,14 @@ pub fn runs(ids: &[u32], max: u32) -> Vec<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsFd, OwnedFd};
 
     use aya::maps::{MapData, PerCpuArray, PerCpuValues};
 
-    /// A fresh per-CPU array of `entries` u64s (BPF_MAP_CREATE).
+    /// A fresh per-CPU array of `entries` u64s.
     fn per_cpu_array(entries: u32) -> OwnedFd {
-        #[repr(C)]
-        struct CreateAttr {
-            map_type: u32,
-            key_size: u32,
-            value_size: u32,
-            max_entries: u32,
-            map_flags: u32,
-        }
-        let mut attr = CreateAttr {
-            map_type: 6, // BPF_MAP_TYPE_PERCPU_ARRAY
-            key_size: 4,
-            value_size: 8,
-            max_entries: entries,
-            map_flags: 0,
-        };
-        // SAFETY: a valid attr for BPF_MAP_CREATE (0).
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                0,
-                &raw mut attr,
-                size_of::<CreateAttr>() as u32,
-            )
-        };
-        assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
-        // SAFETY: a new descriptor this test owns.
-        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+        const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+        super::super::batch::tests::create_map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, entries)
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod netlink;
 mod pins;
 mod qdisc;
 mod relay_flows;
+mod resize;
 mod rule_maps;
 mod snat;
 mod steer;
@@ -211,16 +212,21 @@ impl KernelPath {
                 "another forwarder (pid {pid}) runs the kernel path in this network namespace"
             );
         }
-        let pin_dir = match options.pin && owner.is_none() {
-            true => Some(prepare_pins(cookie, sizes)?),
-            false => None,
+        let (pin_dir, resized) = match options.pin && owner.is_none() {
+            true => {
+                let (dir, resized) = prepare_pins(cookie, sizes)?;
+                (Some(dir), resized)
+            }
+            false => (None, Vec::new()),
         };
-        let adopted = pin_dir
-            .as_deref()
-            .is_some_and(|dir| pins::map_path(dir, "CONNTRACK").exists());
+        let adopted = !resized.is_empty()
+            || pin_dir
+                .as_deref()
+                .is_some_and(|dir| pins::map_path(dir, "CONNTRACK").exists());
         let mut ebpf = match load::load(sizes, log::ebpf_log_level(), pin_dir.as_deref()) {
             Ok(ebpf) => ebpf,
             Err(e) => {
+                resized.into_iter().for_each(resize::Resized::undo);
                 forget_fresh_pins(pin_dir.as_deref(), adopted);
                 return Err(e);
             }
@@ -237,6 +243,10 @@ impl KernelPath {
         let mut tasks = Vec::new();
         let result = (|| {
             tasks.push(log::spawn(&mut ebpf)?);
+            // Before the new programs run: they find the flows they carry.
+            for table in &resized {
+                table.carry()?;
+            }
             let mut maps = RuleMaps::take(&mut ebpf)?;
             maps.write(&tables)?;
             if adopted {
@@ -275,20 +285,34 @@ impl KernelPath {
                 with_xdp,
                 pin_dir.clone(),
             )?;
+            // Again now that the old programs are out of their links: the
+            // flows they opened or moved since the first copy.
+            let carried = resized
+                .iter()
+                .map(resize::Resized::carry)
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let sweeper = Sweeper::new(conntrack, sweeper_view, timeouts.clone(), gauges.clone());
-            anyhow::Ok((maps, counters, reserved, attached, sweeper, egress))
+            anyhow::Ok((maps, counters, reserved, attached, sweeper, egress, carried))
         })();
-        let (maps, counters, reserved, attached, sweeper, egress) = match result {
+        let (maps, counters, reserved, attached, sweeper, egress, carried) = match result {
             Ok(parts) => parts,
             Err(e) => {
                 relay_flows.detach();
                 for task in &tasks {
                     task.abort();
                 }
+                resized.into_iter().for_each(resize::Resized::undo);
                 forget_fresh_pins(pin_dir.as_deref(), adopted);
                 return Err(e);
             }
         };
+        for (table, copied) in resized.into_iter().zip(carried) {
+            let now = match table.name {
+                "RELAY_FLOWS" => sizes.relay_flows,
+                _ => sizes.conntrack,
+            };
+            table.finish(copied, now);
+        }
         if let Err(e) = crate::state::write(&state_dir, PID, &format!("{}\n", std::process::id())) {
             // Only `forwarder cleanup`'s guard against a live daemon needs it.
             tracing::warn!("cannot record the pid in {}: {e}", state_dir.display());
@@ -545,15 +569,35 @@ impl Drop for KernelPath {
     }
 }
 
-/// Makes the pin directory ready for `sizes`. Pins a dead daemon left
-/// with other map sizes or layouts cannot be adopted: they are removed,
-/// and with them its flows, with a warning.
-fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::PathBuf> {
+/// Makes the pin directory ready for `sizes`. Flow tables pinned at
+/// another size are set aside for their flows to be carried over (see
+/// `resize`); pins a dead daemon left with another layout cannot be
+/// adopted: they are removed, and with them its flows, with a warning.
+fn prepare_pins(
+    cookie: u64,
+    sizes: load::Sizes,
+) -> anyhow::Result<(std::path::PathBuf, Vec<resize::Resized>)> {
     pins::ensure_bpffs().map_err(|e| anyhow::anyhow!("cannot mount bpffs at /sys/fs/bpf: {e}"))?;
     let dir = pins::dir(cookie);
     use forwarder_common::reasons::{REASON_COUNTERS_MAP, REASON_SLOTS};
     use forwarder_common::{Backend, MAX_BACKENDS_PER_RULE, RULE_IDS, RelayFlow};
     use std::mem::size_of;
+    // A start that stopped while it carried flows over left the old table
+    // aside: it still holds them, the new one at most a moment's worth.
+    for name in resize::RESIZABLE {
+        let aside = pins::set_aside_path(&dir, name);
+        if aside.exists() {
+            let path = pins::map_path(&dir, name);
+            let _ = std::fs::remove_file(&path);
+            std::fs::rename(&aside, &path).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot put {} back as {}: {e}",
+                    aside.display(),
+                    path.display()
+                )
+            })?;
+        }
+    }
     let want = [
         ("CONNTRACK", sizes.conntrack, size_of::<CtValue>()),
         ("RELAY_FLOWS", sizes.relay_flows, size_of::<RelayFlow>()),
@@ -571,6 +615,7 @@ fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::Pa
             size_of::<forwarder_common::ranges::RangeValue>(),
         ),
     ];
+    let mut resizing = Vec::new();
     for (name, entries, value_size) in want {
         let path = pins::map_path(&dir, name);
         if !path.exists() {
@@ -579,17 +624,35 @@ fn prepare_pins(cookie: u64, sizes: load::Sizes) -> anyhow::Result<std::path::Pa
         let found = MapData::from_pin(&path)
             .and_then(|m| m.info())
             .map(|i| (i.max_entries(), i.value_size() as usize));
-        if found.as_ref().ok() != Some(&(entries, value_size)) {
-            tracing::warn!(
-                "the previous daemon's {name} ({found:?}) does not fit this one ({entries}                  entries of {value_size} bytes): its flows are dropped, not adopted"
-            );
-            pins::remove_all(&dir)?;
-            break;
+        match found {
+            Ok(fits) if fits == (entries, value_size) => {}
+            Ok((was, size)) if size == value_size && resize::RESIZABLE.contains(&name) => {
+                resizing.push((name, was));
+            }
+            found => {
+                tracing::warn!(
+                    "the previous daemon's {name} ({found:?}) does not fit this one ({entries} \
+                     entries of {value_size} bytes): its flows are dropped, not adopted"
+                );
+                pins::remove_all(&dir)?;
+                resizing.clear();
+                break;
+            }
         }
     }
     std::fs::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-    Ok(dir)
+    let mut resized = Vec::new();
+    for (name, was) in resizing {
+        match resize::Resized::set_aside(&dir, name, was) {
+            Ok(r) => resized.push(r),
+            Err(e) => {
+                resized.into_iter().for_each(resize::Resized::undo);
+                return Err(e);
+            }
+        }
+    }
+    Ok((dir, resized))
 }
 
 /// After a failed start: pins this start made go, a dead daemon's stay.

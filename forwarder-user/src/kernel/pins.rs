@@ -82,6 +82,12 @@ pub fn map_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Where a flow table pinned at another size waits while its entries
+/// move to the new one (see `resize`).
+pub fn set_aside_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}-previous"))
+}
+
 pub fn link_path(dir: &Path, hook: &str, ifindex: u32) -> PathBuf {
     dir.join(format!("{hook}-{ifindex}"))
 }
@@ -134,10 +140,11 @@ pub fn remove_all(dir: &Path) -> io::Result<Vec<String>> {
         }
     }
     for name in MAPS {
-        let path = map_path(dir, name);
-        if path.exists() {
-            std::fs::remove_file(&path)?;
-            removed.push(format!("removed the pinned map {}", path.display()));
+        for path in [map_path(dir, name), set_aside_path(dir, name)] {
+            if path.exists() {
+                std::fs::remove_file(&path)?;
+                removed.push(format!("removed the pinned map {}", path.display()));
+            }
         }
     }
     match std::fs::remove_dir(dir) {
