@@ -686,3 +686,88 @@ fn a_failed_start_freezes_the_buffered_copy_again_and_gives_it_back_with_nothing
     );
     let _ = std::fs::remove_dir_all(&bin_dir);
 }
+
+#[test]
+fn a_new_binary_whose_kernel_path_cannot_start_gives_everything_back() {
+    if !common::require_root("a_new_binary_whose_kernel_path_cannot_start_gives_everything_back") {
+        return;
+    }
+    let _one_at_a_time = HOST_BPFFS.lock().unwrap_or_else(|e| e.into_inner());
+    let _bpffs = BpffsAsFound::new();
+    let topo = Topology::new();
+    forwarding_on(&topo);
+    let _servers = BackendServers::start(&topo.backend);
+    let fwd = topo.forwarder_addr();
+    let at = move |port: u16| SocketAddr::from((fwd, port));
+    let bin_dir = std::env::temp_dir().join(format!("fwdt-{}-nokernel-bin", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let bin = bin_dir.join("forwarder");
+    replace(&bin, &std::fs::read(common::forwarder_bin()).unwrap());
+    let daemon = Daemon::start_pinning_from(&topo.forwarder, "upgrade-nokernel", RULES, &bin);
+    let pid = daemon.status()["pid"].as_u64().unwrap();
+    // Passes `check`, but a start cannot take an address this host lacks
+    // for SNAT: the kernel path fails where the relay alone would run.
+    let broken = bin_dir.join("broken.yaml");
+    std::fs::write(
+        &broken,
+        format!("kernel: {{snat_addresses: [198.51.100.77]}}\n{RULES}"),
+    )
+    .unwrap();
+
+    const SIZE: u64 = 64 << 20;
+    let progress = Arc::new(AtomicU64::new(0));
+    let transfer = {
+        let progress = progress.clone();
+        spawn_in(&topo.client, move || {
+            paced_transfer(at(7001), SIZE, progress)
+        })
+    };
+    let dgram = in_netns(&topo.client, || udp_socket(at(7002)));
+    udp_echo(&dgram, b"before");
+    eventually("a quarter of the transfer sent", || {
+        progress.load(Ordering::Relaxed) >= SIZE / 4
+    });
+
+    failing_binary(&bin, &broken);
+    let out = upgrade(&daemon);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = daemon.log_text();
+    assert_eq!(out.status.code(), Some(1), "{stderr}\n{log}");
+    assert!(
+        stderr.contains("the new binary failed to start: cannot start the kernel path, which the running daemon has")
+            && stderr.contains("198.51.100.77"),
+        "{stderr}"
+    );
+    assert!(
+        !log.contains("the relay carries every flow"),
+        "the new image did not run on without its kernel path: {log}"
+    );
+    assert_eq!(daemon.status()["pid"].as_u64(), Some(pid));
+    let status = daemon.status();
+    assert!(
+        status["kernel"].is_object(),
+        "the kernel path runs: {status}"
+    );
+    udp_echo(&dgram, b"after");
+    let Ok((sent, got)) = transfer.join() else {
+        panic!("the transfer failed:\n{}", daemon.log_text());
+    };
+    assert_eq!(sent, got, "the 64 MiB transfer arrived intact");
+    let status = daemon.status();
+    for (alias, protocol) in [("bulk", "tcp"), ("dgram", "udp")] {
+        assert_eq!(
+            counter(kernel_rule(&status, alias, protocol), "flows"),
+            1,
+            "{status}"
+        );
+    }
+    let log = daemon.stop();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    assert!(
+        errors[0].contains("giving everything back to the previous binary"),
+        "{log}"
+    );
+    assert_nothing_left(&topo);
+    let _ = std::fs::remove_dir_all(&bin_dir);
+}

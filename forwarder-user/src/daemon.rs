@@ -168,8 +168,15 @@ async fn start_and_run(opts: RunOptions) -> Result<(), RunError> {
     } else {
         // Containers may bring rules the kernel path can take at any time.
         let relay_flows = early.as_ref().map(|(_, flows, _)| flows.clone());
-        let started =
-            start_kernel_path(&compiled, &opts, loaded.docker.is_some(), relay_flows).await;
+        let had_kernel_path = inherited.as_ref().is_some_and(|r| r.kernel_path);
+        let started = start_kernel_path(
+            &compiled,
+            &opts,
+            loaded.docker.is_some(),
+            relay_flows,
+            had_kernel_path,
+        )
+        .await;
         match started {
             Ok(kernel) => kernel,
             Err(e) => {
@@ -764,6 +771,7 @@ impl Daemon {
                 .as_ref()
                 .map(|(_, l)| std::os::fd::AsRawFd::as_raw_fd(l)),
             health: self.relay.health().export(),
+            kernel_path: self.kernel.is_some(),
             fallback: None,
             failed: None,
         };
@@ -1195,6 +1203,8 @@ async fn start_kernel_path(
     // The relay's flows when an upgrade's relay started first; also marks
     // this image as the exec'd successor of the one that pinned the kernel path.
     relay_flows: Option<Arc<RelayFlows>>,
+    // The old image of an upgrade ran the kernel path.
+    had_kernel_path: bool,
 ) -> Result<Option<KernelPath>, RunError> {
     if !docker
         && compiled
@@ -1228,6 +1238,11 @@ async fn start_kernel_path(
                 "rule `{alias}` in {} has {why}, but the kernel path cannot start",
                 opts.config.display()
             )))),
+            // With a way back, the old image runs on with its kernel path
+            // rather than this one without it.
+            None if had_kernel_path && crate::upgrade::armed() => Err(RunError::Fatal(
+                e.context("cannot start the kernel path, which the running daemon has"),
+            )),
             None => {
                 warn!("the kernel path cannot start, so the relay carries every flow: {e:#}");
                 Ok(None)

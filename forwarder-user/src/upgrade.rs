@@ -55,6 +55,10 @@ pub struct Record {
     /// The backends' health, so that one that is down stays down.
     #[serde(default)]
     pub health: Vec<crate::health::HealthRecord>,
+    /// The old image ran the kernel path: a new one that cannot start it
+    /// gives everything back rather than run on without it.
+    #[serde(default)]
+    pub kernel_path: bool,
     /// The way back to the old image if the new one fails to start.
     #[serde(default)]
     pub fallback: Option<Fallback>,
@@ -598,6 +602,7 @@ mod tests {
             frozen_at_ms: 0,
             from_version: "test".into(),
             containers: Vec::new(),
+            kernel_path: false,
             metrics: None,
             health: Vec::new(),
             fallback: None,
@@ -702,6 +707,7 @@ mod tests {
                 last_change_ms: Some(5),
                 last_failure: Some("connect: refused".into()),
             }],
+            kernel_path: true,
             fallback: Some(Fallback {
                 exe: 16,
                 argv: vec![b"forwarder".to_vec(), b"run".to_vec()],
@@ -724,12 +730,22 @@ mod tests {
         );
         // A record of an image before these fields still reads.
         let mut old = serde_json::to_value(&record).unwrap();
-        for field in ["containers", "metrics", "health", "fallback", "failed"] {
+        for field in [
+            "containers",
+            "metrics",
+            "health",
+            "kernel_path",
+            "fallback",
+            "failed",
+        ] {
             old.as_object_mut().unwrap().remove(field);
         }
         let back: Record = serde_json::from_value(old).unwrap();
         assert!(back.containers.is_empty() && back.metrics.is_none() && back.health.is_empty());
         assert!(back.fallback.is_none() && back.failed.is_none());
+        // Without a word of its kernel path, a new image that cannot start
+        // one runs on without it, as before.
+        assert!(!back.kernel_path);
     }
 
     fn same_file(a: RawFd, b: RawFd) -> bool {
@@ -769,6 +785,7 @@ mod tests {
             frozen_at_ms: 0,
             from_version: "test".into(),
             containers: Vec::new(),
+            kernel_path: false,
             metrics: Some(metrics.as_raw_fd()),
             health: Vec::new(),
             fallback: Some(Fallback {
