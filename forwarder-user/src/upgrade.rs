@@ -656,6 +656,7 @@ mod tests {
                     down_done: false,
                     addrs,
                     idle_ms: 12,
+                    retiring: true,
                 }],
                 udp: vec![UdpSessionRecord {
                     bind: addr,

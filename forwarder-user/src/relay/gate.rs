@@ -71,6 +71,10 @@ pub struct TcpPairRecord {
     pub addrs: FlowAddrs,
     /// Milliseconds since the flow last moved a byte.
     pub idle_ms: u64,
+    /// Its rule was removed by a reload: it drains with that rule, not
+    /// with a running one that listens on the same address now.
+    #[serde(default)]
+    pub retiring: bool,
 }
 
 /// A relay UDP session as handed over.

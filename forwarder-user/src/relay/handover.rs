@@ -165,7 +165,8 @@ impl Inherited {
         };
         let socket = match l.protocol {
             crate::rules::Protocol::Tcp => {
-                for pair in extract(&mut self.tcp, |p| p.bind == l.bind) {
+                // Not a removed rule's that listened here: see `retiring`.
+                for pair in extract(&mut self.tcp, |p| p.bind == l.bind && !p.retiring) {
                     adopted.tcp.push(resumed_pair(pair).with_context(what)?);
                 }
                 let std = std::net::TcpListener::from(fd);

@@ -661,12 +661,15 @@ impl Relay {
             listeners.reap();
             for s in &listeners.retiring {
                 let r = s.rule();
-                // Its flows are named by their listener's address alone.
-                if let Some(other) = listeners
-                    .serving
-                    .iter()
-                    .find(|o| o.key.protocol == s.key.protocol && o.key.bind == s.key.bind)
-                {
+                // A pair says whether its rule retired (see `TcpPairRecord`);
+                // a UDP session is named by its listener's address alone. (A
+                // reload that listens where a UDP rule retires revives it,
+                // so this is a guard, not a case that arises.)
+                if let Some(other) = listeners.serving.iter().find(|o| {
+                    s.key.protocol == Protocol::Udp
+                        && o.key.protocol == s.key.protocol
+                        && o.key.bind == s.key.bind
+                }) {
                     return Err(format!(
                         "rule `{}` ({} {}), removed by a reload, still has {} flows, and rule \
                          `{}` listens on that address now: their flows cannot be told apart in \

@@ -53,9 +53,14 @@ pub async fn serve(
 ) {
     let gate = ticket.gate().clone();
     let mut flows = JoinSet::new();
+    let listener_phase = phase.clone();
     for pair in inherited {
         let rule = rules.borrow().clone();
-        flows.spawn(resume(pair, rule, gate.clone(), bind, gate.ticket()));
+        let at = Accepted {
+            bind,
+            phase: listener_phase.clone(),
+        };
+        flows.spawn(resume(pair, rule, gate.clone(), at, gate.ticket()));
     }
     let mut registered =
         (listener.as_ref()).and_then(|l| register_listener(&gate, l, bind, &rules));
@@ -78,7 +83,8 @@ pub async fn serve(
                         over_limit(&rule, stream, flows.len());
                     } else {
                         let ticket = gate.ticket();
-                        flows.spawn(flow(stream, peer, rule, settings, gate.clone(), bind, ticket));
+                        let at = Accepted { bind, phase: listener_phase.clone() };
+                        flows.spawn(flow(stream, peer, rule, settings, gate.clone(), at, ticket));
                     }
                 }
                 Err(e) => accept_error(&rule, &accept_failing, e).await,
@@ -174,13 +180,20 @@ async fn accept_error(rule: &RuleCtx, failing: &Alarm, e: io::Error) {
 
 /// One accepted connection; `connecting` keeps an upgrade waiting until
 /// the flow carries bytes (or ended).
+/// The listener a pair came from: its address, and its phase (a pair of
+/// a rule a reload removed is handed over as such).
+struct Accepted {
+    bind: SocketAddr,
+    phase: Arc<watch::Sender<Phase>>,
+}
+
 async fn flow(
     mut client: TcpStream,
     peer: SocketAddr,
     rule: Arc<RuleCtx>,
     settings: RelaySettings,
     gate: Gate,
-    bind: SocketAddr,
+    at: Accepted,
     connecting: Ticket,
 ) {
     // From the accept: connecting to the backend counts against the
@@ -290,7 +303,7 @@ async fn flow(
     }
     let pipes = Pipes::new(CopyMode::Splice, settings.pipe_size);
     let shared = Arc::new(PairShared::new(
-        bind,
+        at,
         &client,
         &backend,
         &pipes,
@@ -316,15 +329,9 @@ pub struct ResumedPair {
 
 /// Carries on a pair the previous image handed over: bytes in its pipes
 /// go first, a direction that had ended stays ended.
-async fn resume(
-    pair: ResumedPair,
-    rule: Arc<RuleCtx>,
-    gate: Gate,
-    bind: SocketAddr,
-    ticket: Ticket,
-) {
+async fn resume(pair: ResumedPair, rule: Arc<RuleCtx>, gate: Gate, at: Accepted, ticket: Ticket) {
     let guard = FlowGuard::resume(&rule, pair.record.addrs);
-    let shared = Arc::new(PairShared::resumed(bind, &pair.record));
+    let shared = Arc::new(PairShared::resumed(at.bind, &pair.record, Some(at.phase)));
     let _registered = gate.register(shared.describe());
     let ended = carry(
         &pair.client,
@@ -410,11 +417,13 @@ pub struct PairShared {
     clock: IdleClock,
     /// No byte either way this long from the clock's start ends the pair.
     first_byte: Option<Duration>,
+    /// Its listener's.
+    phase: Option<Arc<watch::Sender<Phase>>>,
 }
 
 impl PairShared {
     fn new(
-        bind: SocketAddr,
+        at: Accepted,
         client: &TcpStream,
         backend: &TcpStream,
         pipes: &Pipes,
@@ -426,6 +435,7 @@ impl PairShared {
             p.as_ref()
                 .map(|p| (p.read.as_raw_fd(), p.write.as_raw_fd()))
         };
+        let bind = at.bind;
         let shared = PairShared::resumed(
             bind,
             &TcpPairRecord {
@@ -439,7 +449,9 @@ impl PairShared {
                 addrs,
                 // Its clock starts at the accept.
                 idle_ms: Millis::now().0.saturating_sub(accepted.0),
+                retiring: false,
             },
+            Some(at.phase),
         );
         PairShared {
             first_byte: Some(first_byte),
@@ -447,7 +459,11 @@ impl PairShared {
         }
     }
 
-    fn resumed(bind: SocketAddr, record: &TcpPairRecord) -> PairShared {
+    fn resumed(
+        bind: SocketAddr,
+        record: &TcpPairRecord,
+        phase: Option<Arc<watch::Sender<Phase>>>,
+    ) -> PairShared {
         let now = Millis::now().0;
         PairShared {
             fixed: TcpPairRecord {
@@ -459,6 +475,7 @@ impl PairShared {
             clock: IdleClock::new(Millis(now.saturating_sub(record.idle_ms))),
             // A handed-over pair carried bytes before the upgrade.
             first_byte: None,
+            phase,
         }
     }
 
@@ -483,7 +500,9 @@ impl PairShared {
                 down_done: false,
                 addrs,
                 idle_ms: 0,
+                retiring: false,
             },
+            None,
         )
     }
 
@@ -493,6 +512,7 @@ impl PairShared {
             up_done: shared.up_done.load(Relaxed),
             down_done: shared.down_done.load(Relaxed),
             idle_ms: idle_ms(&shared.clock),
+            retiring: (shared.phase.as_ref()).is_some_and(|p| *p.borrow() == Phase::Retiring),
             ..shared.fixed.clone()
         }))
     }
