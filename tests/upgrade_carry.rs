@@ -157,7 +157,7 @@ fn an_upgrade_carries_the_containers_rules_and_their_flows_and_discovery_goes_on
     tcp_echo_round(&mut kernel_flow, b"kernel, at the end");
 
     // Without `docker:` in the file, the new image would not follow
-    // Docker: refused, and everything runs on.
+    // Docker: refused until a reload applies it, and everything runs on.
     std::fs::write(
         daemon.config_path(),
         format!("interfaces: [{}, docker0]\n", link.a_if),
@@ -167,10 +167,63 @@ fn an_upgrade_carries_the_containers_rules_and_their_flows_and_discovery_goes_on
     let said =
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains("has no `docker:` any more"), "{said}");
+    assert!(
+        said.contains("has no `docker:` any more") && said.contains("`forwarder reload` first"),
+        "{said}"
+    );
     tcp_echo_round(&mut relay_flow, b"relay, after the refusal");
     tcp_echo_round(&mut late, b"late, after the refusal");
-    drop((late, relay_flow, kernel_flow));
+
+    // The reload stops following Docker: the containers' rules are
+    // removed, their flows drain, and the upgrade goes through.
+    let out = daemon.reload();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let removed = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("removed "))
+        .count();
+    assert_eq!(removed, 3, "ck, cr and late: {stdout}");
+    let status = daemon.status();
+    assert!(status["docker"].is_null(), "{status}");
+    assert!(
+        daemon.log_text().contains("docker: "),
+        "{}",
+        daemon.log_text()
+    );
+    assert!(
+        in_netns(&client, || TcpStream::connect_timeout(&at(7911), WAIT))
+            .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused),
+        "a new connection to a removed container rule"
+    );
+    tcp_echo_round(&mut relay_flow, b"relay, draining");
+    tcp_echo_round(&mut late, b"late, draining");
+    tcp_echo_round(&mut kernel_flow, b"kernel, draining");
+    // (The log holds the refusal above: not `upgrade`, which reads it.)
+    let out = forwarder_upgrade(&daemon);
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.contains("upgraded in place"),
+        "{said}"
+    );
+    assert!(!daemon.log_text().contains("handed-over descriptors"));
+    tcp_echo_round(&mut relay_flow, b"relay, draining in the new image");
+    tcp_echo_round(&mut late, b"late, draining in the new image");
+    tcp_echo_round(&mut kernel_flow, b"kernel, draining in the new image");
+    assert!(daemon.status()["docker"].is_null());
+
+    // `docker:` back: the next reload follows Docker again from its
+    // first listing.
+    std::fs::write(daemon.config_path(), &yaml).unwrap();
+    let out = daemon.reload();
+    assert!(out.status.success(), "{out:?}");
+    eventually("the containers' rules again", || {
+        has_rule(&daemon, "ck") && has_rule(&daemon, "late")
+    });
+    let mut again = in_netns(&client, || connect(at(7912)));
+    tcp_echo_round(&mut again, b"followed again");
+    drop((again, late, relay_flow, kernel_flow));
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
 }

@@ -257,38 +257,20 @@ async fn start_and_run(opts: RunOptions) -> Result<(), RunError> {
         reloading: tokio::sync::Mutex::new(()),
         names_changed: tokio::sync::Notify::new(),
         file_text: Mutex::new(file_text),
-        docker: loaded.docker.clone(),
+        docker: Mutex::new(None),
         containers: Mutex::new(containers),
         discovery: Arc::new(Mutex::new(DiscoveryStatus::default())),
         report_log: Mutex::new(ReportLog::default()),
         started: std::time::Instant::now(),
     });
-    let discovery_task = daemon.docker.clone().map(|settings| {
-        info!(
-            "docker: discovering containers at {}",
-            settings.socket.display()
-        );
-        daemon
-            .discovery
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .socket = settings.socket.display().to_string();
+    if let Some(settings) = loaded.docker.clone() {
         if !lock(&daemon.containers).is_empty() {
             // Handed over by an upgrade: the next listing finds them again.
             lock(&daemon.report_log).log(&loaded.containers);
             lock(&daemon.discovery).set_containers(&loaded.containers);
         }
-        let d = daemon.clone();
-        let client = docker::Client::new(&settings.socket);
-        tokio::spawn(async move {
-            let status = d.discovery.clone();
-            docker::follow(client, status, |containers| {
-                let d = d.clone();
-                async move { d.containers_changed(containers).await }
-            })
-            .await
-        })
-    });
+        daemon.start_discovery(settings);
+    }
     if let Some((listen, listener)) = metrics_listener {
         daemon.serve_metrics(listen, listener);
     }
@@ -402,8 +384,7 @@ async fn start_and_run(opts: RunOptions) -> Result<(), RunError> {
     names_task.abort();
     let _ = names_task.await;
     daemon.stop_metrics().await;
-    if let Some(task) = discovery_task {
-        task.abort();
+    if let Some(task) = daemon.stop_discovery() {
         let _ = task.await;
     }
     let daemon = sole_owner(daemon)
@@ -440,8 +421,8 @@ struct Daemon {
     names_changed: tokio::sync::Notify,
     /// The rule file as last loaded: a change in Docker does not re-read it.
     file_text: Mutex<String>,
-    /// The `docker:` section at start.
-    docker: Option<config::DockerSettings>,
+    /// The `docker:` section in force, and the task following Docker.
+    docker: Mutex<Option<Discovery>>,
     /// The running containers as Docker last listed them.
     containers: Mutex<Vec<config::Container>>,
     discovery: Arc<Mutex<DiscoveryStatus>>,
@@ -449,6 +430,11 @@ struct Daemon {
     /// Status documents carry the time since, so rates between two of
     /// them need no clock of the client's.
     started: std::time::Instant,
+}
+
+struct Discovery {
+    settings: config::DockerSettings,
+    task: tokio::task::JoinHandle<()>,
 }
 
 struct MetricsEndpoint {
@@ -538,6 +524,43 @@ impl Daemon {
         self.rebuild(false, "docker").await;
     }
 
+    /// The `docker:` section in force.
+    fn docker_settings(&self) -> Option<config::DockerSettings> {
+        lock(&self.docker).as_ref().map(|d| d.settings.clone())
+    }
+
+    /// Follows Docker at `settings`: every listing is applied as a reload.
+    fn start_discovery(&self, settings: config::DockerSettings) {
+        info!(
+            "docker: discovering containers at {}",
+            settings.socket.display()
+        );
+        lock(&self.discovery).socket = settings.socket.display().to_string();
+        // Not a strong reference: the task must not keep the daemon alive at stop.
+        let me = self.me.clone();
+        let status = self.discovery.clone();
+        let client = docker::Client::new(&settings.socket);
+        let task = tokio::spawn(async move {
+            docker::follow(client, status, |containers| {
+                let me = me.clone();
+                async move {
+                    if let Some(d) = me.upgrade() {
+                        d.containers_changed(containers).await;
+                    }
+                }
+            })
+            .await
+        });
+        *lock(&self.docker) = Some(Discovery { settings, task });
+    }
+
+    /// Stops following Docker; the task, aborted, to await.
+    fn stop_discovery(&self) -> Option<tokio::task::JoinHandle<()>> {
+        let discovery = lock(&self.docker).take()?;
+        discovery.task.abort();
+        Some(discovery.task)
+    }
+
     /// Loads the rule file (read again if `reread`) with the containers'
     /// routes and applies the difference; `what` names the cause in logs.
     async fn rebuild(&self, reread: bool, what: &'static str) -> ReloadOutcome {
@@ -551,7 +574,13 @@ impl Daemon {
                 Some(text) => text,
                 None => config::read_file(&path)?,
             };
-            config::load_text_with_containers(&text, &path, &containers).map(|l| (text, l))
+            let loaded = config::load_text_with_containers(&text, &path, &containers)?;
+            if loaded.docker.is_none() && !containers.is_empty() {
+                // `docker:` is gone: so are the containers' routes.
+                let loaded = config::load_text_with_containers(&text, &path, &[])?;
+                return Ok((text, loaded));
+            }
+            Ok::<_, config::Errors>((text, loaded))
         })
         .await;
         let (text, loaded) = match loaded {
@@ -570,7 +599,7 @@ impl Daemon {
             }
             Err(e) => return ReloadOutcome::Refused(format!("the rule file loader failed: {e}")),
         };
-        if self.docker.is_some() {
+        if self.docker_settings().is_some() && loaded.docker.is_some() {
             lock(&self.report_log).log(&loaded.containers);
             lock(&self.discovery).set_containers(&loaded.containers);
         }
@@ -591,7 +620,7 @@ impl Daemon {
             None => None,
         };
         match self.apply(loaded.compiled).await {
-            Ok(mut summary) => {
+            Ok(summary) => {
                 *lock(&self.file_text) = text;
                 if metrics_moved {
                     self.stop_metrics().await;
@@ -600,12 +629,26 @@ impl Daemon {
                         None => info!("{what}: metrics: the endpoint at {serving:?} is closed"),
                     }
                 }
-                if loaded.docker != self.docker {
-                    summary.needs_restart.push(format!(
-                        "docker: {} -> {}",
-                        docker_setting(&self.docker),
+                let following = self.docker_settings();
+                if loaded.docker != following {
+                    // The containers' rules went with `docker:` above; a
+                    // new section is followed from its first listing.
+                    info!(
+                        "{what}: docker: {} -> {}",
+                        docker_setting(&following),
                         docker_setting(&loaded.docker)
-                    ));
+                    );
+                    if let Some(task) = self.stop_discovery() {
+                        let _ = task.await;
+                    }
+                    if loaded.docker.is_none() {
+                        lock(&self.containers).clear();
+                        *lock(&self.discovery) = DiscoveryStatus::default();
+                        *lock(&self.report_log) = ReportLog::default();
+                    }
+                    if let Some(settings) = loaded.docker.clone() {
+                        self.start_discovery(settings);
+                    }
                 }
                 info!(
                     load_ms = loaded_in.as_millis() as u64,
@@ -715,7 +758,8 @@ impl Daemon {
                 // It would keep the containers' rules with nobody to follow them.
                 return Err(format!(
                     "{} has no `docker:` any more, so the new image would not follow Docker: \
-                     restart the daemon to turn discovery off",
+                     `forwarder reload` first (it stops following Docker, and the containers' \
+                     rules drain as removed rules), then upgrade",
                     path.display()
                 ));
             }
@@ -844,7 +888,7 @@ impl Daemon {
                 )
             })
             .collect();
-        let discovery = self.docker.as_ref().map(|_| lock(&self.discovery).clone());
+        let discovery = (self.docker_settings()).map(|_| lock(&self.discovery).clone());
         let text = metrics::render(&metrics::Sample {
             relay: &relay,
             kernel: kernel.as_ref(),
@@ -1362,10 +1406,7 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
                 health: health.status(l.rule_id),
             })
             .collect();
-        let docker = daemon
-            .docker
-            .as_ref()
-            .map(|_| lock(&daemon.discovery).clone());
+        let docker = (daemon.docker_settings()).map(|_| lock(&daemon.discovery).clone());
         let doc = StatusDoc {
             pid: std::process::id(),
             uptime_ms: daemon.started.elapsed().as_millis() as u64,
