@@ -2,7 +2,7 @@
 //! sockets, pairs and sessions (each with its own socket on the port the
 //! client used) are handed over, the socket-lookup link stays attached
 //! through the exec (no refused flow meanwhile), and kernel-path range
-//! flows go on.
+//! flows go on; a range a reload removed drains on through it.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
@@ -453,5 +453,103 @@ fn upgrade_ranges_kernel_flows_go_on_and_relay_ranges_see_no_gap() {
     for id in programs {
         assert!(!program_loaded(id), "the steering program {id} is gone");
     }
+    assert_nothing_left(&topo);
+}
+
+#[test]
+fn a_range_removed_by_a_reload_drains_on_through_an_upgrade() {
+    if !common::require_root("a_range_removed_by_a_reload_drains_on_through_an_upgrade") {
+        return;
+    }
+    let topo = Topology::new();
+    const END: u16 = FIRST + 7;
+    let _servers = PortServers::start(&topo.backend, &[FIRST, END]);
+    let backend = topo.backend_addr();
+    let keep = format!("  keep: {{scheme: tcp, host: {backend}, port: 7001:{FIRST}}}\n");
+    let yaml = format!(
+        "routes:\n  media: {{scheme: 'tcp,udp', host: {backend}, port: {FIRST}-{END}:{FIRST}-{END}}}\n{keep}"
+    );
+    let daemon = Daemon::start_with(
+        &topo.forwarder,
+        "upgrade-range-gone",
+        &yaml,
+        "info",
+        |cmd| {
+            cmd.arg("--relay-only");
+        },
+    );
+    let pid = daemon.status()["pid"].as_u64().unwrap();
+    let fwd = topo.forwarder_addr();
+    let at = |port: u16| SocketAddr::from((fwd, port));
+    let tcp: Vec<TcpFlow> = [FIRST, END]
+        .iter()
+        .map(|&p| TcpFlow::start(&topo.client, at(p)))
+        .collect();
+    let udp: Vec<UdpFlow> = [FIRST, END]
+        .iter()
+        .map(|&p| UdpFlow::start(&topo.client, at(p)))
+        .collect();
+    let all_rounds: Vec<&Arc<AtomicU64>> = tcp
+        .iter()
+        .map(|f| &f.rounds)
+        .chain(udp.iter().map(|f| &f.rounds))
+        .collect();
+    wait_rounds(&all_rounds, 5);
+
+    // Removed: no new flow, the open ones drain.
+    std::fs::write(daemon.config_path(), format!("routes:\n{keep}")).unwrap();
+    let out = daemon.reload();
+    assert!(out.status.success(), "{out:?}");
+    let refused = || {
+        in_netns(&topo.client, || {
+            TcpStream::connect_timeout(&at(FIRST + 3), WAIT)
+        })
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    };
+    assert!(refused(), "a new connection to the removed range");
+    wait_rounds(&all_rounds, 5);
+
+    let out = upgrade(&daemon);
+    assert!(out.status.success(), "{out:?}\n{}", daemon.log_text());
+    let log = daemon.log_text();
+    for (protocol, pairs, sessions) in [("tcp", 2, 0), ("udp", 0, 2)] {
+        let said = format!(
+            "relay: {protocol} [::]:{FIRST} was removed by a reload; its {pairs} tcp pairs and \
+             {sessions} udp sessions drain here"
+        );
+        assert!(log.contains(&said), "{said}:\n{log}");
+    }
+    assert_eq!(daemon.status()["pid"].as_u64(), Some(pid));
+    // They go on in the new image, and the range still takes nothing new.
+    wait_rounds(&all_rounds, 5);
+    assert!(
+        refused(),
+        "a new connection to the removed range, after the upgrade"
+    );
+    let stranger = in_netns(&topo.client, || {
+        let u = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
+        u.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        u.connect(at(FIRST + 3)).unwrap();
+        u.send(b"new").unwrap();
+        let mut buf = [0u8; 16];
+        u.recv(&mut buf).is_err()
+    });
+    assert!(
+        stranger,
+        "a new client of the removed range is not answered"
+    );
+    for flow in tcp {
+        assert!(flow.finish() > 0);
+    }
+    for flow in udp {
+        assert!(flow.finish() > 10);
+    }
+    let mut kept = in_netns(&topo.client, || TcpStream::connect_timeout(&at(7001), WAIT)).unwrap();
+    let mut port = [0u8; 2];
+    kept.read_exact(&mut port).unwrap();
+    assert_eq!(u16::from_be_bytes(port), FIRST, "the kept rule's backend");
+    drop(kept);
+    let log = daemon.stop();
+    assert!(!log.contains("ERROR"), "{log}");
     assert_nothing_left(&topo);
 }

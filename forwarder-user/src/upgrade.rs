@@ -678,6 +678,8 @@ mod tests {
                     alias: "gone".into(),
                     protocol: "udp".into(),
                     bind: addr,
+                    port_count: 1000,
+                    many_to_one: true,
                     backends: vec![(addr, 2)],
                     timeouts_ms: [1, 2, 3, 4, 5, 6],
                     counters: CounterValues::default(),

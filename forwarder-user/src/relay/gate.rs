@@ -122,12 +122,22 @@ pub struct RetiringRecord {
     /// `"tcp"` or `"udp"`.
     pub protocol: String,
     pub bind: SocketAddr,
+    /// A port range's length from `bind`'s port (1: a single port), and
+    /// whether every port of it went to the backend's one port.
+    #[serde(default = "one_port")]
+    pub port_count: u16,
+    #[serde(default)]
+    pub many_to_one: bool,
     /// (address, weight), in the rule's order: sessions name theirs by index.
     pub backends: Vec<(SocketAddr, u16)>,
     /// The rule's timeouts in milliseconds: udp_idle, udp_unreplied,
     /// tcp_established, tcp_half_closed, tcp_close, connect.
     pub timeouts_ms: [u64; 6],
     pub counters: CounterValues,
+}
+
+fn one_port() -> u16 {
+    1
 }
 
 /// Everything the relay hands to its successor.

@@ -86,7 +86,13 @@ impl Inherited {
                 protocol,
                 bind: r.bind,
                 listen_picked: false,
-                ports: crate::rules::ListenPorts::SINGLE,
+                ports: crate::rules::ListenPorts {
+                    count: r.port_count,
+                    target: match r.many_to_one {
+                        true => crate::rules::TargetPorts::Same,
+                        false => crate::rules::TargetPorts::Shifted,
+                    },
+                },
                 backends: (r.backends.iter())
                     .map(|&(addr, weight)| crate::rules::BackendSpec { addr, weight })
                     .collect(),

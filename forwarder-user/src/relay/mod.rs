@@ -681,14 +681,6 @@ impl Relay {
                         other.rule().alias
                     ));
                 }
-                if s.steered.is_some() || s.key.count > 1 {
-                    return Err(format!(
-                        "rule `{}` ({} from {}), removed by a reload, is a port range: an \
-                         upgrade in place does not hand its flows over yet; upgrade once they \
-                         have finished",
-                        r.alias, r.protocol, s.local
-                    ));
-                }
             }
         }
         let mut record = self.gate.close(within).await?;
@@ -800,6 +792,8 @@ fn retiring_record(s: &Served) -> RetiringRecord {
         alias: r.alias.clone(),
         protocol: r.protocol.as_str().into(),
         bind: s.key.bind,
+        port_count: r.ports.count,
+        many_to_one: r.ports.target == crate::rules::TargetPorts::Same,
         backends: (r.backends.specs().iter())
             .map(|b| (b.addr, b.weight))
             .collect(),
