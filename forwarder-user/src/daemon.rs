@@ -888,7 +888,9 @@ impl Daemon {
                 )
             })
             .collect();
-        let discovery = (self.docker_settings()).map(|_| lock(&self.discovery).clone());
+        let discovery = self
+            .docker_settings()
+            .map(|_| lock(&self.discovery).clone());
         let text = metrics::render(&metrics::Sample {
             relay: &relay,
             kernel: kernel.as_ref(),
@@ -1406,7 +1408,9 @@ fn status_fn(daemon: Arc<Daemon>) -> StatusFn {
                 health: health.status(l.rule_id),
             })
             .collect();
-        let docker = (daemon.docker_settings()).map(|_| lock(&daemon.discovery).clone());
+        let docker = daemon
+            .docker_settings()
+            .map(|_| lock(&daemon.discovery).clone());
         let doc = StatusDoc {
             pid: std::process::id(),
             uptime_ms: daemon.started.elapsed().as_millis() as u64,

@@ -307,11 +307,7 @@ impl KernelPath {
             }
         };
         for (table, copied) in resized.into_iter().zip(carried) {
-            let now = match table.name {
-                "RELAY_FLOWS" => sizes.relay_flows,
-                _ => sizes.conntrack,
-            };
-            table.finish(copied, now);
+            table.finish(copied);
         }
         if let Err(e) = crate::state::write(&state_dir, PID, &format!("{}\n", std::process::id())) {
             // Only `forwarder cleanup`'s guard against a live daemon needs it.
@@ -627,7 +623,7 @@ fn prepare_pins(
         match found {
             Ok(fits) if fits == (entries, value_size) => {}
             Ok((was, size)) if size == value_size && resize::RESIZABLE.contains(&name) => {
-                resizing.push((name, was));
+                resizing.push((name, was, entries));
             }
             found => {
                 tracing::warn!(
@@ -643,8 +639,8 @@ fn prepare_pins(
     std::fs::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     let mut resized = Vec::new();
-    for (name, was) in resizing {
-        match resize::Resized::set_aside(&dir, name, was) {
+    for (name, was, now) in resizing {
+        match resize::Resized::set_aside(&dir, name, was, now) {
             Ok(r) => resized.push(r),
             Err(e) => {
                 resized.into_iter().for_each(resize::Resized::undo);

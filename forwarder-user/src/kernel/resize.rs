@@ -23,14 +23,20 @@ pub const RESIZABLE: &[&str] = &["CONNTRACK", "RELAY_FLOWS"];
 /// A pinned table set aside for one of another size.
 #[derive(Debug)]
 pub struct Resized {
-    pub name: &'static str,
+    name: &'static str,
     dir: PathBuf,
-    pub was_entries: u32,
+    was_entries: u32,
+    now_entries: u32,
 }
 
 impl Resized {
-    /// Renames `name`'s pin in `dir` aside.
-    pub fn set_aside(dir: &Path, name: &'static str, was_entries: u32) -> anyhow::Result<Resized> {
+    /// Renames `name`'s pin in `dir` aside, for a table of `now_entries`.
+    pub fn set_aside(
+        dir: &Path,
+        name: &'static str,
+        was_entries: u32,
+        now_entries: u32,
+    ) -> anyhow::Result<Resized> {
         let from = pins::map_path(dir, name);
         let to = pins::set_aside_path(dir, name);
         std::fs::rename(&from, &to).map_err(|e| {
@@ -44,6 +50,7 @@ impl Resized {
             name,
             dir: dir.to_path_buf(),
             was_entries,
+            now_entries,
         })
     }
 
@@ -68,7 +75,8 @@ impl Resized {
     }
 
     /// The new table is in force: the old one goes once nothing holds it.
-    pub fn finish(self, copied: Copied, now_entries: u32) {
+    pub fn finish(self, copied: Copied) {
+        let now_entries = self.now_entries;
         let path = pins::set_aside_path(&self.dir, self.name);
         if let Err(e) = std::fs::remove_file(&path) {
             tracing::warn!("cannot remove {}: {e}", path.display());
