@@ -316,6 +316,37 @@ mod tests {
     }
 
     #[test]
+    fn errors_come_by_file_in_the_order_first_named_then_by_line_and_once() {
+        let (main, include): (Arc<str>, Arc<str>) = (Arc::from("main.yaml"), Arc::from("inc.yaml"));
+        let at =
+            |file: &Arc<str>, line, col| ConfigError::new(&Pos::new(file, line, col), "x", "y");
+        let mut diag = Diag::default();
+        for e in [
+            at(&main, 9, 1),
+            at(&include, 1, 4),
+            at(&main, 2, 7),
+            at(&include, 1, 2),
+            at(&main, 9, 1),
+        ] {
+            diag.error(e);
+        }
+        let got: Vec<String> = diag
+            .into_errors()
+            .iter()
+            .map(|e| e.pos.to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "main.yaml:2:7",
+                "main.yaml:9:1",
+                "inc.yaml:1:2",
+                "inc.yaml:1:4"
+            ]
+        );
+    }
+
+    #[test]
     fn error_display_names_everything() {
         let file: Arc<str> = Arc::from("f.yaml");
         let e = ConfigError::new(&Pos::new(&file, 3, 9), quoted("70000"), "0–65535")
