@@ -497,6 +497,7 @@ mod tests {
         let e = d.entries().unwrap();
         assert_eq!(e[0].1.as_str(), Some("7878:3478"));
         assert!(e[1].1.is_null());
+        assert!(!e[0].1.is_null() && !e[2].1.is_null() && !d.is_null());
         assert_eq!(e[2].1.as_str(), Some(""));
         assert_eq!(e[3].1.as_str(), Some("010"));
     }
@@ -537,6 +538,22 @@ mod tests {
         assert!(errs(&bomb)[0].contains("more than"));
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(errs(&deep)[0].contains("nesting deeper"));
+    }
+
+    #[test]
+    fn an_alias_counts_every_value_of_what_it_names() {
+        // 21 values under the anchor (the mapping, 10 keys, 10 values), the
+        // root, two keys and the list: 25 + 21 per alias, at most 100,000.
+        let keys: Vec<String> = (0..10).map(|i| format!("k{i}: v")).collect();
+        let text = |aliases: usize| {
+            format!(
+                "m: &m {{{}}}\nl: [{}]\n",
+                keys.join(", "),
+                vec!["*m"; aliases].join(", ")
+            )
+        };
+        assert!(parse(&text(4760), &Arc::from("t.yaml")).is_ok());
+        assert!(errs(&text(4761))[0].contains("more than 100000 values"));
     }
 
     #[test]
