@@ -38,15 +38,6 @@ pub enum HostSpec {
     Name(String),
 }
 
-impl std::fmt::Display for HostSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HostSpec::Ip(ip) => write!(f, "{ip}"),
-            HostSpec::Name(n) => f.write_str(n),
-        }
-    }
-}
-
 /// An allow or deny entry: a network and its prefix length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {

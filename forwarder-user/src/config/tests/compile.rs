@@ -379,6 +379,19 @@ fn too_many_acl_entries_over_all_rules_are_an_error() {
 }
 
 #[test]
+fn every_error_is_listed_by_iterating_the_errors() {
+    let errors = crate::config::load_str(
+        "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 70000:80}\n  b: {scheme: udp, port: 1:2, hots: x}\n",
+        "t.yaml",
+    )
+    .unwrap_err();
+    let listed: Vec<String> = (&errors).into_iter().map(ToString::to_string).collect();
+    assert_eq!(listed.len(), errors.len());
+    assert!(listed.len() >= 2, "{listed:?}");
+    assert_eq!(listed.join("\n"), errors.to_string());
+}
+
+#[test]
 fn an_ipv4_network_in_the_mapped_form_meets_its_twin_in_the_other_list() {
     let e = crate::config::load_str(
         "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1001:80, acl: {allow: [10.0.0.0/8], deny: ['::ffff:10.0.0.0/104']}}\n",

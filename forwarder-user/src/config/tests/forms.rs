@@ -533,3 +533,36 @@ fn rule_key_and_listener_bind_of_each_bind_form() {
     assert!(c.listeners[0].bind.is_ipv6() && c.listeners[0].bind.ip().is_unspecified());
     assert!(c.listeners[1].bind.is_ipv4() && c.listeners[1].bind.ip().is_unspecified());
 }
+
+#[test]
+fn on_a_host_without_ipv6_a_port_is_picked_on_the_ipv4_wildcard() {
+    let env = TestEnv {
+        real_probe: false,
+        no_ipv6: true,
+        range: Some((30000, 30003)),
+        ..TestEnv::default()
+    };
+    let (c, _) = load_env(
+        "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 80}\n",
+        &env,
+    )
+    .unwrap();
+    assert_eq!(c.listeners.len(), 1);
+    assert!((30000..=30003).contains(&c.listeners[0].bind.port()));
+    assert!(c.listeners[0].listen_picked);
+}
+
+#[test]
+fn an_alias_label_with_no_value_sets_nothing_and_one_with_a_scalar_is_an_error() {
+    let with = |value: &str| {
+        format!("labels:\n  proxy.aliases: t\n  proxy.t:{value}\n  proxy.t.port: 7000:7001\n")
+    };
+    let empty = rows(&with(""));
+    assert_eq!(empty, ["0 t tcp [::]:7000 -> 127.0.0.1:7001 auto"]);
+    assert_eq!(rows(&with(" ~")), empty);
+    let e = load(&with(" 5")).unwrap_err().to_string();
+    assert!(
+        e.contains("field `proxy.t`: found `5`; allowed a mapping of fields"),
+        "{e}"
+    );
+}

@@ -39,6 +39,8 @@ pub(super) struct TestEnv {
     pub range: Option<(u16, u16)>,
     /// Files are not read (for the fuzzer).
     pub no_files: bool,
+    /// A host without IPv6: an IPv6 probe fails as the kernel's would.
+    pub no_ipv6: bool,
     /// The services database.
     pub services: &'static str,
 }
@@ -66,6 +68,7 @@ impl Default for TestEnv {
             busy: HashSet::new(),
             range: None,
             no_files: false,
+            no_ipv6: false,
             services: SERVICES,
         }
     }
@@ -97,6 +100,9 @@ impl Env for TestEnv {
     }
 
     fn probe(&self, addr: SocketAddr, protocol: Protocol) -> io::Result<()> {
+        if self.no_ipv6 && addr.is_ipv6() {
+            return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
+        }
         if self.busy.contains(&addr.port()) {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, "busy"));
         }
