@@ -520,6 +520,17 @@ mod tests {
     }
 
     #[test]
+    fn inline_yaml_that_holds_only_a_comment_is_an_empty_mapping() {
+        let entries = |text: &str| {
+            let node = n(text);
+            mapping(&node, "a mapping").map(|m| m.entries().map(<[_]>::len))
+        };
+        assert_eq!(entries("# later: maybe").unwrap(), Some(0));
+        assert_eq!(entries("{a: 1}").unwrap(), Some(1));
+        assert!(entries("[a: 1]").is_err());
+    }
+
+    #[test]
     fn ports() {
         let none = |name: &str| Err(format!("no service `{name}`"));
         let p = |s| port(&n(s), false, &none);
