@@ -226,6 +226,11 @@ fn an_upgrade_carries_the_containers_rules_and_their_flows_and_discovery_goes_on
     drop((again, late, relay_flow, kernel_flow));
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
+    // The image that started with no rule for the kernel path still took
+    // over the pinned one, so the stop removed it.
+    let cookie = in_netns(&engine.ns, forwarder::state::netns_cookie).unwrap();
+    let pins = std::path::Path::new("/sys/fs/bpf/forwarder").join(format!("netns-{cookie}"));
+    assert!(!pins.exists(), "pins left in {}:\n{log}", pins.display());
 }
 
 /// One scrape of `addr` in a new connection: the status code, or the error.

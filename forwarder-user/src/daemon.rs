@@ -1252,7 +1252,11 @@ async fn start_kernel_path(
     // The old image of an upgrade ran the kernel path.
     had_kernel_path: bool,
 ) -> Result<Option<KernelPath>, RunError> {
+    // A pinned kernel path (an upgrade's predecessor, a dead daemon) is
+    // adopted even so: its programs would go on forwarding by its rules.
     if !docker
+        && !had_kernel_path
+        && !crate::kernel::pinned_here()
         && compiled
             .kernel
             .values()

@@ -118,6 +118,12 @@ const PID: &str = "pid";
 
 /// What `forwarder cleanup` removes of a daemon that died in this network
 /// namespace, one line each; refuses while that daemon lives.
+/// Whether a kernel path is pinned in this network namespace (a previous
+/// daemon's, dead or handing over): its programs forward until one adopts it.
+pub fn pinned_here() -> bool {
+    crate::state::netns_cookie().is_ok_and(|cookie| pins::dir(cookie).exists())
+}
+
 pub fn cleanup_leftovers(state_dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
     if let Some(pid) = crate::state::live_pid(state_dir) {
         anyhow::bail!(
