@@ -42,12 +42,6 @@ pub struct Acl {
     pub default_allow: Option<bool>,
 }
 
-impl Acl {
-    pub fn is_empty(&self) -> bool {
-        self.allow.is_empty() && self.deny.is_empty()
-    }
-}
-
 /// An `acl` mapping; every error goes to `report` with its field name
 /// (`acl.allow`, ...), and then `None`.
 pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) -> Option<Acl> {

@@ -73,16 +73,7 @@ use source::RawRoute;
 /// Warnings (ignored Godoxy fields, skipped http routes) are logged.
 pub fn load(path: &Path) -> Result<Compiled, Errors> {
     let name: Arc<str> = Arc::from(path.display().to_string());
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) => {
-            return Err(Errors::from_vec(vec![ConfigError::new(
-                &Pos::new(&name, 1, 1),
-                format!("a file that cannot be read ({e})"),
-                "a readable UTF-8 rule file",
-            )]));
-        }
-    };
+    let text = read_file(path)?;
     let base = path.parent().unwrap_or(Path::new(""));
     log_warnings(load_with(&text, &name, base, &System))
 }

@@ -122,11 +122,14 @@ routes:
     prot: 1:1
     hots: 10.0.0.1
     colour: red
+    idlewatchr: {}
 ",
         &[
             ("test.yaml:4:5: alias `a`, field `prot`: found unknown field `prot`; allowed `scheme`, `host`, `port`", &["did you mean `port`?"]),
             ("test.yaml:5:5: alias `a`, field `hots`: found unknown field `hots`", &["did you mean `host`?"]),
             ("test.yaml:6:5: alias `a`, field `colour`: found unknown field `colour`; allowed `scheme`, `host`, `port`, `bind`, `backends`, `path`, `timeouts`, `preserve_client_ip`, `acl`, `healthcheck`", &[]),
+            // A Godoxy field forwarder does not honour is still suggested.
+            ("test.yaml:7:5: alias `a`, field `idlewatchr`: found unknown field `idlewatchr`", &["did you mean `idlewatcher`?"]),
             ("test.yaml:2:3: alias `a`, field `port`: found no `port`", &[]),
         ],
     ),

@@ -1,6 +1,7 @@
 //! Whole rule files through the whole load: every form, every error class,
 //! the compile step, the shipped example, and random input.
 
+mod acl;
 mod catalog;
 mod compile;
 mod defaults;
