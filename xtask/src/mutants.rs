@@ -22,6 +22,9 @@ struct Target {
     /// a mutant is caught by them and not by a namespace test of the
     /// daemon, and each mutant builds only the library's test binary.
     tests: &'static [&'static str],
+    /// Test name filters skipped: fuzzers, which only look for panics and
+    /// would take most of each mutant's test time.
+    skip: &'static [&'static str],
 }
 
 const TARGETS: &[Target] = &[
@@ -31,6 +34,7 @@ const TARGETS: &[Target] = &[
         files: &["forwarder-common/src/**"],
         select: &[],
         tests: &[],
+        skip: &[],
     },
     Target {
         id: "sweeper",
@@ -40,6 +44,7 @@ const TARGETS: &[Target] = &[
         files: &["forwarder-user/src/kernel/sweeper.rs"],
         select: &["--exclude-re", r"Sweeper::|monotonic_ns"],
         tests: &["kernel::sweeper"],
+        skip: &[],
     },
 ];
 
@@ -51,6 +56,7 @@ const MORE_TARGETS: &[Target] = &[
         files: &["forwarder-user/src/config/**"],
         select: &[],
         tests: &["config::"],
+        skip: &["config::tests::fuzz::"],
     },
     Target {
         id: "relay",
@@ -63,6 +69,7 @@ const MORE_TARGETS: &[Target] = &[
         select: &[],
         // Not `relay::`: its socket tests take a minute per mutant.
         tests: &["relay::backend::", "relay::idle::", "relay::sessions::"],
+        skip: &[],
     },
 ];
 
@@ -200,18 +207,19 @@ pub fn run(args: &Args) -> Result<()> {
         let mut cmd = Command::new("cargo");
         cmd.current_dir(&root)
             .env("FORWARDER_EBPF_OBJ", &object)
-            // The workspace's own target dir: the dependencies are built
-            // there already; the mutated crates build apart (their copy
-            // has another path).
-            .env("CARGO_TARGET_DIR", root.join("target"))
+            // Each build dir builds in its own copy of the target dir. In
+            // a shared one, parallel jobs write the same test binary (its
+            // name does not depend on the copy's path), so a job could run
+            // another's mutant and report a false miss.
+            .env_remove("CARGO_TARGET_DIR")
             .args(["mutants", "--no-shuffle", "--jobs", &args.jobs.to_string()])
+            .arg("--copy-target=true")
             .arg("--output")
             .arg(&out)
             // Every cargo call, the build included: only the library.
             .arg("--cargo-arg=--lib");
-        // The target dir is the workspace's: a mutant's tests may wait
-        // for its lock while another build holds it, which is no hang.
-        cmd.args(["--minimum-test-timeout", "120"]);
+        // The unit tests take seconds; a minute is a hang, not a slow run.
+        cmd.args(["--minimum-test-timeout", "60"]);
         // No debug info for the crates rebuilt per mutant: a third less to
         // compile and link (the dependencies keep theirs, and stay built).
         for package in ["forwarder-common", "forwarder-user"] {
@@ -232,6 +240,9 @@ pub fn run(args: &Args) -> Result<()> {
         if !target.tests.is_empty() {
             // The second `--` passes them to libtest, which takes several.
             cmd.args(["--", "--"]).args(target.tests);
+            for skip in target.skip {
+                cmd.args(["--skip", skip]);
+            }
         }
         eprintln!("{}", cmd::describe(&cmd));
         let status = cmd.status().context("cannot start cargo mutants")?;
