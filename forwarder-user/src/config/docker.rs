@@ -66,9 +66,11 @@ pub(crate) fn settings(node: &Node, diag: &mut Diag) -> Option<DockerSettings> {
         }
     };
     let mut socket = None;
-    let mut wrong = false;
+    // A field given but wrong has its own error; only an empty section
+    // lacks the socket.
+    let mut any_field = false;
     for (k, v) in entries {
-        wrong = true;
+        any_field = true;
         if !DOCKER_FIELDS.contains(&k.key_text()) {
             diag.error(
                 ConfigError::new(
@@ -89,7 +91,7 @@ pub(crate) fn settings(node: &Node, diag: &mut Diag) -> Option<DockerSettings> {
             Err(e) => diag.error(e.field("docker.socket")),
         }
     }
-    if socket.is_none() && !wrong {
+    if socket.is_none() && !any_field {
         diag.error(
             ConfigError::new(&node.pos, "no `socket`", allowed)
                 .field("docker")
@@ -304,9 +306,17 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let loaded =
-            super::super::load_text_with_containers(file, Path::new("f.yaml"), &[turn(), clash])
-                .unwrap();
+        // Not ours to read, so not reported either.
+        let mut plain = turn();
+        plain.id = "0ff".into();
+        plain.name = "plain".into();
+        plain.labels.retain(|k, _| !k.starts_with("proxy."));
+        let loaded = super::super::load_text_with_containers(
+            file,
+            Path::new("f.yaml"),
+            &[turn(), clash, plain],
+        )
+        .unwrap();
         let aliases: Vec<_> = loaded
             .compiled
             .listeners
@@ -352,7 +362,15 @@ mod tests {
         for (k, v) in [("socket", "docker.sock"), ("host", "tcp://x")] {
             let mut diag = Diag::default();
             assert!(settings(&section(k, v), &mut diag).is_none());
-            assert!(diag.has_errors(), "{k}: {v}");
+            assert_eq!(diag.errors.len(), 1, "{k}: {v}: {:?}", diag.errors);
         }
+        let mut diag = Diag::default();
+        assert!(settings(&Node::map(pos.clone(), Vec::new()), &mut diag).is_none());
+        assert_eq!(diag.errors.len(), 1, "{:?}", diag.errors);
+        assert!(
+            diag.errors[0].to_string().contains("found no `socket`"),
+            "{}",
+            diag.errors[0]
+        );
     }
 }
