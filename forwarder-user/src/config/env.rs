@@ -117,6 +117,60 @@ mod tests {
     }
 
     #[test]
+    fn the_services_database_is_the_systems_file() {
+        let file = std::fs::read_to_string("/etc/services").unwrap_or_default();
+        assert!(file.contains("ssh"), "this machine has an /etc/services");
+        assert_eq!(System.services(), file);
+    }
+
+    /// A port held by a socket of ours is refused by the probe of its own
+    /// protocol only, and free again once that socket is closed.
+    fn probe_sees_a_held_port(env: &dyn Env) {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = tcp.local_addr().unwrap();
+        let held = env.probe(at, Protocol::Tcp).unwrap_err();
+        assert_eq!(held.kind(), io::ErrorKind::AddrInUse);
+        drop(tcp);
+        env.probe(at, Protocol::Tcp).unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let at = udp.local_addr().unwrap();
+        let held = env.probe(at, Protocol::Udp).unwrap_err();
+        assert_eq!(held.kind(), io::ErrorKind::AddrInUse);
+        drop(udp);
+        env.probe(at, Protocol::Udp).unwrap();
+    }
+
+    #[test]
+    fn the_probe_binds_for_real() {
+        probe_sees_a_held_port(&System);
+        probe_sees_a_held_port(&Answered {
+            answers: &BTreeMap::new(),
+        });
+    }
+
+    #[test]
+    fn answered_names_come_from_the_answers_and_the_rest_from_the_machine() {
+        let answer = Answer {
+            addrs: vec!["192.0.2.7".parse().unwrap()],
+            ttl: Some(std::time::Duration::from_secs(60)),
+        };
+        let answers = BTreeMap::from([("backend.example".to_owned(), answer.clone())]);
+        let env = Answered { answers: &answers };
+        assert_eq!(env.resolve("backend.example").unwrap(), answer);
+        assert_eq!(
+            env.resolve("localhost").unwrap().addrs,
+            System.resolve("localhost").unwrap().addrs
+        );
+        let path = std::env::temp_dir().join(format!("forwarder-env-{}.yaml", std::process::id()));
+        std::fs::write(&path, "routes: {}\n").unwrap();
+        let read = env.read(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read.unwrap(), "routes: {}\n");
+        assert_eq!(env.services(), System.services());
+        assert_eq!(env.ephemeral_range(), System.ephemeral_range());
+    }
+
+    #[test]
     fn localhost_resolves() {
         let answer = System.resolve("localhost").unwrap();
         assert!(answer.addrs.iter().all(|a| a.is_loopback()), "{answer:?}");
