@@ -107,6 +107,8 @@ mod tests {
         assert_eq!(parse_port_range("32768\t60999\n"), Some((32768, 60999)));
         assert_eq!(parse_port_range("1 2 3"), None);
         assert_eq!(parse_port_range("9 1"), None);
+        assert_eq!(parse_port_range("0 9"), None, "port 0 is no port");
+        assert_eq!(parse_port_range("9 9"), Some((9, 9)));
         // The machine's own range, as the kernel prints it.
         let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
         let kernel: Vec<u16> = text

@@ -308,11 +308,39 @@ mod tests {
     }
 
     #[test]
+    fn edit_distance_known_answers() {
+        // Textbook pairs, both ways round: the distance is symmetric.
+        for (a, b, d) in [
+            ("kitten", "sitting", 3),
+            ("abcdef", "ab", 4),
+            ("flaw", "lawn", 2),
+            ("ca", "abc", 3), // optimal string alignment, not Damerau's 2
+            ("PORT", "port", 0),
+            ("backends", "bakcend", 2),
+        ] {
+            assert_eq!(edit_distance(a, b), d, "{a} -> {b}");
+            assert_eq!(edit_distance(b, a), d, "{b} -> {a}");
+        }
+    }
+
+    #[test]
+    fn quoted_shows_controls_and_cuts_long_values() {
+        assert_eq!(quoted("a\nb\tc\u{7}d"), "`a\\nb\\tc?d`");
+        let long = "x".repeat(61);
+        assert_eq!(quoted(&long), format!("`{}…`", "x".repeat(60)));
+        assert_eq!(quoted(&long[..60]), format!("`{}`", "x".repeat(60)));
+    }
+
+    #[test]
     fn closest_ignores_far_words() {
         let fields = ["scheme", "host", "port", "bind"];
         assert_eq!(closest("hots", &fields), Some("host"));
         assert_eq!(closest("shceme", &fields), Some("scheme"));
         assert_eq!(closest("colour", &fields), None);
+        // Six letters allow two edits; four allow one.
+        assert_eq!(closest("shceem", &fields), Some("scheme"));
+        assert_eq!(closest("hsot", &fields), Some("host"));
+        assert_eq!(closest("hzzt", &fields), None);
     }
 
     #[test]

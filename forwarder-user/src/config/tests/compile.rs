@@ -388,6 +388,7 @@ fn every_error_is_listed_by_iterating_the_errors() {
     let listed: Vec<String> = (&errors).into_iter().map(ToString::to_string).collect();
     assert_eq!(listed.len(), errors.len());
     assert!(listed.len() >= 2, "{listed:?}");
+    assert!(!errors.is_empty() && crate::config::Errors::default().is_empty());
     assert_eq!(listed.join("\n"), errors.to_string());
 }
 
