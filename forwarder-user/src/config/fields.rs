@@ -129,9 +129,12 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// An error about `field`, or about the route as a whole if it is "".
     fn error(&mut self, field: &str, e: ConfigError) {
         self.ok = false;
-        self.diag.error(e.alias(Some(self.alias)).field(field));
+        let e = e.alias(Some(self.alias));
+        let e = if field.is_empty() { e } else { e.field(field) };
+        self.diag.error(e);
     }
 
     fn errors(&mut self, field: &str, es: Vec<ConfigError>) {

@@ -223,6 +223,18 @@ labels:
         ],
     ),
     (
+        "a route or a healthcheck that is not a mapping; sixteen backends are fine",
+        "routes:
+  sixteen: {scheme: tcp, port: 5:5, backends: '1.0.0.1,1.0.0.2,1.0.0.3,1.0.0.4,1.0.0.5,1.0.0.6,1.0.0.7,1.0.0.8,1.0.0.9,1.0.0.10,1.0.0.11,1.0.0.12,1.0.0.13,1.0.0.14,1.0.0.15,1.0.0.16'}
+  scalar: 5
+  hc: {scheme: tcp, host: 10.0.0.1, port: 6:6, healthcheck: 5}
+",
+        &[
+            ("test.yaml:3:11: alias `scalar`: found `5`; allowed a mapping of route fields", &[]),
+            ("test.yaml:4:61: alias `hc`, field `healthcheck`: found `5`; allowed a mapping of disabled, interval, timeout, fall (or retries), rise, payload, expect", &[]),
+        ],
+    ),
+    (
         "backends: too many, both host and backends, no port, bad weight",
         "routes:
   many: {scheme: tcp, port: 1:1, backends: '1.0.0.1,1.0.0.2,1.0.0.3,1.0.0.4,1.0.0.5,1.0.0.6,1.0.0.7,1.0.0.8,1.0.0.9,1.0.0.10,1.0.0.11,1.0.0.12,1.0.0.13,1.0.0.14,1.0.0.15,1.0.0.16,1.0.0.17'}

@@ -566,3 +566,26 @@ fn an_alias_label_with_no_value_sets_nothing_and_one_with_a_scalar_is_an_error()
         "{e}"
     );
 }
+
+#[test]
+fn every_path_word_is_taken_in_any_case() {
+    for (word, mode) in [
+        ("AUTO", PathMode::Auto),
+        ("kernel", PathMode::Kernel),
+        (" Relay ", PathMode::Relay),
+        ("tc", PathMode::Tc),
+        ("xdp", PathMode::Xdp),
+    ] {
+        let got = rows(&format!(
+            "routes:\n  a: {{scheme: tcp, host: 10.0.0.1, port: 1001:80, path: '{word}'}}\n"
+        ));
+        assert_eq!(
+            got,
+            [format!(
+                "0 a tcp [::]:1001 -> 10.0.0.1:80 {}",
+                mode.as_str()
+            )],
+            "path: {word}"
+        );
+    }
+}
