@@ -870,8 +870,8 @@ fn split_host_port(s: &str) -> Option<(&str, Option<&str>)> {
             a => Some((v6, Some(a.strip_prefix(':')?))),
         };
     }
+    // No colon is a host alone; two or more, a bare IPv6 address.
     match s.matches(':').count() {
-        0 => Some((s, None)),
         1 => s.split_once(':').map(|(h, p)| (h, Some(p))),
         _ => Some((s, None)),
     }

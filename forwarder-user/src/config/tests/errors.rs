@@ -228,10 +228,12 @@ labels:
   sixteen: {scheme: tcp, port: 5:5, backends: '1.0.0.1,1.0.0.2,1.0.0.3,1.0.0.4,1.0.0.5,1.0.0.6,1.0.0.7,1.0.0.8,1.0.0.9,1.0.0.10,1.0.0.11,1.0.0.12,1.0.0.13,1.0.0.14,1.0.0.15,1.0.0.16'}
   scalar: 5
   hc: {scheme: tcp, host: 10.0.0.1, port: 6:6, healthcheck: 5}
+  hr: {scheme: tcp, host: 10.0.0.1, port: 8:8, healthcheck: {retries: 2000}}
 ",
         &[
             ("test.yaml:3:11: alias `scalar`: found `5`; allowed a mapping of route fields", &[]),
             ("test.yaml:4:61: alias `hc`, field `healthcheck`: found `5`; allowed a mapping of disabled, interval, timeout, fall (or retries), rise, payload, expect", &[]),
+            ("test.yaml:5:71: alias `hr`, field `healthcheck.retries`: found `2000`; allowed -1 or 0 (out at the first failure), or 1 to 1000", &[]),
         ],
     ),
     (
@@ -241,12 +243,14 @@ labels:
   both: {scheme: tcp, port: 2:2, host: 10.0.0.1, backends: [10.0.0.2]}
   noport: {scheme: tcp, port: '3:', backends: [10.0.0.2]}
   weight: {scheme: tcp, port: 4:4, backends: [10.0.0.2:1 weight=0]}
+  zero: {scheme: tcp, port: 7:7, backends: [10.0.0.3:1, 10.0.0.2:0]}
 ",
         &[
             ("test.yaml:2:44: alias `many`, field `backends`: found 17 backends; allowed at most 16 backends per route", &[]),
             ("test.yaml:3:60: alias `both`, field `backends`: found both `host` and `backends`", &["`host` is at test.yaml:3:40"]),
             ("test.yaml:4:48: alias `noport`, field `backends`: found `10.0.0.2` without a port", &[]),
             ("test.yaml:5:47: alias `weight`, field `backends`: found `10.0.0.2:1 weight=0`", &["weight 1–65535"]),
+            ("test.yaml:6:57: alias `zero`, field `backends`: found `10.0.0.2:0` (bad port)", &[]),
         ],
     ),
     (
