@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -184,6 +184,49 @@ fn upgrade(daemon: &Daemon) -> std::process::Output {
     )
 }
 
+/// This build, copied into a directory of its own so that a test can put
+/// another binary in its place while a daemon runs from it. The directory,
+/// and whatever the test put beside the binary, go with the fixture.
+struct ReplaceableBinary {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ReplaceableBinary {
+    fn new(name: &str) -> ReplaceableBinary {
+        let dir = std::env::temp_dir().join(format!("fwdt-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("forwarder");
+        let copy = ReplaceableBinary { dir, path };
+        copy.restore();
+        copy
+    }
+
+    /// Puts this build back in its place.
+    fn restore(&self) {
+        replace(&self.path, &std::fs::read(common::forwarder_bin()).unwrap());
+    }
+
+    /// A file beside the binary.
+    fn beside(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl std::ops::Deref for ReplaceableBinary {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ReplaceableBinary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Puts `contents` at `path` as a new file (the running binary's inode stays).
 fn replace(path: &Path, contents: &[u8]) {
     let tmp = path.with_extension("new");
@@ -220,11 +263,7 @@ fn forwarder_upgrade_refuses_a_broken_binary_and_takes_a_good_one() {
     let _servers = BackendServers::start(&topo.backend);
     let fwd = topo.forwarder_addr();
     let at = move |port: u16| SocketAddr::from((fwd, port));
-    let bin_dir = std::env::temp_dir().join(format!("fwdt-{}-upgrade-bin", std::process::id()));
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let bin = bin_dir.join("forwarder");
-    let good = std::fs::read(common::forwarder_bin()).unwrap();
-    replace(&bin, &good);
+    let bin = ReplaceableBinary::new("upgrade-bin");
     let daemon = Daemon::start_pinning_from(&topo.forwarder, "upgrade-cli", RULES, &bin);
     let pid = daemon.status()["pid"].as_u64().unwrap();
     let kernel_udp = in_netns(&topo.client, || udp_socket(at(7002)));
@@ -248,7 +287,7 @@ fn forwarder_upgrade_refuses_a_broken_binary_and_takes_a_good_one() {
     udp_echo(&relay_udp, b"after the refusal");
     tcp_echo_round(&mut relay_tcp, b"after the refusal");
 
-    replace(&bin, &good);
+    bin.restore();
     let out = upgrade(&daemon);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -275,7 +314,6 @@ fn forwarder_upgrade_refuses_a_broken_binary_and_takes_a_good_one() {
     let log = daemon.stop();
     assert!(!log.contains("ERROR"), "{log}");
     assert_nothing_left(&topo);
-    let _ = std::fs::remove_dir_all(&bin_dir);
 }
 
 #[test]
@@ -457,14 +495,10 @@ fn a_new_binary_that_fails_to_start_gives_everything_back_mid_transfer() {
     let _servers = BackendServers::start(&topo.backend);
     let fwd = topo.forwarder_addr();
     let at = move |port: u16| SocketAddr::from((fwd, port));
-    let bin_dir = std::env::temp_dir().join(format!("fwdt-{}-fallback-bin", std::process::id()));
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let bin = bin_dir.join("forwarder");
-    let good = std::fs::read(common::forwarder_bin()).unwrap();
-    replace(&bin, &good);
+    let bin = ReplaceableBinary::new("fallback-bin");
     let daemon = Daemon::start_pinning_from(&topo.forwarder, "upgrade-fallback", RULES, &bin);
     let pid = daemon.status()["pid"].as_u64().unwrap();
-    let broken = bin_dir.join("broken.yaml");
+    let broken = bin.beside("broken.yaml");
     std::fs::write(&broken, format!("interfaces: [fwdt-nosuch0]\n{RULES}")).unwrap();
 
     const SIZE: u64 = 256 << 20;
@@ -563,7 +597,7 @@ fn a_new_binary_that_fails_to_start_gives_everything_back_mid_transfer() {
     );
 
     // A good binary afterwards upgrades as usual.
-    replace(&bin, &good);
+    bin.restore();
     let out = upgrade(&daemon);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -588,7 +622,6 @@ fn a_new_binary_that_fails_to_start_gives_everything_back_mid_transfer() {
         "{log}"
     );
     assert_nothing_left(&topo);
-    let _ = std::fs::remove_dir_all(&bin_dir);
 }
 
 #[test]
@@ -601,15 +634,12 @@ fn a_failed_start_freezes_the_buffered_copy_again_and_gives_it_back_with_nothing
     let ns = Netns::new("upg-fbk");
     let backend = slow_hashing_backend(&ns, 3479);
     let routes = "routes:\n  bulk: {scheme: tcp, bind: 127.0.0.1, port: 7878:3479}\n";
-    let bin_dir = std::env::temp_dir().join(format!("fwdt-{}-fallback-buf", std::process::id()));
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let bin = bin_dir.join("forwarder");
-    replace(&bin, &std::fs::read(common::forwarder_bin()).unwrap());
+    let bin = ReplaceableBinary::new("fallback-buf");
     // The old image has no kernel path (a local backend); the new one is
     // made to start one (`docker:`) on an interface that does not exist:
     // it fails after its relay resumed and copied bytes again.
-    let broken = bin_dir.join("broken.yaml");
-    let docker = bin_dir.join("no-docker.sock");
+    let broken = bin.beside("broken.yaml");
+    let docker = bin.beside("no-docker.sock");
     std::fs::write(
         &broken,
         format!(
@@ -684,7 +714,6 @@ fn a_failed_start_freezes_the_buffered_copy_again_and_gives_it_back_with_nothing
             && again.contains("splice refused for this flow; copying through a buffer"),
         "{log}"
     );
-    let _ = std::fs::remove_dir_all(&bin_dir);
 }
 
 #[test]
@@ -699,15 +728,12 @@ fn a_new_binary_whose_kernel_path_cannot_start_gives_everything_back() {
     let _servers = BackendServers::start(&topo.backend);
     let fwd = topo.forwarder_addr();
     let at = move |port: u16| SocketAddr::from((fwd, port));
-    let bin_dir = std::env::temp_dir().join(format!("fwdt-{}-nokernel-bin", std::process::id()));
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    let bin = bin_dir.join("forwarder");
-    replace(&bin, &std::fs::read(common::forwarder_bin()).unwrap());
+    let bin = ReplaceableBinary::new("nokernel-bin");
     let daemon = Daemon::start_pinning_from(&topo.forwarder, "upgrade-nokernel", RULES, &bin);
     let pid = daemon.status()["pid"].as_u64().unwrap();
     // Passes `check`, but a start cannot take an address this host lacks
     // for SNAT: the kernel path fails where the relay alone would run.
-    let broken = bin_dir.join("broken.yaml");
+    let broken = bin.beside("broken.yaml");
     std::fs::write(
         &broken,
         format!("kernel: {{snat_addresses: [198.51.100.77]}}\n{RULES}"),
@@ -769,5 +795,4 @@ fn a_new_binary_whose_kernel_path_cannot_start_gives_everything_back() {
         "{log}"
     );
     assert_nothing_left(&topo);
-    let _ = std::fs::remove_dir_all(&bin_dir);
 }
