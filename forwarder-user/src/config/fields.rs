@@ -1116,6 +1116,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn probe_bytes_known_answers() {
+        let pos = Pos::new(&std::sync::Arc::from("t.yaml"), 1, 1);
+        let bytes = |text: &str| probe_bytes(&Node::str(pos.clone(), text)).ok();
+        assert_eq!(bytes("ping"), Some(b"ping".to_vec()));
+        assert_eq!(bytes("hex:00 0a FF"), Some(vec![0, 10, 255]));
+        // Nothing to send, an odd digit, and digits that are not ASCII.
+        for wrong in ["", "hex:", "hex: ", "hex:0a1", "hex:0\u{e9}a", "hex:zz"] {
+            assert_eq!(bytes(wrong), None, "{wrong:?}");
+        }
+    }
+
+    #[test]
     fn host_port_forms() {
         assert_eq!(split_host_port("a:1"), Some(("a", Some("1"))));
         assert_eq!(split_host_port("a"), Some(("a", None)));
