@@ -180,6 +180,16 @@ routes:
         &[("test.yaml:3:23: `proxy.schemes`: found item 2 (`udp`); allowed one item per alias of `proxy.aliases` (1 listed)", &[])],
     ),
     (
+        "a shortcut's extra item is not given to an alias that is not listed",
+        "labels:\n  proxy.aliases: a\n  proxy.b.port: 2:2\n  proxy.schemes: tcp, udp\n  proxy.a.port: 1:1\n",
+        &[("test.yaml:4:23: `proxy.schemes`: found item 2 (`udp`); allowed one item per alias of `proxy.aliases` (1 listed)", &[])],
+    ),
+    (
+        "a list-form label's value is named where it stands",
+        "labels:\n  - proxy.aliases=a\n  - proxy.a.port=1:x\n",
+        &[("test.yaml:3:18: alias `a`, field `port`: found `1:x` (no service `x` for tcp in /etc/services)", &[])],
+    ),
+    (
         "a label that is neither a field nor a mapping",
         "labels:\n  proxy.alias: a,b\n",
         &[("test.yaml:2:16: alias `alias`, field `proxy.alias`: found `a,b`; allowed a mapping of fields", &["did you mean `proxy.aliases`?"])],

@@ -589,3 +589,24 @@ fn every_path_word_is_taken_in_any_case() {
         );
     }
 }
+
+#[test]
+fn a_shortcut_written_as_a_yaml_list_gives_one_item_per_alias_and_null_skips_one() {
+    let got = rows(
+        "labels:
+  proxy.aliases: a, b
+  proxy.ports: [1000:1, ~]
+  proxy.schemes: [tcp, udp]
+  proxy.a.host: 10.0.0.1
+  proxy.b.host: 10.0.0.2
+  proxy.b.port: 2000:2
+",
+    );
+    assert_eq!(
+        got,
+        [
+            "0 a tcp [::]:1000 -> 10.0.0.1:1 auto",
+            "1 b udp [::]:2000 -> 10.0.0.2:2 auto"
+        ]
+    );
+}
