@@ -190,6 +190,21 @@ routes:
         &[("test.yaml:3:18: alias `a`, field `port`: found `1:x` (no service `x` for tcp in /etc/services)", &[])],
     ),
     (
+        "a label's value that looks like a mapping but is one quoted text",
+        "labels:\n  proxy.a: \"'port: 1:1'\"\n",
+        &[("test.yaml:2:12: alias `a`, field `proxy.a`: found `'port: 1:1'`; allowed a mapping of fields (inline YAML), or one label per field: `proxy.<alias>.<field>`", &[])],
+    ),
+    (
+        "a wildcard label that is not a mapping",
+        "labels:\n  proxy.*: 5\n  proxy.a.port: 1:1\n",
+        &[("test.yaml:2:12: alias `*`, field `proxy.*`: found `5`; allowed a mapping of fields (inline YAML), or one label per field: `proxy.<alias>.<field>`", &[])],
+    ),
+    (
+        "a nested label's part is named where it stands",
+        "labels:\n  proxy.a.port: 1:1\n  proxy.a.host: 10.0.0.1\n  proxy.a.healthcheck.intervl: 1s\n",
+        &[("test.yaml:4:23: alias `a`, field `healthcheck.intervl`: found unknown field `intervl`", &["did you mean `interval`?"])],
+    ),
+    (
         "a label that is neither a field nor a mapping",
         "labels:\n  proxy.alias: a,b\n",
         &[("test.yaml:2:16: alias `alias`, field `proxy.alias`: found `a,b`; allowed a mapping of fields", &["did you mean `proxy.aliases`?"])],
