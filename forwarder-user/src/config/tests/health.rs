@@ -99,3 +99,21 @@ fn check_prints_each_rules_health_check() {
     );
     assert!(!t.contains("plain ("), "{t}");
 }
+
+#[test]
+fn a_wildcard_labels_nested_fields_fill_in_what_the_alias_leaves_out() {
+    let got = health(
+        "labels:
+  proxy.aliases: a, b
+  proxy.*.healthcheck.interval: 2s
+  proxy.*.healthcheck.rise: 5
+  proxy.a.healthcheck.rise: 3
+  proxy.a.port: 1:1
+  proxy.b.port: 2:2
+  proxy.*.host: 10.0.0.1
+",
+    );
+    let (a, b) = (got[0].as_ref().unwrap(), got[1].as_ref().unwrap());
+    assert_eq!((a.interval, a.rise), (Duration::from_secs(2), 3));
+    assert_eq!((b.interval, b.rise), (Duration::from_secs(2), 5));
+}

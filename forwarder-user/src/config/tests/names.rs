@@ -83,6 +83,10 @@ fn more_addresses_than_backends_a_rule_holds_is_an_error_at_the_name() {
     assert!(e[0].starts_with("test.yaml:2:"), "{}", e[0]);
     assert!(e[0].contains("resolve to 17 addresses"), "{}", e[0]);
     assert!(e[0].contains("at most 16 backends"), "{}", e[0]);
+    // Sixteen fit.
+    let env = env_with("wide.test", &refs[..16]);
+    let (c, _) = load_env(text, &env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.listeners[0].backends.len(), 16);
 }
 
 #[test]
