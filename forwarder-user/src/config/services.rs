@@ -107,6 +107,9 @@ broken-line\n";
         assert_eq!(lookup_in(TEXT, "syslog", Protocol::Udp), Some(514));
         assert_eq!(lookup_in(TEXT, "SSH", Protocol::Tcp), None);
         assert_eq!(lookup_in(TEXT, "broken-line", Protocol::Tcp), None);
+        // Port 0 is no port: the next line with the name is read.
+        let zero = "zero\t0/tcp\nzero\t9/tcp\n";
+        assert_eq!(lookup_in(zero, "zero", Protocol::Tcp), Some(9));
     }
 
     #[test]

@@ -535,6 +535,65 @@ fn rule_key_and_listener_bind_of_each_bind_form() {
 }
 
 #[test]
+fn a_port_held_on_ipv6_only_is_not_picked_for_the_wildcard() {
+    // Only a host without IPv6 falls back to the IPv4 wildcard; a port in
+    // use on IPv6 is in use.
+    let env = TestEnv {
+        real_probe: false,
+        range: Some((30000, 30001)),
+        busy_v6: [30000].into_iter().collect(),
+        ..TestEnv::default()
+    };
+    for _ in 0..10 {
+        let (c, _) = load_env(
+            "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 80}\n",
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.listeners[0].bind.port(), 30001);
+    }
+}
+
+#[test]
+fn every_port_of_the_range_is_tried_from_wherever_picking_starts() {
+    // Each load starts at a random port of the range; only one is free.
+    let env = TestEnv {
+        real_probe: false,
+        range: Some((30000, 30007)),
+        busy: [30000, 30001, 30002, 30004, 30005, 30006, 30007]
+            .into_iter()
+            .collect(),
+        ..TestEnv::default()
+    };
+    for _ in 0..32 {
+        let (c, _) = load_env(
+            "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 80}\n",
+            &env,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.listeners[0].bind.port(), 30003);
+    }
+}
+
+#[test]
+fn a_port_is_not_picked_on_a_bind_address_the_host_lacks() {
+    let env = TestEnv {
+        range: Some((30000, 30001)),
+        ..TestEnv::default()
+    };
+    let e = super::errors_env(
+        "routes:\n  a: {scheme: tcp, bind: 192.0.2.55, host: 10.0.0.1, port: 80}\n",
+        &env,
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("listen port 0 (the bind address 192.0.2.55 is not on this host)"),
+        "{}",
+        e[0]
+    );
+}
+
+#[test]
 fn on_a_host_without_ipv6_a_port_is_picked_on_the_ipv4_wildcard() {
     let env = TestEnv {
         real_probe: false,

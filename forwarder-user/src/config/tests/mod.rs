@@ -37,6 +37,8 @@ pub(super) struct TestEnv {
     /// Probe with real sockets; otherwise every port is free but `busy`.
     pub real_probe: bool,
     pub busy: HashSet<u16>,
+    /// Ports held on IPv6 only (as by an `IPV6_V6ONLY` socket).
+    pub busy_v6: HashSet<u16>,
     pub range: Option<(u16, u16)>,
     /// Files are not read (for the fuzzer).
     pub no_files: bool,
@@ -67,6 +69,7 @@ impl Default for TestEnv {
             hosts,
             real_probe: true,
             busy: HashSet::new(),
+            busy_v6: HashSet::new(),
             range: None,
             no_files: false,
             no_ipv6: false,
@@ -104,7 +107,9 @@ impl Env for TestEnv {
         if self.no_ipv6 && addr.is_ipv6() {
             return Err(io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
         }
-        if self.busy.contains(&addr.port()) {
+        if self.busy.contains(&addr.port())
+            || (addr.is_ipv6() && self.busy_v6.contains(&addr.port()))
+        {
             return Err(io::Error::new(io::ErrorKind::AddrInUse, "busy"));
         }
         if self.real_probe {
