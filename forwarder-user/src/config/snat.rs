@@ -166,7 +166,9 @@ mod tests {
     fn bad_lists_are_refused_with_what_and_where() {
         let e = refused("[10.1.0.1, bogus]");
         assert!(
-            e.starts_with("test.yaml:1:37: `kernel.snat_addresses`: found `bogus`"),
+            e.starts_with(
+                "test.yaml:1:37: `kernel.snat_addresses`: found `bogus`; allowed IPv4 addresses or prefixes this host owns"
+            ),
             "{e}"
         );
         let e = refused("10.0.0.0/23");
