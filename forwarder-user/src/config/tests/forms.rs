@@ -669,3 +669,10 @@ fn a_shortcut_written_as_a_yaml_list_gives_one_item_per_alias_and_null_skips_one
         ]
     );
 }
+
+#[test]
+fn an_empty_file_or_one_of_comments_has_no_rules_and_no_errors() {
+    for text in ["", "\n", "# nothing yet\n", "---\n"] {
+        assert!(rows(text).is_empty(), "{text:?}");
+    }
+}
