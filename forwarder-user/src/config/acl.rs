@@ -3,9 +3,10 @@
 //! Godoxy's `ip:` and `cidr:` item prefixes are accepted; what the lists
 //! mean is [`crate::acl`]'s.
 
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
-use super::errors::{ConfigError, closest, quoted};
+use super::errors::{ConfigError, Pos, closest, quoted};
 use super::values::{self, Cidr};
 use super::yaml::{Node, Value};
 use crate::acl::AclAction;
@@ -54,8 +55,10 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
     };
     let mut acl = Acl::default();
     let mut ok = true;
-    // (network, where) of each allow entry, to find one denied as well.
-    let mut allowed_at = Vec::new();
+    // Where each network was first allowed, and the networks denied, to
+    // find one in both lists (hashed: a list may hold tens of thousands).
+    let mut allowed_at: HashMap<Cidr, Pos> = HashMap::new();
+    let mut denied: HashSet<Cidr> = HashSet::new();
     for (k, v) in map.entries().unwrap_or_default() {
         let name = k.key_text();
         let field = format!("acl.{name}");
@@ -106,9 +109,9 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
                 }
             };
             if allow {
-                allowed_at.push((cidr, item.pos.clone()));
+                allowed_at.entry(cidr).or_insert_with(|| item.pos.clone());
                 acl.allow.push(cidr);
-            } else if let Some((_, at)) = allowed_at.iter().find(|(c, _)| *c == cidr) {
+            } else if let Some(at) = allowed_at.get(&cidr) {
                 report(
                     field.clone(),
                     ConfigError::new(
@@ -121,14 +124,15 @@ pub(crate) fn parse(node: &Node, report: &mut dyn FnMut(String, ConfigError)) ->
                 );
                 ok = false;
             } else {
+                denied.insert(cidr);
                 acl.deny.push(cidr);
             }
         }
     }
     // An allow entry after its deny twin.
     for c in &acl.allow {
-        if acl.deny.contains(c)
-            && let Some((_, at)) = allowed_at.iter().find(|(a, _)| a == c)
+        if denied.contains(c)
+            && let Some(at) = allowed_at.get(c)
         {
             report(
                 "acl.allow".into(),

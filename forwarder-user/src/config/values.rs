@@ -39,7 +39,7 @@ pub enum HostSpec {
 }
 
 /// An allow or deny entry: a network and its prefix length.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub prefix: u8,

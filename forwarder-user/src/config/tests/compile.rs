@@ -379,6 +379,38 @@ fn too_many_acl_entries_over_all_rules_are_an_error() {
 }
 
 #[test]
+fn a_routes_own_acl_entries_count_once_per_protocol_up_to_the_limit_exactly() {
+    let limit = (forwarder_common::MAX_ACL_ENTRIES / 2) as usize;
+    // A tcp,udp route whose allow and deny lists fill the limit together.
+    let file = |deny_extra: usize| {
+        let half = limit / 4;
+        let net = |first: usize, n: usize| -> Vec<String> {
+            (n * 1000..n * 1000 + first)
+                .map(|i| format!("10.{}.{}.0/24", i / 256 % 256, i % 256))
+                .collect()
+        };
+        let allow = net(half, 0);
+        let deny: Vec<String> = (0..half + deny_extra)
+            .map(|i| format!("11.{}.{}.0/24", i / 256 % 256, i % 256))
+            .collect();
+        format!(
+            "routes:\n  a: {{scheme: 'tcp,udp', host: 10.0.0.1, port: 1001:80, acl: {{allow: [{}], deny: [{}]}}}}\n",
+            allow.join(", "),
+            deny.join(", ")
+        )
+    };
+    let fits = crate::config::load_str(&file(0), "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(fits.kernel.acl.len(), limit);
+    let e = crate::config::load_str(&file(1), "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("found ACL entry number {}", limit + 2)),
+        "{e}"
+    );
+}
+
+#[test]
 fn every_error_is_listed_by_iterating_the_errors() {
     let errors = crate::config::load_str(
         "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 70000:80}\n  b: {scheme: udp, port: 1:2, hots: x}\n",
