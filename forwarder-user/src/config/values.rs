@@ -520,6 +520,30 @@ mod tests {
     }
 
     #[test]
+    fn byte_sizes_are_written_as_they_are_read() {
+        for (bytes, text) in [
+            (0, "0"),
+            (512, "512"),
+            (1024, "1k"),
+            (1536, "1536"),
+            (65536, "64k"),
+            (1 << 20, "1m"),
+            ((1 << 20) + 1024, "1025k"),
+            (3 << 20, "3m"),
+        ] {
+            assert_eq!(format_bytes(bytes), text, "{bytes}");
+        }
+        let read = |s: &str| pipe_bytes(&n(s), 4096, 1 << 20).ok();
+        assert_eq!(read("64k"), Some(65536));
+        assert_eq!(read(" 1M "), Some(1 << 20));
+        assert_eq!(read("8192"), Some(8192));
+        // Digits only: no sign, no blank inside, not a power of two, in range.
+        for wrong in ["+64k", "-4096", "64 k", "", "k", "48k", "2k", "2m"] {
+            assert_eq!(read(wrong), None, "{wrong:?}");
+        }
+    }
+
+    #[test]
     fn inline_yaml_that_holds_only_a_comment_is_an_empty_mapping() {
         let entries = |text: &str| {
             let node = n(text);
