@@ -298,9 +298,7 @@ fn parse_duration(t: &str) -> Option<Duration> {
     let mut rest = t;
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 || digits > 12 {
-            return None;
-        }
+        // No digits fail to parse; too many overflow below.
         let n: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
@@ -663,6 +661,15 @@ mod tests {
         assert_eq!(d("5 s"), None);
         assert_eq!(d("10y"), None);
         assert_eq!(d("99999999999999h"), None);
+        assert_eq!(d("99999999999999999999999ms"), None);
+        assert_eq!(d("s"), None);
+        assert_eq!(d("5sm"), None);
+        // A leap year at most, however it is written.
+        assert_eq!(d("8784h"), Some(Duration::from_secs(366 * 24 * 3600)));
+        assert_eq!(d("8783h60m"), Some(Duration::from_secs(366 * 24 * 3600)));
+        assert_eq!(d("8784h1ms"), None);
+        assert_eq!(d("31622400"), Some(Duration::from_secs(31_622_400)));
+        assert_eq!(d("31622401"), None);
         assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }

@@ -205,6 +205,14 @@ routes:
         &[("test.yaml:4:23: alias `a`, field `healthcheck.intervl`: found unknown field `intervl`", &["did you mean `interval`?"])],
     ),
     (
+        "a many-to-one range to port 0 or past 65535",
+        "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: '7000-7001:0'}\n  b: {scheme: tcp, host: 10.0.0.1, port: '7002-7003:70000'}\n",
+        &[
+            ("test.yaml:2:42: alias `a`, field `port`: found `7000-7001:0` (target port 0)", &[]),
+            ("test.yaml:3:42: alias `b`, field `port`: found `7002-7003:70000` (target port out of range)", &[]),
+        ],
+    ),
+    (
         "a label that is neither a field nor a mapping",
         "labels:\n  proxy.alias: a,b\n",
         &[("test.yaml:2:16: alias `alias`, field `proxy.alias`: found `a,b`; allowed a mapping of fields", &["did you mean `proxy.aliases`?"])],
