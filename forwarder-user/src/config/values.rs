@@ -675,6 +675,32 @@ mod tests {
     }
 
     #[test]
+    fn inline_mappings_are_told_from_scalars() {
+        for yes in ["{port: 1}", "port: 1", "port:", "a:\n  b: 1", "  {"] {
+            assert!(looks_like_mapping(yes), "{yes:?}");
+        }
+        for no in ["1:2", "tcp", "http://x", ""] {
+            assert!(!looks_like_mapping(no), "{no:?}");
+        }
+        let pos = Pos::new(&Arc::from("t"), 1, 1);
+        let null = Node {
+            value: Value::Null,
+            ..n("x")
+        };
+        let empty = mapping(&null, "a mapping").unwrap();
+        assert_eq!(empty.entries().map(<[_]>::len), Some(0));
+        let text = n("{port: 1:1}");
+        let inline = mapping(&text, "a mapping").unwrap();
+        assert_eq!(inline.entries().map(<[_]>::len), Some(1));
+        // A scalar that is no inline mapping is refused as it stands, not
+        // parsed as YAML.
+        let e = mapping(&n("[1,"), "a mapping").unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].pos, pos);
+        assert_eq!(e[0].allowed, "a mapping");
+    }
+
+    #[test]
     fn hosts_and_addresses() {
         assert_eq!(
             parse_host("10.0.0.5"),
@@ -690,6 +716,10 @@ mod tests {
         );
         assert_eq!(parse_host("10.0.0.256"), None);
         assert_eq!(parse_host("bad host"), None);
+        assert_eq!(
+            parse_host("my_host.example"),
+            Some(HostSpec::Name("my_host.example".into()))
+        );
         assert_eq!(parse_host("-x.example"), None);
         assert_eq!(parse_ip("[10.0.0.1]"), None);
     }
