@@ -557,6 +557,14 @@ mod tests {
     }
 
     #[test]
+    fn exactly_the_bound_of_values_is_read() {
+        // The root, a key and the list: 3 values, and one per item.
+        let text = |items: usize| format!("l: [{}]\n", vec!["1"; items].join(", "));
+        assert!(parse(&text(99_997), &Arc::from("t.yaml")).is_ok());
+        assert!(errs(&text(99_998))[0].contains("more than 100000 values"));
+    }
+
+    #[test]
     fn a_second_document_is_an_error() {
         let e = errs("a: 1\n---\nb: 2\n");
         assert!(e[0].contains("a second YAML document"), "{}", e[0]);

@@ -213,6 +213,11 @@ routes:
         ],
     ),
     (
+        "a mistake on the second line of a label's inline YAML",
+        "labels:\n  proxy.aliases: a\n  proxy.a: \"port: 1:1\\nhots: 10.0.0.1\"\n",
+        &[("test.yaml:4:1: alias `a`, field `hots`: found unknown field `hots`", &["did you mean `host`?"])],
+    ),
+    (
         "a label that is neither a field nor a mapping",
         "labels:\n  proxy.alias: a,b\n",
         &[("test.yaml:2:16: alias `alias`, field `proxy.alias`: found `a,b`; allowed a mapping of fields", &["did you mean `proxy.aliases`?"])],
@@ -384,7 +389,7 @@ routes: [a, b]
     (
         "YAML syntax error",
         "routes:\n  a: {scheme: tcp\n  b: x\n",
-        &[("test.yaml:3:", &["found invalid YAML", "allowed well-formed YAML"])],
+        &[("test.yaml:3:4: found invalid YAML (while parsing a flow mapping, did not find expected ',' or '}'); allowed well-formed YAML", &[])],
     ),
     (
         "a duplicate key and a duplicate alias across forms",
