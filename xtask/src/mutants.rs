@@ -94,6 +94,10 @@ pub struct Args {
     /// (or found unviable): after new tests, rerun only what was missed.
     #[arg(long)]
     iterate: bool,
+    /// Only the mutants the last run of the same selection missed, found
+    /// by file and description wherever their lines have moved since.
+    #[arg(long, conflicts_with_all = ["iterate", "shard"])]
+    missed: bool,
     /// Mutants built and tested at once.
     #[arg(short, long, default_value_t = 1)]
     jobs: u32,
@@ -202,6 +206,19 @@ pub fn run(args: &Args) -> Result<()> {
         let target = run.target;
         eprintln!("\n==> cargo mutants: {} ({})", target.name, run.dir);
         let out = root.join("target/mutants").join(&run.dir);
+        let missed = if args.missed {
+            let last = out.join("mutants.out/missed.txt");
+            let text = std::fs::read_to_string(&last)
+                .with_context(|| format!("--missed: no last run to read ({})", last.display()))?;
+            let names: Vec<String> = text.lines().filter_map(missed_name_re).collect();
+            if names.is_empty() {
+                eprintln!("{}: the last run missed nothing", run.dir);
+                continue;
+            }
+            names
+        } else {
+            Vec::new()
+        };
         std::fs::create_dir_all(&out)
             .with_context(|| format!("cannot create {}", out.display()))?;
         let mut cmd = Command::new("cargo");
@@ -236,6 +253,9 @@ pub fn run(args: &Args) -> Result<()> {
         }
         if args.iterate {
             cmd.arg("--iterate");
+        }
+        for name in &missed {
+            cmd.args(["--re", name]);
         }
         if !target.tests.is_empty() {
             // The second `--` passes them to libtest, which takes several.
@@ -284,6 +304,30 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A regex for one line of `missed.txt` (`file:line:col: description`)
+/// that matches the same mutant at any line and column.
+fn missed_name_re(line: &str) -> Option<String> {
+    let (file, rest) = line.split_once(':')?;
+    let (_line, rest) = rest.split_once(':')?;
+    let (_col, description) = rest.split_once(": ")?;
+    Some(format!(
+        r"^{}:\d+:\d+: {}$",
+        regex_escape(file),
+        regex_escape(description)
+    ))
+}
+
+fn regex_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn lines(path: &Path) -> usize {
@@ -376,8 +420,22 @@ mod tests {
             file: file.iter().map(|f| f.to_string()).collect(),
             shard: shard.map(str::to_owned),
             iterate: false,
+            missed: false,
             jobs: 1,
         }
+    }
+
+    #[test]
+    fn a_missed_mutant_is_found_again_wherever_its_line_moved() {
+        let re = missed_name_re(
+            "forwarder-user/src/config/yaml.rs:342:23: replace > with >= in Builder<'_>::count",
+        )
+        .unwrap();
+        assert_eq!(
+            re,
+            r"^forwarder\-user/src/config/yaml\.rs:\d+:\d+: replace > with >= in Builder<'_>::count$"
+        );
+        assert_eq!(missed_name_re("no colons here"), None);
     }
 
     fn dirs(args: &Args) -> Result<Vec<String>> {
