@@ -363,3 +363,16 @@ fn container_labels() {
         ]
     );
 }
+
+#[test]
+fn a_refused_value_is_shown_trimmed() {
+    let e = super::errors(
+        "routes:\n  a: {scheme: tcp, host: 10.0.0.1, port: 1:1, idlewatcher: ' on '}\n",
+    );
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("field `idlewatcher`: found `on` (Godoxy's `idlewatcher`)"),
+        "{}",
+        e[0]
+    );
+}
