@@ -317,6 +317,9 @@ mod tests {
             ("ca", "abc", 3), // optimal string alignment, not Damerau's 2
             ("PORT", "port", 0),
             ("backends", "bakcend", 2),
+            // Swaps late in the word, where `j - 2` and `j / 2` differ.
+            ("abced", "abcde", 1),
+            ("scheme", "schmee", 1),
         ] {
             assert_eq!(edit_distance(a, b), d, "{a} -> {b}");
             assert_eq!(edit_distance(b, a), d, "{b} -> {a}");
