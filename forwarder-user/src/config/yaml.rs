@@ -557,6 +557,17 @@ mod tests {
     }
 
     #[test]
+    fn an_alias_of_a_list_counts_the_list_and_its_items() {
+        // The root, two keys, the list `l` and the anchored list (itself
+        // and 9 items): 14, and 10 per alias.
+        let items = vec!["1"; 9].join(", ");
+        let text =
+            |aliases: usize| format!("s: &s [{items}]\nl: [{}]\n", vec!["*s"; aliases].join(", "));
+        assert!(parse(&text(9_998), &Arc::from("t.yaml")).is_ok());
+        assert!(errs(&text(9_999))[0].contains("more than 100000 values"));
+    }
+
+    #[test]
     fn exactly_the_bound_of_values_is_read() {
         // The root, a key and the list: 3 values, and one per item.
         let text = |items: usize| format!("l: [{}]\n", vec!["1"; items].join(", "));
