@@ -520,6 +520,23 @@ mod tests {
     }
 
     #[test]
+    fn merge_keys_take_a_list_of_mappings_and_nothing_else() {
+        let d = doc("a: &a {scheme: tcp}\nb: &b {host: h, scheme: udp}\napp:\n  <<: [*a, *b]\n");
+        let app = &d.entries().unwrap()[2].1;
+        let keys: Vec<_> = (app.entries().unwrap().iter())
+            .map(|(k, v)| (k.key_text(), v.as_str()))
+            .collect();
+        assert_eq!(keys, [("scheme", Some("tcp")), ("host", Some("h"))]);
+        let e = errs("a: &a {scheme: tcp}\napp:\n  <<: [*a, 5]\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains("after `<<`; allowed a mapping or a list of mappings"),
+            "{}",
+            e[0]
+        );
+    }
+
+    #[test]
     fn syntax_errors_have_a_place() {
         let e = errs("a: 1\nb: [1, 2\n");
         assert_eq!(e.len(), 1);
