@@ -577,7 +577,7 @@ mod tests {
     fn an_alias_of_a_list_counts_the_list_and_its_items() {
         // The root, two keys, the list `l` and the anchored list (itself
         // and 9 items): 14, and 10 per alias.
-        let items = vec!["1"; 9].join(", ");
+        let items = ["1"; 9].join(", ");
         let text =
             |aliases: usize| format!("s: &s [{items}]\nl: [{}]\n", vec!["*s"; aliases].join(", "));
         assert!(parse(&text(9_998), &Arc::from("t.yaml")).is_ok());
